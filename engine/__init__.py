@@ -1,0 +1,2 @@
+"""fusenet engine: graph IR, shapes, passes, Triton kernels, runtime, training."""
+from engine import device as _device  # noqa: F401  (must come before any triton import)

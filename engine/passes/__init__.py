@@ -1,0 +1,1 @@
+"""Graph passes: small pure functions over the immutable IR."""

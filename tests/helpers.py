@@ -1,0 +1,95 @@
+"""The one comparison helper every kernel and network test uses.
+
+`check_against_torch(ours, ref, inputs)` runs `ours` on the inputs as given and
+`ref` (a PyTorch function) on fp64 copies, then compares the outputs and the
+gradients of every input that requires grad. Tolerances are per dtype and
+relative to the fp64 reference's scale, so one rule serves tiny and large sums.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+# (atol as a fraction of the reference's max |value|, rtol) per compute dtype.
+TOLERANCES = {
+    torch.float32: (2e-5, 1e-4),
+    "tf32": (2e-3, 5e-3),
+    torch.float16: (2e-3, 1e-2),
+    torch.bfloat16: (1.5e-2, 5e-2),
+}
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten(o)]
+    if out is None:
+        return []
+    raise TypeError(f"unexpected output type {type(out)}")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol=torch.float32, what: str = "") -> None:
+    """Elementwise |a - e| <= atol * max|e| + rtol * |e|, with a readable failure."""
+    atol_frac, rtol = TOLERANCES[tol]
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    assert torch.isfinite(a).all() == torch.isfinite(e).all(), f"{what}: non-finite values differ"
+    scale = e.abs().max().item() if e.numel() else 0.0
+    bound = atol_frac * max(scale, 1e-6) + rtol * e.abs()
+    err = (a - e).abs()
+    bad = err > bound
+    if bad.any():
+        i = int(torch.argmax((err - bound).flatten()))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{e.numel()} elements off; worst at flat index {i}: "
+            f"got {a.flatten()[i].item():.6g}, expected {e.flatten()[i].item():.6g} "
+            f"(max err {err.max().item():.3g}, reference scale {scale:.3g})"
+        )
+
+
+def check_against_torch(
+    ours: Callable[..., Any],
+    ref: Callable[..., Any],
+    inputs: Sequence[Any],
+    *,
+    tol=None,
+    grad: bool = True,
+    seed: int = 0,
+) -> tuple[Any, Any]:
+    """Compare ours(*inputs) with ref(*fp64 copies of inputs), forward and backward.
+
+    Tensors in `inputs` that require grad get their gradients compared, using the
+    same random upstream gradient for both sides. `tol` defaults to the dtype of
+    the first floating input. Returns (our outputs, reference outputs).
+    """
+    floats = [t for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    tol = tol if tol is not None else (floats[0].dtype if floats else torch.float32)
+
+    ours_in = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in inputs]
+    ref_in = [
+        (t.detach().to(torch.float64) if t.is_floating_point() else t.detach().clone()).requires_grad_(t.requires_grad)
+        if isinstance(t, torch.Tensor)
+        else t
+        for t in inputs
+    ]
+    out = ours(*ours_in)
+    expected = ref(*ref_in)
+    outs, exps = _flatten(out), _flatten(expected)
+    assert len(outs) == len(exps), f"ours gave {len(outs)} outputs, reference {len(exps)}"
+    for k, (o, e) in enumerate(zip(outs, exps)):
+        assert_close(o, e, tol, what=f"output {k}")
+
+    if grad and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        gen = torch.Generator().manual_seed(seed)
+        diff = [(o, e) for o, e in zip(outs, exps) if e.requires_grad]
+        ups = [torch.randn(e.shape, generator=gen, dtype=torch.float64) for _, e in diff]
+        torch.autograd.backward([e for _, e in diff], [u.to(e.device) for (_, e), u in zip(diff, ups)])
+        torch.autograd.backward([o for o, _ in diff], [u.to(o.dtype).to(o.device) for (o, _), u in zip(diff, ups)])
+        for k, (a, b) in enumerate(zip(ours_in, ref_in)):
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                assert a.grad is not None, f"input {k}: no gradient from ours"
+                assert_close(a.grad, b.grad, tol, what=f"grad of input {k}")
+    return out, expected
