@@ -5,10 +5,31 @@ Every host launcher calls `launch(kernel, grid, *args, **meta)` instead of
 notes each distinct specialization (kernel, argument types, constexpr values),
 which is how `fusenet inspect` and the sm_80/sm_90 compile tests learn exactly
 which kernel variants a network needs: run the network once, collect, compile.
+
+The recorded specialization follows the rules Triton's JIT uses on a GPU, so
+that compiling it ahead of time gives the same binary the GPU would run:
+
+* parameters annotated `tl.constexpr` are constexprs (defaults applied);
+* a `None` argument and an integer argument equal to 1 are specialised to
+  constexprs (as the JIT does), unless the kernel lists it in
+  `do_not_specialize`;
+* tensors become pointer types (`*fp16`, ...), Python ints `i32`/`i64`/`u64`,
+  floats `fp32`, bools `u1` (Triton >= 3.x spells them so);
+* pointers whose address is a multiple of 16 and integers divisible by 16 are
+  noted in `Specialization.divisible` (Triton's `tt.divisibility = 16`).
+
+This works for both `JITFunction` (GPU) and the interpreter's
+`InterpretedFunction`, which lacks `.params`, by reading the Python
+signature of the wrapped function.
+
+`recording(dry_run=True)` records without executing any kernel (outputs stay
+uninitialised): the way to collect the GPU-tile variants of a whole network
+cheaply on a machine without a GPU.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect as _inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -24,84 +45,194 @@ _TORCH_TO_TRITON = {
     torch.int16: "i16",
     torch.int8: "i8",
     torch.uint8: "u8",
-    torch.bool: "i1",
+    torch.bool: "u1",
 }
+for _name, _ty in (("float8_e4m3fn", "fp8e4nv"), ("float8_e5m2", "fp8e5"), ("uint16", "u16"),
+                   ("uint32", "u32"), ("uint64", "u64")):
+    if hasattr(torch, _name):
+        _TORCH_TO_TRITON[getattr(torch, _name)] = _ty
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "debug",
+                   "launch_cooperative_grid", "launch_pdl")
 
 
 @dataclass(frozen=True)
 class Specialization:
     """A kernel variant: enough to compile it ahead of time for any GPU target."""
 
-    kernel: Any  # the @triton.jit function
+    kernel: Any  # the @triton.jit function (JITFunction or InterpretedFunction)
     signature: tuple[tuple[str, str], ...]  # (arg name, triton type) for runtime args
     constexprs: tuple[tuple[str, Any], ...]  # (arg name, value) for tl.constexpr args
     num_warps: int = 4
     num_stages: int = 3
     label: str = field(default="", compare=False)
+    # runtime args known divisible by 16 (pointer address / integer value), as the JIT specialises
+    divisible: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return getattr(fn, "__name__", repr(fn))
 
 
 _recorded: list[Specialization] | None = None
+_dry_run: bool = False
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[list[Specialization]]:
-    """Collect the distinct kernel specializations launched inside the block."""
-    global _recorded
+def recording(dry_run: bool = False) -> Iterator[list[Specialization]]:
+    """Collect the distinct kernel specializations launched inside the block.
+
+    With `dry_run=True`, `launch` records but does not run the kernels (the
+    launchers' outputs stay uninitialised). Nested blocks pass their records up.
+    """
+    global _recorded, _dry_run
     outer, _recorded = _recorded, []
+    outer_dry, _dry_run = _dry_run, bool(dry_run) or _dry_run
     try:
         yield _recorded
     finally:
         inner, _recorded = _recorded, outer
+        _dry_run = outer_dry
         if outer is not None:
             for spec in inner:
                 if spec not in outer:
                     outer.append(spec)
 
 
-def _triton_type(value: Any) -> str:
+def is_dry_run() -> bool:
+    """True inside `recording(dry_run=True)`: kernels are recorded, not run."""
+    return _recorded is not None and _dry_run
+
+
+try:  # Triton's own argument specialiser (3.x: C++), so types match what the JIT compiles
+    from triton._C.libtriton import native_specialize_impl as _native_specialize
+    from triton.backends.compiler import BaseBackend as _BaseBackend
+except Exception:  # pragma: no cover - older/newer triton without it
+    _native_specialize = None
+
+
+def _fallback_specialize(value: Any, specialize: bool) -> tuple[str, Any]:
+    if value is None:
+        return "constexpr", None
     if isinstance(value, torch.Tensor):
-        return "*" + _TORCH_TO_TRITON[value.dtype]
+        return "*" + _TORCH_TO_TRITON[value.dtype], ("D" if value.data_ptr() % 16 == 0 else "")
     if isinstance(value, bool):
-        return "i1"
+        return "u1", None
     if isinstance(value, int):
-        return "i64" if not -(2**31) <= value < 2**31 else "i32"
+        if specialize and value == 1:
+            return "constexpr", 1
+        if -(2**31) <= value < 2**31:
+            ty = "i32"
+        elif 2**63 <= value < 2**64:
+            ty = "u64"
+        elif -(2**63) <= value < 2**63:
+            ty = "i64"
+        else:
+            raise ValueError(f"integer kernel argument {value} does not fit in 64 bits")
+        return ty, ("D" if specialize and value % 16 == 0 else "")
     if isinstance(value, float):
-        return "fp32"
+        return "fp32", None
     raise TypeError(f"cannot type kernel argument {value!r}")
 
 
-def _record(kernel, args, meta) -> None:
-    fn = kernel.fn if hasattr(kernel, "fn") else kernel
-    params = kernel.arg_names if hasattr(kernel, "arg_names") else fn.__code__.co_varnames
-    constexpr_names = {p.name for p in kernel.params if p.is_constexpr} if hasattr(kernel, "params") else set()
-    bound = dict(zip(params, args))
-    bound.update({k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")})
-    signature, constexprs = [], []
-    for name in params:
-        if name not in bound:
-            continue  # defaulted constexpr
-        value = bound[name]
-        if name in constexpr_names or value is None:
-            constexprs.append((name, value))
-        else:
-            signature.append((name, _triton_type(value)))
-    spec = Specialization(
+def _specialize(value: Any, specialize: bool) -> tuple[str, Any]:
+    """(triton type or 'constexpr', attribute string or value) for one runtime argument."""
+    if isinstance(value, torch.Tensor) and value.dtype not in _TORCH_TO_TRITON:
+        raise TypeError(f"unsupported tensor dtype {value.dtype} for a kernel argument")
+    if _native_specialize is not None and (value is None or isinstance(value, (torch.Tensor, bool, int, float))):
+        try:
+            ty, attr = _native_specialize(_BaseBackend, value, False, specialize, True)[:2]
+            return ty, attr
+        except Exception:
+            pass
+    return _fallback_specialize(value, specialize)
+
+
+def _is_constexpr_annotation(annotation: Any) -> bool:
+    if annotation is _inspect.Parameter.empty or annotation is None:
+        return False
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", repr(annotation))
+    return "constexpr" in str(text)
+
+
+def _kernel_params(kernel) -> list[tuple[_inspect.Parameter, bool, bool]]:
+    """(parameter, is_constexpr, do_not_specialize) per kernel parameter, cached on the kernel."""
+    cached = getattr(kernel, "_fusenet_params", None)
+    if cached is not None:
+        return cached
+    fn = getattr(kernel, "fn", kernel)
+    sig = _inspect.signature(fn)
+    opts = getattr(kernel, "kwargs", None) or {}
+    dns = getattr(kernel, "do_not_specialize", None)
+    if dns is None:
+        dns = opts.get("do_not_specialize") or ()
+    dns = set(dns)
+    out = []
+    for i, p in enumerate(sig.parameters.values()):
+        out.append((p, _is_constexpr_annotation(p.annotation), i in dns or p.name in dns))
+    try:
+        kernel._fusenet_params = out
+    except Exception:
+        pass
+    return out
+
+
+def _unwrap(value: Any) -> Any:
+    # tl.constexpr(3) -> 3
+    cls = type(value)
+    if cls.__name__ == "constexpr" and cls.__module__.startswith("triton") and hasattr(value, "value"):
+        return value.value
+    return value
+
+
+def _make_spec(kernel, args, meta) -> Specialization:
+    params = _kernel_params(kernel)
+    kwargs = {k: v for k, v in meta.items() if k not in _LAUNCH_OPTIONS}
+    fn = getattr(kernel, "fn", kernel)
+    try:
+        bound = _inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError as e:
+        name = getattr(fn, "__name__", repr(fn))
+        raise TypeError(f"launch of kernel {name}: {e}") from None
+    bound.apply_defaults()
+    values = bound.arguments
+    signature, constexprs, divisible = [], [], []
+    for p, is_constexpr, no_spec in params:
+        value = _unwrap(values[p.name])
+        if is_constexpr:
+            constexprs.append((p.name, value))
+            continue
+        ty, attr = _specialize(value, not no_spec)
+        if ty == "constexpr":
+            constexprs.append((p.name, value))
+            continue
+        signature.append((p.name, ty))
+        if isinstance(attr, str) and "D" in attr:
+            divisible.append(p.name)
+    return Specialization(
         kernel=kernel,
         signature=tuple(signature),
         constexprs=tuple(constexprs),
-        num_warps=meta.get("num_warps", 4),
-        num_stages=meta.get("num_stages", 3),
+        num_warps=int(meta.get("num_warps", 4)),
+        num_stages=int(meta.get("num_stages", 3)),
+        divisible=tuple(divisible),
     )
+
+
+def _record(kernel, args, meta) -> None:
+    spec = _make_spec(kernel, args, meta)
     if spec not in _recorded:
         _recorded.append(spec)
 
 
 def launch(kernel, grid, *args, **meta):
-    """Launch `kernel[grid](*args, **meta)`, recording its specialization if asked."""
+    """Launch `kernel[grid](*args, **meta)`, recording its specialization if asked.
+
+    Inside `recording(dry_run=True)` the kernel is recorded and not run (returns None).
+    """
     if _recorded is not None:
         _record(kernel, args, meta)
+        if _dry_run:
+            return None
     return kernel[grid](*args, **meta)

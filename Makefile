@@ -1,0 +1,22 @@
+# Quick start targets. Each installs what it needs into .venv, then runs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/fusenet: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch (a plain `torch` requirement can pull a multi-GB CUDA build).
+	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/pip install -q -e '.[test,mnist]'
+	touch $(BIN)/fusenet
+
+install: $(BIN)/fusenet
+
+demo: install
+	$(BIN)/fusenet train examples/digits.cnn --out runs/digits
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+.PHONY: install demo test

@@ -1,0 +1,92 @@
+"""Diagnostics in the form `file:line:col: error: message`, with the source
+line, a caret under the offending span, and a hint where one helps."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from dsl.ast import Pos
+
+
+@dataclass(frozen=True)
+class Note:
+    """A secondary location, e.g. the other definition in a `concat` mismatch."""
+
+    message: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    message: str
+    pos: Pos
+    hint: str | None = None
+    notes: tuple[Note, ...] = field(default=())
+
+
+class FusenetError(Exception):
+    """A rejected program: one or more diagnostics against one source text."""
+
+    def __init__(self, diagnostics: Sequence[Diagnostic], source: str = "", filename: str = "<string>"):
+        self.diagnostics = tuple(diagnostics)
+        self.source = source
+        self.filename = filename
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        return "\n".join(format_diagnostic(d, self.source, self.filename) for d in self.diagnostics)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _excerpt(source: str, pos: Pos, prefix: str = "    ") -> list[str]:
+    lines = source.splitlines()
+    if not (1 <= pos.line <= len(lines)):
+        return []
+    text = lines[pos.line - 1].expandtabs(1).rstrip()
+    start = max(pos.col, 1)
+    if pos.end_line == pos.line and pos.end_col > pos.col:
+        width = pos.end_col - pos.col
+    else:
+        width = 1
+    width = max(1, min(width, max(1, len(text) - start + 1)))
+    return [prefix + text, prefix + " " * (start - 1) + "^" + "~" * (width - 1)]
+
+
+def format_diagnostic(d: Diagnostic, source: str, filename: str) -> str:
+    out = [f"{filename}:{d.pos.line}:{d.pos.col}: error: {d.message}"]
+    out += _excerpt(source, d.pos)
+    for note in d.notes:
+        out.append(f"{filename}:{note.pos.line}:{note.pos.col}: note: {note.message}")
+        out += _excerpt(source, note.pos)
+    if d.hint:
+        out.append(f"hint: {d.hint}")
+    return "\n".join(out)
+
+
+def nearest(word: str, candidates: Iterable[str]) -> str | None:
+    """The closest known name to a misspelt one, or None if nothing is close."""
+    found = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
+    match = nearest(word, candidates)
+    return f"did you mean '{match}'?" if match else None
+
+
+class Collector:
+    """Gathers diagnostics so one run can report several errors."""
+
+    def __init__(self, source: str = "", filename: str = "<string>"):
+        self.source, self.filename = source, filename
+        self.diagnostics: list[Diagnostic] = []
+
+    def error(self, message: str, pos: Pos, hint: str | None = None, notes: Sequence[Note] = ()) -> None:
+        self.diagnostics.append(Diagnostic(message, pos, hint, tuple(notes)))
+
+    def raise_if_any(self) -> None:
+        if self.diagnostics:
+            raise FusenetError(self.diagnostics, self.source, self.filename)

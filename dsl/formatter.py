@@ -1,0 +1,132 @@
+"""AST to canonical text: 4-space indents, one statement per line, minimal
+parentheses, numbers as written, comments kept in place.
+
+parse(format_program(p)) == p for every program p (positions aside).
+"""
+from __future__ import annotations
+
+from dsl import ast
+
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2}
+
+
+def format_expr(e: ast.Expr, parent_prec: int = 0, right: bool = False) -> str:
+    if isinstance(e, ast.Num):
+        return e.text or repr(e.value)
+    if isinstance(e, ast.Dims):
+        return "x".join(map(str, e.values))
+    if isinstance(e, ast.Name):
+        return e.id
+    if isinstance(e, ast.Str):
+        return f'"{e.value}"'
+    if isinstance(e, ast.Neg):
+        return "-" + format_expr(e.operand, 3)
+    if isinstance(e, ast.BinOp):
+        prec = _PREC[e.op]
+        text = f"{format_expr(e.left, prec)} {e.op} {format_expr(e.right, prec, right=True)}"
+        # left-associative: a right operand of equal precedence needs parentheses
+        if prec < parent_prec or (right and prec == parent_prec):
+            return f"({text})"
+        return text
+    raise TypeError(e)
+
+
+def _positional(e: ast.Expr) -> str:
+    text = format_expr(e)
+    return f"({text})" if text.startswith("-") else text
+
+
+def format_layer(layer: ast.Layer) -> str:
+    parts = [layer.name]
+    parts += [_positional(a) for a in layer.args]
+    parts += [f"{k.name}={format_expr(k.value)}" for k in layer.kwargs]
+    return " ".join(parts)
+
+
+class _Writer:
+    def __init__(self, comments: tuple[ast.Comment, ...]):
+        self.lines: list[str] = []
+        self.pending = sorted(comments, key=lambda c: c.line)
+
+    def _own_line_comments_before(self, line: int, indent: str) -> None:
+        while self.pending and self.pending[0].own_line and self.pending[0].line < line:
+            self.lines.append(indent + self.pending.pop(0).text)
+
+    def emit(self, text: str, line: int, indent: str) -> None:
+        self._own_line_comments_before(line, indent)
+        trailing = ""
+        if self.pending and not self.pending[0].own_line and self.pending[0].line == line:
+            trailing = "  " + self.pending.pop(0).text
+        self.lines.append(indent + text + trailing)
+
+    def flush_until(self, line: int, indent: str) -> None:
+        self._own_line_comments_before(line, indent)
+        # drop stray trailing comments we could not place (lines not emitted)
+        while self.pending and not self.pending[0].own_line and self.pending[0].line < line:
+            self.lines.append(indent + self.pending.pop(0).text)
+
+    def body(self, stmts, indent: str, close_line: int) -> None:
+        for s in stmts:
+            self.stmt(s, indent)
+        self.flush_until(close_line if close_line else 10**9, indent)
+
+    def stmt(self, s, indent: str) -> None:
+        inner = indent + "    "
+        if isinstance(s, ast.Input):
+            self.emit(f"input {format_expr(s.dims)}", s.pos.line, indent)
+        elif isinstance(s, ast.Chain):
+            text = " -> ".join(format_layer(layer) for layer in s.layers)
+            self.emit(f"{s.bind} = {text}" if s.bind else text, s.pos.line, indent)
+        elif isinstance(s, ast.Residual):
+            self.emit("residual {", s.pos.line, indent)
+            self.body(s.body, inner, _end(s.body))
+            if s.shortcut is not None:
+                self.lines.append(indent + "} shortcut {")
+                self.body(s.shortcut, inner, _end(s.shortcut))
+            self.lines.append(indent + "}")
+        elif isinstance(s, ast.Repeat):
+            self.emit(f"repeat {_positional(s.count)} {{", s.pos.line, indent)
+            self.body(s.body, inner, _end(s.body))
+            self.lines.append(indent + "}")
+        else:
+            raise TypeError(s)
+
+
+def _end(stmts) -> int:
+    """A line number just past a body's last statement (for comment placement)."""
+    if not stmts:
+        return 0
+    last = stmts[-1]
+    inner = getattr(last, "shortcut", None) or getattr(last, "body", None)
+    if isinstance(inner, tuple) and inner:
+        return _end(inner) + 1
+    return last.pos.line + 1
+
+
+def format_program(program: ast.Program) -> str:
+    w = _Writer(program.comments)
+    items = sorted(
+        list(program.blocks) + [x for x in (program.network, program.train) if x is not None],
+        key=lambda item: item.pos.line,
+    )
+    for k, item in enumerate(items):
+        if k:
+            w.lines.append("")
+        if isinstance(item, ast.BlockDef):
+            params = ", ".join(p.name if p.default is None else f"{p.name}={format_expr(p.default)}" for p in item.params)
+            w.emit(f"block {item.name}({params}) {{", item.pos.line, "")
+            w.body(item.body, "    ", _end(item.body))
+        elif isinstance(item, ast.Network):
+            w.emit(f"network {item.name} {{", item.pos.line, "")
+            w.body(item.body, "    ", _end(item.body))
+        else:
+            w.emit("train {", item.pos.line, "")
+            width = max((len(o.layers[0].name) for o in item.options), default=0)
+            for o in item.options:
+                layer = o.layers[0]
+                rest = format_layer(layer)[len(layer.name):].strip()
+                w.emit(f"{layer.name.ljust(width)} {rest}".rstrip(), o.pos.line, "    ")
+            w.flush_until(_end(item.options) or 10**9, "    ")
+        w.lines.append("}")
+    w.flush_until(10**9, "")
+    return "\n".join(w.lines) + "\n"

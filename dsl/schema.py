@@ -1,0 +1,284 @@
+"""What every built-in layer and train option accepts: names, types, defaults.
+
+`bind(sig, layer, evaluate)` matches a layer's positional and keyword
+arguments against its signature, converts each value to its declared type, and
+reports every mismatch with the argument's position and a hint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dsl.ast import Expr, Layer
+from dsl.errors import Collector, did_you_mean
+from dsl.values import EvalError, Symbol, describe
+
+REQUIRED = object()  # marks a parameter without default
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: str  # int | posint | nonneg | float | prob | bool | pair | pospair | pad | choice | tap | data
+    default: Any = REQUIRED
+    choices: tuple[str, ...] = ()
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class Signature:
+    name: str
+    positional: tuple[ParamSpec, ...] = ()
+    keywords: tuple[ParamSpec, ...] = ()
+    variadic: ParamSpec | None = None  # extra positionals of this type (freeze a b c)
+
+    def usage(self) -> str:
+        parts = [self.name]
+        parts += [p.name.upper() if p.required else f"[{p.name.upper()}]" for p in self.positional]
+        if self.variadic:
+            parts.append(f"{self.variadic.name.upper()}...")
+        parts += [f"{k.name}=" for k in self.keywords]
+        return " ".join(parts)
+
+
+def P(name, type, default=REQUIRED, choices=()):
+    return ParamSpec(name, type, default, tuple(choices))
+
+
+_POOL = (P("stride", "pospair", None), P("pad", "pair", (0, 0)))
+LAYERS: dict[str, Signature] = {
+    s.name: s
+    for s in [
+        Signature(
+            "conv",
+            (P("out", "posint"),),
+            (
+                P("kernel", "pospair"),
+                P("stride", "pospair", (1, 1)),
+                P("pad", "pad", (0, 0)),
+                P("dilation", "pospair", (1, 1)),
+                P("groups", "posint", 1),
+                P("bias", "bool", True),
+            ),
+        ),
+        Signature("linear", (P("out", "posint"),), (P("bias", "bool", True),)),
+        Signature("bn", (), (P("eps", "float", 1e-5), P("momentum", "prob", 0.1))),
+        Signature("relu"),
+        Signature("leaky_relu", (), (P("slope", "float", 0.01),)),
+        Signature("sigmoid"),
+        Signature("tanh"),
+        Signature("gelu"),
+        Signature("silu"),
+        Signature("softmax"),
+        Signature("maxpool", (P("kernel", "pospair"),), _POOL),
+        Signature("avgpool", (P("kernel", "pospair"),), _POOL),
+        Signature("global_avgpool"),
+        Signature("global_maxpool"),
+        Signature("blurpool", (), (P("stride", "posint", 2), P("filter", "posint", 3))),
+        Signature("dropout", (P("p", "prob", 0.5),)),
+        Signature("flatten"),
+        Signature("upsample", (P("factor", "posint"),), (P("mode", "choice", "nearest", ("nearest", "bilinear")),)),
+        Signature("scale", (P("factor", "float"),)),
+        Signature("add", (P("tap", "tap"),)),
+        Signature("concat", (P("tap", "tap"),)),
+    ]
+}
+
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
+
+TRAIN_OPTIONS: dict[str, Signature] = {
+    s.name: s
+    for s in [
+        Signature("data", (P("source", "data"),)),
+        Signature("split", (P("fraction", "prob"),)),
+        Signature("batch", (P("size", "posint"),)),
+        Signature("epochs", (P("count", "posint"),)),
+        Signature(
+            "optimizer",
+            (P("name", "choice", choices=("sgd", "adam", "adamw")),),
+            (
+                P("lr", "float", None),
+                P("momentum", "prob", 0.0),
+                P("nesterov", "bool", False),
+                P("weight_decay", "float", None),
+                P("beta1", "prob", 0.9),
+                P("beta2", "prob", 0.999),
+                P("eps", "float", 1e-8),
+            ),
+        ),
+        Signature(
+            "schedule",
+            (P("name", "choice", choices=("constant", "step", "cosine", "plateau")),),
+            (
+                P("warmup", "nonneg", 0),
+                P("step_size", "posint", 10),
+                P("gamma", "float", 0.1),
+                P("factor", "prob", 0.1),
+                P("patience", "nonneg", 5),
+                P("min_lr", "float", 0.0),
+            ),
+        ),
+        Signature("loss", (P("name", "choice", choices=("cross_entropy",)),), (P("label_smoothing", "prob", 0.0),)),
+        Signature("augment", (), (P("crop", "nonneg", 0), P("flip", "bool", False), P("cutout", "nonneg", 0))),
+        Signature("precision", (P("dtype", "choice", choices=("fp32", "tf32", "fp16", "bf16")),)),
+        Signature("clip_grad", (P("max_norm", "float"),)),
+        Signature("early_stop", (P("patience", "nonneg"),)),
+        Signature("freeze", (), (), variadic=P("tap", "tap")),
+        Signature("seed", (P("value", "nonneg"),)),
+        Signature("sync_bn", (P("enabled", "bool", True),)),
+    ]
+}
+
+
+class TypeMismatch(Exception):
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+def _int(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        hint = "use // for integer division" if isinstance(v, float) and v == int(v) else None
+        raise TypeMismatch(f"{what} must be an integer, got {describe(v)}", hint)
+    return v
+
+
+def _pair(v: Any, what: str) -> tuple[int, int]:
+    if isinstance(v, tuple):
+        if len(v) != 2:
+            raise TypeMismatch(f"{what} takes one integer or an HxW pair, got {describe(v)}")
+        return (int(v[0]), int(v[1]))
+    n = _int(v, what)
+    return (n, n)
+
+
+def coerce(spec: ParamSpec, v: Any, what: str) -> Any:
+    """Convert an evaluated argument to its declared type or raise TypeMismatch."""
+    t = spec.type
+    if t == "int":
+        return _int(v, what)
+    if t in ("posint", "nonneg"):
+        n = _int(v, what)
+        low = 1 if t == "posint" else 0
+        if n < low:
+            raise TypeMismatch(f"{what} must be at least {low}, got {n}")
+        return n
+    if t in ("float", "prob"):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeMismatch(f"{what} must be a number, got {describe(v)}")
+        if t == "prob" and not 0.0 <= v < 1.0:
+            raise TypeMismatch(f"{what} must be in [0, 1), got {v:g}")
+        return float(v)
+    if t == "bool":
+        if not isinstance(v, bool):
+            raise TypeMismatch(f"{what} must be true or false, got {describe(v)}")
+        return v
+    if t in ("pair", "pospair"):
+        p = _pair(v, what)
+        low = 1 if t == "pospair" else 0
+        if min(p) < low:
+            raise TypeMismatch(f"{what} must be at least {low}, got {'x'.join(map(str, p))}")
+        return p
+    if t == "pad":
+        if isinstance(v, Symbol):
+            if v != "same":
+                raise TypeMismatch(f"{what} must be an integer, an HxW pair or 'same', got {describe(v)}")
+            return "same"
+        p = _pair(v, what)
+        if min(p) < 0:
+            raise TypeMismatch(f"{what} must not be negative")
+        return p
+    if t == "choice":
+        if not isinstance(v, Symbol) or v not in spec.choices:
+            hint = did_you_mean(str(v), spec.choices) if isinstance(v, str) else None
+            raise TypeMismatch(f"{what} must be one of {', '.join(spec.choices)}; got {describe(v)}", hint)
+        return str(v)
+    if t == "tap":
+        if not isinstance(v, Symbol):
+            raise TypeMismatch(f"{what} must be a tap name, got {describe(v)}")
+        return str(v)
+    if t == "data":
+        if not isinstance(v, str):
+            raise TypeMismatch(f'{what} must be a dataset name or a quoted path, got {describe(v)}')
+        return str(v)
+    raise AssertionError(f"unknown parameter type {t}")
+
+
+def bind(
+    sig: Signature,
+    layer: Layer,
+    evaluate: Callable[[Expr], Any],
+    errors: Collector,
+    kind: str = "layer",
+) -> dict[str, Any] | None:
+    """Match `layer`'s arguments to `sig`; return {param: value} or None on error."""
+    ok = True
+    values: dict[str, Any] = {}
+
+    def value_of(spec: ParamSpec, expr: Expr, what: str) -> Any:
+        nonlocal ok
+        try:
+            return coerce(spec, evaluate(expr), what)
+        except EvalError as e:
+            errors.error(e.message, e.pos, e.hint)
+        except TypeMismatch as e:
+            errors.error(e.message, expr.pos, e.hint)
+        ok = False
+        return None
+
+    args = list(layer.args)
+    for i, spec in enumerate(sig.positional):
+        if i < len(args):
+            values[spec.name] = value_of(spec, args[i], f"{sig.name}'s {spec.name.upper()}")
+        elif spec.required:
+            errors.error(
+                f"'{sig.name}' needs {spec.name.upper()}",
+                layer.pos,
+                f"usage: {sig.usage()}",
+            )
+            ok = False
+        else:
+            values[spec.name] = spec.default
+    extra = args[len(sig.positional):]
+    if sig.variadic is not None:
+        values[sig.variadic.name] = tuple(value_of(sig.variadic, e, f"{sig.name}'s {sig.variadic.name.upper()}") for e in extra)
+    elif extra:
+        n = len(sig.positional)
+        errors.error(
+            f"'{sig.name}' takes {n} positional argument{'s' if n != 1 else ''}, got {len(args)}",
+            extra[0].pos,
+            f"usage: {sig.usage()}",
+        )
+        ok = False
+
+    known = {k.name: k for k in sig.keywords}
+    seen: set[str] = set()
+    for kw in layer.kwargs:
+        if kw.name in seen:
+            errors.error(f"'{kw.name}' given twice", kw.pos)
+            ok = False
+            continue
+        seen.add(kw.name)
+        spec = known.get(kw.name)
+        if spec is None:
+            hint = did_you_mean(kw.name, known) or (
+                f"'{sig.name}' takes no keyword arguments" if not known else f"{sig.name} takes: {', '.join(known)}"
+            )
+            errors.error(f"unknown parameter '{kw.name}' for {kind} '{sig.name}'", kw.pos, hint)
+            ok = False
+            continue
+        values[spec.name] = value_of(spec, kw.value, f"{sig.name}'s {kw.name}")
+    for spec in sig.keywords:
+        if spec.name not in values:
+            if spec.required:
+                errors.error(f"'{sig.name}' needs {spec.name}=", layer.pos, f"usage: {sig.usage()}")
+                ok = False
+            else:
+                values[spec.name] = spec.default
+    if not ok:
+        return None
+    order = [p.name for p in sig.positional] + ([sig.variadic.name] if sig.variadic else []) + [k.name for k in sig.keywords]
+    return {name: values[name] for name in order if name in values}

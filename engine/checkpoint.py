@@ -1,0 +1,226 @@
+"""Checkpoints: one safetensors file, written atomically, read without pickle.
+
+Layout of `model.safetensors`:
+- tensors `model.<state_dict key>` (weights and buffers), `optim.<param index>.<name>`
+  (optimizer state tensors), `rng.<name>` (generator states as uint8 tensors);
+- metadata (strings): `format` = "fusenet-checkpoint-1", `network`, `spec` (the spec
+  text), `epoch`, and JSON strings `optim_groups` (hyper-parameters per group),
+  `optim_scalars` (non-tensor optimizer state), `train_state` (schedule, early
+  stopping and history), `data` (data set name, classes, normalisation).
+
+A save goes to a temporary file in the same folder, is fsynced, then renamed over
+the old file: a kill at any moment leaves either the old or the new checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.data import FusenetTrainError
+
+FORMAT = "fusenet-checkpoint-1"
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    model: dict[str, torch.Tensor]
+    optim: dict[str, torch.Tensor] = field(default_factory=dict)
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # decoded metadata
+
+    @property
+    def network(self) -> str:
+        return self.meta.get("network", "")
+
+    @property
+    def epoch(self) -> int:
+        return int(self.meta.get("epoch", 0))
+
+
+def _json_safe(v):
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return repr(v)
+    return v
+
+
+def encode(model_state: dict[str, torch.Tensor], *, network: str, spec: str, epoch: int,
+           optimizer: torch.optim.Optimizer | None = None, rng: dict[str, torch.Tensor] | None = None,
+           train_state: dict | None = None, data: dict | None = None) -> bytes:
+    """Serialise a checkpoint to safetensors bytes."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model_state.items():
+        tensors[f"model.{k}"] = v.detach().to("cpu").clone().contiguous()
+    meta = {"format": FORMAT, "network": network, "spec": spec, "epoch": str(int(epoch))}
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        scalars: dict[str, dict] = {}
+        for pid, st in sd["state"].items():
+            for name, val in st.items():
+                if isinstance(val, torch.Tensor):
+                    tensors[f"optim.{pid}.{name}"] = val.detach().to("cpu").clone().contiguous()
+                else:
+                    scalars.setdefault(str(pid), {})[name] = _json_safe(val)
+        meta["optim_groups"] = json.dumps(_json_safe(sd["param_groups"]))
+        meta["optim_scalars"] = json.dumps(scalars)
+        meta["optim_class"] = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+    for k, v in (rng or {}).items():
+        tensors[f"rng.{k}"] = v.detach().to("cpu").clone().contiguous()
+    meta["train_state"] = json.dumps(_json_safe(train_state or {}))
+    meta["data"] = json.dumps(_json_safe(data or {}))
+    return save(tensors, metadata=meta)
+
+
+def write_atomic(path: str | Path, blob: bytes) -> None:
+    """Write bytes so that `path` holds either its old or its new content, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, **kw) -> None:
+    """Atomically save `model.state_dict()` plus what `encode` takes (network, spec, epoch, ...)."""
+    write_atomic(path, encode(model.state_dict(), **kw))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate a checkpoint; a clear FusenetTrainError for anything wrong."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FusenetTrainError(f"checkpoint '{path}' does not exist")
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise FusenetTrainError(
+            f"checkpoint '{path}' is corrupt or not a safetensors file ({type(e).__name__}: {e}); "
+            "it was not written completely or is not a fusenet checkpoint") from None
+    if raw.get("format") != FORMAT:
+        raise FusenetTrainError(
+            f"checkpoint '{path}' is not a fusenet checkpoint (format {raw.get('format')!r}, expected {FORMAT!r})")
+    meta: dict[str, Any] = dict(raw)
+    try:
+        for k in ("optim_groups", "optim_scalars", "train_state", "data"):
+            if k in raw:
+                meta[k] = json.loads(raw[k])
+        meta["epoch"] = int(raw.get("epoch", "0"))
+    except (ValueError, TypeError) as e:
+        raise FusenetTrainError(f"checkpoint '{path}' has corrupt metadata ({e})") from None
+    ck = Checkpoint(str(path), {}, {}, {}, meta)
+    for k, v in tensors.items():
+        group, _, name = k.partition(".")
+        {"model": ck.model, "optim": ck.optim, "rng": ck.rng}.get(group, {})[name] = v
+    return ck
+
+
+def check_matches(ck: Checkpoint, model: torch.nn.Module, network: str) -> None:
+    """Refuse a checkpoint of another network: names, keys and shapes must all agree."""
+    if ck.network and network and ck.network != network:
+        raise FusenetTrainError(
+            f"checkpoint '{ck.path}' is of network '{ck.network}', not '{network}'")
+    sd = model.state_dict()
+    missing = [k for k in sd if k not in ck.model]
+    extra = [k for k in ck.model if k not in sd]
+    shapes = [f"{k}: checkpoint {list(ck.model[k].shape)} vs network {list(v.shape)}"
+              for k, v in sd.items() if k in ck.model and tuple(ck.model[k].shape) != tuple(v.shape)]
+    if missing or extra or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape differences: " + "; ".join(shapes[:4]) + (" ..." if len(shapes) > 4 else ""))
+        if missing:
+            parts.append("missing in checkpoint: " + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
+        if extra:
+            parts.append("not in network: " + ", ".join(extra[:6]) + (" ..." if len(extra) > 6 else ""))
+        raise FusenetTrainError(
+            f"checkpoint '{ck.path}' does not match network '{network}' (was the spec changed?): " + "; ".join(parts))
+
+
+def load_into_model(ck: Checkpoint, model: torch.nn.Module, network: str) -> None:
+    check_matches(ck, model, network)
+    model.load_state_dict({k: ck.model[k] for k in model.state_dict()}, strict=True)
+
+
+def _restore(v):
+    if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+        return float(v)
+    return v
+
+
+def load_into_optimizer(ck: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
+    """Restore optimizer state saved by `encode` (refusing a different optimizer or group layout)."""
+    groups = ck.meta.get("optim_groups")
+    if groups is None:
+        raise FusenetTrainError(f"checkpoint '{ck.path}' holds no optimizer state; it cannot be resumed")
+    cls = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+    saved_cls = ck.meta.get("optim_class", cls)
+    if saved_cls.rsplit(".", 1)[-1] != cls.rsplit(".", 1)[-1]:
+        raise FusenetTrainError(
+            f"checkpoint '{ck.path}' was trained with optimizer {saved_cls}, this run uses {cls}")
+    cur = optimizer.state_dict()["param_groups"]
+    if len(cur) != len(groups) or any(len(a["params"]) != len(b["params"]) for a, b in zip(cur, groups)):
+        raise FusenetTrainError(
+            f"checkpoint '{ck.path}': optimizer parameter groups differ from this run's (changed freeze list?)")
+    for g in groups:
+        if "betas" in g and isinstance(g["betas"], list):
+            g["betas"] = tuple(g["betas"])
+        for k, v in list(g.items()):
+            g[k] = _restore(v)
+    state: dict[int, dict] = {}
+    for k, v in ck.optim.items():
+        pid, _, name = k.partition(".")
+        state.setdefault(int(pid), {})[name] = v
+    for pid, d in ck.meta.get("optim_scalars", {}).items():
+        state.setdefault(int(pid), {}).update({k: _restore(v) for k, v in d.items()})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def init_from(ck: Checkpoint, model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Copy tensors whose names and shapes match (transfer learning). Returns (loaded, skipped)."""
+    sd = model.state_dict()
+    loaded, skipped = [], []
+    new = {}
+    for k, v in sd.items():
+        src = ck.model.get(k)
+        if src is not None and tuple(src.shape) == tuple(v.shape):
+            new[k] = src.to(v.dtype)
+            loaded.append(k)
+        else:
+            why = "absent" if src is None else f"shape {list(src.shape)} vs {list(v.shape)}"
+            skipped.append(f"{k} ({why})")
+    model.load_state_dict(new, strict=False)
+    return loaded, skipped

@@ -1,0 +1,216 @@
+"""AST to graph IR: bind arguments, expand blocks, unroll repeats, resolve taps.
+
+Every error is collected with its source position; expansion goes on past an
+error where it safely can, so one run reports several problems.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from dsl import ast
+from dsl.errors import Collector, Note, did_you_mean
+from dsl.schema import LAYERS, Signature, bind
+from dsl.values import EvalError, evaluate
+from engine.ir import PARAMETRIC, Graph, Node
+
+MAX_REPEAT = 1000
+
+
+class _Abort(Exception):
+    """Stop expanding the current chain after an error (already reported)."""
+
+
+class _Expander:
+    def __init__(self, program: ast.Program, errors: Collector):
+        self.program, self.errors = program, errors
+        self.blocks: dict[str, ast.BlockDef] = {}
+        self.nodes: list[Node] = []
+        self.counters: dict[str, int] = {}
+        self.stack: list[str] = []  # block names being expanded (recursion check)
+        self.taps: dict[str, int] = {}
+        self.tap_pos: dict[str, ast.Pos] = {}
+        self.tap_layers: dict[str, tuple[str, ...]] = {}
+        self.input_shape: tuple[int, ...] | None = None
+        for b in program.blocks:
+            if b.name in LAYERS:
+                errors.error(f"block '{b.name}' has the name of a built-in layer", b.pos, "rename the block")
+            elif b.name in self.blocks:
+                errors.error(
+                    f"block '{b.name}' defined twice",
+                    b.pos,
+                    notes=[Note("first defined here", self.blocks[b.name].pos)],
+                )
+            else:
+                self.blocks[b.name] = b
+            seen = set()
+            for p in b.params:
+                if p.name in seen:
+                    errors.error(f"parameter '{p.name}' appears twice in block '{b.name}'", p.pos)
+                seen.add(p.name)
+
+    # -- nodes ---------------------------------------------------------------
+    def add_node(self, op: str, inputs: tuple[int, ...], attrs: dict, pos: ast.Pos) -> int:
+        name = ""
+        if op in PARAMETRIC:
+            k = self.counters.get(op, 0)
+            self.counters[op] = k + 1
+            name = f"{op}{k}"
+        node = Node(len(self.nodes), op, inputs, attrs, pos, name)
+        self.nodes.append(node)
+        return node.id
+
+    # -- statements ------------------------------------------------------------
+    def network(self, net: ast.Network) -> None:
+        body = list(net.body)
+        if not body or not isinstance(body[0], ast.Input):
+            pos = body[0].pos if body else net.pos
+            self.errors.error("the network must start with `input CxHxW`", pos, "e.g. input 3x32x32")
+            return
+        dims = body[0].dims.values
+        if len(dims) not in (1, 3) or min(dims) < 1:
+            self.errors.error(
+                f"input must be CxHxW (or F features), got {'x'.join(map(str, dims))}", body[0].dims.pos
+            )
+            return
+        self.input_shape = tuple(dims)
+        current = self.add_node("input", (), {}, body[0].pos)
+        scope: dict[str, int] = {}
+        self.statements(body[1:], current, {}, scope, top=True)
+
+    def statements(self, stmts, current: int, env: dict, scope: dict, top: bool = False) -> int:
+        for stmt in stmts:
+            try:
+                current = self.statement(stmt, current, env, scope, top)
+            except _Abort:
+                continue
+        return current
+
+    def statement(self, stmt, current: int, env: dict, scope: dict, top: bool) -> int:
+        if isinstance(stmt, ast.Input):
+            self.errors.error("`input` may appear only once, as the network's first line", stmt.pos)
+            raise _Abort
+        if isinstance(stmt, ast.Residual):
+            start = current
+            body_out = self.statements(stmt.body, start, env, dict(scope))
+            short_out = self.statements(stmt.shortcut, start, env, dict(scope)) if stmt.shortcut is not None else start
+            return self.add_node("add", (body_out, short_out), {"merge": "residual"}, stmt.pos)
+        if isinstance(stmt, ast.Repeat):
+            count = self.value(stmt.count, env)
+            if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_REPEAT:
+                self.errors.error(f"repeat count must be an integer in 0..{MAX_REPEAT}", stmt.count.pos)
+                raise _Abort
+            for _ in range(count):
+                current = self.statements(stmt.body, current, env, scope)
+            return current
+        assert isinstance(stmt, ast.Chain)
+        owners_before = len(self.nodes)
+        for layer in stmt.layers:
+            current = self.layer(layer, current, env, scope)
+        if stmt.bind:
+            if stmt.bind in scope and top:
+                self.errors.error(
+                    f"tap '{stmt.bind}' is defined twice",
+                    stmt.pos,
+                    notes=[Note("first defined here", self.tap_pos[stmt.bind])],
+                )
+            scope[stmt.bind] = current
+            if top:
+                self.taps[stmt.bind] = current
+                self.tap_pos[stmt.bind] = stmt.pos
+                self.tap_layers[stmt.bind] = tuple(n.name for n in self.nodes[owners_before:] if n.name)
+        return current
+
+    def value(self, expr: ast.Expr, env: dict) -> Any:
+        try:
+            return evaluate(expr, env)
+        except EvalError as e:
+            self.errors.error(e.message, e.pos, e.hint)
+            raise _Abort from None
+
+    def layer(self, layer: ast.Layer, current: int, env: dict, scope: dict) -> int:
+        if layer.name in self.blocks:
+            return self.call_block(self.blocks[layer.name], layer, current, env, scope)
+        sig = LAYERS.get(layer.name)
+        if sig is None:
+            known = list(LAYERS) + list(self.blocks)
+            hint = did_you_mean(layer.name, known)
+            if layer.name in ("input",):
+                hint = "`input` is a statement of its own on the network's first line"
+            self.errors.error(f"unknown layer '{layer.name}'", layer.pos, hint)
+            raise _Abort
+        attrs = bind(sig, layer, lambda e: evaluate(e, env), self.errors)
+        if attrs is None:
+            raise _Abort
+        inputs = (current,)
+        if layer.name in ("add", "concat"):
+            tap = attrs["tap"]
+            if tap not in scope:
+                hint = did_you_mean(tap, scope) or (
+                    f"taps defined so far: {', '.join(scope)}" if scope else "bind one first: `name = layer -> ...`"
+                )
+                self.errors.error(f"undefined tap '{tap}'", layer.args[0].pos, hint)
+                raise _Abort
+            inputs = (current, scope[tap])
+        return self.add_node(layer.name, inputs, attrs, layer.pos)
+
+    def call_block(self, block: ast.BlockDef, layer: ast.Layer, current: int, env: dict, scope: dict) -> int:
+        if block.name in self.stack:
+            chain = " -> ".join(self.stack + [block.name])
+            self.errors.error(f"block '{block.name}' uses itself ({chain})", layer.pos, "blocks cannot be recursive")
+            raise _Abort
+        args = self.bind_block_args(block, layer, env)
+        self.stack.append(block.name)
+        try:
+            # A block body sees only its parameters and its own taps.
+            return self.statements(block.body, current, args, {})
+        finally:
+            self.stack.pop()
+
+    def bind_block_args(self, block: ast.BlockDef, layer: ast.Layer, env: dict) -> dict:
+        names = [p.name for p in block.params]
+        usage = f"{block.name}({', '.join(p.name + ('' if p.default is None else '=…') for p in block.params)})"
+        if len(layer.args) > len(names):
+            self.errors.error(
+                f"block '{block.name}' takes {len(names)} argument{'s' if len(names) != 1 else ''}, got {len(layer.args)}",
+                layer.args[len(names)].pos,
+                f"usage: {usage}",
+            )
+            raise _Abort
+        values: dict[str, Any] = {}
+        for p, expr in zip(block.params, layer.args):
+            values[p.name] = self.value(expr, env)
+        for kw in layer.kwargs:
+            if kw.name not in names:
+                self.errors.error(
+                    f"block '{block.name}' has no parameter '{kw.name}'",
+                    kw.pos,
+                    did_you_mean(kw.name, names) or f"usage: {usage}",
+                )
+                raise _Abort
+            if kw.name in values:
+                self.errors.error(f"'{kw.name}' given twice", kw.pos)
+                raise _Abort
+            values[kw.name] = self.value(kw.value, env)
+        for p in block.params:
+            if p.name not in values:
+                if p.default is None:
+                    self.errors.error(f"block '{block.name}' needs '{p.name}'", layer.pos, f"usage: {usage}")
+                    raise _Abort
+                values[p.name] = self.value(p.default, dict(values))
+        return values
+
+
+def expand(program: ast.Program, errors: Collector) -> Graph | None:
+    """Build the graph IR for a parsed program (shapes not yet inferred)."""
+    ex = _Expander(program, errors)
+    if program.network is not None:
+        ex.network(program.network)
+    if ex.input_shape is None:
+        return None
+    return Graph(
+        program.network.name,
+        tuple(ex.nodes),
+        ex.input_shape,
+        dict(ex.taps),
+        dict(ex.tap_layers),
+    )

@@ -1,0 +1,636 @@
+"""2-D convolution on NHWC tensors as Triton implicit GEMMs, forward and backward.
+
+Layouts (see docs/KERNELS.md):
+    x   [N, H, W, Cin]           NHWC contiguous activation (fp32 / fp16 / bf16)
+    w   [Cout, Cin/G, KH, KW]    PyTorch layout, fp32 parameter
+    y   [N, Ho, Wo, Cout]        NHWC output (any strides: may be a channel slice)
+
+Forward (per group g, G = groups):  y[m, co] = sum_k A[m, k] * B[k, co] with
+    m = (n, ho, wo)   M = N*Ho*Wo           rows: output pixels
+    k = (r, s, ci)    K = KH*KW*Cin/G       gathered from x on the fly (no im2col)
+    B = w repacked to [KH, KW, Cin/G, Cout] viewed as [K, Cout]
+followed by a fused epilogue: z = acc (+ bias) (* scale + shift) (+ residual);
+y = act(z). Depthwise convolutions (Cin/G == 1) use a direct, non-dot kernel
+since their per-group GEMM would be [M, KH*KW] x [KH*KW, Cout/G], far below the
+16x16 minimum tile of tl.dot.
+
+dgrad (dx) is an implicit GEMM over dy, split by stride phase: output pixels of
+dx with the same (hi mod sh, wi mod sw) are hit by the same subset of taps, so
+each phase is a dense GEMM over only those taps (no zero-insertion, no masking of
+taps that can never contribute). Stride 1 is the single-phase case (a conv with
+flipped, transposed weights).
+
+wgrad (dw) is an implicit GEMM [K, P] x [P, Cout/G] with P = N*Ho*Wo reduced in
+S fixed splits into fp32 partials, then summed in a fixed order by a second
+kernel, so results are bit-identical run to run (no atomics). The bias gradient
+(a column sum of dz) comes from the same pass.
+
+Backward kernels load dz = act_grad(dy, z) (* scale) directly while loading dy
+(ACT / HAS_SCALE constexprs), so the activation backward costs no extra pass
+unless a residual needs dz materialised as its own gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from engine import device as _device
+from engine.kernels.activations import act_code, act_grad, apply_act
+from engine.kernels.launch import launch
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- #
+# Device helpers shared by the kernels
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
+              y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
+              Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope,
+              HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+              HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr):
+    """z = acc (+bias) (*scale) (+shift) (+residual); store act(z) [and z, stats]."""
+    # acc: [BLOCK_M, BLOCK_N] fp32; offs_m/n/ho/wo/mask_m: [BLOCK_M]; offs_c/mask_c: [BLOCK_N]
+    mask = mask_m[:, None] & mask_c[None, :]  # [BLOCK_M, BLOCK_N]
+    z = acc
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_N]
+    if HAS_SCALE:
+        z *= tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        z += tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        r_off = (n * sr_n + ho * sr_h + wo * sr_w)[:, None] + (offs_c * sr_c)[None, :]  # [BLOCK_M, BLOCK_N]
+        z += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+    if SAVE_PRE:
+        # z is our own contiguous [M, Cout] buffer
+        tl.store(z_ptr + offs_m[:, None] * Cout + offs_c[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
+    if STATS:
+        # per-tile column sums; padded rows/cols must not count (bias made them non-zero)
+        zm = tl.where(mask, z, 0.0)  # [BLOCK_M, BLOCK_N]
+        tl.store(psum_ptr + pid_m * Cout + offs_c, tl.sum(zm, axis=0), mask=mask_c)  # [BLOCK_N]
+        tl.store(psumsq_ptr + pid_m * Cout + offs_c, tl.sum(zm * zm, axis=0), mask=mask_c)
+    y = apply_act(z, ACT, slope)  # [BLOCK_M, BLOCK_N] fp32
+    y_off = (n * sy_n + ho * sy_h + wo * sy_w)[:, None] + (offs_c * sy_c)[None, :]
+    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_dz(dy_ptr, z_ptr, scale_ptr, off, mask, ch, mask_ch, slope,
+             ACT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """Load dy at `off` and turn it into the GEMM operand dz = act'(z) * dy (* scale[ch]).
+
+    `ch` ([BLOCK]) are output channels along axis 1 of the tile. Returns fp32.
+    Masked lanes give 0 since every act_grad is linear in dy.
+    """
+    g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [R, C] upstream grad
+    if ACT != 0:
+        z = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [R, C] pre-activation
+        g = act_grad(g, z, ACT, slope)
+    if HAS_SCALE:
+        # z = acc*scale + ..., so d acc = dz * scale
+        g = g * tl.load(scale_ptr + ch, mask=mask_ch, other=0.0)[None, :]
+    return g
+
+
+# --------------------------------------------------------------------------- #
+# Kernels
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
+    M, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Implicit-GEMM conv forward. Grid: (M tiles, Cout/G tiles, G)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output pixel index
+    mask_m = offs_m < M
+    wo = offs_m % Wo  # [BLOCK_M]
+    ho = (offs_m // Wo) % Ho  # [BLOCK_M]
+    n = offs_m // (Wo * Ho)  # [BLOCK_M]
+    hi0 = ho * stride_h - pad_h  # [BLOCK_M] input row of tap (0, 0)
+    wi0 = wo * stride_w - pad_w  # [BLOCK_M]
+    x_row = n * (H * W * Cin) + g * Cin_g  # [BLOCK_M] image + group base offset
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] channel within group
+    mask_c = offs_cn < Cout_g
+    offs_c = g * Cout_g + offs_cn  # [BLOCK_N] global output channel
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
+    # K is flattened over (tap, channel) so tiny Cin (1, 3) still fills one BLOCK_K >= 16
+    for k0 in range(0, K_g, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K] reduction index (r, s, ci)
+        mask_k = offs_k < K_g
+        ci = offs_k % Cin_g  # [BLOCK_K]
+        tap = offs_k // Cin_g  # [BLOCK_K]
+        r = tap // KW  # [BLOCK_K]
+        s = tap % KW  # [BLOCK_K]
+        hi = hi0[:, None] + (r * dil_h)[None, :]  # [BLOCK_M, BLOCK_K]
+        wi = wi0[:, None] + (s * dil_w)[None, :]  # [BLOCK_M, BLOCK_K]
+        a_mask = (mask_m[:, None] & mask_k[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
+        a = tl.load(x_ptr + x_row[:, None] + (hi * W + wi) * Cin + ci[None, :],
+                    mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K] gathered x tile (padding = 0)
+        b = tl.load(w_ptr + offs_k[:, None] * Cout + offs_c[None, :],
+                    mask=mask_k[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] weight tile
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
+              y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
+              Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope,
+              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT)
+
+
+@triton.jit
+def _dwconv_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
+    M, H, W, Cin, Ho, Wo, Cout, MULT, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Depthwise conv (one input channel per group): direct FMA over taps. Grid: (M tiles, Cout tiles)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output pixel
+    mask_m = offs_m < M
+    wo = offs_m % Wo  # [BLOCK_M]
+    ho = (offs_m // Wo) % Ho  # [BLOCK_M]
+    n = offs_m // (Wo * Ho)  # [BLOCK_M]
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output channel
+    mask_c = offs_c < Cout
+    ci = offs_c // MULT  # [BLOCK_N] its input channel (group index)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
+    for r in range(0, KH):
+        hi = ho * stride_h - pad_h + r * dil_h  # [BLOCK_M]
+        for s in range(0, KW):
+            wi = wo * stride_w - pad_w + s * dil_w  # [BLOCK_M]
+            pix_ok = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)  # [BLOCK_M]
+            base = n * (H * W * Cin) + (hi * W + wi) * Cin  # [BLOCK_M]
+            xv = tl.load(x_ptr + base[:, None] + ci[None, :], mask=pix_ok[:, None] & mask_c[None, :],
+                         other=0.0)  # [BLOCK_M, BLOCK_N] input taps
+            wv = tl.load(w_ptr + (r * KW + s) * Cout + offs_c, mask=mask_c, other=0.0)  # [BLOCK_N] weights
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
+              y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
+              Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope,
+              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT)
+
+
+@triton.jit
+def _conv_dgrad_kernel(
+    dy_ptr, z_ptr, scale_ptr, w_ptr, dx_ptr,
+    Mq, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, KW, stride_h, stride_w,
+    ra, rb, Hq, Wq, r0, nr, step_r, c_r, dstep_h, s0, ns, step_s, c_s, dstep_w, slope,
+    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx for one stride phase (hi % sh == ra, wi % sw == rb). Grid: (Mq tiles, Cin/G tiles, G).
+
+    Taps hitting this phase are r = r0 + jr*step_r (jr < nr), s likewise, and for
+    dx pixel hi = qh*sh + ra the dy row they read is ho = qh + c_r - jr*dstep_h:
+    no division, no dead taps.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] dx pixel within this phase
+    mask_m = offs_m < Mq
+    qw = offs_m % Wq  # [BLOCK_M]
+    qh = (offs_m // Wq) % Hq  # [BLOCK_M]
+    n = offs_m // (Wq * Hq)  # [BLOCK_M]
+    dy_img = n * (Ho * Wo * Cout) + g * Cout_g  # [BLOCK_M]
+    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] input channel within group
+    mask_ci = offs_ci < Cin_g
+    K = nr * ns * Cout_g
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K] reduction index (jr, js, co)
+        mask_k = offs_k < K
+        co = offs_k % Cout_g  # [BLOCK_K]
+        jr = offs_k // (Cout_g * ns)  # [BLOCK_K]
+        js = (offs_k // Cout_g) % ns  # [BLOCK_K]
+        ho = qh[:, None] + (c_r - jr * dstep_h)[None, :]  # [BLOCK_M, BLOCK_K]
+        wo = qw[:, None] + (c_s - js * dstep_w)[None, :]  # [BLOCK_M, BLOCK_K]
+        a_mask = mask_m[:, None] & mask_k[None, :] & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
+        a_off = dy_img[:, None] + (ho * Wo + wo) * Cout + co[None, :]  # [BLOCK_M, BLOCK_K]
+        a = _load_dz(dy_ptr, z_ptr, scale_ptr, a_off, a_mask, g * Cout_g + co, mask_k, slope,
+                     ACT, HAS_SCALE)  # [BLOCK_M, BLOCK_K] fp32 dz tile
+        tap = (r0 + jr * step_r) * KW + (s0 + js * step_s)  # [BLOCK_K] flattened (r, s)
+        b = tl.load(w_ptr + ((tap * Cout + g * Cout_g + co) * Cin_g)[:, None] + offs_ci[None, :],
+                    mask=mask_k[:, None] & mask_ci[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] w^T tile
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
+    hi = qh * stride_h + ra  # [BLOCK_M]
+    wi = qw * stride_w + rb  # [BLOCK_M]
+    dx_off = (n * (H * W * Cin) + (hi * W + wi) * Cin + g * Cin_g)[:, None] + offs_ci[None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    x_ptr, dy_ptr, z_ptr, scale_ptr, part_ptr, bpart_ptr,
+    P, P_PER_SPLIT, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW, N_TILES,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
+    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """dw partial for one P-split: part[split, k, co] = sum_p x[p, k] * dz[p, co].
+
+    Grid: (K tiles * Cout/G tiles, S, G). Also writes bias partials (column sums
+    of dz) from the K-tile-0 programs.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    pid_k = pid // N_TILES
+    pid_n = pid % N_TILES
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K] weight row (r, s, ci)
+    mask_k = offs_k < K_g
+    ci = offs_k % Cin_g  # [BLOCK_K]
+    r = (offs_k // Cin_g) // KW  # [BLOCK_K]
+    s = (offs_k // Cin_g) % KW  # [BLOCK_K]
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output channel within group
+    mask_c = offs_cn < Cout_g
+    offs_c = g * Cout_g + offs_cn  # [BLOCK_N] global output channel
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # [BLOCK_K, BLOCK_N] fp32 dw accumulator
+    bacc = tl.zeros((BLOCK_N,), dtype=tl.float32)  # [BLOCK_N] fp32 bias-grad accumulator
+    p_lo = split * P_PER_SPLIT
+    p_hi = tl.minimum(P, p_lo + P_PER_SPLIT)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)  # [BLOCK_P] output pixel
+        mask_p = offs_p < p_hi
+        wo = offs_p % Wo  # [BLOCK_P]
+        ho = (offs_p // Wo) % Ho  # [BLOCK_P]
+        n = offs_p // (Wo * Ho)  # [BLOCK_P]
+        hi = (r * dil_h)[:, None] + (ho * stride_h - pad_h)[None, :]  # [BLOCK_K, BLOCK_P]
+        wi = (s * dil_w)[:, None] + (wo * stride_w - pad_w)[None, :]  # [BLOCK_K, BLOCK_P]
+        a_mask = mask_k[:, None] & mask_p[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        a = tl.load(x_ptr + (n * (H * W * Cin))[None, :] + (hi * W + wi) * Cin + (g * Cin_g + ci)[:, None],
+                    mask=a_mask, other=0.0)  # [BLOCK_K, BLOCK_P] gathered x^T tile
+        b_off = offs_p[:, None] * Cout + offs_c[None, :]  # [BLOCK_P, BLOCK_N] dy is [P, Cout]
+        b = _load_dz(dy_ptr, z_ptr, scale_ptr, b_off, mask_p[:, None] & mask_c[None, :], offs_c, mask_c,
+                     slope, ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
+        if NEED_BIAS:
+            bacc += tl.sum(b, axis=0)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
+    part_off = (split * K_g + offs_k)[:, None] * Cout + offs_c[None, :]  # [BLOCK_K, BLOCK_N]
+    tl.store(part_ptr + part_off, acc, mask=mask_k[:, None] & mask_c[None, :])
+    if NEED_BIAS:
+        if pid_k == 0:  # every K tile computed the same column sums; one writes them
+            tl.store(bpart_ptr + split * Cout + offs_c, bacc, mask=mask_c)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, S, L, BLOCK: tl.constexpr):
+    """out[i] = sum_s part[s, i], s in increasing order (deterministic)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = offs < L
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)  # [BLOCK] fp32
+    for s in range(0, S):
+        acc += tl.load(part_ptr + s * L + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=mask)
+
+
+@triton.jit
+def _act_grad_kernel(dy_ptr, z_ptr, dz_ptr, numel, slope, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """dz = act_grad(dy, z), elementwise over contiguous tensors."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = offs < numel
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
+    tl.store(dz_ptr + offs, act_grad(dy, z, ACT, slope).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- #
+# Host side: validation and tile choice
+# --------------------------------------------------------------------------- #
+def _pair(v, name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(i, int) for i in t):
+        raise ValueError(f"conv2d: {name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def _out_hw(H, W, kh, kw, stride, padding, dilation):
+    ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"conv2d: output would be {ho}x{wo} for input {H}x{W}, kernel {kh}x{kw}, "
+                         f"stride {stride}, padding {padding}, dilation {dilation}")
+    return ho, wo
+
+
+def _geometry(x_shape, w_shape, stride, padding, dilation, groups):
+    """Validate conv hyper-parameters; return (stride, padding, dilation, Ho, Wo)."""
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"conv2d: need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
+    if len(x_shape) != 4 or len(w_shape) != 4:
+        raise ValueError(f"conv2d: x must be [N,H,W,Cin] and w [Cout,Cin/groups,kh,kw]; got {tuple(x_shape)}, {tuple(w_shape)}")
+    N, H, W, Cin = x_shape
+    Cout, Cin_g, kh, kw = w_shape
+    if not isinstance(groups, int) or groups < 1 or Cin % groups or Cout % groups or Cin_g * groups != Cin:
+        raise ValueError(f"conv2d: x has {Cin} channels, w is {tuple(w_shape)}, groups={groups}: "
+                         "need Cin == w.shape[1]*groups and Cout divisible by groups")
+    return (stride, padding, dilation) + _out_hw(H, W, kh, kw, stride, padding, dilation)
+
+
+def _check_act(x: torch.Tensor, name: str) -> None:
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"conv2d: {name} dtype must be fp32/fp16/bf16, got {x.dtype}")
+
+
+def _check_vec(v, C, device, name):
+    if v is None:
+        return
+    if v.shape != (C,) or not v.is_floating_point() or v.device != device or not v.is_contiguous():
+        raise ValueError(f"conv2d: {name} must be a contiguous float [{C}] tensor on {device}, "
+                         f"got {tuple(v.shape)} {v.dtype} on {v.device}")
+
+
+def _p2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def _gemm_tiles(M: int, Ncols: int, K: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, meta) for an [M, K] x [K, Ncols] implicit GEMM."""
+    if _device.INTERPRETED:
+        # interpreter cost ~ programs x loop trips: few huge tiles, whole K in one chunk
+        bn, bk = _p2(Ncols, 16, 256), _p2(K, 16, 512)
+        bm = _p2(M, 16, 1024)
+        while bm > 256 and bm * max(bk, bn) > (1 << 18):
+            bm //= 2
+        return bm, bn, bk, {}
+    bm = 128 if M >= 8192 else 64
+    bn = _p2(Ncols, 16, 128)
+    bk = 32 if K >= 32 else 16
+    return bm, bn, bk, {"num_warps": 8 if bm * bn >= 128 * 128 else 4, "num_stages": 3}
+
+
+def _precision(allow_tf32: bool) -> str:
+    return "tf32" if allow_tf32 else "ieee"
+
+
+# --------------------------------------------------------------------------- #
+# Forward
+# --------------------------------------------------------------------------- #
+class ConvOutput(NamedTuple):
+    """conv2d_forward's result. Fields not requested are None.
+
+    y:      [N, Ho, Wo, Cout] act(z) (the `out` tensor if one was given)
+    z:      [N, Ho, Wo, Cout] pre-activation, when save_pre=True (x's dtype)
+    psum:   [T, Cout] fp32 per-M-tile sums of z, when stats=True (T = M tiles)
+    psumsq: [T, Cout] fp32 per-M-tile sums of z*z, when stats=True
+    """
+
+    y: torch.Tensor
+    z: Optional[torch.Tensor] = None
+    psum: Optional[torch.Tensor] = None
+    psumsq: Optional[torch.Tensor] = None
+
+
+def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+                   scale=None, shift=None, residual=None, act="none", slope=0.01, save_pre=False,
+                   stats=False, allow_tf32=False, out=None) -> ConvOutput:
+    """y = act(((conv(x, w) + bias) * scale + shift) + residual) on NHWC x; see ConvOutput.
+
+    x [N,H,W,Cin] contiguous fp32/fp16/bf16; w [Cout,Cin/groups,kh,kw] (cast to
+    x's dtype); bias/scale/shift optional fp32 [Cout]; residual optional
+    [N,Ho,Wo,Cout] (any strides); out optional [N,Ho,Wo,Cout] with any strides
+    (e.g. a channel slice of a concat buffer).
+    """
+    _check_act(x, "x")
+    if x.dim() != 4 or not x.is_contiguous():
+        raise ValueError(f"conv2d: x must be a contiguous NHWC [N,H,W,C] tensor, got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    if w.dim() != 4 or not w.is_floating_point() or w.device != x.device:
+        raise ValueError(f"conv2d: w must be a float [Cout,Cin/g,kh,kw] tensor on {x.device}")
+    stride, padding, dilation, Ho, Wo = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    N, H, W, Cin = x.shape
+    Cout, Cin_g, KH, KW = w.shape
+    for v, name in ((bias, "bias"), (scale, "scale"), (shift, "shift")):
+        _check_vec(v, Cout, x.device, name)
+    for t, name in ((residual, "residual"), (out, "out")):
+        if t is not None and (t.shape != (N, Ho, Wo, Cout) or t.device != x.device or t.dtype not in _DTYPES):
+            raise ValueError(f"conv2d: {name} must be a float [{N},{Ho},{Wo},{Cout}] tensor on {x.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+    code = act_code(act)
+    M, G, Cout_g = N * Ho * Wo, groups, Cout // groups
+    y = torch.empty((N, Ho, Wo, Cout), device=x.device, dtype=x.dtype) if out is None else out
+    z = torch.empty((N, Ho, Wo, Cout), device=x.device, dtype=x.dtype) if save_pre else None
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+
+    depthwise = Cin_g == 1 and G > 1
+    if depthwise:
+        if _device.INTERPRETED:
+            bm, bn, meta = _p2(M, 16, 1024), _p2(Cout, 16, 256), {}
+        else:
+            bm, bn, meta = 64, _p2(Cout, 16, 64), {"num_warps": 4}
+        wk = w.detach().to(x.dtype).permute(2, 3, 0, 1).reshape(KH * KW, Cout).contiguous()  # [KH*KW, Cout]
+        grid = (triton.cdiv(M, bm), triton.cdiv(Cout, bn))
+    else:
+        K_g = KH * KW * Cin_g
+        bm, bn, bk, meta = _gemm_tiles(M, Cout_g, K_g)
+        # B operand [KH, KW, Cin_g, Cout] viewed as [K_g, Cout]: row (r, s, ci), group g in columns
+        wk = w.detach().to(x.dtype).permute(2, 3, 1, 0).reshape(K_g, Cout).contiguous()
+        grid = (triton.cdiv(M, bm), triton.cdiv(Cout_g, bn), G)
+    T = grid[0]
+    psum = torch.empty((T, Cout), device=x.device, dtype=torch.float32) if stats else None
+    psumsq = torch.empty((T, Cout), device=x.device, dtype=torch.float32) if stats else None
+    common = (x, wk, y, z, bias, scale, shift, residual, psum, psumsq)
+    tail = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *y.stride(), *res_strides, float(slope))
+    flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+                 HAS_RES=residual is not None, SAVE_PRE=save_pre, STATS=stats, ACT=code)
+    if depthwise:
+        launch(_dwconv_fwd_kernel, grid, *common, M, H, W, Cin, Ho, Wo, Cout, Cout // Cin, KH, KW, *tail,
+               **flags, BLOCK_M=bm, BLOCK_N=bn, **meta)
+    else:
+        launch(_conv_fwd_kernel, grid, *common, M, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW, *tail,
+               **flags, PRECISION=_precision(allow_tf32), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **meta)
+    return ConvOutput(y, z, psum, psumsq)
+
+
+# --------------------------------------------------------------------------- #
+# Backward
+# --------------------------------------------------------------------------- #
+def _check_grad_inputs(dy, z, act, grad_scale, shape):
+    _check_act(dy, "dy")
+    if tuple(dy.shape) != tuple(shape):
+        raise ValueError(f"conv2d backward: dy has shape {tuple(dy.shape)}, expected {tuple(shape)}")
+    code = act_code(act)
+    if code != 0 and (z is None or tuple(z.shape) != tuple(shape)):
+        raise ValueError(f"conv2d backward: act={act!r} needs the pre-activation z of shape {tuple(shape)}")
+    _check_vec(grad_scale, shape[3], dy.device, "grad_scale")
+    return code
+
+
+def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf32=False,
+                 z=None, act="none", slope=0.01, grad_scale=None) -> torch.Tensor:
+    """dx [N,H,W,Cin] (dy's dtype) of a conv with weights w, from dy [N,Ho,Wo,Cout].
+
+    With act != "none", dy is the gradient of act(z) and the kernel uses
+    act_grad(dy, z); grad_scale [Cout] (the forward's folded-BN scale) multiplies it.
+    """
+    stride, padding, dilation, Ho, Wo = _geometry(x_shape, w.shape, stride, padding, dilation, groups)
+    N, H, W, Cin = x_shape
+    Cout, Cin_g, KH, KW = w.shape
+    code = _check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
+    if w.device != dy.device:
+        raise ValueError(f"conv2d_dgrad: w on {w.device}, dy on {dy.device}")
+    dy = dy.contiguous()
+    z = z.contiguous() if code != 0 else None
+    G, Cout_g = groups, Cout // groups
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    wt = w.detach().to(dy.dtype).permute(2, 3, 0, 1).contiguous()  # [KH, KW, Cout, Cin_g]
+    dx = torch.empty((N, H, W, Cin), device=dy.device, dtype=dy.dtype)
+    # taps hitting one phase are spaced step = stride / gcd(stride, dilation) apart
+    step_r, step_s = sh // math.gcd(sh, dh), sw // math.gcd(sw, dw)
+    k_max = triton.cdiv(KH, step_r) * triton.cdiv(KW, step_s) * Cout_g
+    m_max = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)
+    bm, bn, bk, meta = _gemm_tiles(m_max, Cin_g, k_max)  # one tile config for all phases
+    for ra in range(min(sh, H)):
+        rs = [r for r in range(KH) if (ra + ph - r * dh) % sh == 0]
+        r0 = rs[0] if rs else 0
+        c_r = (ra + ph - r0 * dh) // sh  # exact: dy row offset for tap r0
+        Hq = triton.cdiv(H - ra, sh)
+        for rb in range(min(sw, W)):
+            ss = [s for s in range(KW) if (rb + pw - s * dw) % sw == 0]
+            s0 = ss[0] if ss else 0
+            c_s = (rb + pw - s0 * dw) // sw
+            Wq = triton.cdiv(W - rb, sw)
+            Mq = N * Hq * Wq
+            grid = (triton.cdiv(Mq, bm), triton.cdiv(Cin_g, bn), G)
+            # a phase no tap reaches has K = 0: the kernel then writes zeros
+            launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wt, dx,
+                   Mq, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, KW, sh, sw,
+                   ra, rb, Hq, Wq, r0, len(rs), step_r, c_r, step_r * dh // sh,
+                   s0, len(ss), step_s, c_s, step_s * dw // sw, float(slope),
+                   ACT=code, HAS_SCALE=grad_scale is not None, PRECISION=_precision(allow_tf32),
+                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **meta)
+    return dx
+
+
+def _sum_partials(part: torch.Tensor) -> torch.Tensor:
+    """Sum fp32 partials [S, ...] over S in a fixed order -> [...]."""
+    S, L = part.shape[0], part[0].numel()
+    out = torch.empty(part.shape[1:], device=part.device, dtype=torch.float32)
+    block = _p2(L, 16, 1 << 16) if _device.INTERPRETED else 1024
+    launch(_sum_partials_kernel, (triton.cdiv(L, block),), part, out, S, L, BLOCK=block)
+    return out
+
+
+def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias=False, allow_tf32=False,
+                 z=None, act="none", slope=0.01, grad_scale=None, splits=None):
+    """(dw fp32 [Cout,Cin/g,kh,kw], dbias fp32 [Cout] or None) from x [N,H,W,Cin] and dy [N,Ho,Wo,Cout].
+
+    The N*Ho*Wo reduction is cut into S splits (`splits` overrides the automatic
+    choice) whose fp32 partials are summed in a fixed order: deterministic.
+    act/z/grad_scale as in conv2d_dgrad.
+    """
+    _check_act(x, "x")
+    if x.dim() != 4 or not x.is_contiguous() or x.device != dy.device:
+        raise ValueError("conv2d_wgrad: x must be a contiguous NHWC tensor on dy's device")
+    stride, padding, dilation, Ho, Wo = _geometry(x.shape, w_shape, stride, padding, dilation, groups)
+    N, H, W, Cin = x.shape
+    Cout, Cin_g, KH, KW = w_shape
+    code = _check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
+    dy = dy.contiguous()
+    if dy.dtype != x.dtype:
+        raise ValueError(f"conv2d_wgrad: x is {x.dtype} but dy is {dy.dtype}")
+    z = z.contiguous() if code != 0 else None
+    G, Cout_g, K_g, P = groups, Cout // groups, KH * KW * Cin_g, N * Ho * Wo
+    if _device.INTERPRETED:
+        bk, bn = _p2(K_g, 16, 256), _p2(Cout_g, 16, 256)
+        bp, meta, target = _p2(P, 16, 512), {}, 1
+    else:
+        bk, bn, bp, meta, target = 64, _p2(Cout_g, 16, 64), 32, {"num_warps": 4, "num_stages": 3}, 264
+    n_tiles = triton.cdiv(Cout_g, bn)
+    tiles = triton.cdiv(K_g, bk) * n_tiles
+    chunks = triton.cdiv(P, bp)
+    S = splits if splits is not None else max(1, min(chunks, triton.cdiv(target, tiles * G)))
+    per_split = triton.cdiv(chunks, max(1, min(S, chunks)))  # P chunks per split
+    S = triton.cdiv(chunks, per_split)
+    part = torch.empty((S, K_g, Cout), device=x.device, dtype=torch.float32)  # [S, K_g, Cout] partials
+    bpart = torch.empty((S, Cout), device=x.device, dtype=torch.float32) if need_bias else None
+    launch(_conv_wgrad_kernel, (tiles, S, G), x, dy, z, grad_scale, part, bpart,
+           P, per_split * bp, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW, n_tiles,
+           stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(slope),
+           ACT=code, HAS_SCALE=grad_scale is not None, NEED_BIAS=need_bias, PRECISION=_precision(allow_tf32),
+           BLOCK_K=bk, BLOCK_N=bn, BLOCK_P=bp, **meta)
+    # [K_g, Cout] rows (r, s, ci) -> PyTorch's [Cout, Cin_g, KH, KW]
+    dw = _sum_partials(part).view(KH, KW, Cin_g, Cout).permute(3, 2, 0, 1).contiguous()
+    return dw, (_sum_partials(bpart) if need_bias else None)
+
+
+def _act_backward(dy: torch.Tensor, z: torch.Tensor, code: int, slope: float) -> torch.Tensor:
+    """dz = act_grad(dy, z) materialised (contiguous, dy's dtype)."""
+    dz = torch.empty_like(dy)
+    numel = dy.numel()
+    block = _p2(numel, 16, 1 << 16) if _device.INTERPRETED else 1024
+    launch(_act_grad_kernel, (triton.cdiv(numel, block),), dy, z, dz, numel, float(slope), ACT=code, BLOCK=block)
+    return dz
+
+
+# --------------------------------------------------------------------------- #
+# Autograd
+# --------------------------------------------------------------------------- #
+class Conv2dFunction(torch.autograd.Function):
+    """y = act(conv(x, w) + bias [* scale + shift] + residual), NHWC, differentiable in x, w, bias, residual.
+
+    scale/shift are treated as constants (folded inference BN): no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, bias, residual, stride, padding, dilation, groups, act, slope, allow_tf32,
+                scale=None, shift=None):
+        code = act_code(act)
+        res = conv2d_forward(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                             scale=scale, shift=shift, residual=residual, act=act, slope=slope,
+                             save_pre=code != 0, allow_tf32=allow_tf32)
+        ctx.save_for_backward(x, w, res.z, scale)
+        ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
+        ctx.act, ctx.slope = act, slope
+        ctx.has_res = residual is not None
+        return res.y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, z, scale = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        dy = dy.contiguous()
+        act, dres = ctx.act, None
+        if act_code(act) != 0 and ctx.has_res and need_r:
+            # dz is the residual's gradient: materialise it once, then plain GEMMs
+            dz = _act_backward(dy, z, act_code(act), ctx.slope)
+            dres, g, z, act = dz, dz, None, "none"
+        else:
+            # dz is formed on the fly inside dgrad/wgrad (act none: dz = dy)
+            g = dy
+            if need_r:
+                dres = dy
+        bw = dict(z=z, act=act, slope=ctx.slope, grad_scale=scale, **ctx.conf)
+        dx = conv2d_dgrad(g, w, x.shape, **bw) if need_x else None
+        dw = db = None
+        if need_w or need_b:
+            dw, db = conv2d_wgrad(x, g, w.shape, need_bias=need_b, **bw)
+        return dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None, None
+
+
+def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, groups=1, act="none",
+           slope=0.01, allow_tf32=False, scale=None, shift=None) -> torch.Tensor:
+    """Differentiable fused NHWC conv: act(conv(x, w) + bias [*scale + shift] + residual)."""
+    return Conv2dFunction.apply(x, w, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
+                                _pair(dilation, "dilation"), groups, act, slope, allow_tf32, scale, shift)

@@ -1,0 +1,377 @@
+"""Fully connected layer: fused GEMM + bias + activation, forward and backward.
+
+Layouts: x `[N, F]` (activation dtype fp32/fp16/bf16), w `[O, F]` fp32 (PyTorch's
+layout), bias `[O]` fp32, y `[N, O]` in x's dtype. Accumulation is fp32 always;
+for 16-bit activations the fp32 weight tile is cast to the activation dtype
+before `tl.dot` (the usual mixed-precision GEMM), for fp32 activations the dot
+is fp32 (`ieee`) or tf32 when `allow_tf32`.
+
+Backward (dz = act'(z) * dy, computed on the fly from dy and the saved
+pre-activation z in every kernel that reads dy):
+  * dgrad  dx = dz @ w                       one kernel, tiles over [N, F]
+  * wgrad  dw = dz^T @ x, dbias = sum_n dz   split-K over N: each split writes
+    fp32 partials `[SPLIT, O*F + O]` (dbias in the tail, written by the column-0
+    tiles of the same pass), then `_sum_partials_kernel` adds the splits in a
+    fixed order. No atomics, so results are bit-identical run to run.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine import device
+from engine.kernels.activations import act_code, act_grad, apply_act
+from engine.kernels.launch import launch
+
+_ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. a and b share a dtype (already rounded to it).
+
+    UPCAST_DOT feeds the (already rounded) operands to the dot as fp32: the same
+    values and fp32 accumulation, used for bf16 under the CPU interpreter, whose
+    tl.dot cannot multiply bf16 (it stores bf16 as raw uint16).
+    """
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif ALLOW_TF32:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
+    N, F, O,
+    stride_xn, stride_xf, stride_wo, stride_wf, stride_yn, stride_zn,
+    slope,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of x / y
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K] input features
+    m_mask = offs_m < N
+    n_mask = offs_n < O
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
+    for k0 in range(0, F, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < F
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xn + kk[None, :] * stride_xf,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K] x dtype
+        b = tl.load(w_ptr + offs_n[None, :] * stride_wo + kk[:, None] * stride_wf,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] fp32 (w^T tile)
+        b = b.to(a.dtype)
+        acc = _dot(a, b, acc, ALLOW_TF32, UPCAST_DOT)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0)  # [BLOCK_N] fp32
+        acc = acc + bias[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SAVE_PRE:
+        tl.store(z_ptr + offs_m[:, None] * stride_zn + offs_n[None, :],
+                 acc.to(z_ptr.dtype.element_ty), mask=out_mask)
+    y = apply_act(acc, ACT, slope)  # [BLOCK_M, BLOCK_N] fp32
+    tl.store(y_ptr + offs_m[:, None] * stride_yn + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _linear_dgrad_kernel(
+    dy_ptr, z_ptr, w_ptr, dx_ptr,
+    N, F, O,
+    stride_dyn, stride_dyo, stride_zn, stride_wo, stride_wf, stride_dxn,
+    slope,
+    ACT: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx[N, F] = (act'(z) * dy)[N, O] @ w[O, F]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows (batch)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] input features
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K] output features (reduction)
+    m_mask = offs_m < N
+    n_mask = offs_n < F
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
+    for k0 in range(0, O, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < O
+        ld_mask = m_mask[:, None] & k_mask[None, :]
+        dz = tl.load(dy_ptr + offs_m[:, None] * stride_dyn + kk[None, :] * stride_dyo,
+                     mask=ld_mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K] fp32
+        if ACT != 0:
+            z = tl.load(z_ptr + offs_m[:, None] * stride_zn + kk[None, :], mask=ld_mask, other=0.0).to(tl.float32)
+            dz = act_grad(dz, z, ACT, slope)
+        a = dz.to(dx_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_K] compute dtype
+        b = tl.load(w_ptr + kk[:, None] * stride_wo + offs_n[None, :] * stride_wf,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] fp32
+        b = b.to(a.dtype)
+        acc = _dot(a, b, acc, ALLOW_TF32, UPCAST_DOT)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxn + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _linear_wgrad_kernel(
+    dy_ptr, z_ptr, x_ptr, part_ptr,
+    N, F, O,
+    stride_dyn, stride_dyo, stride_zn, stride_xn, stride_xf,
+    rows_per_split, split_stride,
+    slope,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """partial[s, :O*F] = dz[n in split s]^T @ x[n in split s]; partial[s, O*F:] = sum_n dz."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output features (rows of dw)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] input features (cols of dw)
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K] batch rows (reduction)
+    m_mask = offs_m < O
+    n_mask = offs_n < F
+    n_start = pid_s * rows_per_split
+    n_end = tl.minimum(n_start + rows_per_split, N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 dw partial
+    dbias = tl.zeros((BLOCK_M,), dtype=tl.float32)  # [BLOCK_M] fp32 dbias partial
+    for k0 in range(n_start, n_end, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < n_end
+        ld_mask = m_mask[:, None] & k_mask[None, :]
+        dz = tl.load(dy_ptr + kk[None, :] * stride_dyn + offs_m[:, None] * stride_dyo,
+                     mask=ld_mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K] fp32 (dz^T tile)
+        if ACT != 0:
+            z = tl.load(z_ptr + kk[None, :] * stride_zn + offs_m[:, None], mask=ld_mask, other=0.0).to(tl.float32)
+            dz = act_grad(dz, z, ACT, slope)
+        if HAS_BIAS:
+            dbias += tl.sum(dz, axis=1)
+        b = tl.load(x_ptr + kk[:, None] * stride_xn + offs_n[None, :] * stride_xf,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] x dtype
+        a = dz.to(b.dtype)
+        acc = _dot(a, b, acc, ALLOW_TF32, UPCAST_DOT)
+    base = part_ptr + pid_s * split_stride
+    tl.store(base + offs_m[:, None] * F + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+    if HAS_BIAS:
+        if pid_n == 0:
+            tl.store(base + O * F + offs_m, dbias, mask=m_mask)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, L, SPLIT, split_stride, BLOCK: tl.constexpr):
+    """out[i] = sum_s part[s, i] for s = 0, 1, ..., SPLIT-1 (fixed order, fp32)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat element indices
+    mask = offs < L
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)  # [BLOCK] fp32
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * split_stride + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=mask)
+
+
+# ----------------------------------------------------------------------------
+# host launchers
+# ----------------------------------------------------------------------------
+def _np2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _gemm_tiles(m: int, n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an [m, k] @ [k, n] GEMM."""
+    if device.INTERPRETED:
+        # Few, large programs: interpreter cost is per program and per loop iteration.
+        return (max(16, min(256, _np2(m))), max(16, min(256, _np2(n))), max(16, min(512, _np2(k))), 4)
+    bm = max(16, min(128, _np2(m)))
+    bn = max(16, min(128, _np2(n)))
+    bk = 32 if dtype == torch.float32 else 64
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return bm, bn, bk, warps
+
+
+def _dot_flags(dtype: torch.dtype, allow_tf32: bool) -> dict:
+    """ALLOW_TF32 (fp32 operands only) and UPCAST_DOT (bf16 under the interpreter) constexprs."""
+    return dict(
+        ALLOW_TF32=bool(allow_tf32) and dtype == torch.float32,
+        UPCAST_DOT=device.INTERPRETED and dtype == torch.bfloat16,
+    )
+
+
+def _check_x_w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"linear: x must be 2-D [N, F], got shape {tuple(x.shape)}")
+    if w.dim() != 2:
+        raise ValueError(f"linear: w must be 2-D [O, F], got shape {tuple(w.shape)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"linear: x has {x.shape[1]} features but w expects {w.shape[1]} ({tuple(w.shape)})")
+    if x.dtype not in _ACT_DTYPES:
+        raise ValueError(f"linear: x dtype must be fp32/fp16/bf16, got {x.dtype}")
+    if w.dtype != torch.float32:
+        raise ValueError(f"linear: w must be fp32, got {w.dtype}")
+    if w.device != x.device:
+        raise ValueError(f"linear: x on {x.device} but w on {w.device}")
+    if bias is not None:
+        if bias.shape != (w.shape[0],):
+            raise ValueError(f"linear: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != torch.float32 or bias.device != x.device:
+            raise ValueError(f"linear: bias must be fp32 on {x.device}, got {bias.dtype} on {bias.device}")
+
+
+def linear_forward(x, w, bias=None, *, act="none", slope=0.01, save_pre=False, allow_tf32=False):
+    """y = act(x @ w^T + bias). Returns y, or (y, z) with z the pre-activation if save_pre.
+
+    x `[N, F]` fp32/fp16/bf16, w `[O, F]` fp32, bias `[O]` fp32 or None.
+    y (and z) are `[N, O]` in x's dtype.
+    """
+    _check_x_w(x, w, bias)
+    code = act_code(act)
+    N, F = x.shape
+    O = w.shape[0]
+    y = torch.empty((N, O), device=x.device, dtype=x.dtype)
+    z = torch.empty((N, O), device=x.device, dtype=x.dtype) if save_pre else None
+    if N > 0 and O > 0:
+        bm, bn, bk, warps = _gemm_tiles(N, O, F, x.dtype)
+        grid = (triton.cdiv(N, bm), triton.cdiv(O, bn))
+        launch(
+            _linear_fwd_kernel, grid,
+            x, w, bias, y, z,
+            N, F, O,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), O,
+            float(slope),
+            HAS_BIAS=bias is not None, ACT=code, SAVE_PRE=bool(save_pre), **_dot_flags(x.dtype, allow_tf32),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        )
+    return (y, z) if save_pre else y
+
+
+def _check_dy(dy: torch.Tensor, n: int, o: int, z: torch.Tensor | None, act: str) -> None:
+    if dy.shape != (n, o):
+        raise ValueError(f"linear backward: dy must have shape ({n}, {o}), got {tuple(dy.shape)}")
+    if dy.dtype not in _ACT_DTYPES:
+        raise ValueError(f"linear backward: dy dtype must be fp32/fp16/bf16, got {dy.dtype}")
+    if act_code(act) != 0:
+        if z is None or z.shape != (n, o) or not z.is_contiguous():
+            raise ValueError("linear backward: a contiguous pre-activation z [N, O] is needed for act != 'none'")
+
+
+def linear_dgrad(dy, w, z=None, *, act="none", slope=0.01, allow_tf32=False, out_dtype=None):
+    """dx `[N, F]` = (act'(z) * dy) @ w, in `out_dtype` (default dy's dtype)."""
+    N, O = dy.shape
+    F = w.shape[1]
+    _check_dy(dy, N, w.shape[0], z, act)
+    out_dtype = out_dtype or dy.dtype
+    dx = torch.empty((N, F), device=dy.device, dtype=out_dtype)
+    if N > 0 and F > 0:
+        if O == 0:
+            dx.zero_()
+            return dx
+        bm, bn, bk, warps = _gemm_tiles(N, F, O, out_dtype)
+        grid = (triton.cdiv(N, bm), triton.cdiv(F, bn))
+        launch(
+            _linear_dgrad_kernel, grid,
+            dy, z, w, dx,
+            N, F, O,
+            dy.stride(0), dy.stride(1), O, w.stride(0), w.stride(1), F,
+            float(slope),
+            ACT=act_code(act), **_dot_flags(out_dtype, allow_tf32),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        )
+    return dx
+
+
+def _split_plan(N: int, O: int, F: int, bm: int, bn: int, bk: int) -> tuple[int, int]:
+    """(SPLIT, rows_per_split) for split-K over the batch dimension."""
+    k_blocks = triton.cdiv(max(N, 1), bk)
+    if device.INTERPRETED:
+        split = k_blocks  # one big K block per split: few loop iterations per program
+    else:
+        tiles = triton.cdiv(O, bm) * triton.cdiv(F, bn)
+        target = 264  # ~2 waves of programs on a large GPU
+        split = max(1, min(k_blocks, target // max(tiles, 1), 64))
+    blocks_per_split = triton.cdiv(k_blocks, split)
+    split = triton.cdiv(k_blocks, blocks_per_split)  # drop empty splits
+    return split, blocks_per_split * bk
+
+
+def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_tf32=False):
+    """Returns (dw `[O, F]` fp32, dbias `[O]` fp32 or None) for dz = act'(z) * dy."""
+    N, F = x.shape
+    O = dy.shape[1]
+    _check_dy(dy, N, O, z, act)
+    if dy.dtype != x.dtype:
+        raise ValueError(f"linear wgrad: dy dtype {dy.dtype} != x dtype {x.dtype}")
+    L = O * F + (O if has_bias else 0)
+    bm, bn, bk, warps = _gemm_tiles(O, F, N, x.dtype)
+    split, rows = _split_plan(N, O, F, bm, bn, bk)
+    if N == 0 or L == 0:
+        flat = torch.zeros((L,), device=x.device, dtype=torch.float32)
+    else:
+        part = torch.empty((split, L), device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(O, bm), triton.cdiv(max(F, 1), bn), split)
+        if F == 0:
+            part.zero_()  # only dbias matters; keep the kernel path simple
+        launch(
+            _linear_wgrad_kernel, grid,
+            dy, z, x, part,
+            N, F, O,
+            dy.stride(0), dy.stride(1), O, x.stride(0), x.stride(1),
+            rows, L,
+            float(slope),
+            HAS_BIAS=bool(has_bias), ACT=act_code(act), **_dot_flags(x.dtype, allow_tf32),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        )
+        if split == 1:
+            flat = part.view(L)
+        else:
+            flat = torch.empty((L,), device=x.device, dtype=torch.float32)
+            block = 4096 if device.INTERPRETED else 1024
+            launch(_sum_partials_kernel, (triton.cdiv(L, block),), part, flat, L, split, L, BLOCK=block,
+                   num_warps=4)
+    dw = flat[: O * F].view(O, F)
+    db = flat[O * F:] if has_bias else None
+    return dw, db
+
+
+# ----------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------
+class LinearFunction(torch.autograd.Function):
+    """y = act(x @ w^T + bias) with the fused kernels above, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, act="none", slope=0.01, allow_tf32=False):
+        need_pre = act_code(act) != 0
+        if need_pre:
+            y, z = linear_forward(x, w, bias, act=act, slope=slope, save_pre=True, allow_tf32=allow_tf32)
+        else:
+            y, z = linear_forward(x, w, bias, act=act, slope=slope, allow_tf32=allow_tf32), None
+        ctx.save_for_backward(x, w, z)
+        ctx.act, ctx.slope, ctx.allow_tf32, ctx.has_bias = act, slope, allow_tf32, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, z = ctx.saved_tensors
+        dx = dw = db = None
+        kw = dict(act=ctx.act, slope=ctx.slope, allow_tf32=ctx.allow_tf32)
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        if ctx.needs_input_grad[0]:
+            dx = linear_dgrad(dy, w, z, out_dtype=x.dtype, **kw)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            dw, db = linear_wgrad(dy, x, z, has_bias=ctx.has_bias, **kw)
+            if not ctx.needs_input_grad[1]:
+                dw = None
+            if not (ctx.has_bias and ctx.needs_input_grad[2]):
+                db = None
+        return dx, dw, db, None, None, None
+
+
+def linear(x, w, bias=None, *, act="none", slope=0.01, allow_tf32=False):
+    """Differentiable fused linear layer: act(x @ w^T + bias), x `[N, F]`, w `[O, F]`."""
+    return LinearFunction.apply(x, w, bias, act, float(slope), bool(allow_tf32))

@@ -1,0 +1,427 @@
+"""Resampling kernels on NHWC activations: integer upsampling and blurpool.
+
+Upsample by an integer factor F (`upsample(x, factor, mode)`), `[N,H,W,C] ->
+[N,H*F,W*F,C]`, matching `F.interpolate(x, scale_factor=F, mode=mode)` on the
+NCHW view:
+
+* `"nearest"`: `y[oh, ow] = x[oh // F, ow // F]`. The backward is a gather:
+  `dx[ih, iw] = sum_{a, b < F} dy[ih*F + a, iw*F + b]`.
+* `"bilinear"` (align_corners=False): per dim, source coordinate
+  `src = max((o + 0.5) / F - 0.5, 0) = max(2o + 1 - F, 0) / (2F)`, computed in
+  exact integer arithmetic: `i0 = floor(src)`, `lam = src - i0`, `i1 = min(i0 + 1,
+  size - 1)`; `y = sum (1-lam_h or lam_h) * (1-lam_w or lam_w) * x[...]`. The
+  backward is a gather: input row `ih` can only be read by the `2F + 1` output
+  rows starting at `F*ih - (F+1)//2`; for each, the exact forward weight is
+  recomputed (`(1-lam)[i0 == ih] + lam[i1 == ih]`), which covers the clamp at 0
+  and the clamp at the last row (where `i0 == i1` and both weights land on the
+  same pixel).
+
+Blurpool (`blurpool(x, filt=3, stride=2)`, Zhang 2019, "Making convolutional
+networks shift-invariant again"), exactly:
+
+    a      = [C(filt-1, k) for k in range(filt)]            # binomial row
+    w2d    = outer(a, a) / sum(a)**2                         # [filt, filt]
+    l, r   = (filt - 1) // 2, filt // 2                      # pad before / after
+    xp     = F.pad(x_nchw, (l, r, l, r), mode="reflect")     # both H and W
+    y_nchw = F.conv2d(xp, w2d.expand(C, 1, filt, filt), stride=stride, groups=C)
+
+so `OH = (H - 1) // stride + 1` (same for W); reflect padding needs `l, r < H, W`.
+The forward gathers `filt x filt` reflected taps (separable weights as a tiny
+fp32 tensor of the 1-D normalised binomial row). The backward is a gather that
+undoes the reflection: along each dim an input coordinate `x` is read at padded
+coordinate `x + l` (direct, taps 0..filt-1), at `-x + l` (left reflection, only
+for x >= 1 and taps < l) and at `2(size-1) - x + l` (right reflection, only for
+x <= size-2 and taps > l), so each input pixel sums over `(2*filt - 1)**2`
+candidate (output pixel, tap) pairs per dim pair, masked when impossible.
+
+Filter sizes 1..7; filter 1 is plain strided subsampling.
+"""
+from __future__ import annotations
+
+from math import comb
+
+import torch
+import triton
+import triton.language as tl
+
+from engine import device as _device
+from engine.kernels.launch import launch
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
+MODES = {"nearest": 0, "bilinear": 1}
+
+
+# ----------------------------------------------------------------------------
+# host helpers
+# ----------------------------------------------------------------------------
+def _check_act(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D NHWC, got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"{name} must be fp32, fp16 or bf16, got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (NHWC), got strides {x.stride()}")
+    if not _device.INTERPRETED and x.device.type != "cuda":
+        raise ValueError(f"{name} must be on a CUDA device, got {x.device}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+
+
+def _np2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def _tiles(P: int, C: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps) for a [pixels, channels] tile."""
+    if _device.INTERPRETED:
+        block_c = min(_np2(C), 512)
+        block_p = min(max(1, 16384 // block_c), _np2(P))
+        return block_p, block_c, 4
+    block_c = min(_np2(C), 64)
+    block_p = max(16, 1024 // block_c)
+    return block_p, block_c, 4
+
+
+def _idx64(*tensors: torch.Tensor) -> bool:
+    return any(t.numel() > _INT32_MAX for t in tensors)
+
+
+def _mode_code(mode: str) -> int:
+    try:
+        return MODES[mode]
+    except KeyError:
+        raise ValueError(f"unknown upsample mode {mode!r}; known: {sorted(MODES)}") from None
+
+
+def _factor(factor) -> int:
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"upsample factor must be a positive int, got {factor!r}")
+    return factor
+
+
+def blur_weights(filt: int) -> list[float]:
+    """The normalised 1-D binomial row; blurpool's 2-D filter is its outer product."""
+    if isinstance(filt, bool) or not isinstance(filt, int) or not 1 <= filt <= 7:
+        raise ValueError(f"blurpool filter size must be an int in 1..7, got {filt!r}")
+    a = [comb(filt - 1, k) for k in range(filt)]
+    s = float(sum(a))
+    return [v / s for v in a]
+
+
+_WEIGHT_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _blur_weight_tensor(filt: int, device: torch.device) -> torch.Tensor:
+    key = (filt, str(device))
+    w = _WEIGHT_CACHE.get(key)
+    if w is None:
+        w = torch.tensor(blur_weights(filt), dtype=torch.float32, device=device)
+        _WEIGHT_CACHE[key] = w
+    return w
+
+
+@triton.jit
+def _pixel_tile(pid_p, pid_c, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr):
+    if IDX64:
+        pid_p = pid_p.to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] flat pixel (n, h, w)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C] channel
+    return offs_p, offs_c, offs_p < P, offs_c < C
+
+
+# ----------------------------------------------------------------------------
+# upsample kernels
+# ----------------------------------------------------------------------------
+@triton.jit
+def _bilinear_src(o, FACTOR: tl.constexpr, size):
+    """Source (i0, i1, lam) of output coordinate `o` (align_corners=False), exact."""
+    num = tl.maximum(2 * o + 1 - FACTOR, 0)  # src * 2F, clamped at 0
+    i0 = num // (2 * FACTOR)
+    lam = (num - i0 * (2 * FACTOR)).to(tl.float32) / (2 * FACTOR)
+    i1 = tl.minimum(i0 + 1, size - 1)
+    return i0, i1, lam
+
+
+@triton.jit
+def _upsample_fwd_kernel(
+    x_ptr, y_ptr,  # x [N,H,W,C]; y [N,OH,OW,C]
+    P, C, H, W, OH, OW,  # P = N*OH*OW output pixels
+    FACTOR: tl.constexpr, MODE: tl.constexpr,  # MODE 0 nearest, 1 bilinear
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+):
+    offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
+    ow = offs_p % OW  # [BLOCK_P]
+    t = offs_p // OW
+    oh = t % OH
+    n = t // OH
+    m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
+    cc = offs_c[None, :]
+    if MODE == 0:
+        src = ((n * H + oh // FACTOR) * W + ow // FACTOR) * C  # [BLOCK_P]
+        y = tl.load(x_ptr + src[:, None] + cc, mask=m2, other=0.0).to(tl.float32)
+    else:
+        h0, h1, lh = _bilinear_src(oh, FACTOR, H)  # [BLOCK_P] each
+        w0, w1, lw = _bilinear_src(ow, FACTOR, W)
+        r0 = (n * H + h0) * W
+        r1 = (n * H + h1) * W
+        x00 = tl.load(x_ptr + ((r0 + w0) * C)[:, None] + cc, mask=m2, other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_C]
+        x01 = tl.load(x_ptr + ((r0 + w1) * C)[:, None] + cc, mask=m2, other=0.0).to(tl.float32)
+        x10 = tl.load(x_ptr + ((r1 + w0) * C)[:, None] + cc, mask=m2, other=0.0).to(tl.float32)
+        x11 = tl.load(x_ptr + ((r1 + w1) * C)[:, None] + cc, mask=m2, other=0.0).to(tl.float32)
+        lh2 = lh[:, None]
+        lw2 = lw[:, None]
+        y = (1.0 - lh2) * ((1.0 - lw2) * x00 + lw2 * x01) + lh2 * ((1.0 - lw2) * x10 + lw2 * x11)
+    out = (offs_p * C)[:, None] + cc
+    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _bilinear_bwd_weight(x, d: tl.constexpr, FACTOR: tl.constexpr, size, out_size):
+    """Output coordinate number d of the 2F+1 that may read input coordinate x, and its weight."""
+    o = x * FACTOR - (FACTOR + 1) // 2 + d  # [BLOCK_P]
+    valid = (o >= 0) & (o < out_size)
+    i0, i1, lam = _bilinear_src(o, FACTOR, size)
+    w = tl.where(i0 == x, 1.0 - lam, 0.0) + tl.where(i1 == x, lam, 0.0)
+    w = tl.where(valid, w, 0.0)
+    return o, w
+
+
+@triton.jit
+def _upsample_bwd_kernel(
+    dy_ptr, dx_ptr,  # dy [N,OH,OW,C]; dx [N,H,W,C]
+    P, C, H, W, OH, OW,  # P = N*H*W input pixels
+    FACTOR: tl.constexpr, MODE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+):
+    offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
+    iw = offs_p % W  # [BLOCK_P]
+    t = offs_p // W
+    ih = t % H
+    n = t // H
+    m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
+    cc = offs_c[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C] dx accumulator
+    if MODE == 0:
+        for a in tl.static_range(FACTOR):
+            row = (n * OH + ih * FACTOR + a) * OW  # [BLOCK_P]
+            for b in tl.static_range(FACTOR):
+                off = ((row + iw * FACTOR + b) * C)[:, None] + cc
+                acc += tl.load(dy_ptr + off, mask=m2, other=0.0).to(tl.float32)
+    else:
+        for a in tl.static_range(2 * FACTOR + 1):
+            oh, wh = _bilinear_bwd_weight(ih, a, FACTOR, H, OH)  # [BLOCK_P] each
+            row = (n * OH + oh) * OW
+            for b in tl.static_range(2 * FACTOR + 1):
+                ow, ww = _bilinear_bwd_weight(iw, b, FACTOR, W, OW)
+                wgt = wh * ww  # [BLOCK_P] (0 where the pair does not read this pixel)
+                m = m2 & (wgt != 0.0)[:, None]
+                off = ((row + ow) * C)[:, None] + cc
+                acc += wgt[:, None] * tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+    out = (offs_p * C)[:, None] + cc
+    tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m2)
+
+
+def upsample_forward(x: torch.Tensor, factor: int, mode: str = "nearest") -> torch.Tensor:
+    """Upsample NHWC `x` by integer `factor` -> [N, H*F, W*F, C] in x.dtype."""
+    _check_act(x)
+    f = _factor(factor)
+    code = _mode_code(mode)
+    N, H, W, C = x.shape
+    OH, OW = H * f, W * f
+    y = torch.empty((N, OH, OW, C), device=x.device, dtype=x.dtype)
+    P = N * OH * OW
+    bp, bc, nw = _tiles(P, C)
+    grid = (triton.cdiv(P, bp), triton.cdiv(C, bc))
+    launch(_upsample_fwd_kernel, grid, x, y, P, C, H, W, OH, OW,
+           FACTOR=f, MODE=code, BLOCK_P=bp, BLOCK_C=bc, IDX64=_idx64(x, y), num_warps=nw)
+    return y
+
+
+def upsample_backward(dy: torch.Tensor, x_shape, factor: int, mode: str = "nearest") -> torch.Tensor:
+    """dx [N,H,W,C] (dy's dtype) of `upsample_forward`, by gather (no atomics)."""
+    f = _factor(factor)
+    code = _mode_code(mode)
+    N, H, W, C = (int(s) for s in x_shape)
+    OH, OW = H * f, W * f
+    dy = dy.contiguous()
+    _check_act(dy, "dy")
+    if tuple(dy.shape) != (N, OH, OW, C):
+        raise ValueError(f"dy {tuple(dy.shape)} does not match the output shape {(N, OH, OW, C)}")
+    dx = torch.empty((N, H, W, C), device=dy.device, dtype=dy.dtype)
+    P = N * H * W
+    bp, bc, nw = _tiles(P, C)
+    grid = (triton.cdiv(P, bp), triton.cdiv(C, bc))
+    launch(_upsample_bwd_kernel, grid, dy, dx, P, C, H, W, OH, OW,
+           FACTOR=f, MODE=code, BLOCK_P=bp, BLOCK_C=bc, IDX64=_idx64(dx, dy), num_warps=nw)
+    return dx
+
+
+class UpsampleFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor, mode="nearest"):
+        ctx.args = (tuple(x.shape), factor, mode)
+        return upsample_forward(x, factor, mode)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_shape, factor, mode = ctx.args
+        return upsample_backward(dy, x_shape, factor, mode), None, None
+
+
+def upsample(x: torch.Tensor, factor: int, mode: str = "nearest") -> torch.Tensor:
+    """Differentiable NHWC upsample (matches `F.interpolate(scale_factor=factor, mode=mode)`,
+    align_corners=False for bilinear)."""
+    return UpsampleFn.apply(x, factor, mode)
+
+
+# ----------------------------------------------------------------------------
+# blurpool kernels
+# ----------------------------------------------------------------------------
+@triton.jit
+def _reflect(r, size):
+    """Reflect a padded coordinate (pad < size) back into [0, size)."""
+    r = tl.where(r < 0, -r, r)
+    return tl.where(r > size - 1, 2 * (size - 1) - r, r)
+
+
+@triton.jit
+def _blur_bwd_slot(x, a: tl.constexpr, FILT: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, size, out_size):
+    """Slot a of the 2*FILT-1 (output coordinate, tap) pairs that may read input coordinate x.
+
+    Slots 0..FILT-1: direct, tap a. Slots FILT..FILT+L-1: left reflection, tap a-FILT.
+    Slots FILT+L..: right reflection, tap a-FILT+1 (i.e. L+1..FILT-1).
+    """
+    if a < FILT:
+        q = x  # [BLOCK_P] unpadded coordinate the tap reads
+        tap: tl.constexpr = a
+        ok = x >= 0
+    elif a < FILT + L:
+        q = -x
+        tap: tl.constexpr = a - FILT
+        ok = x >= 1  # x == 0 reflects onto itself: already counted as direct
+    else:
+        q = 2 * (size - 1) - x
+        tap: tl.constexpr = a - FILT + 1
+        ok = x <= size - 2  # x == size-1 reflects onto itself
+    t = q + L - tap  # [BLOCK_P] = o * STRIDE if valid
+    o = t // STRIDE
+    ok = ok & (t >= 0) & (t % STRIDE == 0) & (o < out_size)
+    return o, ok, tap
+
+
+@triton.jit
+def _blurpool_fwd_kernel(
+    x_ptr, w_ptr, y_ptr,  # x [N,H,W,C]; w fp32 [FILT] normalised 1-D row; y [N,OH,OW,C]
+    P, C, H, W, OH, OW,  # P = N*OH*OW output pixels
+    FILT: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+):
+    offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
+    ow = offs_p % OW  # [BLOCK_P]
+    t = offs_p // OW
+    oh = t % OH
+    n = t // OH
+    m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
+    cc = offs_c[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C]
+    for i in tl.static_range(FILT):
+        ih = _reflect(oh * STRIDE + i - L, H)  # [BLOCK_P]
+        wi = tl.load(w_ptr + i)
+        row = (n * H + ih) * W
+        for j in tl.static_range(FILT):
+            iw = _reflect(ow * STRIDE + j - L, W)
+            wij = wi * tl.load(w_ptr + j)
+            acc += wij * tl.load(x_ptr + ((row + iw) * C)[:, None] + cc, mask=m2, other=0.0).to(tl.float32)
+    out = (offs_p * C)[:, None] + cc
+    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _blurpool_bwd_kernel(
+    dy_ptr, w_ptr, dx_ptr,  # dy [N,OH,OW,C]; w fp32 [FILT]; dx [N,H,W,C]
+    P, C, H, W, OH, OW,  # P = N*H*W input pixels
+    FILT: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+):
+    offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
+    iw = offs_p % W  # [BLOCK_P]
+    t = offs_p // W
+    ih = t % H
+    n = t // H
+    m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
+    cc = offs_c[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C]
+    for a in tl.static_range(2 * FILT - 1):
+        oh, okh, ti = _blur_bwd_slot(ih, a, FILT, L, STRIDE, H, OH)  # [BLOCK_P], [BLOCK_P], constexpr
+        wi = tl.load(w_ptr + ti)
+        row = (n * OH + oh) * OW
+        for b in tl.static_range(2 * FILT - 1):
+            ow, okw, tj = _blur_bwd_slot(iw, b, FILT, L, STRIDE, W, OW)
+            wij = wi * tl.load(w_ptr + tj)
+            m = m2 & (okh & okw)[:, None]
+            acc += wij * tl.load(dy_ptr + ((row + ow) * C)[:, None] + cc, mask=m, other=0.0).to(tl.float32)
+    out = (offs_p * C)[:, None] + cc
+    tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m2)
+
+
+def _blur_geometry(H: int, W: int, filt: int, stride: int):
+    blur_weights(filt)  # validates filt
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"blurpool stride must be a positive int, got {stride!r}")
+    left, right = (filt - 1) // 2, filt // 2
+    if max(left, right) >= min(H, W):
+        raise ValueError(f"blurpool filter {filt} needs reflect padding {(left, right)} < input size {H}x{W}")
+    return left, (H - 1) // stride + 1, (W - 1) // stride + 1
+
+
+def blurpool_forward(x: torch.Tensor, filt: int = 3, stride: int = 2) -> torch.Tensor:
+    """Blurpool NHWC `x` -> [N, (H-1)//stride+1, (W-1)//stride+1, C] in x.dtype (see module doc)."""
+    _check_act(x)
+    N, H, W, C = x.shape
+    left, OH, OW = _blur_geometry(H, W, filt, stride)
+    w = _blur_weight_tensor(filt, x.device)
+    y = torch.empty((N, OH, OW, C), device=x.device, dtype=x.dtype)
+    P = N * OH * OW
+    bp, bc, nw = _tiles(P, C)
+    grid = (triton.cdiv(P, bp), triton.cdiv(C, bc))
+    launch(_blurpool_fwd_kernel, grid, x, w, y, P, C, H, W, OH, OW,
+           FILT=filt, L=left, STRIDE=stride, BLOCK_P=bp, BLOCK_C=bc, IDX64=_idx64(x, y), num_warps=nw)
+    return y
+
+
+def blurpool_backward(dy: torch.Tensor, x_shape, filt: int = 3, stride: int = 2) -> torch.Tensor:
+    """dx [N,H,W,C] (dy's dtype) of `blurpool_forward`, by gather through the reflection."""
+    N, H, W, C = (int(s) for s in x_shape)
+    left, OH, OW = _blur_geometry(H, W, filt, stride)
+    dy = dy.contiguous()
+    _check_act(dy, "dy")
+    if tuple(dy.shape) != (N, OH, OW, C):
+        raise ValueError(f"dy {tuple(dy.shape)} does not match the output shape {(N, OH, OW, C)}")
+    w = _blur_weight_tensor(filt, dy.device)
+    dx = torch.empty((N, H, W, C), device=dy.device, dtype=dy.dtype)
+    P = N * H * W
+    bp, bc, nw = _tiles(P, C)
+    grid = (triton.cdiv(P, bp), triton.cdiv(C, bc))
+    launch(_blurpool_bwd_kernel, grid, dy, w, dx, P, C, H, W, OH, OW,
+           FILT=filt, L=left, STRIDE=stride, BLOCK_P=bp, BLOCK_C=bc, IDX64=_idx64(dx, dy), num_warps=nw)
+    return dx
+
+
+class BlurPoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, filt=3, stride=2):
+        ctx.args = (tuple(x.shape), filt, stride)
+        return blurpool_forward(x, filt, stride)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_shape, filt, stride = ctx.args
+        return blurpool_backward(dy, x_shape, filt, stride), None, None
+
+
+def blurpool(x: torch.Tensor, filt: int = 3, stride: int = 2) -> torch.Tensor:
+    """Differentiable NHWC blurpool (reflect pad + binomial depthwise conv at `stride`)."""
+    return BlurPoolFn.apply(x, filt, stride)

@@ -1,0 +1,169 @@
+"""What a run leaves behind and what eval prints: metrics.csv, curves.png,
+predictions.png, confusion matrices, per-class accuracy, pixel accuracy and mean IoU."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_miou", "seconds", "images_per_s"]
+
+
+def write_metrics_csv(path: str | Path, rows: Sequence[dict]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in COLUMNS})
+    os.replace(tmp, path)
+
+
+def read_metrics_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(path: str | Path, rows: Sequence[dict], title: str = "") -> None:
+    """Loss and accuracy per epoch, train and validation."""
+    plt = _plt()
+    ep = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
+    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="validation")
+    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.grid(alpha=0.3)
+    b.plot(ep, [r["train_acc"] for r in rows], "o-", label="train")
+    b.plot(ep, [r["val_acc"] for r in rows], "o-", label="validation")
+    if any(r.get("val_miou") not in (None, "") for r in rows):
+        b.plot(ep, [r.get("val_miou") for r in rows], "s--", label="validation mean IoU")
+    b.set_xlabel("epoch"), b.set_ylabel("accuracy"), b.legend(), b.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _show(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
+    x = img.detach().float().cpu().clone()
+    if mean:
+        x = x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    x = x.clamp(0, 1)
+    return (x[0].numpy(), "gray") if x.shape[0] == 1 else (x[:3].permute(1, 2, 0).numpy(), None)
+
+
+def plot_predictions(path: str | Path, images: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+                     classes: Sequence[str], mean: Sequence[float] = (), std: Sequence[float] = (),
+                     max_images: int = 36) -> None:
+    """A grid of validation images titled predicted/true; mistakes in red and framed.
+
+    For segmentation (label maps) each row shows image, true map and predicted map.
+    """
+    plt = _plt()
+    n = min(len(images), max_images if pred.ndim == 1 else 8)
+    if pred.ndim == 1:
+        cols = min(6, n)
+        rows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.0 * rows), squeeze=False)
+        for i, ax in enumerate(axes.flat):
+            ax.axis("off")
+            if i >= n:
+                continue
+            arr, cmap = _show(images[i], mean, std)
+            ax.imshow(arr, cmap=cmap)
+            p, t = int(pred[i]), int(target[i])
+            ok = p == t
+            name = lambda k: classes[k] if k < len(classes) else str(k)  # noqa: E731
+            ax.set_title(f"{name(p)}" + ("" if ok else f" (true {name(t)})"), fontsize=8,
+                         color="black" if ok else "red")
+            if not ok:
+                ax.axis("on"), ax.set_xticks([]), ax.set_yticks([])
+                for s in ax.spines.values():
+                    s.set_color("red"), s.set_linewidth(2)
+        fig.suptitle("validation predictions (red: mistakes, true label in brackets)", fontsize=9)
+    else:
+        fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+        k = max(len(classes) - 1, 1)
+        for i in range(n):
+            arr, cmap = _show(images[i], mean, std)
+            axes[i, 0].imshow(arr, cmap=cmap)
+            axes[i, 1].imshow(target[i].cpu().numpy(), vmin=0, vmax=k, cmap="viridis")
+            axes[i, 2].imshow(pred[i].cpu().numpy(), vmin=0, vmax=k, cmap="viridis")
+            acc = (pred[i] == target[i]).float().mean().item()
+            axes[i, 2].set_title(f"pixel acc {acc:.2f}", fontsize=8, color="black" if acc > 0.9 else "red")
+            for a in axes[i]:
+                a.axis("off")
+        axes[0, 0].set_title("image", fontsize=8), axes[0, 1].set_title("true", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """[k, k] int64 counts; row = true class, column = predicted class."""
+    idx = target.reshape(-1).long() * k + pred.reshape(-1).long()
+    return torch.bincount(idx, minlength=k * k).reshape(k, k)
+
+
+def summarise(conf: torch.Tensor) -> dict:
+    """Accuracy, per-class accuracy (recall), and per-class IoU / mean IoU from a confusion matrix."""
+    conf = conf.double()
+    tp = conf.diag()
+    total = conf.sum()
+    support = conf.sum(1)
+    predicted = conf.sum(0)
+    per_class = torch.where(support > 0, tp / support.clamp_min(1), torch.full_like(tp, float("nan")))
+    union = support + predicted - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    present = union > 0
+    return {
+        "accuracy": (tp.sum() / total).item() if total > 0 else float("nan"),
+        "per_class_accuracy": per_class.tolist(),
+        "iou": iou.tolist(),
+        "mean_iou": iou[present].mean().item() if present.any() else float("nan"),
+        "support": support.long().tolist(),
+    }
+
+
+def format_eval(result: dict, classes: Sequence[str], task: str = "classify") -> str:
+    """Human-readable eval report: overall numbers, per-class table, confusion matrix."""
+    conf = result["confusion"]
+    s = summarise(conf)
+    k = conf.shape[0]
+    names = [classes[i] if i < len(classes) else str(i) for i in range(k)]
+    lines = [f"images: {result['count']}   loss: {result['loss']:.4f}"]
+    if task == "segment":
+        lines.append(f"pixel accuracy: {s['accuracy'] * 100:.2f}%   mean IoU: {s['mean_iou'] * 100:.2f}%")
+    else:
+        lines.append(f"accuracy: {s['accuracy'] * 100:.2f}%")
+    w = max(6, max(len(n) for n in names) + 1)
+    lines.append("")
+    lines.append(f"{'class':<{w}} {'support':>8} {'accuracy':>9}" + (f" {'IoU':>7}" if task == "segment" else ""))
+    for i, n in enumerate(names):
+        acc = s["per_class_accuracy"][i]
+        acc_s = "-" if acc != acc else f"{acc * 100:.1f}%"
+        row = f"{n:<{w}} {s['support'][i]:>8} {acc_s:>9}"
+        if task == "segment":
+            iou = s["iou"][i]
+            row += f" {'-' if iou != iou else f'{iou * 100:.1f}%':>7}"
+        lines.append(row)
+    lines.append("")
+    lines.append("confusion matrix (rows: true, columns: predicted)")
+    cw = max(5, len(str(int(conf.max()))) + 1, max(len(n) for n in names) + 1)
+    lines.append(" " * w + "".join(f"{n[:cw - 1]:>{cw}}" for n in names))
+    for i, n in enumerate(names):
+        lines.append(f"{n:<{w}}" + "".join(f"{int(v):>{cw}}" for v in conf[i]))
+    return "\n".join(lines)
