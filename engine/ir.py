@@ -57,7 +57,8 @@ class Node:
                 v = f"{v:g}"
             elif isinstance(v, bool):
                 v = str(v).lower()
-            parts.append(f"{k}={v}" if k not in ("out", "factor", "kernel", "p") else str(v))
+            bare = sig is not None and k in [p.name for p in sig.positional]
+            parts.append(str(v) if bare else f"{k}={v}")
         return " ".join(parts)
 
 

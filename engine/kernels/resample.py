@@ -288,28 +288,29 @@ def _reflect(r, size):
 
 
 @triton.jit
-def _blur_bwd_slot(x, a: tl.constexpr, FILT: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, size, out_size):
+def _blur_bwd_slot(x, w_ptr, a: tl.constexpr, FILT: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+                   size, out_size):
     """Slot a of the 2*FILT-1 (output coordinate, tap) pairs that may read input coordinate x.
 
-    Slots 0..FILT-1: direct, tap a. Slots FILT..FILT+L-1: left reflection, tap a-FILT.
-    Slots FILT+L..: right reflection, tap a-FILT+1 (i.e. L+1..FILT-1).
+    Slots 0..FILT-1: direct, tap a. Slots FILT..FILT+L-1: left reflection, tap a-FILT
+    (0..L-1). Slots FILT+L..2*FILT-2: right reflection, tap a-FILT+1 (L+1..FILT-1).
+    Returns (output coordinate, valid mask, tap weight).
     """
     if a < FILT:
-        q = x  # [BLOCK_P] unpadded coordinate the tap reads
-        tap: tl.constexpr = a
+        t = x + L - a  # [BLOCK_P] padded coordinate minus tap = o * STRIDE if valid
         ok = x >= 0
+        w = tl.load(w_ptr + a)
     elif a < FILT + L:
-        q = -x
-        tap: tl.constexpr = a - FILT
+        t = L - x - (a - FILT)
         ok = x >= 1  # x == 0 reflects onto itself: already counted as direct
+        w = tl.load(w_ptr + (a - FILT))
     else:
-        q = 2 * (size - 1) - x
-        tap: tl.constexpr = a - FILT + 1
+        t = 2 * (size - 1) - x + L - (a - FILT + 1)
         ok = x <= size - 2  # x == size-1 reflects onto itself
-    t = q + L - tap  # [BLOCK_P] = o * STRIDE if valid
+        w = tl.load(w_ptr + (a - FILT + 1))
     o = t // STRIDE
     ok = ok & (t >= 0) & (t % STRIDE == 0) & (o < out_size)
-    return o, ok, tap
+    return o, ok, w
 
 
 @triton.jit
@@ -355,12 +356,11 @@ def _blurpool_bwd_kernel(
     cc = offs_c[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C]
     for a in tl.static_range(2 * FILT - 1):
-        oh, okh, ti = _blur_bwd_slot(ih, a, FILT, L, STRIDE, H, OH)  # [BLOCK_P], [BLOCK_P], constexpr
-        wi = tl.load(w_ptr + ti)
+        oh, okh, wi = _blur_bwd_slot(ih, w_ptr, a, FILT, L, STRIDE, H, OH)  # [BLOCK_P], [BLOCK_P], scalar
         row = (n * OH + oh) * OW
         for b in tl.static_range(2 * FILT - 1):
-            ow, okw, tj = _blur_bwd_slot(iw, b, FILT, L, STRIDE, W, OW)
-            wij = wi * tl.load(w_ptr + tj)
+            ow, okw, wj = _blur_bwd_slot(iw, w_ptr, b, FILT, L, STRIDE, W, OW)
+            wij = wi * wj
             m = m2 & (okh & okw)[:, None]
             acc += wij * tl.load(dy_ptr + ((row + ow) * C)[:, None] + cc, mask=m, other=0.0).to(tl.float32)
     out = (offs_p * C)[:, None] + cc
