@@ -1,0 +1,139 @@
+"""Fusion planning: group IR nodes into the kernels that will run.
+
+A plan is a tuple of `Kernel`s in execution order; each owns a run of nodes
+and is launched when its last node's value is due. Rules (why in brackets):
+- conv / linear absorb what follows them while the value has one user:
+  in eval mode a `bn` (folded into a per-channel scale and shift), then an
+  activation, then a residual/skip `add`, then another activation
+  [epilogue work costs no extra HBM round trip].
+- In training mode a `bn` after a conv cannot be folded (it needs the batch
+  statistics of the conv output), so the conv computes per-channel partial
+  sums in its epilogue and the `bn` kernel (finalize + normalize) absorbs the
+  following activation [one read of the conv output instead of three].
+- `add` absorbs one following activation; everything else is its own kernel.
+A node whose value has several users ends its group, so no value is lost.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.ir import ACTIVATION_OPS, Graph, Node
+
+
+@dataclass(frozen=True)
+class Kernel:
+    kind: str  # conv | linear | bn | add | act | pool | ... (the anchor op family)
+    nodes: tuple[int, ...]  # IR node ids, in order; the last one is the output
+    epilogue: tuple[str, ...] = ()  # what the anchor's epilogue fuses: bias, bn, stats, act, add, act2
+
+    @property
+    def anchor(self) -> int:
+        return self.nodes[0]
+
+    @property
+    def output(self) -> int:
+        return self.nodes[-1]
+
+
+_FAMILY = {
+    "conv": "conv",
+    "linear": "linear",
+    "bn": "bn",
+    "maxpool": "pool",
+    "avgpool": "pool",
+    "global_avgpool": "global_pool",
+    "global_maxpool": "global_pool",
+    "blurpool": "blurpool",
+    "upsample": "upsample",
+    "dropout": "dropout",
+    "softmax": "softmax",
+    "add": "add",
+    "scale": "scale",
+    "concat": "concat",
+    "flatten": "flatten",
+    **{a: "act" for a in ACTIVATION_OPS},
+}
+
+
+def _single_user(graph: Graph, node: Node, users: dict[int, list[int]]) -> Node | None:
+    """The only consumer of `node`'s value, if it has exactly one and is not an output/tap."""
+    if node.id in graph.taps.values() or node.id == graph.output.id:
+        return None
+    us = users.get(node.id, [])
+    return graph.node(us[0]) if len(us) == 1 else None
+
+
+def plan_fusion(graph: Graph, training: bool) -> tuple[Kernel, ...]:
+    users: dict[int, list[int]] = {}
+    for n in graph:
+        for i in n.inputs:
+            users.setdefault(i, []).append(n.id)
+    taken: set[int] = set()
+    kernels: list[Kernel] = []
+
+    for node in graph:
+        if node.op == "input" or node.id in taken:
+            continue
+        group, epilogue = [node.id], []
+        cur = node
+
+        def absorb(op_test) -> bool:
+            nonlocal cur
+            nxt = _single_user(graph, cur, users)
+            if nxt is None or nxt.id in taken or not op_test(nxt) or nxt.inputs[0] != cur.id:
+                return False
+            group.append(nxt.id)
+            cur = nxt
+            return True
+
+        if node.op in ("conv", "linear"):
+            if node.attrs.get("bias"):
+                epilogue.append("bias")
+            if training:
+                if node.op == "conv" and _is_next(graph, cur, users, "bn"):
+                    epilogue.append("stats")  # the bn kernel that follows finalizes them
+            elif absorb(lambda n: n.op == "bn"):
+                epilogue.append("bn")
+            if absorb(lambda n: n.op in ACTIVATION_OPS):
+                epilogue.append(f"act:{cur.op}")
+            if absorb(lambda n: n.op == "add"):
+                epilogue.append("add")
+                if absorb(lambda n: n.op in ACTIVATION_OPS):
+                    epilogue.append(f"act:{cur.op}")
+        elif node.op == "bn":
+            if absorb(lambda n: n.op in ACTIVATION_OPS):
+                epilogue.append(f"act:{cur.op}")
+        elif node.op == "add":
+            if absorb(lambda n: n.op in ACTIVATION_OPS):
+                epilogue.append(f"act:{cur.op}")
+        taken.update(group)
+        kernels.append(Kernel(_FAMILY[node.op], tuple(group), tuple(epilogue)))
+
+    kernels.sort(key=lambda k: k.output)
+    _check_order(graph, kernels)
+    return tuple(kernels)
+
+
+def _is_next(graph: Graph, node: Node, users, op: str) -> bool:
+    nxt = _single_user(graph, node, users)
+    return nxt is not None and nxt.op == op
+
+
+def _check_order(graph: Graph, kernels: list[Kernel]) -> None:
+    """Every kernel's external inputs are produced by an earlier kernel."""
+    done = {0}
+    for k in kernels:
+        for nid in k.nodes:
+            for i in graph.node(nid).inputs:
+                if i not in k.nodes and i not in done:
+                    raise AssertionError(f"fusion plan out of order: node %{nid} needs %{i}")
+        done.update(k.nodes)
+
+
+def pretty_plan(graph: Graph, kernels) -> str:
+    lines = []
+    for k, kern in enumerate(kernels):
+        ops = " -> ".join(graph.node(n).op for n in kern.nodes)
+        epi = f"  epilogue[{', '.join(kern.epilogue)}]" if kern.epilogue else ""
+        lines.append(f"  k{k}: {kern.kind:<11} %{kern.nodes[0]}..%{kern.output}  {ops}{epi}")
+    return "\n".join(lines)
