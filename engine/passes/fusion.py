@@ -2,9 +2,9 @@
 
 A plan is a tuple of `Kernel`s in execution order; each owns a run of nodes
 and is launched when its last node's value is due. Rules (why in brackets):
-- conv / linear absorb what follows them while the value has one user:
-  in eval mode a `bn` (folded into a per-channel scale and shift), then an
-  activation, then a residual/skip `add`, then another activation
+- conv absorbs what follows it while the value has one user: in eval mode a
+  `bn` (folded into a per-channel scale and shift), then a residual/skip
+  `add`, then an activation; linear absorbs an activation
   [epilogue work costs no extra HBM round trip].
 - In training mode a `bn` after a conv cannot be folded (it needs the batch
   statistics of the conv output), so the conv computes per-channel partial
@@ -92,14 +92,14 @@ def plan_fusion(graph: Graph, training: bool) -> tuple[Kernel, ...]:
             if training:
                 if node.op == "conv" and _is_next(graph, cur, users, "bn"):
                     epilogue.append("stats")  # the bn kernel that follows finalizes them
-            elif absorb(lambda n: n.op == "bn"):
+            elif node.op == "conv" and absorb(lambda n: n.op == "bn"):
                 epilogue.append("bn")
+            # The epilogue computes act(acc [+bias] [*scale+shift] [+residual]):
+            # an activation either ends it or follows a residual add.
+            if node.op == "conv" and absorb(lambda n: n.op == "add"):
+                epilogue.append("add")
             if absorb(lambda n: n.op in ACTIVATION_OPS):
                 epilogue.append(f"act:{cur.op}")
-            if absorb(lambda n: n.op == "add"):
-                epilogue.append("add")
-                if absorb(lambda n: n.op in ACTIVATION_OPS):
-                    epilogue.append(f"act:{cur.op}")
         elif node.op == "bn":
             if absorb(lambda n: n.op in ACTIVATION_OPS):
                 epilogue.append(f"act:{cur.op}")

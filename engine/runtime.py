@@ -1,0 +1,165 @@
+"""The Triton backend: runs the fusion plan on fusenet's own kernels.
+
+Activations flow between kernels as NHWC tensors in the compute dtype; the
+module's interface stays NCHW (converted once at the input and at the output,
+copies only). Every kernel group of the plan is one call into an op family's
+autograd.Function, so the backward pass runs on fusenet's backward kernels.
+"""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+
+from engine.device import announce_interpreter
+from engine.ir import ACTIVATION_OPS, Graph, Node
+from engine.kernels import batchnorm as K_bn
+from engine.kernels import conv as K_conv
+from engine.kernels import linear as K_linear
+from engine.kernels import pointwise as K_pw
+from engine.kernels import pool as K_pool
+from engine.kernels import resample as K_rs
+from engine.network import Network
+from engine.passes.fusion import Kernel
+from engine.passes.pipeline import run_pipeline
+
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def to_nhwc(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """NCHW (or N x F) input to the internal layout (a copy, no arithmetic)."""
+    x = x.to(dtype)
+    return x.permute(0, 2, 3, 1).contiguous() if x.dim() == 4 else x.contiguous()
+
+
+def to_nchw(x: torch.Tensor) -> torch.Tensor:
+    x = x.to(torch.float32)
+    return x.permute(0, 3, 1, 2).contiguous() if x.dim() == 4 else x
+
+
+class TritonNetwork(Network):
+    backend = "triton"
+
+    def __init__(self, spec, precision: str = "fp32"):
+        super().__init__(spec)
+        if precision not in DTYPES:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
+        self.precision = precision
+        self.dtype = DTYPES[precision]
+        self.allow_tf32 = precision == "tf32"
+        # plans[fold_bn]: folding batch norm into conv epilogues is only valid in
+        # eval mode when no gradient is wanted (the fold treats BN as constants).
+        self.plans = {fold: run_pipeline(spec.graph, training=not fold) for fold in (False, True)}
+        self._dropout_calls = 0
+        announce_interpreter()
+
+    def kernel_plan(self, fold_bn: bool = False) -> tuple[Graph, tuple[Kernel, ...]]:
+        return self.plans[fold_bn]
+
+    def forward(self, x: torch.Tensor, taps: Sequence[str] = ()):
+        self.check_input(x)
+        fold = not self.training and not torch.is_grad_enabled()
+        graph, plan = self.plans[fold]
+        values: dict[int, torch.Tensor] = {0: to_nhwc(x, self.dtype)}
+        for kern in plan:
+            values[kern.output] = self._run(graph, kern, values, fold)
+        out = to_nchw(values[graph.output.id])
+        if taps:
+            return out, {t: to_nchw(values[graph.taps[t]]) for t in taps}
+        return out
+
+    # -- one fused kernel group --------------------------------------------------
+    def _run(self, graph: Graph, kern: Kernel, values, fold: bool) -> torch.Tensor:
+        nodes = [graph.node(i) for i in kern.nodes]
+        anchor = nodes[0]
+        x = values[anchor.inputs[0]]
+        act, slope = _act_of(nodes)
+        a = anchor.attrs
+        kind = kern.kind
+        if kind == "conv":
+            conv = self.layer(anchor)
+            scale = shift = residual = None
+            if "bn" in kern.epilogue:
+                bn = self.layer(next(n for n in nodes if n.op == "bn"))
+                # the kernel computes (acc + bias) * scale + shift == bn(conv(x))
+                scale, shift = K_bn.bn_eval_scale_shift(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+            add = next((n for n in nodes if n.op == "add"), None)
+            if add is not None:
+                residual = values[add.inputs[1]]
+            return K_conv.conv2d(
+                x,
+                conv.weight,
+                conv.bias,
+                residual=residual,
+                stride=a["stride"],
+                padding=a["pad"],
+                dilation=a["dilation"],
+                groups=a["groups"],
+                act=act,
+                slope=slope,
+                allow_tf32=self.allow_tf32,
+                scale=scale,
+                shift=shift,
+            )
+        if kind == "linear":
+            lin = self.layer(anchor)
+            return K_linear.linear(x, lin.weight, lin.bias, act=act, slope=slope, allow_tf32=self.allow_tf32)
+        if kind == "bn":
+            bn = self.layer(anchor)
+            if self.training:
+                return K_bn.batch_norm_train(
+                    x,
+                    bn.weight,
+                    bn.bias,
+                    bn.running_mean,
+                    bn.running_var,
+                    momentum=bn.momentum,
+                    eps=bn.eps,
+                    num_batches_tracked=bn.num_batches_tracked,
+                    act=act,
+                    slope=slope,
+                )
+            return K_bn.batch_norm_eval(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, act, slope)
+        if kind == "act":
+            return K_pw.activation(x, act, slope)
+        if kind == "add":
+            return K_pw.add_act(x, values[anchor.inputs[1]], act, slope)
+        if kind == "scale":
+            return K_pw.scale(x, a["factor"])
+        if kind == "pool":
+            fn = K_pool.max_pool2d if anchor.op == "maxpool" else K_pool.avg_pool2d
+            return fn(x, a["kernel"], a["stride"], a["pad"])
+        if kind == "global_pool":
+            return K_pool.global_avg_pool(x) if anchor.op == "global_avgpool" else K_pool.global_max_pool(x)
+        if kind == "blurpool":
+            return K_rs.blurpool(x, a["filter"], a["stride"])
+        if kind == "upsample":
+            return K_rs.upsample(x, a["factor"], a["mode"])
+        if kind == "concat":
+            return K_pw.concat_channels([x, values[anchor.inputs[1]]])
+        if kind == "flatten":
+            # PyTorch flattens C, H, W in that order; NHWC must be put in NCHW order
+            # first so linear weights mean the same in both backends (a copy).
+            return x.permute(0, 3, 1, 2).contiguous().reshape(x.shape[0], -1) if x.dim() == 4 else x
+        if kind == "dropout":
+            from engine.kernels import dropout as K_drop
+
+            if not self.training or a["p"] == 0.0:
+                return x
+            self._dropout_calls += 1
+            seed = random.Random(torch.initial_seed() * 1_000_003 + self._dropout_calls).randrange(2**31 - 1)
+            return K_drop.dropout(x, a["p"], seed, True)
+        if kind == "softmax":
+            from engine.kernels import softmax as K_sm
+
+            return K_sm.softmax(x)
+        raise AssertionError(f"no runtime for kernel kind {kind}")
+
+
+def _act_of(nodes: list[Node]) -> tuple[str, float]:
+    """The activation a group ends with ("none" if it has none)."""
+    for n in reversed(nodes):
+        if n.op in ACTIVATION_OPS:
+            return n.op, float(n.attrs.get("slope", 0.01))
+    return "none", 0.01
