@@ -51,13 +51,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import engine.device
-from engine.kernels.launch import Specialization, recording
+from engine.kernels.launch import Specialization, _kernel_params, recording
 
 TARGETS = {"sm_80": 80, "sm_90": 90}
 _MMA_ORDER = ("HGMMA", "HMMA", "IGMMA", "IMMA", "QGMMA", "QMMA", "BGMMA", "BMMA", "DMMA", "OMMA")
@@ -458,6 +457,7 @@ def _run_worker(jobs: list[dict], timeout: float | None = None) -> list[tuple[st
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
+            err.write(f"\ntimed out after {timeout:.0f} s".encode())
         err.seek(0)
         stderr = err.read().decode(errors="replace")
     results: list[tuple[str, Any] | None] = [None] * len(jobs)
@@ -480,8 +480,19 @@ def _run_worker(jobs: list[dict], timeout: float | None = None) -> list[tuple[st
 # ----------------------------------------------------------------------------- public API
 
 
+def spec_tag(spec: Specialization) -> str:
+    """Tag of the kernel's declared `tl.constexpr` parameters (runtime args the JIT
+    specialised, i.e. None pointers and integers equal to 1, are left out)."""
+    try:
+        declared = {p.name for p, is_constexpr, _ in _kernel_params(spec.kernel) if is_constexpr}
+    except Exception:
+        declared = None
+    items = [(k, v) for k, v in spec.constexprs if declared is None or k in declared]
+    return constexpr_tag(items)
+
+
 def _report(spec: Specialization, target: str, data: dict | None, error: str | None, cached: bool) -> KernelReport:
-    r = KernelReport(name=spec.name, tag=constexpr_tag(spec.constexprs), target=target, num_warps=spec.num_warps,
+    r = KernelReport(name=spec.name, tag=spec_tag(spec), target=target, num_warps=spec.num_warps,
                      num_stages=spec.num_stages, spec=spec, cached=cached, error=error)
     if data:
         for k in _REPORT_FIELDS:
@@ -536,7 +547,8 @@ def compile_all(specs: Sequence[Specialization], targets: Sequence[str] = ("sm_8
         results: list[list] = [None] * n  # type: ignore[list-item]
 
         def work(k: int) -> None:
-            results[k] = _run_worker([job for _, job, _ in shards[k]])
+            # generous: a big fused kernel takes ~10 s; the worker's start-up a few more
+            results[k] = _run_worker([job for _, job, _ in shards[k]], timeout=60 + 120 * len(shards[k]))
 
         threads = [threading.Thread(target=work, args=(k,)) for k in range(n)]
         for th in threads:
@@ -555,6 +567,9 @@ def compile_all(specs: Sequence[Specialization], targets: Sequence[str] = ("sm_8
                                               "triton": _triton_version(), "ptxas_log": val.get("ptxas_log", "")})
                 else:
                     rep = _report(spec, t, None, str(val), cached=False)
+                    if not str(val).startswith("compile worker died"):  # a deterministic compile error
+                        with _mem_lock:
+                            _mem_cache[_mem_key(spec, t)] = rep
                 for j in pending[_mem_key(spec, t)]:
                     reports[j] = rep
     return reports  # type: ignore[return-value]
@@ -579,28 +594,37 @@ def _mma_text(r: KernelReport) -> str:
 
 
 def format_report(reports: Sequence[KernelReport]) -> str:
-    """A plain-text table, one row per kernel variant and target."""
-    head = ("kernel", "variant", "target", "warps", "regs", "spills", "smem", "mma", "instrs")
+    """A plain-text table, one row per kernel variant and target.
+
+    Columns: kernel, variant (its constexprs), target, warps/stages, registers per
+    thread, spill bytes (stores + loads), shared memory bytes, MMA instructions by
+    opcode (HMMA = mma.sync, HGMMA = Hopper wgmma, IMMA = integer, ...), SASS
+    instruction count, and a note (compile errors, spills).
+    """
+    head = ("kernel", "variant", "target", "w/s", "regs", "spills", "smem", "mma", "instrs", "note")
     rows = []
     for r in reports:
         if r.error:
-            rows.append((r.name, r.tag, r.target, str(r.num_warps), "-", "-", "-", "-",
-                         "ERROR: " + r.error.strip().splitlines()[-1][:120] if r.error.strip() else "ERROR"))
+            msg = r.error.strip().splitlines()[-1][:160] if r.error.strip() else "unknown error"
+            rows.append((r.name, r.tag, r.target, f"{r.num_warps}/{r.num_stages}", "-", "-", "-", "-", "-",
+                         "ERROR: " + msg))
             continue
-        spills = str(r.spills) if not r.spills else f"{r.spills}!"
-        rows.append((r.name, r.tag, r.target, f"{r.num_warps}/{r.num_stages}", str(r.regs), spills, str(r.smem),
-                     _mma_text(r), str(r.instructions)))
-    widths = [max(len(h), *(len(row[c]) for row in rows)) if rows else len(h) for c, h in enumerate(head)]
+        note = f"spills {r.spill_stores}B st / {r.spill_loads}B ld" if r.spills else ""
+        rows.append((r.name, r.tag, r.target, f"{r.num_warps}/{r.num_stages}", str(r.regs), str(r.spills),
+                     str(r.smem), _mma_text(r), str(r.instructions), note))
+    widths = [max([len(h)] + [len(row[c]) for row in rows]) for c, h in enumerate(head)]
     right = {3, 4, 5, 6, 8}
 
     def line(cells):
-        return "  ".join(c.rjust(w) if k in right else c.ljust(w) for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(c.rjust(w) if k in right else c.ljust(w)
+                         for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    out = [line(head), line(["-" * w for w in widths])]
+    out = [line(head), line(["-" * w for w in widths[:-1]] + ["----"])]
     out += [line(row) for row in rows]
     n_err = sum(1 for r in reports if r.error)
     n_spill = sum(1 for r in reports if not r.error and r.spills)
-    out.append(f"{len(reports)} variants, {n_err} failed to compile, {n_spill} spill registers")
+    n_mma = sum(1 for r in reports if not r.error and r.mma)
+    out.append(f"{len(reports)} variants: {n_err} failed to compile, {n_spill} spill, {n_mma} use tensor cores")
     return "\n".join(out)
 
 
@@ -633,4 +657,4 @@ def inspect_network(run: Callable[[], Any], targets: Sequence[str] = ("sm_80", "
 
 
 __all__ = ["KernelReport", "compile_specialization", "compile_all", "format_report", "gpu_tiles",
-           "inspect_network", "record_network", "clear_cache", "constexpr_tag", "TARGETS"]
+           "inspect_network", "record_network", "clear_cache", "constexpr_tag", "spec_tag", "TARGETS"]

@@ -1,0 +1,116 @@
+"""Every example network on the Triton backend against the PyTorch reference:
+outputs, the input gradient and every parameter gradient, in train and eval
+mode, plus proof that the forward pass dispatches no PyTorch arithmetic."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import engine
+from helpers import assert_close
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# (example, batch): the wide networks run at batch 1 to keep the interpreter quick.
+CASES = [("digits", 3), ("lenet5", 2), ("unet_tiny", 2), ("resnet_small", 2), ("airbench94", 1), ("resnet9", 1)]
+SLOW = {"airbench94", "resnet9"}
+NET = "network_fp32"  # tolerance for whole fp32 networks (tests/helpers.py)
+
+
+def _pair(name: str):
+    # Dropout masks come from different RNGs in the two backends; the dropout
+    # kernel has its own tests, so whole-network comparisons switch it off.
+    text = re.sub(r"dropout [0-9.]+", "dropout 0.0", (EXAMPLES / f"{name}.cnn").read_text())
+    ref = engine.compile(text, backend="torch").double()
+    tri = engine.compile(text, backend="triton")
+    gen = torch.Generator().manual_seed(1)
+    for m in ref.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.weight.data = torch.rand(m.weight.shape, generator=gen, dtype=torch.float64) + 0.5
+            m.bias.data = torch.rand(m.bias.shape, generator=gen, dtype=torch.float64) - 0.5
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    tri.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+    return ref, tri
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name,batch", [pytest.param(n, b, marks=[pytest.mark.slow] if n in SLOW else []) for n, b in CASES])
+def test_example_matches_reference(name, batch, mode):
+    ref, tri = _pair(name)
+    ref.train(mode == "train")
+    tri.train(mode == "train")
+    x = torch.randn(batch, *tri.input_shape, generator=torch.Generator().manual_seed(2))
+    xr, xt = x.double().requires_grad_(), x.clone().requires_grad_()
+    yr, yt = ref(xr), tri(xt)
+    assert_close(yt, yr, NET, what=f"{name} {mode} output")
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    yr.backward(g)
+    yt.backward(g.float())
+    assert_close(xt.grad, xr.grad, NET, what="input gradient")
+    top = max(p.grad.abs().max().item() for p in ref.parameters())
+    for (key, pr), (_, pt) in zip(ref.named_parameters(), tri.named_parameters()):
+        # judged against the network's gradient scale: a conv bias before
+        # training-mode batch norm has a gradient that is zero up to rounding
+        assert_close(pt.grad, pr.grad, NET, what=f"gradient of {key}", scale=max(pr.grad.abs().max().item(), 1e-2 * top))
+    for (key, br), (_, bt) in zip(ref.named_buffers(), tri.named_buffers()):
+        if br.is_floating_point():
+            assert_close(bt, br, NET, what=f"buffer {key}")
+        else:
+            assert torch.equal(bt, br), key
+    with torch.no_grad():  # inference path: batch norm folded into the conv epilogue
+        assert_close(tri(x), ref(x.double()), NET, what=f"{name} {mode} no-grad output")
+
+
+# aten ops that move or allocate memory but compute nothing
+DATA_MOVEMENT = {
+    "empty", "empty_strided", "empty_like", "zeros", "zeros_like", "zero_", "fill_", "full",
+    "view", "_unsafe_view", "reshape", "permute", "as_strided", "expand", "t", "transpose",
+    "slice", "select", "alias", "detach", "clone", "contiguous", "copy_", "_to_copy", "to",
+    "lift_fresh", "unsqueeze", "squeeze", "split", "_reshape_alias", "new_empty", "new_zeros",
+    "new_empty_strided", "set_", "resize_", "flatten", "lift_fresh_copy",
+}
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def arithmetic_ops(ops: set[str]) -> set[str]:
+    return {op for op in ops if op.rstrip("_") not in DATA_MOVEMENT and op not in DATA_MOVEMENT}
+
+
+@pytest.mark.parametrize("name", ["digits", "unet_tiny", "resnet_small"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forward_dispatches_no_torch_arithmetic(name, mode):
+    _, tri = _pair(name)
+    tri.train(mode == "train")
+    x = torch.randn(2, *tri.input_shape)
+    with OpRecorder() as rec:
+        tri(x)
+    assert rec.ops, "the recorder saw nothing"
+    assert arithmetic_ops(rec.ops) == set(), f"PyTorch computed something: {sorted(arithmetic_ops(rec.ops))}"
+
+
+def test_recorder_catches_arithmetic():
+    with OpRecorder() as rec:
+        torch.ones(3) * 2
+    assert "mul" in arithmetic_ops(rec.ops)
+
+
+def test_fusion_plan_fuses_epilogues():
+    tri = engine.compile(EXAMPLES / "resnet_small.cnn")
+    graph, plan = tri.kernel_plan(fold_bn=True)
+    kinds = [k.kind for k in plan]
+    assert "bn" not in kinds, "eval batch norm should fold into the conv epilogue"
+    assert any("add" in k.epilogue for k in plan), "residual add should fuse into a conv epilogue"
+    assert len(plan) < len(graph.nodes) - 1
