@@ -14,24 +14,15 @@ y = act(z). Depthwise convolutions (Cin/G == 1) use a direct, non-dot kernel
 since their per-group GEMM would be [M, KH*KW] x [KH*KW, Cout/G], far below the
 16x16 minimum tile of tl.dot.
 
-dgrad (dx) is an implicit GEMM over dy, split by stride phase: output pixels of
-dx with the same (hi mod sh, wi mod sw) are hit by the same subset of taps, so
-each phase is a dense GEMM over only those taps (no zero-insertion, no masking of
-taps that can never contribute). Stride 1 is the single-phase case (a conv with
-flipped, transposed weights).
+The backward (dgrad by stride phase, deterministic split-K wgrad, depthwise
+variants, fused activation gradient) lives in conv_backward.py; conv2d_dgrad and
+conv2d_wgrad are re-exported here. Conv2dFunction / conv2d tie both together.
 
-wgrad (dw) is an implicit GEMM [K, P] x [P, Cout/G] with P = N*Ho*Wo reduced in
-S fixed splits into fp32 partials, then summed in a fixed order by a second
-kernel, so results are bit-identical run to run (no atomics). The bias gradient
-(a column sum of dz) comes from the same pass.
-
-Backward kernels load dz = act_grad(dy, z) (* scale) directly while loading dy
-(ACT / HAS_SCALE constexprs), so the activation backward costs no extra pass
-unless a residual needs dz materialised as its own gradient.
+Public API: ConvOutput, conv2d_forward, conv2d_dgrad, conv2d_wgrad,
+Conv2dFunction, conv2d.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -39,7 +30,7 @@ import triton
 import triton.language as tl
 
 from engine import device as _device
-from engine.kernels.activations import act_code, act_grad, apply_act
+from engine.kernels.activations import act_code, apply_act
 from engine.kernels.launch import launch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -80,6 +71,16 @@ def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST (interpreter + bf16 only): Triton's CPU interpreter
+    mis-computes tl.dot on bf16 operands, so feed it fp32 copies; bf16 products are
+    exact in fp32, so this matches a GPU bf16 dot with fp32 accumulation."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
 # --------------------------------------------------------------------------- #
 # Kernels
 # --------------------------------------------------------------------------- #
@@ -91,7 +92,7 @@ def _conv_fwd_kernel(
     sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Implicit-GEMM conv forward. Grid: (M tiles, Cout/G tiles, G)."""
     pid_m = tl.program_id(0)
@@ -125,7 +126,7 @@ def _conv_fwd_kernel(
                     mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K] gathered x tile (padding = 0)
         b = tl.load(w_ptr + offs_k[:, None] * Cout + offs_c[None, :],
                     mask=mask_k[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] weight tile
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot(a, b, acc, PRECISION, UPCAST)
 
     _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
               y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
@@ -196,7 +197,8 @@ def _geometry(x_shape, w_shape, stride, padding, dilation, groups):
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"conv2d: need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
     if len(x_shape) != 4 or len(w_shape) != 4:
-        raise ValueError(f"conv2d: x must be [N,H,W,Cin] and w [Cout,Cin/groups,kh,kw]; got {tuple(x_shape)}, {tuple(w_shape)}")
+        raise ValueError("conv2d: x must be [N,H,W,Cin] and w [Cout,Cin/groups,kh,kw]; "
+                         f"got {tuple(x_shape)}, {tuple(w_shape)}")
     N, H, W, Cin = x_shape
     Cout, Cin_g, kh, kw = w_shape
     if not isinstance(groups, int) or groups < 1 or Cin % groups or Cout % groups or Cin_g * groups != Cin:
@@ -239,6 +241,11 @@ def _gemm_tiles(M: int, Ncols: int, K: int):
 
 def _precision(allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 else "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """UPCAST constexpr of _dot: only for bf16 under the interpreter."""
+    return bool(_device.INTERPRETED) and dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- #
@@ -317,8 +324,21 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
                **flags, BLOCK_M=bm, BLOCK_N=bn, **meta)
     else:
         launch(_conv_fwd_kernel, grid, *common, M, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW, *tail,
-               **flags, PRECISION=_precision(allow_tf32), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **meta)
+               **flags, PRECISION=_precision(allow_tf32), UPCAST=_upcast(x.dtype),
+               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **meta)
     return ConvOutput(y, z, psum, psumsq)
+
+
+# The backward imports this module's helpers; importing it here (after they are
+# defined) works whichever of the two modules is imported first.
+from engine.kernels import conv_backward as _bw  # noqa: E402
+
+
+def __getattr__(name):
+    # re-export the backward launchers lazily (see the import note above)
+    if name in ("conv2d_dgrad", "conv2d_wgrad", "act_backward"):
+        return getattr(_bw, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- #
@@ -351,7 +371,7 @@ class Conv2dFunction(torch.autograd.Function):
         act, dres = ctx.act, None
         if act_code(act) != 0 and ctx.has_res and need_r:
             # dz is the residual's gradient: materialise it once, then plain GEMMs
-            dz = _act_backward(dy, z, act_code(act), ctx.slope)
+            dz = _bw.act_backward(dy, z, act_code(act), ctx.slope)
             dres, g, z, act = dz, dz, None, "none"
         else:
             # dz is formed on the fly inside dgrad/wgrad (act none: dz = dy)
@@ -359,10 +379,10 @@ class Conv2dFunction(torch.autograd.Function):
             if need_r:
                 dres = dy
         bw = dict(z=z, act=act, slope=ctx.slope, grad_scale=scale, **ctx.conf)
-        dx = conv2d_dgrad(g, w, x.shape, **bw) if need_x else None
+        dx = _bw.conv2d_dgrad(g, w, x.shape, **bw) if need_x else None
         dw = db = None
         if need_w or need_b:
-            dw, db = conv2d_wgrad(x, g, w.shape, need_bias=need_b, **bw)
+            dw, db = _bw.conv2d_wgrad(x, g, w.shape, need_bias=need_b, **bw)
         return dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None, None
 
 

@@ -1,0 +1,432 @@
+"""Convolution backward (NHWC): dgrad by stride phase, split-K wgrad, depthwise variants.
+
+Split out of conv.py (which holds the forward, the autograd Function and the
+shared host helpers). Layouts as in conv.py.
+
+dgrad (dx) is an implicit GEMM over dy, split by stride phase: dx pixels with
+the same (hi mod sh, wi mod sw) are hit by the same subset of taps, so each
+phase is a dense GEMM over only those taps (no zero-insertion of dy, no masking
+of taps that can never contribute). Stride 1 is the single-phase case: a conv
+with flipped, transposed weights.
+
+wgrad (dw) is an implicit GEMM [K, P] x [P, Cout/G] with P = N*Ho*Wo cut into S
+fixed splits that write fp32 partials; a second kernel sums them in a fixed
+order, so results are bit-identical run to run (no atomics). The bias gradient
+(a column sum of dz) comes from the same pass.
+
+Both load dz = act_grad(dy, z) (* scale) while loading dy (ACT / HAS_SCALE
+constexprs), so the activation backward costs no extra pass unless a residual
+needs dz materialised as its own gradient (act_backward).
+
+Depthwise convolutions (Cin/G == 1) get direct, non-dot kernels: their
+per-group GEMMs would be far below tl.dot's 16x16 minimum.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from engine import device as _device
+from engine.kernels.activations import act_code, act_grad
+from engine.kernels.conv import _check_act, _check_vec, _dot, _gemm_tiles, _geometry, _p2, _precision, _upcast
+from engine.kernels.launch import launch
+
+@triton.jit
+def _load_dz(dy_ptr, z_ptr, scale_ptr, off, mask, ch, mask_ch, slope,
+             ACT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """Load dy at `off` and turn it into the GEMM operand dz = act'(z) * dy (* scale[ch]).
+
+    `ch` ([BLOCK]) are output channels along axis 1 of the tile. Returns fp32.
+    Masked lanes give 0 since every act_grad is linear in dy.
+    """
+    g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [R, C] upstream grad
+    if ACT != 0:
+        z = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [R, C] pre-activation
+        g = act_grad(g, z, ACT, slope)
+    if HAS_SCALE:
+        # z = acc*scale + ..., so d acc = dz * scale
+        g = g * tl.load(scale_ptr + ch, mask=mask_ch, other=0.0)[None, :]
+    return g
+
+
+@triton.jit
+def _conv_dgrad_kernel(
+    dy_ptr, z_ptr, scale_ptr, w_ptr, dx_ptr,
+    Mq, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, KW, stride_h, stride_w,
+    ra, rb, Hq, Wq, r0, nr, step_r, c_r, dstep_h, s0, ns, step_s, c_s, dstep_w, slope,
+    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx for one stride phase (hi % sh == ra, wi % sw == rb). Grid: (Mq tiles, Cin/G tiles, G).
+
+    Taps hitting this phase are r = r0 + jr*step_r (jr < nr), s likewise, and for
+    dx pixel hi = qh*sh + ra the dy row they read is ho = qh + c_r - jr*dstep_h:
+    no division, no dead taps.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] dx pixel within this phase
+    mask_m = offs_m < Mq
+    qw = offs_m % Wq  # [BLOCK_M]
+    qh = (offs_m // Wq) % Hq  # [BLOCK_M]
+    n = offs_m // (Wq * Hq)  # [BLOCK_M]
+    dy_img = n * (Ho * Wo * Cout) + g * Cout_g  # [BLOCK_M]
+    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] input channel within group
+    mask_ci = offs_ci < Cin_g
+    K = nr * ns * Cout_g
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K] reduction index (jr, js, co)
+        mask_k = offs_k < K
+        co = offs_k % Cout_g  # [BLOCK_K]
+        jr = offs_k // (Cout_g * ns)  # [BLOCK_K]
+        js = (offs_k // Cout_g) % ns  # [BLOCK_K]
+        ho = qh[:, None] + (c_r - jr * dstep_h)[None, :]  # [BLOCK_M, BLOCK_K]
+        wo = qw[:, None] + (c_s - js * dstep_w)[None, :]  # [BLOCK_M, BLOCK_K]
+        a_mask = mask_m[:, None] & mask_k[None, :] & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
+        a_off = dy_img[:, None] + (ho * Wo + wo) * Cout + co[None, :]  # [BLOCK_M, BLOCK_K]
+        a = _load_dz(dy_ptr, z_ptr, scale_ptr, a_off, a_mask, g * Cout_g + co, mask_k, slope,
+                     ACT, HAS_SCALE)  # [BLOCK_M, BLOCK_K] fp32 dz tile
+        tap = (r0 + jr * step_r) * KW + (s0 + js * step_s)  # [BLOCK_K] flattened (r, s)
+        b = tl.load(w_ptr + ((tap * Cout + g * Cout_g + co) * Cin_g)[:, None] + offs_ci[None, :],
+                    mask=mask_k[:, None] & mask_ci[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] w^T tile
+        acc = _dot(a.to(b.dtype), b, acc, PRECISION, UPCAST)
+    hi = qh * stride_h + ra  # [BLOCK_M]
+    wi = qw * stride_w + rb  # [BLOCK_M]
+    dx_off = (n * (H * W * Cin) + (hi * W + wi) * Cin + g * Cin_g)[:, None] + offs_ci[None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    x_ptr, dy_ptr, z_ptr, scale_ptr, part_ptr, bpart_ptr,
+    P, P_PER_SPLIT, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW, N_TILES,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
+    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """dw partial for one P-split: part[split, k, co] = sum_p x[p, k] * dz[p, co].
+
+    Grid: (K tiles * Cout/G tiles, S, G). Also writes bias partials (column sums
+    of dz) from the K-tile-0 programs.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    pid_k = pid // N_TILES
+    pid_n = pid % N_TILES
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K] weight row (r, s, ci)
+    mask_k = offs_k < K_g
+    ci = offs_k % Cin_g  # [BLOCK_K]
+    r = (offs_k // Cin_g) // KW  # [BLOCK_K]
+    s = (offs_k // Cin_g) % KW  # [BLOCK_K]
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output channel within group
+    mask_c = offs_cn < Cout_g
+    offs_c = g * Cout_g + offs_cn  # [BLOCK_N] global output channel
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # [BLOCK_K, BLOCK_N] fp32 dw accumulator
+    bacc = tl.zeros((BLOCK_N,), dtype=tl.float32)  # [BLOCK_N] fp32 bias-grad accumulator
+    p_lo = split * P_PER_SPLIT
+    p_hi = tl.minimum(P, p_lo + P_PER_SPLIT)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)  # [BLOCK_P] output pixel
+        mask_p = offs_p < p_hi
+        wo = offs_p % Wo  # [BLOCK_P]
+        ho = (offs_p // Wo) % Ho  # [BLOCK_P]
+        n = offs_p // (Wo * Ho)  # [BLOCK_P]
+        hi = (r * dil_h)[:, None] + (ho * stride_h - pad_h)[None, :]  # [BLOCK_K, BLOCK_P]
+        wi = (s * dil_w)[:, None] + (wo * stride_w - pad_w)[None, :]  # [BLOCK_K, BLOCK_P]
+        a_mask = mask_k[:, None] & mask_p[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        a = tl.load(x_ptr + (n * (H * W * Cin))[None, :] + (hi * W + wi) * Cin + (g * Cin_g + ci)[:, None],
+                    mask=a_mask, other=0.0)  # [BLOCK_K, BLOCK_P] gathered x^T tile
+        b_off = offs_p[:, None] * Cout + offs_c[None, :]  # [BLOCK_P, BLOCK_N] dy is [P, Cout]
+        b = _load_dz(dy_ptr, z_ptr, scale_ptr, b_off, mask_p[:, None] & mask_c[None, :], offs_c, mask_c,
+                     slope, ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
+        if NEED_BIAS:
+            bacc += tl.sum(b, axis=0)
+        acc = _dot(a, b.to(a.dtype), acc, PRECISION, UPCAST)
+    part_off = (split * K_g + offs_k)[:, None] * Cout + offs_c[None, :]  # [BLOCK_K, BLOCK_N]
+    tl.store(part_ptr + part_off, acc, mask=mask_k[:, None] & mask_c[None, :])
+    if NEED_BIAS:
+        if pid_k == 0:  # every K tile computed the same column sums; one writes them
+            tl.store(bpart_ptr + split * Cout + offs_c, bacc, mask=mask_c)
+
+
+@triton.jit
+def _dwconv_dgrad_kernel(
+    dy_ptr, z_ptr, scale_ptr, w_ptr, dx_ptr,
+    Mq, H, W, Cin, Ho, Wo, Cout, MULT, KW, stride_h, stride_w,
+    ra, rb, Hq, Wq, r0, nr, step_r, c_r, dstep_h, s0, ns, step_s, c_s, dstep_w, slope,
+    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Depthwise dx for one stride phase, direct FMAs. Grid: (Mq tiles, Cin tiles).
+
+    Input channel ci gets dz from output channels ci*MULT .. ci*MULT + MULT-1.
+    Phase arguments as in _conv_dgrad_kernel; w is [KH*KW, Cout].
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] dx pixel within this phase
+    mask_m = offs_m < Mq
+    qw = offs_m % Wq  # [BLOCK_M]
+    qh = (offs_m // Wq) % Hq  # [BLOCK_M]
+    n = offs_m // (Wq * Hq)  # [BLOCK_M]
+    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] input channel
+    mask_ci = offs_ci < Cin
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
+    for jr in range(0, nr):
+        ho = qh + c_r - jr * dstep_h  # [BLOCK_M] dy row read by tap r0 + jr*step_r
+        for js in range(0, ns):
+            wo = qw + c_s - js * dstep_w  # [BLOCK_M]
+            ok = mask_m & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)  # [BLOCK_M]
+            row = n * (Ho * Wo * Cout) + (ho * Wo + wo) * Cout  # [BLOCK_M]
+            tap = (r0 + jr * step_r) * KW + (s0 + js * step_s)  # scalar flattened (r, s)
+            for m in range(0, MULT):
+                co = offs_ci * MULT + m  # [BLOCK_N] output channel
+                dz = _load_dz(dy_ptr, z_ptr, scale_ptr, row[:, None] + co[None, :],
+                              ok[:, None] & mask_ci[None, :], co, mask_ci, slope,
+                              ACT, HAS_SCALE)  # [BLOCK_M, BLOCK_N] fp32
+                wv = tl.load(w_ptr + tap * Cout + co, mask=mask_ci, other=0.0)  # [BLOCK_N]
+                acc += dz * wv.to(tl.float32)[None, :]
+    hi = qh * stride_h + ra  # [BLOCK_M]
+    wi = qw * stride_w + rb  # [BLOCK_M]
+    dx_off = (n * (H * W * Cin) + (hi * W + wi) * Cin)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
+
+
+@triton.jit
+def _dwconv_wgrad_kernel(
+    x_ptr, dy_ptr, z_ptr, scale_ptr, part_ptr, bpart_ptr,
+    P, P_PER_SPLIT, H, W, Cin, Ho, Wo, Cout, MULT, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
+    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Depthwise dw partials: part[split, tap, co] = sum_p x[p + tap, co // MULT] * dz[p, co].
+
+    Grid: (KH*KW taps, Cout tiles, S). Products accumulate elementwise in a 2-D
+    tile and are reduced once at the end (fixed order). Tap-0 programs also write
+    the bias partials.
+    """
+    tap = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    r = tap // KW
+    s = tap % KW
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output channel
+    mask_c = offs_c < Cout
+    ci = offs_c // MULT  # [BLOCK_N] its input channel
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # [BLOCK_P, BLOCK_N] fp32 products
+    bacc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # [BLOCK_P, BLOCK_N] fp32 dz (bias grad)
+    p_lo = split * P_PER_SPLIT
+    p_hi = tl.minimum(P, p_lo + P_PER_SPLIT)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)  # [BLOCK_P] output pixel
+        mask_p = offs_p < p_hi
+        wo = offs_p % Wo  # [BLOCK_P]
+        ho = (offs_p // Wo) % Ho  # [BLOCK_P]
+        n = offs_p // (Wo * Ho)  # [BLOCK_P]
+        hi = ho * stride_h - pad_h + r * dil_h  # [BLOCK_P]
+        wi = wo * stride_w - pad_w + s * dil_w  # [BLOCK_P]
+        ok = mask_p & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)  # [BLOCK_P]
+        xv = tl.load(x_ptr + (n * (H * W * Cin) + (hi * W + wi) * Cin)[:, None] + ci[None, :],
+                     mask=ok[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_P, BLOCK_N] x taps
+        dz = _load_dz(dy_ptr, z_ptr, scale_ptr, offs_p[:, None] * Cout + offs_c[None, :],
+                      mask_p[:, None] & mask_c[None, :], offs_c, mask_c, slope,
+                      ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32
+        acc += xv.to(tl.float32) * dz
+        if NEED_BIAS:
+            bacc += dz
+    tl.store(part_ptr + (split * tl.num_programs(0) + tap) * Cout + offs_c, tl.sum(acc, axis=0), mask=mask_c)
+    if NEED_BIAS:
+        if tap == 0:
+            tl.store(bpart_ptr + split * Cout + offs_c, tl.sum(bacc, axis=0), mask=mask_c)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, S, L, BLOCK: tl.constexpr):
+    """out[i] = sum_s part[s, i], s in increasing order (deterministic)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = offs < L
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)  # [BLOCK] fp32
+    for s in range(0, S):
+        acc += tl.load(part_ptr + s * L + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=mask)
+
+
+@triton.jit
+def _act_grad_kernel(dy_ptr, z_ptr, dz_ptr, numel, slope, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """dz = act_grad(dy, z), elementwise over contiguous tensors."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = offs < numel
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
+    tl.store(dz_ptr + offs, act_grad(dy, z, ACT, slope).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- #
+# Host launchers
+# --------------------------------------------------------------------------- #
+def _check_grad_inputs(dy, z, act, grad_scale, shape):
+    _check_act(dy, "dy")
+    if tuple(dy.shape) != tuple(shape):
+        raise ValueError(f"conv2d backward: dy has shape {tuple(dy.shape)}, expected {tuple(shape)}")
+    code = act_code(act)
+    if code != 0 and (z is None or tuple(z.shape) != tuple(shape)):
+        raise ValueError(f"conv2d backward: act={act!r} needs the pre-activation z of shape {tuple(shape)}")
+    _check_vec(grad_scale, shape[3], dy.device, "grad_scale")
+    return code
+
+
+def _phases(N, H, W, KH, KW, stride, padding, dilation):
+    """Stride phases of dx: one tuple of kernel arguments per (ra, rb) = (hi % sh, wi % sw).
+
+    (Mq, ra, rb, Hq, Wq, r0, nr, step_r, c_r, dstep_h, s0, ns, step_s, c_s, dstep_w):
+    the phase has Mq = N*Hq*Wq pixels hi = qh*sh + ra; the taps that reach it are
+    r = r0 + j*step_r (j < nr; step_r = sh / gcd(sh, dh)); tap j reads dy row
+    ho = qh + c_r - j*dstep_h. A phase no tap reaches has nr = 0 (dx = 0 there).
+    """
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+
+    def axis(ra, size, k, st, pad, dil):
+        taps = [t for t in range(k) if (ra + pad - t * dil) % st == 0]
+        t0 = taps[0] if taps else 0
+        step = st // math.gcd(st, dil)
+        # c: exact division, since (ra + pad - t0*dil) is a multiple of st
+        return triton.cdiv(size - ra, st), t0, len(taps), step, (ra + pad - t0 * dil) // st, step * dil // st
+
+    out = []
+    for ra in range(min(sh, H)):
+        Hq, *rest_h = axis(ra, H, KH, sh, ph, dh)
+        for rb in range(min(sw, W)):
+            Wq, *rest_w = axis(rb, W, KW, sw, pw, dw)
+            out.append((N * Hq * Wq, ra, rb, Hq, Wq, *rest_h, *rest_w))
+    return out
+
+
+def _dw_tiles(M: int, C: int):
+    """(BLOCK_M, BLOCK_N, meta) for the direct depthwise kernels."""
+    if _device.INTERPRETED:
+        return _p2(M, 16, 1024), _p2(C, 16, 256), {}
+    return 64, _p2(C, 16, 64), {"num_warps": 4}
+
+
+def _splits(chunks: int, programs: int, splits):
+    """(S, chunks per split) for a split-K over `chunks` P-chunks; depends only on shapes."""
+    if splits is None:
+        # GPU: enough programs to fill ~2 waves of an H100; interpreter: one split
+        target = 1 if _device.INTERPRETED else 264
+        splits = triton.cdiv(target, programs)
+    per = triton.cdiv(chunks, max(1, min(splits, chunks)))
+    return triton.cdiv(chunks, per), per
+
+
+def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf32=False,
+                 z=None, act="none", slope=0.01, grad_scale=None) -> torch.Tensor:
+    """dx [N,H,W,Cin] (dy's dtype) of a conv with weights w, from dy [N,Ho,Wo,Cout].
+
+    With act != "none", dy is the gradient of act(z) and the kernel uses
+    act_grad(dy, z); grad_scale [Cout] (the forward's folded-BN scale) multiplies it.
+    """
+    stride, padding, dilation, Ho, Wo = _geometry(x_shape, w.shape, stride, padding, dilation, groups)
+    N, H, W, Cin = x_shape
+    Cout, Cin_g, KH, KW = w.shape
+    code = _check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
+    if w.device != dy.device:
+        raise ValueError(f"conv2d_dgrad: w on {w.device}, dy on {dy.device}")
+    dy = dy.contiguous()
+    z = z.contiguous() if code != 0 else None
+    G, Cout_g = groups, Cout // groups
+    sh, sw = stride
+    dx = torch.empty((N, H, W, Cin), device=dy.device, dtype=dy.dtype)
+    phases = _phases(N, H, W, KH, KW, stride, padding, dilation)
+    flags = dict(ACT=code, HAS_SCALE=grad_scale is not None)
+    step_r, step_s = phases[0][7], phases[0][12]
+    m_max = max(p[0] for p in phases)
+    if Cin_g == 1 and G > 1:  # depthwise: direct kernel over channels
+        wk = w.detach().to(dy.dtype).permute(2, 3, 0, 1).reshape(KH * KW, Cout).contiguous()  # [KH*KW, Cout]
+        bm, bn, meta = _dw_tiles(m_max, Cin)
+        for ph_args in phases:
+            grid = (triton.cdiv(ph_args[0], bm), triton.cdiv(Cin, bn))
+            launch(_dwconv_dgrad_kernel, grid, dy, z, grad_scale, wk, dx,
+                   ph_args[0], H, W, Cin, Ho, Wo, Cout, Cout // Cin, KW, sh, sw, *ph_args[1:], float(slope),
+                   **flags, BLOCK_M=bm, BLOCK_N=bn, **meta)
+        return dx
+    wt = w.detach().to(dy.dtype).permute(2, 3, 0, 1).contiguous()  # [KH, KW, Cout, Cin_g]
+    k_max = triton.cdiv(KH, step_r) * triton.cdiv(KW, step_s) * Cout_g
+    bm, bn, bk, meta = _gemm_tiles(m_max, Cin_g, k_max)  # one tile config for all phases
+    for ph_args in phases:
+        grid = (triton.cdiv(ph_args[0], bm), triton.cdiv(Cin_g, bn), G)
+        launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wt, dx,
+               ph_args[0], H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, KW, sh, sw, *ph_args[1:], float(slope),
+               **flags, PRECISION=_precision(allow_tf32), UPCAST=_upcast(dy.dtype),
+               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **meta)
+    return dx
+
+
+def _sum_partials(part: torch.Tensor) -> torch.Tensor:
+    """Sum fp32 partials [S, ...] over S in a fixed order -> [...]."""
+    S, L = part.shape[0], part[0].numel()
+    out = torch.empty(part.shape[1:], device=part.device, dtype=torch.float32)
+    block = _p2(L, 16, 1 << 16) if _device.INTERPRETED else 1024
+    launch(_sum_partials_kernel, (triton.cdiv(L, block),), part, out, S, L, BLOCK=block)
+    return out
+
+
+def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias=False, allow_tf32=False,
+                 z=None, act="none", slope=0.01, grad_scale=None, splits=None):
+    """(dw fp32 [Cout,Cin/g,kh,kw], dbias fp32 [Cout] or None) from x [N,H,W,Cin] and dy [N,Ho,Wo,Cout].
+
+    The N*Ho*Wo reduction is cut into S splits (`splits` overrides the automatic
+    choice) whose fp32 partials are summed in a fixed order: deterministic.
+    act/z/grad_scale as in conv2d_dgrad.
+    """
+    _check_act(x, "x")
+    if x.dim() != 4 or not x.is_contiguous() or x.device != dy.device:
+        raise ValueError("conv2d_wgrad: x must be a contiguous NHWC tensor on dy's device")
+    stride, padding, dilation, Ho, Wo = _geometry(x.shape, w_shape, stride, padding, dilation, groups)
+    N, H, W, Cin = x.shape
+    Cout, Cin_g, KH, KW = w_shape
+    code = _check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
+    dy = dy.contiguous()
+    if dy.dtype != x.dtype:
+        raise ValueError(f"conv2d_wgrad: x is {x.dtype} but dy is {dy.dtype}")
+    z = z.contiguous() if code != 0 else None
+    G, Cout_g, K_g, P = groups, Cout // groups, KH * KW * Cin_g, N * Ho * Wo
+    flags = dict(ACT=code, HAS_SCALE=grad_scale is not None, NEED_BIAS=need_bias)
+    geo = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(slope))
+    if Cin_g == 1 and G > 1:  # depthwise: direct kernel, one program per (tap, channel tile, split)
+        bp, bn, meta = _dw_tiles(P, Cout)
+        c_tiles = triton.cdiv(Cout, bn)
+        S, per_split = _splits(triton.cdiv(P, bp), KH * KW * c_tiles, splits)
+        kernel, grid, dims = _dwconv_wgrad_kernel, (KH * KW, c_tiles, S), (Cout // Cin, KW)
+        consts = dict(BLOCK_P=bp, BLOCK_N=bn)
+    else:
+        if _device.INTERPRETED:
+            bk, bn, bp, meta = _p2(K_g, 16, 256), _p2(Cout_g, 16, 256), _p2(P, 16, 512), {}
+        else:
+            bk, bn, bp, meta = 64, _p2(Cout_g, 16, 64), 32, {"num_warps": 4, "num_stages": 3}
+        n_tiles = triton.cdiv(Cout_g, bn)
+        tiles = triton.cdiv(K_g, bk) * n_tiles
+        S, per_split = _splits(triton.cdiv(P, bp), tiles * G, splits)
+        kernel, grid, dims = _conv_wgrad_kernel, (tiles, S, G), (Cin_g, Cout_g, K_g, KW, n_tiles)
+        consts = dict(PRECISION=_precision(allow_tf32), UPCAST=_upcast(x.dtype), BLOCK_K=bk, BLOCK_N=bn, BLOCK_P=bp)
+    part = torch.empty((S, K_g, Cout), device=x.device, dtype=torch.float32)  # [S, K_g, Cout] partials
+    bpart = torch.empty((S, Cout), device=x.device, dtype=torch.float32) if need_bias else None
+    launch(kernel, grid, x, dy, z, grad_scale, part, bpart, P, per_split * bp, H, W, Cin, Ho, Wo, Cout,
+           *dims, *geo, **flags, **consts, **meta)
+    # [K_g, Cout] rows (r, s, ci) -> PyTorch's [Cout, Cin_g, KH, KW]
+    dw = _sum_partials(part).view(KH, KW, Cin_g, Cout).permute(3, 2, 0, 1).contiguous()
+    return dw, (_sum_partials(bpart) if need_bias else None)
+
+
+def act_backward(dy: torch.Tensor, z: torch.Tensor, code: int, slope: float) -> torch.Tensor:
+    """dz = act_grad(dy, z) materialised (contiguous, dy's dtype)."""
+    dz = torch.empty_like(dy)
+    numel = dy.numel()
+    block = _p2(numel, 16, 1 << 16) if _device.INTERPRETED else 1024
+    launch(_act_grad_kernel, (triton.cdiv(numel, block),), dy, z, dz, numel, float(slope), ACT=code, BLOCK=block)
+    return dz

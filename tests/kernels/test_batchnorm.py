@@ -1,0 +1,268 @@
+"""Batch norm (training and eval) fused with activations, forward and backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, check_against_torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import engine.device
+from engine.kernels import batchnorm as bn
+from engine.kernels import pointwise as pw
+
+
+# shared with test_pointwise.py (test modules don't import each other)
+ACTS = ["none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu"]
+SLOPE = 0.2
+
+
+def torch_act(z, act, slope=SLOPE):
+    return {
+        "none": lambda v: v,
+        "relu": F.relu,
+        "leaky_relu": lambda v: F.leaky_relu(v, slope),
+        "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh,
+        "gelu": F.gelu,
+        "silu": F.silu,
+    }[act](z)
+
+
+ALLOWED_ATEN = {
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "zeros", "zeros_like",
+    "new_zeros", "zero_", "fill_", "view", "_unsafe_view", "permute", "as_strided", "reshape", "clone",
+    "copy_", "detach", "_to_copy", "t", "expand", "slice", "alias", "lift_fresh", "select", "unsqueeze",
+    "squeeze", "contiguous", "resolve_conj", "resolve_neg",
+    # the Triton interpreter aliases each tensor argument's storage (set_); computes nothing
+    "set_",
+}
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def to_nchw(t):
+    return t.permute(0, 3, 1, 2) if t.dim() == 4 else t
+
+
+def to_nhwc(t):
+    return t.permute(0, 2, 3, 1) if t.dim() == 4 else t
+
+
+def ref_train(act, rm=None, rv=None, momentum=0.1, eps=1e-5):
+    def f(x, w, b):
+        y = F.batch_norm(to_nchw(x), rm, rv, w, b, training=True, momentum=momentum, eps=eps)
+        return to_nhwc(torch_act(y, act))
+
+    return f
+
+
+def ours_train(act, rm=None, rv=None, **kw):
+    return lambda x, w, b: bn.batch_norm_train(x, w, b, rm, rv, act=act, slope=SLOPE, **kw)
+
+
+def inputs(shape, dtype=torch.float32):
+    C = shape[-1]
+    x = (torch.randn(*shape) * 1.5 + 0.3).to(dtype).requires_grad_()
+    w = (torch.rand(C) + 0.5).requires_grad_()
+    b = torch.randn(C).requires_grad_()
+    return x, w, b
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(pw, "INTERP_TILE", 1024)  # C=70: 8-row tiles; C=17: 32-row tiles
+
+
+# ------------------------------------------------------------------- training
+@pytest.mark.parametrize("act", ACTS)
+def test_train_every_activation(act):
+    x, w, b = inputs((2, 7, 9, 10))
+    check_against_torch(ours_train(act), ref_train(act), [x, w, b])
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 5, 3, 17), (3, 5, 7, 70), (37, 10)])
+def test_train_shapes_many_blocks(shape, small_blocks):
+    x, w, b = inputs(shape)
+    check_against_torch(ours_train("relu"), ref_train("relu"), [x, w, b])
+
+
+def test_train_gpu_tiles(monkeypatch):
+    monkeypatch.setattr(engine.device, "INTERPRETED", False)
+    monkeypatch.setattr(pw, "GPU_TARGET_PARTIALS", 2)  # N_ITER > 1 in the split reductions
+    x, w, b = inputs((2, 7, 9, 70))
+    check_against_torch(ours_train("silu"), ref_train("silu"), [x, w, b])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_train_half(dtype):
+    x, w, b = inputs((2, 7, 9, 17), dtype)
+    out, _ = check_against_torch(ours_train("relu"), ref_train("relu"), [x, w, b])
+    assert out.dtype == dtype
+
+
+def test_train_affine_free():
+    x = torch.randn(2, 7, 9, 10).requires_grad_()
+    check_against_torch(
+        lambda v: bn.batch_norm_train(v, None, None, None, None, act="gelu"),
+        lambda v: to_nhwc(F.gelu(F.batch_norm(to_nchw(v), None, None, training=True))),
+        [x],
+    )
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+def test_running_stats_two_steps(momentum):
+    C = 17
+    rm, rv, nbt = torch.randn(C), torch.rand(C) + 0.5, torch.tensor(3, dtype=torch.int64)
+    rm_ref, rv_ref, nbt_ref = rm.double(), rv.double(), 3
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    for step in range(2):
+        x = torch.randn(2, 7, 9, C) * 2 + 1
+        bn.batch_norm_train(x, w, b, rm, rv, momentum=momentum, num_batches_tracked=nbt, act="relu")
+        nbt_ref += 1
+        m = momentum if momentum is not None else 1.0 / nbt_ref
+        F.batch_norm(to_nchw(x.double()), rm_ref, rv_ref, w.double(), b.double(), training=True, momentum=m)
+    assert nbt.item() == 5 and nbt.dtype == torch.int64
+    assert_close(rm, rm_ref, what="running_mean")
+    assert_close(rv, rv_ref, what="running_var")
+
+
+def test_running_stats_match_nn_module():
+    mod = torch.nn.BatchNorm2d(10, momentum=None).double()
+    rm, rv, nbt = torch.zeros(10), torch.ones(10), torch.tensor(0)
+    for _ in range(2):
+        x = torch.randn(1, 5, 3, 10)
+        bn.batch_norm_train(x, None, None, rm, rv, momentum=None, num_batches_tracked=nbt)
+        mod(to_nchw(x.double()))
+    assert nbt.item() == mod.num_batches_tracked.item()
+    assert_close(rm, mod.running_mean)
+    assert_close(rv, mod.running_var)
+
+
+def test_train_with_grads_and_running_stats(small_blocks):
+    C = 17
+    rm, rv = torch.zeros(C), torch.ones(C)
+    rm_ref, rv_ref = rm.double(), rv.double()
+    x, w, b = inputs((2, 7, 9, C))
+    check_against_torch(ours_train("leaky_relu", rm, rv), ref_train("leaky_relu", rm_ref, rv_ref), [x, w, b])
+    assert_close(rm, rm_ref)
+    assert_close(rv, rv_ref)
+
+
+def test_supplied_partials_match():
+    x, w, b = inputs((2, 7, 9, 10))
+    xd = x.detach()
+    rows = xd.reshape(-1, 10).double()
+    psum = torch.stack([rows[:50].sum(0), rows[50:].sum(0)]).float().contiguous()
+    psumsq = torch.stack([(rows[:50] ** 2).sum(0), (rows[50:] ** 2).sum(0)]).float().contiguous()
+    rm1, rv1, rm2, rv2 = torch.zeros(10), torch.ones(10), torch.zeros(10), torch.ones(10)
+    check_against_torch(
+        lambda v, ww, bb: bn.batch_norm_train(v, ww, bb, rm1, rv1, act="tanh", partials=(psum, psumsq)),
+        ref_train("tanh"), [x, w, b],
+    )
+    bn.batch_norm_train(xd, w.detach(), b.detach(), rm2, rv2)
+    assert_close(rm1, rm2)
+    assert_close(rv1, rv2)
+
+
+def test_backward_deterministic(small_blocks):
+    x, w, b = inputs((3, 5, 7, 70))  # 14 row blocks
+    dy = torch.randn(3, 5, 7, 70)
+    grads = []
+    for _ in range(2):
+        xx, ww, bb = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        bn.batch_norm_train(xx, ww, bb, None, None, act="gelu").backward(dy)
+        grads.append((xx.grad, ww.grad, bb.grad))
+    for g1, g2 in zip(*grads):
+        assert torch.equal(g1, g2)
+
+
+def test_train_validation():
+    x = torch.randn(1, 1, 1, 4)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        bn.batch_norm_train(x, None, None, None, None)
+    x = torch.randn(2, 3, 3, 4)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        bn.batch_norm_train(x, None, None, torch.zeros(4), torch.ones(4), momentum=None)
+    with pytest.raises(ValueError, match="both"):
+        bn.batch_norm_train(x, None, None, torch.zeros(4), None)
+    with pytest.raises(ValueError, match="shape \\[4\\]"):
+        bn.batch_norm_train(x, torch.ones(3), None, None, None)
+    with pytest.raises(ValueError, match="partials"):
+        bn.batch_norm_train(x, None, None, None, None, partials=(torch.zeros(2, 3), torch.zeros(2, 3)))
+
+
+# ----------------------------------------------------------------------- eval
+def test_eval_scale_shift_values():
+    C = 10
+    w, b, rm, rv = torch.randn(C), torch.randn(C), torch.randn(C), torch.rand(C) + 0.1
+    s, t = bn.bn_eval_scale_shift(w, b, rm, rv, 1e-3)
+    s_ref = w.double() / torch.sqrt(rv.double() + 1e-3)
+    assert_close(s, s_ref)
+    assert_close(t, b.double() - rm.double() * s_ref)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_eval_every_activation_with_grads(act):
+    C = 17
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    x, w, b = inputs((2, 7, 9, C))
+    check_against_torch(
+        lambda v, ww, bb: bn.batch_norm_eval(v, ww, bb, rm, rv, 1e-5, act, SLOPE),
+        lambda v, ww, bb: to_nhwc(torch_act(
+            F.batch_norm(to_nchw(v), rm.double(), rv.double(), ww, bb, training=False), act)),
+        [x, w, b],
+    )
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 3, 3), (3, 5, 7, 70)])
+def test_eval_shapes_many_blocks(shape, small_blocks):
+    C = shape[-1]
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    x, w, b = inputs(shape)
+    check_against_torch(
+        lambda v, ww, bb: bn.batch_norm_eval(v, ww, bb, rm, rv, act="relu"),
+        lambda v, ww, bb: to_nhwc(F.relu(F.batch_norm(to_nchw(v), rm.double(), rv.double(), ww, bb))),
+        [x, w, b],
+    )
+
+
+def test_eval_affine_free():
+    rm, rv = torch.randn(10), torch.rand(10) + 0.5
+    x = torch.randn(2, 3, 5, 10).requires_grad_()
+    check_against_torch(
+        lambda v: bn.batch_norm_eval(v, None, None, rm, rv),
+        lambda v: to_nhwc(F.batch_norm(to_nchw(v), rm.double(), rv.double())),
+        [x],
+    )
+
+
+# --------------------------------------------------------------- torch ops
+def test_no_torch_compute_ops_forward_backward():
+    C = 10
+    x = torch.randn(2, 7, 9, C, requires_grad=True)
+    x2 = torch.randn(2, 7, 9, C, requires_grad=True)
+    w = torch.rand(C, requires_grad=True)
+    b = torch.randn(C, requires_grad=True)
+    w2 = torch.rand(C, requires_grad=True)
+    b2 = torch.randn(C, requires_grad=True)
+    rm, rv, nbt = torch.zeros(C), torch.ones(C), torch.tensor(0)
+    dy = torch.randn(2, 7, 9, C)
+    rec = OpRecorder()
+    with rec:
+        y = bn.batch_norm_train(x, w, b, rm, rv, momentum=None, num_batches_tracked=nbt, act="gelu")
+        y.backward(dy)
+        y2 = bn.batch_norm_eval(x2, w2, b2, rm, rv, act="relu")
+        y2.backward(dy)
+    bad = rec.ops - ALLOWED_ATEN
+    assert not bad, f"torch compute ops used: {sorted(bad)}"
+    assert all(t.grad is not None for t in (x, w, b, x2, w2, b2))
+    assert nbt.item() == 1

@@ -1,0 +1,165 @@
+"""Fused linear layer (engine/kernels/linear.py) against torch, fp64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from engine import device
+from engine.kernels import launch as launch_mod
+from engine.kernels.linear import linear, linear_forward, linear_wgrad
+from helpers import assert_close, check_against_torch
+
+ACTS = {
+    "none": lambda z: z,
+    "relu": F.relu,
+    "leaky_relu": lambda z: F.leaky_relu(z, 0.01),
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+# Allocation, view and copy ops only. Besides the brief's list: empty_like/new_empty
+# (allocation) and set_ (Triton's CPU interpreter aliases kernel arguments' storage).
+ALLOWED_ATEN = {
+    "empty", "empty_strided", "empty_like", "new_empty", "zeros", "zero_", "view", "_unsafe_view",
+    "permute", "as_strided", "reshape", "clone", "copy_", "detach", "_to_copy", "t", "expand",
+    "slice", "alias", "lift_fresh", "fill_", "set_",
+}
+
+
+class _AtenRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _inputs(n, f, o, dtype=torch.float32, bias=True):
+    x = torch.randn(n, f).to(dtype).requires_grad_()
+    # 16-bit runs use weights representable in that dtype, so the kernel's cast of the
+    # fp32 weight tile to the compute dtype is exact and the fp64 reference is the same
+    # function (the interpreter's fp32->bf16 cast truncates instead of rounding).
+    w = (torch.randn(o, f) / f**0.5).to(dtype).float().requires_grad_()
+    b = torch.randn(o).requires_grad_() if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("n,f,o", [(1, 7, 10), (5, 70, 3), (300, 256, 10), (300, 7, 3)])
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_linear_fp32(n, f, o, act):
+    x, w, b = _inputs(n, f, o)
+    check_against_torch(lambda x, w, b: linear(x, w, b, act=act), lambda x, w, b: ACTS[act](F.linear(x, w, b)), [x, w, b])
+
+
+@pytest.mark.parametrize("act", ["leaky_relu", "sigmoid", "tanh", "silu"])
+def test_linear_other_acts(act):
+    x, w, b = _inputs(37, 70, 10)
+    check_against_torch(
+        lambda x, w, b: linear(x, w, b, act=act, slope=0.01), lambda x, w, b: ACTS[act](F.linear(x, w, b)), [x, w, b]
+    )
+
+
+def test_linear_leaky_slope():
+    x, w, b = _inputs(20, 9, 6)
+    check_against_torch(
+        lambda x, w, b: linear(x, w, b, act="leaky_relu", slope=0.2),
+        lambda x, w, b: F.leaky_relu(F.linear(x, w, b), 0.2),
+        [x, w, b],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,f,o,act", [(5, 70, 3, "gelu"), (300, 256, 10, "relu"), (1, 7, 10, "none")])
+def test_linear_half(dtype, n, f, o, act):
+    x, w, b = _inputs(n, f, o, dtype)
+    out, _ = check_against_torch(
+        lambda x, w, b: linear(x, w, b, act=act), lambda x, w, b: ACTS[act](F.linear(x, w, b)), [x, w, b]
+    )
+    assert out.dtype == dtype
+
+
+def test_linear_no_bias_and_frozen_input():
+    x, w, _ = _inputs(33, 70, 10)
+    x.requires_grad_(False)
+    check_against_torch(lambda x, w: linear(x, w, act="relu"), lambda x, w: F.relu(F.linear(x, w)), [x, w])
+
+
+def test_linear_bias_grad_only():
+    x, w, b = _inputs(17, 5, 3)
+    x.requires_grad_(False)
+    w.requires_grad_(False)
+    check_against_torch(lambda x, w, b: linear(x, w, b), F.linear, [x, w, b])
+
+
+def test_linear_save_pre_and_non_contiguous_x():
+    xt = torch.randn(70, 5)  # x = xt.T is a non-contiguous [5, 70] view
+    w = torch.randn(3, 70)
+    b = torch.randn(3)
+    y, z = linear_forward(xt.t(), w, b, act="tanh", save_pre=True)
+    ref_z = xt.t().double() @ w.double().t() + b.double()
+    assert_close(z, ref_z, what="z")
+    assert_close(y, torch.tanh(ref_z), what="y")
+
+
+def test_linear_split_k_wgrad_deterministic():
+    # N = 1100 > the interpreter's K block (512): wgrad runs 3 splits + the reduction kernel.
+    x, w, b = _inputs(1100, 7, 3)
+    check_against_torch(lambda x, w, b: linear(x, w, b, act="relu"), lambda x, w, b: F.relu(F.linear(x, w, b)), [x, w, b])
+    dy = torch.randn(1100, 3)
+    with launch_mod.recording() as specs:
+        dw1, db1 = linear_wgrad(dy, x.detach(), has_bias=True)
+    assert "_sum_partials_kernel" in {s.name for s in specs}
+    dw2, db2 = linear_wgrad(dy, x.detach(), has_bias=True)
+    assert torch.equal(dw1, dw2) and torch.equal(db1, db2)
+    assert_close(dw1, dy.double().t() @ x.detach().double(), what="dw")
+    assert_close(db1, dy.double().sum(0), what="db")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_gpu_tiles(monkeypatch, dtype):
+    # The GPU tile choice (64..128 tiles, BLOCK_K 32/64, split-K over many splits), run interpreted.
+    monkeypatch.setattr(device, "INTERPRETED", False)
+    x, w, b = _inputs(300, 70, 10, dtype)
+    with launch_mod.recording() as specs:
+        check_against_torch(
+            lambda x, w, b: linear(x, w, b, act="silu"), lambda x, w, b: F.silu(F.linear(x, w, b)), [x, w, b]
+        )
+    names = {s.name for s in specs}
+    assert {"_linear_fwd_kernel", "_linear_dgrad_kernel", "_linear_wgrad_kernel", "_sum_partials_kernel"} <= names
+    for s in specs:
+        c = dict(s.constexprs)
+        if "BLOCK_K" in c:
+            assert min(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) >= 16
+
+
+def test_linear_tf32_flag_recorded():
+    x, w, b = _inputs(8, 16, 16)
+    with launch_mod.recording() as specs:
+        y = linear(x.detach(), w.detach(), b.detach(), allow_tf32=True)
+    assert dict(specs[0].constexprs)["ALLOW_TF32"] is True
+    assert_close(y, F.linear(x.double(), w.double(), b.double()), tol="tf32")
+
+
+def test_linear_only_allocation_view_copy_aten_ops():
+    x, w, b = _inputs(37, 20, 10)
+    dy = torch.randn(37, 10)
+    with _AtenRecorder() as rec:
+        y = linear(x, w, b, act="gelu")
+        y.backward(dy)
+    assert x.grad is not None and w.grad is not None and b.grad is not None
+    assert rec.ops <= ALLOWED_ATEN, f"compute aten ops used: {sorted(rec.ops - ALLOWED_ATEN)}"
+
+
+def test_linear_shape_errors():
+    with pytest.raises(ValueError):
+        linear_forward(torch.randn(4, 5), torch.randn(3, 6))
+    with pytest.raises(ValueError):
+        linear_forward(torch.randn(4, 5), torch.randn(3, 5).double())
+    with pytest.raises(ValueError):
+        linear_forward(torch.randn(4, 5), torch.randn(3, 5), torch.randn(4))
+    with pytest.raises(ValueError):
+        linear_forward(torch.randn(4, 5), torch.randn(3, 5), act="swish")
