@@ -133,6 +133,14 @@ class Repeat:
 Stmt = Union[Input, Chain, Residual, Repeat]
 
 
+class Body(tuple):
+    """The statements of a `{ ... }`: a plain tuple (it compares equal to one)
+    that also remembers the line of its closing brace, so the formatter can
+    keep comments written just before that brace inside it."""
+
+    close_line: int = 0  # 0: unknown (a body built by hand)
+
+
 @dataclass(frozen=True)
 class Param:
     name: str

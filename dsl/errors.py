@@ -56,7 +56,8 @@ def _excerpt(source: str, pos: Pos, prefix: str = "    ") -> list[str]:
 
 
 def format_diagnostic(d: Diagnostic, source: str, filename: str) -> str:
-    out = [f"{filename}:{d.pos.line}:{d.pos.col}: error: {d.message}"]
+    where = f"{filename}:{d.pos.line}:{d.pos.col}" if d.pos.line else filename  # line 0: the whole file
+    out = [f"{where}: error: {d.message}"]
     out += _excerpt(source, d.pos)
     for note in d.notes:
         out.append(f"{filename}:{note.pos.line}:{note.pos.col}: note: {note.message}")

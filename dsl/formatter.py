@@ -65,10 +65,15 @@ class _Writer:
         while self.pending and not self.pending[0].own_line and self.pending[0].line < line:
             self.lines.append(indent + self.pending.pop(0).text)
 
-    def body(self, stmts, indent: str, close_line: int) -> None:
+    def body(self, stmts, indent: str) -> None:
         for s in stmts:
             self.stmt(s, indent)
+        close_line = _close(stmts)
         self.flush_until(close_line if close_line else 10**9, indent)
+
+    def close(self, text: str, stmts, indent: str) -> None:
+        """A closing line (`}`, `} shortcut {`), with a comment written after that brace."""
+        self.emit(text, getattr(stmts, "close_line", 0), indent)
 
     def stmt(self, s, indent: str) -> None:
         inner = indent + "    "
@@ -79,17 +84,28 @@ class _Writer:
             self.emit(f"{s.bind} = {text}" if s.bind else text, s.pos.line, indent)
         elif isinstance(s, ast.Residual):
             self.emit("residual {", s.pos.line, indent)
-            self.body(s.body, inner, _end(s.body))
+            self.body(s.body, inner)
             if s.shortcut is not None:
-                self.lines.append(indent + "} shortcut {")
-                self.body(s.shortcut, inner, _end(s.shortcut))
-            self.lines.append(indent + "}")
+                self.close("} shortcut {", s.body, indent)
+                self.body(s.shortcut, inner)
+                self.close("}", s.shortcut, indent)
+            else:
+                self.close("}", s.body, indent)
         elif isinstance(s, ast.Repeat):
             self.emit(f"repeat {_positional(s.count)} {{", s.pos.line, indent)
-            self.body(s.body, inner, _end(s.body))
-            self.lines.append(indent + "}")
+            self.body(s.body, inner)
+            self.close("}", s.body, indent)
         else:
             raise TypeError(s)
+
+
+def _close(stmts) -> int:
+    """The line of a body's closing brace: comments above it stay in the body."""
+    return getattr(stmts, "close_line", 0) or _end(stmts)
+
+
+def _simple_option(stmt) -> bool:
+    return isinstance(stmt, ast.Chain) and stmt.bind is None and len(stmt.layers) == 1
 
 
 def _end(stmts) -> int:
@@ -115,18 +131,23 @@ def format_program(program: ast.Program) -> str:
         if isinstance(item, ast.BlockDef):
             params = ", ".join(p.name if p.default is None else f"{p.name}={format_expr(p.default)}" for p in item.params)
             w.emit(f"block {item.name}({params}) {{", item.pos.line, "")
-            w.body(item.body, "    ", _end(item.body))
+            w.body(item.body, "    ")
+            w.close("}", item.body, "")
         elif isinstance(item, ast.Network):
             w.emit(f"network {item.name} {{", item.pos.line, "")
-            w.body(item.body, "    ", _end(item.body))
+            w.body(item.body, "    ")
+            w.close("}", item.body, "")
         else:
             w.emit("train {", item.pos.line, "")
-            width = max((len(o.layers[0].name) for o in item.options), default=0)
+            width = max((len(o.layers[0].name) for o in item.options if _simple_option(o)), default=0)
             for o in item.options:
+                if not _simple_option(o):
+                    w.stmt(o, "    ")  # not a train option (load rejects it), but keep it as written
+                    continue
                 layer = o.layers[0]
                 rest = format_layer(layer)[len(layer.name):].strip()
                 w.emit(f"{layer.name.ljust(width)} {rest}".rstrip(), o.pos.line, "    ")
-            w.flush_until(_end(item.options) or 10**9, "    ")
-        w.lines.append("}")
+            w.flush_until(_close(item.options) or 10**9, "    ")
+            w.close("}", item.options, "")
     w.flush_until(10**9, "")
     return "\n".join(w.lines) + "\n"

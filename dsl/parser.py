@@ -118,7 +118,9 @@ class _ToAst(Transformer):
         return ast.Input(ast.Dims(tuple(int(v) for v in str(tok).split("x")), _pos(tok)), _pos(meta))
 
     def body(self, meta, children):
-        return tuple(children)
+        body = ast.Body(children)
+        body.close_line = meta.end_line
+        return body
 
     def residual(self, meta, children):
         body, shortcut = children

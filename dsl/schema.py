@@ -6,6 +6,7 @@ reports every mismatch with the argument's position and a hint.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -141,7 +142,7 @@ class TypeMismatch(Exception):
 
 def _int(v: Any, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        hint = "use // for integer division" if isinstance(v, float) and v == int(v) else None
+        hint = "use // for integer division" if isinstance(v, float) and v.is_integer() else None
         raise TypeMismatch(f"{what} must be an integer, got {describe(v)}", hint)
     return v
 
@@ -169,6 +170,8 @@ def coerce(spec: ParamSpec, v: Any, what: str) -> Any:
     if t in ("float", "prob"):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeMismatch(f"{what} must be a number, got {describe(v)}")
+        if not math.isfinite(v):
+            raise TypeMismatch(f"{what} must be a finite number, got {describe(v)}")
         if t == "prob" and not 0.0 <= v < 1.0:
             raise TypeMismatch(f"{what} must be in [0, 1), got {v:g}")
         return float(v)

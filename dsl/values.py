@@ -21,6 +21,16 @@ class EvalError(Exception):
         self.message, self.pos, self.hint = message, pos, hint
 
 
+_ARITH = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b,
+    "//": lambda a, b: a // b,
+    "%": lambda a, b: a % b,
+}
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -50,17 +60,10 @@ def evaluate(expr: Expr, env: Mapping[str, Any]) -> Any:
             raise EvalError(f"'{expr.op}' needs numbers, got {describe(bad)}", expr.pos)
         if expr.op in ("/", "//", "%") and b == 0:
             raise EvalError("division by zero", expr.pos)
-        if expr.op == "+":
-            return a + b
-        if expr.op == "-":
-            return a - b
-        if expr.op == "*":
-            return a * b
-        if expr.op == "/":
-            return a / b
-        if expr.op == "//":
-            return a // b
-        return a % b
+        try:
+            return _ARITH[expr.op](a, b)
+        except OverflowError:
+            raise EvalError(f"'{expr.op}': result too large", expr.pos) from None
     raise TypeError(f"not an expression: {expr!r}")
 
 

@@ -210,17 +210,25 @@ def load_into_optimizer(ck: Checkpoint, optimizer: torch.optim.Optimizer) -> Non
 
 
 def init_from(ck: Checkpoint, model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """Copy tensors whose names and shapes match (transfer learning). Returns (loaded, skipped)."""
+    """Copy layers whose tensors all match by name and shape (transfer learning); a layer
+    with any mismatching tensor is skipped whole. Returns (loaded keys, skipped keys with reasons)."""
     sd = model.state_dict()
-    loaded, skipped = [], []
-    new = {}
-    for k, v in sd.items():
-        src = ck.model.get(k)
-        if src is not None and tuple(src.shape) == tuple(v.shape):
-            new[k] = src.to(v.dtype)
-            loaded.append(k)
+    layers: dict[str, list[str]] = {}
+    for k in sd:
+        layers.setdefault(k.rpartition(".")[0], []).append(k)
+    loaded, skipped, new = [], [], {}
+    for keys in layers.values():
+        why = {}
+        for k in keys:
+            src = ck.model.get(k)
+            if src is None:
+                why[k] = "absent"
+            elif tuple(src.shape) != tuple(sd[k].shape):
+                why[k] = f"shape {list(src.shape)} vs {list(sd[k].shape)}"
+        if why:
+            skipped += [f"{k} ({why.get(k, 'rest of its layer differs')})" for k in keys]
         else:
-            why = "absent" if src is None else f"shape {list(src.shape)} vs {list(v.shape)}"
-            skipped.append(f"{k} ({why})")
+            new.update({k: ck.model[k].to(sd[k].dtype) for k in keys})
+            loaded += keys
     model.load_state_dict(new, strict=False)
     return loaded, skipped

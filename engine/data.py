@@ -483,3 +483,14 @@ def batches(ds: Dataset, batch: int, *, order: torch.Tensor | None = None, drop_
 
 def _augments(cfg) -> bool:
     return bool(cfg.crop or cfg.flip or cfg.cutout)
+
+
+def renormalise(ds: Dataset, mean: Sequence[float], std: Sequence[float]) -> Dataset:
+    """Re-express a data set in another normalisation (a checkpoint's), as the network saw in training."""
+    if not mean or tuple(mean) == tuple(ds.mean) and tuple(std) == tuple(ds.std):
+        return ds
+    if len(mean) != ds.image_shape[0]:
+        return ds  # channel mismatch: check_compatible reports it
+    m0, s0 = torch.tensor(ds.mean)[None, :, None, None], torch.tensor(ds.std)[None, :, None, None]
+    x = normalise_images(ds.x * s0 + m0, mean, std)
+    return replace(ds, x=x, mean=tuple(mean), std=tuple(std))

@@ -29,7 +29,7 @@ class Spec:
 
 def read_source(source: str | Path) -> tuple[str, str]:
     """(text, filename) from a path or from program text."""
-    if isinstance(source, Path) or ("\n" not in source and "{" not in source):
+    if isinstance(source, Path) or (source and "\n" not in source and "{" not in source):
         path = Path(source)
         if not path.exists():
             raise FusenetError([Diagnostic(f"no such file: {path}", ast.Pos(0, 0))], "", str(path))

@@ -64,8 +64,6 @@ def _check_act(x: torch.Tensor, name: str = "x", ndim: int = 4) -> None:
         raise ValueError(f"{name} must be fp32, fp16 or bf16, got {x.dtype}")
     if not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (NHWC), got strides {x.stride()}")
-    if not _device.INTERPRETED and x.device.type != "cuda":
-        raise ValueError(f"{name} must be on a CUDA device, got {x.device}")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
 
@@ -87,7 +85,9 @@ def _tiles(P: int, C: int) -> tuple[int, int, int]:
 
 
 def _idx64(*tensors: torch.Tensor) -> bool:
-    return any(t.numel() > _INT32_MAX for t in tensors)
+    """64-bit index math when offsets could overflow int32. Always under the interpreter: it checks
+    every int32 add/mul for overflow (slow) but not int64 ones, so int64 is ~2x faster there."""
+    return _device.INTERPRETED or any(t.numel() > _INT32_MAX for t in tensors)
 
 
 def _pool_geometry(H, W, kernel_size, stride, padding):
@@ -239,12 +239,23 @@ def _avg_pool_bwd_kernel(
         th = ih + PH - i
         oh = th // SH
         vh = mask_p & (th >= 0) & (th % SH == 0) & (oh < OH)
-        dh = _avg_divisor(oh, SH, PH, KH, H, COUNT_PAD)  # [BLOCK_P]
+        # divisor of window (oh, ow) = dh * dw, PyTorch's rule (as _avg_divisor; inlined because
+        # nested jit calls are slow under the interpreter)
+        hs = oh * SH - PH
+        if COUNT_PAD:
+            dh = tl.minimum(hs + KH, H + PH) - hs  # [BLOCK_P]
+        else:
+            dh = tl.minimum(hs + KH, H) - tl.maximum(hs, 0)
         for j in tl.static_range(KW):
             tw = iw + PW - j
             ow = tw // SW
             v = vh & (tw >= 0) & (tw % SW == 0) & (ow < OW)
-            div = (dh * _avg_divisor(ow, SW, PW, KW, W, COUNT_PAD)).to(tl.float32)  # [BLOCK_P]
+            ws = ow * SW - PW
+            if COUNT_PAD:
+                dw = tl.minimum(ws + KW, W + PW) - ws
+            else:
+                dw = tl.minimum(ws + KW, W) - tl.maximum(ws, 0)
+            div = (dh * dw).to(tl.float32)  # [BLOCK_P]
             div = tl.where(v, div, 1.0)
             off = (((n * OH + oh) * OW + ow) * C)[:, None] + offs_c[None, :]
             m2 = v[:, None] & mask_c[None, :]

@@ -10,11 +10,12 @@ NCHW view:
   `src = max((o + 0.5) / F - 0.5, 0) = max(2o + 1 - F, 0) / (2F)`, computed in
   exact integer arithmetic: `i0 = floor(src)`, `lam = src - i0`, `i1 = min(i0 + 1,
   size - 1)`; `y = sum (1-lam_h or lam_h) * (1-lam_w or lam_w) * x[...]`. The
-  backward is a gather: input row `ih` can only be read by the `2F + 1` output
-  rows starting at `F*ih - (F+1)//2`; for each, the exact forward weight is
-  recomputed (`(1-lam)[i0 == ih] + lam[i1 == ih]`), which covers the clamp at 0
-  and the clamp at the last row (where `i0 == i1` and both weights land on the
-  same pixel).
+  backward is separable (rows, then columns, through an fp32 `[N, H, W*F, C]`
+  intermediate), each half a 1-D gather: input coordinate `x` can only be read
+  by the `2F + 1` output coordinates starting at `F*x - (F+1)//2`; for each,
+  the exact forward weight is recomputed (`(1-lam)[i0 == x] + lam[i1 == x]`),
+  which covers the clamp at 0 and the clamp at the last row (where `i0 == i1`
+  and both weights land on the same pixel).
 
 Blurpool (`blurpool(x, filt=3, stride=2)`, Zhang 2019, "Making convolutional
 networks shift-invariant again"), exactly:
@@ -26,13 +27,15 @@ networks shift-invariant again"), exactly:
     y_nchw = F.conv2d(xp, w2d.expand(C, 1, filt, filt), stride=stride, groups=C)
 
 so `OH = (H - 1) // stride + 1` (same for W); reflect padding needs `l, r < H, W`.
-The forward gathers `filt x filt` reflected taps (separable weights as a tiny
-fp32 tensor of the 1-D normalised binomial row). The backward is a gather that
-undoes the reflection: along each dim an input coordinate `x` is read at padded
-coordinate `x + l` (direct, taps 0..filt-1), at `-x + l` (left reflection, only
-for x >= 1 and taps < l) and at `2(size-1) - x + l` (right reflection, only for
-x <= size-2 and taps > l), so each input pixel sums over `(2*filt - 1)**2`
-candidate (output pixel, tap) pairs per dim pair, masked when impossible.
+The forward gathers `filt x filt` reflected taps (separable weights from a tiny
+fp32 tensor holding the 1-D normalised binomial row). The backward is separable
+(rows, then columns, through an fp32 `[N, H, OW, C]` intermediate), each half a
+1-D gather that undoes the reflection: along a dim an input coordinate `x` is
+read at padded coordinate `x + l` (direct, taps 0..filt-1), at `-x + l` (left
+mirror image, only for x >= 1 and taps < l) and at `2(size-1) - x + l` (right
+mirror image, only for x <= size-2 and taps > l), i.e. `2*filt - 1` candidate
+(output coordinate, tap) pairs, each masked unless `padded - tap` is a
+multiple of the stride inside the output.
 
 Filter sizes 1..7; filter 1 is plain strided subsampling.
 """
@@ -64,8 +67,6 @@ def _check_act(x: torch.Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must be fp32, fp16 or bf16, got {x.dtype}")
     if not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (NHWC), got strides {x.stride()}")
-    if not _device.INTERPRETED and x.device.type != "cuda":
-        raise ValueError(f"{name} must be on a CUDA device, got {x.device}")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
 
@@ -86,7 +87,9 @@ def _tiles(P: int, C: int) -> tuple[int, int, int]:
 
 
 def _idx64(*tensors: torch.Tensor) -> bool:
-    return any(t.numel() > _INT32_MAX for t in tensors)
+    """64-bit index math when offsets could overflow int32. Always under the interpreter: it checks
+    every int32 add/mul for overflow (slow) but not int64 ones, so int64 is ~2x faster there."""
+    return _device.INTERPRETED or any(t.numel() > _INT32_MAX for t in tensors)
 
 
 def _mode_code(mode: str) -> int:
@@ -133,7 +136,9 @@ def _pixel_tile(pid_p, pid_c, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr
 
 
 # ----------------------------------------------------------------------------
-# upsample kernels
+# kernels
+# Note: helper @triton.jit calls are costly under the interpreter (it re-patches the
+# language on each call), so per-tap index math is written inline in the loops.
 # ----------------------------------------------------------------------------
 @triton.jit
 def _bilinear_src(o, FACTOR: tl.constexpr, size):
@@ -179,22 +184,10 @@ def _upsample_fwd_kernel(
 
 
 @triton.jit
-def _bilinear_bwd_weight(x, d: tl.constexpr, FACTOR: tl.constexpr, size, out_size):
-    """Output coordinate number d of the 2F+1 that may read input coordinate x, and its weight."""
-    o = x * FACTOR - (FACTOR + 1) // 2 + d  # [BLOCK_P]
-    valid = (o >= 0) & (o < out_size)
-    i0, i1, lam = _bilinear_src(o, FACTOR, size)
-    w = tl.where(i0 == x, 1.0 - lam, 0.0) + tl.where(i1 == x, lam, 0.0)
-    w = tl.where(valid, w, 0.0)
-    return o, w
-
-
-@triton.jit
-def _upsample_bwd_kernel(
+def _upsample_nearest_bwd_kernel(
     dy_ptr, dx_ptr,  # dy [N,OH,OW,C]; dx [N,H,W,C]
     P, C, H, W, OH, OW,  # P = N*H*W input pixels
-    FACTOR: tl.constexpr, MODE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+    FACTOR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
     offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
     iw = offs_p % W  # [BLOCK_P]
@@ -204,26 +197,120 @@ def _upsample_bwd_kernel(
     m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
     cc = offs_c[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C] dx accumulator
-    if MODE == 0:
-        for a in tl.static_range(FACTOR):
-            row = (n * OH + ih * FACTOR + a) * OW  # [BLOCK_P]
-            for b in tl.static_range(FACTOR):
-                off = ((row + iw * FACTOR + b) * C)[:, None] + cc
-                acc += tl.load(dy_ptr + off, mask=m2, other=0.0).to(tl.float32)
-    else:
-        for a in tl.static_range(2 * FACTOR + 1):
-            oh, wh = _bilinear_bwd_weight(ih, a, FACTOR, H, OH)  # [BLOCK_P] each
-            row = (n * OH + oh) * OW
-            for b in tl.static_range(2 * FACTOR + 1):
-                ow, ww = _bilinear_bwd_weight(iw, b, FACTOR, W, OW)
-                wgt = wh * ww  # [BLOCK_P] (0 where the pair does not read this pixel)
-                m = m2 & (wgt != 0.0)[:, None]
-                off = ((row + ow) * C)[:, None] + cc
-                acc += wgt[:, None] * tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+    for a in tl.static_range(FACTOR):
+        row = (n * OH + ih * FACTOR + a) * OW  # [BLOCK_P]
+        for b in tl.static_range(FACTOR):
+            off = ((row + iw * FACTOR + b) * C)[:, None] + cc
+            acc += tl.load(dy_ptr + off, mask=m2, other=0.0).to(tl.float32)
     out = (offs_p * C)[:, None] + cc
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m2)
 
 
+@triton.jit
+def _transposed_1d_kernel(
+    src_ptr, w_ptr, dst_ptr,  # src [OUTER, OUT_SIZE, INNER, C] gradient; w fp32 [FILT] (blur); dst [OUTER, SIZE, INNER, C]
+    P, C, SIZE, OUT_SIZE, INNER,  # P = OUTER*SIZE*INNER destination pixels
+    KIND: tl.constexpr,  # 0: bilinear upsample by FACTOR, 1: blurpool (FILT, L, STRIDE)
+    FACTOR: tl.constexpr, FILT: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+):
+    """One separable half of a backward: dst[x] = sum_o weight(o, x) * src[o] along one dim, as a gather."""
+    offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
+    inner = offs_p % INNER  # [BLOCK_P]
+    t = offs_p // INNER
+    x = t % SIZE  # [BLOCK_P] coordinate along the resampled dim
+    outer = t // SIZE
+    m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
+    cc = offs_c[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C]
+    if KIND == 0:
+        # bilinear: the 2F+1 output coordinates from F*x - (F+1)//2 are the only ones whose
+        # source interval reaches x; recompute each one's exact forward weight for x.
+        for d in tl.static_range(2 * FACTOR + 1):
+            o = x * FACTOR - (FACTOR + 1) // 2 + d  # [BLOCK_P]
+            num = tl.maximum(2 * o + 1 - FACTOR, 0)  # source * 2F, clamped at 0
+            i0 = num // (2 * FACTOR)
+            lam = (num - i0 * (2 * FACTOR)).to(tl.float32) / (2 * FACTOR)
+            i1 = tl.minimum(i0 + 1, SIZE - 1)
+            w = tl.where(i0 == x, 1.0 - lam, 0.0) + tl.where(i1 == x, lam, 0.0)  # [BLOCK_P]
+            ok = (o >= 0) & (o < OUT_SIZE) & (w != 0.0)
+            off = (((outer * OUT_SIZE + o) * INNER + inner) * C)[:, None] + cc
+            acc += w[:, None] * tl.load(src_ptr + off, mask=m2 & ok[:, None], other=0.0).to(tl.float32)
+    else:
+        # blurpool: output o reads padded coordinate o*STRIDE + tap, i.e. unpadded r = o*STRIDE + tap - L,
+        # reflected into [0, SIZE). Slots 0..FILT-1: r = x (tap a); FILT..FILT+L-1: r = -x (left mirror,
+        # taps 0..L-1, x >= 1); the rest: r = 2(SIZE-1) - x (right mirror, taps L+1..FILT-1, x <= SIZE-2).
+        # A border pixel mirrors onto itself, which the direct slots already count.
+        for a in tl.static_range(2 * FILT - 1):
+            if a < FILT:
+                tap = a
+                tt = x + (L - tap)  # [BLOCK_P] = o * STRIDE when this (o, tap) reads x
+                ok = x >= 0
+            elif a < FILT + L:
+                tap = a - FILT
+                tt = (L - tap) - x
+                ok = x >= 1
+            else:
+                tap = a - FILT + 1
+                tt = (2 * SIZE - 2 + L - tap) - x
+                ok = x <= SIZE - 2
+            o = tt // STRIDE
+            ok = ok & (tt >= 0) & (tt % STRIDE == 0) & (o < OUT_SIZE)
+            off = (((outer * OUT_SIZE + o) * INNER + inner) * C)[:, None] + cc
+            acc += tl.load(w_ptr + tap) * tl.load(src_ptr + off, mask=m2 & ok[:, None], other=0.0).to(tl.float32)
+    out = (offs_p * C)[:, None] + cc
+    tl.store(dst_ptr + out, acc.to(dst_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _blurpool_fwd_kernel(
+    x_ptr, w_ptr, y_ptr,  # x [N,H,W,C]; w fp32 [FILT] normalised 1-D row; y [N,OH,OW,C]
+    P, C, H, W, OH, OW,  # P = N*OH*OW output pixels
+    FILT: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+):
+    offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
+    ow = offs_p % OW  # [BLOCK_P]
+    t = offs_p // OW
+    oh = t % OH
+    n = t // OH
+    m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
+    cc = offs_c[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C]
+    for i in range(FILT):  # runtime loop, inner taps unrolled
+        ih = oh * STRIDE + i - L  # [BLOCK_P] unpadded row, then reflected (pad < H)
+        ih = tl.where(ih < 0, -ih, ih)
+        ih = tl.where(ih > H - 1, 2 * (H - 1) - ih, ih)
+        wi = tl.load(w_ptr + i)
+        row = (n * H + ih) * W
+        for j in tl.static_range(FILT):
+            iw = ow * STRIDE + (j - L)
+            iw = tl.where(iw < 0, -iw, iw)
+            iw = tl.where(iw > W - 1, 2 * (W - 1) - iw, iw)
+            wij = wi * tl.load(w_ptr + j)
+            acc += wij * tl.load(x_ptr + ((row + iw) * C)[:, None] + cc, mask=m2, other=0.0).to(tl.float32)
+    out = (offs_p * C)[:, None] + cc
+    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=m2)
+
+
+def _separable_backward(dy, w, x_shape, OH, OW, kind, factor=1, filt=1, left=0, stride=1):
+    """Rows first (dy [N,OH,OW,C] -> fp32 tmp [N,H,OW,C]), then columns (-> dx [N,H,W,C])."""
+    N, H, W, C = x_shape
+    tmp = torch.empty((N, H, OW, C), device=dy.device, dtype=torch.float32)
+    dx = torch.empty((N, H, W, C), device=dy.device, dtype=dy.dtype)
+    for src, dst, size, out_size, inner in ((dy, tmp, H, OH, OW), (tmp, dx, W, OW, 1)):
+        P = dst.numel() // C
+        bp, bc, nw = _tiles(P, C)
+        grid = (triton.cdiv(P, bp), triton.cdiv(C, bc))
+        launch(_transposed_1d_kernel, grid, src, w, dst, P, C, size, out_size, inner,
+               KIND=kind, FACTOR=factor, FILT=filt, L=left, STRIDE=stride,
+               BLOCK_P=bp, BLOCK_C=bc, IDX64=_idx64(src, dst), num_warps=nw)
+    return dx
+
+
+# ----------------------------------------------------------------------------
+# upsample launchers
+# ----------------------------------------------------------------------------
 def upsample_forward(x: torch.Tensor, factor: int, mode: str = "nearest") -> torch.Tensor:
     """Upsample NHWC `x` by integer `factor` -> [N, H*F, W*F, C] in x.dtype."""
     _check_act(x)
@@ -241,7 +328,10 @@ def upsample_forward(x: torch.Tensor, factor: int, mode: str = "nearest") -> tor
 
 
 def upsample_backward(dy: torch.Tensor, x_shape, factor: int, mode: str = "nearest") -> torch.Tensor:
-    """dx [N,H,W,C] (dy's dtype) of `upsample_forward`, by gather (no atomics)."""
+    """dx [N,H,W,C] (dy's dtype) of `upsample_forward`, by gather (no atomics).
+
+    Nearest: one kernel summing the F x F block. Bilinear: separable, two 1-D gathers
+    through an fp32 [N, H, W*F, C] intermediate."""
     f = _factor(factor)
     code = _mode_code(mode)
     N, H, W, C = (int(s) for s in x_shape)
@@ -250,12 +340,14 @@ def upsample_backward(dy: torch.Tensor, x_shape, factor: int, mode: str = "neare
     _check_act(dy, "dy")
     if tuple(dy.shape) != (N, OH, OW, C):
         raise ValueError(f"dy {tuple(dy.shape)} does not match the output shape {(N, OH, OW, C)}")
+    if code == 1:
+        return _separable_backward(dy, dy, (N, H, W, C), OH, OW, kind=0, factor=f)
     dx = torch.empty((N, H, W, C), device=dy.device, dtype=dy.dtype)
     P = N * H * W
     bp, bc, nw = _tiles(P, C)
     grid = (triton.cdiv(P, bp), triton.cdiv(C, bc))
-    launch(_upsample_bwd_kernel, grid, dy, dx, P, C, H, W, OH, OW,
-           FACTOR=f, MODE=code, BLOCK_P=bp, BLOCK_C=bc, IDX64=_idx64(dx, dy), num_warps=nw)
+    launch(_upsample_nearest_bwd_kernel, grid, dy, dx, P, C, H, W, OH, OW,
+           FACTOR=f, BLOCK_P=bp, BLOCK_C=bc, IDX64=_idx64(dx, dy), num_warps=nw)
     return dx
 
 
@@ -278,95 +370,8 @@ def upsample(x: torch.Tensor, factor: int, mode: str = "nearest") -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------
-# blurpool kernels
+# blurpool launchers
 # ----------------------------------------------------------------------------
-@triton.jit
-def _reflect(r, size):
-    """Reflect a padded coordinate (pad < size) back into [0, size)."""
-    r = tl.where(r < 0, -r, r)
-    return tl.where(r > size - 1, 2 * (size - 1) - r, r)
-
-
-@triton.jit
-def _blur_bwd_slot(x, w_ptr, a: tl.constexpr, FILT: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
-                   size, out_size):
-    """Slot a of the 2*FILT-1 (output coordinate, tap) pairs that may read input coordinate x.
-
-    Slots 0..FILT-1: direct, tap a. Slots FILT..FILT+L-1: left reflection, tap a-FILT
-    (0..L-1). Slots FILT+L..2*FILT-2: right reflection, tap a-FILT+1 (L+1..FILT-1).
-    Returns (output coordinate, valid mask, tap weight).
-    """
-    if a < FILT:
-        t = x + L - a  # [BLOCK_P] padded coordinate minus tap = o * STRIDE if valid
-        ok = x >= 0
-        w = tl.load(w_ptr + a)
-    elif a < FILT + L:
-        t = L - x - (a - FILT)
-        ok = x >= 1  # x == 0 reflects onto itself: already counted as direct
-        w = tl.load(w_ptr + (a - FILT))
-    else:
-        t = 2 * (size - 1) - x + L - (a - FILT + 1)
-        ok = x <= size - 2  # x == size-1 reflects onto itself
-        w = tl.load(w_ptr + (a - FILT + 1))
-    o = t // STRIDE
-    ok = ok & (t >= 0) & (t % STRIDE == 0) & (o < out_size)
-    return o, ok, w
-
-
-@triton.jit
-def _blurpool_fwd_kernel(
-    x_ptr, w_ptr, y_ptr,  # x [N,H,W,C]; w fp32 [FILT] normalised 1-D row; y [N,OH,OW,C]
-    P, C, H, W, OH, OW,  # P = N*OH*OW output pixels
-    FILT: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
-):
-    offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    ow = offs_p % OW  # [BLOCK_P]
-    t = offs_p // OW
-    oh = t % OH
-    n = t // OH
-    m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
-    cc = offs_c[None, :]
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C]
-    for i in tl.static_range(FILT):
-        ih = _reflect(oh * STRIDE + i - L, H)  # [BLOCK_P]
-        wi = tl.load(w_ptr + i)
-        row = (n * H + ih) * W
-        for j in tl.static_range(FILT):
-            iw = _reflect(ow * STRIDE + j - L, W)
-            wij = wi * tl.load(w_ptr + j)
-            acc += wij * tl.load(x_ptr + ((row + iw) * C)[:, None] + cc, mask=m2, other=0.0).to(tl.float32)
-    out = (offs_p * C)[:, None] + cc
-    tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=m2)
-
-
-@triton.jit
-def _blurpool_bwd_kernel(
-    dy_ptr, w_ptr, dx_ptr,  # dy [N,OH,OW,C]; w fp32 [FILT]; dx [N,H,W,C]
-    P, C, H, W, OH, OW,  # P = N*H*W input pixels
-    FILT: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
-):
-    offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    iw = offs_p % W  # [BLOCK_P]
-    t = offs_p // W
-    ih = t % H
-    n = t // H
-    m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
-    cc = offs_c[None, :]
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C]
-    for a in tl.static_range(2 * FILT - 1):
-        oh, okh, wi = _blur_bwd_slot(ih, w_ptr, a, FILT, L, STRIDE, H, OH)  # [BLOCK_P], [BLOCK_P], scalar
-        row = (n * OH + oh) * OW
-        for b in tl.static_range(2 * FILT - 1):
-            ow, okw, wj = _blur_bwd_slot(iw, w_ptr, b, FILT, L, STRIDE, W, OW)
-            wij = wi * wj
-            m = m2 & (okh & okw)[:, None]
-            acc += wij * tl.load(dy_ptr + ((row + ow) * C)[:, None] + cc, mask=m, other=0.0).to(tl.float32)
-    out = (offs_p * C)[:, None] + cc
-    tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m2)
-
-
 def _blur_geometry(H: int, W: int, filt: int, stride: int):
     blur_weights(filt)  # validates filt
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
@@ -393,7 +398,8 @@ def blurpool_forward(x: torch.Tensor, filt: int = 3, stride: int = 2) -> torch.T
 
 
 def blurpool_backward(dy: torch.Tensor, x_shape, filt: int = 3, stride: int = 2) -> torch.Tensor:
-    """dx [N,H,W,C] (dy's dtype) of `blurpool_forward`, by gather through the reflection."""
+    """dx [N,H,W,C] (dy's dtype) of `blurpool_forward`: separable gathers through the reflection
+    (rows, then columns, via an fp32 [N, H, OW, C] intermediate)."""
     N, H, W, C = (int(s) for s in x_shape)
     left, OH, OW = _blur_geometry(H, W, filt, stride)
     dy = dy.contiguous()
@@ -401,13 +407,7 @@ def blurpool_backward(dy: torch.Tensor, x_shape, filt: int = 3, stride: int = 2)
     if tuple(dy.shape) != (N, OH, OW, C):
         raise ValueError(f"dy {tuple(dy.shape)} does not match the output shape {(N, OH, OW, C)}")
     w = _blur_weight_tensor(filt, dy.device)
-    dx = torch.empty((N, H, W, C), device=dy.device, dtype=dy.dtype)
-    P = N * H * W
-    bp, bc, nw = _tiles(P, C)
-    grid = (triton.cdiv(P, bp), triton.cdiv(C, bc))
-    launch(_blurpool_bwd_kernel, grid, dy, w, dx, P, C, H, W, OH, OW,
-           FILT=filt, L=left, STRIDE=stride, BLOCK_P=bp, BLOCK_C=bc, IDX64=_idx64(dx, dy), num_warps=nw)
-    return dx
+    return _separable_backward(dy, w, (N, H, W, C), OH, OW, kind=1, filt=filt, left=left, stride=stride)
 
 
 class BlurPoolFn(torch.autograd.Function):

@@ -1,0 +1,272 @@
+"""`fusenet train | eval | predict | extract`: argparse subcommands and their handlers.
+
+`add_commands(subparsers)` registers the four commands; each handler takes the
+parsed arguments and returns an exit code. Errors meant for the user
+(FusenetTrainError, spec errors from dsl/) print one clean message and return 1;
+Ctrl-C returns 130 with the last checkpoint kept.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from engine.data import FusenetTrainError
+
+BACKENDS = ("triton", "torch")
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+
+
+def compile_fn():
+    """`engine.compile` (a function or a module holding `compile`); FUSENET_COMPILE=module:function
+    substitutes another one (the tests use it for a stand-in model)."""
+    hook = os.environ.get("FUSENET_COMPILE")
+    if hook:
+        mod, _, fn = hook.partition(":")
+        return getattr(importlib.import_module(mod), fn or "compile")
+    import engine
+
+    fn = getattr(engine, "compile", None)
+    if fn is None:
+        try:
+            fn = importlib.import_module("engine.compile")
+        except ImportError as e:
+            raise FusenetTrainError(f"the network compiler engine.compile is not available ({e})") from None
+    if not callable(fn):
+        fn = getattr(fn, "compile")
+    return fn
+
+
+def _compile(spec: str, backend: str, precision=None):
+    if not os.path.isfile(spec):
+        raise FusenetTrainError(f"spec file '{spec}' does not exist")
+    return compile_fn()(spec, backend=backend, precision=precision)
+
+
+def _config(model, args):
+    cfg = model.train_config
+    rep = {k: getattr(args, k) for k in ("epochs", "batch", "data", "precision") if getattr(args, k, None) is not None}
+    cfg = dataclasses.replace(cfg, **rep)
+    if getattr(args, "lr", None) is not None:
+        cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=args.lr))
+    for k in ("epochs", "batch"):
+        if getattr(cfg, k) < 1:
+            raise FusenetTrainError(f"--{k} must be at least 1")
+    return cfg
+
+
+def _run_dir(args, name: str, resume: bool) -> Path:
+    from engine.train import CHECKPOINT
+
+    if args.out:
+        out = Path(args.out)
+        if not resume and (out / CHECKPOINT).exists():
+            raise FusenetTrainError(
+                f"{out} already holds a checkpoint; continue it with --resume, or pick another --out")
+        return out
+    base = Path("runs") / name
+    candidates = [base] + [Path(f"{base}-{i}") for i in range(2, 1000)]
+    if resume:
+        existing = [p for p in candidates if (p / CHECKPOINT).exists()]
+        if not existing:
+            raise FusenetTrainError(f"nothing to resume: no checkpoint under {base}; name the run with --out")
+        return existing[-1]
+    return next(p for p in candidates if not (p / CHECKPOINT).exists())
+
+
+def cmd_train(args) -> int:
+    from engine import train as T
+
+    dist = T.setup_distributed()
+    try:
+        model = _compile(args.file, args.backend, args.precision)
+        cfg = _config(model, args)
+        out = _run_dir(args, model.name, args.resume)
+        if dist.world > 1:  # every process must agree on the folder
+            import torch.distributed as tdist
+
+            box = [str(out)]
+            tdist.broadcast_object_list(box, src=0)
+            out = Path(box[0])
+        res = T.run_training(model, cfg, out, backend=args.backend, resume=args.resume, init=args.init,
+                             progress=not args.no_progress and sys.stderr.isatty(), dist=dist)
+        if dist.main:
+            print(f"outputs in {res.out_dir}/: model.safetensors, metrics.csv, curves.png, predictions.png")
+        return 0
+    finally:
+        if dist.world > 1:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+def _eval_data(model, ck, args):
+    from engine import data as D
+
+    meta = ck.meta.get("data", {})
+    cfg = model.train_config
+    name = args.data or cfg.data
+    ds = D.load_dataset(name, input_shape=model.input_shape, num_classes=int(model.output_shape[0]),
+                        seed=meta.get("seed", cfg.seed))
+    ds = D.renormalise(ds, meta.get("mean", ()), meta.get("std", ()))
+    if meta.get("classes") and len(meta["classes"]) == len(ds.classes):
+        ds = dataclasses.replace(ds, classes=list(meta["classes"]))
+    D.check_compatible(ds, model.input_shape, model.output_shape, model.name)
+    return ds
+
+
+def _load(args):
+    from engine import checkpoint as C
+
+    model = _compile(args.file, args.backend)
+    ck = C.load_checkpoint(args.checkpoint)
+    C.load_into_model(ck, model, model.name)
+    model.eval()
+    return model, ck
+
+
+def cmd_eval(args) -> int:
+    from engine import data as D
+    from engine import report
+    from engine import train as T
+
+    model, ck = _load(args)
+    ds = _eval_data(model, ck, args)
+    meta = ck.meta.get("data", {})
+    what = f"all of {ds.name}"
+    if not args.data and not args.all:
+        split = float(meta.get("split", model.train_config.split))
+        if split > 0:
+            _, ds = D.split(ds, split, int(meta.get("seed", model.train_config.seed)))
+            what = f"the validation split of {ds.name} ({split:g}, seed {meta.get('seed', model.train_config.seed)})"
+    k = int(model.output_shape[0])
+    res = T.evaluate(model, ds, T.loss_fn(args.backend), batch=args.batch, num_classes=k)
+    print(f"{model.name}, checkpoint {args.checkpoint} (epoch {ck.epoch}), on {what}")
+    print(report.format_eval(res, ds.classes, ds.task))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    from engine import data as D
+    from engine import train as T
+
+    model, ck = _load(args)
+    meta = ck.meta.get("data", {})
+    classes = meta.get("classes") or [str(i) for i in range(int(model.output_shape[0]))]
+    x = torch.stack([D.load_image(p, model.input_shape) for p in args.images])
+    if meta.get("mean"):
+        x = D.normalise_images(x, meta["mean"], meta["std"])
+    prob = torch.softmax(T.predict(model, x).float(), dim=1)
+    name = lambda i: classes[i] if i < len(classes) else str(i)  # noqa: E731
+    for path, p in zip(args.images, prob):
+        if p.ndim == 1:
+            top = torch.topk(p, min(args.top, p.numel()))
+            print(f"{path}: " + ", ".join(f"{name(int(i))} {v * 100:.1f}%" for v, i in zip(top.values, top.indices)))
+        else:  # segmentation: share of pixels per predicted class
+            share = torch.bincount(p.argmax(0).flatten(), minlength=p.shape[0]).float() / p[0].numel()
+            print(f"{path}: pixels " + ", ".join(f"{name(i)} {v * 100:.1f}%" for i, v in enumerate(share.tolist())))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    import numpy as np
+    import torch
+
+    model, ck = _load(args)
+    taps = getattr(model, "tap_layers", {}) or {}
+    if args.tap not in taps:
+        raise FusenetTrainError(
+            f"no tap named '{args.tap}' in network '{model.name}' (named taps: {', '.join(taps) or 'none'})")
+    ds = _eval_data(model, ck, args)
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(ds), args.batch):
+            _, t = model(ds.x[i:i + args.batch], taps=(args.tap,))
+            feats.append(t[args.tap].float().cpu())
+    f = torch.cat(feats).numpy()
+    out = Path(args.out or f"{model.name}_{args.tap}_features.npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, features=f, labels=ds.y.numpy(), tap=np.array(args.tap), classes=np.array(ds.classes))
+    print(f"wrote {out}: features {list(f.shape)} of tap '{args.tap}' for {len(ds)} images of {ds.name}")
+    return 0
+
+
+def _safe(handler):
+    """Run a handler: user errors as one clean line (exit 1), Ctrl-C as exit 130, no traceback."""
+
+    def run(args) -> int:
+        try:
+            return handler(args)
+        except FusenetTrainError as e:
+            print(f"fusenet {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"\nfusenet {args.command}: interrupted; the last checkpoint is kept "
+                  "(continue with --resume)", file=sys.stderr)
+            return 130
+        except Exception as e:  # spec errors from the DSL carry their own formatted message
+            if type(e).__module__.split(".")[0] == "dsl":
+                print(str(e), file=sys.stderr)
+                return 1
+            raise
+
+    return run
+
+
+def add_commands(subparsers) -> None:
+    """Register train, eval, predict and extract on an argparse subparsers object."""
+    def common(p, checkpoint: bool):
+        p.add_argument("file", help="network spec (.cnn)")
+        p.add_argument("--backend", choices=BACKENDS, default="triton", help="fused Triton kernels or the PyTorch reference")
+        if checkpoint:
+            p.add_argument("--checkpoint", required=True, help="a model.safetensors written by fusenet train")
+            p.add_argument("--batch", type=int, default=512, help="images per forward pass")
+
+    p = subparsers.add_parser("train", help="train a network on the data its train section names")
+    common(p, False)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch", type=int, help="global batch (split over processes under torchrun)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--data", help="digits | mnist5k | shapes | a path (image folder, .npz, IDX, CIFAR-10 batches)")
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--out", help="run folder (default runs/<network>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from another checkpoint's matching layers")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_safe(cmd_train), command="train")
+
+    p = subparsers.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
+    common(p, True)
+    p.add_argument("--data", help="evaluate on all of this data set instead of the validation split")
+    p.add_argument("--all", action="store_true", help="evaluate on the whole data set, not the validation split")
+    p.set_defaults(func=_safe(cmd_eval), command="eval")
+
+    p = subparsers.add_parser("predict", help="top-k classes for image files")
+    common(p, True)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top", type=int, default=3)
+    p.set_defaults(func=_safe(cmd_predict), command="predict")
+
+    p = subparsers.add_parser("extract", help="write a named tap's features for a data set to .npz")
+    common(p, True)
+    p.add_argument("--tap", required=True)
+    p.add_argument("--data", help="data set (default: the spec's)")
+    p.add_argument("--out", help="output .npz (default <network>_<tap>_features.npz)")
+    p.set_defaults(func=_safe(cmd_extract), command="extract")
+
+
+def main(argv=None) -> int:  # temporary entry point until engine/cli.py wires add_commands
+    parser = argparse.ArgumentParser(prog="fusenet")
+    add_commands(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Pooling kernels (engine/kernels/pool.py) against torch.nn.functional, forward and input gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import check_against_torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import engine.device
+from engine.kernels import pool
+
+ALLOWED_ATEN = {
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "zeros", "zeros_like",
+    "new_zeros", "zero_", "fill_", "view", "_unsafe_view", "permute", "as_strided", "reshape", "clone",
+    "copy_", "detach", "_to_copy", "t", "expand", "slice", "alias", "lift_fresh", "select", "unsqueeze",
+    "squeeze", "contiguous", "resolve_conj", "resolve_neg",
+    # the Triton interpreter aliases each tensor argument's storage (set_); computes nothing
+    "set_",
+}
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def nhwc(fn):
+    """Wrap an NHWC op so it takes and returns NCHW (permutes are copies, not arithmetic)."""
+
+    def wrapped(x, *args, **kwargs):
+        y = fn(x.permute(0, 2, 3, 1).contiguous(), *args, **kwargs)
+        return y.permute(0, 3, 1, 2) if y.dim() == 4 else y
+
+    return wrapped
+
+
+def distinct(shape, dtype=torch.float32):
+    """Values without ties (a scaled random permutation), exact in `dtype`."""
+    n = 1
+    for s in shape:
+        n *= s
+    v = torch.randperm(n).to(torch.float64)
+    limit = {torch.float32: 1 << 24, torch.float16: 2048, torch.bfloat16: 256}[dtype]
+    assert n <= limit, "too many elements to be distinct in this dtype"
+    return (v / n - 0.5).reshape(shape).to(dtype).requires_grad_()
+
+
+# (N, C, H, W, kernel, stride, padding)
+POOL_CASES = [
+    (1, 3, 7, 9, 2, 2, 0),
+    (5, 10, 15, 15, 3, 2, 1),
+    (2, 17, 31, 31, 3, 1, 1),
+    (2, 10, 7, 9, 3, None, 0),
+    (1, 3, 8, 11, (2, 3), (1, 2), (1, 0)),
+    (5, 3, 15, 15, 3, 1, 1),
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4]}s{c[5]}p{c[6]}")
+def test_max_pool2d(case):
+    N, C, H, W, k, s, p = case
+    x = distinct((N, C, H, W))
+    check_against_torch(
+        nhwc(lambda v: pool.max_pool2d(v, k, s, p)),
+        lambda v: F.max_pool2d(v, k, s, p),
+        [x],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_max_pool2d_low_precision(dtype):
+    x = distinct((1, 3, 9, 7), dtype)
+    check_against_torch(nhwc(lambda v: pool.max_pool2d(v, 3, 2, 1)), lambda v: F.max_pool2d(v, 3, 2, 1), [x])
+
+
+@pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
+def test_max_pool2d_ties_follow_pytorch(k, s, p):
+    """Many ties (including all-equal windows): the gradient must go where PyTorch sends it."""
+    x = torch.randint(0, 3, (2, 5, 9, 8)).float()
+    x[0, :, :4, :4] = 1.0  # whole windows of equal values
+    x.requires_grad_()
+    ours, ref = nhwc(lambda v: pool.max_pool2d(v, k, s, p)), (lambda v: F.max_pool2d(v, k, s, p))
+    xo, xr = x.detach().clone().requires_grad_(), x.detach().double().requires_grad_()
+    yo, yr = ours(xo), ref(xr)
+    g = torch.randn(yr.shape, dtype=torch.float64)
+    yo.backward(g.float())
+    yr.backward(g)
+    assert torch.equal(yo.detach().double(), yr.detach())
+    # every gradient value is one dy or a sum of a few: compare to fp32 rounding
+    torch.testing.assert_close(xo.grad.double(), xr.grad, rtol=1e-6, atol=1e-6)
+    assert torch.equal(xo.grad != 0, xr.grad != 0)
+
+
+def test_max_pool2d_nan_and_inf():
+    x = distinct((1, 2, 6, 6)).detach().clone()
+    x[0, 0, 1, 1] = float("nan")
+    x[0, 1, 2:4, 2:4] = float("-inf")
+    x[0, 1, 0, 0] = float("inf")
+    y = nhwc(lambda v: pool.max_pool2d(v, 2, 2))(x)
+    ref = F.max_pool2d(x, 2, 2)
+    torch.testing.assert_close(y, ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4]}s{c[5]}p{c[6]}")
+def test_avg_pool2d(case):
+    N, C, H, W, k, s, p = case
+    x = torch.randn(N, C, H, W, requires_grad=True)
+    check_against_torch(nhwc(lambda v: pool.avg_pool2d(v, k, s, p)), lambda v: F.avg_pool2d(v, k, s, p), [x])
+
+
+def test_avg_pool2d_exclude_pad():
+    x = torch.randn(2, 10, 7, 9, requires_grad=True)
+    check_against_torch(
+        nhwc(lambda v: pool.avg_pool2d(v, 3, 2, 1, count_include_pad=False)),
+        lambda v: F.avg_pool2d(v, 3, 2, 1, count_include_pad=False),
+        [x],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_avg_pool2d_low_precision(dtype):
+    x = torch.randn(2, 10, 9, 7, dtype=dtype, requires_grad=True)
+    check_against_torch(nhwc(lambda v: pool.avg_pool2d(v, 3, 2, 1)), lambda v: F.avg_pool2d(v, 3, 2, 1), [x])
+
+
+GLOBAL_SHAPES = [(1, 3, 7, 9), (5, 17, 15, 15), (2, 10, 31, 31)]
+
+
+def _chunk(shape, splits):
+    """Rows per split giving about `splits` partial reductions (None: the launcher's choice)."""
+    return None if splits is None else -(-shape[2] * shape[3] // splits)
+
+
+@pytest.mark.parametrize("shape", GLOBAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("splits", [None, 3, 7])
+def test_global_avg_pool(shape, splits):
+    chunk = _chunk(shape, splits)
+    x = torch.randn(*shape, requires_grad=True)
+    check_against_torch(
+        nhwc(lambda v: pool.global_avg_pool(v, chunk)), lambda v: F.adaptive_avg_pool2d(v, 1).flatten(1), [x]
+    )
+
+
+@pytest.mark.parametrize("shape", GLOBAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("splits", [None, 3, 7])
+def test_global_max_pool(shape, splits):
+    chunk = _chunk(shape, splits)
+    x = distinct(shape)
+    check_against_torch(
+        nhwc(lambda v: pool.global_max_pool(v, chunk)), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x]
+    )
+
+
+@pytest.mark.parametrize("chunk", [None, 8, 20])
+def test_global_max_pool_ties_go_to_first_max(chunk):
+    x = torch.randint(0, 4, (3, 6, 7, 9)).float()
+    x[1, 2] = 5.0  # a whole channel tied
+    x.requires_grad_()
+    check_against_torch(
+        nhwc(lambda v: pool.global_max_pool(v, chunk)), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x]
+    )
+
+
+def test_global_max_pool_nan():
+    x = torch.randn(2, 3, 5, 5)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 2, 4, 4] = float("nan")
+    for chunk in (None, 4):
+        y = nhwc(lambda v: pool.global_max_pool(v, chunk))(x)
+        torch.testing.assert_close(y, F.adaptive_max_pool2d(x, 1).flatten(1), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_global_pools_low_precision(dtype):
+    x = torch.randn(2, 10, 9, 7, dtype=dtype, requires_grad=True)
+    check_against_torch(nhwc(lambda v: pool.global_avg_pool(v, 16)), lambda v: F.adaptive_avg_pool2d(v, 1).flatten(1), [x])
+    check_against_torch(nhwc(lambda v: pool.global_max_pool(v, 16)), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x])
+
+
+def test_gpu_tile_choice_is_correct(monkeypatch):
+    """The GPU block sizes (many small programs) run correctly too."""
+    monkeypatch.setattr(engine.device, "INTERPRETED", False)
+    x = distinct((2, 10, 9, 7))
+    check_against_torch(nhwc(lambda v: pool.max_pool2d(v, 3, 2, 1)), lambda v: F.max_pool2d(v, 3, 2, 1), [x])
+    check_against_torch(nhwc(lambda v: pool.avg_pool2d(v, 3, 1, 1)), lambda v: F.avg_pool2d(v, 3, 1, 1), [x])
+    check_against_torch(nhwc(pool.global_max_pool), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x])
+    check_against_torch(nhwc(pool.global_avg_pool), lambda v: F.adaptive_avg_pool2d(v, 1).flatten(1), [x])
+
+
+def test_backward_is_deterministic():
+    x = torch.randn(2, 15, 15, 10, requires_grad=True)  # NHWC
+    g = torch.randn(2, 15, 15, 10)
+    grads = []
+    for _ in range(2):
+        x.grad = None
+        pool.max_pool2d(x, 3, 1, 1).backward(g)
+        grads.append(x.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+def _record_ops(ops, gshapes):
+    xs = [torch.randn(2, 9, 7, 10, requires_grad=True) for _ in ops]  # NHWC, one leaf per op
+    gs = [torch.randn(*s) for s in gshapes]
+    rec = OpRecorder()
+    with rec:
+        for op, x, g in zip(ops, xs, gs):
+            op(x).backward(g)
+    assert all(x.grad is not None for x in xs)
+    assert rec.ops, "recorder saw nothing"
+    return rec.ops
+
+
+def test_only_allocation_view_and_copy_ops_2d():
+    ops = [lambda v: pool.max_pool2d(v, 3, 2, 1), lambda v: pool.avg_pool2d(v, 3, 2, 1)]
+    used = _record_ops(ops, [(2, 5, 4, 10)] * 2)
+    assert used <= ALLOWED_ATEN, f"compute ops used: {sorted(used - ALLOWED_ATEN)}"
+
+
+def test_only_allocation_view_and_copy_ops_global():
+    ops = [pool.global_avg_pool, pool.global_max_pool, lambda v: pool.global_avg_pool(v, 8),
+           lambda v: pool.global_max_pool(v, 8)]
+    used = _record_ops(ops, [(2, 10)] * 4)
+    assert used <= ALLOWED_ATEN, f"compute ops used: {sorted(used - ALLOWED_ATEN)}"
+
+
+def test_errors():
+    x = torch.randn(1, 8, 8, 3)
+    with pytest.raises(ValueError, match="padding"):
+        pool.max_pool2d(x, 2, 2, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        pool.avg_pool2d(x.permute(0, 2, 1, 3), 2)
+    with pytest.raises(ValueError, match="4-D"):
+        pool.global_avg_pool(x[0])
+    with pytest.raises(ValueError, match="fp32"):
+        pool.max_pool2d(x.double(), 2)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        pool.max_pool2d(torch.randn(1, 2, 2, 3), 3)
