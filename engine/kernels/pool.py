@@ -22,12 +22,18 @@ Ops (all tensors NHWC contiguous, compute dtype fp32/fp16/bf16, fp32 math):
   rows when H*W is large: each (n, channel block, chunk) program writes an fp32
   partial (and for max the flat hw index of its first maximum), and a second
   kernel folds the partials in chunk order, so results are deterministic.
+  `chunk=` (rows per split) overrides the automatic choice (one program per
+  (n, channel block) under the interpreter, 4096 rows per chunk on a GPU).
   Max routes the gradient to the first maximal position (`F.adaptive_max_pool2d
   (x, 1)` does the same; `amax` would split it among ties). With NaNs the output
   is NaN and the gradient goes to the first NaN (PyTorch: the last one).
 
 Host launchers (`*_forward`, `*_backward`) validate, allocate and launch through
-`engine.kernels.launch.launch`; one `torch.autograd.Function` per op.
+`engine.kernels.launch.launch`; one `torch.autograd.Function` per op. Tiles are
+[pixels, channels] (channels contiguous): fat ones under the interpreter, about
+1024 elements on a GPU. Index math is int32 on a GPU unless a tensor has more
+than 2**31 - 1 elements (`IDX64`), and always int64 under the interpreter,
+which checks every int32 add/mul for overflow and is much slower with them.
 """
 from __future__ import annotations
 
@@ -380,10 +386,14 @@ def avg_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, count_inclu
 def _global_pool_partial_kernel(
     x_ptr,  # [N, HW, C]
     out_ptr, out_idx_ptr,  # DIRECT: y [N, C] (+ idx int32 [N, C]); else fp32 partials [SPLIT, N, C] (+ int32)
-    N, HW, C, CHUNK, hw_f,  # CHUNK rows per split (multiple of BLOCK_HW); hw_f = float(HW)
+    N, HW, C, hw_f,  # hw_f = float(HW)
+    ITERS: tl.constexpr,  # row blocks per split: a split covers CHUNK = ITERS * BLOCK_HW rows
     IS_MAX: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
+    # (loop trip counts are constexpr: Triton 3.6's interpreter cannot take a runtime
+    # scalar as a range() bound with NumPy >= 2.3)
+    CHUNK: tl.constexpr = ITERS * BLOCK_HW
     n = tl.program_id(0)
     pid_c = tl.program_id(1)
     s = tl.program_id(2)
@@ -402,8 +412,8 @@ def _global_pool_partial_kernel(
         bnan = tl.zeros([BLOCK_C], dtype=tl.int32)  # [BLOCK_C] 1 once a NaN was seen
     else:
         acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)  # [BLOCK_HW, BLOCK_C] partial sums
-    for off in range(0, CHUNK, BLOCK_HW):
-        rows = start + off + tl.arange(0, BLOCK_HW)  # [BLOCK_HW] flat hw
+    for it in range(ITERS):
+        rows = start + it * BLOCK_HW + tl.arange(0, BLOCK_HW)  # [BLOCK_HW] flat hw
         m2 = (rows < end)[:, None] & mask_c[None, :]  # [BLOCK_HW, BLOCK_C]
         ptrs = x_base + (rows * C)[:, None] + offs_c[None, :]
         if IS_MAX:
@@ -443,8 +453,8 @@ def _global_pool_partial_kernel(
 def _global_pool_combine_kernel(
     part_ptr, part_idx_ptr,  # fp32 [SPLIT, NC] partials (+ int32 [SPLIT, NC] first-max indices)
     y_ptr, idx_ptr,  # y [N, C]; idx int32 [N, C] (max only)
-    NC, SPLIT, hw_f,
-    IS_MAX: tl.constexpr, BLOCK: tl.constexpr,
+    NC, hw_f,
+    SPLIT: tl.constexpr, IS_MAX: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat (n, c)
     mask = offs < NC
@@ -453,7 +463,7 @@ def _global_pool_combine_kernel(
     bidx = tl.full([BLOCK], BIG, tl.int32)
     bnan = tl.zeros([BLOCK], dtype=tl.int32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, SPLIT):  # fixed order: deterministic
+    for s in range(SPLIT):  # fixed order: deterministic
         v = tl.load(part_ptr + s * NC + offs, mask=mask, other=0.0)
         if IS_MAX:
             vi = tl.load(part_idx_ptr + s * NC + offs, mask=mask, other=BIG)
@@ -521,17 +531,17 @@ def _global_pool_forward(x: torch.Tensor, is_max: bool, chunk: int | None):
     grid = (N, triton.cdiv(C, block_c), split)
     common = dict(IS_MAX=is_max, BLOCK_HW=block_hw, BLOCK_C=block_c, IDX64=_idx64(x), num_warps=4)
     if split == 1:
-        launch(_global_pool_partial_kernel, grid, x, y, idx if is_max else y, N, HW, C, chunk, float(HW),
-               DIRECT=True, **common)
+        launch(_global_pool_partial_kernel, grid, x, y, idx if is_max else y, N, HW, C, float(HW),
+               ITERS=chunk // block_hw, DIRECT=True, **common)
         return y, idx
     part = torch.empty((split, N, C), device=x.device, dtype=torch.float32)
     part_idx = torch.empty((split, N, C), device=x.device, dtype=torch.int32) if is_max else part
-    launch(_global_pool_partial_kernel, grid, x, part, part_idx, N, HW, C, chunk, float(HW),
-           DIRECT=False, **common)
+    launch(_global_pool_partial_kernel, grid, x, part, part_idx, N, HW, C, float(HW),
+           ITERS=chunk // block_hw, DIRECT=False, **common)
     NC = N * C
     block = min(_np2(NC), 16384) if _device.INTERPRETED else 256
     launch(_global_pool_combine_kernel, (triton.cdiv(NC, block),), part, part_idx, y, idx if is_max else y,
-           NC, split, float(HW), IS_MAX=is_max, BLOCK=block, num_warps=4)
+           NC, float(HW), SPLIT=split, IS_MAX=is_max, BLOCK=block, num_warps=4)
     return y, idx
 
 

@@ -107,6 +107,16 @@ def test_max_pool2d_nan_and_inf():
     torch.testing.assert_close(y, ref, equal_nan=True)
 
 
+def test_max_pool2d_nan_gradient_goes_where_pytorch_sends_it():
+    x = torch.randn(1, 1, 4, 4)
+    for i, j in ((0, 0), (1, 1), (2, 3), (3, 2)):  # two NaNs in two windows
+        x[0, 0, i, j] = float("nan")
+    xr, xo = x.clone().requires_grad_(), x.permute(0, 2, 3, 1).contiguous().requires_grad_()
+    F.max_pool2d(xr, 2, 2).backward(torch.ones(1, 1, 2, 2))
+    pool.max_pool2d(xo, 2, 2).backward(torch.ones(1, 2, 2, 1))
+    assert torch.equal(xo.grad.permute(0, 3, 1, 2), xr.grad)
+
+
 @pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4]}s{c[5]}p{c[6]}")
 def test_avg_pool2d(case):
     N, C, H, W, k, s, p = case
@@ -179,8 +189,12 @@ def test_global_max_pool_nan():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_global_pools_low_precision(dtype):
     x = torch.randn(2, 10, 9, 7, dtype=dtype, requires_grad=True)
-    check_against_torch(nhwc(lambda v: pool.global_avg_pool(v, 16)), lambda v: F.adaptive_avg_pool2d(v, 1).flatten(1), [x])
-    check_against_torch(nhwc(lambda v: pool.global_max_pool(v, 16)), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x])
+    check_against_torch(
+        nhwc(lambda v: pool.global_avg_pool(v, 16)), lambda v: F.adaptive_avg_pool2d(v, 1).flatten(1), [x]
+    )
+    check_against_torch(
+        nhwc(lambda v: pool.global_max_pool(v, 16)), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x]
+    )
 
 
 def test_gpu_tile_choice_is_correct(monkeypatch):
