@@ -41,8 +41,15 @@ class FusenetError(Exception):
         return self.format()
 
 
+def source_lines(source: str) -> list[str]:
+    """The lines as the parser counts them: split at "\n" only (not at form feeds
+    or Unicode line separators, which str.splitlines also takes), without "\r"."""
+    lines = [line.rstrip("\r") for line in source.split("\n")]
+    return lines[:-1] if len(lines) > 1 and lines[-1] == "" else lines
+
+
 def _excerpt(source: str, pos: Pos, prefix: str = "    ") -> list[str]:
-    lines = source.splitlines()
+    lines = source_lines(source)
     if not (1 <= pos.line <= len(lines)):
         return []
     text = lines[pos.line - 1].expandtabs(1).rstrip()

@@ -15,7 +15,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from dsl import ast
 from dsl.ast import Pos
-from dsl.errors import Collector, Diagnostic, FusenetError
+from dsl.errors import Collector, Diagnostic, FusenetError, source_lines
 
 GRAMMAR = Path(__file__).with_name("grammar.lark")
 MAX_SYNTAX_ERRORS = 10
@@ -193,14 +193,15 @@ def _syntax_diagnostic(err: UnexpectedInput, source: str) -> Diagnostic:
     tok = err.token if isinstance(err, UnexpectedToken) else None
     expected = _expected_words(getattr(err, "expected", None) or getattr(err, "accepts", None) or [])
     if tok is None or tok.type == "$END":
-        lines = source.splitlines() or [""]
+        lines = source_lines(source)
         pos = Pos(len(lines), len(lines[-1]) + 1)
         hint = "a '{' is missing its '}'" if "'}'" in expected else None
         return Diagnostic("unexpected end of file", pos, hint)
     pos = Pos(tok.line, tok.column, tok.end_line or tok.line, (tok.end_column or tok.column + 1))
     if tok.type == "_NL":
         # point just past the last character of the line, where something is missing
-        line = source.splitlines()[tok.line - 1] if tok.line - 1 < len(source.splitlines()) else ""
+        lines = source_lines(source)
+        line = lines[tok.line - 1] if tok.line - 1 < len(lines) else ""
         pos = Pos(tok.line, len(line.rstrip()) + 1)
     hint = None
     if len(expected) <= 6 and expected:

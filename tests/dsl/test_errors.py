@@ -224,3 +224,16 @@ def test_tabs_and_crlf_positions():
     (d,), err = diagnostics(text)
     assert (d.pos.line, d.pos.col) == (3, 2)
     assert "unknown layer 'cnov'" in err.format()
+
+
+def test_line_numbers_ignore_form_feeds_and_unicode_separators():
+    # str.splitlines() would count \x0c and \u2028 as line breaks; the parser does not
+    text = "# a\x0cb\u2028c\n" + net("    cnov 4")
+    (d,), err = diagnostics(text)
+    assert (d.pos.line, d.pos.col) == (4, 5)
+    assert err.format().splitlines()[1] == "        cnov 4"
+
+
+def test_end_of_file_position_with_crlf():
+    (d,), err = diagnostics("network n {\r\n    input 3x8x8\r\n    relu\r\n")
+    assert (d.pos.line, d.pos.col, d.message) == (3, 9, "unexpected end of file")

@@ -117,7 +117,7 @@ programs = st.builds(
 )
 
 
-@settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 @given(programs)
 def test_generated_programs_roundtrip(program):
     text = format_program(program)

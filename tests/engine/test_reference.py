@@ -174,7 +174,8 @@ def test_every_example_has_a_hand_written_model():
 
 @pytest.fixture(scope="module")
 def compiled():
-    """Each example compiled once with the reference backend."""
+    """Each example compiled once with the reference backend (read-only use: tests that
+    change weights or attributes compile their own)."""
     return {name: engine.compile(EXAMPLES / f"{name}.cnn", backend="torch") for name in NAMES}
 
 
@@ -226,8 +227,8 @@ def _batch(name: str, n: int = 2) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_outputs_match_hand_written_eval(name, compiled):
-    ref, hand = compiled[name], HAND_WRITTEN[name]()
+def test_outputs_match_hand_written_eval(name):
+    ref, hand = engine.compile(EXAMPLES / f"{name}.cnn", backend="torch"), HAND_WRITTEN[name]()
     _randomise(ref, seed=NAMES.index(name))
     _load_by_position(hand, ref)
     ref.eval(), hand.eval()
@@ -239,8 +240,8 @@ def test_outputs_match_hand_written_eval(name, compiled):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_outputs_match_hand_written_train(name, compiled):
-    ref, hand = compiled[name], HAND_WRITTEN[name]()
+def test_outputs_match_hand_written_train(name):
+    ref, hand = engine.compile(EXAMPLES / f"{name}.cnn", backend="torch"), HAND_WRITTEN[name]()
     _randomise(ref, seed=10 + NAMES.index(name))
     _load_by_position(hand, ref)
     ref.train(), hand.train()
@@ -250,14 +251,16 @@ def test_outputs_match_hand_written_train(name, compiled):
             m.p = 0.0
     for node in ref.graph:
         if node.op == "dropout":
-            node.attrs["p"] = 0.0  # attrs is a plain dict; this compiled model is the test's own
+            node.attrs["p"] = 0.0  # attrs is a plain dict, and this compiled model is the test's own
     x = _batch(name, n=2)
     out, want = ref(x), hand(x)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     # the batch-norm running statistics moved the same way
     for (k, a), b in zip(ref.state_dict().items(), hand.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
-    # and gradients flow to the same parameters
+    # and gradients flow to the same parameters (the small nets only, to keep the suite fast)
+    if sum(p.numel() for p in hand.parameters()) > 1_000_000:
+        return
     out.square().sum().backward()
     want.square().sum().backward()
     for (k, a), b in zip(ref.named_parameters(), hand.parameters()):
