@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # (atol as a fraction of the reference's max |value|, rtol) per compute dtype.
 TOLERANCES = {
@@ -104,3 +105,33 @@ def check_against_torch(
                 assert a.grad is not None, f"input {k}: no gradient from ours"
                 assert_close(a.grad, b.grad, tol, what=f"grad of input {k}")
     return out, expected
+
+
+# aten ops that allocate, view or copy memory but compute nothing. `set_` is how
+# the Triton interpreter aliases each tensor argument's storage.
+DATA_MOVEMENT_OPS = frozenset({
+    "_to_copy", "_unsafe_view", "alias", "as_strided", "clone", "copy_", "detach", "empty",
+    "empty_like", "empty_strided", "expand", "fill_", "lift_fresh", "new_empty", "permute",
+    "reshape", "set_", "slice", "t", "view", "zero_", "zeros",
+})
+
+# more views and allocations that most kernel paths are allowed
+SHAPE_OPS = frozenset({
+    "contiguous", "new_empty_strided", "new_zeros", "resolve_conj", "resolve_neg",
+    "select", "squeeze", "unsqueeze", "zeros_like",
+})
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every aten op dispatched inside `with OpRecorder() as rec:`.
+
+    Tests compare `rec.ops` with an allow-list of data-movement ops to prove a
+    kernel path does no PyTorch arithmetic."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

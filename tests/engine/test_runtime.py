@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine
-from helpers import assert_close
+from helpers import DATA_MOVEMENT_OPS, OpRecorder, assert_close
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # (example, batch): the wide networks run at batch 1 to keep the interpreter quick.
@@ -69,24 +68,12 @@ def test_example_matches_reference(name, batch, mode):
         assert_close(tri(x), ref(x.double()), NET, what=f"{name} {mode} no-grad output")
 
 
-# aten ops that move or allocate memory but compute nothing
-DATA_MOVEMENT = {
-    "empty", "empty_strided", "empty_like", "zeros", "zeros_like", "zero_", "fill_", "full",
-    "view", "_unsafe_view", "reshape", "permute", "as_strided", "expand", "t", "transpose",
-    "slice", "select", "alias", "detach", "clone", "contiguous", "copy_", "_to_copy", "to",
-    "lift_fresh", "unsqueeze", "squeeze", "split", "_reshape_alias", "new_empty", "new_zeros",
-    "new_empty_strided", "set_", "resize_", "flatten", "lift_fresh_copy",
+# aten ops that move or allocate memory but compute nothing, plus what the
+# NCHW<->NHWC conversions and flatten at the module boundary use
+DATA_MOVEMENT = DATA_MOVEMENT_OPS | {
+    "_reshape_alias", "contiguous", "flatten", "full", "lift_fresh_copy", "new_empty_strided", "new_zeros",
+    "resize_", "select", "split", "squeeze", "to", "transpose", "unsqueeze", "zeros_like",
 }
-
-
-class OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def arithmetic_ops(ops: set[str]) -> set[str]:

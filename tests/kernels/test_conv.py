@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, check_against_torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import DATA_MOVEMENT_OPS, OpRecorder, SHAPE_OPS, assert_close, check_against_torch
 
 import engine.device
 from engine.kernels.conv import ConvOutput, conv2d, conv2d_dgrad, conv2d_forward, conv2d_wgrad
@@ -258,25 +257,11 @@ def test_gpu_tile_config_under_interpreter(name, monkeypatch):
     check_against_torch(ours_fn(**kw, act="relu"), ref_fn(**kw, act="relu"), [x, w, b])
 
 
-ALLOWED_ATEN = {
-    "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "new_empty", "new_empty_strided",
-    "new_zeros", "fill_", "zero_", "view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "as_strided",
-    "t", "transpose", "expand", "select", "slice", "alias", "detach", "clone", "copy_", "contiguous", "_to_copy",
-    "to", "lift_fresh", "unsqueeze", "squeeze", "set_", "resolve_conj", "resolve_neg",
+ALLOWED_ATEN = DATA_MOVEMENT_OPS | SHAPE_OPS | {
     # interpreter / bookkeeping that computes nothing on tensor values
-    "is_pinned", "_local_scalar_dense", "_has_compatible_shallow_copy_type", "result_type", "data_ptr",
-    "is_nonzero", "is_same_size",
+    "_has_compatible_shallow_copy_type", "_local_scalar_dense", "_reshape_alias", "data_ptr",
+    "is_nonzero", "is_pinned", "is_same_size", "result_type", "to", "transpose",
 }
-
-
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func._schema.name.split("::")[-1])
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("groups,act,residual", [(1, "gelu", True), (1, "relu", False), (8, "silu", True)])
@@ -287,7 +272,7 @@ def test_only_allocation_view_copy_aten_ops(groups, act, residual):
     b = torch.randn(16, requires_grad=True)
     res = torch.randn(2, 4, 5, 16, requires_grad=True) if residual else None
     dy = torch.randn(2, 4, 5, 16)
-    rec = _OpRecorder()
+    rec = OpRecorder()
     with rec:
         conv2d(x, w, b, residual=res, stride=2, padding=1, groups=groups, act=act).backward(dy)
     assert x.grad is not None and w.grad is not None and b.grad is not None

@@ -2,12 +2,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import device
 from engine.kernels import launch as launch_mod
 from engine.kernels.linear import linear, linear_forward, linear_wgrad
-from helpers import assert_close, check_against_torch
+from helpers import DATA_MOVEMENT_OPS, OpRecorder, assert_close, check_against_torch
 
 ACTS = {
     "none": lambda z: z,
@@ -21,21 +20,7 @@ ACTS = {
 
 # Allocation, view and copy ops only. Besides the brief's list: empty_like/new_empty
 # (allocation) and set_ (Triton's CPU interpreter aliases kernel arguments' storage).
-ALLOWED_ATEN = {
-    "empty", "empty_strided", "empty_like", "new_empty", "zeros", "zero_", "view", "_unsafe_view",
-    "permute", "as_strided", "reshape", "clone", "copy_", "detach", "_to_copy", "t", "expand",
-    "slice", "alias", "lift_fresh", "fill_", "set_",
-}
-
-
-class _AtenRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+ALLOWED_ATEN = DATA_MOVEMENT_OPS
 
 
 def _inputs(n, f, o, dtype=torch.float32, bias=True):
@@ -147,7 +132,7 @@ def test_linear_tf32_flag_recorded():
 def test_linear_only_allocation_view_copy_aten_ops():
     x, w, b = _inputs(37, 20, 10)
     dy = torch.randn(37, 10)
-    with _AtenRecorder() as rec:
+    with OpRecorder() as rec:
         y = linear(x, w, b, act="gelu")
         y.backward(dy)
     assert x.grad is not None and w.grad is not None and b.grad is not None

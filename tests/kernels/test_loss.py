@@ -2,30 +2,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import device
 from engine.kernels import launch as launch_mod
 from engine.kernels.loss import cross_entropy, cross_entropy_forward
-from helpers import assert_close, check_against_torch
+from helpers import DATA_MOVEMENT_OPS, OpRecorder, assert_close, check_against_torch
 
 # Allocation, view and copy ops only. Besides the brief's list: empty_like/new_empty
 # (allocation) and set_ (Triton's CPU interpreter aliases kernel arguments' storage).
-ALLOWED_ATEN = {
-    "empty", "empty_strided", "empty_like", "new_empty", "zeros", "zero_", "view", "_unsafe_view",
-    "permute", "as_strided", "reshape", "clone", "copy_", "detach", "_to_copy", "t", "expand",
-    "slice", "alias", "lift_fresh", "fill_", "set_",
-}
-
-
-class _AtenRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+ALLOWED_ATEN = DATA_MOVEMENT_OPS
 
 
 def _ref(eps):
@@ -109,7 +94,7 @@ def test_cross_entropy_only_allocation_view_copy_aten_ops():
     x = torch.randn(2, 5, 7, 3).requires_grad_()
     t = torch.randint(0, 3, (2, 5, 7))
     up = torch.tensor(1.0)  # explicit upstream grad (.backward() alone would call ones_like)
-    with _AtenRecorder() as rec:
+    with OpRecorder() as rec:
         loss = cross_entropy(x, t, label_smoothing=0.1)
         loss.backward(up)
     assert x.grad is not None

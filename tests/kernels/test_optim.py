@@ -4,11 +4,10 @@ import io
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.kernels import launch as launch_mod
 from engine.kernels import optim as fo
-from helpers import assert_close
+from helpers import DATA_MOVEMENT_OPS, OpRecorder, assert_close
 
 SHAPES = [(7, 3), (10,), (1,), (3, 5, 2), (130,), (4, 1, 3, 3)]
 NONE_IDX = 2  # this parameter has grad None for the first two steps (torch skips it)
@@ -17,11 +16,7 @@ FROZEN_IDX = 5  # this parameter never gets a grad
 # Allocation, view and copy ops only; set_ comes from Triton's CPU interpreter (it
 # aliases kernel arguments' storage), _record_function_* from torch.optim's profiler
 # hook around step().
-ALLOWED_ATEN = {
-    "empty", "empty_strided", "empty_like", "new_empty", "zeros", "zero_", "view", "_unsafe_view",
-    "permute", "as_strided", "reshape", "clone", "copy_", "detach", "_to_copy", "t", "expand",
-    "slice", "alias", "lift_fresh", "fill_", "set_", "_record_function_enter_new", "_record_function_exit",
-}
+ALLOWED_ATEN = DATA_MOVEMENT_OPS | {"_record_function_enter_new", "_record_function_exit"}
 
 CASES = [
     (fo.SGD, torch.optim.SGD, dict(lr=0.1)),
@@ -34,16 +29,6 @@ CASES = [
     (fo.AdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.3)),
 ]
 IDS = [f"{c.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for c, _, kw in CASES]
-
-
-class _AtenRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def _make_pair(ours_cls, ref_cls, kw):
@@ -212,7 +197,7 @@ def test_step_does_no_arithmetic_aten_ops(ours_cls, ref_cls, kw):
     ours, ref, o, _ = _make_pair(ours_cls, ref_cls, kw)
     for step in range(3):
         _set_grads(ours, ref, step)
-        with _AtenRecorder() as rec:
+        with OpRecorder() as rec:
             o.step()
         assert rec.ops <= ALLOWED_ATEN, f"compute aten ops used: {sorted(rec.ops - ALLOWED_ATEN)}"
 
