@@ -49,47 +49,15 @@ import triton.language as tl
 
 from engine import device as _device
 from engine.kernels.launch import launch
+# The NHWC pixel-tile helpers are shared with pooling (same tiling, same checks).
+from engine.kernels.pool import _check_act, _idx64, _np2, _pixel_tile, _tiles
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INT32_MAX = 2**31 - 1
 MODES = {"nearest": 0, "bilinear": 1}
 
 
 # ----------------------------------------------------------------------------
 # host helpers
 # ----------------------------------------------------------------------------
-def _check_act(x: torch.Tensor, name: str = "x") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D NHWC, got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"{name} must be fp32, fp16 or bf16, got {x.dtype}")
-    if not x.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (NHWC), got strides {x.stride()}")
-    if x.numel() == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
-
-
-def _np2(n: int) -> int:
-    return triton.next_power_of_2(max(1, int(n)))
-
-
-def _tiles(P: int, C: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps) for a [pixels, channels] tile."""
-    if _device.INTERPRETED:
-        block_c = min(_np2(C), 512)
-        block_p = min(max(1, 16384 // block_c), _np2(P))
-        return block_p, block_c, 4
-    block_c = min(_np2(C), 64)
-    block_p = max(16, 1024 // block_c)
-    return block_p, block_c, 4
-
-
-def _idx64(*tensors: torch.Tensor) -> bool:
-    """64-bit index math when offsets could overflow int32. Always under the interpreter: it checks
-    every int32 add/mul for overflow (slow) but not int64 ones, so int64 is ~2x faster there."""
-    return _device.INTERPRETED or any(t.numel() > _INT32_MAX for t in tensors)
 
 
 def _mode_code(mode: str) -> int:
@@ -124,15 +92,6 @@ def _blur_weight_tensor(filt: int, device: torch.device) -> torch.Tensor:
         w = torch.tensor(blur_weights(filt), dtype=torch.float32, device=device)
         _WEIGHT_CACHE[key] = w
     return w
-
-
-@triton.jit
-def _pixel_tile(pid_p, pid_c, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr):
-    if IDX64:
-        pid_p = pid_p.to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] flat pixel (n, h, w)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C] channel
-    return offs_p, offs_c, offs_p < P, offs_c < C
 
 
 # ----------------------------------------------------------------------------
