@@ -14,10 +14,6 @@ from pathlib import Path
 from dsl.errors import FusenetError
 
 
-class UsageError(Exception):
-    """Bad command-line use: exit status 2."""
-
-
 def _human(n: float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
@@ -127,9 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     except FusenetError as e:
         print(e.format(), file=sys.stderr)
         return 1
-    except UsageError as e:
-        print(f"fusenet {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("fusenet: interrupted", file=sys.stderr)
         return 130

@@ -63,14 +63,14 @@ class TritonNetwork(Network):
         graph, plan = self.plans[fold]
         values: dict[int, torch.Tensor] = {0: to_nhwc(x, self.dtype)}
         for kern in plan:
-            values[kern.output] = self._run(graph, kern, values, fold)
+            values[kern.output] = self._run(graph, kern, values)
         out = to_nchw(values[graph.output.id])
         if taps:
             return out, {t: to_nchw(values[graph.taps[t]]) for t in taps}
         return out
 
     # -- one fused kernel group --------------------------------------------------
-    def _run(self, graph: Graph, kern: Kernel, values, fold: bool) -> torch.Tensor:
+    def _run(self, graph: Graph, kern: Kernel, values) -> torch.Tensor:
         nodes = [graph.node(i) for i in kern.nodes]
         anchor = nodes[0]
         x = values[anchor.inputs[0]]
