@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers import DATA_MOVEMENT_OPS, OpRecorder, SHAPE_OPS, assert_close, check_against_torch
 
 import engine.device
+import engine.kernels.conv as conv_mod
 from engine.kernels.conv import ConvOutput, conv2d, conv2d_dgrad, conv2d_forward, conv2d_wgrad
 from engine.kernels.launch import recording
 
@@ -151,7 +152,10 @@ def test_forward_epilogue_all_flags(act, depthwise):
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
-def test_stats_partial_sums(depthwise):
+def test_stats_partial_sums(depthwise, monkeypatch):
+    # several M tiles, so the partials really are partial: cap BLOCK_M at 256
+    big_tiles = conv_mod._gemm_tiles
+    monkeypatch.setattr(conv_mod, "_gemm_tiles", lambda M, N, K: (min(256, big_tiles(M, N, K)[0]), *big_tiles(M, N, K)[1:]))
     C, Cin, groups = (16, 16, 16) if depthwise else (10, 3, 1)
     x, w, b = rand_inputs(6, Cin, 15, 13, C, 3, groups)  # M = 1170 > one tile
     o = conv2d_forward(nhwc(x.detach()), w.detach(), b.detach(), padding=1, groups=groups, act="relu", stats=True)
