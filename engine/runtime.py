@@ -7,7 +7,6 @@ autograd.Function, so the backward pass runs on fusenet's backward kernels.
 """
 from __future__ import annotations
 
-import random
 from typing import Sequence
 
 import torch
@@ -51,7 +50,6 @@ class TritonNetwork(Network):
         # plans[fold_bn]: folding batch norm into conv epilogues is only valid in
         # eval mode when no gradient is wanted (the fold treats BN as constants).
         self.plans = {fold: run_pipeline(spec.graph, training=not fold) for fold in (False, True)}
-        self._dropout_calls = 0
         announce_interpreter()
 
     def kernel_plan(self, fold_bn: bool = False) -> tuple[Graph, tuple[Kernel, ...]]:
@@ -147,8 +145,9 @@ class TritonNetwork(Network):
 
             if not self.training or a["p"] == 0.0:
                 return x
-            self._dropout_calls += 1
-            seed = random.Random(torch.initial_seed() * 1_000_003 + self._dropout_calls).randrange(2**31 - 1)
+            # The mask's seed comes from torch's CPU generator, so torch.manual_seed
+            # reproduces it and a checkpoint's saved RNG state resumes it exactly.
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
             return K_drop.dropout(x, a["p"], seed, True)
         if kind == "softmax":
             from engine.kernels import softmax as K_sm
