@@ -17,8 +17,6 @@ arrays only).
 from __future__ import annotations
 
 import gzip
-import io
-import os
 import pickle
 import struct
 from dataclasses import dataclass, field, replace

@@ -9,7 +9,7 @@ from typing import Any
 
 from dsl import ast
 from dsl.errors import Collector, Note, did_you_mean
-from dsl.schema import LAYERS, Signature, bind
+from dsl.schema import LAYERS, bind
 from dsl.values import EvalError, evaluate
 from engine.ir import PARAMETRIC, Graph, Node
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -20,30 +19,12 @@ BACKENDS = ("triton", "torch")
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
-def compile_fn():
-    """`engine.compile` (a function or a module holding `compile`); FUSENET_COMPILE=module:function
-    substitutes another one (the tests use it for a stand-in model)."""
-    hook = os.environ.get("FUSENET_COMPILE")
-    if hook:
-        mod, _, fn = hook.partition(":")
-        return getattr(importlib.import_module(mod), fn or "compile")
-    import engine
-
-    fn = getattr(engine, "compile", None)
-    if fn is None:
-        try:
-            fn = importlib.import_module("engine.compile")
-        except ImportError as e:
-            raise FusenetTrainError(f"the network compiler engine.compile is not available ({e})") from None
-    if not callable(fn):
-        fn = getattr(fn, "compile")
-    return fn
-
-
 def _compile(spec: str, backend: str, precision=None):
     if not os.path.isfile(spec):
         raise FusenetTrainError(f"spec file '{spec}' does not exist")
-    return compile_fn()(spec, backend=backend, precision=precision)
+    import engine
+
+    return engine.compile(spec, backend=backend, precision=precision)
 
 
 def _config(model, args):

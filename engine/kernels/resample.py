@@ -47,10 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from engine import device as _device
 from engine.kernels.launch import launch
 # The NHWC pixel-tile helpers are shared with pooling (same tiling, same checks).
-from engine.kernels.pool import _check_act, _idx64, _np2, _pixel_tile, _tiles
+from engine.kernels.pool import _check_act, _idx64, _pixel_tile, _tiles
 
 MODES = {"nearest": 0, "bilinear": 1}
 

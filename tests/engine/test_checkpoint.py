@@ -6,7 +6,7 @@ import torch
 
 from engine import checkpoint as C
 from engine.data import FusenetTrainError
-from fake_model import DIGITS_SPEC, NOBN_SPEC, compile
+from train_specs import DIGITS_SPEC, NOBN_SPEC, compile
 
 
 def _trained(opt_cls=torch.optim.Adam):

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from engine import train as T
-from fake_model import NOBN_SPEC, compile
+from train_specs import NOBN_SPEC, compile
 
 SPEC = NOBN_SPEC.replace("    dropout 0.1\n", "")  # dropout masks are drawn per process
 

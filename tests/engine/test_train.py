@@ -1,6 +1,5 @@
 """The training loop, schedules, resume, NaN guard, early stop, init/freeze, and the CLI."""
 import dataclasses
-import math
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from engine import report
 from engine import train as T
 from engine import train_cli
 from engine.data import FusenetTrainError
-from fake_model import DIGITS_SPEC, NOBN_SPEC, SEG_SPEC, compile
+from train_specs import DIGITS_SPEC, NOBN_SPEC, SEG_SPEC, compile
 
 HERE = Path(__file__).parent
 
@@ -244,7 +243,6 @@ def test_triton_backend_without_kernels_fails_clearly(monkeypatch):
 
 @pytest.fixture
 def cli(tmp_path, monkeypatch):
-    monkeypatch.setenv("FUSENET_COMPILE", "fake_model:compile")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.cnn").write_text(DIGITS_SPEC)
 
@@ -290,8 +288,7 @@ def test_cli_errors_are_clean(cli, capsys):
 
 def test_cli_subprocess_no_traceback(tmp_path):
     (tmp_path / "d.cnn").write_text(DIGITS_SPEC)
-    env = dict(os.environ, FUSENET_COMPILE="fake_model:compile",
-               PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), str(HERE)]))
+    env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
     r = subprocess.run([sys.executable, "-m", "engine.train_cli", "train", "d.cnn", "--backend", "torch",
                         "--data", str(tmp_path / "none.npz")], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
