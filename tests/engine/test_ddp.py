@@ -71,3 +71,23 @@ def test_batch_must_split_evenly():
     m, cfg, ds = _setup(None)
     with pytest.raises(T.FusenetTrainError, match="does not split evenly over 3 processes"):
         T.run_training(m, cfg, "unused", backend="torch", dist=T.Dist(rank=0, world=3), dataset=ds)
+
+
+def test_torchrun_runs_fusenet_train(tmp_path):
+    """The documented command: `torchrun --nproc_per_node=2 ... fusenet train` on CPU (gloo)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "n.cnn").write_text(SPEC)
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+         "-m", "engine.cli", "train", "n.cnn", "--backend", "torch", "--epochs", "1", "--out", "r", "--no-progress"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "data parallel: 2 processes" in r.stdout
+    assert r.stdout.count("epoch 1/1") == 1, "only rank 0 logs"
+    assert (tmp_path / "r" / "model.safetensors").exists()
