@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,17 +143,14 @@ class LRSchedule:
 
 # ----------------------------------------------------------------------------- init and freeze
 
-RELU_FAMILY = re.compile(r"\b(relu|leaky_relu|gelu|silu)\b")
+RELU_FAMILY = ("relu", "leaky_relu", "gelu", "silu")  # ops that get Kaiming initialisation
 
 
 def init_weights(model: torch.nn.Module, seed: int) -> str:
     """Seeded initialisation: Kaiming (fan_in, ReLU gain) for ReLU-family networks,
     PyTorch's default rule otherwise; BN weight 1, bias 0. Returns a description."""
     torch.manual_seed(seed)
-    text = re.sub(r"#.*", "", getattr(model, "source_text", "") or "")
-    m = re.search(r"^\s*train\s*\{", text, re.M)  # only the network, not the train section
-    text = text[:m.start()] if m else text
-    relu = bool(RELU_FAMILY.search(text))
+    relu = any(node.op in RELU_FAMILY for node in model.graph)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, p in params.items():
