@@ -1,18 +1,30 @@
-"""Tier 2 of the design: every kernel variant compiled for sm_80 and sm_90
-without a GPU, with registers, spills and matrix instructions read off the SASS.
+"""Tier 2 of the design: kernels compiled for sm_80 and sm_90 without a GPU,
+with registers, spills and matrix instructions read off the SASS.
 
-CI compiles every variant of a whole training step of `digits` and the GEMM
-variants (conv, linear: forward, dgrad, wgrad) of every example network in
-bf16. The union over every example in every precision (~400 variants, ~10 min
-on 2 cores) runs with `pytest -m aot_full`.
+CI compiles
+- every variant of a whole training step of `digits`,
+- the GEMM variants (conv, linear: forward, dgrad, wgrad) of every example in bf16,
+- every @triton.jit kernel in engine/kernels (one variant each, fp32 and bf16),
+  reached through the examples, a network using every other op, Adam/AdamW and
+  an eval-mode backward; a kernel no test reaches fails the test.
+The union of all variants of every example in every precision (~400, ~10 min on
+2 cores) runs with `pytest -m aot_full`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import importlib
+import pkgutil
+
 import pytest
+import torch
 
 import engine
+import engine.kernels
+from engine.kernels.loss import cross_entropy
+from engine.kernels.optim import Adam, AdamW
+from engine.kernels.pool import global_avg_pool
 from engine.inspect import compile_all, record_network
 from engine.inspect_cli import network_step
 
@@ -75,3 +87,68 @@ def test_gemm_kernels_of_every_example_use_tensor_cores_and_do_not_spill():
 def test_every_example_every_precision_compiles():
     specs = _variants(EXAMPLES, ("fp32", "tf32", "fp16", "bf16"))
     _assert_all_compile(compile_all(specs, TARGETS))
+
+
+# Every op the examples do not use, in shapes that reach every kernel: a
+# depthwise conv, a standalone add, every activation, avg pool with padding,
+# blurpool, bilinear upsample, softmax, dropout after a pool, a conv whose
+# epilogue has both a residual and an activation (its backward materialises dz).
+ALL_OPS = """
+network all_ops {
+    input 3x15x13
+    e1 = conv 8 kernel=3 pad=1 -> bn -> leaky_relu slope=0.2
+    conv 8 kernel=3 pad=1 groups=8 -> bn -> sigmoid
+    add e1
+    e2 = tanh
+    conv 8 kernel=3 pad=1 -> add e2 -> relu
+    avgpool 3 stride=2 pad=1 -> blurpool -> upsample 2 mode=bilinear
+    conv 16 kernel=1x3 pad=0x1 stride=2 -> silu -> softmax
+    global_avgpool
+    dropout 0.2
+    linear 10 -> gelu
+    scale 0.5
+}
+"""
+
+
+def _kernel_functions() -> set[str]:
+    names = set()
+    for info in pkgutil.iter_modules(engine.kernels.__path__):
+        module = importlib.import_module(f"engine.kernels.{info.name}")
+        for name, value in vars(module).items():
+            if name.endswith("_kernel") and type(value).__name__ in ("JITFunction", "InterpretedFunction"):
+                names.add(name)
+    return names
+
+
+def _extra_runs(precision: str):
+    model = engine.compile(ALL_OPS, precision=precision)
+    x = torch.zeros(2, *model.input_shape)
+
+    def optimizers():
+        for cls in (Adam, AdamW):
+            opt = cls(model.parameters(), lr=1e-3)
+            cross_entropy(model(x), torch.zeros(2, dtype=torch.int64)).backward()
+            opt.step()
+
+    def eval_backward():  # batch norm in eval mode with gradients (not folded)
+        model.eval()
+        model(x).backward(torch.zeros(2, 10))
+        model.train()
+
+    def split_global_pool():  # an image larger than one GPU chunk: split + combine
+        global_avg_pool(torch.zeros(1, 80, 80, 8, dtype=model.dtype))
+
+    return [network_step(model, 2, True), network_step(model, 2, False), optimizers, eval_backward, split_global_pool]
+
+
+def test_every_kernel_function_compiles_for_sm80_and_sm90():
+    chosen = {}
+    for precision in ("fp32", "bf16"):
+        runs = [network_step(engine.compile(p, precision=precision), 2, t) for p in EXAMPLES for t in (True, False)]
+        for run in runs + _extra_runs(precision):
+            for spec in record_network(run):
+                chosen.setdefault((spec.name, precision), spec)
+    missing = _kernel_functions() - {name for name, _ in chosen}
+    assert not missing, f"kernels no compile test reaches: {sorted(missing)}"
+    _assert_all_compile(compile_all(list(chosen.values()), TARGETS))
