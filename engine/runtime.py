@@ -50,6 +50,7 @@ class TritonNetwork(Network):
         # plans[fold_bn]: folding batch norm into conv epilogues is only valid in
         # eval mode when no gradient is wanted (the fold treats BN as constants).
         self.plans = {fold: run_pipeline(spec.graph, training=not fold) for fold in (False, True)}
+        self._reads = {fold: _count_reads(*self.plans[fold]) for fold in (False, True)}
         announce_interpreter()
 
     def kernel_plan(self, fold_bn: bool = False) -> tuple[Graph, tuple[Kernel, ...]]:
@@ -59,9 +60,13 @@ class TritonNetwork(Network):
         self.check_input(x)
         fold = not self.training and not torch.is_grad_enabled()
         graph, plan = self.plans[fold]
-        values: dict[int, torch.Tensor] = {0: to_nhwc(x, self.dtype)}
+        reads = self._reads[fold].copy()
+        for t in taps:
+            reads[graph.taps[t]] = reads.get(graph.taps[t], 0) + 1
+        values = _Values(reads, torch.is_grad_enabled())
+        values.put(0, to_nhwc(x, self.dtype))
         for kern in plan:
-            values[kern.output] = self._run(graph, kern, values)
+            values.put(kern.output, self._run(graph, kern, values))
         out = to_nchw(values[graph.output.id])
         if taps:
             return out, {t: to_nchw(values[graph.taps[t]]) for t in taps}
@@ -154,6 +159,40 @@ class TritonNetwork(Network):
 
             return K_sm.softmax(x)
         raise AssertionError(f"no runtime for kernel kind {kind}")
+
+
+def _count_reads(graph: Graph, plan) -> dict[int, int]:
+    """How often each value is read: by kernels outside the group that made it,
+    and once more for the network's output."""
+    reads: dict[int, int] = {graph.output.id: 1}
+    for kern in plan:
+        members = set(kern.nodes)
+        for nid in kern.nodes:
+            for i in graph.node(nid).inputs:
+                if i not in members:
+                    reads[i] = reads.get(i, 0) + 1
+    return reads
+
+
+class _Values:
+    """The activations of one forward pass, by node id. A value read by several
+    consumers is handed out as separate aliases through fan_out, so their
+    gradients are summed by a fusenet kernel rather than by autograd."""
+
+    def __init__(self, reads: dict[int, int], grad: bool):
+        self.reads, self.grad = reads, grad
+        self.store: dict[int, torch.Tensor] = {}
+        self.aliases: dict[int, list[torch.Tensor]] = {}
+
+    def put(self, node_id: int, value: torch.Tensor) -> None:
+        n = self.reads.get(node_id, 0)
+        if self.grad and value.requires_grad and n > 1:
+            self.aliases[node_id] = list(K_pw.fan_out(value, n))
+        self.store[node_id] = value
+
+    def __getitem__(self, node_id: int) -> torch.Tensor:
+        pool = self.aliases.get(node_id)
+        return pool.pop(0) if pool else self.store[node_id]
 
 
 def _act_of(nodes: list[Node]) -> tuple[str, float]:

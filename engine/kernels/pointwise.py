@@ -713,3 +713,35 @@ def concat_channels(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(xs) == 0:
         raise ValueError("concat_channels needs at least one tensor")
     return ConcatFunction.apply(*xs)
+
+
+# --------------------------------------------------------------------------- #
+# Fan-out: one value, several consumers
+# --------------------------------------------------------------------------- #
+class FanOutFunction(torch.autograd.Function):
+    """Hands one activation to n consumers as n aliases (views, no copy).
+
+    Without it, PyTorch's autograd engine would sum the consumers' gradients
+    itself (an aten add). Here the backward sums them with fusenet's add kernel,
+    in consumer order, so the whole backward pass stays on Triton and is
+    deterministic."""
+
+    @staticmethod
+    def forward(ctx, x, n: int):
+        return tuple(x.view_as(x) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = None
+        for g in grads:
+            if g is None:
+                continue
+            total = g if total is None else add_act_forward(total, g)
+        return total, None
+
+
+def fan_out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """n aliases of x whose gradients are summed by a Triton kernel (see FanOutFunction)."""
+    if n < 2:
+        raise ValueError(f"fan_out needs at least 2 consumers, got {n}")
+    return FanOutFunction.apply(x, n)
