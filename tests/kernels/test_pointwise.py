@@ -262,3 +262,37 @@ def test_launch_records_specializations():
     assert "_affine_act_fwd_kernel" in names
     spec = specs[names.index("_affine_act_fwd_kernel")]
     assert ("ACT", 1) in spec.constexprs
+
+
+# --------------------------------------------------------------- fan-out
+def test_fan_out_sums_consumer_gradients():
+    x = torch.randn(2, 5, 7, 3, requires_grad=True)
+    one = torch.ones(2, 5, 7, 3)
+
+    def ours(x):
+        a, b, c = pw.fan_out(x, 3)
+        return pw.activation(a, "tanh"), pw.scale(b, 2.5), pw.add_act(c, one, "relu")
+
+    def ref(x):
+        return torch.tanh(x), x * 2.5, torch.relu(x + 1)
+
+    check_against_torch(ours, ref, [x])
+
+
+def test_fan_out_backward_is_triton_only():
+    x = torch.randn(3, 4, 5, 6, requires_grad=True)
+    dys = [torch.randn(3, 4, 5, 6) for _ in range(3)]
+    with OpRecorder() as rec:
+        outs = [pw.activation(v, "relu") for v in pw.fan_out(x, 3)]
+        torch.autograd.backward(outs, dys)
+    assert "add" not in rec.ops and rec.ops <= ALLOWED_ATEN, sorted(rec.ops - ALLOWED_ATEN)
+
+
+def test_fan_out_unused_branch_passes_gradient_through():
+    x = torch.randn(3, 4, 5, 6, requires_grad=True)
+    dy = torch.randn(3, 4, 5, 6)
+    a, _, _ = pw.fan_out(x, 3)
+    pw.activation(a, "relu").backward(dy)
+    assert torch.equal(x.grad, torch.where(x > 0, dy, torch.zeros(())))
+    with pytest.raises(ValueError):
+        pw.fan_out(x, 1)
