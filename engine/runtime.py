@@ -80,6 +80,10 @@ class TritonNetwork(Network):
         act, slope = _act_of(nodes)
         a = anchor.attrs
         kind = kern.kind
+        drop = {}
+        if "dropout" in kern.epilogue and self.training:
+            p = next(n for n in nodes if n.op == "dropout").attrs["p"]
+            drop = dict(dropout_p=p, dropout_seed=_dropout_seed()) if p > 0 else {}
         if kind == "conv":
             conv = self.layer(anchor)
             scale = shift = residual = None
@@ -104,10 +108,11 @@ class TritonNetwork(Network):
                 allow_tf32=self.allow_tf32,
                 scale=scale,
                 shift=shift,
+                **drop,
             )
         if kind == "linear":
             lin = self.layer(anchor)
-            return K_linear.linear(x, lin.weight, lin.bias, act=act, slope=slope, allow_tf32=self.allow_tf32)
+            return K_linear.linear(x, lin.weight, lin.bias, act=act, slope=slope, allow_tf32=self.allow_tf32, **drop)
         if kind == "bn":
             bn = self.layer(anchor)
             if self.training:
@@ -150,15 +155,18 @@ class TritonNetwork(Network):
 
             if not self.training or a["p"] == 0.0:
                 return x
-            # The mask's seed comes from torch's CPU generator, so torch.manual_seed
-            # reproduces it and a checkpoint's saved RNG state resumes it exactly.
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-            return K_drop.dropout(x, a["p"], seed, True)
+            return K_drop.dropout(x, a["p"], _dropout_seed(), True)
         if kind == "softmax":
             from engine.kernels import softmax as K_sm
 
             return K_sm.softmax(x)
         raise AssertionError(f"no runtime for kernel kind {kind}")
+
+
+def _dropout_seed() -> int:
+    """A dropout mask's seed, drawn from torch's CPU generator: torch.manual_seed
+    reproduces it and a checkpoint's saved RNG state resumes it exactly."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 def _count_reads(graph: Graph, plan) -> dict[int, int]:

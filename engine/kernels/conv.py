@@ -31,6 +31,7 @@ import triton.language as tl
 
 from engine import device as _device
 from engine.kernels.activations import act_code, apply_act
+from engine.kernels.dropout import dropout_backward, dropout_mask_scale
 from engine.kernels.launch import launch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,10 +43,11 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
               y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
-              Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope,
+              Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
               HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-              HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr):
-    """z = acc (+bias) (*scale) (+shift) (+residual); store act(z) [and z, stats]."""
+              HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr,
+              DROPOUT: tl.constexpr):
+    """z = acc (+bias) (*scale) (+shift) (+residual); store dropout(act(z)) [and z, stats]."""
     # acc: [BLOCK_M, BLOCK_N] fp32; offs_m/n/ho/wo/mask_m: [BLOCK_M]; offs_c/mask_c: [BLOCK_N]
     mask = mask_m[:, None] & mask_c[None, :]  # [BLOCK_M, BLOCK_N]
     z = acc
@@ -67,6 +69,11 @@ def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
         tl.store(psum_ptr + pid_m * Cout + offs_c, tl.sum(zm, axis=0), mask=mask_c)  # [BLOCK_N]
         tl.store(psumsq_ptr + pid_m * Cout + offs_c, tl.sum(zm * zm, axis=0), mask=mask_c)
     y = apply_act(z, ACT, slope)  # [BLOCK_M, BLOCK_N] fp32
+    if DROPOUT:
+        # the mask of engine.kernels.dropout: offsets are flat indices of the
+        # contiguous [M, Cout] output, so the backward regenerates it there
+        flat = (offs_m[:, None] * Cout + offs_c[None, :]).to(tl.int32)  # [BLOCK_M, BLOCK_N]
+        y = dropout_mask_scale(y, seed, flat, drop_p)
     y_off = (n * sy_n + ho * sy_h + wo * sy_w)[:, None] + (offs_c * sy_c)[None, :]
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -89,9 +96,10 @@ def _conv_fwd_kernel(
     x_ptr, w_ptr, y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
     M, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope,
+    sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
-    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Implicit-GEMM conv forward. Grid: (M tiles, Cout/G tiles, G)."""
@@ -130,8 +138,8 @@ def _conv_fwd_kernel(
 
     _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
               y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
-              Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope,
-              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT)
+              Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
+              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT)
 
 
 @triton.jit
@@ -139,9 +147,9 @@ def _dwconv_fwd_kernel(
     x_ptr, w_ptr, y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
     M, H, W, Cin, Ho, Wo, Cout, MULT, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope,
+    sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
-    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr,
+    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Depthwise conv (one input channel per group): direct FMA over taps. Grid: (M tiles, Cout tiles)."""
@@ -168,8 +176,8 @@ def _dwconv_fwd_kernel(
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
               y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
-              Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope,
-              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT)
+              Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
+              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT)
 
 
 # --------------------------------------------------------------------------- #
@@ -274,13 +282,15 @@ class ConvOutput(NamedTuple):
 
 def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
                    scale=None, shift=None, residual=None, act="none", slope=0.01, save_pre=False,
-                   stats=False, allow_tf32=False, out=None) -> ConvOutput:
-    """y = act(((conv(x, w) + bias) * scale + shift) + residual) on NHWC x; see ConvOutput.
+                   stats=False, allow_tf32=False, out=None, dropout_p=0.0, dropout_seed=0) -> ConvOutput:
+    """y = dropout(act(((conv(x, w) + bias) * scale + shift) + residual)) on NHWC x; see ConvOutput.
 
     x [N,H,W,Cin] contiguous fp32/fp16/bf16; w [Cout,Cin/groups,kh,kw] (cast to
     x's dtype); bias/scale/shift optional fp32 [Cout]; residual optional
     [N,Ho,Wo,Cout] (any strides); out optional [N,Ho,Wo,Cout] with any strides
-    (e.g. a channel slice of a concat buffer).
+    (e.g. a channel slice of a concat buffer). dropout_p > 0 applies training-mode
+    dropout with the mask of engine.kernels.dropout for `dropout_seed` (its
+    backward regenerates the mask).
     """
     _check_act(x, "x")
     if x.dim() != 4 or not x.is_contiguous():
@@ -298,6 +308,8 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
             raise ValueError(f"conv2d: {name} must be a float [{N},{Ho},{Wo},{Cout}] tensor on {x.device}, "
                              f"got {tuple(t.shape)} {t.dtype} on {t.device}")
     code = act_code(act)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"conv2d: dropout_p must be in [0, 1), got {dropout_p}")
     M, G, Cout_g = N * Ho * Wo, groups, Cout // groups
     y = torch.empty((N, Ho, Wo, Cout), device=x.device, dtype=x.dtype) if out is None else out
     z = torch.empty((N, Ho, Wo, Cout), device=x.device, dtype=x.dtype) if save_pre else None
@@ -322,9 +334,9 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     psumsq = torch.empty((T, Cout), device=x.device, dtype=torch.float32) if stats else None
     common = (x, wk, y, z, bias, scale, shift, residual, psum, psumsq)
     tail = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            *y.stride(), *res_strides, float(slope))
+            *y.stride(), *res_strides, float(slope), float(dropout_p), int(dropout_seed))
     flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-                 HAS_RES=residual is not None, SAVE_PRE=save_pre, STATS=stats, ACT=code)
+                 HAS_RES=residual is not None, SAVE_PRE=save_pre, STATS=stats, ACT=code, DROPOUT=dropout_p > 0)
     if depthwise:
         launch(_dwconv_fwd_kernel, grid, *common, M, H, W, Cin, Ho, Wo, Cout, Cout // Cin, KH, KW, *tail,
                **flags, BLOCK_M=bm, BLOCK_N=bn, **meta)
@@ -358,11 +370,13 @@ class Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, residual, stride, padding, dilation, groups, act, slope, allow_tf32,
-                scale=None, shift=None):
+                scale=None, shift=None, dropout_p=0.0, dropout_seed=0):
         code = act_code(act)
         res = conv2d_forward(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
                              scale=scale, shift=shift, residual=residual, act=act, slope=slope,
-                             save_pre=code != 0, allow_tf32=allow_tf32)
+                             save_pre=code != 0, allow_tf32=allow_tf32, dropout_p=dropout_p,
+                             dropout_seed=dropout_seed)
+        ctx.dropout = (dropout_p, dropout_seed)
         ctx.save_for_backward(x, w, res.z, scale)
         ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
         ctx.act, ctx.slope = act, slope
@@ -374,6 +388,8 @@ class Conv2dFunction(torch.autograd.Function):
         x, w, z, scale = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         dy = dy.contiguous()
+        if ctx.dropout[0] > 0:  # the forward's mask, regenerated from its seed
+            dy = dropout_backward(dy, *ctx.dropout)
         act, dres = ctx.act, None
         if act_code(act) != 0 and ctx.has_res and need_r:
             # dz is the residual's gradient: materialise it once, then plain GEMMs
@@ -389,11 +405,12 @@ class Conv2dFunction(torch.autograd.Function):
         dw = db = None
         if need_w or need_b:
             dw, db = _bw.conv2d_wgrad(x, g, w.shape, need_bias=need_b, **bw)
-        return dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None, None
+        return dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None, None, None, None
 
 
 def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, groups=1, act="none",
-           slope=0.01, allow_tf32=False, scale=None, shift=None) -> torch.Tensor:
-    """Differentiable fused NHWC conv: act(conv(x, w) + bias [*scale + shift] + residual)."""
+           slope=0.01, allow_tf32=False, scale=None, shift=None, dropout_p=0.0, dropout_seed=0) -> torch.Tensor:
+    """Differentiable fused NHWC conv: dropout(act(conv(x, w) + bias [*scale + shift] + residual))."""
     return Conv2dFunction.apply(x, w, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
-                                _pair(dilation, "dilation"), groups, act, slope, allow_tf32, scale, shift)
+                                _pair(dilation, "dilation"), groups, act, slope, allow_tf32, scale, shift,
+                                dropout_p, dropout_seed)

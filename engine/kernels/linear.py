@@ -22,6 +22,7 @@ import triton.language as tl
 
 from engine import device
 from engine.kernels.activations import act_code, act_grad, apply_act
+from engine.kernels.dropout import dropout_backward, dropout_mask_scale
 from engine.kernels.launch import launch
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,8 +52,9 @@ def _linear_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
     N, F, O,
     stride_xn, stride_xf, stride_wo, stride_wf, stride_yn, stride_zn,
-    slope,
+    slope, drop_p, seed,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -80,6 +82,10 @@ def _linear_fwd_kernel(
         tl.store(z_ptr + offs_m[:, None] * stride_zn + offs_n[None, :],
                  acc.to(z_ptr.dtype.element_ty), mask=out_mask)
     y = apply_act(acc, ACT, slope)  # [BLOCK_M, BLOCK_N] fp32
+    if DROPOUT:
+        # engine.kernels.dropout's mask: offsets are flat indices of the contiguous
+        # [N, O] output, so its backward regenerates the same mask
+        y = dropout_mask_scale(y, seed, (offs_m[:, None] * O + offs_n[None, :]).to(tl.int32), drop_p)
     tl.store(y_ptr + offs_m[:, None] * stride_yn + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -223,14 +229,19 @@ def _check_x_w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> N
             raise ValueError(f"linear: bias must be fp32 on {x.device}, got {bias.dtype} on {bias.device}")
 
 
-def linear_forward(x, w, bias=None, *, act="none", slope=0.01, save_pre=False, allow_tf32=False):
-    """y = act(x @ w^T + bias). Returns y, or (y, z) with z the pre-activation if save_pre.
+def linear_forward(x, w, bias=None, *, act="none", slope=0.01, save_pre=False, allow_tf32=False,
+                   dropout_p=0.0, dropout_seed=0):
+    """y = dropout(act(x @ w^T + bias)). Returns y, or (y, z) with z the pre-activation if save_pre.
+
+    dropout_p > 0: training-mode dropout with engine.kernels.dropout's mask for dropout_seed.
 
     x `[N, F]` fp32/fp16/bf16, w `[O, F]` fp32, bias `[O]` fp32 or None.
     y (and z) are `[N, O]` in x's dtype.
     """
     _check_x_w(x, w, bias)
     code = act_code(act)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"linear: dropout_p must be in [0, 1), got {dropout_p}")
     N, F = x.shape
     O = w.shape[0]
     y = torch.empty((N, O), device=x.device, dtype=x.dtype)
@@ -243,8 +254,9 @@ def linear_forward(x, w, bias=None, *, act="none", slope=0.01, save_pre=False, a
             x, w, bias, y, z,
             N, F, O,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), O,
-            float(slope),
+            float(slope), float(dropout_p), int(dropout_seed),
             HAS_BIAS=bias is not None, ACT=code, SAVE_PRE=bool(save_pre), **_dot_flags(x.dtype, allow_tf32),
+            DROPOUT=dropout_p > 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         )
     return (y, z) if save_pre else y
@@ -347,12 +359,14 @@ class LinearFunction(torch.autograd.Function):
     """y = act(x @ w^T + bias) with the fused kernels above, forward and backward."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, act="none", slope=0.01, allow_tf32=False):
+    def forward(ctx, x, w, bias, act="none", slope=0.01, allow_tf32=False, dropout_p=0.0, dropout_seed=0):
         need_pre = act_code(act) != 0
+        drop = dict(dropout_p=dropout_p, dropout_seed=dropout_seed)
         if need_pre:
-            y, z = linear_forward(x, w, bias, act=act, slope=slope, save_pre=True, allow_tf32=allow_tf32)
+            y, z = linear_forward(x, w, bias, act=act, slope=slope, save_pre=True, allow_tf32=allow_tf32, **drop)
         else:
-            y, z = linear_forward(x, w, bias, act=act, slope=slope, allow_tf32=allow_tf32), None
+            y, z = linear_forward(x, w, bias, act=act, slope=slope, allow_tf32=allow_tf32, **drop), None
+        ctx.dropout = (dropout_p, dropout_seed)
         ctx.save_for_backward(x, w, z)
         ctx.act, ctx.slope, ctx.allow_tf32, ctx.has_bias = act, slope, allow_tf32, bias is not None
         return y
@@ -364,6 +378,8 @@ class LinearFunction(torch.autograd.Function):
         kw = dict(act=ctx.act, slope=ctx.slope, allow_tf32=ctx.allow_tf32)
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
+        if ctx.dropout[0] > 0:  # the forward's mask, regenerated from its seed
+            dy = dropout_backward(dy.contiguous(), *ctx.dropout)
         if ctx.needs_input_grad[0]:
             dx = linear_dgrad(dy, w, z, out_dtype=x.dtype, **kw)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
@@ -372,9 +388,9 @@ class LinearFunction(torch.autograd.Function):
                 dw = None
             if not (ctx.has_bias and ctx.needs_input_grad[2]):
                 db = None
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
-def linear(x, w, bias=None, *, act="none", slope=0.01, allow_tf32=False):
-    """Differentiable fused linear layer: act(x @ w^T + bias), x `[N, F]`, w `[O, F]`."""
-    return LinearFunction.apply(x, w, bias, act, float(slope), bool(allow_tf32))
+def linear(x, w, bias=None, *, act="none", slope=0.01, allow_tf32=False, dropout_p=0.0, dropout_seed=0):
+    """Differentiable fused linear layer: dropout(act(x @ w^T + bias)), x `[N, F]`, w `[O, F]`."""
+    return LinearFunction.apply(x, w, bias, act, float(slope), bool(allow_tf32), float(dropout_p), int(dropout_seed))

@@ -4,8 +4,8 @@ A plan is a tuple of `Kernel`s in execution order; each owns a run of nodes
 and is launched when its last node's value is due. Rules (why in brackets):
 - conv absorbs what follows it while the value has one user: in eval mode a
   `bn` (folded into a per-channel scale and shift), then a residual/skip
-  `add`, then an activation; linear absorbs an activation
-  [epilogue work costs no extra HBM round trip].
+  `add`, then an activation; linear absorbs an activation; in training both
+  then absorb a `dropout` [epilogue work costs no extra HBM round trip].
 - In training mode a `bn` after a conv cannot be folded (it needs the batch
   statistics of the conv output); the `bn` kernel (split statistics, finalize,
   normalize) absorbs the following activation [one pass instead of two].
@@ -23,7 +23,7 @@ from engine.ir import ACTIVATION_OPS, Graph, Node
 class Kernel:
     kind: str  # conv | linear | bn | add | act | pool | ... (the anchor op family)
     nodes: tuple[int, ...]  # IR node ids, in order; the last one is the output
-    epilogue: tuple[str, ...] = ()  # what the anchor's epilogue fuses: bias, bn, add, act:NAME
+    epilogue: tuple[str, ...] = ()  # what the anchor's epilogue fuses: bias, bn, add, act:NAME, dropout
 
     @property
     def anchor(self) -> int:
@@ -100,6 +100,10 @@ def plan_fusion(graph: Graph, training: bool) -> tuple[Kernel, ...]:
                 epilogue.append("add")
             if absorb(lambda n: n.op in ACTIVATION_OPS):
                 epilogue.append(f"act:{cur.op}")
+            # training-mode dropout is the last epilogue step (its mask comes from a
+            # seed, so the backward regenerates it instead of storing it)
+            if training and absorb(lambda n: n.op == "dropout"):
+                epilogue.append("dropout")
         elif node.op == "bn":
             if absorb(lambda n: n.op in ACTIVATION_OPS):
                 epilogue.append(f"act:{cur.op}")

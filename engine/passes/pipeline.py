@@ -123,6 +123,8 @@ def kernel_table(spec, batch: int | None = None, training: bool = True) -> str:
             names = _BACKWARD.get(kern.kind, [])
             if kern.kind == "conv" and graph.node(kern.anchor).inputs == (0,):
                 names = names[1:]  # no gradient needed for the network input
+            if "dropout" in kern.epilogue:
+                names = ["dropout backward (mask regenerated from the seed)"] + names
             if "add" in kern.epilogue:
                 names = ["activation backward (materialises the residual gradient)"] + [n.format(act="") for n in names]
             else:

@@ -91,8 +91,9 @@ def test_every_example_every_precision_compiles():
 
 # Every op the examples do not use, in shapes that reach every kernel: a
 # depthwise conv, a standalone add, every activation, avg pool with padding,
-# blurpool, bilinear upsample, softmax, dropout after a pool, a conv whose
-# epilogue has both a residual and an activation (its backward materialises dz).
+# blurpool, bilinear upsample, softmax, dropout after a pool and in conv and
+# linear epilogues, a conv whose epilogue has both a residual and an activation
+# (its backward materialises dz).
 ALL_OPS = """
 network all_ops {
     input 3x15x13
@@ -100,12 +101,12 @@ network all_ops {
     conv 8 kernel=3 pad=1 groups=8 -> bn -> sigmoid
     add e1
     e2 = tanh
-    conv 8 kernel=3 pad=1 -> add e2 -> relu
+    conv 8 kernel=3 pad=1 -> add e2 -> relu -> dropout 0.1
     avgpool 3 stride=2 pad=1 -> blurpool -> upsample 2 mode=bilinear
     conv 16 kernel=1x3 pad=0x1 stride=2 -> silu -> softmax
     global_avgpool
     dropout 0.2
-    linear 10 -> gelu
+    linear 10 -> gelu -> dropout 0.1
     scale 0.5
 }
 """
@@ -149,6 +150,10 @@ def test_every_kernel_function_compiles_for_sm80_and_sm90():
         for run in runs + _extra_runs(precision):
             for spec in record_network(run):
                 chosen.setdefault((spec.name, precision), spec)
-    missing = _kernel_functions() - {name for name, _ in chosen}
+    # every variant of the all-ops training step too: it exists to reach the
+    # rarer fusion flags (dropout and residual+activation epilogues, ...)
+    for spec in record_network(_extra_runs("fp32")[0]):
+        chosen.setdefault((spec.name, spec.signature, spec.constexprs), spec)
+    missing = _kernel_functions() - {key[0] for key in chosen}
     assert not missing, f"kernels no compile test reaches: {sorted(missing)}"
     _assert_all_compile(compile_all(list(chosen.values()), TARGETS))

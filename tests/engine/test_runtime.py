@@ -105,3 +105,49 @@ def test_fusion_plan_fuses_epilogues():
     assert "bn" not in kinds, "eval batch norm should fold into the conv epilogue"
     assert any("add" in k.epilogue for k in plan), "residual add should fuse into a conv epilogue"
     assert len(plan) < len(graph.nodes) - 1
+
+
+DROPOUT_NET = """
+network fused_dropout {
+    input 3x9x7
+    conv 8 kernel=3 pad=1 -> relu -> dropout 0.3
+    conv 8 kernel=3 pad=1 groups=8 -> dropout 0.2
+    global_avgpool -> dropout 0.1
+    linear 20 -> gelu -> dropout 0.25
+    linear 5
+}
+"""
+
+
+def test_fused_dropout_matches_reference_with_the_same_masks(monkeypatch):
+    """Dropout in conv/linear epilogues and as its own kernel, against the
+    reference given the same masks: seeds drawn from torch's generator in
+    graph order, masks read off fusenet's dropout kernel."""
+    from engine.kernels.dropout import dropout_forward
+
+    tri = engine.compile(DROPOUT_NET)
+    ref = engine.compile(DROPOUT_NET, backend="torch").double()
+    ref.load_state_dict(tri.state_dict())
+    graph, plan = tri.kernel_plan()
+    assert [k.epilogue[-1] for k in plan if k.kind in ("conv", "linear")][:3] == ["dropout"] * 3
+
+    def same_mask_dropout(v, p, training):
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        nhwc = (v.shape[0], *v.shape[2:], v.shape[1]) if v.dim() == 4 else tuple(v.shape)
+        keep = dropout_forward(torch.ones(nhwc), p, seed).double()
+        return v * (keep.permute(0, 3, 1, 2) if v.dim() == 4 else keep)
+
+    monkeypatch.setattr(engine.reference.F, "dropout", same_mask_dropout)
+    x = torch.randn(4, 3, 9, 7)
+    xt, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    torch.manual_seed(11)
+    yt = tri(xt)
+    torch.manual_seed(11)
+    yr = ref(xr)
+    assert_close(yt, yr, NET, what="output")
+    g = torch.randn(yr.shape, dtype=torch.float64)
+    yt.backward(g.float())
+    yr.backward(g)
+    assert_close(xt.grad, xr.grad, NET, what="input gradient")
+    for (key, pt), (_, pr) in zip(tri.named_parameters(), ref.named_parameters()):
+        assert_close(pt.grad, pr.grad, NET, what=f"gradient of {key}")

@@ -321,3 +321,24 @@ def test_errors():
         conv2d_dgrad(torch.randn(1, 5, 4, 8), w, x.shape, stride=1, padding=0, dilation=1, groups=1)
     with pytest.raises(ValueError, match="pre-activation"):
         conv2d_wgrad(x, torch.randn(1, 4, 4, 8), w.shape, stride=1, padding=0, dilation=1, groups=1, act="relu")
+
+
+@pytest.mark.parametrize("groups,act", [(1, "relu"), (1, "none"), (8, "gelu")])
+def test_dropout_epilogue_matches_torch_with_the_same_mask(groups, act):
+    from engine.kernels.dropout import dropout_forward
+
+    p, seed = 0.3, 1234
+    x, w, b = rand_inputs(2, 8, 7, 9, 8 if groups > 1 else 10, 3, groups)
+    Cout = w.shape[0]
+    # the mask the epilogue uses, read off the dropout kernel: dropout(ones) = mask / (1 - p)
+    keep = nchw(dropout_forward(torch.ones(2, 7, 9, Cout), p, seed)).double()
+    kw = dict(padding=1, groups=groups, act=act)
+
+    def ours(x, w, b):
+        return nchw(conv2d(nhwc(x), w, b, dropout_p=p, dropout_seed=seed, **kw))
+
+    def ref(x, w, b):
+        return ref_fn(**kw)(x, w, b) * keep
+
+    check_against_torch(ours, ref, [x, w, b])
+    assert 0.15 < float((keep == 0).double().mean()) < 0.45, "the mask should drop about p of the outputs"

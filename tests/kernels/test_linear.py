@@ -148,3 +148,25 @@ def test_linear_shape_errors():
         linear_forward(torch.randn(4, 5), torch.randn(3, 5), torch.randn(4))
     with pytest.raises(ValueError):
         linear_forward(torch.randn(4, 5), torch.randn(3, 5), act="swish")
+
+
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_dropout_epilogue_matches_torch_with_the_same_mask(act):
+    from engine.kernels.dropout import dropout_forward
+    from engine.kernels.linear import linear
+
+    p, seed = 0.4, 99
+    x = torch.randn(37, 70, requires_grad=True)
+    w = (torch.randn(10, 70) / 70**0.5).requires_grad_()
+    b = torch.randn(10, requires_grad=True)
+    keep = dropout_forward(torch.ones(37, 10), p, seed).double()  # mask / (1 - p)
+
+    def ours(x, w, b):
+        return linear(x, w, b, act=act, dropout_p=p, dropout_seed=seed)
+
+    def ref(x, w, b):
+        y = torch.nn.functional.linear(x, w, b)
+        return (torch.relu(y) if act == "relu" else y) * keep
+
+    check_against_torch(ours, ref, [x, w, b])
+    assert 0.25 < float((keep == 0).double().mean()) < 0.55
