@@ -19,12 +19,12 @@ SLOW = {"airbench94", "resnet9"}
 NET = "network_fp32"  # tolerance for whole fp32 networks (tests/helpers.py)
 
 
-def _pair(name: str):
+def _pair(name: str, precision: str = "fp32"):
     # Dropout masks come from different RNGs in the two backends; the dropout
     # kernel has its own tests, so whole-network comparisons switch it off.
     text = re.sub(r"dropout [0-9.]+", "dropout 0.0", (EXAMPLES / f"{name}.cnn").read_text())
     ref = engine.compile(text, backend="torch").double()
-    tri = engine.compile(text, backend="triton")
+    tri = engine.compile(text, backend="triton", precision=precision)
     gen = torch.Generator().manual_seed(1)
     for m in ref.modules():
         if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
@@ -151,3 +151,43 @@ def test_fused_dropout_matches_reference_with_the_same_masks(monkeypatch):
     assert_close(xt.grad, xr.grad, NET, what="input gradient")
     for (key, pt), (_, pr) in zip(tri.named_parameters(), ref.named_parameters()):
         assert_close(pt.grad, pr.grad, NET, what=f"gradient of {key}")
+
+
+FP16_BN_DEPTH = pytest.mark.xfail(
+    strict=True,
+    reason="known: training-mode batch norm keeps fp16 intermediates; through 13 BN layers at batch 2 the "
+    "input gradient is off by ~11% in norm (PyTorch's autocast runs BN in fp32). Tracked in the issue notes.",
+)
+FP16_CASES = [
+    pytest.param(name, mode, marks=[FP16_BN_DEPTH] if (name, mode) == ("resnet_small", "train") else [])
+    for name in ("digits", "lenet5", "resnet_small", "unet_tiny")
+    for mode in ("train", "eval")
+]
+
+
+@pytest.mark.parametrize("name,mode", FP16_CASES)
+def test_fp16_network_matches_reference(name, mode):
+    """fp16 activations, fp32 accumulation and master weights. Outputs are held to
+    the fp16 tolerance elementwise. Gradients are compared norm-wise: without loss
+    scaling, the small ones fall into fp16's subnormal range (measured: 1-5% error
+    in norm, against ~1e-6 in fp32), so the bound is 8%, which still catches any
+    wrong gradient."""
+    ref, tri = _pair(name, "fp16")
+    assert tri.dtype == torch.float16
+    ref.train(mode == "train")
+    tri.train(mode == "train")
+    x = torch.randn(2, *tri.input_shape, generator=torch.Generator().manual_seed(2))
+    xr, xt = x.double().requires_grad_(), x.clone().requires_grad_()
+    yr, yt = ref(xr), tri(xt)
+    assert_close(yt, yr, torch.float16, what=f"{name} fp16 {mode} output")
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    yr.backward(g)
+    yt.backward(g.float())
+
+    def rel(ours, theirs, floor=0.0):
+        return float((ours.double() - theirs).norm() / max(float(theirs.norm()), floor, 1e-30))
+
+    assert rel(xt.grad, xr.grad) < 0.08
+    top = max(float(p.grad.norm()) for p in ref.parameters())
+    for (key, pr), (_, pt) in zip(ref.named_parameters(), tri.named_parameters()):
+        assert rel(pt.grad, pr.grad, 1e-2 * top) < 0.08, key
