@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from engine.device import announce_interpreter
+from engine.device import DEVICE, announce_interpreter
 from engine.ir import ACTIVATION_OPS, Graph, Node
 from engine.kernels import batchnorm as K_bn
 from engine.kernels import conv as K_conv
@@ -65,12 +65,42 @@ class TritonNetwork(Network):
             reads[graph.taps[t]] = reads.get(graph.taps[t], 0) + 1
         values = _Values(reads, torch.is_grad_enabled())
         values.put(0, to_nhwc(x, self.dtype))
+        self._concat_buffers: dict[int, torch.Tensor] = {}
         for kern in plan:
             values.put(kern.output, self._run(graph, kern, values))
         out = to_nchw(values[graph.output.id])
         if taps:
             return out, {t: to_nchw(values[graph.taps[t]]) for t in taps}
         return out
+
+    # -- concat: producers write into channel slices of one buffer ---------------
+    def _concat_buffer(self, graph: Graph, concat_id: int, batch: int) -> torch.Tensor:
+        buf = self._concat_buffers.get(concat_id)
+        if buf is None:
+            buf = torch.empty(_concat_buffer_shape(graph, concat_id, batch), dtype=self.dtype, device=DEVICE)
+            self._concat_buffers[concat_id] = buf
+        return buf
+
+    def _concat_slice(self, graph: Graph, kern: Kernel, batch: int):
+        """The buffer slice a producer writes into (None: a tensor of its own)."""
+        if kern.writes_into is None:
+            return None
+        concat_id, c0 = kern.writes_into
+        width = graph.node(kern.output).shape[0]
+        return self._concat_buffer(graph, concat_id, batch)[..., c0 : c0 + width]
+
+    def _concat(self, graph: Graph, node: Node, values, current: torch.Tensor) -> torch.Tensor:
+        """The concat's buffer, with the inputs not already written in place copied in."""
+        buf = self._concat_buffer(graph, node.id, current.shape[0])
+        c0 = 0
+        for slot, src in enumerate(node.inputs):
+            v = current if slot == 0 else values[src]
+            width = v.shape[-1]
+            target = buf[..., c0 : c0 + width]
+            if v.data_ptr() != target.data_ptr():  # not written in place by its producer
+                K_pw.copy_into(target, v)  # in place: autograd tracks it through buf
+            c0 += width
+        return buf
 
     # -- one fused kernel group --------------------------------------------------
     def _run(self, graph: Graph, kern: Kernel, values) -> torch.Tensor:
@@ -108,6 +138,7 @@ class TritonNetwork(Network):
                 allow_tf32=self.allow_tf32,
                 scale=scale,
                 shift=shift,
+                out=self._concat_slice(graph, kern, x.shape[0]),
                 **drop,
             )
         if kind == "linear":
@@ -145,7 +176,7 @@ class TritonNetwork(Network):
         if kind == "upsample":
             return K_rs.upsample(x, a["factor"], a["mode"])
         if kind == "concat":
-            return K_pw.concat_channels([x, values[anchor.inputs[1]]])
+            return self._concat(graph, anchor, values, x)
         if kind == "flatten":
             # PyTorch flattens C, H, W in that order; NHWC must be put in NCHW order
             # first so linear weights mean the same in both backends (a copy).
@@ -161,6 +192,11 @@ class TritonNetwork(Network):
 
             return K_sm.softmax(x)
         raise AssertionError(f"no runtime for kernel kind {kind}")
+
+
+def _concat_buffer_shape(graph: Graph, concat_id: int, batch: int) -> tuple[int, ...]:
+    c, h, w = graph.node(concat_id).shape
+    return (batch, h, w, c)
 
 
 def _dropout_seed() -> int:

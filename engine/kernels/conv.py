@@ -363,20 +363,30 @@ def __getattr__(name):
 # Autograd
 # --------------------------------------------------------------------------- #
 class Conv2dFunction(torch.autograd.Function):
-    """y = act(conv(x, w) + bias [* scale + shift] + residual), NHWC, differentiable in x, w, bias, residual.
+    """y = dropout(act(conv(x, w) + bias [* scale + shift] + residual)), NHWC,
+    differentiable in x, w, bias, residual.
 
     scale/shift are treated as constants (folded inference BN): no gradient.
+    `out` (first, see forward): a view of a larger buffer written in place.
+    Dropout's mask is regenerated from its seed in the backward.
     """
 
     @staticmethod
-    def forward(ctx, x, w, bias, residual, stride, padding, dilation, groups, act, slope, allow_tf32,
+    def forward(ctx, out, x, w, bias, residual, stride, padding, dilation, groups, act, slope, allow_tf32,
                 scale=None, shift=None, dropout_p=0.0, dropout_seed=0):
+        # `out` comes first: autograd's handling of in-place writes into views
+        # (CopySlices) expects the written tensor to be the first input
         code = act_code(act)
         res = conv2d_forward(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
                              scale=scale, shift=shift, residual=residual, act=act, slope=slope,
                              save_pre=code != 0, allow_tf32=allow_tf32, dropout_p=dropout_p,
-                             dropout_seed=dropout_seed)
+                             dropout_seed=dropout_seed, out=out)
         ctx.dropout = (dropout_p, dropout_seed)
+        ctx.wrote_into = out is not None
+        if out is not None:
+            # written in place into a slice of a larger buffer (a concat): autograd
+            # routes that slice of the buffer's gradient back here
+            ctx.mark_dirty(out)
         ctx.save_for_backward(x, w, res.z, scale)
         ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
         ctx.act, ctx.slope = act, slope
@@ -386,7 +396,7 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w, z, scale = ctx.saved_tensors
-        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[1:5]
         dy = dy.contiguous()
         if ctx.dropout[0] > 0:  # the forward's mask, regenerated from its seed
             dy = dropout_backward(dy, *ctx.dropout)
@@ -405,12 +415,21 @@ class Conv2dFunction(torch.autograd.Function):
         dw = db = None
         if need_w or need_b:
             dw, db = _bw.conv2d_wgrad(x, g, w.shape, need_bias=need_b, **bw)
-        return dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None, None, None, None
+        # `out`'s overwritten contents get a zero gradient; it must be a real tensor
+        # (autograd's CopySlices drops the buffer's gradient when it is None), and a
+        # stride-0 expanded scalar costs no memory
+        dout = torch.zeros((), device=dy.device, dtype=dy.dtype).expand(dy.shape) if ctx.wrote_into else None
+        return (dout, dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None,
+                None, None, None)
 
 
 def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, groups=1, act="none",
-           slope=0.01, allow_tf32=False, scale=None, shift=None, dropout_p=0.0, dropout_seed=0) -> torch.Tensor:
-    """Differentiable fused NHWC conv: dropout(act(conv(x, w) + bias [*scale + shift] + residual))."""
-    return Conv2dFunction.apply(x, w, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
+           slope=0.01, allow_tf32=False, scale=None, shift=None, dropout_p=0.0, dropout_seed=0,
+           out=None) -> torch.Tensor:
+    """Differentiable fused NHWC conv: dropout(act(conv(x, w) + bias [*scale + shift] + residual)).
+
+    `out`: a view (e.g. `buf[..., c0:c1]` of a concat buffer) to write the result
+    into, in place; it is returned, and gradients flow through the buffer."""
+    return Conv2dFunction.apply(out, x, w, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
                                 _pair(dilation, "dilation"), groups, act, slope, allow_tf32, scale, shift,
                                 dropout_p, dropout_seed)

@@ -11,10 +11,12 @@ and is launched when its last node's value is due. Rules (why in brackets):
   normalize) absorbs the following activation [one pass instead of two].
 - `add` absorbs one following activation; everything else is its own kernel.
 A node whose value has several users ends its group, so no value is lost.
+- A conv whose output only feeds a `concat` writes into its channel slice of
+  the concat's buffer (plan_concat_writes) [concat without a copy].
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.ir import ACTIVATION_OPS, Graph, Node
 
@@ -24,6 +26,7 @@ class Kernel:
     kind: str  # conv | linear | bn | add | act | pool | ... (the anchor op family)
     nodes: tuple[int, ...]  # IR node ids, in order; the last one is the output
     epilogue: tuple[str, ...] = ()  # what the anchor's epilogue fuses: bias, bn, add, act:NAME, dropout
+    writes_into: tuple[int, int] | None = None  # (concat node, first channel): output written in place
 
     @property
     def anchor(self) -> int:
@@ -115,7 +118,34 @@ def plan_fusion(graph: Graph, training: bool) -> tuple[Kernel, ...]:
 
     kernels.sort(key=lambda k: k.output)
     _check_order(graph, kernels)
-    return tuple(kernels)
+    return plan_concat_writes(graph, tuple(kernels))
+
+
+def plan_concat_writes(graph: Graph, kernels: tuple[Kernel, ...]) -> tuple[Kernel, ...]:
+    """A conv whose output only feeds a `concat` writes it straight into its
+    channel slice of the concat's buffer [no copy]; the concat kernel then only
+    copies in the inputs whose producers could not (a tap with other readers)."""
+    producer = {k.output: i for i, k in enumerate(kernels)}
+    readers: dict[int, int] = {}
+    for n in graph:
+        for i in n.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    out = list(kernels)
+    for i, kern in enumerate(kernels):
+        if kern.kind != "concat":
+            continue
+        node = graph.node(kern.anchor)
+        offset, in_place = 0, []
+        for slot, src in enumerate(node.inputs):
+            p = producer.get(src)
+            single = readers.get(src) == 1 and src not in graph.taps.values()
+            if p is not None and out[p].kind == "conv" and out[p].writes_into is None and single:
+                out[p] = replace(out[p], writes_into=(node.id, offset))
+                in_place.append("current" if slot == 0 else "tap")
+            offset += graph.node(src).shape[0]
+        if in_place:
+            out[i] = replace(kern, epilogue=tuple(f"in place: {w}" for w in in_place))
+    return tuple(out)
 
 
 def _check_order(graph: Graph, kernels: list[Kernel]) -> None:

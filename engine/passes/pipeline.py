@@ -67,7 +67,12 @@ _BACKWARD = {
 }
 
 
-def _bytes(graph: Graph, kern: Kernel, batch: int, elem: int) -> int:
+def _bytes(graph: Graph, kern: Kernel, batch: int, elem: int, in_place: set[int]) -> int:
+    """Minimum HBM bytes: external inputs read, parameters, the output written.
+    A concat moves only the inputs not written in place by their producers."""
+    if kern.kind == "concat":
+        copied = [i for i in graph.node(kern.anchor).inputs if i not in in_place]
+        return 2 * sum(prod(graph.node(i).shape) for i in copied) * batch * elem
     nodes = set(kern.nodes)
     total = 0
     for nid in kern.nodes:
@@ -88,11 +93,12 @@ def kernel_table(spec, batch: int | None = None, training: bool = True) -> str:
     elem = 2 if spec.train.precision in ("fp16", "bf16") else 4
     rows = [("#", "kernel", "lines", "fuses", "GFLOP", "MB")]
     tot_f = tot_b = 0
+    in_place = {k.output for k in plan if k.writes_into is not None}
     for k, kern in enumerate(plan):
         ns = [graph.node(i) for i in kern.nodes]
         lines = sorted({n.pos.line for n in ns})
         flops = sum(n.flops for n in ns) * batch
-        nbytes = _bytes(graph, kern, batch, elem)
+        nbytes = _bytes(graph, kern, batch, elem, in_place)
         if kern.kind in ("flatten",):
             nbytes = 0  # a view
         tot_f += flops
@@ -100,7 +106,9 @@ def kernel_table(spec, batch: int | None = None, training: bool = True) -> str:
         rows.append(
             (
                 f"k{k}",
-                kern.kind + (f" [{', '.join(kern.epilogue)}]" if kern.epilogue else ""),
+                kern.kind
+                + (f" [{', '.join(kern.epilogue)}]" if kern.epilogue else "")
+                + (f" -> into concat %{kern.writes_into[0]}" if kern.writes_into else ""),
                 ",".join(map(str, lines)),
                 " -> ".join(n.op for n in ns),
                 f"{flops / 1e9:.4f}",

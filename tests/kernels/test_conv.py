@@ -342,3 +342,22 @@ def test_dropout_epilogue_matches_torch_with_the_same_mask(groups, act):
 
     check_against_torch(ours, ref, [x, w, b])
     assert 0.15 < float((keep == 0).double().mean()) < 0.45, "the mask should drop about p of the outputs"
+
+
+def test_conv_writes_into_a_concat_buffer_with_gradients():
+    # two convs write their outputs into channel slices of one buffer, in place;
+    # gradients flow back through the buffer to both
+    x1, w1, b1 = rand_inputs(2, 3, 7, 9, 10, 3)
+    x2, w2, b2 = rand_inputs(2, 5, 7, 9, 6, 1)
+
+    def ours(x1, w1, b1, x2, w2, b2):
+        buf = torch.empty(2, 7, 9, 16)
+        a = conv2d(nhwc(x1), w1, b1, padding=1, act="relu", out=buf[..., :10])
+        c = conv2d(nhwc(x2), w2, b2, act="tanh", out=buf[..., 10:])
+        assert a.data_ptr() == buf.data_ptr() and c.data_ptr() == buf[..., 10:].data_ptr()
+        return nchw(buf)
+
+    def ref(x1, w1, b1, x2, w2, b2):
+        return torch.cat([torch.relu(F.conv2d(x1, w1, b1, padding=1)), torch.tanh(F.conv2d(x2, w2, b2))], 1)
+
+    check_against_torch(ours, ref, [x1, w1, b1, x2, w2, b2])
