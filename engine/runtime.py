@@ -162,6 +162,9 @@ class TritonNetwork(Network):
             return K_bn.batch_norm_eval(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, act, slope)
         if kind == "act":
             return K_pw.activation(x, act, slope)
+        if kind == "pointwise":  # a chain of activations and scales, one kernel
+            ops = [(n.op, n.attrs["factor"] if n.op == "scale" else n.attrs.get("slope", 0.0)) for n in nodes]
+            return K_pw.pointwise_chain(x, ops)
         if kind == "add":
             return K_pw.add_act(x, values[anchor.inputs[1]], act, slope)
         if kind == "scale":

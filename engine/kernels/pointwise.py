@@ -745,3 +745,102 @@ def fan_out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     if n < 2:
         raise ValueError(f"fan_out needs at least 2 consumers, got {n}")
     return FanOutFunction.apply(x, n)
+
+
+# --------------------------------------------------------------------------- #
+# Pointwise chains: up to CHAIN_MAX unary ops in one pass
+# --------------------------------------------------------------------------- #
+CHAIN_MAX = 4
+_SCALE_OP = 7  # op code of a constant multiply; 0 = identity, 1..6 = activations.py codes
+
+
+@triton.jit
+def _chain_op(v, OP: tl.constexpr, c):
+    """One link: identity, an activation (c = slope) or a constant scale (c = factor)."""
+    if OP == 7:
+        return v * c
+    else:
+        return apply_act(v, OP, c)
+
+
+@triton.jit
+def _chain_op_grad(g, v, OP: tl.constexpr, c):
+    """Gradient through one link, given the link's input v."""
+    if OP == 7:
+        return g * c
+    else:
+        return act_grad(g, v, OP, c)
+
+
+@triton.jit
+def _chain_kernel(
+    x_ptr,  # [n] chain input
+    dy_ptr,  # [n] upstream gradient (BACKWARD only)
+    out_ptr,  # [n] chain output (forward) or input gradient (backward)
+    n, c1, c2, c3, c4,
+    OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr, OP4: tl.constexpr,
+    BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK] fp32
+    z1 = _chain_op(x, OP1, c1)  # each link's output stays in registers
+    z2 = _chain_op(z1, OP2, c2)
+    z3 = _chain_op(z2, OP3, c3)
+    if BACKWARD:
+        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
+        g = _chain_op_grad(g, z3, OP4, c4)
+        g = _chain_op_grad(g, z2, OP3, c3)
+        g = _chain_op_grad(g, z1, OP2, c2)
+        g = _chain_op_grad(g, x, OP1, c1)
+        tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        y = _chain_op(z3, OP4, c4)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _chain_codes(ops: Sequence[tuple[str, float]]) -> tuple[list[int], list[float]]:
+    if not 1 <= len(ops) <= CHAIN_MAX:
+        raise ValueError(f"pointwise_chain: 1..{CHAIN_MAX} ops, got {len(ops)}")
+    codes, consts = [], []
+    for name, c in ops:
+        codes.append(_SCALE_OP if name == "scale" else _act_code_checked(name))
+        consts.append(float(c))
+    pad = CHAIN_MAX - len(ops)
+    return codes + [0] * pad, consts + [0.0] * pad
+
+
+def _chain_launch(x, dy, ops, backward: bool) -> torch.Tensor:
+    check_activation(x, "x")
+    codes, consts = _chain_codes(ops)
+    x = _contig(x)
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n == 0:
+        return out
+    blk, nw = block_1d(n)
+    launch(_chain_kernel, (triton.cdiv(n, blk),), x, _contig(dy) if backward else x, out, n, *consts,
+           OP1=codes[0], OP2=codes[1], OP3=codes[2], OP4=codes[3], BACKWARD=backward, BLOCK=blk, num_warps=nw)
+    return out
+
+
+class PointwiseChainFunction(torch.autograd.Function):
+    """y = f_k(...f_1(x)) for unary ops f_i (activations, constant scales) in one
+    kernel. Saves only x: the backward recomputes the links in registers."""
+
+    @staticmethod
+    def forward(ctx, x, ops):
+        ctx.save_for_backward(x)
+        ctx.ops = ops
+        return _chain_launch(x, None, ops, backward=False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return _chain_launch(x, dy, ctx.ops, backward=True), None
+
+
+def pointwise_chain(x: torch.Tensor, ops: Sequence[tuple[str, float]]) -> torch.Tensor:
+    """Apply `ops` in order, e.g. [("tanh", 0), ("scale", 0.5), ("leaky_relu", 0.1)]:
+    an activation with its slope (used by leaky_relu) or ("scale", factor)."""
+    return PointwiseChainFunction.apply(x, tuple((name, float(c)) for name, c in ops))

@@ -9,7 +9,9 @@ and is launched when its last node's value is due. Rules (why in brackets):
 - In training mode a `bn` after a conv cannot be folded (it needs the batch
   statistics of the conv output); the `bn` kernel (split statistics, finalize,
   normalize) absorbs the following activation [one pass instead of two].
-- `add` absorbs one following activation; everything else is its own kernel.
+- `add` absorbs one following activation; a run of unary pointwise ops
+  (activations, `scale`) becomes one chain kernel; everything else is its own
+  kernel.
 A node whose value has several users ends its group, so no value is lost.
 - A conv whose output only feeds a `concat` writes into its channel slice of
   the concat's buffer (plan_concat_writes) [concat without a copy].
@@ -55,6 +57,12 @@ _FAMILY = {
     "flatten": "flatten",
     **{a: "act" for a in ACTIVATION_OPS},
 }
+
+
+# unary elementwise ops a pointwise-chain kernel runs back to back (at most
+# CHAIN_MAX, engine.kernels.pointwise's limit)
+UNARY_POINTWISE = ACTIVATION_OPS + ("scale",)
+CHAIN_MAX = 4
 
 
 def _single_user(graph: Graph, node: Node, users: dict[int, list[int]]) -> Node | None:
@@ -113,8 +121,12 @@ def plan_fusion(graph: Graph, training: bool) -> tuple[Kernel, ...]:
         elif node.op == "add":
             if absorb(lambda n: n.op in ACTIVATION_OPS):
                 epilogue.append(f"act:{cur.op}")
+        elif node.op in UNARY_POINTWISE:
+            while len(group) < CHAIN_MAX and absorb(lambda n: n.op in UNARY_POINTWISE):
+                pass
         taken.update(group)
-        kernels.append(Kernel(_FAMILY[node.op], tuple(group), tuple(epilogue)))
+        kind = "pointwise" if node.op in UNARY_POINTWISE and len(group) > 1 else _FAMILY[node.op]
+        kernels.append(Kernel(kind, tuple(group), tuple(epilogue)))
 
     kernels.sort(key=lambda k: k.output)
     _check_order(graph, kernels)

@@ -60,6 +60,7 @@ _BACKWARD = {
     "dropout": ["dropout backward (mask regenerated)"],
     "softmax": ["softmax backward"],
     "act": ["activation backward"],
+    "pointwise": ["pointwise chain backward (links recomputed from the input)"],
     "add": [],
     "scale": ["scale backward"],
     "concat": ["concat backward (slices)"],

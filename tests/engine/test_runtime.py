@@ -208,3 +208,37 @@ def test_concat_producer_writes_in_place(monkeypatch):
     x = torch.randn(1, *tri.input_shape, requires_grad=True)
     tri(x).sum().backward()
     assert copies == [torch.Size([1, 16, 16, 32])], copies  # e2 only
+
+
+CHAIN_NET = """
+network chain {
+    input 3x6x5
+    conv 8 kernel=3 pad=1
+    tanh -> scale 0.5 -> leaky_relu slope=0.2 -> sigmoid -> gelu
+    flatten
+    linear 4 -> scale 2.0 -> silu
+}
+"""
+
+
+def test_pointwise_chains_fuse_and_match_reference():
+    from engine.kernels import pointwise
+    from engine.passes import fusion
+
+    assert fusion.CHAIN_MAX == pointwise.CHAIN_MAX  # the pass plans what the kernel can run
+    tri = engine.compile(CHAIN_NET)
+    ref = engine.compile(CHAIN_NET, backend="torch").double()
+    ref.load_state_dict(tri.state_dict())
+    graph, plan = tri.kernel_plan()
+    chains = [[graph.node(i).op for i in k.nodes] for k in plan if k.kind == "pointwise"]
+    assert chains == [["scale", "leaky_relu", "sigmoid", "gelu"], ["scale", "silu"]]
+    x = torch.randn(3, 3, 6, 5)
+    xt, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    yt, yr = tri(xt), ref(xr)
+    assert_close(yt, yr, NET, what="output")
+    g = torch.randn(yr.shape, dtype=torch.float64)
+    yt.backward(g.float())
+    yr.backward(g)
+    assert_close(xt.grad, xr.grad, NET, what="input gradient")
+    for (key, pt), (_, pr) in zip(tri.named_parameters(), ref.named_parameters()):
+        assert_close(pt.grad, pr.grad, NET, what=f"gradient of {key}")

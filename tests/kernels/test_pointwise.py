@@ -296,3 +296,37 @@ def test_fan_out_unused_branch_passes_gradient_through():
     assert torch.equal(x.grad, torch.where(x > 0, dy, torch.zeros(())))
     with pytest.raises(ValueError):
         pw.fan_out(x, 1)
+
+
+# --------------------------------------------------------------- pointwise chains
+CHAINS = [
+    [("tanh", 0), ("scale", 0.5), ("leaky_relu", 0.1)],
+    [("scale", -2.0), ("relu", 0)],
+    [("gelu", 0), ("silu", 0), ("sigmoid", 0), ("scale", 3.0)],
+    [("sigmoid", 0)],
+]
+
+
+@pytest.mark.parametrize("ops", CHAINS)
+def test_pointwise_chain_matches_torch(ops):
+    x = torch.randn(3, 5, 7, 17, requires_grad=True)
+
+    def ref(x):
+        for name, c in ops:
+            x = x * c if name == "scale" else (F.leaky_relu(x, c) if name == "leaky_relu" else torch_act(x, name))
+        return x
+
+    check_against_torch(lambda x: pw.pointwise_chain(x, ops), ref, [x])
+
+
+def test_pointwise_chain_is_one_kernel_and_triton_only():
+    from engine.kernels.launch import recording
+
+    x = torch.randn(4, 6, requires_grad=True)
+    dy = torch.randn(4, 6)
+    with recording() as specs, OpRecorder() as rec:
+        pw.pointwise_chain(x, CHAINS[2]).backward(dy)
+    assert [s.name for s in specs] == ["_chain_kernel", "_chain_kernel"]  # forward, backward
+    assert rec.ops <= ALLOWED_ATEN, sorted(rec.ops - ALLOWED_ATEN)
+    with pytest.raises(ValueError):
+        pw.pointwise_chain(x, CHAINS[2] + [("relu", 0)])
