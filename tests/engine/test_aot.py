@@ -90,7 +90,7 @@ def test_every_example_every_precision_compiles():
 
 
 # Every op the examples do not use, in shapes that reach every kernel: a
-# depthwise conv, a standalone add, every activation, avg pool with padding,
+# depthwise conv, a standalone add, every activation, a pointwise chain, avg pool with padding,
 # blurpool, bilinear upsample, softmax, dropout after a pool and in conv and
 # linear epilogues, a conv whose epilogue has both a residual and an activation
 # (its backward materialises dz).
@@ -107,7 +107,7 @@ network all_ops {
     global_avgpool
     dropout 0.2
     linear 10 -> gelu -> dropout 0.1
-    scale 0.5
+    scale 0.5 -> tanh
 }
 """
 
