@@ -344,6 +344,9 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
 
     # model state: fresh (seeded init, optional transfer) or resumed
     raw = model
+    say("backend: " + (
+        "triton (fusenet's fused kernels, forward, backward, loss and optimizer)"
+        if backend == "triton" else "torch (plain PyTorch: torch.nn layers, F.cross_entropy, torch.optim)"))
     ck = None
     if resume:
         ck = ckpt.load_checkpoint(out / CHECKPOINT)
