@@ -68,9 +68,13 @@ _BACKWARD = {
 }
 
 
-def _bytes(graph: Graph, kern: Kernel, batch: int, elem: int, in_place: set[int]) -> int:
-    """Minimum HBM bytes: external inputs read, parameters, the output written.
-    A concat moves only the inputs not written in place by their producers."""
+def kernel_bytes(graph: Graph, kern: Kernel, batch: int, elem: int, in_place: set[int]) -> int:
+    """Minimum HBM bytes of one forward kernel: external inputs read, parameters,
+    the output written. A concat moves only the inputs not written in place by
+    their producers; flatten of an image is a copy (NHWC to PyTorch's C, H, W
+    order), of a vector nothing."""
+    if kern.kind == "flatten" and len(graph.node(graph.node(kern.anchor).inputs[0]).shape) == 1:
+        return 0  # already flat: a view
     if kern.kind == "concat":
         copied = [i for i in graph.node(kern.anchor).inputs if i not in in_place]
         return 2 * sum(prod(graph.node(i).shape) for i in copied) * batch * elem
@@ -99,9 +103,7 @@ def kernel_table(spec, batch: int | None = None, training: bool = True) -> str:
         ns = [graph.node(i) for i in kern.nodes]
         lines = sorted({n.pos.line for n in ns})
         flops = sum(n.flops for n in ns) * batch
-        nbytes = _bytes(graph, kern, batch, elem, in_place)
-        if kern.kind in ("flatten",):
-            nbytes = 0  # a view
+        nbytes = kernel_bytes(graph, kern, batch, elem, in_place)
         tot_f += flops
         tot_b += nbytes
         rows.append(

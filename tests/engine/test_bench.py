@@ -1,0 +1,54 @@
+"""The analytic model of `fusenet bench` (what runs without a GPU)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import engine
+from engine.bench import H100, analytic_report, format_analytic
+from engine.cli import main
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.cnn"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_fusion_never_adds_work_and_saves_traffic(path):
+    report = analytic_report(engine.load(path), 256, "bf16")
+    fused, unfused = report["fused"], report["unfused"]
+    assert fused["forward"]["flops"] == unfused["forward"]["flops"] == sum(k["flops"] for k in report["kernels"])
+    assert fused["kernels"] <= unfused["kernels"]
+    assert fused["step"]["bytes"] <= unfused["step"]["bytes"]
+    assert fused["step"]["flops"] > 2 * fused["forward"]["flops"]  # backward of GEMMs is two GEMMs
+    if fused["kernels"] < unfused["kernels"]:
+        assert fused["forward"]["bytes"] < unfused["forward"]["bytes"]
+
+
+def test_roofline_floor_is_the_larger_of_compute_and_memory_time():
+    report = analytic_report(engine.load(EXAMPLES[0]), 1024, "bf16")
+    for k in report["kernels"]:
+        compute = k["flops"] / H100["flops_per_s"]["bf16"]
+        memory = k["bytes"] / H100["hbm_bytes_per_s"]
+        assert k["floor_us"] == pytest.approx(1e6 * max(compute, memory))
+        assert k["bound"] == ("compute" if compute > memory else "memory")
+
+
+def test_digits_numbers_by_hand():
+    # conv 1->16 3x3 pad 1 on 8x8, batch 2, fp32: 2*16*8*8*9 FLOPs per image;
+    # bytes: input 1*8*8, weights+bias (16*9+16)*4 B, output 16*8*8
+    report = analytic_report(engine.load(EXAMPLES[1]), 2, "fp32")  # digits
+    first = report["kernels"][0]
+    assert first["flops"] == 2 * (2 * 16 * 64 * 9)
+    assert first["bytes"] == 2 * 64 * 4 + (16 * 9 + 16) * 4 + 2 * 16 * 64 * 4
+
+
+def test_bench_cli_without_gpu_prints_the_model_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(EXAMPLES[1]), "--batch", "64,256", "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "timings need a CUDA GPU" in captured.err
+    assert "training step fused" in captured.out and "roofline" in captured.out
+    data = json.loads(out.read_text())
+    assert [r["batch"] for r in data] == [64, 256]
+    assert format_analytic(data[0]).splitlines()[0].startswith("digits: analytic model")
