@@ -12,14 +12,13 @@ import sys
 from pathlib import Path
 
 
-def _batches(text: str) -> list[int]:
+def _batches(text: str) -> list[int] | None:
+    """64,256,1024 -> [64, 256, 1024]; None if malformed."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise SystemExit(f"fusenet bench: error: --batch takes positive integers like 64,256,1024, got {text!r}")
-    return values
+        return None
+    return values if values and min(values) >= 1 else None
 
 
 def cmd_bench(args) -> int:
@@ -30,6 +29,10 @@ def cmd_bench(args) -> int:
     spec = engine.load(Path(args.file))
     precision = args.precision or spec.train.precision
     batches = _batches(args.batch) if args.batch else [spec.train.batch]
+    if batches is None:  # a usage error: exit status 2, like argparse's
+        print(f"fusenet bench: error: --batch takes positive integers like 64,256,1024, got {args.batch!r}",
+              file=sys.stderr)
+        return 2
     if HAS_CUDA:
         print("fusenet bench: timing on the GPU is not built yet; the analytic model follows.", file=sys.stderr)
     else:

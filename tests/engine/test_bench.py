@@ -52,3 +52,8 @@ def test_bench_cli_without_gpu_prints_the_model_and_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [r["batch"] for r in data] == [64, 256]
     assert format_analytic(data[0]).splitlines()[0].startswith("digits: analytic model")
+
+
+def test_bench_cli_rejects_bad_batch_as_a_usage_error(capsys):
+    assert main(["bench", str(EXAMPLES[1]), "--batch", "0,x"]) == 2
+    assert "positive integers" in capsys.readouterr().err
