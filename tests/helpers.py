@@ -135,3 +135,38 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.add(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+def check_network_against_reference(
+    ours: torch.nn.Module,
+    ref: torch.nn.Module,
+    x: torch.Tensor,
+    tol="network_fp32",
+    *,
+    grad_floor: float = 0.0,
+    seed: int | None = None,
+) -> None:
+    """A compiled network against the fp64 reference on input x: the output, the
+    input gradient and every parameter gradient, for one random upstream gradient.
+
+    grad_floor: a parameter gradient is judged against max(its own scale,
+    grad_floor x the largest parameter gradient), for gradients that are zero
+    up to rounding (a conv bias before training-mode batch norm).
+    seed: torch.manual_seed before each forward, so both draw the same dropout seeds.
+    """
+    xo, xr = x.detach().clone().requires_grad_(), x.detach().double().requires_grad_()
+    if seed is not None:
+        torch.manual_seed(seed)
+    yo = ours(xo)
+    if seed is not None:
+        torch.manual_seed(seed)
+    yr = ref(xr)
+    assert_close(yo, yr, tol, what="output")
+    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    yo.backward(g.to(yo.dtype))
+    yr.backward(g)
+    assert_close(xo.grad, xr.grad, tol, what="input gradient")
+    top = max(p.grad.abs().max().item() for p in ref.parameters())
+    for (key, po), (_, pr) in zip(ours.named_parameters(), ref.named_parameters()):
+        scale = max(pr.grad.abs().max().item(), grad_floor * top) if grad_floor else None
+        assert_close(po.grad, pr.grad, tol, what=f"gradient of {key}", scale=scale)

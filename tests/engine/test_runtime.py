@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import engine
-from helpers import DATA_MOVEMENT_OPS, OpRecorder, assert_close
+from helpers import DATA_MOVEMENT_OPS, OpRecorder, assert_close, check_network_against_reference
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # (example, batch): the wide networks run at batch 1 to keep the interpreter quick.
@@ -47,18 +47,9 @@ def test_example_matches_reference(name, batch, mode):
     ref.train(mode == "train")
     tri.train(mode == "train")
     x = torch.randn(batch, *tri.input_shape, generator=torch.Generator().manual_seed(2))
-    xr, xt = x.double().requires_grad_(), x.clone().requires_grad_()
-    yr, yt = ref(xr), tri(xt)
-    assert_close(yt, yr, NET, what=f"{name} {mode} output")
-    g = torch.randn(yr.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    yr.backward(g)
-    yt.backward(g.float())
-    assert_close(xt.grad, xr.grad, NET, what="input gradient")
-    top = max(p.grad.abs().max().item() for p in ref.parameters())
-    for (key, pr), (_, pt) in zip(ref.named_parameters(), tri.named_parameters()):
-        # judged against the network's gradient scale: a conv bias before
-        # training-mode batch norm has a gradient that is zero up to rounding
-        assert_close(pt.grad, pr.grad, NET, what=f"gradient of {key}", scale=max(pr.grad.abs().max().item(), 1e-2 * top))
+    # judged against the network's gradient scale: a conv bias before
+    # training-mode batch norm has a gradient that is zero up to rounding
+    check_network_against_reference(tri, ref, x, NET, grad_floor=1e-2)
     for (key, br), (_, bt) in zip(ref.named_buffers(), tri.named_buffers()):
         if br.is_floating_point():
             assert_close(bt, br, NET, what=f"buffer {key}")
@@ -138,19 +129,7 @@ def test_fused_dropout_matches_reference_with_the_same_masks(monkeypatch):
         return v * (keep.permute(0, 3, 1, 2) if v.dim() == 4 else keep)
 
     monkeypatch.setattr(engine.reference.F, "dropout", same_mask_dropout)
-    x = torch.randn(4, 3, 9, 7)
-    xt, xr = x.clone().requires_grad_(), x.double().requires_grad_()
-    torch.manual_seed(11)
-    yt = tri(xt)
-    torch.manual_seed(11)
-    yr = ref(xr)
-    assert_close(yt, yr, NET, what="output")
-    g = torch.randn(yr.shape, dtype=torch.float64)
-    yt.backward(g.float())
-    yr.backward(g)
-    assert_close(xt.grad, xr.grad, NET, what="input gradient")
-    for (key, pt), (_, pr) in zip(tri.named_parameters(), ref.named_parameters()):
-        assert_close(pt.grad, pr.grad, NET, what=f"gradient of {key}")
+    check_network_against_reference(tri, ref, torch.randn(4, 3, 9, 7), NET, seed=11)
 
 
 FP16_BN_DEPTH = pytest.mark.xfail(
@@ -232,13 +211,4 @@ def test_pointwise_chains_fuse_and_match_reference():
     graph, plan = tri.kernel_plan()
     chains = [[graph.node(i).op for i in k.nodes] for k in plan if k.kind == "pointwise"]
     assert chains == [["scale", "leaky_relu", "sigmoid", "gelu"], ["scale", "silu"]]
-    x = torch.randn(3, 3, 6, 5)
-    xt, xr = x.clone().requires_grad_(), x.double().requires_grad_()
-    yt, yr = tri(xt), ref(xr)
-    assert_close(yt, yr, NET, what="output")
-    g = torch.randn(yr.shape, dtype=torch.float64)
-    yt.backward(g.float())
-    yr.backward(g)
-    assert_close(xt.grad, xr.grad, NET, what="input gradient")
-    for (key, pt), (_, pr) in zip(tri.named_parameters(), ref.named_parameters()):
-        assert_close(pt.grad, pr.grad, NET, what=f"gradient of {key}")
+    check_network_against_reference(tri, ref, torch.randn(3, 3, 6, 5), NET)
