@@ -1,4 +1,4 @@
-"""The `fusenet` command: check, fmt, inspect, bench, train, eval, predict, extract.
+"""The `fusenet` command: check, fmt, inspect, bench, tune, train, eval, predict, extract.
 
 Exit status: 0 success, 1 an invalid program or failed run, 2 a usage error.
 Errors are printed as located messages; never a Python traceback (set
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check", action="store_true", help="exit 1 if the file is not canonical")
     f.set_defaults(func=cmd_fmt)
 
-    for module, attr in (("engine.inspect_cli", "add_commands"), ("engine.bench_cli", "add_commands"), ("engine.train_cli", "add_commands")):
+    for module, attr in (("engine.inspect_cli", "add_commands"), ("engine.bench_cli", "add_commands"), ("engine.tune_cli", "add_commands"), ("engine.train_cli", "add_commands")):
         try:
             mod = __import__(module, fromlist=[attr])
         except ModuleNotFoundError as e:

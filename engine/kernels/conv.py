@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from engine import device as _device
+from engine.kernels import autotune
 from engine.kernels.activations import act_code, apply_act
 from engine.kernels.dropout import dropout_backward, dropout_mask_scale
 from engine.kernels.launch import launch
@@ -253,6 +254,16 @@ def _gemm_tiles(M: int, Ncols: int, K: int):
     return bm, bn, bk, {"num_warps": 8 if bm * bn >= 128 * 128 else 4, "num_stages": 3}
 
 
+def _conv_key(KH, KW, stride, padding, dilation, groups) -> dict:
+    """The conv hyper-parameters of an autotune key (besides the GEMM sizes and flags)."""
+    return dict(kernel=f"{KH}x{KW}", stride=f"{stride[0]}x{stride[1]}", pad=f"{padding[0]}x{padding[1]}",
+                dilation=f"{dilation[0]}x{dilation[1]}", groups=groups)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _precision(allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 else "ieee"
 
@@ -315,35 +326,55 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     z = torch.empty((N, Ho, Wo, Cout), device=x.device, dtype=x.dtype) if save_pre else None
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
 
-    depthwise = Cin_g == 1 and G > 1
-    if depthwise:
+    tail = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *y.stride(), *res_strides, float(slope), float(dropout_p), int(dropout_seed))
+    flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+                 HAS_RES=residual is not None, SAVE_PRE=save_pre, STATS=stats, ACT=code, DROPOUT=dropout_p > 0)
+
+    def stats_buffers(bm: int):
+        """psum, psumsq [M tiles, Cout] fp32 (None without stats): their row count follows BLOCK_M."""
+        if not stats:
+            return None, None
+        T = triton.cdiv(M, bm)
+        return (torch.empty((T, Cout), device=x.device, dtype=torch.float32),
+                torch.empty((T, Cout), device=x.device, dtype=torch.float32))
+
+    if Cin_g == 1 and G > 1:  # depthwise: direct kernel
         if _device.INTERPRETED:
             bm, bn, meta = _p2(M, 16, 1024), _p2(Cout, 16, 256), {}
         else:
             bm, bn, meta = 64, _p2(Cout, 16, 64), {"num_warps": 4}
         wk = w.detach().to(x.dtype).permute(2, 3, 0, 1).reshape(KH * KW, Cout).contiguous()  # [KH*KW, Cout]
-        grid = (triton.cdiv(M, bm), triton.cdiv(Cout, bn))
-    else:
-        K_g = KH * KW * Cin_g
-        bm, bn, bk, meta = _gemm_tiles(M, Cout_g, K_g)
-        # B operand [KH, KW, Cin_g, Cout] viewed as [K_g, Cout]: row (r, s, ci), group g in columns
-        wk = w.detach().to(x.dtype).permute(2, 3, 1, 0).reshape(K_g, Cout).contiguous()
-        grid = (triton.cdiv(M, bm), triton.cdiv(Cout_g, bn), G)
-    T = grid[0]
-    psum = torch.empty((T, Cout), device=x.device, dtype=torch.float32) if stats else None
-    psumsq = torch.empty((T, Cout), device=x.device, dtype=torch.float32) if stats else None
-    common = (x, wk, y, z, bias, scale, shift, residual, psum, psumsq)
-    tail = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            *y.stride(), *res_strides, float(slope), float(dropout_p), int(dropout_seed))
-    flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-                 HAS_RES=residual is not None, SAVE_PRE=save_pre, STATS=stats, ACT=code, DROPOUT=dropout_p > 0)
-    if depthwise:
-        launch(_dwconv_fwd_kernel, grid, *common, M, H, W, Cin, Ho, Wo, Cout, Cout // Cin, KH, KW, *tail,
-               **flags, BLOCK_M=bm, BLOCK_N=bn, **meta)
-    else:
-        launch(_conv_fwd_kernel, grid, *common, M, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW, *tail,
+        psum, psumsq = stats_buffers(bm)
+        launch(_dwconv_fwd_kernel, (triton.cdiv(M, bm), triton.cdiv(Cout, bn)),
+               x, wk, y, z, bias, scale, shift, residual, psum, psumsq,
+               M, H, W, Cin, Ho, Wo, Cout, Cout // Cin, KH, KW, *tail, **flags, BLOCK_M=bm, BLOCK_N=bn, **meta)
+        return ConvOutput(y, z, psum, psumsq)
+
+    K_g = KH * KW * Cin_g
+    # B operand [KH, KW, Cin_g, Cout] viewed as [K_g, Cout]: row (r, s, ci), group g in columns
+    wk = w.detach().to(x.dtype).permute(2, 3, 1, 0).reshape(K_g, Cout).contiguous()
+
+    def run(cfg: autotune.Config):
+        """Launch with tile config `cfg`; writes y (z, stats) afresh, so it can run repeatedly."""
+        psum, psumsq = stats_buffers(cfg.block_m)
+        grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(Cout_g, cfg.block_n), G)
+        launch(_conv_fwd_kernel, grid, x, wk, y, z, bias, scale, shift, residual, psum, psumsq,
+               M, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW, *tail,
                **flags, PRECISION=_precision(allow_tf32), UPCAST=_upcast(x.dtype),
-               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **meta)
+               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
+        return psum, psumsq
+
+    bm, bn, bk, meta = _gemm_tiles(M, Cout_g, K_g)
+    default = autotune.Config(bm, bn, bk, **meta)
+    shape = dict(M=M, N=Cout_g, K=K_g, **_conv_key(KH, KW, stride, padding, dilation, G),
+                 epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32))
+    cfg = autotune.pick(
+        "conv2d_fwd", shape, dtype=x.dtype, device=x.device, default=default, run=run,
+        candidates=lambda: autotune.gemm_candidates(M, Cout_g, K_g, x.dtype, autotune.smem_limit(x.device), default),
+        # re-running is only harmless when the output does not overwrite an input
+        tunable=not any(t is not None and _same_memory(y, t) for t in (x, residual)))
+    psum, psumsq = run(cfg)
     return ConvOutput(y, z, psum, psumsq)
 
 

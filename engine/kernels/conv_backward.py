@@ -31,7 +31,9 @@ import triton.language as tl
 
 from engine import device as _device
 from engine.kernels.activations import act_code, act_grad
-from engine.kernels.conv import _check_act, _check_vec, _dot, _gemm_tiles, _geometry, _p2, _precision, _upcast
+from engine.kernels import autotune
+from engine.kernels import conv as _conv
+from engine.kernels.conv import _check_act, _check_vec, _conv_key, _dot, _geometry, _p2, _precision, _upcast
 from engine.kernels.launch import launch
 
 @triton.jit
@@ -357,13 +359,26 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
         return dx
     wt = w.detach().to(dy.dtype).permute(2, 3, 0, 1).contiguous()  # [KH, KW, Cout, Cin_g]
     k_max = triton.cdiv(KH, step_r) * triton.cdiv(KW, step_s) * Cout_g
-    bm, bn, bk, meta = _gemm_tiles(m_max, Cin_g, k_max)  # one tile config for all phases
-    for ph_args in phases:
-        grid = (triton.cdiv(ph_args[0], bm), triton.cdiv(Cin_g, bn), G)
-        launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wt, dx,
-               ph_args[0], H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, KW, sh, sw, *ph_args[1:], float(slope),
-               **flags, PRECISION=_precision(allow_tf32), UPCAST=_upcast(dy.dtype),
-               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **meta)
+
+    def run(cfg: autotune.Config) -> None:
+        """Every phase with tile config `cfg` (one config for all phases); each writes its dx pixels afresh."""
+        for ph_args in phases:
+            grid = (triton.cdiv(ph_args[0], cfg.block_m), triton.cdiv(Cin_g, cfg.block_n), G)
+            launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wt, dx,
+                   ph_args[0], H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, KW, sh, sw, *ph_args[1:], float(slope),
+                   **flags, PRECISION=_precision(allow_tf32), UPCAST=_upcast(dy.dtype),
+                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
+
+    # looked up through the module so tests can monkeypatch conv._gemm_tiles
+    bm, bn, bk, meta = _conv._gemm_tiles(m_max, Cin_g, k_max)
+    default = autotune.Config(bm, bn, bk, **meta)
+    shape = dict(M=m_max, N=Cin_g, K=k_max, phases=len(phases), **_conv_key(KH, KW, stride, padding, dilation, G),
+                 epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32))
+    cfg = autotune.pick(
+        "conv2d_dgrad", shape, dtype=dy.dtype, device=dy.device, default=default, run=run,
+        candidates=lambda: autotune.gemm_candidates(m_max, Cin_g, k_max, dy.dtype, autotune.smem_limit(dy.device),
+                                                    default))
+    run(cfg)
     return dx
 
 
@@ -398,33 +413,67 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
     G, Cout_g, K_g, P = groups, Cout // groups, KH * KW * Cin_g, N * Ho * Wo
     flags = dict(ACT=code, HAS_SCALE=grad_scale is not None, NEED_BIAS=need_bias)
     geo = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(slope))
+
+    def finish(part: torch.Tensor, bpart):
+        """(dw [Cout, Cin_g, KH, KW], dbias [Cout] or None) from the [S, K_g, Cout] and [S, Cout] partials."""
+        # [K_g, Cout] rows (r, s, ci) -> PyTorch's [Cout, Cin_g, KH, KW]
+        dw = _sum_partials(part).view(KH, KW, Cin_g, Cout).permute(3, 2, 0, 1).contiguous()
+        return dw, (_sum_partials(bpart) if need_bias else None)
+
+    def partials(S: int):
+        part = torch.empty((S, K_g, Cout), device=x.device, dtype=torch.float32)  # [S, K_g, Cout] partials
+        bpart = torch.empty((S, Cout), device=x.device, dtype=torch.float32) if need_bias else None  # [S, Cout]
+        return part, bpart
+
     if Cin_g == 1 and G > 1:  # depthwise: direct kernel, one program per (tap, channel tile, split)
         bp, bn, meta = _dw_tiles(P, Cout)
         c_tiles = triton.cdiv(Cout, bn)
         S, per_split = _splits(triton.cdiv(P, bp), KH * KW * c_tiles, splits)
-        kernel, grid, dims = _dwconv_wgrad_kernel, (KH * KW, c_tiles, S), (Cout // Cin, KW)
-        consts = dict(BLOCK_P=bp, BLOCK_N=bn)
+        part, bpart = partials(S)
+        launch(_dwconv_wgrad_kernel, (KH * KW, c_tiles, S), x, dy, z, grad_scale, part, bpart, P, per_split * bp,
+               H, W, Cin, Ho, Wo, Cout, Cout // Cin, KW, *geo, **flags, BLOCK_P=bp, BLOCK_N=bn, **meta)
+        return finish(part, bpart)
+
+    # GEMM view [K_g, P] x [P, Cout_g]: config block_m -> BLOCK_K (weight rows), block_n -> BLOCK_N
+    # (output channels), block_k -> BLOCK_P (the reduction over output pixels), split -> S
+    def plan(cfg: autotune.Config) -> tuple[int, int, int, int]:
+        """(Cout tiles, K tiles * Cout tiles, S, P-chunks per split) for a config."""
+        n_tiles = triton.cdiv(Cout_g, cfg.block_n)
+        tiles = triton.cdiv(K_g, cfg.block_m) * n_tiles
+        S, per_split = _splits(triton.cdiv(P, cfg.block_k), tiles * G, splits if splits is not None else cfg.split)
+        return n_tiles, tiles, S, per_split
+
+    def run(cfg: autotune.Config):
+        """dw, dbias with config `cfg`; partials are allocated per config (S follows it) and written, not added."""
+        n_tiles, tiles, S, per_split = plan(cfg)
+        part, bpart = partials(S)
+        launch(_conv_wgrad_kernel, (tiles, S, G), x, dy, z, grad_scale, part, bpart, P, per_split * cfg.block_k,
+               H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW, n_tiles, *geo, **flags,
+               PRECISION=_precision(allow_tf32), UPCAST=_upcast(x.dtype),
+               BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_P=cfg.block_k, **cfg.meta())
+        return finish(part, bpart)
+
+    if _device.INTERPRETED:
+        # long reduction chunks: each loop trip costs a round of numpy calls
+        # (BLOCK_P 4096 ran 1.5-3x faster than 512 on digits' convs)
+        bk, bn, bp, meta = _p2(K_g, 16, 256), _p2(Cout_g, 16, 256), _p2(P, 16, 4096), {}
+        while bp > 512 and bp * max(bk, bn) > (1 << 20):  # Triton's largest tile
+            bp //= 2
     else:
-        if _device.INTERPRETED:
-            # long reduction chunks: each loop trip costs a round of numpy calls
-            # (BLOCK_P 4096 ran 1.5-3x faster than 512 on digits' convs)
-            bk, bn, bp, meta = _p2(K_g, 16, 256), _p2(Cout_g, 16, 256), _p2(P, 16, 4096), {}
-            while bp > 512 and bp * max(bk, bn) > (1 << 20):  # Triton's largest tile
-                bp //= 2
-        else:
-            bk, bn, bp, meta = 64, _p2(Cout_g, 16, 64), 32, {"num_warps": 4, "num_stages": 3}
-        n_tiles = triton.cdiv(Cout_g, bn)
-        tiles = triton.cdiv(K_g, bk) * n_tiles
-        S, per_split = _splits(triton.cdiv(P, bp), tiles * G, splits)
-        kernel, grid, dims = _conv_wgrad_kernel, (tiles, S, G), (Cin_g, Cout_g, K_g, KW, n_tiles)
-        consts = dict(PRECISION=_precision(allow_tf32), UPCAST=_upcast(x.dtype), BLOCK_K=bk, BLOCK_N=bn, BLOCK_P=bp)
-    part = torch.empty((S, K_g, Cout), device=x.device, dtype=torch.float32)  # [S, K_g, Cout] partials
-    bpart = torch.empty((S, Cout), device=x.device, dtype=torch.float32) if need_bias else None
-    launch(kernel, grid, x, dy, z, grad_scale, part, bpart, P, per_split * bp, H, W, Cin, Ho, Wo, Cout,
-           *dims, *geo, **flags, **consts, **meta)
-    # [K_g, Cout] rows (r, s, ci) -> PyTorch's [Cout, Cin_g, KH, KW]
-    dw = _sum_partials(part).view(KH, KW, Cin_g, Cout).permute(3, 2, 0, 1).contiguous()
-    return dw, (_sum_partials(bpart) if need_bias else None)
+        bk, bn, bp, meta = 64, _p2(Cout_g, 16, 64), 32, {"num_warps": 4, "num_stages": 3}
+    default = autotune.Config(bk, bn, bp, **meta)
+
+    def candidates() -> list[autotune.Config]:
+        tiles = autotune.gemm_candidates(K_g, Cout_g, P, x.dtype, autotune.smem_limit(x.device), default)
+        # and the default tiles with half / double the heuristic's split count
+        S = plan(default)[2]
+        return tiles + [default.with_split(s) for s in autotune.split_variants(S, triton.cdiv(P, bp)) if s != S]
+
+    shape = dict(M=K_g, N=Cout_g, K=P, **_conv_key(KH, KW, stride, padding, dilation, G),
+                 epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32))
+    cfg = autotune.pick("conv2d_wgrad", shape, dtype=x.dtype, device=x.device, default=default, run=run,
+                        candidates=candidates, tunable=splits is None)  # an explicit split count is not tuned
+    return run(cfg)
 
 
 def act_backward(dy: torch.Tensor, z: torch.Tensor, code: int, slope: float) -> torch.Tensor:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from engine import device
+from engine.kernels import autotune
 from engine.kernels.activations import act_code, act_grad, apply_act
 from engine.kernels.dropout import dropout_backward, dropout_mask_scale
 from engine.kernels.launch import launch
@@ -249,18 +250,23 @@ def linear_forward(x, w, bias=None, *, act="none", slope=0.01, save_pre=False, a
     y = torch.empty((N, O), device=x.device, dtype=x.dtype)
     z = torch.empty((N, O), device=x.device, dtype=x.dtype) if save_pre else None
     if N > 0 and O > 0:
+        flags = dict(HAS_BIAS=bias is not None, ACT=code, SAVE_PRE=bool(save_pre), DROPOUT=dropout_p > 0)
+
+        def run(cfg: autotune.Config) -> None:
+            """Launch with tile config `cfg` (writes y and z afresh)."""
+            launch(
+                _linear_fwd_kernel, (triton.cdiv(N, cfg.block_m), triton.cdiv(O, cfg.block_n)),
+                x, w, bias, y, z,
+                N, F, O,
+                x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), O,
+                float(slope), float(dropout_p), int(dropout_seed),
+                **flags, **_dot_flags(x.dtype, allow_tf32),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta(),
+            )
+
         bm, bn, bk, warps = _gemm_tiles(N, O, F, x.dtype)
-        grid = (triton.cdiv(N, bm), triton.cdiv(O, bn))
-        launch(
-            _linear_fwd_kernel, grid,
-            x, w, bias, y, z,
-            N, F, O,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), O,
-            float(slope), float(dropout_p), int(dropout_seed),
-            HAS_BIAS=bias is not None, ACT=code, SAVE_PRE=bool(save_pre), **_dot_flags(x.dtype, allow_tf32),
-            DROPOUT=dropout_p > 0,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        )
+        run(_pick("linear_fwd", dict(M=N, N=O, K=F, epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32)),
+                  x, autotune.Config(bm, bn, bk, num_warps=warps), run))
     return (y, z) if save_pre else y
 
 
@@ -285,34 +291,50 @@ def linear_dgrad(dy, w, z=None, *, act="none", slope=0.01, allow_tf32=False, out
         if O == 0:
             dx.zero_()
             return dx
+
+        def run(cfg: autotune.Config) -> None:
+            """Launch with tile config `cfg` (writes dx afresh)."""
+            launch(
+                _linear_dgrad_kernel, (triton.cdiv(N, cfg.block_m), triton.cdiv(F, cfg.block_n)),
+                dy, z, w, dx,
+                N, F, O,
+                dy.stride(0), dy.stride(1), O, w.stride(0), w.stride(1), F,
+                float(slope),
+                ACT=act_code(act), **_dot_flags(out_dtype, allow_tf32),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta(),
+            )
+
         # act'(z) * dy on the A operand goes through registers: with an activation,
         # 64-wide N tiles cut the spills (engine.inspect, sm_80/sm_90: 644 B -> 24 B).
         bm, bn, bk, warps = _gemm_tiles(N, F, O, out_dtype, max_n=64 if act_code(act) != 0 else 128)
-        grid = (triton.cdiv(N, bm), triton.cdiv(F, bn))
-        launch(
-            _linear_dgrad_kernel, grid,
-            dy, z, w, dx,
-            N, F, O,
-            dy.stride(0), dy.stride(1), O, w.stride(0), w.stride(1), F,
-            float(slope),
-            ACT=act_code(act), **_dot_flags(out_dtype, allow_tf32),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        )
+        shape = dict(M=N, N=F, K=O, epilogue=autotune.epilogue_key(dict(ACT=act_code(act))), tf32=bool(allow_tf32))
+        run(_pick("linear_dgrad", shape, dx, autotune.Config(bm, bn, bk, num_warps=warps), run))
     return dx
 
 
-def _split_plan(N: int, O: int, F: int, bm: int, bn: int, bk: int) -> tuple[int, int]:
-    """(SPLIT, rows_per_split) for split-K over the batch dimension."""
+def _split_plan(N: int, O: int, F: int, bm: int, bn: int, bk: int, split: int | None = None) -> tuple[int, int]:
+    """(SPLIT, rows_per_split) for split-K over the batch dimension; `split` asks for a count (clamped)."""
     k_blocks = triton.cdiv(max(N, 1), bk)
-    if device.INTERPRETED:
+    if split is None and device.INTERPRETED:
         split = k_blocks  # one big K block per split: few loop iterations per program
-    else:
+    elif split is None:
         tiles = triton.cdiv(O, bm) * triton.cdiv(F, bn)
         target = 264  # ~2 waves of programs on a large GPU
         split = max(1, min(k_blocks, target // max(tiles, 1), 64))
-    blocks_per_split = triton.cdiv(k_blocks, split)
+    blocks_per_split = triton.cdiv(k_blocks, max(1, min(split, k_blocks)))
     split = triton.cdiv(k_blocks, blocks_per_split)  # drop empty splits
     return split, blocks_per_split * bk
+
+
+def _pick(kernel: str, shape: dict, t: torch.Tensor, default: autotune.Config, run, candidates=None):
+    """autotune.pick for a linear GEMM [shape M, K] x [K, shape N] on t's device and dtype."""
+    def gemm_candidates():
+        # the fp32 weight tile is loaded as fp32 and cast in registers
+        return autotune.gemm_candidates(shape["M"], shape["N"], shape["K"], t.dtype, autotune.smem_limit(t.device),
+                                        default, b_dtype=torch.float32)
+
+    return autotune.pick(kernel, shape, dtype=t.dtype, device=t.device, default=default, run=run,
+                         candidates=candidates or gemm_candidates)
 
 
 def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_tf32=False):
@@ -323,24 +345,26 @@ def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_
     if dy.dtype != x.dtype:
         raise ValueError(f"linear wgrad: dy dtype {dy.dtype} != x dtype {x.dtype}")
     L = O * F + (O if has_bias else 0)
-    bm, bn, bk, warps = _gemm_tiles(O, F, N, x.dtype)
-    split, rows = _split_plan(N, O, F, bm, bn, bk)
     if N == 0 or L == 0:
         flat = torch.zeros((L,), device=x.device, dtype=torch.float32)
-    else:
-        part = torch.empty((split, L), device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(O, bm), triton.cdiv(max(F, 1), bn), split)
+        return flat[: O * F].view(O, F), (flat[O * F:] if has_bias else None)
+
+    # GEMM view [O, N] x [N, F]: the batch N is the reduction, split into SPLIT fp32 partials
+    def run(cfg: autotune.Config):
+        """(dw, db) with tile config `cfg`; partials are allocated per config and written, not added."""
+        split, rows = _split_plan(N, O, F, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split)
+        part = torch.empty((split, L), device=x.device, dtype=torch.float32)  # [SPLIT, O*F (+ O)]
         if F == 0:
             part.zero_()  # only dbias matters; keep the kernel path simple
         launch(
-            _linear_wgrad_kernel, grid,
+            _linear_wgrad_kernel, (triton.cdiv(O, cfg.block_m), triton.cdiv(max(F, 1), cfg.block_n), split),
             dy, z, x, part,
             N, F, O,
             dy.stride(0), dy.stride(1), O, x.stride(0), x.stride(1),
             rows, L,
             float(slope),
             HAS_BIAS=bool(has_bias), ACT=act_code(act), **_dot_flags(x.dtype, allow_tf32),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta(),
         )
         if split == 1:
             flat = part.view(L)
@@ -349,9 +373,20 @@ def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_
             block = 4096 if device.INTERPRETED else 1024
             launch(_sum_partials_kernel, (triton.cdiv(L, block),), part, flat, L, split, L, BLOCK=block,
                    num_warps=4)
-    dw = flat[: O * F].view(O, F)
-    db = flat[O * F:] if has_bias else None
-    return dw, db
+        return flat[: O * F].view(O, F), (flat[O * F:] if has_bias else None)
+
+    bm, bn, bk, warps = _gemm_tiles(O, F, N, x.dtype)
+    default = autotune.Config(bm, bn, bk, num_warps=warps)
+
+    def candidates() -> list[autotune.Config]:
+        # a, b are dz (cast from fp32 registers) and x: both in x's dtype
+        tiles = autotune.gemm_candidates(O, F, N, x.dtype, autotune.smem_limit(x.device), default)
+        split = _split_plan(N, O, F, bm, bn, bk)[0]  # the heuristic's, for the default tiles
+        return tiles + [default.with_split(s) for s in autotune.split_variants(split, triton.cdiv(N, bk)) if s != split]
+
+    shape = dict(M=O, N=F, K=N, epilogue=autotune.epilogue_key(dict(HAS_BIAS=bool(has_bias), ACT=act_code(act))),
+                 tf32=bool(allow_tf32))
+    return run(_pick("linear_wgrad", shape, x, default, run, candidates))
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,120 @@
+"""`fusenet tune FILE`: fill the autotune cache for a network; `fusenet tune --show` lists it.
+
+Tuning times every candidate tile config of each conv and linear kernel of a
+training step and of an inference forward, at each batch size asked for, and
+stores the fastest in the cache (engine.kernels.autotune) that later runs on
+the same GPU read without timing anything. Timings need a CUDA GPU: without
+one this says so and exits 1 (the interpreter never tunes: its timings would
+measure the interpreter, not the kernels).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from engine.bench_cli import _batches
+
+
+def _short(shape: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def format_entries(entries: dict) -> str:
+    """The cache entries as a table: kernel, shape key, dtype, device, config, time, time of the heuristic."""
+    rows = [("kernel", "shape", "dtype", "device", "config", "ms", "default ms")]
+    for key in sorted(entries, key=lambda k: (entries[k].get("device", ""), entries[k].get("kernel", ""), k)):
+        e = entries[key]
+        config = str(_config(e))
+        ms = f"{e['ms']:.4f}" if isinstance(e.get("ms"), (int, float)) else "-"
+        dms = f"{e['default_ms']:.4f}" if isinstance(e.get("default_ms"), (int, float)) else "-"
+        shape = _short(e["shape"]) if isinstance(e.get("shape"), dict) else key.split("|")[1]
+        rows.append((str(e.get("kernel", key.split("|")[0])), shape, str(e.get("dtype", "?")),
+                     str(e.get("device", "?")), config, ms, dms))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, row in enumerate(rows):
+        cells = [c.rjust(w) if i >= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _config(entry: dict):
+    from engine.kernels.autotune import Config
+
+    return Config.from_json(entry["config"])
+
+
+def cmd_show(path: Path) -> int:
+    from engine.kernels.autotune import TuneCache
+
+    entries = TuneCache(path).entries  # read afresh
+    if not entries:
+        print(f"autotune cache {path}: no entries (fill it with `fusenet tune FILE` on a CUDA GPU)")
+        return 0
+    print(f"autotune cache {path}: {len(entries)} entries")
+    print(format_entries(entries))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    import engine
+    from engine.device import HAS_CUDA
+    from engine.kernels import autotune
+
+    path = autotune.cache_path()
+    if args.show:
+        return cmd_show(path)
+    if not args.file:
+        print("fusenet tune: error: give the network FILE to tune (or --show to list the cache)", file=sys.stderr)
+        return 2
+    batches = _batches(args.batch) if args.batch else None
+    if args.batch and batches is None:  # a usage error: exit status 2, like argparse's
+        print(f"fusenet tune: error: --batch takes positive integers like 64,256, got {args.batch!r}",
+              file=sys.stderr)
+        return 2
+    spec = engine.load(Path(args.file))  # an invalid program is reported first, GPU or not
+    if not HAS_CUDA:
+        n = len(autotune.TuneCache(path).entries)
+        print("fusenet tune: tuning times the kernels on a CUDA GPU and this machine has none (the interpreter\n"
+              "always runs its one interpreter tile config, so there is nothing to tune here).\n"
+              f"autotune cache: {path} ({n} {'entry' if n == 1 else 'entries'}; `fusenet tune --show` lists them)",
+              file=sys.stderr)
+        return 1
+    import torch
+
+    from engine.inspect_cli import network_step
+
+    precision = args.precision or spec.train.precision
+    batches = batches or [spec.train.batch]
+    model = engine.compile(Path(args.file), precision=precision).cuda()
+    started = time.perf_counter()
+    with autotune.tuning() as stats:
+        for batch in batches:
+            t0, tuned_before = time.perf_counter(), len(stats.tuned)
+            # one training step (forward, loss, backward, optimizer) and one inference forward,
+            # with inputs made on the GPU
+            with torch.device("cuda"):
+                network_step(model, batch, training=True)()
+                network_step(model, batch, training=False)()
+            torch.cuda.synchronize()
+            print(f"batch {batch}: {len(stats.tuned) - tuned_before} kernel configs tuned "
+                  f"in {time.perf_counter() - t0:.1f} s")
+    elapsed = time.perf_counter() - started
+    skipped = f"; {stats.skipped} candidate configs skipped (did not compile or launch)" if stats.skipped else ""
+    print(f"{model.name} ({precision}, batch {','.join(map(str, batches))}): {len(stats.tuned)} kernel configs "
+          f"tuned, {len(stats.cached - set(stats.tuned))} already cached{skipped}")
+    print(f"autotune cache: {path} ({len(autotune.cache_entries())} entries)")
+    print(f"elapsed {elapsed:.1f} s")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("tune", help="time the conv/linear kernels' tile configs on the GPU and cache the fastest")
+    p.add_argument("file", nargs="?", help="the network spec (not needed with --show)")
+    p.add_argument("--batch", help="batch sizes, e.g. 64,256 (default: the spec's)")
+    p.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"), help="default: the spec's")
+    p.add_argument("--show", action="store_true", help="list the cache's entries and exit")
+    p.set_defaults(func=cmd_tune)
