@@ -37,3 +37,36 @@ def announce_interpreter() -> None:
             "through Triton's interpreter (correct but slow).",
             file=sys.stderr,
         )
+        problem = interpreter_incompatibility()
+        if problem:
+            print(f"fusenet: warning: {problem}", file=sys.stderr)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def interpreter_incompatibility(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
+    """A known bad pairing for the CPU interpreter, as a message with the fix, or None.
+
+    Triton 3.6's interpreter turns one-element arrays into Python ints, which
+    NumPy 2.4 no longer allows: kernels that loop over a runtime bound inside a
+    jitted helper then fail (measured: 3.6 + NumPy 2.3.5 works, 3.6 + 2.4.0
+    fails, 3.7 + 2.4 works). Compiled GPU kernels are not affected.
+    """
+    if triton_version is None or numpy_version is None:
+        import numpy
+        import triton
+
+        triton_version, numpy_version = triton.__version__, numpy.__version__
+    if _version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter fails on some fusenet kernels with NumPy "
+                f"{numpy_version} (NumPy >= 2.4 rejects a conversion it relies on). "
+                "hint: pip install 'numpy<2.4', or triton >= 3.7")
+    return None

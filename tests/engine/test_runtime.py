@@ -212,3 +212,13 @@ def test_pointwise_chains_fuse_and_match_reference():
     chains = [[graph.node(i).op for i in k.nodes] for k in plan if k.kind == "pointwise"]
     assert chains == [["scale", "leaky_relu", "sigmoid", "gelu"], ["scale", "silu"]]
     check_network_against_reference(tri, ref, torch.randn(3, 3, 6, 5), NET)
+
+
+def test_known_bad_interpreter_pairing_is_named_with_its_fix():
+    from engine.device import interpreter_incompatibility
+
+    msg = interpreter_incompatibility("3.6.0", "2.4.0")
+    assert "Triton 3.6.0" in msg and "numpy<2.4" in msg
+    assert interpreter_incompatibility("3.6.0", "2.3.5") is None
+    assert interpreter_incompatibility("3.7.0", "2.4.6") is None
+    assert interpreter_incompatibility("3.10.0+git1234", "2.4.0rc1") is None
