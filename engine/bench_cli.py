@@ -1,15 +1,28 @@
-"""`fusenet bench FILE`: performance against the PyTorch baselines.
+"""`fusenet bench FILE`: fusenet against the PyTorch baselines.
 
-Timings need a CUDA GPU. Without one (or for now, with one: device timing is
-not built yet), it says so plainly and prints the analytic model of
-engine.bench instead, plus optionally the static sm_90 report of
-`fusenet inspect`. Interpreter timings would be meaningless, so none are taken.
+On a CUDA device: a network spec is timed against PyTorch eager (cuDNN),
+torch.compile and torch.compile max-autotune, with and without CUDA graphs, for
+the forward pass and the whole training step (engine.bench.network); with
+--layers, each convolution against cuDNN (engine.bench.layers). Results come
+out as a terminal table, JSON and PNG charts (engine.bench.results).
+
+Without a CUDA device it says plainly that timings need one and prints the
+analytic model instead (engine.bench.analytic), plus optionally the static
+sm_90 report of `fusenet inspect`: interpreter timings would time the
+interpreter, not the kernels, so none are taken.
+
+A results file (.json) given as FILE is re-rendered (tables, charts) without
+running anything.
 """
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+
+from engine.bench.contenders import BASELINES
+
+CONTENDERS = ("fusenet",) + BASELINES
 
 
 def _batches(text: str) -> list[int] | None:
@@ -21,25 +34,147 @@ def _batches(text: str) -> list[int] | None:
     return values if values and min(values) >= 1 else None
 
 
-def cmd_bench(args) -> int:
+class _BadFile(Exception):
+    """An unreadable or malformed input file: one clear line, exit 1."""
+
+
+def _usage(msg: str) -> int:
+    print(f"fusenet bench: error: {msg}", file=sys.stderr)
+    return 2  # a usage error, like argparse's
+
+
+def _emit(doc: dict, args) -> int:
+    """Print the tables; write JSON and charts where asked; 1 if a check failed."""
+    from engine.bench import results
+
+    print(results.format_document(doc))
+    if args.out:
+        out = Path(args.out)
+        results.save(doc, out / "results.json")
+        (out / "table.txt").write_text(results.format_document(doc) + "\n")
+        charts = results.plot(doc, out)
+        print(f"\nresults written to {out}/: results.json, table.txt, " + ", ".join(p.name for p in charts))
+    if args.json:
+        results.save(doc, args.json)
+        print(f"results written to {args.json}")
+    bad = [r for r in doc["networks"] + doc["layers"] if not r.get("check", {}).get("ok", True)]
+    if bad:
+        print(f"fusenet bench: {len(bad)} result(s) disagree with fusenet's output beyond tolerance; a fast "
+              "wrong answer is not a win (see the 'check' column)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _layer_shapes(args, batches: list[int] | None):
+    """Shapes from a workloads file (its batch unless --batch) or a spec (its batch unless --batch)."""
+    from engine.bench.layers import shapes_from_spec, shapes_from_workloads
+
+    if Path(args.file).suffix == ".toml":
+        try:
+            return shapes_from_workloads(args.file, batch=batches[0] if batches else None)
+        except (OSError, ValueError) as e:  # tomllib.TOMLDecodeError is a ValueError
+            raise _BadFile(str(e)) from None
     import engine
-    from engine.bench import analytic_report, format_analytic
+
+    spec = engine.load(Path(args.file))
+    return shapes_from_spec(spec, batches[0] if batches else spec.train.batch)
+
+
+def cmd_bench(args) -> int:
     from engine.device import HAS_CUDA
+
+    if Path(args.file).suffix == ".json":
+        from engine.bench import results
+
+        try:
+            doc = results.load(args.file)
+        except ValueError as e:
+            return _usage(str(e))
+        return _emit(doc, args)
+    batches = _batches(args.batch) if args.batch else None
+    if args.batch and batches is None:
+        return _usage(f"--batch takes positive integers like 64,256,1024, got {args.batch!r}")
+    contenders = tuple(c.strip() for c in args.contenders.split(",") if c.strip())
+    unknown = [c for c in contenders if c not in CONTENDERS]
+    if unknown or "fusenet" not in contenders:
+        return _usage(f"--contenders takes a comma list of {', '.join(CONTENDERS)} including fusenet, "
+                      f"got {args.contenders!r}")
+    if Path(args.file).suffix == ".toml" and not args.layers:
+        return _usage("a .toml workloads file holds layer shapes: use `fusenet bench --layers FILE.toml`")
+    try:
+        if not HAS_CUDA:
+            return _without_gpu(args, batches)
+        return _with_gpu(args, batches, contenders)
+    except _BadFile as e:
+        print(f"fusenet bench: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _with_gpu(args, batches, contenders, device: str = "cuda") -> int:
+    """Time on `device` (tests pass "cpu" to exercise the harness without a GPU)."""
+    from engine.bench import results
+    from engine.bench.devices import device_info
+
+    doc = results.new_document(device_info(device), ["fusenet", "bench", *sys.argv[2:]])
+    timing = dict(warmup=args.warmup, repeats=args.repeats, max_seconds=args.max_seconds, device=device)
+    if args.layers:
+        from engine.bench.layers import bench_layers
+
+        precision = args.precision or "bf16"
+        shapes = _layer_shapes(args, batches)
+        print(f"fusenet bench --layers: {len(shapes)} convolution shape(s), {precision}", file=sys.stderr)
+        doc["layers"] = bench_layers(shapes, precision, **timing)
+    else:
+        import engine
+        from engine.bench.network import bench_network
+
+        spec = engine.load(Path(args.file))
+        precision = args.precision or spec.train.precision
+        graphs = (False,) if args.no_graphs else (False, True)
+        print(f"fusenet bench: {spec.graph.name}, batch {','.join(map(str, batches or [spec.train.batch]))}, "
+              f"{precision}, against {', '.join(contenders[1:]) or 'nothing'}", file=sys.stderr)
+        if device == "cuda":
+            print(_tuning_note(), file=sys.stderr)
+        doc["networks"] = bench_network(Path(args.file), batches or [spec.train.batch], precision,
+                                        contenders=contenders, graphs=graphs, **timing)
+    return _emit(doc, args)
+
+
+def _tuning_note() -> str:
+    """How many tuned kernel configs this device has: untuned tiles are the heuristics'."""
+    import torch
+
+    from engine.kernels import autotune
+
+    here = autotune.device_key(torch.device("cuda"))
+    n = sum(1 for e in autotune.cache_entries().values() if e.get("device") == here)
+    if n:
+        return f"autotune cache: {n} tuned kernel configs for {here} ({autotune.cache_path()})"
+    return (f"autotune cache: nothing tuned for {here} yet; fusenet runs its heuristic tiles "
+            "(run `fusenet tune FILE --batch ...` first for tuned ones)")
+
+
+def _without_gpu(args, batches) -> int:
+    print("fusenet bench: timings need a CUDA GPU and this machine has none (interpreted kernels would time\n"
+          "the interpreter, not the kernels). The analytic model follows: FLOPs and minimum HBM bytes per\n"
+          "kernel and per training step, fused against unfused, with roofline floors on an H100.",
+          file=sys.stderr)
+    if args.layers:
+        from engine.bench.layers import analytic_layers, format_analytic_layers
+
+        precision = args.precision or "bf16"
+        rows = analytic_layers(_layer_shapes(args, batches), precision)
+        print(format_analytic_layers(rows, precision))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+            print(f"analytic model written to {args.json}")
+        return 0
+    import engine
+    from engine.bench.analytic import analytic_report, format_analytic
 
     spec = engine.load(Path(args.file))
     precision = args.precision or spec.train.precision
-    batches = _batches(args.batch) if args.batch else [spec.train.batch]
-    if batches is None:  # a usage error: exit status 2, like argparse's
-        print(f"fusenet bench: error: --batch takes positive integers like 64,256,1024, got {args.batch!r}",
-              file=sys.stderr)
-        return 2
-    if HAS_CUDA:
-        print("fusenet bench: timing on the GPU is not built yet; the analytic model follows.", file=sys.stderr)
-    else:
-        print("fusenet bench: timings need a CUDA GPU and this machine has none (interpreted kernels would time\n"
-              "the interpreter, not the kernels). The analytic model follows: FLOPs and minimum HBM bytes per\n"
-              "kernel and per training step, fused against unfused, with roofline floors on an H100.",
-              file=sys.stderr)
+    batches = batches or [spec.train.batch]
     reports = []
     for batch in batches:
         report = analytic_report(spec, batch, precision)
@@ -54,17 +189,32 @@ def cmd_bench(args) -> int:
         from engine.inspect_cli import network_step
 
         model = engine.compile(Path(args.file), precision=precision)
-        reports = compile_all(record_network(network_step(model, batches[0], True)), ("sm_90",))
+        static = compile_all(record_network(network_step(model, batches[0], True)), ("sm_90",))
         print(f"static sm_90 report (training step, batch {batches[0]}, {precision}):")
-        print(format_report(reports))
+        print(format_report(static))
     return 0
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("bench", help="performance: analytic model without a GPU (timings need one)")
+    p = sub.add_parser("bench", help="fusenet against PyTorch eager and torch.compile (analytic model without a GPU)",
+                       description="FILE: a network spec (.cnn); with --layers a spec or a workloads file "
+                                   "(.toml, e.g. benchmarks/workloads.toml); or a results file (.json) to "
+                                   "re-render its tables and charts.")
     p.add_argument("file")
-    p.add_argument("--batch", help="batch sizes, e.g. 64,256,1024 (default: the spec's)")
-    p.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"), help="default: the spec's")
-    p.add_argument("--json", help="also write the analytic model as JSON to this path")
-    p.add_argument("--inspect", action="store_true", help="append the static sm_90 report (compiles every kernel)")
+    p.add_argument("--batch", help="batch sizes, e.g. 64,256,1024 (default: the spec's; --layers: the file's)")
+    p.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"),
+                   help="default: the spec's (--layers: bf16)")
+    p.add_argument("--layers", action="store_true",
+                   help="per convolution: forward, dgrad, wgrad against cuDNN, fused groups against unfused")
+    p.add_argument("--contenders", default=",".join(CONTENDERS),
+                   help=f"comma list (default: all of {','.join(CONTENDERS)})")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA graphs variants")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (default 5)")
+    p.add_argument("--repeats", type=int, default=50, help="timed calls; the median is reported (default 50)")
+    p.add_argument("--max-seconds", type=float, default=10.0,
+                   help="cap on one measurement's timed phase; fewer repeats if slower (default 10)")
+    p.add_argument("--out", help="write results.json, table.txt and PNG charts to this folder")
+    p.add_argument("--json", help="also write the results (or, without a GPU, the analytic model) as JSON here")
+    p.add_argument("--inspect", action="store_true",
+                   help="without a GPU: append the static sm_90 report (compiles every kernel)")
     p.set_defaults(func=cmd_bench)

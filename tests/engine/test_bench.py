@@ -57,3 +57,10 @@ def test_bench_cli_without_gpu_prints_the_model_and_json(tmp_path, capsys):
 def test_bench_cli_rejects_bad_batch_as_a_usage_error(capsys):
     assert main(["bench", str(EXAMPLES[1]), "--batch", "0,x"]) == 2
     assert "positive integers" in capsys.readouterr().err
+
+
+def test_bench_cli_without_gpu_appends_the_static_sm90_report(capsys):
+    assert main(["bench", str(EXAMPLES[1]), "--batch", "8", "--inspect"]) == 0
+    out = capsys.readouterr().out
+    assert "static sm_90 report (training step, batch 8, fp32)" in out
+    assert "_conv_fwd_kernel" in out and "0 failed to compile, 0 spill" in out

@@ -1,0 +1,148 @@
+"""The contenders of a benchmark: fusenet and the PyTorch baselines it must beat.
+
+Every contender builds the same network (one spec, one set of weights, copied
+from fusenet's initialisation) and exposes the two things that are timed:
+- `forward(slot)`: inference (eval mode, no autograd), on input slot `slot`;
+- `step(slot)`: one training step: forward, loss, backward, optimizer step.
+
+Baselines (design section 5):
+- eager: the torch.nn reference network in channels_last, cuDNN with
+  `cudnn.benchmark`, autocast to the spec's precision (tf32 through the tf32
+  switches, fp32 with them off, so fp32 means fp32 on both sides);
+- compile: `torch.compile` of the eager model, mode "default";
+- compile-max: `torch.compile`, mode "max-autotune-no-cudagraphs".
+CUDA graphs are applied by the harness to every contender the same way (whole
+step captured with torch.cuda.graph), so "with graphs" compares like with like;
+torch.compile's "reduce-overhead" modes would graph only the compiled part.
+The optimizer is the spec's: fusenet's fused single-launch one, torch.optim
+(foreach) for the baselines.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+LABELS = {
+    "fusenet": "fusenet",
+    "eager": "PyTorch eager",
+    "compile": "torch.compile",
+    "compile-max": "torch.compile max-autotune",
+}
+BASELINES = ("eager", "compile", "compile-max")
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """tf32 on for "tf32", off otherwise (PyTorch's cuDNN default would use tf32 in fp32)."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = old
+
+
+@dataclass
+class InputPool:
+    """`slots` batches of inputs and labels on the device, rotated through."""
+
+    x: list[torch.Tensor]
+    y: list[torch.Tensor]
+
+    @staticmethod
+    def make(spec, batch: int, slots: int, device: torch.device, seed: int = 0) -> "InputPool":
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        out_shape = spec.graph.output.shape
+        classes = out_shape[0]
+        xs, ys = [], []
+        for _ in range(slots):
+            xs.append(torch.randn(batch, *spec.graph.nodes[0].shape, generator=gen).to(device))
+            label_shape = (batch,) if len(out_shape) == 1 else (batch, *out_shape[1:])
+            ys.append(torch.randint(0, classes, label_shape, generator=gen).to(device))
+        return InputPool(xs, ys)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return self.x[0].numel() * self.x[0].element_size() + self.y[0].numel() * self.y[0].element_size()
+
+
+@dataclass
+class Contender:
+    name: str  # fusenet | eager | compile | compile-max
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    precision: str
+    pool: InputPool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.name]
+
+    def _autocast(self):
+        dtype = AUTOCAST.get(self.precision)
+        if self.name == "fusenet" or dtype is None:
+            return contextlib.nullcontext()
+        # no weight-cast cache: each step re-casts, as it must under CUDA graph capture
+        return torch.autocast(self.pool.x[0].device.type, dtype=dtype, cache_enabled=False)
+
+    def _input(self, slot: int) -> torch.Tensor:
+        return self.pool.x[slot % len(self.pool.x)]
+
+    def output(self, slot: int) -> torch.Tensor:
+        """Eval-mode output in fp32 NCHW, for checking against fusenet."""
+        self.model.eval()
+        with torch.no_grad(), self._autocast(), matmul_precision(self.precision):
+            return self.model(self._input(slot)).float()
+
+    def forward(self, slot: int) -> torch.Tensor:
+        with torch.no_grad(), self._autocast():
+            return self.model(self._input(slot))
+
+    def step(self, slot: int) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            out = self.model(self._input(slot))
+        loss = self.loss(out, self.pool.y[slot % len(self.pool.y)])
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def train(self, training: bool) -> None:
+        self.model.train(training)
+
+
+def build(name: str, source: str, state: dict, precision: str, pool: InputPool, *, graphs: bool = False) -> Contender:
+    """Contender `name` for the network in `source`, with weights `state`."""
+    import engine
+    from engine.train import build_optimizer, loss_fn
+
+    spec = engine.load(source)
+    device = pool.x[0].device
+    if name == "fusenet":
+        model = engine.compile(source, backend="triton", precision=precision).to(device)
+        backend = "triton"
+    else:
+        model = engine.compile(source, backend="torch").to(device)
+        backend = "torch"
+    model.load_state_dict(state)
+    notes = []
+    if name != "fusenet":
+        model = model.to(memory_format=torch.channels_last)
+        pool = InputPool([x.contiguous(memory_format=torch.channels_last) for x in pool.x], pool.y)
+    opt, _ = build_optimizer(model.parameters(), spec.train.optimizer, backend)
+    if graphs and backend == "torch" and "capturable" in opt.defaults:
+        for group in opt.param_groups:  # Adam's step counter must live on the GPU to be captured
+            group["capturable"] = True
+    if name in ("compile", "compile-max"):
+        mode = "default" if name == "compile" else "max-autotune-no-cudagraphs"
+        model = torch.compile(model, mode=mode)
+        notes.append(f"torch.compile mode={mode}")
+    return Contender(name, model, opt, loss_fn(backend, spec.train.label_smoothing), precision, pool, notes)
