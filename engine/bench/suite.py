@@ -14,7 +14,8 @@ work):
                  -> networks/NAME_PRECISION.json;
 5. layers        `fusenet bench --layers` for its [[layer]] shapes -> layers.json;
 then results.json (everything merged), table.txt, charts (*.png) and
-SUMMARY.md. Each step runs in a subprocess with a time limit, so one crash or
+SUMMARY.md. The autotune cache is kept in the folder too (tune_cache.json)
+unless FUSENET_TUNE_CACHE names another. Each step runs in a subprocess with a time limit, so one crash or
 hang costs that step only. Commit the folder under benchmarks/results/.
 """
 from __future__ import annotations
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{_slug(env['name'])}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "env.json").write_text(json.dumps(env, indent=1))
+    # the tuned configs live with the results: they come back with the folder and
+    # survive the machine (unless the caller chose a cache of their own)
+    os.environ.setdefault("FUSENET_TUNE_CACHE", str((out / "tune_cache.json").resolve()))
     _log(f"device {env['name']}, torch {env['torch']}, triton {env['triton']}; writing to {out}")
     summary: dict = {"tests": None, "failed_steps": []}
     networks = work.get("network", [])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -372,7 +373,10 @@ def test_suite_runs_every_step_in_order_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(suite, "environment", lambda: {**sample["device"], "name": "Fake GPU"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     out = tmp_path / "run"
+    monkeypatch.setenv("FUSENET_TUNE_CACHE", "")  # recorded, so the value the suite sets is undone
+    monkeypatch.delenv("FUSENET_TUNE_CACHE")
     assert suite.main(["--out", str(out), "--quick"]) == 0
+    assert os.environ["FUSENET_TUNE_CACHE"] == str((out / "tune_cache.json").resolve())  # kept with the results
     tests, *rest = commands
     assert tests[1:4] == ["-m", "pytest", "-m"] and "gpu" in tests
     import tomllib
