@@ -3,7 +3,7 @@ line, a caret under the offending span, and a hint where one helps."""
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 from dsl.ast import Pos
@@ -94,6 +94,11 @@ class Collector:
 
     def error(self, message: str, pos: Pos, hint: str | None = None, notes: Sequence[Note] = ()) -> None:
         self.diagnostics.append(Diagnostic(message, pos, hint, tuple(notes)))
+
+    def add_note_since(self, start: int, note: Note) -> None:
+        """Append `note` to every diagnostic reported since there were `start`:
+        context learnt after the fact, such as the block call an error happened in."""
+        self.diagnostics[start:] = [replace(d, notes=d.notes + (note,)) for d in self.diagnostics[start:]]
 
     def raise_if_any(self) -> None:
         if self.diagnostics:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from dsl.ast import Expr, Layer
-from dsl.errors import Collector, did_you_mean
+from dsl.errors import Collector, did_you_mean, nearest
 from dsl.values import EvalError, Symbol, describe
 
 REQUIRED = object()  # marks a parameter without default
@@ -259,6 +259,9 @@ def bind(
 
     known = {k.name: k for k in sig.keywords}
     seen: set[str] = set()
+    # Keywords that a misspelling was taken for: the misspelling's "did you mean"
+    # already says what is missing, so no second error says it again.
+    meant: set[str] = set()
     for kw in layer.kwargs:
         if kw.name in seen:
             errors.error(f"'{kw.name}' given twice", kw.pos)
@@ -267,6 +270,9 @@ def bind(
         seen.add(kw.name)
         spec = known.get(kw.name)
         if spec is None:
+            guess = nearest(kw.name, known)
+            if guess is not None:
+                meant.add(guess)
             hint = did_you_mean(kw.name, known) or (
                 f"'{sig.name}' takes no keyword arguments" if not known else f"{sig.name} takes: {', '.join(known)}"
             )
@@ -275,12 +281,13 @@ def bind(
             continue
         values[spec.name] = value_of(spec, kw.value, f"{sig.name}'s {kw.name}")
     for spec in sig.keywords:
-        if spec.name not in values:
-            if spec.required:
-                errors.error(f"'{sig.name}' needs {spec.name}=", layer.pos, f"usage: {sig.usage()}")
-                ok = False
-            else:
-                values[spec.name] = spec.default
+        if spec.name in values:
+            continue
+        if not spec.required:
+            values[spec.name] = spec.default
+        elif spec.name not in meant:  # else its misspelling was reported and already cleared ok
+            errors.error(f"'{sig.name}' needs {spec.name}=", layer.pos, f"usage: {sig.usage()}")
+            ok = False
     if not ok:
         return None
     order = [p.name for p in sig.positional] + ([sig.variadic.name] if sig.variadic else []) + [k.name for k in sig.keywords]

@@ -1,11 +1,13 @@
 """AST to graph IR: bind arguments, expand blocks, unroll repeats, resolve taps.
 
 Every error is collected with its source position; expansion goes on past an
-error where it safely can, so one run reports several problems.
+error where it safely can, so one run reports several problems. An error inside
+a block body also gets a note per enclosing block call, innermost first, since
+the body alone does not say which use of the block went wrong.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from dsl import ast
 from dsl.errors import Collector, Note, did_you_mean
@@ -14,6 +16,10 @@ from dsl.values import EvalError, evaluate
 from engine.ir import PARAMETRIC, Graph, Node
 
 MAX_REPEAT = 1000
+
+# node id -> one "in block 'b' called here" note per block call the node was
+# expanded in, innermost first; nodes written in the network itself are absent.
+CallSites = Mapping[int, tuple[Note, ...]]
 
 
 class _Abort(Exception):
@@ -27,6 +33,7 @@ class _Expander:
         self.nodes: list[Node] = []
         self.counters: dict[str, int] = {}
         self.stack: list[str] = []  # block names being expanded (recursion check)
+        self.call_sites: dict[int, tuple[Note, ...]] = {}
         self.taps: dict[str, int] = {}
         self.tap_pos: dict[str, ast.Pos] = {}
         self.tap_layers: dict[str, tuple[str, ...]] = {}
@@ -159,12 +166,22 @@ class _Expander:
             self.errors.error(f"block '{block.name}' uses itself ({chain})", layer.pos, "blocks cannot be recursive")
             raise _Abort
         args = self.bind_block_args(block, layer, env)
+        first_error, first_node = len(self.errors.diagnostics), len(self.nodes)
         self.stack.append(block.name)
         try:
             # A block body sees only its parameters and its own taps.
             return self.statements(block.body, current, args, {})
         finally:
             self.stack.pop()
+            self.note_call_site(Note(f"in block '{block.name}' called here", layer.pos), first_error, first_node)
+
+    def note_call_site(self, note: Note, first_error: int, first_node: int) -> None:
+        """Tag what expanding one block call produced with where the call is: the
+        errors reported meanwhile now, the nodes for shape errors found later.
+        Enclosing calls finish later, so their notes come after: innermost first."""
+        self.errors.add_note_since(first_error, note)
+        for node_id in range(first_node, len(self.nodes)):
+            self.call_sites[node_id] = self.call_sites.get(node_id, ()) + (note,)
 
     def bind_block_args(self, block: ast.BlockDef, layer: ast.Layer, env: dict) -> dict:
         names = [p.name for p in block.params]
@@ -202,15 +219,22 @@ class _Expander:
 
 def expand(program: ast.Program, errors: Collector) -> Graph | None:
     """Build the graph IR for a parsed program (shapes not yet inferred)."""
+    return expand_with_call_sites(program, errors)[0]
+
+
+def expand_with_call_sites(program: ast.Program, errors: Collector) -> tuple[Graph | None, CallSites]:
+    """`expand`, plus where each node's enclosing block calls are, for
+    `infer_shapes` to note under a shape error found inside a block body."""
     ex = _Expander(program, errors)
     if program.network is not None:
         ex.network(program.network)
     if ex.input_shape is None:
-        return None
-    return Graph(
+        return None, {}
+    graph = Graph(
         program.network.name,
         tuple(ex.nodes),
         ex.input_shape,
         dict(ex.taps),
         dict(ex.tap_layers),
     )
+    return graph, dict(ex.call_sites)

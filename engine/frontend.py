@@ -13,7 +13,7 @@ from dsl.errors import Collector, Diagnostic, FusenetError
 from dsl.parser import parse
 from dsl.train_config import TrainConfig
 from dsl.train_section import build_train_config
-from engine.expand import expand
+from engine.expand import expand_with_call_sites
 from engine.ir import Graph
 from engine.shapes import infer_shapes
 
@@ -47,9 +47,9 @@ def load(source: str | Path, filename: str | None = None) -> Spec:
     name = filename or name
     program = parse(text, name)
     errors = Collector(text, name)
-    graph = expand(program, errors)
+    graph, call_sites = expand_with_call_sites(program, errors)
     if graph is not None:
-        graph = infer_shapes(graph, errors)
+        graph = infer_shapes(graph, errors, call_sites)
     train = build_train_config(program.train, errors)
     if graph is not None and program.train is not None:
         for opt in program.train.options:

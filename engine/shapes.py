@@ -9,6 +9,7 @@ from dataclasses import replace
 from math import prod
 
 from dsl.errors import Collector, Note
+from engine.expand import CallSites
 from engine.ir import ACTIVATION_OPS, Graph, Node
 
 
@@ -22,13 +23,16 @@ def _fmt(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def _spatial(h: int, k: int, s: int, p: int, d: int, axis: str, what: str) -> int:
-    out = (h + 2 * p - d * (k - 1) - 1) // s + 1
+def _spatial(size: int, k: int, s: int, p: int, d: int, axis: str, what: str) -> int:
+    """The output size along `axis` ("height" or "width"); the caller passes that
+    axis's own numbers, and the formula is written with its letter, H or W."""
+    out = (size + 2 * p - d * (k - 1) - 1) // s + 1
     if out < 1:
+        letter = axis[0].upper()
         raise ShapeError(
-            f"{what} shrinks {axis} to {out}: (H + 2*pad - dilation*(k-1) - 1)/stride + 1 "
-            f"= ({h} + 2*{p} - {d}*({k}-1) - 1)/{s} + 1 = {out}",
-            f"the input {axis} is {h}; use a smaller kernel or stride, more padding, or remove a downsampling layer",
+            f"{what} shrinks {axis} to {out}: ({letter} + 2*pad - dilation*(k-1) - 1)/stride + 1 "
+            f"= ({size} + 2*{p} - {d}*({k}-1) - 1)/{s} + 1 = {out}",
+            f"the input {axis} is {size}; use a smaller kernel or stride, more padding, or remove a downsampling layer",
         )
     return out
 
@@ -153,8 +157,13 @@ def infer_node(node: Node, inputs: list[tuple[int, ...]], graph_nodes) -> tuple[
     raise AssertionError(f"no shape rule for op {op}")
 
 
-def infer_shapes(graph: Graph, errors: Collector) -> Graph:
-    """Annotate every node; nodes downstream of an error keep shape None."""
+def infer_shapes(graph: Graph, errors: Collector, call_sites: CallSites | None = None) -> Graph:
+    """Annotate every node; nodes downstream of an error keep shape None.
+
+    `call_sites` (from `expand_with_call_sites`) adds to an error in a block
+    body the block calls it was expanded in: the same body can fit one call's
+    input shape and not another's."""
+    call_sites = call_sites or {}
     nodes: list[Node] = []
     for node in graph.nodes:
         if node.op == "input":
@@ -167,7 +176,7 @@ def infer_shapes(graph: Graph, errors: Collector) -> Graph:
         try:
             new, shape, params, flops = infer_node(node, ins, nodes)
         except ShapeError as e:
-            errors.error(e.message, node.pos, e.hint, e.notes)
+            errors.error(e.message, node.pos, e.hint, e.notes + call_sites.get(node.id, ()))
             nodes.append(node)
             continue
         nodes.append(replace(new, shape=shape, params=params, flops=flops))

@@ -81,6 +81,8 @@ CASES = [
     ("spatial-zero", net("    conv 4 kernel=5 -> conv 4 kernel=5"), 3, 24,
      "conv shrinks height to 0: (H + 2*pad - dilation*(k-1) - 1)/stride + 1 = (4 + 2*0 - 1*(5-1) - 1)/1 + 1 = 0", "input height is 4"),
     ("spatial-zero-pool", net("    maxpool 2 -> maxpool 2 -> maxpool 2 -> maxpool 2"), 3, 44, "maxpool shrinks height to 0", None),
+    ("spatial-zero-width-only", src("network n {", "    input 3x8x2", "    conv 4 kernel=3", "}"), 3, 5,
+     "conv shrinks width to 0: (W + 2*pad - dilation*(k-1) - 1)/stride + 1 = (2 + 2*0 - 1*(3-1) - 1)/1 + 1 = 0", "input width is 2"),
     ("linear-on-image", net("    conv 4 kernel=3", "    linear 10"), 4, 5, "'linear' needs a flat N x features input", "flatten"),
     ("conv-after-flatten", net("    flatten -> conv 4 kernel=1"), 3, 16, "'conv' needs a CxHxW image", None),
     ("pad-same-stride-2", net("    conv 4 kernel=3 stride=2 pad=same"), 3, 5, "pad=same needs stride 1", "explicit padding"),
@@ -237,3 +239,106 @@ def test_line_numbers_ignore_form_feeds_and_unicode_separators():
 def test_end_of_file_position_with_crlf():
     (d,), err = diagnostics("network n {\r\n    input 3x8x8\r\n    relu\r\n")
     assert (d.pos.line, d.pos.col, d.message) == (3, 9, "unexpected end of file")
+
+
+# -- a misspelt required keyword ---------------------------------------------------
+
+
+def test_misspelt_required_keyword_is_one_diagnostic():
+    # `kernel` is missing only because it is misspelt: the did-you-mean says so, no second "needs kernel="
+    diags, err = diagnostics(net("    conv 16 kernal=3"))
+    assert len(diags) == 1, err.format()
+    assert err.format().splitlines() == [
+        "<string>:3:13: error: unknown parameter 'kernal' for layer 'conv'",
+        "        conv 16 kernal=3",
+        "                ^~~~~~~~",
+        "hint: did you mean 'kernel'?",
+    ]
+
+
+def test_misspelling_does_not_hide_other_missing_arguments():
+    diags, err = diagnostics(net("    conv kernal=3"))
+    assert [(d.pos.line, d.pos.col, d.message, d.hint) for d in diags] == [
+        (3, 5, "'conv' needs OUT", "usage: conv OUT kernel= stride= pad= dilation= groups= bias="),
+        (3, 10, "unknown parameter 'kernal' for layer 'conv'", "did you mean 'kernel'?"),
+    ], err.format()
+    # a misspelling of a keyword that has a default does not excuse the missing kernel=
+    diags, err = diagnostics(net("    conv 16 strde=2"))
+    assert [(d.pos.line, d.pos.col, d.message, d.hint) for d in diags] == [
+        (3, 13, "unknown parameter 'strde' for layer 'conv'", "did you mean 'stride'?"),
+        (3, 5, "'conv' needs kernel=", "usage: conv OUT kernel= stride= pad= dilation= groups= bias="),
+    ], err.format()
+
+
+# -- errors inside a block body name the call ----------------------------------------
+
+BLOCK_CONV5 = ("block b(c) {", "    conv c kernel=5", "}")  # 3 lines
+
+
+def test_shape_error_in_block_notes_the_call_that_fails():
+    # the body fits the first call's 8x8 input; only the second call's 4x4 shrinks to nothing
+    (d,), err = diagnostics(net("    b 4", "    b 4", pre=BLOCK_CONV5))
+    assert [(n.message, n.pos.line, n.pos.col) for n in d.notes] == [("in block 'b' called here", 7, 5)]
+    assert err.format().splitlines() == [
+        "<string>:2:5: error: conv shrinks height to 0: (H + 2*pad - dilation*(k-1) - 1)/stride + 1 "
+        "= (4 + 2*0 - 1*(5-1) - 1)/1 + 1 = 0",
+        "        conv c kernel=5",
+        "        ^~~~",
+        "<string>:7:5: note: in block 'b' called here",
+        "        b 4",
+        "        ^",
+        "hint: the input height is 4; use a smaller kernel or stride, more padding, or remove a downsampling layer",
+    ]
+
+
+def test_nested_blocks_note_every_call_innermost_first():
+    pre = ("block inner(c) {", "    conv c kernel=5", "}", "block outer(c) {", "    inner c", "}")
+    (d,), err = diagnostics(net("    outer 4", "    outer 4", pre=pre))
+    assert err.format().splitlines() == [
+        "<string>:2:5: error: conv shrinks height to 0: (H + 2*pad - dilation*(k-1) - 1)/stride + 1 "
+        "= (4 + 2*0 - 1*(5-1) - 1)/1 + 1 = 0",
+        "        conv c kernel=5",
+        "        ^~~~",
+        "<string>:5:5: note: in block 'inner' called here",
+        "        inner c",
+        "        ^~~~~",
+        "<string>:10:5: note: in block 'outer' called here",
+        "        outer 4",
+        "        ^~~~~",
+        "hint: the input height is 4; use a smaller kernel or stride, more padding, or remove a downsampling layer",
+    ]
+
+
+def test_argument_error_in_block_body_notes_the_call():
+    (d,), err = diagnostics(net("    relu", "    b 0", pre=BLOCK_CONV5))
+    assert (d.pos.line, d.pos.col, d.message) == (2, 10, "conv's OUT must be at least 1, got 0")
+    assert [(n.message, n.pos.line, n.pos.col) for n in d.notes] == [("in block 'b' called here", 7, 5)]
+    assert err.format().splitlines()[3:6] == ["<string>:7:5: note: in block 'b' called here", "        b 0", "        ^"]
+
+
+def test_nested_expansion_error_notes_every_call():
+    pre = ("block inner(c) {", "    cnov c", "}", "block outer(c) {", "    relu -> inner c", "}")
+    (d,), _ = diagnostics(net("    outer 4", pre=pre))
+    assert (d.pos.line, d.pos.col, d.message) == (2, 5, "unknown layer 'cnov'")
+    assert [(n.message, n.pos.line, n.pos.col) for n in d.notes] == [
+        ("in block 'inner' called here", 5, 13),
+        ("in block 'outer' called here", 9, 5),
+    ]
+
+
+def test_call_note_comes_after_the_errors_own_notes():
+    pre = ("block b() {", "    e1 = conv 4 kernel=1", "    maxpool 2", "    concat e1", "}")
+    (d,), _ = diagnostics(net("    b", pre=pre))
+    assert [(n.pos.line, n.pos.col) for n in d.notes] == [(3, 5), (2, 10), (8, 5)]
+    assert d.notes[-1].message == "in block 'b' called here"
+
+
+def test_errors_outside_block_bodies_have_no_call_note():
+    # an error at the call itself, or in the network, is already located at the call
+    diags, _ = diagnostics(net("    b 1 2 3", "    b c=1 c=2", "    cnov 4", pre=BLOCK_B))
+    assert [(d.pos.line, d.message) for d in diags] == [
+        (6, "block 'b' takes 2 arguments, got 3"),
+        (7, "'c' given twice"),
+        (8, "unknown layer 'cnov'"),
+    ]
+    assert all(d.notes == () for d in diags)

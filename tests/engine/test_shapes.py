@@ -179,3 +179,25 @@ def test_shape_error_formula_has_the_numbers():
     msg = info.value.diagnostics[0].message
     assert "conv shrinks height to 0" in msg
     assert "= (6 + 2*1 - 2*(5-1) - 1)/2 + 1 = 0" in msg
+
+
+def shape_error(body: str, input: str):
+    with pytest.raises(FusenetError) as info:
+        graph(body, input)
+    (d,) = info.value.diagnostics
+    return d
+
+
+def test_shape_error_names_the_width_when_only_the_width_fails():
+    # non-square everything: the formula must carry the width's numbers, not the height's
+    d = shape_error("conv 4 kernel=3x5 stride=2x1 pad=1x0", "3x9x4")
+    assert d.message == "conv shrinks width to 0: (W + 2*pad - dilation*(k-1) - 1)/stride + 1 = (4 + 2*0 - 1*(5-1) - 1)/1 + 1 = 0"
+    assert d.hint == "the input width is 4; use a smaller kernel or stride, more padding, or remove a downsampling layer"
+    d = shape_error("maxpool 2", "3x8x1")
+    assert d.message == "maxpool shrinks width to 0: (W + 2*pad - dilation*(k-1) - 1)/stride + 1 = (1 + 2*0 - 1*(2-1) - 1)/2 + 1 = 0"
+
+
+def test_shape_error_names_the_height_first_when_both_fail():
+    d = shape_error("conv 4 kernel=4x5", "3x2x3")
+    assert d.message == "conv shrinks height to -1: (H + 2*pad - dilation*(k-1) - 1)/stride + 1 = (2 + 2*0 - 1*(4-1) - 1)/1 + 1 = -1"
+    assert d.hint.startswith("the input height is 2;")
