@@ -7,8 +7,8 @@ the forward pass and the whole training step (engine.bench.network); with
 out as a terminal table, JSON and PNG charts (engine.bench.results).
 
 Without a CUDA device it says plainly that timings need one and prints the
-analytic model instead (engine.bench.analytic), plus optionally the static
-sm_90 report of `fusenet inspect`: interpreter timings would time the
+analytic model instead (engine.bench.analytic), then the static sm_90 report
+of `fusenet inspect` (unless --no-inspect): interpreter timings would time the
 interpreter, not the kernels, so none are taken.
 
 A results file (.json) given as FILE is re-rendered (tables, charts) without
@@ -110,8 +110,16 @@ def cmd_bench(args) -> int:
         return 1
 
 
+def _default_out(name: str) -> Path:
+    """runs/bench/NAME, or NAME-2, -3, ... : a folder that holds no results yet."""
+    base = Path("runs") / "bench" / name
+    return next(p for p in [base, *(Path(f"{base}-{i}") for i in range(2, 10000))]
+                if not (p / "results.json").exists())
+
+
 def _with_gpu(args, batches, contenders, device: str = "cuda") -> int:
-    """Time on `device` (tests pass "cpu" to exercise the harness without a GPU)."""
+    """Time on `device` (tests pass "cpu" to exercise the harness without a GPU).
+    Results always land in a folder (--out, else runs/bench/NAME): JSON, table, charts."""
     from engine.bench import results
     from engine.bench.devices import device_info
 
@@ -124,6 +132,7 @@ def _with_gpu(args, batches, contenders, device: str = "cuda") -> int:
         shapes = _layer_shapes(args, batches)
         print(f"fusenet bench --layers: {len(shapes)} convolution shape(s), {precision}", file=sys.stderr)
         doc["layers"] = bench_layers(shapes, precision, **timing)
+        name = "layers-" + Path(args.file).stem
     else:
         import engine
         from engine.bench.network import bench_network
@@ -137,6 +146,9 @@ def _with_gpu(args, batches, contenders, device: str = "cuda") -> int:
             print(_tuning_note(), file=sys.stderr)
         doc["networks"] = bench_network(Path(args.file), batches or [spec.train.batch], precision,
                                         contenders=contenders, graphs=graphs, **timing)
+        name = spec.graph.name
+    if not args.out:
+        args.out = str(_default_out(name))
     return _emit(doc, args)
 
 
@@ -184,13 +196,17 @@ def _without_gpu(args, batches) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(reports, indent=2))
         print(f"analytic model written to {args.json}")
-    if args.inspect:
+    if not args.no_inspect:
         from engine.inspect import compile_all, format_report, record_network
         from engine.inspect_cli import network_step
 
         model = engine.compile(Path(args.file), precision=precision)
-        static = compile_all(record_network(network_step(model, batches[0], True)), ("sm_90",))
-        print(f"static sm_90 report (training step, batch {batches[0]}, {precision}):")
+        variants = record_network(network_step(model, batches[0], True))
+        print(f"fusenet bench: compiling {len(variants)} kernel variants for sm_90 for the static report "
+              "(cached after the first run; --no-inspect skips it)", file=sys.stderr)
+        static = compile_all(variants, ("sm_90",))
+        print(f"static sm_90 report (training step, batch {batches[0]}, {precision}): registers, spills, "
+              "shared memory, tensor-core instructions, from the SASS")
         print(format_report(static))
     return 0
 
@@ -213,8 +229,8 @@ def add_commands(sub) -> None:
     p.add_argument("--repeats", type=int, default=50, help="timed calls; the median is reported (default 50)")
     p.add_argument("--max-seconds", type=float, default=10.0,
                    help="cap on one measurement's timed phase; fewer repeats if slower (default 10)")
-    p.add_argument("--out", help="write results.json, table.txt and PNG charts to this folder")
+    p.add_argument("--out", help="folder for results.json, table.txt and the PNG charts (default runs/bench/NAME)")
     p.add_argument("--json", help="also write the results (or, without a GPU, the analytic model) as JSON here")
-    p.add_argument("--inspect", action="store_true",
-                   help="without a GPU: append the static sm_90 report (compiles every kernel)")
+    p.add_argument("--no-inspect", action="store_true",
+                   help="without a GPU: skip the static sm_90 report (it compiles every kernel variant)")
     p.set_defaults(func=cmd_bench)

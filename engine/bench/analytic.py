@@ -124,7 +124,8 @@ def format_analytic(report: dict) -> str:
     out = [f"{report['network']}: analytic model, batch {report['batch']}, {report['precision']}, "
            f"roofline floors on an {report['device_model']}"]
     for j, r in enumerate(rows):
-        out.append("  ".join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        out.append("  ".join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))).rstrip())
         if j == 0:
             out.append("-" * len(out[-1]))
     out.append("")

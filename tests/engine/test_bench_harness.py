@@ -243,7 +243,7 @@ def test_results_save_is_atomic(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- CLI
 def _args(**kw):
     base = dict(file=str(DIGITS), batch="4", precision=None, layers=False, contenders="fusenet,eager",
-                no_graphs=False, warmup=1, repeats=2, max_seconds=1.0, out=None, json=None, inspect=False)
+                no_graphs=False, warmup=1, repeats=2, max_seconds=1.0, out=None, json=None, no_inspect=True)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -258,11 +258,20 @@ def test_cli_timing_path_end_to_end_on_cpu(tmp_path, capsys):
     assert (tmp_path / "out" / "digits_fp32.png").exists()
 
 
+def test_cli_timing_path_writes_a_fresh_default_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for expected in ("runs/bench/digits", "runs/bench/digits-2"):
+        assert bench_cli._with_gpu(_args(contenders="fusenet"), [2], ("fusenet",), device="cpu") == 0
+        assert (tmp_path / expected / "results.json").exists() and (tmp_path / expected / "digits_fp32.png").exists()
+    assert "results written to runs/bench/digits-2/" in capsys.readouterr().out
+
+
 def test_cli_layers_timing_path_on_cpu(tmp_path, capsys):
     spec_file = tmp_path / "one.cnn"
     spec_file.write_text("network one {\n  input 3x6x6\n  conv 4 kernel=3 pad=1\n  bn\n  relu\n"
                          "  global_avgpool\n  linear 2\n}\n")
-    args = _args(file=str(spec_file), layers=True, batch="2", precision="fp32", json=str(tmp_path / "l.json"))
+    args = _args(file=str(spec_file), layers=True, batch="2", precision="fp32", json=str(tmp_path / "l.json"),
+                 out=str(tmp_path / "out"))
     assert bench_cli._with_gpu(args, [2], ("fusenet",), device="cpu") == 0
     doc = results.load(tmp_path / "l.json")
     assert [r["op"] for r in doc["layers"]] == ["forward", "dgrad", "wgrad", "fused conv+bias+bn+act:relu"]
