@@ -1,4 +1,5 @@
-"""`fusenet tune FILE`: fill the autotune cache for a network; `fusenet tune --show` lists it.
+"""`fusenet tune FILE`: fill the autotune cache for a network (`--layers`: for the
+per-layer benchmark's convolutions); `fusenet tune --show` lists it.
 
 Tuning times every candidate tile config of each conv and linear kernel of a
 training step and of an inference forward, at each batch size asked for, and
@@ -75,7 +76,8 @@ def cmd_tune(args) -> int:
         print(f"fusenet tune: error: --batch takes positive integers like 64,256, got {args.batch!r}",
               file=sys.stderr)
         return 2
-    spec = engine.load(Path(args.file))  # an invalid program is reported first, GPU or not
+    layers = args.layers or Path(args.file).suffix == ".toml"
+    spec = None if Path(args.file).suffix == ".toml" else engine.load(Path(args.file))  # reported first, GPU or not
     if not HAS_CUDA:
         n = len(autotune.TuneCache(path).entries)
         print("fusenet tune: tuning times the kernels on a CUDA GPU and this machine has none (the interpreter\n"
@@ -87,6 +89,8 @@ def cmd_tune(args) -> int:
 
     from engine.inspect_cli import network_step
 
+    if layers:
+        return _tune_layers(args, batches)
     precision = args.precision or spec.train.precision
     batches = batches or [spec.train.batch]
     model = engine.compile(Path(args.file), precision=precision).cuda()
@@ -111,10 +115,43 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def _tune_layers(args, batches) -> int:
+    """Tune the conv kernels of `fusenet bench --layers` (forward, dgrad, wgrad, fused group) per shape."""
+    import torch
+
+    from engine.bench.layers import _cases
+    from engine.bench_cli import _BadFile, _layer_shapes
+    from engine.kernels import autotune
+
+    precision = args.precision or "bf16"
+    try:
+        shapes = _layer_shapes(args, batches)
+    except _BadFile as e:
+        print(f"fusenet tune: error: {e}", file=sys.stderr)
+        return 1
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    started = time.perf_counter()
+    with autotune.tuning() as stats:
+        for shape in shapes:
+            t0, before = time.perf_counter(), len(stats.tuned)
+            for _, _, ours, _ in _cases(shape, precision, torch.device("cuda"), gen):
+                ours()
+            torch.cuda.synchronize()
+            print(f"{shape.describe()}: {len(stats.tuned) - before} kernel configs tuned in "
+                  f"{time.perf_counter() - t0:.1f} s")
+    print(f"{len(shapes)} layer shapes ({precision}): {len(stats.tuned)} kernel configs tuned, "
+          f"{len(stats.cached - set(stats.tuned))} already cached")
+    print(f"autotune cache: {autotune.cache_path()} ({len(autotune.cache_entries())} entries)")
+    print(f"elapsed {time.perf_counter() - started:.1f} s")
+    return 0
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("tune", help="time the conv/linear kernels' tile configs on the GPU and cache the fastest")
     p.add_argument("file", nargs="?", help="the network spec (not needed with --show)")
     p.add_argument("--batch", help="batch sizes, e.g. 64,256 (default: the spec's)")
     p.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"), help="default: the spec's")
+    p.add_argument("--layers", action="store_true",
+                   help="tune the convolutions of `fusenet bench --layers FILE` (a spec or a workloads .toml)")
     p.add_argument("--show", action="store_true", help="list the cache's entries and exit")
     p.set_defaults(func=cmd_tune)

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "tests" in steps:
         rc = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE",
-                   "--continue-on-collection-errors", f"--junitxml={out / 'gpu_tests.xml'}", "tests/kernels", "tests/engine", "tests/test_gpu.py"],
+                   "--continue-on-collection-errors", f"--junitxml={out / 'gpu_tests.xml'}",
+                   "tests/kernels", "tests/engine", "tests/test_gpu.py"],
                   out / "gpu_tests.txt", args.step_timeout)
         summary["tests"] = {"exit": rc, "summary": _test_counts((out / "gpu_tests.txt").read_text())}
         if rc != 0:
@@ -142,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                       out / "tune.txt", args.step_timeout)
             if rc != 0:
                 summary["failed_steps"].append(f"tune {net['file']}")
+
+        if work.get("layer"):
+            rc = _run(_fusenet("tune", "--layers", args.workloads, "--precision", "bf16"), out / "tune.txt",
+                      args.step_timeout)
+            if rc != 0:
+                summary["failed_steps"].append("tune --layers")
 
     contenders = "fusenet,eager,compile" if args.quick else "fusenet,eager,compile,compile-max"
     if "networks" in steps:

@@ -86,3 +86,17 @@ def test_show_corrupt_cache_warns_and_lists_nothing(tune_cache, capsys):
     out, err = capsys.readouterr()
     assert "no entries" in out
     assert len(err.strip().splitlines()) == 1 and "not valid JSON" in err
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the no-GPU message")
+def test_tune_layers_without_gpu_says_why(capsys):
+    assert main(["tune", "--layers", str(ROOT / "benchmarks" / "workloads.toml")]) == 1
+    assert "on a CUDA GPU and this machine has none" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_tune_layers_on_gpu_fills_the_cache(tmp_path, tune_cache):
+    shapes = tmp_path / "w.toml"
+    shapes.write_text('[[layer]]\nn = 8\ncin = 24\ncout = 64\nhw = 15\nepilogue = ["bn", "act:gelu"]\n')
+    assert main(["tune", "--layers", str(shapes)]) == 0
+    assert TuneCache(tune_cache).entries  # forward, dgrad, wgrad and the fused group were tuned
