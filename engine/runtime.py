@@ -66,6 +66,7 @@ class TritonNetwork(Network):
         values = _Values(reads, torch.is_grad_enabled())
         values.put(0, to_nhwc(x, self.dtype))
         self._concat_buffers: dict[int, torch.Tensor] = {}
+        self._bn_partials: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # conv output id -> (psum, psumsq)
         for kern in plan:
             values.put(kern.output, self._run(graph, kern, values))
         out = to_nchw(values[graph.output.id])
@@ -124,7 +125,8 @@ class TritonNetwork(Network):
             add = next((n for n in nodes if n.op == "add"), None)
             if add is not None:
                 residual = values[add.inputs[1]]
-            return K_conv.conv2d(
+            stats = "stats" in kern.epilogue and self.training
+            y = K_conv.conv2d(
                 x,
                 conv.weight,
                 conv.bias,
@@ -139,8 +141,12 @@ class TritonNetwork(Network):
                 scale=scale,
                 shift=shift,
                 out=self._concat_slice(graph, kern, x.shape[0]),
+                stats=stats,
                 **drop,
             )
+            if stats:  # the batch statistics of the bn that reads this output
+                y, self._bn_partials[kern.output] = y
+            return y
         if kind == "linear":
             lin = self.layer(anchor)
             return K_linear.linear(x, lin.weight, lin.bias, act=act, slope=slope, allow_tf32=self.allow_tf32, **drop)
@@ -158,6 +164,7 @@ class TritonNetwork(Network):
                     num_batches_tracked=bn.num_batches_tracked,
                     act=act,
                     slope=slope,
+                    partials=self._bn_partials.pop(anchor.inputs[0], None),
                 )
             return K_bn.batch_norm_eval(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, act, slope)
         if kind == "act":

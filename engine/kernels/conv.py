@@ -400,18 +400,22 @@ class Conv2dFunction(torch.autograd.Function):
     scale/shift are treated as constants (folded inference BN): no gradient.
     `out` (first, see forward): a view of a larger buffer written in place.
     Dropout's mask is regenerated from its seed in the backward.
+    stats=True also returns the per-tile partial sums of the pre-activation
+    (psum, psumsq, fp32 [T, Cout]) for a training-mode batch norm that follows:
+    statistics, not values, so they carry no gradient (the batch norm's own
+    backward accounts for its statistics' dependence on its input).
     """
 
     @staticmethod
     def forward(ctx, out, x, w, bias, residual, stride, padding, dilation, groups, act, slope, allow_tf32,
-                scale=None, shift=None, dropout_p=0.0, dropout_seed=0):
+                scale=None, shift=None, dropout_p=0.0, dropout_seed=0, stats=False):
         # `out` comes first: autograd's handling of in-place writes into views
         # (CopySlices) expects the written tensor to be the first input
         code = act_code(act)
         res = conv2d_forward(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
                              scale=scale, shift=shift, residual=residual, act=act, slope=slope,
                              save_pre=code != 0, allow_tf32=allow_tf32, dropout_p=dropout_p,
-                             dropout_seed=dropout_seed, out=out)
+                             dropout_seed=dropout_seed, out=out, stats=stats)
         ctx.dropout = (dropout_p, dropout_seed)
         ctx.wrote_into = out is not None
         if out is not None:
@@ -422,10 +426,13 @@ class Conv2dFunction(torch.autograd.Function):
         ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
         ctx.act, ctx.slope = act, slope
         ctx.has_res = residual is not None
+        if stats:
+            ctx.mark_non_differentiable(res.psum, res.psumsq)
+            return res.y, res.psum, res.psumsq
         return res.y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, *_stats_grads):  # the partial sums (stats=True) have no gradient
         x, w, z, scale = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[1:5]
         dy = dy.contiguous()
@@ -451,16 +458,22 @@ class Conv2dFunction(torch.autograd.Function):
         # stride-0 expanded scalar costs no memory
         dout = torch.zeros((), device=dy.device, dtype=dy.dtype).expand(dy.shape) if ctx.wrote_into else None
         return (dout, dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None,
-                None, None, None)
+                None, None, None, None)
 
 
 def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, groups=1, act="none",
            slope=0.01, allow_tf32=False, scale=None, shift=None, dropout_p=0.0, dropout_seed=0,
-           out=None) -> torch.Tensor:
+           out=None, stats=False):
     """Differentiable fused NHWC conv: dropout(act(conv(x, w) + bias [*scale + shift] + residual)).
 
     `out`: a view (e.g. `buf[..., c0:c1]` of a concat buffer) to write the result
-    into, in place; it is returned, and gradients flow through the buffer."""
-    return Conv2dFunction.apply(out, x, w, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
-                                _pair(dilation, "dilation"), groups, act, slope, allow_tf32, scale, shift,
-                                dropout_p, dropout_seed)
+    into, in place; it is returned, and gradients flow through the buffer.
+    stats=True returns (y, (psum, psumsq)): fp32 [T, Cout] per-tile partial sums
+    of the pre-activation, for batch_norm_train(partials=...)."""
+    result = Conv2dFunction.apply(out, x, w, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
+                                  _pair(dilation, "dilation"), groups, act, slope, allow_tf32, scale, shift,
+                                  dropout_p, dropout_seed, stats)
+    if stats:
+        y, psum, psumsq = result
+        return y, (psum, psumsq)
+    return result

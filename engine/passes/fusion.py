@@ -15,6 +15,8 @@ and is launched when its last node's value is due. Rules (why in brackets):
 A node whose value has several users ends its group, so no value is lost.
 - A conv whose output only feeds a `concat` writes into its channel slice of
   the concat's buffer (plan_concat_writes) [concat without a copy].
+- In training, a conv whose output only feeds a `bn` computes the bn's
+  batch statistics in its epilogue (plan_conv_stats) [one read fewer].
 """
 from __future__ import annotations
 
@@ -100,9 +102,8 @@ def plan_fusion(graph: Graph, training: bool) -> tuple[Kernel, ...]:
             if node.attrs.get("bias"):
                 epilogue.append("bias")
             # Training-mode bn needs batch statistics of the conv output, so it
-            # stays a kernel of its own (which computes them with a split
-            # reduction). The conv kernel can already emit per-tile partial sums
-            # (conv2d_forward(stats=True)); wiring them into bn is future work.
+            # stays a kernel of its own; the conv's epilogue computes those
+            # statistics as per-tile partial sums (plan_conv_stats).
             if not training and node.op == "conv" and absorb(lambda n: n.op == "bn"):
                 epilogue.append("bn")
             # The epilogue computes act(acc [+bias] [*scale+shift] [+residual]):
@@ -130,7 +131,32 @@ def plan_fusion(graph: Graph, training: bool) -> tuple[Kernel, ...]:
 
     kernels.sort(key=lambda k: k.output)
     _check_order(graph, kernels)
-    return plan_concat_writes(graph, tuple(kernels))
+    return plan_conv_stats(graph, plan_concat_writes(graph, tuple(kernels)), training)
+
+
+def plan_conv_stats(graph: Graph, kernels: tuple[Kernel, ...], training: bool) -> tuple[Kernel, ...]:
+    """In training, a conv whose output feeds only a batch norm emits that
+    batch norm's statistics: per-tile partial sums of its output from the
+    epilogue [the bn kernel then skips its statistics pass, one read of the
+    conv output fewer]. Only when the conv's output is its pre-activation (no
+    activation, residual or dropout in its epilogue), which in training is the
+    case whenever a bn follows."""
+    if not training:
+        return kernels
+    readers: dict[int, list[Node]] = {}
+    for n in graph:
+        for i in n.inputs:
+            readers.setdefault(i, []).append(n)
+    out = list(kernels)
+    for i, kern in enumerate(kernels):
+        if kern.kind != "conv" or kern.writes_into is not None:
+            continue
+        if any(e.startswith("act:") or e in ("add", "dropout") for e in kern.epilogue):
+            continue
+        users = readers.get(kern.output, [])
+        if len(users) == 1 and users[0].op == "bn" and users[0].inputs[0] == kern.output:
+            out[i] = replace(kern, epilogue=kern.epilogue + ("stats",))
+    return tuple(out)
 
 
 def plan_concat_writes(graph: Graph, kernels: tuple[Kernel, ...]) -> tuple[Kernel, ...]:

@@ -99,6 +99,42 @@ def test_fusion_plan_fuses_epilogues():
     assert len(plan) < len(graph.nodes) - 1
 
 
+STATS_NET = """
+network conv_stats {
+    input 3x9x7
+    conv 8 kernel=3 pad=1 -> bn -> relu
+    t = conv 6 kernel=3 stride=2 bias=false -> bn
+    conv 6 kernel=1 -> bn -> add t -> relu
+    global_avgpool
+    linear 4
+}
+"""
+
+
+def test_training_bn_takes_its_statistics_from_the_conv_epilogue():
+    """In training, each conv that feeds only a bn emits the bn's per-channel
+    partial sums, so no bn statistics pass runs; the network still matches the
+    reference (output, every gradient, running statistics)."""
+    from engine.kernels.launch import recording
+
+    tri = engine.compile(STATS_NET)
+    ref = engine.compile(STATS_NET, backend="torch").double()
+    ref.load_state_dict(tri.state_dict())
+    graph, plan = tri.kernel_plan()
+    convs = [k for k in plan if k.kind == "conv"]
+    assert len(convs) == 3 and all(k.epilogue[-1] == "stats" for k in convs)
+    assert not any("stats" in k.epilogue for k in tri.kernel_plan(fold_bn=True)[1])  # inference: bn folded
+    tri.train()
+    ref.train()
+    with recording() as specs:
+        check_network_against_reference(tri, ref, torch.randn(5, 3, 9, 7), grad_floor=1e-2)
+    for (key, ours), (_, theirs) in zip(tri.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=1e-6, msg=key)
+    names = {s.name for s in specs}
+    assert "_bn_stats_kernel" not in names and "_bn_finalize_kernel" in names
+    assert any(dict(s.constexprs).get("STATS") for s in specs if s.name == "_conv_fwd_kernel")
+
+
 DROPOUT_NET = """
 network fused_dropout {
     input 3x9x7
