@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from engine.bench.analytic import analytic_report
 from engine.bench.contenders import BASELINES, LABELS, InputPool, build, matmul_precision
 from engine.bench.devices import device_info, mfu
 from engine.bench.timing import GraphedSlots, measure, rotation_slots
@@ -49,9 +50,6 @@ def bench_network(source: str | Path, batches: list[int], precision: str, *,
         graphs = tuple(g for g in graphs if not g)  # CUDA graphs need CUDA
     rows: list[dict] = []
     for batch in batches:
-        from engine.bench.analytic import analytic_report
-
-        flops = {"forward": None, "step": None}
         model_flops = analytic_report(spec, batch, precision)["fused"]
         flops = {"forward": model_flops["forward"]["flops"], "step": model_flops["step"]["flops"]}
         torch.manual_seed(0)

@@ -70,7 +70,7 @@ def measure(run: Callable[[int], object], device: torch.device, *, warmup: int =
     synchronize(device)
     if max_seconds is not None and warmup > 1:
         per_call = (time.perf_counter() - t0) / (warmup - 1)
-        repeats = max(5, min(repeats, int(max_seconds / max(per_call, 1e-9))))
+        repeats = max(min(5, repeats), min(repeats, int(max_seconds / max(per_call, 1e-9))))
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(repeats)]
