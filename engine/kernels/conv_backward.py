@@ -371,6 +371,11 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
 
     # looked up through the module so tests can monkeypatch conv._gemm_tiles
     bm, bn, bk, meta = _conv._gemm_tiles(m_max, Cin_g, k_max)
+    if meta and bm >= 128:
+        # dgrad carries more live registers than the forward (the act-grad operand
+        # loads): with Triton 3.6, 128-row tiles at 4 warps, or 128x128 at 3
+        # stages, spilled 12-24 B on sm_80; 8 warps and 2 stages for 128x128 do not
+        meta = {**meta, "num_warps": 8, "num_stages": 2 if bm * bn >= 128 * 128 else meta["num_stages"]}
     default = autotune.Config(bm, bn, bk, **meta)
     shape = dict(M=m_max, N=Cin_g, K=k_max, phases=len(phases), **_conv_key(KH, KW, stride, padding, dilation, G),
                  epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32))
