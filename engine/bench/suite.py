@@ -11,8 +11,10 @@ work):
 3. tune          `fusenet tune` for each workload network (fills the autotune
                  cache before anything is timed) -> tune.txt;
 4. networks      `fusenet bench` for each [[network]] of benchmarks/workloads.toml
-                 -> networks/NAME_PRECISION.json;
-5. layers        `fusenet bench --layers` for its [[layer]] shapes -> layers.json;
+                 -> networks/NAME_PRECISION.json (and its table and charts in
+                 networks/NAME_PRECISION/);
+5. layers        `fusenet bench --layers` for its [[layer]] shapes -> layers.json
+                 (and layers/);
 then results.json (everything merged), table.txt, charts (*.png) and
 SUMMARY.md. The autotune cache is kept in the folder too (tune_cache.json)
 unless FUSENET_TUNE_CACHE names another. Each step runs in a subprocess with a time limit, so one crash or
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"{target.name} exists: skipped (delete it to rerun)")
                 continue
             rc = _run(_fusenet("bench", net["file"], "--batch", batches(net), "--precision", prec,
-                               "--contenders", contenders, "--json", str(target)),
+                               "--contenders", contenders, "--json", str(target),
+                               "--out", str(target.with_suffix(""))),
                       out / "bench_networks.txt", args.step_timeout)
             if rc != 0:
                 summary["failed_steps"].append(f"bench {net['file']} (exit {rc})")
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         if target.exists():
             _log("layers.json exists: skipped (delete it to rerun)")
         else:
-            rc = _run(_fusenet("bench", "--layers", args.workloads, "--precision", "bf16", "--json", str(target)),
+            rc = _run(_fusenet("bench", "--layers", args.workloads, "--precision", "bf16", "--json", str(target),
+                               "--out", str(out / "layers")),
                       out / "bench_layers.txt", args.step_timeout)
             if rc != 0:
                 summary["failed_steps"].append(f"bench --layers (exit {rc})")

@@ -397,6 +397,7 @@ def test_suite_runs_every_step_in_order_and_resumes(tmp_path, monkeypatch):
     assert [c[4] for c in tunes] == [c[4] for c in benches] == [n["file"] for n in networks]
     assert all(c[c.index("--batch") + 1] == str(n["batch"][0]) for c, n in zip(benches, networks))  # --quick
     assert all("compile-max" not in c[c.index("--contenders") + 1] for c in benches)
+    assert all(c[c.index("--out") + 1].startswith(str(out)) for c in benches)  # tables and charts stay in the run
     assert any("--layers" in c for c in rest)
     summary = (out / "SUMMARY.md").read_text()
     assert "Fake GPU" in summary and "3 passed" in summary
