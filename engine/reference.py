@@ -31,12 +31,20 @@ def blurpool_reference(x: torch.Tensor, stride: int, size: int) -> torch.Tensor:
 
 
 _ACTS = {
-    "relu": F.relu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "gelu": F.gelu,
-    "silu": F.silu,
+    "none": lambda v, slope: v,
+    "relu": lambda v, slope: F.relu(v),
+    "leaky_relu": lambda v, slope: F.leaky_relu(v, slope),
+    "sigmoid": lambda v, slope: torch.sigmoid(v),
+    "tanh": lambda v, slope: torch.tanh(v),
+    "gelu": lambda v, slope: F.gelu(v),
+    "silu": lambda v, slope: F.silu(v),
 }
+
+
+def torch_activation(name: str, v: torch.Tensor, slope: float = 0.01) -> torch.Tensor:
+    """Activation `name` (a language activation, or "none") in plain PyTorch:
+    the oracle the fused kernels' epilogues are compared with."""
+    return _ACTS[name](v, slope)
 
 
 class ReferenceNetwork(Network):
@@ -54,9 +62,7 @@ class ReferenceNetwork(Network):
             elif op in ("conv", "linear", "bn"):
                 out = self.layer(node)(v)
             elif op in _ACTS:
-                out = _ACTS[op](v)
-            elif op == "leaky_relu":
-                out = F.leaky_relu(v, a["slope"])
+                out = torch_activation(op, v, a.get("slope", 0.01))
             elif op == "softmax":
                 out = F.softmax(v, dim=1)
             elif op == "maxpool":

@@ -170,3 +170,14 @@ def check_network_against_reference(
     for (key, po), (_, pr) in zip(ours.named_parameters(), ref.named_parameters()):
         scale = max(pr.grad.abs().max().item(), grad_floor * top) if grad_floor else None
         assert_close(po.grad, pr.grad, tol, what=f"gradient of {key}", scale=scale)
+
+
+# The language's activations, plus "none": the `act` values every fused kernel takes.
+ACTIVATIONS = ["none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu"]
+
+
+def torch_act(z: torch.Tensor, act: str, slope: float) -> torch.Tensor:
+    """The PyTorch oracle of a kernel's activation epilogue (the reference network's own)."""
+    from engine.reference import torch_activation
+
+    return torch_activation(act, z, slope)

@@ -27,10 +27,9 @@ from engine.bench.contenders import matmul_precision
 from engine.bench.devices import device_info, mfu
 from engine.bench.network import CHECK_TOL, rel_err
 from engine.bench.timing import measure
+from engine.reference import torch_activation
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TORCH_ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-             "leaky_relu": F.leaky_relu}
 
 
 @dataclass(frozen=True)
@@ -172,9 +171,7 @@ def _fused_case(s, x, x_cl, w, w_cl, res, res_cl, rnd, tf32):
             y = F.batch_norm(y, mean.to(y.dtype), var.to(y.dtype), gamma.to(y.dtype), beta.to(y.dtype), False, 0.0, 1e-5)
         if residual:
             y = y + res_cl
-        if act != "none":
-            y = TORCH_ACT[act](y)
-        return y
+        return torch_activation(act, y)  # the kernel's default slope, 0.01, for leaky_relu
 
     nbytes = (x.numel() + w.numel() + res.numel() * (2 if residual else 1)) * x.element_size()
     return ("fused " + "+".join(["conv", *s.epilogue]), nbytes, fused, unfused)

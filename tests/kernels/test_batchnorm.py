@@ -4,28 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DATA_MOVEMENT_OPS, OpRecorder, SHAPE_OPS, assert_close, check_against_torch
+from helpers import (ACTIVATIONS, DATA_MOVEMENT_OPS, SHAPE_OPS, OpRecorder, assert_close,
+                     check_against_torch, torch_act)
 
 import engine.device
 from engine.kernels import batchnorm as bn
 from engine.kernels import pointwise as pw
 
 
-# shared with test_pointwise.py (test modules don't import each other)
-ACTS = ["none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu"]
 SLOPE = 0.2
-
-
-def torch_act(z, act, slope=SLOPE):
-    return {
-        "none": lambda v: v,
-        "relu": F.relu,
-        "leaky_relu": lambda v: F.leaky_relu(v, slope),
-        "sigmoid": torch.sigmoid,
-        "tanh": torch.tanh,
-        "gelu": F.gelu,
-        "silu": F.silu,
-    }[act](z)
 
 
 ALLOWED_ATEN = DATA_MOVEMENT_OPS | SHAPE_OPS
@@ -42,7 +29,7 @@ def to_nhwc(t):
 def ref_train(act, rm=None, rv=None, momentum=0.1, eps=1e-5):
     def f(x, w, b):
         y = F.batch_norm(to_nchw(x), rm, rv, w, b, training=True, momentum=momentum, eps=eps)
-        return to_nhwc(torch_act(y, act))
+        return to_nhwc(torch_act(y, act, SLOPE))
 
     return f
 
@@ -65,7 +52,7 @@ def small_blocks(monkeypatch):
 
 
 # ------------------------------------------------------------------- training
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
 def test_train_every_activation(act):
     x, w, b = inputs((2, 7, 9, 10))
     check_against_torch(ours_train(act), ref_train(act), [x, w, b])
@@ -192,7 +179,7 @@ def test_eval_scale_shift_values():
     assert_close(t, b.double() - rm.double() * s_ref)
 
 
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
 def test_eval_every_activation_with_grads(act):
     C = 17
     rm, rv = torch.randn(C), torch.rand(C) + 0.5
@@ -200,7 +187,7 @@ def test_eval_every_activation_with_grads(act):
     check_against_torch(
         lambda v, ww, bb: bn.batch_norm_eval(v, ww, bb, rm, rv, 1e-5, act, SLOPE),
         lambda v, ww, bb: to_nhwc(torch_act(
-            F.batch_norm(to_nchw(v), rm.double(), rv.double(), ww, bb, training=False), act)),
+            F.batch_norm(to_nchw(v), rm.double(), rv.double(), ww, bb, training=False), act, SLOPE)),
         [x, w, b],
     )
 

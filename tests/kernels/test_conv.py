@@ -8,22 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DATA_MOVEMENT_OPS, OpRecorder, SHAPE_OPS, assert_close, check_against_torch
+from helpers import (ACTIVATIONS, DATA_MOVEMENT_OPS, SHAPE_OPS, OpRecorder, assert_close,
+                     check_against_torch, torch_act)
 
 import engine.device
 import engine.kernels.conv as conv_mod
 from engine.kernels.conv import ConvOutput, conv2d, conv2d_dgrad, conv2d_forward, conv2d_wgrad
 from engine.kernels.launch import recording
 
-ACTS = {
-    "none": lambda z: z,
-    "relu": F.relu,
-    "leaky_relu": lambda z: F.leaky_relu(z, 0.1),
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "gelu": F.gelu,
-    "silu": F.silu,
-}
+SLOPE = 0.1  # leaky_relu's, in these tests
 
 
 def nhwc(t):
@@ -50,7 +43,7 @@ def ref_fn(stride=1, padding=0, dilation=1, groups=1, act="none", scale=None, sh
             z = z + shift.double().view(1, -1, 1, 1)
         if res is not None:
             z = z + res
-        return ACTS[act](z) if act != "leaky_relu" else F.leaky_relu(z, 0.1)
+        return torch_act(z, act, SLOPE)
     return f
 
 
@@ -91,10 +84,10 @@ def test_geometry_forward_backward(name):
     check_against_torch(ours_fn(**kw), ref_fn(**kw), [x, w, b])
 
 
-@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("act", ACTIVATIONS)
 def test_act_fused_into_backward(act):
     # no residual: act_grad is applied while dgrad/wgrad load dy
-    kw = dict(padding=1, act=act, slope=0.1)
+    kw = dict(padding=1, act=act, slope=SLOPE)
     x, w, b = rand_inputs(2, 6, 7, 5, 10, 3)
     check_against_torch(ours_fn(**kw), ref_fn(**kw), [x, w, b])
 
@@ -128,7 +121,7 @@ def test_scale_shift_constants_in_function(groups):
     check_against_torch(ours_fn(**kw), ref, [x, w, b])
 
 
-@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_forward_epilogue_all_flags(act, depthwise):
     C, groups = (12, 12) if depthwise else (10, 1)
@@ -140,13 +133,13 @@ def test_forward_epilogue_all_flags(act, depthwise):
 
     def ours(x, w, b, res):
         o = conv2d_forward(nhwc(x), w, b, **kw, scale=scale, shift=shift, residual=nhwc(res), act=act,
-                           slope=0.1, save_pre=True)
+                           slope=SLOPE, save_pre=True)
         assert isinstance(o, ConvOutput) and o.psum is None
         return nchw(o.y), nchw(o.z)
 
     def ref(x, w, b, res):
         z = ref_fn(**kw, scale=scale, shift=shift)(x, w, b, res)
-        return ACTS[act](z), z
+        return torch_act(z, act, SLOPE), z
 
     check_against_torch(ours, ref, [x.detach(), w.detach(), b.detach(), res], grad=False)
 

@@ -6,17 +6,9 @@ import torch.nn.functional as F
 from engine import device
 from engine.kernels import launch as launch_mod
 from engine.kernels.linear import linear, linear_forward, linear_wgrad
-from helpers import DATA_MOVEMENT_OPS, OpRecorder, assert_close, check_against_torch
+from helpers import DATA_MOVEMENT_OPS, OpRecorder, assert_close, check_against_torch, torch_act
 
-ACTS = {
-    "none": lambda z: z,
-    "relu": F.relu,
-    "leaky_relu": lambda z: F.leaky_relu(z, 0.01),
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "gelu": F.gelu,
-    "silu": F.silu,
-}
+SLOPE = 0.01  # leaky_relu's: the kernels' default
 
 # Allocation, view and copy ops only. Besides the brief's list: empty_like/new_empty
 # (allocation) and set_ (Triton's CPU interpreter aliases kernel arguments' storage).
@@ -37,14 +29,14 @@ def _inputs(n, f, o, dtype=torch.float32, bias=True):
 @pytest.mark.parametrize("act", ["none", "relu", "gelu"])
 def test_linear_fp32(n, f, o, act):
     x, w, b = _inputs(n, f, o)
-    check_against_torch(lambda x, w, b: linear(x, w, b, act=act), lambda x, w, b: ACTS[act](F.linear(x, w, b)), [x, w, b])
+    check_against_torch(lambda x, w, b: linear(x, w, b, act=act), lambda x, w, b: torch_act(F.linear(x, w, b), act, SLOPE), [x, w, b])
 
 
 @pytest.mark.parametrize("act", ["leaky_relu", "sigmoid", "tanh", "silu"])
 def test_linear_other_acts(act):
     x, w, b = _inputs(37, 70, 10)
     check_against_torch(
-        lambda x, w, b: linear(x, w, b, act=act, slope=0.01), lambda x, w, b: ACTS[act](F.linear(x, w, b)), [x, w, b]
+        lambda x, w, b: linear(x, w, b, act=act, slope=0.01), lambda x, w, b: torch_act(F.linear(x, w, b), act, SLOPE), [x, w, b]
     )
 
 
@@ -62,7 +54,7 @@ def test_linear_leaky_slope():
 def test_linear_half(dtype, n, f, o, act):
     x, w, b = _inputs(n, f, o, dtype)
     out, _ = check_against_torch(
-        lambda x, w, b: linear(x, w, b, act=act), lambda x, w, b: ACTS[act](F.linear(x, w, b)), [x, w, b]
+        lambda x, w, b: linear(x, w, b, act=act), lambda x, w, b: torch_act(F.linear(x, w, b), act, SLOPE), [x, w, b]
     )
     assert out.dtype == dtype
 

@@ -4,26 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DATA_MOVEMENT_OPS, OpRecorder, SHAPE_OPS, assert_close, check_against_torch
+from helpers import (ACTIVATIONS, DATA_MOVEMENT_OPS, SHAPE_OPS, OpRecorder, assert_close,
+                     check_against_torch, torch_act)
 
 import engine.device
 from engine.kernels import pointwise as pw
 from engine.kernels.launch import recording
 
-ACTS = ["none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu"]
 SLOPE = 0.2
-
-
-def torch_act(z, act, slope=SLOPE):
-    return {
-        "none": lambda v: v,
-        "relu": F.relu,
-        "leaky_relu": lambda v: F.leaky_relu(v, slope),
-        "sigmoid": torch.sigmoid,
-        "tanh": torch.tanh,
-        "gelu": F.gelu,
-        "silu": F.silu,
-    }[act](z)
 
 
 ALLOWED_ATEN = DATA_MOVEMENT_OPS | SHAPE_OPS
@@ -44,17 +32,17 @@ def gpu_tiles(monkeypatch):
 
 
 # ----------------------------------------------------------------- activation
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
 def test_activation_matches_torch(act):
     x = (torch.randn(2, 7, 9, 17) * 2).requires_grad_()
-    check_against_torch(lambda v: pw.activation(v, act, SLOPE), lambda v: torch_act(v, act), [x])
+    check_against_torch(lambda v: pw.activation(v, act, SLOPE), lambda v: torch_act(v, act, SLOPE), [x])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
 def test_activation_half(dtype, act):
     x = torch.randn(1, 5, 3, 10).to(dtype).requires_grad_()
-    out, _ = check_against_torch(lambda v: pw.activation(v, act), lambda v: torch_act(v, act), [x])
+    out, _ = check_against_torch(lambda v: pw.activation(v, act), lambda v: torch_act(v, act, SLOPE), [x])
     assert out.dtype == dtype
 
 
@@ -69,11 +57,11 @@ def test_activation_none_is_identity():
 
 
 # ------------------------------------------------------------------- add_act
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
 def test_add_act_matches_torch(act):
     a = torch.randn(2, 7, 9, 10).requires_grad_()
     b = torch.randn(2, 7, 9, 10).requires_grad_()
-    check_against_torch(lambda u, v: pw.add_act(u, v, act, SLOPE), lambda u, v: torch_act(u + v, act), [a, b])
+    check_against_torch(lambda u, v: pw.add_act(u, v, act, SLOPE), lambda u, v: torch_act(u + v, act, SLOPE), [a, b])
 
 
 def test_add_act_half_and_blocks(small_blocks):
@@ -111,13 +99,13 @@ def test_scale_matches_torch(factor):
 
 
 # ---------------------------------------------------------------- affine_act
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
 def test_affine_act_every_activation(act):
     x = torch.randn(2, 7, 9, 17).requires_grad_()
     s = torch.randn(17).requires_grad_()
     t = torch.randn(17).requires_grad_()
     check_against_torch(
-        lambda v, a, b: pw.affine_act(v, a, b, act, SLOPE), lambda v, a, b: torch_act(v * a + b, act), [x, s, t]
+        lambda v, a, b: pw.affine_act(v, a, b, act, SLOPE), lambda v, a, b: torch_act(v * a + b, act, SLOPE), [x, s, t]
     )
 
 
@@ -313,7 +301,7 @@ def test_pointwise_chain_matches_torch(ops):
 
     def ref(x):
         for name, c in ops:
-            x = x * c if name == "scale" else (F.leaky_relu(x, c) if name == "leaky_relu" else torch_act(x, name))
+            x = x * c if name == "scale" else (F.leaky_relu(x, c) if name == "leaky_relu" else torch_act(x, name, SLOPE))
         return x
 
     check_against_torch(lambda x: pw.pointwise_chain(x, ops), ref, [x])
