@@ -42,6 +42,7 @@ from engine.kernels.pointwise import (
     next_pow2,
     reduce_plan,
     reduce_rows,
+    row_tile,
     rows_of,
     sum_partials,
     tile_2d,
@@ -69,9 +70,7 @@ def _bn_stats_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum x
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum x^2
     for i in range(N_ITER):
-        rows = (pid_t * N_ITER + i) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-        mask = (rows[:, None] < M) & cmask[None, :]  # [BLOCK_M, BLOCK_C]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_M, BLOCK_C]
+        mask, offs = row_tile(pid_t * N_ITER + i, M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
         acc += x
         acc2 += x * x
@@ -146,11 +145,9 @@ def _bn_apply_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     cmask = cols < C
-    mask = (rows[:, None] < M) & cmask[None, :]  # [BLOCK_M, BLOCK_C]
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_M, BLOCK_C]
+    mask, offs = row_tile(pid_m, M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
     a = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32 rstd*weight
     if HAS_W:
@@ -217,9 +214,7 @@ def _bn_bwd_reduce_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum dz
     accx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum dz*xhat
     for i in range(N_ITER):
-        rows = (pid_t * N_ITER + i) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-        mask = (rows[:, None] < M) & cmask[None, :]  # [BLOCK_M, BLOCK_C]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_M, BLOCK_C]
+        mask, offs = row_tile(pid_t * N_ITER + i, M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
         dz, xhat = _bn_dz(dy, x, mean, rstd, w, b, slope, HAS_W, HAS_B, ACT)
@@ -254,11 +249,9 @@ def _bn_bwd_apply_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     cmask = cols < C
-    mask = (rows[:, None] < M) & cmask[None, :]  # [BLOCK_M, BLOCK_C]
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_M, BLOCK_C]
+    mask, offs = row_tile(pid_m, M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
     rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
     if HAS_W:

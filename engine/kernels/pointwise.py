@@ -165,6 +165,17 @@ def _contig(t: torch.Tensor) -> torch.Tensor:
 # Shared device function: fixed-order sum over rows of an fp32 [T, C] array
 # --------------------------------------------------------------------------- #
 @triton.jit
+def row_tile(tile, M, C, cols, cmask, BLOCK_M: tl.constexpr):
+    """Row tile `tile` (rows tile*BLOCK_M ...) of a contiguous [M, C] array at
+    columns `cols` ([BLOCK_C], masked by `cmask`): (mask, offs), both
+    [BLOCK_M, BLOCK_C], offsets in int64 so M*C may pass 2**31."""
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    mask = (rows[:, None] < M) & cmask[None, :]  # [BLOCK_M, BLOCK_C]
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_M, BLOCK_C]
+    return mask, offs
+
+
+@triton.jit
 def reduce_rows(p_ptr, T, C, cols, cmask, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """Sum rows 0..T-1 of a contiguous fp32 [T, C] array at columns `cols`
     ([BLOCK_C] int, masked by `cmask`). Deterministic: fixed loop order, fixed
@@ -461,11 +472,9 @@ def _affine_act_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     cmask = cols < C
-    mask = (rows[:, None] < M) & cmask[None, :]  # [BLOCK_M, BLOCK_C]
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_M, BLOCK_C]
+    mask, offs = row_tile(pid_m, M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
     s = tl.load(scale_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
     t = tl.load(shift_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
@@ -502,9 +511,7 @@ def _affine_act_bwd_kernel(
     acc_s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum dz*x
     acc_t = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum dz
     for i in range(N_ITER):
-        rows = (pid_t * N_ITER + i) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-        mask = (rows[:, None] < M) & cmask[None, :]  # [BLOCK_M, BLOCK_C]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_M, BLOCK_C]
+        mask, offs = row_tile(pid_t * N_ITER + i, M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
         z = x * s[None, :] + t[None, :]
