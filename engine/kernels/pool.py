@@ -124,6 +124,13 @@ def _pixel_tile(pid_p, pid_c, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr
 
 
 @triton.jit
+def _pixel_nhw(offs_p, H, W):
+    """Flat NHWC pixel indices [BLOCK_P] -> (image, row, column), each [BLOCK_P]."""
+    t = offs_p // W
+    return t // H, t % H, offs_p % W
+
+
+@triton.jit
 def _max_pool_fwd_kernel(
     x_ptr, y_ptr, idx_ptr,  # x [N,H,W,C]; y, idx [N,OH,OW,C]
     P, C, H, W, OH, OW,  # P = N*OH*OW output pixels
@@ -132,10 +139,7 @@ def _max_pool_fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
     offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    ow = offs_p % OW  # [BLOCK_P]
-    t = offs_p // OW
-    oh = t % OH
-    n = t // OH
+    n, oh, ow = _pixel_nhw(offs_p, OH, OW)  # [BLOCK_P] each
     best = tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32)  # [BLOCK_P, BLOCK_C] running max
     arg = tl.full([BLOCK_P, BLOCK_C], -1, tl.int32)  # [BLOCK_P, BLOCK_C] winning tap, -1 = none yet
     for i in tl.static_range(KH):
@@ -166,10 +170,7 @@ def _max_pool_bwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
     offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    iw = offs_p % W  # [BLOCK_P]
-    t = offs_p // W
-    ih = t % H
-    n = t // H
+    n, ih, iw = _pixel_nhw(offs_p, H, W)  # [BLOCK_P] each
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C] dx accumulator
     for i in tl.static_range(KH):
         th = ih + PH - i  # [BLOCK_P] oh * SH if tap i of window oh lands here
@@ -207,10 +208,7 @@ def _avg_pool_fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
     offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    ow = offs_p % OW  # [BLOCK_P]
-    t = offs_p // OW
-    oh = t % OH
-    n = t // OH
+    n, oh, ow = _pixel_nhw(offs_p, OH, OW)  # [BLOCK_P] each
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C] window sum
     for i in tl.static_range(KH):
         ih = oh * SH - PH + i
@@ -236,10 +234,7 @@ def _avg_pool_bwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
     offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    iw = offs_p % W  # [BLOCK_P]
-    t = offs_p // W
-    ih = t % H
-    n = t // H
+    n, ih, iw = _pixel_nhw(offs_p, H, W)  # [BLOCK_P] each
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C]
     for i in tl.static_range(KH):
         th = ih + PH - i

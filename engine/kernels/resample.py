@@ -49,7 +49,7 @@ import triton.language as tl
 
 from engine.kernels.launch import launch
 # The NHWC pixel-tile helpers are shared with pooling (same tiling, same checks).
-from engine.kernels.pool import _check_act, _idx64, _pixel_tile, _tiles
+from engine.kernels.pool import _check_act, _idx64, _pixel_nhw, _pixel_tile, _tiles
 
 MODES = {"nearest": 0, "bilinear": 1}
 
@@ -116,10 +116,7 @@ def _upsample_fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
     offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    ow = offs_p % OW  # [BLOCK_P]
-    t = offs_p // OW
-    oh = t % OH
-    n = t // OH
+    n, oh, ow = _pixel_nhw(offs_p, OH, OW)  # [BLOCK_P] each
     m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
     cc = offs_c[None, :]
     if MODE == 0:
@@ -148,10 +145,7 @@ def _upsample_nearest_bwd_kernel(
     FACTOR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
     offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    iw = offs_p % W  # [BLOCK_P]
-    t = offs_p // W
-    ih = t % H
-    n = t // H
+    n, ih, iw = _pixel_nhw(offs_p, H, W)  # [BLOCK_P] each
     m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
     cc = offs_c[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C] dx accumulator
@@ -228,10 +222,7 @@ def _blurpool_fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
     offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    ow = offs_p % OW  # [BLOCK_P]
-    t = offs_p // OW
-    oh = t % OH
-    n = t // OH
+    n, oh, ow = _pixel_nhw(offs_p, OH, OW)  # [BLOCK_P] each
     m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
     cc = offs_c[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C]
