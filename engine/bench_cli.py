@@ -57,7 +57,7 @@ def _emit(doc: dict, args) -> int:
     if args.json:
         results.save(doc, args.json)
         print(f"results written to {args.json}")
-    bad = [r for r in doc["networks"] + doc["layers"] if not r.get("check", {}).get("ok", True)]
+    bad = results.failed_checks(doc)
     if bad:
         print(f"fusenet bench: {len(bad)} result(s) disagree with fusenet's output beyond tolerance; a fast "
               "wrong answer is not a win (see the 'check' column)", file=sys.stderr)

@@ -20,6 +20,7 @@ The optimizer is the spec's: fusenet's fused single-launch one, torch.optim
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -56,20 +57,25 @@ class InputPool:
     y: list[torch.Tensor]
 
     @staticmethod
+    def shapes(spec, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(input shape, label shape) of one slot: NCHW fp32 inputs; int64 class
+        labels per image, or per pixel for a segmentation network."""
+        out_shape = spec.graph.output.shape
+        return (batch, *spec.graph.nodes[0].shape), ((batch,) if len(out_shape) == 1 else (batch, *out_shape[1:]))
+
+    @staticmethod
+    def slot_bytes(spec, batch: int) -> int:
+        x_shape, y_shape = InputPool.shapes(spec, batch)
+        return 4 * math.prod(x_shape) + 8 * math.prod(y_shape)
+
+    @staticmethod
     def make(spec, batch: int, slots: int, device: torch.device, seed: int = 0) -> "InputPool":
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        out_shape = spec.graph.output.shape
-        classes = out_shape[0]
-        xs, ys = [], []
-        for _ in range(slots):
-            xs.append(torch.randn(batch, *spec.graph.nodes[0].shape, generator=gen).to(device))
-            label_shape = (batch,) if len(out_shape) == 1 else (batch, *out_shape[1:])
-            ys.append(torch.randint(0, classes, label_shape, generator=gen).to(device))
+        x_shape, y_shape = InputPool.shapes(spec, batch)
+        classes = spec.graph.output.shape[0]
+        xs = [torch.randn(x_shape, generator=gen).to(device) for _ in range(slots)]
+        ys = [torch.randint(0, classes, y_shape, generator=gen).to(device) for _ in range(slots)]
         return InputPool(xs, ys)
-
-    @property
-    def bytes_per_slot(self) -> int:
-        return self.x[0].numel() * self.x[0].element_size() + self.y[0].numel() * self.y[0].element_size()
 
 
 @dataclass

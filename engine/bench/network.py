@@ -54,8 +54,7 @@ def bench_network(source: str | Path, batches: list[int], precision: str, *,
         flops = {"forward": model_flops["forward"]["flops"], "step": model_flops["step"]["flops"]}
         torch.manual_seed(0)
         state = engine.compile(source, backend="torch").state_dict()
-        probe = InputPool.make(spec, batch, 1, device)
-        n_slots = slots or rotation_slots(probe.bytes_per_slot, info["l2_bytes"])
+        n_slots = slots or rotation_slots(InputPool.slot_bytes(spec, batch), info["l2_bytes"])
         pool = InputPool.make(spec, batch, n_slots, device)
         reference = None  # fusenet's eval output and first-step loss, for the checks
         for name in contenders:

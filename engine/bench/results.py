@@ -56,8 +56,17 @@ def save(doc: dict, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def _check_ok(row: dict) -> bool:
+    return row.get("check", {}).get("ok", True)
+
+
 def _ok(row: dict) -> bool:
-    return "error" not in row and row.get("check", {}).get("ok", True)
+    return "error" not in row and _check_ok(row)
+
+
+def failed_checks(doc: dict) -> list[dict]:
+    """The rows whose output disagreed with fusenet's (or cuDNN's) beyond tolerance."""
+    return [r for r in doc["networks"] + doc["layers"] if not _check_ok(r)]
 
 
 def speedups(rows: list[dict]) -> dict[tuple, float]:
@@ -138,7 +147,7 @@ def format_document(doc: dict) -> str:
         parts.append(format_networks(doc))
     if doc["layers"]:
         parts.append(format_layers(doc))
-    bad = [r for r in doc["networks"] + doc["layers"] if not r.get("check", {}).get("ok", True)]
+    bad = failed_checks(doc)
     if bad:
         parts.append(f"WARNING: {len(bad)} result(s) failed the output check against fusenet/cuDNN: their "
                      "times are not comparisons (see 'check').")

@@ -73,6 +73,7 @@ def test_contenders_start_from_the_same_weights_and_agree():
     spec = engine.load(DIGITS)
     pool = InputPool.make(spec, 4, 2, torch.device("cpu"))
     assert len(pool.x) == 2 and pool.y[0].shape == (4,) and pool.x[0].shape == (4, 1, 8, 8)
+    assert InputPool.slot_bytes(spec, 4) == sum(t.numel() * t.element_size() for t in (pool.x[0], pool.y[0]))
     state = engine.compile(DIGITS, backend="torch").state_dict()
     ours, eager = build("fusenet", DIGITS, state, "fp32", pool), build("eager", DIGITS, state, "fp32", pool)
     assert ours.label == "fusenet" and eager.label == "PyTorch eager"
