@@ -22,4 +22,4 @@ for mod in lark pytest matplotlib; do
     fi
 done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PY" -m engine.bench.suite "$@"
+exec "$PY" -m engine.perf.bench.suite "$@"

@@ -178,6 +178,6 @@ ACTIVATIONS = ["none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu"]
 
 def torch_act(z: torch.Tensor, act: str, slope: float) -> torch.Tensor:
     """The PyTorch oracle of a kernel's activation epilogue (the reference network's own)."""
-    from engine.reference import torch_activation
+    from engine.runtime.reference import torch_activation
 
     return torch_activation(act, z, slope)

@@ -37,7 +37,7 @@ def _pair(name: str, precision: str):
 
 def _pytorch_at(precision: str, net, x, g):
     """PyTorch's own gradients for `net` (fp32 master weights) at `precision`."""
-    from engine.bench.contenders import AUTOCAST, matmul_precision
+    from engine.perf.bench.contenders import AUTOCAST, matmul_precision
 
     xp = x.float().requires_grad_()
     with matmul_precision(precision):

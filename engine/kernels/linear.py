@@ -196,7 +196,7 @@ def _gemm_tiles(m: int, n: int, k: int, dtype: torch.dtype, max_n: int = 128) ->
         return (max(16, min(256, _np2(m))), max(16, min(256, _np2(n))), max(16, min(512, _np2(k))), 4)
     # 64 x 64 tiles, 8 warps, BLOCK_K 32 (fp32) or 16 (fp16/bf16): the configuration
     # with no register spills for forward, dgrad and wgrad, fp32 and bf16, with
-    # and without an activation, on sm_80 and sm_90 (measured with engine.inspect;
+    # and without an activation, on sm_80 and sm_90 (measured with engine.perf.aot;
     # 64 x 128 with 4 warps spilled up to 3.7 KB).
     bm = max(16, min(64, _np2(m)))
     bn = max(16, min(max_n, 64, _np2(n)))
@@ -305,7 +305,7 @@ def linear_dgrad(dy, w, z=None, *, act="none", slope=0.01, allow_tf32=False, out
             )
 
         # act'(z) * dy on the A operand goes through registers: with an activation,
-        # 64-wide N tiles cut the spills (engine.inspect, sm_80/sm_90: 644 B -> 24 B).
+        # 64-wide N tiles cut the spills (engine.perf.aot, sm_80/sm_90: 644 B -> 24 B).
         bm, bn, bk, warps = _gemm_tiles(N, F, O, out_dtype, max_n=64 if act_code(act) != 0 else 128)
         shape = dict(M=N, N=F, K=O, epilogue=autotune.epilogue_key(dict(ACT=act_code(act))), tf32=bool(allow_tf32))
         run(_pick("linear_dgrad", shape, dx, autotune.Config(bm, bn, bk, num_warps=warps), run))

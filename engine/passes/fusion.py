@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from engine.ir import ACTIVATION_OPS, Graph, Node
+from engine.ir.graph import ACTIVATION_OPS, Graph, Node
 
 
 @dataclass(frozen=True)

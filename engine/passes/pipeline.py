@@ -1,6 +1,6 @@
 """The pass pipeline, in one list, with the IR printable after each pass.
 
-The graph arrives expanded and shape-checked from engine.frontend. Passes are
+The graph arrives expanded and shape-checked from engine.ir.frontend. Passes are
 pure functions; `run_pipeline` returns the final plan and, on request, the
 text of the IR after every pass (`fusenet check FILE --ir`).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from math import prod
 
-from engine.ir import Graph
+from engine.ir.graph import Graph
 from engine.passes.fusion import Kernel, plan_fusion, pretty_plan
 
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from dsl.errors import FusenetError
-from engine.frontend import load
+from engine.ir.frontend import load
 
 
 def src(*lines: str) -> str:

@@ -10,7 +10,7 @@ from dsl import ast
 from dsl.ast import BinOp, Chain, Dims, Input, Keyword, Layer, Name, Neg, Num, Repeat, Residual, Str
 from dsl.errors import FusenetError
 from dsl.parser import parse
-from engine.frontend import load
+from engine.ir.frontend import load
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.cnn"))

@@ -18,7 +18,7 @@ from dsl.errors import FusenetError
 from dsl.formatter import format_program
 from dsl.parser import parse
 from dsl.schema import LAYERS, TRAIN_OPTIONS
-from engine.frontend import Spec, load
+from engine.ir.frontend import Spec, load
 
 EXAMPLES = {p.stem: p.read_text() for p in sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.cnn"))}
 

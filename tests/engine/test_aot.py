@@ -25,8 +25,8 @@ import engine.kernels
 from engine.kernels.loss import cross_entropy
 from engine.kernels.optim import Adam, AdamW
 from engine.kernels.pool import global_avg_pool
-from engine.inspect import compile_all, record_network
-from engine.inspect_cli import network_step
+from engine.perf.aot import compile_all, record_network
+from engine.cli.inspect_gpu import network_step
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.cnn"))
 TARGETS = ("sm_80", "sm_90")

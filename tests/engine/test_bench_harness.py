@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import engine
-from engine import bench_cli
-from engine.bench import results
-from engine.bench.contenders import InputPool, build
-from engine.bench.devices import device_info, mfu, peaks_for
-from engine.bench.layers import (ConvShape, analytic_layers, bench_layers, shapes_from_spec,
+from engine.cli import bench as bench_cli
+from engine.perf.bench import results
+from engine.perf.bench.contenders import InputPool, build
+from engine.perf.bench.devices import device_info, mfu, peaks_for
+from engine.perf.bench.layers import (ConvShape, analytic_layers, bench_layers, shapes_from_spec,
                                  shapes_from_workloads)
-from engine.bench.network import bench_network
-from engine.bench.timing import Timing, measure, rotation_slots
+from engine.perf.bench.network import bench_network
+from engine.perf.bench.timing import Timing, measure, rotation_slots
 from engine.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def test_contenders_start_from_the_same_weights_and_agree():
 def test_bench_network_on_cpu_rows_flops_and_checks():
     rows = bench_network(DIGITS, [4], "fp32", contenders=("fusenet", "eager"), warmup=1, repeats=2, slots=2, **QUIET)
     assert len(rows) == 4  # 2 contenders x 2 modes, no CUDA graphs on CPU
-    analytic = engine.bench.analytic_report(engine.load(DIGITS), 4, "fp32")["fused"]
+    analytic = engine.perf.bench.analytic_report(engine.load(DIGITS), 4, "fp32")["fused"]
     for r in rows:
         assert "error" not in r and r["check"]["ok"] and not r["graphs"]
         assert r["flops"] == analytic[r["mode"]]["flops"]
@@ -98,7 +98,7 @@ def test_bench_network_on_cpu_rows_flops_and_checks():
 
 
 def test_a_wrong_baseline_is_flagged_not_reported_as_a_win(monkeypatch):
-    import engine.bench.network as net
+    import engine.perf.bench.network as net
 
     real_build = net.build
 
@@ -120,7 +120,7 @@ def test_a_wrong_baseline_is_flagged_not_reported_as_a_win(monkeypatch):
 
 
 def test_a_contender_that_fails_to_build_is_reported_and_the_rest_run(monkeypatch):
-    import engine.bench.network as net
+    import engine.perf.bench.network as net
 
     real_build = net.build
 
@@ -315,7 +315,7 @@ def test_cli_layers_without_gpu_prints_the_analytic_model(capsys):
 
 # --------------------------------------------------------------------------- the GPU suite
 def test_suite_refuses_to_run_without_a_gpu(capsys):
-    from engine.bench import suite
+    from engine.perf.bench import suite
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -324,7 +324,7 @@ def test_suite_refuses_to_run_without_a_gpu(capsys):
 
 
 def test_suite_merges_a_run_folder_into_one_document(tmp_path):
-    from engine.bench import suite
+    from engine.perf.bench import suite
 
     sample = results.load(SAMPLE)
     (tmp_path / "networks").mkdir()
@@ -340,7 +340,7 @@ def test_suite_merges_a_run_folder_into_one_document(tmp_path):
 
 
 def test_suite_reads_pytest_summaries():
-    from engine.bench.suite import _test_counts
+    from engine.perf.bench.suite import _test_counts
 
     assert _test_counts("...\n===== 12 passed, 3 skipped in 4.0s =====\n") == "12 passed, 3 skipped in 4.0s"
     assert _test_counts("boom") .startswith("no pytest summary")
@@ -366,7 +366,7 @@ def test_layers_on_cuda_match_cudnn():
 
 def test_suite_runs_every_step_in_order_and_resumes(tmp_path, monkeypatch):
     """The orchestration of benchmarks/run_gpu.sh, with the subprocesses faked."""
-    from engine.bench import suite
+    from engine.perf.bench import suite
 
     sample = results.load(SAMPLE)
     commands = []

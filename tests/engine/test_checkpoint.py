@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from engine import checkpoint as C
-from engine.data import FusenetTrainError
+from engine.training import checkpoint as C
+from engine.training.data import FusenetTrainError
 from train_specs import DIGITS_SPEC, NOBN_SPEC, compile
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dsl.train_config import AugmentConfig
-from engine import data as D
-from engine.data import FusenetTrainError
+from engine.training import data as D
+from engine.training.data import FusenetTrainError
 
 
 def test_digits_builtin_is_normalised():

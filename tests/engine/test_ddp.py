@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from engine import train as T
+from engine.training import loop as T
 from train_specs import NOBN_SPEC, compile
 
 SPEC = NOBN_SPEC.replace("    dropout 0.1\n", "")  # dropout masks are drawn per process
 
 
 def _setup(tmp):
-    from engine import data as D
+    from engine.training import data as D
 
     m = compile(SPEC)
     cfg = dataclasses.replace(m.train_config, epochs=2, batch=32, schedule=dataclasses.replace(
@@ -59,7 +59,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     # rank 0 alone wrote the run folder
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
         "curves.png", "metrics.csv", "model.safetensors", "predictions.png"]
-    from engine import checkpoint as C
+    from engine.training import checkpoint as C
 
     a = C.load_checkpoint(tmp_path / "ddp" / "model.safetensors").model
     b = C.load_checkpoint(tmp_path / "single" / "model.safetensors").model

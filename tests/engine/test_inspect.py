@@ -1,4 +1,4 @@
-"""The launch recorder and the ahead-of-time sm_80/sm_90 compile check (engine.inspect).
+"""The launch recorder and the ahead-of-time sm_80/sm_90 compile check (engine.perf.aot).
 
 Toy kernels are defined here at module level (the compile workers re-import this
 module by name). They run on the CPU through `launch` under the interpreter,
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 import engine.device
-from engine import inspect as fi
+from engine.perf import aot as fi
 from engine.kernels.activations import apply_act
 from engine.kernels.launch import _make_spec, is_dry_run, launch, recording
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import engine
-from engine.frontend import load
+from engine.ir.frontend import load
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -165,7 +165,7 @@ def test_fused_dropout_matches_reference_with_the_same_masks(monkeypatch):
         keep = dropout_forward(torch.ones(nhwc), p, seed).double()
         return v * (keep.permute(0, 3, 1, 2) if v.dim() == 4 else keep)
 
-    monkeypatch.setattr(engine.reference.F, "dropout", same_mask_dropout)
+    monkeypatch.setattr(engine.runtime.reference.F, "dropout", same_mask_dropout)
     check_network_against_reference(tri, ref, torch.randn(4, 3, 9, 7), NET, seed=11)
 
 

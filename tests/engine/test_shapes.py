@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsl.errors import FusenetError
-from engine.frontend import load
+from engine.ir.frontend import load
 
 
 def graph(body: str, input: str = "3x16x16"):
@@ -81,7 +81,7 @@ def test_pool_stride_defaults_to_kernel():
      ("blurpool stride=3 filter=5", (16, 16), (6, 6)), ("blurpool filter=4", (8, 8), (4, 4)), ("blurpool filter=1", (5, 5), (3, 3))],
 )
 def test_blurpool_size(layer, hw, want):
-    from engine.reference import blurpool_reference
+    from engine.runtime.reference import blurpool_reference
 
     assert out_shape(layer, f"3x{hw[0]}x{hw[1]}") == (3, *want)
     node = graph(layer, f"3x{hw[0]}x{hw[1]}").output

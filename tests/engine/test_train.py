@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from dsl.train_config import ScheduleConfig
-from engine import checkpoint as C
-from engine import report
-from engine import train as T
-from engine import train_cli
-from engine.data import FusenetTrainError
+from engine.training import checkpoint as C
+from engine.training import report
+from engine.training import loop as T
+from engine.cli import train as train_cli
+from engine.training.data import FusenetTrainError
 from train_specs import DIGITS_SPEC, NOBN_SPEC, SEG_SPEC, compile
 
 HERE = Path(__file__).parent
@@ -30,7 +30,7 @@ _SMALL = {}
 def small_digits():
     """480 digits images: keeps each test's run short on a busy 2-core machine."""
     if "d" not in _SMALL:
-        from engine import data as D
+        from engine.training import data as D
 
         _SMALL["d"] = D.load_dataset("digits").subset(torch.arange(480))
     return _SMALL["d"]
@@ -289,7 +289,7 @@ def test_cli_errors_are_clean(cli, capsys):
 def test_cli_subprocess_no_traceback(tmp_path):
     (tmp_path / "d.cnn").write_text(DIGITS_SPEC)
     env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
-    r = subprocess.run([sys.executable, "-m", "engine.train_cli", "train", "d.cnn", "--backend", "torch",
+    r = subprocess.run([sys.executable, "-m", "engine.cli.train", "train", "d.cnn", "--backend", "torch",
                         "--data", str(tmp_path / "none.npz")], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "none.npz" in r.stderr

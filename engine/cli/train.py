@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.data import FusenetTrainError
+from engine.training.data import FusenetTrainError
 
 BACKENDS = ("triton", "torch")
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -40,7 +40,7 @@ def _config(model, args):
 
 
 def _run_dir(args, name: str, resume: bool) -> Path:
-    from engine.train import CHECKPOINT
+    from engine.training.loop import CHECKPOINT
 
     if args.out:
         out = Path(args.out)
@@ -59,7 +59,7 @@ def _run_dir(args, name: str, resume: bool) -> Path:
 
 
 def cmd_train(args) -> int:
-    from engine import train as T
+    from engine.training import loop as T
 
     dist = T.setup_distributed()
     try:
@@ -86,7 +86,7 @@ def cmd_train(args) -> int:
 
 
 def _eval_data(model, ck, args):
-    from engine import data as D
+    from engine.training import data as D
 
     meta = ck.meta.get("data", {})
     cfg = model.train_config
@@ -101,7 +101,7 @@ def _eval_data(model, ck, args):
 
 
 def _load(args):
-    from engine import checkpoint as C
+    from engine.training import checkpoint as C
 
     model = _compile(args.file, args.backend)
     ck = C.load_checkpoint(args.checkpoint)
@@ -111,9 +111,9 @@ def _load(args):
 
 
 def cmd_eval(args) -> int:
-    from engine import data as D
-    from engine import report
-    from engine import train as T
+    from engine.training import data as D
+    from engine.training import report
+    from engine.training import loop as T
 
     model, ck = _load(args)
     ds = _eval_data(model, ck, args)
@@ -134,8 +134,8 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     import torch
 
-    from engine import data as D
-    from engine import train as T
+    from engine.training import data as D
+    from engine.training import loop as T
 
     model, ck = _load(args)
     meta = ck.meta.get("data", {})

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.bench_cli import _batches
+from engine.cli.bench import _batches
 
 
 def _short(shape: dict) -> str:
@@ -87,7 +87,7 @@ def cmd_tune(args) -> int:
         return 1
     import torch
 
-    from engine.inspect_cli import network_step
+    from engine.cli.inspect_gpu import network_step
 
     if layers:
         return _tune_layers(args, batches)
@@ -119,8 +119,8 @@ def _tune_layers(args, batches) -> int:
     """Tune the conv kernels of `fusenet bench --layers` (forward, dgrad, wgrad, fused group) per shape."""
     import torch
 
-    from engine.bench.layers import _cases
-    from engine.bench_cli import _BadFile, _layer_shapes
+    from engine.perf.bench.layers import _cases
+    from engine.cli.bench import _BadFile, _layer_shapes
     from engine.kernels import autotune
 
     precision = args.precision or "bf16"

@@ -38,7 +38,7 @@ def network_step(model, batch: int, training: bool):
 
 def cmd_inspect(args) -> int:
     import engine
-    from engine.inspect import compile_all, format_report, record_network
+    from engine.perf.aot import compile_all, format_report, record_network
 
     model = engine.compile(Path(args.file), backend="triton", precision=args.precision)
     targets = TARGETS if args.target == "all" else (args.target,)

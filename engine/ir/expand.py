@@ -13,7 +13,7 @@ from dsl import ast
 from dsl.errors import Collector, Note, did_you_mean
 from dsl.schema import LAYERS, bind
 from dsl.values import EvalError, evaluate
-from engine.ir import PARAMETRIC, Graph, Node
+from engine.ir.graph import PARAMETRIC, Graph, Node
 
 MAX_REPEAT = 1000
 

@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 
-from engine.bench.analytic import analytic_report
-from engine.bench.contenders import BASELINES, LABELS, InputPool, build, matmul_precision
-from engine.bench.devices import device_info, mfu
-from engine.bench.timing import GraphedSlots, measure, rotation_slots
+from engine.perf.analytic import analytic_report
+from engine.perf.bench.contenders import BASELINES, LABELS, InputPool, build, matmul_precision
+from engine.perf.bench.devices import device_info, mfu
+from engine.perf.bench.timing import GraphedSlots, measure, rotation_slots
 
 MODES = ("forward", "step")
 # norm-wise relative error allowed between a baseline's output and fusenet's

@@ -13,9 +13,9 @@ from dsl.errors import Collector, Diagnostic, FusenetError
 from dsl.parser import parse
 from dsl.train_config import TrainConfig
 from dsl.train_section import build_train_config
-from engine.expand import expand_with_call_sites
-from engine.ir import Graph
-from engine.shapes import infer_shapes
+from engine.ir.expand import expand_with_call_sites
+from engine.ir.graph import Graph
+from engine.ir.shapes import infer_shapes
 
 
 @dataclass(frozen=True)

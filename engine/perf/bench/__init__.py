@@ -15,6 +15,6 @@ Layers, in the order a benchmark flows through them:
 - results.py    the results document: terminal tables, JSON and PNG charts;
 - suite.py      the one-command GPU verification run (tests, tuning, benches).
 """
-from engine.bench.analytic import H100, analytic_report, format_analytic, kernel_costs, unfused_plan
+from engine.perf.analytic import H100, analytic_report, format_analytic, kernel_costs, unfused_plan
 
 __all__ = ["H100", "analytic_report", "format_analytic", "kernel_costs", "unfused_plan"]

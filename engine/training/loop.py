@@ -20,10 +20,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from engine import checkpoint as ckpt
-from engine import data as D
-from engine import report
-from engine.data import FusenetTrainError
+from engine.training import checkpoint as ckpt
+from engine.training import data as D
+from engine.training import report
+from engine.training.data import FusenetTrainError
 
 CHECKPOINT = "model.safetensors"
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}

@@ -32,7 +32,7 @@ import time
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 WORKLOADS = ROOT / "benchmarks" / "workloads.toml"
 STEPS = ("tests", "tune", "networks", "layers")
 
@@ -64,7 +64,7 @@ def _fusenet(*args: str) -> list[str]:
 def environment() -> dict:
     import torch
 
-    from engine.bench.devices import device_info
+    from engine.perf.bench.devices import device_info
 
     env = device_info("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def merge(out: Path, env: dict) -> dict:
     """All results of a run folder in one document, with its table and charts."""
-    from engine.bench import results
+    from engine.perf.bench import results
 
     doc = results.new_document(env, ["benchmarks/run_gpu.sh"])
     parts = sorted((out / "networks").glob("*.json")) if (out / "networks").is_dir() else []

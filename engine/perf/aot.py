@@ -6,7 +6,7 @@ compile each for sm_80 (A100) and/or sm_90 (H100) with Triton's real compiler
 and report per variant: registers per thread, spill bytes, shared memory, the
 tensor-core (MMA) instructions in the SASS and the total instruction count.
 
-    from engine.inspect import inspect_network, format_report
+    from engine.perf.aot import inspect_network, format_report
     print(format_report(inspect_network(lambda: net(x), targets=("sm_80", "sm_90"))))
 
 Public API: `KernelReport`, `compile_specialization`, `compile_all`,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.ir import Graph
+from engine.ir.graph import Graph
 from engine.passes.fusion import Kernel
 from engine.passes.pipeline import kernel_bytes, run_pipeline
 

@@ -12,14 +12,14 @@ from typing import Sequence
 import torch
 
 from engine.device import DEVICE, announce_interpreter
-from engine.ir import ACTIVATION_OPS, Graph, Node
+from engine.ir.graph import ACTIVATION_OPS, Graph, Node
 from engine.kernels import batchnorm as K_bn
 from engine.kernels import conv as K_conv
 from engine.kernels import linear as K_linear
 from engine.kernels import pointwise as K_pw
 from engine.kernels import pool as K_pool
 from engine.kernels import resample as K_rs
-from engine.network import Network
+from engine.runtime.network import Network
 from engine.passes.fusion import Kernel
 from engine.passes.pipeline import run_pipeline
 

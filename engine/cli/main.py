@@ -48,7 +48,7 @@ def summary_table(spec) -> str:
 
 
 def cmd_check(args) -> int:
-    from engine.frontend import load
+    from engine.ir.frontend import load
 
     spec = load(Path(args.file))
     print(summary_table(spec))
@@ -68,7 +68,7 @@ def cmd_check(args) -> int:
 def cmd_fmt(args) -> int:
     from dsl.formatter import format_program
     from dsl.parser import parse
-    from engine.frontend import read_source
+    from engine.ir.frontend import read_source
 
     text, name = read_source(Path(args.file))
     formatted = format_program(parse(text, name))
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check", action="store_true", help="exit 1 if the file is not canonical")
     f.set_defaults(func=cmd_fmt)
 
-    for module, attr in (("engine.inspect_cli", "add_commands"), ("engine.bench_cli", "add_commands"), ("engine.tune_cli", "add_commands"), ("engine.train_cli", "add_commands")):
+    for module, attr in (("engine.cli.inspect_gpu", "add_commands"), ("engine.cli.bench", "add_commands"), ("engine.cli.tune", "add_commands"), ("engine.cli.train", "add_commands")):
         try:
             mod = __import__(module, fromlist=[attr])
         except ModuleNotFoundError as e:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from engine.data import FusenetTrainError
+from engine.training.data import FusenetTrainError
 
 FORMAT = "fusenet-checkpoint-1"
 

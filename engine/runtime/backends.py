@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.frontend import load
+from engine.ir.frontend import load
 
 BACKENDS = ("triton", "torch")
 
@@ -19,9 +19,9 @@ def compile(source: str | Path, backend: str = "triton", precision: str | None =
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     spec = load(source)
     if backend == "torch":
-        from engine.reference import ReferenceNetwork
+        from engine.runtime.reference import ReferenceNetwork
 
         return ReferenceNetwork(spec)
-    from engine.runtime import TritonNetwork
+    from engine.runtime.fused import TritonNetwork
 
     return TritonNetwork(spec, precision=precision or spec.train.precision)

@@ -23,11 +23,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.bench.contenders import matmul_precision
-from engine.bench.devices import device_info, mfu
-from engine.bench.network import CHECK_TOL, rel_err
-from engine.bench.timing import measure
-from engine.reference import torch_activation
+from engine.perf.bench.contenders import matmul_precision
+from engine.perf.bench.devices import device_info, mfu
+from engine.perf.bench.network import CHECK_TOL, rel_err
+from engine.perf.bench.timing import measure
+from engine.runtime.reference import torch_activation
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -213,7 +213,7 @@ def bench_layers(shapes: list[ConvShape], precision: str, *, device: torch.devic
 
 def analytic_layers(shapes: list[ConvShape], precision: str) -> list[dict]:
     """Without a GPU: per shape and op, FLOPs, minimum bytes and the H100 roofline floor."""
-    from engine.bench.analytic import H100
+    from engine.perf.analytic import H100
 
     e = 2 if precision in ("fp16", "bf16") else 4
     rows = []
@@ -229,7 +229,7 @@ def analytic_layers(shapes: list[ConvShape], precision: str) -> list[dict]:
 
 
 def format_analytic_layers(rows: list[dict], precision: str) -> str:
-    from engine.bench.results import _table
+    from engine.perf.bench.results import _table
 
     body = [(r["shape"], r["op"], f"{r['flops'] / 1e9:.2f}", f"{r['bytes'] / 1e6:.1f}", f"{r['floor_us']:.1f}",
              r["bound"]) for r in rows]

@@ -9,8 +9,8 @@ from dataclasses import replace
 from math import prod
 
 from dsl.errors import Collector, Note
-from engine.expand import CallSites
-from engine.ir import ACTIVATION_OPS, Graph, Node
+from engine.ir.expand import CallSites
+from engine.ir.graph import ACTIVATION_OPS, Graph, Node
 
 
 class ShapeError(Exception):

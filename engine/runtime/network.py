@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from engine.frontend import Spec
-from engine.ir import Node
+from engine.ir.frontend import Spec
+from engine.ir.graph import Node
 
 
 def make_layer(node: Node, in_shape: tuple[int, ...]) -> nn.Module:

@@ -2,12 +2,12 @@
 
 On a CUDA device: a network spec is timed against PyTorch eager (cuDNN),
 torch.compile and torch.compile max-autotune, with and without CUDA graphs, for
-the forward pass and the whole training step (engine.bench.network); with
---layers, each convolution against cuDNN (engine.bench.layers). Results come
-out as a terminal table, JSON and PNG charts (engine.bench.results).
+the forward pass and the whole training step (engine.perf.bench.network); with
+--layers, each convolution against cuDNN (engine.perf.bench.layers). Results come
+out as a terminal table, JSON and PNG charts (engine.perf.bench.results).
 
 Without a CUDA device it says plainly that timings need one and prints the
-analytic model instead (engine.bench.analytic), then the static sm_90 report
+analytic model instead (engine.perf.analytic), then the static sm_90 report
 of `fusenet inspect` (unless --no-inspect): interpreter timings would time the
 interpreter, not the kernels, so none are taken.
 
@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.bench.contenders import BASELINES
+from engine.perf.bench.contenders import BASELINES
 
 CONTENDERS = ("fusenet",) + BASELINES
 
@@ -45,7 +45,7 @@ def _usage(msg: str) -> int:
 
 def _emit(doc: dict, args) -> int:
     """Print the tables; write JSON and charts where asked; 1 if a check failed."""
-    from engine.bench import results
+    from engine.perf.bench import results
 
     print(results.format_document(doc))
     if args.out:
@@ -67,7 +67,7 @@ def _emit(doc: dict, args) -> int:
 
 def _layer_shapes(args, batches: list[int] | None):
     """Shapes from a workloads file (its batch unless --batch) or a spec (its batch unless --batch)."""
-    from engine.bench.layers import shapes_from_spec, shapes_from_workloads
+    from engine.perf.bench.layers import shapes_from_spec, shapes_from_workloads
 
     if Path(args.file).suffix == ".toml":
         try:
@@ -84,7 +84,7 @@ def cmd_bench(args) -> int:
     from engine.device import HAS_CUDA
 
     if Path(args.file).suffix == ".json":
-        from engine.bench import results
+        from engine.perf.bench import results
 
         try:
             doc = results.load(args.file)
@@ -120,13 +120,13 @@ def _default_out(name: str) -> Path:
 def _with_gpu(args, batches, contenders, device: str = "cuda") -> int:
     """Time on `device` (tests pass "cpu" to exercise the harness without a GPU).
     Results always land in a folder (--out, else runs/bench/NAME): JSON, table, charts."""
-    from engine.bench import results
-    from engine.bench.devices import device_info
+    from engine.perf.bench import results
+    from engine.perf.bench.devices import device_info
 
     doc = results.new_document(device_info(device), ["fusenet", "bench", *sys.argv[2:]])
     timing = dict(warmup=args.warmup, repeats=args.repeats, max_seconds=args.max_seconds, device=device)
     if args.layers:
-        from engine.bench.layers import bench_layers
+        from engine.perf.bench.layers import bench_layers
 
         precision = args.precision or "bf16"
         shapes = _layer_shapes(args, batches)
@@ -135,7 +135,7 @@ def _with_gpu(args, batches, contenders, device: str = "cuda") -> int:
         name = "layers-" + Path(args.file).stem
     else:
         import engine
-        from engine.bench.network import bench_network
+        from engine.perf.bench.network import bench_network
 
         spec = engine.load(Path(args.file))
         precision = args.precision or spec.train.precision
@@ -172,7 +172,7 @@ def _without_gpu(args, batches) -> int:
           "kernel and per training step, fused against unfused, with roofline floors on an H100.",
           file=sys.stderr)
     if args.layers:
-        from engine.bench.layers import analytic_layers, format_analytic_layers
+        from engine.perf.bench.layers import analytic_layers, format_analytic_layers
 
         precision = args.precision or "bf16"
         rows = analytic_layers(_layer_shapes(args, batches), precision)
@@ -182,7 +182,7 @@ def _without_gpu(args, batches) -> int:
             print(f"analytic model written to {args.json}")
         return 0
     import engine
-    from engine.bench.analytic import analytic_report, format_analytic
+    from engine.perf.analytic import analytic_report, format_analytic
 
     spec = engine.load(Path(args.file))
     precision = args.precision or spec.train.precision
@@ -197,8 +197,8 @@ def _without_gpu(args, batches) -> int:
         Path(args.json).write_text(json.dumps(reports, indent=2))
         print(f"analytic model written to {args.json}")
     if not args.no_inspect:
-        from engine.inspect import compile_all, format_report, record_network
-        from engine.inspect_cli import network_step
+        from engine.perf.aot import compile_all, format_report, record_network
+        from engine.cli.inspect_gpu import network_step
 
         model = engine.compile(Path(args.file), precision=precision)
         variants = record_network(network_step(model, batches[0], True))

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from engine.network import Network
+from engine.runtime.network import Network
 
 
 def binomial_filter(size: int) -> list[float]:

@@ -1,0 +1,1 @@
+"""Graph IR, the op registry, block expansion and shape inference: source text to a checked graph."""

@@ -1,0 +1,1 @@
+"""Performance tooling: the analytic model, the ahead-of-time SASS inspection, benchmarks."""

@@ -1,0 +1,1 @@
+"""Runtimes of a checked graph: fusenet's fused Triton kernels and the PyTorch reference."""

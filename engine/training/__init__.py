@@ -1,0 +1,1 @@
+"""Training: the loop, schedules, data, checkpoints and run reports."""
