@@ -1,4 +1,20 @@
-"""fusenet engine: graph IR, shapes, passes, Triton kernels, runtime, training."""
-from engine import device as _device  # noqa: F401  (must come before any triton import)
-from engine.runtime.backends import compile  # noqa: E402,F401
-from engine.ir.frontend import load  # noqa: E402,F401
+"""fusenet engine: graph IR, passes, Triton kernels, runtimes, training, performance tools, CLI.
+
+`engine.compile(spec)` and `engine.load(spec)` are the entry points. Importing
+`engine` itself is cheap (no torch, no triton): `fusenet check` and `fmt` never
+load them. engine.kernels imports engine.device before triton, which switches
+on Triton's CPU interpreter where there is no GPU.
+"""
+from __future__ import annotations
+
+
+def __getattr__(name: str):
+    if name == "compile":
+        from engine.runtime.backends import compile
+
+        return compile
+    if name == "load":
+        from engine.ir.frontend import load
+
+        return load
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -5,8 +5,10 @@ imported before anything imports triton. `engine/__init__.py` imports it first.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from typing import Iterator
 
 import torch
 
@@ -70,3 +72,16 @@ def interpreter_incompatibility(triton_version: str | None = None, numpy_version
                 f"{numpy_version} (NumPy >= 2.4 rejects a conversion it relies on). "
                 "hint: pip install 'numpy<2.4', or triton >= 3.7")
     return None
+
+
+@contextlib.contextmanager
+def gpu_tiles() -> Iterator[None]:
+    """Launchers pick their GPU tile configs inside the block, even under the
+    interpreter (they read INTERPRETED): for dry runs that record what a GPU
+    would launch, and for the ahead-of-time compile check."""
+    global INTERPRETED
+    old, INTERPRETED = INTERPRETED, False
+    try:
+        yield
+    finally:
+        INTERPRETED = old

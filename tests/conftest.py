@@ -4,7 +4,7 @@ import sys
 # Import fusenet's engine before anything imports triton, so the interpreter is
 # switched on where there is no GPU.
 sys.path.insert(0, os.path.dirname(__file__))
-import engine  # noqa: E402,F401
+import engine.device  # noqa: E402,F401  (switches on the interpreter before anything imports triton)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -173,11 +173,15 @@ def check_network_against_reference(
 
 
 # The language's activations, plus "none": the `act` values every fused kernel takes.
-ACTIVATIONS = ["none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu"]
+# Read from the one table that defines them, so a new activation joins every test.
+from engine.kernels.activations import ACTIVATIONS as _ACTIVATION_TABLE  # noqa: E402
+
+ACTIVATIONS = ["none", *_ACTIVATION_TABLE]
 
 
 def torch_act(z: torch.Tensor, act: str, slope: float) -> torch.Tensor:
-    """The PyTorch oracle of a kernel's activation epilogue (the reference network's own)."""
-    from engine.runtime.reference import torch_activation
+    """The PyTorch oracle of a kernel's activation epilogue (the reference network's own);
+    `slope` is the activation's parameter (leaky_relu's slope, elu's alpha)."""
+    from engine.kernels.activations import oracle
 
-    return torch_activation(act, z, slope)
+    return oracle(act, z, slope)

@@ -53,15 +53,15 @@ def cmd_check(args) -> int:
     spec = load(Path(args.file))
     print(summary_table(spec))
     if args.kernels:
-        from engine.passes.pipeline import kernel_table
+        from engine.perf.analytic import kernel_report
 
         print()
-        print(kernel_table(spec, batch=args.batch, training=not args.eval))
+        print(kernel_report(spec, batch=args.batch, training=not args.eval))
     if args.ir:
-        from engine.passes.pipeline import run_pipeline
+        from engine.passes.pipeline import format_trace, trace_pipeline
 
-        for name, text in run_pipeline(spec.graph, verbose=True):
-            print(f"\n;; after {name}\n{text}")
+        print()
+        print(format_trace(trace_pipeline(spec.graph, training=not args.eval)))
     return 0
 
 

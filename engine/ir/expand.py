@@ -13,7 +13,8 @@ from dsl import ast
 from dsl.errors import Collector, Note, did_you_mean
 from dsl.schema import LAYERS, bind
 from dsl.values import EvalError, evaluate
-from engine.ir.graph import PARAMETRIC, Graph, Node
+from engine.ir.graph import Graph, Node
+from engine.ir.ops import Group, is_
 
 MAX_REPEAT = 1000
 
@@ -58,7 +59,7 @@ class _Expander:
     # -- nodes ---------------------------------------------------------------
     def add_node(self, op: str, inputs: tuple[int, ...], attrs: dict, pos: ast.Pos) -> int:
         name = ""
-        if op in PARAMETRIC:
+        if is_(op, Group.PARAMETRIC):
             k = self.counters.get(op, 0)
             self.counters[op] = k + 1
             name = f"{op}{k}"

@@ -12,9 +12,6 @@ from typing import Any, Iterator, Mapping
 
 from dsl.ast import Pos
 
-PARAMETRIC = ("conv", "linear", "bn")
-ACTIVATION_OPS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
-
 
 @dataclass(frozen=True)
 class Node:

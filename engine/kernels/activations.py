@@ -1,35 +1,72 @@
-"""Activation functions as Triton device functions, shared by every fused kernel.
+"""Activations, each defined once: its device forward and gradient, its PyTorch
+meaning, and the initialisation it calls for.
 
-An activation is picked by an integer `tl.constexpr` code so a kernel compiles
-only the branch it uses. Gradients are written in terms of the pre-activation z,
-which is what fused kernels save for the backward pass.
+`ACTIVATIONS` is the table every layer reads: fused kernels pick an activation
+by its integer code (`act_code(name)`, a `tl.constexpr`, so a kernel compiles
+only the branch it uses); the reference backend and the tests run its `torch`
+oracle; training initialises ReLU-like networks with Kaiming's gain. The
+language declares each activation's name and parameters in dsl/schema.py; the
+op registry makes their ops from that list.
+
+Adding an activation: declare it in dsl/schema.py, then here add its entry to
+ACTIVATIONS, its code constant, and its forward/gradient branches in
+`apply_act` and `act_grad`. Codes follow the table's order and are never
+written as numbers in kernels, so no two can collide.
+
+Gradients are written in terms of the pre-activation z, which fused kernels
+save (or recompute) for the backward pass; every gradient is linear in dy
+(masked lanes load dy = 0 and must give 0). The one runtime float `p` carries
+the activation's parameter (leaky_relu's slope, elu's alpha).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Codes used as tl.constexpr ACT flags. Keep in sync with ACTIVATIONS below.
-NONE, RELU, LEAKY_RELU, SIGMOID, TANH, GELU, SILU = range(7)
-ACTIVATIONS = {
-    "none": NONE,
-    "relu": RELU,
-    "leaky_relu": LEAKY_RELU,
-    "sigmoid": SIGMOID,
-    "tanh": TANH,
-    "gelu": GELU,
-    "silu": SILU,
-}
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    torch: Callable[[torch.Tensor, float], torch.Tensor]  # the PyTorch oracle: (z, p) -> act(z)
+    param: str | None = None  # the DSL keyword whose value the kernels receive as `p`
+    rectifier: bool = False  # ReLU-like: initialised with Kaiming's ReLU gain (He et al. 2015)
+
+
+ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
+    Activation("relu", lambda z, p: F.relu(z), rectifier=True),
+    Activation("leaky_relu", lambda z, p: F.leaky_relu(z, p), param="slope", rectifier=True),
+    Activation("sigmoid", lambda z, p: torch.sigmoid(z)),
+    Activation("tanh", lambda z, p: torch.tanh(z)),
+    Activation("gelu", lambda z, p: F.gelu(z), rectifier=True),
+    Activation("silu", lambda z, p: F.silu(z), rectifier=True),
+)}
+
+# The ACT constexpr of every kernel: 0 is the identity, then the table's order.
+CODES: dict[str, int] = {"none": 0, **{name: k + 1 for k, name in enumerate(ACTIVATIONS)}}
+NONE = tl.constexpr(CODES["none"])
+RELU = tl.constexpr(CODES["relu"])
+LEAKY_RELU = tl.constexpr(CODES["leaky_relu"])
+SIGMOID = tl.constexpr(CODES["sigmoid"])
+TANH = tl.constexpr(CODES["tanh"])
+GELU = tl.constexpr(CODES["gelu"])
+SILU = tl.constexpr(CODES["silu"])
 
 
 def act_code(name: str) -> int:
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+    """The ACT constexpr for an activation name ("none" for the identity)."""
+    if not isinstance(name, str) or name not in CODES:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(CODES)}")
+    return CODES[name]
+
+
+def oracle(name: str, z: torch.Tensor, p: float = 0.0) -> torch.Tensor:
+    """Activation `name` (or "none") in plain PyTorch, with its parameter p."""
+    return z if name == "none" else ACTIVATIONS[name].torch(z, p)
 
 
 @triton.jit
@@ -39,48 +76,48 @@ def _sigmoid(z):
 
 @triton.jit
 def _tanh(z):
-    # tanh(z) = 2*sigmoid(2z) - 1, stable for large |z| in fp32.
+    # tanh(z) = 2*sigmoid(2z) - 1, stable for large |z| in fp32
     return 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0
 
 
 @triton.jit
-def apply_act(z, ACT: tl.constexpr, slope):
+def apply_act(z, ACT: tl.constexpr, p):
     """act(z), computed in z's dtype (callers pass fp32)."""
-    if ACT == 1:
+    if ACT == RELU:
         return tl.where(z > 0, z, 0.0)
-    elif ACT == 2:
-        return tl.where(z > 0, z, z * slope)
-    elif ACT == 3:
+    elif ACT == LEAKY_RELU:
+        return tl.where(z > 0, z, z * p)
+    elif ACT == SIGMOID:
         return _sigmoid(z)
-    elif ACT == 4:
+    elif ACT == TANH:
         return _tanh(z)
-    elif ACT == 5:
+    elif ACT == GELU:
         # exact (erf) GELU, PyTorch's default
         return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    elif ACT == 6:
+    elif ACT == SILU:
         return z * _sigmoid(z)
     else:
         return z
 
 
 @triton.jit
-def act_grad(dy, z, ACT: tl.constexpr, slope):
-    """d act(z) / dz * dy."""
-    if ACT == 1:
+def act_grad(dy, z, ACT: tl.constexpr, p):
+    """d act(z) / dz * dy, with PyTorch's choice at the kinks."""
+    if ACT == RELU:
         return tl.where(z > 0, dy, 0.0)
-    elif ACT == 2:
-        return tl.where(z > 0, dy, dy * slope)
-    elif ACT == 3:
+    elif ACT == LEAKY_RELU:
+        return tl.where(z > 0, dy, dy * p)
+    elif ACT == SIGMOID:
         s = _sigmoid(z)
         return dy * s * (1.0 - s)
-    elif ACT == 4:
+    elif ACT == TANH:
         t = _tanh(z)
         return dy * (1.0 - t * t)
-    elif ACT == 5:
+    elif ACT == GELU:
         cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
         return dy * (cdf + z * pdf)
-    elif ACT == 6:
+    elif ACT == SILU:
         s = _sigmoid(z)
         return dy * (s + z * s * (1.0 - s))
     else:

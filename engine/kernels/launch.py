@@ -71,12 +71,12 @@ class Specialization:
 
     @property
     def name(self) -> str:
-        fn = getattr(self.kernel, "fn", self.kernel)
-        return getattr(fn, "__name__", repr(fn))
+        return kernel_name(self.kernel)
 
 
 _recorded: list[Specialization] | None = None
 _dry_run: bool = False
+_logs: list[list[str]] = []  # open launch_log() blocks, innermost last
 
 
 @contextlib.contextmanager
@@ -98,6 +98,24 @@ def recording(dry_run: bool = False) -> Iterator[list[Specialization]]:
             for spec in inner:
                 if spec not in outer:
                     outer.append(spec)
+
+
+@contextlib.contextmanager
+def launch_log() -> Iterator[list[str]]:
+    """The name of every kernel launched inside the block, in launch order (one
+    entry per launch, unlike `recording`, which keeps distinct variants).
+    Combines with `recording(dry_run=True)` to count launches without running them."""
+    log: list[str] = []
+    _logs.append(log)
+    try:
+        yield log
+    finally:
+        _logs.remove(log)
+
+
+def kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return getattr(fn, "__name__", repr(fn))
 
 
 def is_dry_run() -> bool:
@@ -231,6 +249,8 @@ def launch(kernel, grid, *args, **meta):
 
     Inside `recording(dry_run=True)` the kernel is recorded and not run (returns None).
     """
+    for log in _logs:
+        log.append(kernel_name(kernel))
     if _recorded is not None:
         _record(kernel, args, meta)
         if _dry_run:

@@ -758,13 +758,17 @@ def fan_out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
 # Pointwise chains: up to CHAIN_MAX unary ops in one pass
 # --------------------------------------------------------------------------- #
 CHAIN_MAX = 4
-_SCALE_OP = 7  # op code of a constant multiply; 0 = identity, 1..6 = activations.py codes
+# A link's op code: an activation's code (activations.CODES, 0 the identity), or
+# SCALE_LINK for a constant multiply. Activation codes are never negative, so no
+# activation can ever be taken for a scale.
+_SCALE_OP = -1
+SCALE_LINK = tl.constexpr(_SCALE_OP)
 
 
 @triton.jit
 def _chain_op(v, OP: tl.constexpr, c):
-    """One link: identity, an activation (c = slope) or a constant scale (c = factor)."""
-    if OP == 7:
+    """One link: identity, an activation (c = its parameter) or a constant scale (c = factor)."""
+    if OP == SCALE_LINK:
         return v * c
     else:
         return apply_act(v, OP, c)
@@ -773,7 +777,7 @@ def _chain_op(v, OP: tl.constexpr, c):
 @triton.jit
 def _chain_op_grad(g, v, OP: tl.constexpr, c):
     """Gradient through one link, given the link's input v."""
-    if OP == 7:
+    if OP == SCALE_LINK:
         return g * c
     else:
         return act_grad(g, v, OP, c)

@@ -1,206 +1,172 @@
 """Fusion planning: group IR nodes into the kernels that will run.
 
-A plan is a tuple of `Kernel`s in execution order; each owns a run of nodes
-and is launched when its last node's value is due. Rules (why in brackets):
-- conv absorbs what follows it while the value has one user: in eval mode a
-  `bn` (folded into a per-channel scale and shift), then a residual/skip
-  `add`, then an activation; linear absorbs an activation; in training both
-  then absorb a `dropout` [epilogue work costs no extra HBM round trip].
-- In training mode a `bn` after a conv cannot be folded (it needs the batch
-  statistics of the conv output); the `bn` kernel (split statistics, finalize,
+`plan_fusion` makes the groups; `plan_concat_writes` and `plan_conv_stats`
+refine them (each a pure function Plan -> Plan, listed in
+engine.passes.pipeline). Rules, with why in brackets:
+- A GEMM (conv, linear) absorbs what follows it while the value has one user:
+  in eval mode a conv absorbs a `bn` (folded into a per-channel scale and
+  shift), then a conv absorbs a residual/skip `add`, then either absorbs an
+  activation; in training both then absorb a `dropout` [epilogue work costs
+  no extra HBM round trip].
+- In training a `bn` after a conv cannot be folded (it needs the batch
+  statistics of the conv output); the bn group (finalize statistics,
   normalize) absorbs the following activation [one pass instead of two].
 - `add` absorbs one following activation; a run of unary pointwise ops
-  (activations, `scale`) becomes one chain kernel; everything else is its own
-  kernel.
-A node whose value has several users ends its group, so no value is lost.
+  (activations, `scale`) becomes one chain kernel; everything else is a group
+  of its own.
+- A node whose value has several users, or is a tap or the output, ends its
+  group, so no value is lost.
 - A conv whose output only feeds a `concat` writes into its channel slice of
   the concat's buffer (plan_concat_writes) [concat without a copy].
-- In training, a conv whose output only feeds a `bn` computes the bn's
-  batch statistics in its epilogue (plan_conv_stats) [one read fewer].
+- In training, a conv whose output only feeds a `bn` computes the bn's batch
+  statistics in its epilogue (plan_conv_stats) [one read fewer].
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import Callable
 
-from engine.ir.graph import ACTIVATION_OPS, Graph, Node
+from engine.ir.graph import Graph, Node
+from engine.ir.ops import Family, Group, family, is_
+from engine.passes.plan import ConcatSlot, Epilogue, KernelGroup, Plan
 
-
-@dataclass(frozen=True)
-class Kernel:
-    kind: str  # conv | linear | bn | add | act | pool | ... (the anchor op family)
-    nodes: tuple[int, ...]  # IR node ids, in order; the last one is the output
-    epilogue: tuple[str, ...] = ()  # what the anchor's epilogue fuses: bias, bn, add, act:NAME, dropout
-    writes_into: tuple[int, int] | None = None  # (concat node, first channel): output written in place
-
-    @property
-    def anchor(self) -> int:
-        return self.nodes[0]
-
-    @property
-    def output(self) -> int:
-        return self.nodes[-1]
-
-
-_FAMILY = {
-    "conv": "conv",
-    "linear": "linear",
-    "bn": "bn",
-    "maxpool": "pool",
-    "avgpool": "pool",
-    "global_avgpool": "global_pool",
-    "global_maxpool": "global_pool",
-    "blurpool": "blurpool",
-    "upsample": "upsample",
-    "dropout": "dropout",
-    "softmax": "softmax",
-    "add": "add",
-    "scale": "scale",
-    "concat": "concat",
-    "flatten": "flatten",
-    **{a: "act" for a in ACTIVATION_OPS},
-}
-
-
-# unary elementwise ops a pointwise-chain kernel runs back to back (at most
-# CHAIN_MAX, engine.kernels.pointwise's limit)
-UNARY_POINTWISE = ACTIVATION_OPS + ("scale",)
+# The most unary ops one pointwise chain kernel runs back to back
+# (engine.kernels.pointwise.CHAIN_MAX; a test checks they agree).
 CHAIN_MAX = 4
 
 
-def _single_user(graph: Graph, node: Node, users: dict[int, list[int]]) -> Node | None:
-    """The only consumer of `node`'s value, if it has exactly one and is not an output/tap."""
+def _users(graph: Graph) -> dict[int, list[int]]:
+    users: dict[int, list[int]] = {}
+    for n in graph:
+        for i in n.inputs:
+            users.setdefault(i, []).append(n.id)
+    return users
+
+
+def _sole_user(graph: Graph, node: Node, users: dict[int, list[int]]) -> Node | None:
+    """The only consumer of `node`'s value, if it has exactly one and is not an output or a tap."""
     if node.id in graph.taps.values() or node.id == graph.output.id:
         return None
     us = users.get(node.id, [])
     return graph.node(us[0]) if len(us) == 1 else None
 
 
-def plan_fusion(graph: Graph, training: bool) -> tuple[Kernel, ...]:
-    users: dict[int, list[int]] = {}
-    for n in graph:
-        for i in n.inputs:
-            users.setdefault(i, []).append(n.id)
+def plan_fusion(graph: Graph, training: bool) -> Plan:
+    users = _users(graph)
     taken: set[int] = set()
-    kernels: list[Kernel] = []
+    groups: list[KernelGroup] = []
 
     for node in graph:
         if node.op == "input" or node.id in taken:
             continue
-        group, epilogue = [node.id], []
-        cur = node
+        members, cur = [node.id], node
 
-        def absorb(op_test) -> bool:
+        def absorb(test: Callable[[Node], bool]) -> int | None:
+            """Take the sole user of the group's current value into the group if `test` holds."""
             nonlocal cur
-            nxt = _single_user(graph, cur, users)
-            if nxt is None or nxt.id in taken or not op_test(nxt) or nxt.inputs[0] != cur.id:
-                return False
-            group.append(nxt.id)
+            nxt = _sole_user(graph, cur, users)
+            if nxt is None or nxt.id in taken or not test(nxt) or nxt.inputs[0] != cur.id:
+                return None
+            members.append(nxt.id)
             cur = nxt
-            return True
+            return nxt.id
 
-        if node.op in ("conv", "linear"):
-            if node.attrs.get("bias"):
-                epilogue.append("bias")
-            # Training-mode bn needs batch statistics of the conv output, so it
-            # stays a kernel of its own; the conv's epilogue computes those
-            # statistics as per-tile partial sums (plan_conv_stats).
-            if not training and node.op == "conv" and absorb(lambda n: n.op == "bn"):
-                epilogue.append("bn")
-            # The epilogue computes act(acc [+bias] [*scale+shift] [+residual]):
-            # an activation either ends it or follows a residual add.
-            if node.op == "conv" and absorb(lambda n: n.op == "add"):
-                epilogue.append("add")
-            if absorb(lambda n: n.op in ACTIVATION_OPS):
-                epilogue.append(f"act:{cur.op}")
-            # training-mode dropout is the last epilogue step (its mask comes from a
-            # seed, so the backward regenerates it instead of storing it)
-            if training and absorb(lambda n: n.op == "dropout"):
-                epilogue.append("dropout")
-        elif node.op == "bn":
-            if absorb(lambda n: n.op in ACTIVATION_OPS):
-                epilogue.append(f"act:{cur.op}")
-        elif node.op == "add":
-            if absorb(lambda n: n.op in ACTIVATION_OPS):
-                epilogue.append(f"act:{cur.op}")
-        elif node.op in UNARY_POINTWISE:
-            while len(group) < CHAIN_MAX and absorb(lambda n: n.op in UNARY_POINTWISE):
+        def op_is(name: str) -> Callable[[Node], bool]:
+            return lambda n: n.op == name
+
+        def activation(n: Node) -> bool:
+            return is_(n, Group.ACTIVATION)
+
+        fam, epi = family(node), Epilogue()
+        if is_(node, Group.GEMM):
+            conv = fam is Family.CONV
+            # Training-mode bn needs the batch statistics of the conv output, so it
+            # stays a group of its own (plan_conv_stats feeds it those statistics).
+            folded = absorb(op_is("bn")) if conv and not training else None
+            # the epilogue computes act(acc [+bias] [*scale+shift] [+residual]):
+            # an activation either ends it or follows a residual add
+            residual = absorb(op_is("add")) if conv else None
+            act = absorb(activation)
+            # training-mode dropout is the last step: its mask comes from a seed,
+            # so the backward regenerates it instead of storing it
+            dropout = absorb(op_is("dropout")) if training else None
+            epi = Epilogue(bias=bool(node.attr("bias")), folded_bn=folded, residual=residual, act=act,
+                           dropout=dropout)
+        elif fam in (Family.BATCH_NORM, Family.ADD):
+            epi = Epilogue(act=absorb(activation))
+        elif is_(node, Group.UNARY_POINTWISE):
+            while len(members) < CHAIN_MAX and absorb(lambda n: is_(n, Group.UNARY_POINTWISE)) is not None:
                 pass
-        taken.update(group)
-        kind = "pointwise" if node.op in UNARY_POINTWISE and len(group) > 1 else _FAMILY[node.op]
-        kernels.append(Kernel(kind, tuple(group), tuple(epilogue)))
+            if len(members) > 1:
+                fam = Family.POINTWISE
+        taken.update(members)
+        groups.append(KernelGroup(fam, tuple(members), epi))
 
-    kernels.sort(key=lambda k: k.output)
-    _check_order(graph, kernels)
-    return plan_conv_stats(graph, plan_concat_writes(graph, tuple(kernels)), training)
-
-
-def plan_conv_stats(graph: Graph, kernels: tuple[Kernel, ...], training: bool) -> tuple[Kernel, ...]:
-    """In training, a conv whose output feeds only a batch norm emits that
-    batch norm's statistics: per-tile partial sums of its output from the
-    epilogue [the bn kernel then skips its statistics pass, one read of the
-    conv output fewer]. Only when the conv's output is its pre-activation (no
-    activation, residual or dropout in its epilogue), which in training is the
-    case whenever a bn follows."""
-    if not training:
-        return kernels
-    readers: dict[int, list[Node]] = {}
-    for n in graph:
-        for i in n.inputs:
-            readers.setdefault(i, []).append(n)
-    out = list(kernels)
-    for i, kern in enumerate(kernels):
-        if kern.kind != "conv" or kern.writes_into is not None:
-            continue
-        if any(e.startswith("act:") or e in ("add", "dropout") for e in kern.epilogue):
-            continue
-        users = readers.get(kern.output, [])
-        if len(users) == 1 and users[0].op == "bn" and users[0].inputs[0] == kern.output:
-            out[i] = replace(kern, epilogue=kern.epilogue + ("stats",))
-    return tuple(out)
+    groups.sort(key=lambda grp: grp.output)
+    _check_order(graph, groups)
+    return Plan(graph, tuple(groups), training)
 
 
-def plan_concat_writes(graph: Graph, kernels: tuple[Kernel, ...]) -> tuple[Kernel, ...]:
+def plan_concat_writes(plan: Plan) -> Plan:
     """A conv whose output only feeds a `concat` writes it straight into its
-    channel slice of the concat's buffer [no copy]; the concat kernel then only
+    channel slice of the concat's buffer [no copy]; the concat group then only
     copies in the inputs whose producers could not (a tap with other readers)."""
-    producer = {k.output: i for i, k in enumerate(kernels)}
+    graph = plan.graph
+    producer = {grp.output: i for i, grp in enumerate(plan)}
     readers: dict[int, int] = {}
     for n in graph:
         for i in n.inputs:
             readers[i] = readers.get(i, 0) + 1
-    out = list(kernels)
-    for i, kern in enumerate(kernels):
-        if kern.kind != "concat":
+    out = list(plan.groups)
+    for i, grp in enumerate(plan):
+        if grp.family is not Family.CONCAT:
             continue
-        node = graph.node(kern.anchor)
+        node = graph.node(grp.anchor)
         offset, in_place = 0, []
-        for slot, src in enumerate(node.inputs):
+        for src in node.inputs:
             p = producer.get(src)
             single = readers.get(src) == 1 and src not in graph.taps.values()
-            if p is not None and out[p].kind == "conv" and out[p].writes_into is None and single:
-                out[p] = replace(out[p], writes_into=(node.id, offset))
-                in_place.append("current" if slot == 0 else "tap")
+            if p is not None and out[p].family is Family.CONV and out[p].writes_into is None and single:
+                out[p] = replace(out[p], writes_into=ConcatSlot(node.id, offset))
+                in_place.append(src)
             offset += graph.node(src).shape[0]
         if in_place:
-            out[i] = replace(kern, epilogue=tuple(f"in place: {w}" for w in in_place))
-    return tuple(out)
+            out[i] = replace(grp, in_place=tuple(in_place))
+    return replace(plan, groups=tuple(out))
 
 
-def _check_order(graph: Graph, kernels: list[Kernel]) -> None:
-    """Every kernel's external inputs are produced by an earlier kernel."""
+def plan_conv_stats(plan: Plan) -> Plan:
+    """In training, a conv whose output feeds only a batch norm emits that
+    batch norm's statistics: per-tile partial sums of its output from the
+    epilogue [the bn group then skips its statistics pass, one read of the conv
+    output fewer]. Only when the conv's output is its pre-activation (no
+    activation, residual or dropout in its epilogue), which in training is the
+    case whenever a bn follows."""
+    if not plan.training:
+        return plan
+    graph = plan.graph
+    users = _users(graph)
+    out = list(plan.groups)
+    for i, grp in enumerate(plan):
+        e = grp.epilogue
+        if grp.family is not Family.CONV or grp.writes_into is not None:
+            continue
+        if e.act is not None or e.residual is not None or e.dropout is not None:
+            continue
+        readers = users.get(grp.output, [])
+        if len(readers) == 1:
+            bn = graph.node(readers[0])
+            if bn.op == "bn" and bn.inputs[0] == grp.output:
+                out[i] = replace(grp, epilogue=replace(e, stats=bn.id))
+    return replace(plan, groups=tuple(out))
+
+
+def _check_order(graph: Graph, groups: list[KernelGroup]) -> None:
+    """Every group's external inputs are produced by an earlier group."""
     done = {0}
-    for k in kernels:
-        for nid in k.nodes:
+    for grp in groups:
+        for nid in grp.nodes:
             for i in graph.node(nid).inputs:
-                if i not in k.nodes and i not in done:
+                if i not in grp.nodes and i not in done:
                     raise AssertionError(f"fusion plan out of order: node %{nid} needs %{i}")
-        done.update(k.nodes)
-
-
-def pretty_plan(graph: Graph, kernels) -> str:
-    lines = []
-    for k, kern in enumerate(kernels):
-        ops = " -> ".join(graph.node(n).op for n in kern.nodes)
-        epi = f"  epilogue[{', '.join(kern.epilogue)}]" if kern.epilogue else ""
-        lines.append(f"  k{k}: {kern.kind:<11} %{kern.nodes[0]}..%{kern.output}  {ops}{epi}")
-    return "\n".join(lines)
+        done.update(grp.nodes)

@@ -3,7 +3,8 @@
 Parameters and buffers live in plain torch.nn layers (Conv2d, BatchNorm, Linear)
 named after their IR node (`conv0`, `bn0`, `linear0`) and registered in source
 order, so a state dict maps one-to-one onto a hand-written PyTorch model and
-weights move freely between backends. Backends differ only in `forward`.
+weights move freely between backends. Each parametric op's registry entry
+(engine.ir.ops) builds its layer. Backends differ only in `forward`.
 """
 from __future__ import annotations
 
@@ -14,20 +15,7 @@ from torch import nn
 
 from engine.ir.frontend import Spec
 from engine.ir.graph import Node
-
-
-def make_layer(node: Node, in_shape: tuple[int, ...]) -> nn.Module:
-    a = node.attrs
-    if node.op == "conv":
-        return nn.Conv2d(
-            in_shape[0], a["out"], a["kernel"], a["stride"], a["pad"], a["dilation"], a["groups"], a["bias"]
-        )
-    if node.op == "linear":
-        return nn.Linear(in_shape[0], a["out"], a["bias"])
-    if node.op == "bn":
-        cls = nn.BatchNorm2d if len(in_shape) == 3 else nn.BatchNorm1d
-        return cls(in_shape[0], eps=a["eps"], momentum=a["momentum"])
-    raise AssertionError(node.op)
+from engine.ir.ops import op
 
 
 class Network(nn.Module):
@@ -47,7 +35,8 @@ class Network(nn.Module):
         self.tap_layers = {k: list(v) for k, v in spec.graph.tap_layers.items()}
         for node in self.graph:
             if node.name:
-                self.add_module(node.name, make_layer(node, self.graph.node(node.inputs[0]).shape))
+                in_shape = self.graph.node(node.inputs[0]).shape
+                self.add_module(node.name, op(node.op).layer(nn, node, in_shape))
 
     def layer(self, node: Node) -> nn.Module:
         return getattr(self, node.name)

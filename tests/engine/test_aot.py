@@ -22,6 +22,7 @@ import torch
 
 import engine
 import engine.kernels
+from engine.kernels.activations import ACTIVATIONS
 from engine.kernels.loss import cross_entropy
 from engine.kernels.optim import Adam, AdamW
 from engine.kernels.pool import global_avg_pool
@@ -86,12 +87,15 @@ def test_every_example_every_precision_compiles():
 
 
 # Every op the examples do not use, in shapes that reach every kernel: a
-# depthwise conv, a standalone add, every activation, a pointwise chain, avg pool with padding,
+# depthwise conv, a standalone add, every activation (chains of them, made from
+# the activation table, so a new one is compiled too), avg pool with padding,
 # blurpool, bilinear upsample, softmax, dropout after a pool and in conv and
 # linear epilogues, a conv whose epilogue has both a residual and an activation
 # (its backward materialises dz).
-ALL_OPS = """
-network all_ops {
+_NAMES = list(ACTIVATIONS)
+ACTIVATION_CHAINS = "\n    ".join(" -> ".join(_NAMES[i:i + 4]) for i in range(0, len(_NAMES), 4))
+ALL_OPS = f"""
+network all_ops {{
     input 3x15x13
     e1 = conv 8 kernel=3 pad=1 -> bn -> leaky_relu slope=0.2
     conv 8 kernel=3 pad=1 groups=8 -> bn -> sigmoid
@@ -104,7 +108,8 @@ network all_ops {
     dropout 0.2
     linear 10 -> gelu -> dropout 0.1
     scale 0.5 -> tanh
-}
+    {ACTIVATION_CHAINS}
+}}
 """
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import engine
-from engine.perf.bench import H100, analytic_report, format_analytic
+from engine.perf.analytic import H100, analytic_report, format_analytic
 from engine.cli import main
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.cnn"))

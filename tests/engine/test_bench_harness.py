@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import engine
+import engine.perf.analytic
 from engine.cli import bench as bench_cli
 from engine.perf.bench import results
 from engine.perf.bench.contenders import InputPool, build
 from engine.perf.bench.devices import device_info, mfu, peaks_for
-from engine.perf.bench.layers import (ConvShape, analytic_layers, bench_layers, shapes_from_spec,
+from engine.perf.bench.layers import (ConvShape, FusedSteps, analytic_layers, bench_layers, shapes_from_spec,
                                  shapes_from_workloads)
 from engine.perf.bench.network import bench_network
 from engine.perf.bench.timing import Timing, measure, rotation_slots
@@ -87,7 +88,7 @@ def test_contenders_start_from_the_same_weights_and_agree():
 def test_bench_network_on_cpu_rows_flops_and_checks():
     rows = bench_network(DIGITS, [4], "fp32", contenders=("fusenet", "eager"), warmup=1, repeats=2, slots=2, **QUIET)
     assert len(rows) == 4  # 2 contenders x 2 modes, no CUDA graphs on CPU
-    analytic = engine.perf.bench.analytic_report(engine.load(DIGITS), 4, "fp32")["fused"]
+    analytic = engine.perf.analytic.analytic_report(engine.load(DIGITS), 4, "fp32")["fused"]
     for r in rows:
         assert "error" not in r and r["check"]["ok"] and not r["graphs"]
         assert r["flops"] == analytic[r["mode"]]["flops"]
@@ -156,7 +157,7 @@ def test_shapes_from_spec_are_distinct_convs_with_their_fused_epilogue():
     shapes = shapes_from_spec(engine.load(ROOT / "examples" / "resnet_small.cnn"), 8)
     assert len(shapes) == len({s.describe() + str(s.epilogue) for s in shapes})
     assert all(s.n == 8 for s in shapes)
-    assert any("add" in s.epilogue for s in shapes) and shapes[0].epilogue == ("bn", "act:relu")
+    assert any(s.epilogue.residual for s in shapes) and shapes[0].epilogue.words() == ("bn", "act:relu")
 
 
 def test_conv_shape_geometry_and_flops():
@@ -166,7 +167,7 @@ def test_conv_shape_geometry_and_flops():
 
 
 def test_bench_layers_on_cpu_checks_every_op_against_aten():
-    shapes = [ConvShape("a", 2, 5, 7, 9, 8, bias=True, epilogue=("bias", "bn", "add", "act:gelu")),
+    shapes = [ConvShape("a", 2, 5, 7, 9, 8, bias=True, epilogue=FusedSteps.parse(["bias", "bn", "add", "act:gelu"])),
               ConvShape("b", 3, 6, 6, 7, 7, stride=(2, 2), groups=3)]
     rows = bench_layers(shapes, "fp32", device="cpu", warmup=1, repeats=2, **QUIET)
     assert [r["op"] for r in rows] == ["forward", "dgrad", "wgrad", "fused conv+bias+bn+add+act:gelu",
@@ -359,7 +360,7 @@ def test_harness_on_cuda_with_graphs():
 
 @pytest.mark.gpu
 def test_layers_on_cuda_match_cudnn():
-    rows = bench_layers([ConvShape("a", 8, 24, 64, 15, 15, epilogue=("bn", "act:gelu"))], "bf16",
+    rows = bench_layers([ConvShape("a", 8, 24, 64, 15, 15, epilogue=FusedSteps(bn=True, act="gelu"))], "bf16",
                         warmup=2, repeats=5, **QUIET)
     assert all("error" not in r and r["check"]["ok"] for r in rows), rows
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import engine
+from engine.ir.ops import Family
+from engine.kernels.activations import ACTIVATIONS
 from helpers import DATA_MOVEMENT_OPS, OpRecorder, assert_close, check_network_against_reference
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -92,11 +94,11 @@ def test_recorder_catches_arithmetic():
 
 def test_fusion_plan_fuses_epilogues():
     tri = engine.compile(EXAMPLES / "resnet_small.cnn")
-    graph, plan = tri.kernel_plan(fold_bn=True)
-    kinds = [k.kind for k in plan]
-    assert "bn" not in kinds, "eval batch norm should fold into the conv epilogue"
-    assert any("add" in k.epilogue for k in plan), "residual add should fuse into a conv epilogue"
-    assert len(plan) < len(graph.nodes) - 1
+    plan = tri.kernel_plan(fold_bn=True)
+    families = [g.family for g in plan]
+    assert Family.BATCH_NORM not in families, "eval batch norm should fold into the conv epilogue"
+    assert any(g.epilogue.residual is not None for g in plan), "residual add should fuse into a conv epilogue"
+    assert len(plan) < len(plan.graph.nodes) - 1
 
 
 STATS_NET = """
@@ -120,10 +122,10 @@ def test_training_bn_takes_its_statistics_from_the_conv_epilogue():
     tri = engine.compile(STATS_NET)
     ref = engine.compile(STATS_NET, backend="torch").double()
     ref.load_state_dict(tri.state_dict())
-    graph, plan = tri.kernel_plan()
-    convs = [k for k in plan if k.kind == "conv"]
-    assert len(convs) == 3 and all(k.epilogue[-1] == "stats" for k in convs)
-    assert not any("stats" in k.epilogue for k in tri.kernel_plan(fold_bn=True)[1])  # inference: bn folded
+    plan = tri.kernel_plan()
+    convs = [g for g in plan if g.family is Family.CONV]
+    assert len(convs) == 3 and all(plan.graph.node(g.epilogue.stats).op == "bn" for g in convs)
+    assert not any(g.epilogue.stats is not None for g in tri.kernel_plan(fold_bn=True))  # inference: bn folded
     tri.train()
     ref.train()
     with recording() as specs:
@@ -156,8 +158,9 @@ def test_fused_dropout_matches_reference_with_the_same_masks(monkeypatch):
     tri = engine.compile(DROPOUT_NET)
     ref = engine.compile(DROPOUT_NET, backend="torch").double()
     ref.load_state_dict(tri.state_dict())
-    graph, plan = tri.kernel_plan()
-    assert [k.epilogue[-1] for k in plan if k.kind in ("conv", "linear")][:3] == ["dropout"] * 3
+    plan = tri.kernel_plan()
+    gemms = [g for g in plan if g.family in (Family.CONV, Family.LINEAR)]
+    assert all(g.epilogue.dropout is not None for g in gemms[:3])
 
     def same_mask_dropout(v, p, training):
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -165,7 +168,7 @@ def test_fused_dropout_matches_reference_with_the_same_masks(monkeypatch):
         keep = dropout_forward(torch.ones(nhwc), p, seed).double()
         return v * (keep.permute(0, 3, 1, 2) if v.dim() == 4 else keep)
 
-    monkeypatch.setattr(engine.runtime.reference.F, "dropout", same_mask_dropout)
+    monkeypatch.setattr(torch.nn.functional, "dropout", same_mask_dropout)
     check_network_against_reference(tri, ref, torch.randn(4, 3, 9, 7), NET, seed=11)
 
 
@@ -215,9 +218,9 @@ def test_concat_producer_writes_in_place(monkeypatch):
     from engine.kernels import pointwise
 
     tri = engine.compile(EXAMPLES / "unet_tiny.cnn")
-    graph, plan = tri.kernel_plan()
-    writers = [k for k in plan if k.writes_into is not None]
-    assert len(writers) == 1 and writers[0].kind == "conv"
+    plan = tri.kernel_plan()
+    writers = [g for g in plan if g.writes_into is not None]
+    assert len(writers) == 1 and writers[0].family is Family.CONV
     copies = []
     real_copy = pointwise.copy_into
     monkeypatch.setattr(pointwise, "copy_into", lambda dst, src: copies.append(src.shape) or real_copy(dst, src))
@@ -245,8 +248,8 @@ def test_pointwise_chains_fuse_and_match_reference():
     tri = engine.compile(CHAIN_NET)
     ref = engine.compile(CHAIN_NET, backend="torch").double()
     ref.load_state_dict(tri.state_dict())
-    graph, plan = tri.kernel_plan()
-    chains = [[graph.node(i).op for i in k.nodes] for k in plan if k.kind == "pointwise"]
+    plan = tri.kernel_plan()
+    chains = [[plan.graph.node(i).op for i in g.nodes] for g in plan if g.family is Family.POINTWISE]
     assert chains == [["scale", "leaky_relu", "sigmoid", "gelu"], ["scale", "silu"]]
     check_network_against_reference(tri, ref, torch.randn(3, 3, 6, 5), NET)
 
@@ -259,3 +262,31 @@ def test_known_bad_interpreter_pairing_is_named_with_its_fix():
     assert interpreter_incompatibility("3.6.0", "2.3.5") is None
     assert interpreter_incompatibility("3.7.0", "2.4.6") is None
     assert interpreter_incompatibility("3.10.0+git1234", "2.4.0rc1") is None
+
+
+ACTIVATION_NET = """
+network act_{act} {{
+    input 3x7x6
+    conv 6 kernel=3 pad=1 -> {act}
+    conv 6 kernel=3 pad=1 -> bn -> {act}
+    t = maxpool 2
+    {act} -> add t -> {act}
+    flatten
+    linear 5 -> {act}
+    scale 0.5 -> {act}
+}}
+"""
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_every_activation_in_every_fusion_site_matches_the_reference(act, mode):
+    """Each activation of the table in a conv epilogue, after a batch norm, alone,
+    after an add, in a linear epilogue and in a pointwise chain, on both
+    backends: output and every gradient (a new activation joins by itself)."""
+    src = ACTIVATION_NET.format(act=act)
+    tri, ref = engine.compile(src), engine.compile(src, backend="torch").double()
+    ref.load_state_dict(tri.state_dict())
+    tri.train(mode == "train")
+    ref.train(mode == "train")
+    check_network_against_reference(tri, ref, torch.randn(3, 3, 7, 6), NET, grad_floor=1e-2)

@@ -318,3 +318,16 @@ def test_pointwise_chain_is_one_kernel_and_triton_only():
     assert rec.ops <= ALLOWED_ATEN, sorted(rec.ops - ALLOWED_ATEN)
     with pytest.raises(ValueError):
         pw.pointwise_chain(x, CHAINS[2] + [("relu", 0)])
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS[1:])
+def test_every_activation_links_into_a_chain_between_scales(act):
+    """Each activation of the table as a chain link next to constant scales: a new
+    activation joins this test by itself, and can never be taken for a scale."""
+    ops = [("scale", -1.5), (act, SLOPE), ("scale", 0.75)]
+    x = torch.randn(2, 3, 5, 9, requires_grad=True)
+
+    def ref(x):
+        return torch_act(x * -1.5, act, SLOPE) * 0.75
+
+    check_against_torch(lambda x: pw.pointwise_chain(x, ops), ref, [x])

@@ -1,8 +1,7 @@
 """Performance: how fast fusenet's kernels run, and how fast they could run.
 
-Layers, in the order a benchmark flows through them:
-- analytic.py   FLOPs, minimum HBM bytes and roofline floors per kernel, fused
-                against unfused (what `fusenet bench` prints without a GPU);
+Layers, in the order a benchmark flows through them (the analytic model that
+`fusenet bench` prints without a GPU is engine.perf.analytic):
 - devices.py    the peak FLOP/s, bandwidth and L2 size of known GPUs (for MFU);
 - timing.py     device-event timing: warm-up, median of repeats, rotated
                 inputs, whole-step CUDA graph capture;
@@ -15,6 +14,3 @@ Layers, in the order a benchmark flows through them:
 - results.py    the results document: terminal tables, JSON and PNG charts;
 - suite.py      the one-command GPU verification run (tests, tuning, benches).
 """
-from engine.perf.analytic import H100, analytic_report, format_analytic, kernel_costs, unfused_plan
-
-__all__ = ["H100", "analytic_report", "format_analytic", "kernel_costs", "unfused_plan"]

@@ -27,9 +27,40 @@ from engine.perf.bench.contenders import matmul_precision
 from engine.perf.bench.devices import device_info, mfu
 from engine.perf.bench.network import CHECK_TOL, rel_err
 from engine.perf.bench.timing import measure
-from engine.runtime.reference import torch_activation
+from engine.kernels.activations import oracle
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class FusedSteps:
+    """What a convolution's fused eval-mode group applies after the GEMM:
+    z = conv (+ bias) (* bn scale + shift) (+ residual); y = act(z)."""
+
+    bias: bool = False
+    bn: bool = False
+    residual: bool = False
+    act: str = "none"
+
+    @classmethod
+    def parse(cls, words) -> "FusedSteps":
+        """From the workloads file's spelling: a list of bias, bn, add, act:NAME."""
+        words = list(words)
+        unknown = [w for w in words if w not in ("bias", "bn", "add") and not str(w).startswith("act:")]
+        if unknown:
+            raise ValueError(f"unknown epilogue step(s) {unknown}; known: bias, bn, add, act:NAME")
+        act = next((w.split(":", 1)[1] for w in words if w.startswith("act:")), "none")
+        return cls("bias" in words, "bn" in words, "add" in words, act)
+
+    def words(self) -> tuple[str, ...]:
+        """Back to the workloads file's spelling (for labels and results)."""
+        out = ["bias"] if self.bias else []
+        out += ["bn"] if self.bn else []
+        out += ["add"] if self.residual else []
+        return tuple(out + ([f"act:{self.act}"] if self.act != "none" else []))
+
+    def __bool__(self) -> bool:
+        return bool(self.words())
 
 
 @dataclass(frozen=True)
@@ -46,7 +77,7 @@ class ConvShape:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     bias: bool = False
-    epilogue: tuple[str, ...] = field(default=())  # fused group: bias, bn, add, act:NAME
+    epilogue: FusedSteps = field(default_factory=lambda: FusedSteps())  # the fused eval group, if any
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -76,7 +107,7 @@ def shapes_from_workloads(path: str | Path, batch: int | None = None) -> list[Co
                 name=e.get("name", f"layer{i}"), n=int(batch or e["n"]), cin=int(e["cin"]), cout=int(e["cout"]),
                 h=int(e["hw"]), w=int(e["hw"]), kernel=pair(e.get("kernel", 3)), stride=pair(e.get("stride", 1)),
                 pad=pair(e.get("pad", 1)), groups=int(e.get("groups", 1)), bias=bool(e.get("bias", False)),
-                epilogue=tuple(e.get("epilogue", ()))))
+                epilogue=FusedSteps.parse(e.get("epilogue", ()))))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: [[layer]] entry {i + 1} is malformed ({type(err).__name__}: {err}); "
                              "expected n, cin, cout, hw and optionally kernel, stride, pad, groups, bias, "
@@ -86,19 +117,22 @@ def shapes_from_workloads(path: str | Path, batch: int | None = None) -> list[Co
 
 def shapes_from_spec(spec, batch: int) -> list[ConvShape]:
     """Every distinct convolution of a network, with the epilogue its eval plan fuses."""
+    from engine.ir.ops import Family
     from engine.passes.pipeline import run_pipeline
 
-    graph, plan = run_pipeline(spec.graph, training=False)
+    plan = run_pipeline(spec.graph, training=False)
+    graph = plan.graph
     seen, out = set(), []
-    for kern in plan:
-        if kern.kind != "conv":
+    for group in plan:
+        if group.family is not Family.CONV:
             continue
-        node = graph.node(kern.anchor)
+        node, e = graph.node(group.anchor), group.epilogue
         c, h, w = graph.node(node.inputs[0]).shape
         a = node.attrs
+        steps = FusedSteps(e.bias, e.folded_bn is not None, e.residual is not None,
+                           graph.node(e.act).op if e.act is not None else "none")
         shape = ConvShape(f"line {node.pos.line}", batch, c, a["out"], h, w, tuple(a["kernel"]), tuple(a["stride"]),
-                          tuple(a["pad"]), tuple(a["dilation"]), a["groups"], a["bias"],
-                          tuple(e for e in kern.epilogue if e != "dropout"))
+                          tuple(a["pad"]), tuple(a["dilation"]), a["groups"], a["bias"], steps)
         key = (shape.cin, shape.cout, shape.h, shape.w, shape.kernel, shape.stride, shape.pad, shape.dilation,
                shape.groups, shape.bias, shape.epilogue)
         if key not in seen:
@@ -152,11 +186,11 @@ def _fused_case(s, x, x_cl, w, w_cl, res, res_cl, rnd, tf32):
     from engine.kernels.conv import conv2d_forward
 
     kw = _conv_kw(s)
-    bias = rnd(s.cout) if "bias" in s.epilogue or s.bias else None
-    act = next((e.split(":", 1)[1] for e in s.epilogue if e.startswith("act:")), "none")
-    residual = "add" in s.epilogue
+    steps = s.epilogue
+    bias = rnd(s.cout) if steps.bias or s.bias else None
+    act, residual = steps.act, steps.residual
     scale = shift = None
-    if "bn" in s.epilogue:
+    if steps.bn:
         gamma, beta, mean, var = rnd(s.cout), rnd(s.cout), rnd(s.cout), rnd(s.cout).abs() + 0.5
         scale, shift = bn_eval_scale_shift(gamma, beta, mean, var, 1e-5)
     bias_dt = None if bias is None else bias.to(x.dtype)
@@ -171,10 +205,10 @@ def _fused_case(s, x, x_cl, w, w_cl, res, res_cl, rnd, tf32):
             y = F.batch_norm(y, mean.to(y.dtype), var.to(y.dtype), gamma.to(y.dtype), beta.to(y.dtype), False, 0.0, 1e-5)
         if residual:
             y = y + res_cl
-        return torch_activation(act, y)  # the kernel's default slope, 0.01, for leaky_relu
+        return oracle(act, y, 0.01)  # the kernel's default slope, 0.01, for leaky_relu
 
     nbytes = (x.numel() + w.numel() + res.numel() * (2 if residual else 1)) * x.element_size()
-    return ("fused " + "+".join(["conv", *s.epilogue]), nbytes, fused, unfused)
+    return ("fused " + "+".join(["conv", *steps.words()]), nbytes, fused, unfused)
 
 
 def bench_layers(shapes: list[ConvShape], precision: str, *, device: torch.device | str | None = None,

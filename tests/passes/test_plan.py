@@ -1,0 +1,84 @@
+"""The fusion plan on its own: golden plans of every example, kernel counts, and
+the kernels a real training step launches against the ones the plan lists.
+
+Golden files (tests/passes/golden/NAME.MODE.txt) hold `fusenet check --kernels`'s
+plan: each kernel group, what it fuses, and the kernels it launches forward and
+backward on a GPU (a dry run at the spec's batch). A change to fusion or to a
+kernel family's launches shows up as a text diff; regenerate them with
+FUSENET_UPDATE_GOLDEN=1 after checking the diff is what you meant.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine
+from engine.kernels.launch import launch_log
+from engine.kernels.loss import cross_entropy
+from engine.kernels.optim import SGD
+from engine.runtime.launches import format_launches, record_launches
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).with_name("golden")
+EXAMPLES = ["digits", "lenet5", "resnet_small", "unet_tiny", "airbench94", "resnet9"]
+
+# Kernel launches per training step and per inference forward, on a GPU at the
+# spec's batch (tinygrad's check_schedule in spirit): a fusion that silently
+# stops applying, or a family that starts launching more, fails here first.
+LAUNCHES = {
+    "digits": (33, 7),
+    "lenet5": (29, 7),
+    "resnet_small": (171, 28),
+    "unet_tiny": (47, 12),
+    "airbench94": (90, 23),
+    "resnet9": (101, 24),
+}
+
+
+def _model(name: str):
+    return engine.compile(ROOT / "examples" / f"{name}.cnn")
+
+
+@pytest.mark.parametrize("mode", ["training", "inference"])
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_golden_plan(name, mode):
+    model = _model(name)
+    launches = record_launches(model, model.train_config.batch, training=mode == "training")
+    text = format_launches(launches) + "\n"
+    path = GOLDEN / f"{name}.{mode}.txt"
+    if os.environ.get("FUSENET_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.exists(), f"no golden plan {path.name}; run with FUSENET_UPDATE_GOLDEN=1 to write it"
+    assert text == path.read_text(), f"the plan of {name} ({mode}) changed; diff it against {path}"
+    assert not launches.unattributed, f"launches no group made: {launches.unattributed}"
+    assert launches.total() == LAUNCHES[name][0 if mode == "training" else 1]
+
+
+def _real_step(model, batch: int) -> list[str]:
+    """The kernels one real (interpreted, executed) training step launches, in order."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *model.input_shape, generator=gen)
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    with launch_log() as log:
+        out = model(x)
+        if out.dim() == 4:
+            logits = out.permute(0, 2, 3, 1).contiguous()
+            target = torch.zeros(logits.shape[:3], dtype=torch.int64)
+        else:
+            logits, target = out, torch.zeros(out.shape[0], dtype=torch.int64)
+        cross_entropy(logits, target, label_smoothing=0.1).backward()
+        opt.step()
+    return list(log)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_a_real_step_launches_exactly_what_the_plan_lists(name):
+    """Run one training step for real (interpreter tiles, batch 1) and compare its
+    launches with the plan's per-group lists recorded for the same tiles."""
+    model = _model(name)
+    planned = record_launches(model, 1, training=True, gpu_tiles=False)
+    assert Counter(_real_step(model, 1)) == Counter(planned.all())
