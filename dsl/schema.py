@@ -73,6 +73,7 @@ LAYERS: dict[str, Signature] = {
         Signature("tanh"),
         Signature("gelu"),
         Signature("silu"),
+        Signature("relu6"),
         Signature("softmax"),
         Signature("maxpool", (P("kernel", "pospair"),), _POOL),
         Signature("avgpool", (P("kernel", "pospair"),), _POOL),
@@ -88,7 +89,7 @@ LAYERS: dict[str, Signature] = {
     ]
 }
 
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu", "relu6")
 
 TRAIN_OPTIONS: dict[str, Signature] = {
     s.name: s

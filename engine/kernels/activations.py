@@ -44,6 +44,7 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("tanh", lambda z, p: torch.tanh(z)),
     Activation("gelu", lambda z, p: F.gelu(z), rectifier=True),
     Activation("silu", lambda z, p: F.silu(z), rectifier=True),
+    Activation("relu6", lambda z, p: F.relu6(z), rectifier=True),
 )}
 
 # The ACT constexpr of every kernel: 0 is the identity, then the table's order.
@@ -55,6 +56,7 @@ SIGMOID = tl.constexpr(CODES["sigmoid"])
 TANH = tl.constexpr(CODES["tanh"])
 GELU = tl.constexpr(CODES["gelu"])
 SILU = tl.constexpr(CODES["silu"])
+RELU6 = tl.constexpr(CODES["relu6"])
 
 
 def act_code(name: str) -> int:
@@ -96,6 +98,8 @@ def apply_act(z, ACT: tl.constexpr, p):
         return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACT == SILU:
         return z * _sigmoid(z)
+    elif ACT == RELU6:
+        return tl.minimum(tl.where(z > 0, z, 0.0), 6.0)
     else:
         return z
 
@@ -120,5 +124,7 @@ def act_grad(dy, z, ACT: tl.constexpr, p):
     elif ACT == SILU:
         s = _sigmoid(z)
         return dy * (s + z * s * (1.0 - s))
+    elif ACT == RELU6:
+        return tl.where((z > 0) & (z < 6.0), dy, 0.0)
     else:
         return dy
