@@ -74,6 +74,7 @@ LAYERS: dict[str, Signature] = {
         Signature("gelu"),
         Signature("silu"),
         Signature("relu6"),
+        Signature("hardswish"),
         Signature("softmax"),
         Signature("maxpool", (P("kernel", "pospair"),), _POOL),
         Signature("avgpool", (P("kernel", "pospair"),), _POOL),
@@ -89,7 +90,7 @@ LAYERS: dict[str, Signature] = {
     ]
 }
 
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu", "relu6")
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu", "relu6", "hardswish")
 
 TRAIN_OPTIONS: dict[str, Signature] = {
     s.name: s

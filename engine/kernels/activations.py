@@ -45,6 +45,7 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("gelu", lambda z, p: F.gelu(z), rectifier=True),
     Activation("silu", lambda z, p: F.silu(z), rectifier=True),
     Activation("relu6", lambda z, p: F.relu6(z), rectifier=True),
+    Activation("hardswish", lambda z, p: F.hardswish(z), rectifier=True),
 )}
 
 # The ACT constexpr of every kernel: 0 is the identity, then the table's order.
@@ -57,6 +58,7 @@ TANH = tl.constexpr(CODES["tanh"])
 GELU = tl.constexpr(CODES["gelu"])
 SILU = tl.constexpr(CODES["silu"])
 RELU6 = tl.constexpr(CODES["relu6"])
+HARDSWISH = tl.constexpr(CODES["hardswish"])
 
 
 def act_code(name: str) -> int:
@@ -100,6 +102,8 @@ def apply_act(z, ACT: tl.constexpr, p):
         return z * _sigmoid(z)
     elif ACT == RELU6:
         return tl.minimum(tl.where(z > 0, z, 0.0), 6.0)
+    elif ACT == HARDSWISH:
+        return z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     else:
         return z
 
@@ -126,5 +130,7 @@ def act_grad(dy, z, ACT: tl.constexpr, p):
         return dy * (s + z * s * (1.0 - s))
     elif ACT == RELU6:
         return tl.where((z > 0) & (z < 6.0), dy, 0.0)
+    elif ACT == HARDSWISH:
+        return tl.where(z < -3.0, 0.0, tl.where(z <= 3.0, dy * (z / 3.0 + 0.5), dy))
     else:
         return dy
