@@ -75,6 +75,7 @@ LAYERS: dict[str, Signature] = {
         Signature("silu"),
         Signature("relu6"),
         Signature("hardswish"),
+        Signature("hardsigmoid"),
         Signature("softmax"),
         Signature("maxpool", (P("kernel", "pospair"),), _POOL),
         Signature("avgpool", (P("kernel", "pospair"),), _POOL),
@@ -90,7 +91,7 @@ LAYERS: dict[str, Signature] = {
     ]
 }
 
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu", "relu6", "hardswish")
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu", "relu6", "hardswish", "hardsigmoid")
 
 TRAIN_OPTIONS: dict[str, Signature] = {
     s.name: s

@@ -46,6 +46,7 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("silu", lambda z, p: F.silu(z), rectifier=True),
     Activation("relu6", lambda z, p: F.relu6(z), rectifier=True),
     Activation("hardswish", lambda z, p: F.hardswish(z), rectifier=True),
+    Activation("hardsigmoid", lambda z, p: F.hardsigmoid(z)),
 )}
 
 # The ACT constexpr of every kernel: 0 is the identity, then the table's order.
@@ -59,6 +60,7 @@ GELU = tl.constexpr(CODES["gelu"])
 SILU = tl.constexpr(CODES["silu"])
 RELU6 = tl.constexpr(CODES["relu6"])
 HARDSWISH = tl.constexpr(CODES["hardswish"])
+HARDSIGMOID = tl.constexpr(CODES["hardsigmoid"])
 
 
 def act_code(name: str) -> int:
@@ -104,6 +106,8 @@ def apply_act(z, ACT: tl.constexpr, p):
         return tl.minimum(tl.where(z > 0, z, 0.0), 6.0)
     elif ACT == HARDSWISH:
         return z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
+    elif ACT == HARDSIGMOID:
+        return tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     else:
         return z
 
@@ -132,5 +136,7 @@ def act_grad(dy, z, ACT: tl.constexpr, p):
         return tl.where((z > 0) & (z < 6.0), dy, 0.0)
     elif ACT == HARDSWISH:
         return tl.where(z < -3.0, 0.0, tl.where(z <= 3.0, dy * (z / 3.0 + 0.5), dy))
+    elif ACT == HARDSIGMOID:
+        return tl.where((z > -3.0) & (z < 3.0), dy / 6.0, 0.0)
     else:
         return dy
