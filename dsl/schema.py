@@ -76,6 +76,7 @@ LAYERS: dict[str, Signature] = {
         Signature("relu6"),
         Signature("hardswish"),
         Signature("hardsigmoid"),
+        Signature("elu", (), (P("alpha", "float", 1.0),)),
         Signature("softmax"),
         Signature("maxpool", (P("kernel", "pospair"),), _POOL),
         Signature("avgpool", (P("kernel", "pospair"),), _POOL),
@@ -91,7 +92,7 @@ LAYERS: dict[str, Signature] = {
     ]
 }
 
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu", "relu6", "hardswish", "hardsigmoid")
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu", "relu6", "hardswish", "hardsigmoid", "elu")
 
 TRAIN_OPTIONS: dict[str, Signature] = {
     s.name: s

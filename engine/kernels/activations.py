@@ -47,6 +47,7 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("relu6", lambda z, p: F.relu6(z), rectifier=True),
     Activation("hardswish", lambda z, p: F.hardswish(z), rectifier=True),
     Activation("hardsigmoid", lambda z, p: F.hardsigmoid(z)),
+    Activation("elu", lambda z, p: F.elu(z, p), param="alpha", rectifier=True),
 )}
 
 # The ACT constexpr of every kernel: 0 is the identity, then the table's order.
@@ -61,6 +62,7 @@ SILU = tl.constexpr(CODES["silu"])
 RELU6 = tl.constexpr(CODES["relu6"])
 HARDSWISH = tl.constexpr(CODES["hardswish"])
 HARDSIGMOID = tl.constexpr(CODES["hardsigmoid"])
+ELU = tl.constexpr(CODES["elu"])
 
 
 def act_code(name: str) -> int:
@@ -108,6 +110,8 @@ def apply_act(z, ACT: tl.constexpr, p):
         return z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     elif ACT == HARDSIGMOID:
         return tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
+    elif ACT == ELU:
+        return tl.where(z > 0, z, p * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
     else:
         return z
 
@@ -138,5 +142,7 @@ def act_grad(dy, z, ACT: tl.constexpr, p):
         return tl.where(z < -3.0, 0.0, tl.where(z <= 3.0, dy * (z / 3.0 + 0.5), dy))
     elif ACT == HARDSIGMOID:
         return tl.where((z > -3.0) & (z < 3.0), dy / 6.0, 0.0)
+    elif ACT == ELU:
+        return tl.where(z > 0, dy, dy * p * tl.exp(tl.minimum(z, 0.0)))
     else:
         return dy
