@@ -77,6 +77,7 @@ LAYERS: dict[str, Signature] = {
         Signature("hardswish"),
         Signature("hardsigmoid"),
         Signature("elu", (), (P("alpha", "float", 1.0),)),
+        Signature("mish"),
         Signature("softmax"),
         Signature("maxpool", (P("kernel", "pospair"),), _POOL),
         Signature("avgpool", (P("kernel", "pospair"),), _POOL),
@@ -92,7 +93,7 @@ LAYERS: dict[str, Signature] = {
     ]
 }
 
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu", "relu6", "hardswish", "hardsigmoid", "elu")
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu", "relu6", "hardswish", "hardsigmoid", "elu", "mish")
 
 TRAIN_OPTIONS: dict[str, Signature] = {
     s.name: s

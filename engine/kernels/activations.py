@@ -48,6 +48,7 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("hardswish", lambda z, p: F.hardswish(z), rectifier=True),
     Activation("hardsigmoid", lambda z, p: F.hardsigmoid(z)),
     Activation("elu", lambda z, p: F.elu(z, p), param="alpha", rectifier=True),
+    Activation("mish", lambda z, p: F.mish(z), rectifier=True),
 )}
 
 # The ACT constexpr of every kernel: 0 is the identity, then the table's order.
@@ -63,6 +64,7 @@ RELU6 = tl.constexpr(CODES["relu6"])
 HARDSWISH = tl.constexpr(CODES["hardswish"])
 HARDSIGMOID = tl.constexpr(CODES["hardsigmoid"])
 ELU = tl.constexpr(CODES["elu"])
+MISH = tl.constexpr(CODES["mish"])
 
 
 def act_code(name: str) -> int:
@@ -89,6 +91,12 @@ def _tanh(z):
 
 
 @triton.jit
+def _softplus(z):
+    # log(1 + e^z) without overflow: max(z, 0) + log(1 + e^-|z|)
+    return tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+
+
+@triton.jit
 def apply_act(z, ACT: tl.constexpr, p):
     """act(z), computed in z's dtype (callers pass fp32)."""
     if ACT == RELU:
@@ -112,6 +120,8 @@ def apply_act(z, ACT: tl.constexpr, p):
         return tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     elif ACT == ELU:
         return tl.where(z > 0, z, p * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
+    elif ACT == MISH:
+        return z * _tanh(_softplus(z))
     else:
         return z
 
@@ -144,5 +154,8 @@ def act_grad(dy, z, ACT: tl.constexpr, p):
         return tl.where((z > -3.0) & (z < 3.0), dy / 6.0, 0.0)
     elif ACT == ELU:
         return tl.where(z > 0, dy, dy * p * tl.exp(tl.minimum(z, 0.0)))
+    elif ACT == MISH:
+        t = _tanh(_softplus(z))
+        return dy * (t + z * _sigmoid(z) * (1.0 - t * t))
     else:
         return dy
