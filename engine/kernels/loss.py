@@ -194,3 +194,14 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: f
         raise ValueError(f"cross_entropy: logits must be [N, C] or NHWC [N, H, W, C], got {tuple(logits.shape)}")
     C = logits.shape[-1]
     return CrossEntropyFunction.apply(logits.reshape(-1, C), target.reshape(-1), float(label_smoothing))
+
+
+def network_loss(out: torch.Tensor, target: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The fused cross-entropy of a network's output as the module returns it:
+    `[N, K]` logits, or NCHW per-pixel logits `[N, K, H, W]` (put channels last
+    for the kernel: a copy). Without a target, class 0 everywhere: the loss of
+    dry runs and compile checks, where values do not matter."""
+    logits = out.permute(0, 2, 3, 1).contiguous() if out.dim() == 4 else out
+    if target is None:
+        target = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=out.device)
+    return cross_entropy(logits, target, label_smoothing)

@@ -79,10 +79,11 @@ class _Attribution:
 @contextlib.contextmanager
 def _attributing(launches: StepLaunches, log: list[str]):
     att = _Attribution(log, launches)
+    index = {id(group): k for k, group in enumerate(launches.plan)}
 
     @contextlib.contextmanager
     def observe(p: Pass, group):
-        k = launches.plan.groups.index(group)
+        k = index[id(group)]
         att.switch(launches.forward.setdefault(k, []))
         yield
         att.flush()
@@ -105,7 +106,7 @@ def record_launches(model, batch: int, training: bool = True, gpu_tiles: bool = 
     inference: the forward (batch norm folded). `gpu_tiles` makes launchers
     choose their GPU tiles (what a GPU would launch) even under the interpreter.
     """
-    from engine.kernels.loss import cross_entropy
+    from engine.kernels.loss import network_loss
     from engine.kernels.optim import SGD
 
     was_training = model.training
@@ -123,12 +124,7 @@ def record_launches(model, batch: int, training: bool = True, gpu_tiles: bool = 
             opt = SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
             out = model(x)
             att.switch(launches.loss)
-            if out.dim() == 4:  # segmentation: per-pixel logits, NHWC for the loss kernel
-                logits = out.permute(0, 2, 3, 1).contiguous()
-                target = torch.zeros(logits.shape[:3], dtype=torch.int64, device=x.device)
-            else:
-                logits, target = out, torch.zeros(out.shape[0], dtype=torch.int64, device=x.device)
-            loss = cross_entropy(logits, target, label_smoothing=0.1)
+            loss = network_loss(out, label_smoothing=0.1)
             att.claim([loss], launches.loss)
             loss.backward()
             att.switch(launches.optimizer)

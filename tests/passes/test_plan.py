@@ -18,7 +18,7 @@ import torch
 
 import engine
 from engine.kernels.launch import launch_log
-from engine.kernels.loss import cross_entropy
+from engine.kernels.loss import network_loss
 from engine.kernels.optim import SGD
 from engine.runtime.launches import format_launches, record_launches
 
@@ -64,13 +64,7 @@ def _real_step(model, batch: int) -> list[str]:
     x = torch.randn(batch, *model.input_shape, generator=gen)
     opt = SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     with launch_log() as log:
-        out = model(x)
-        if out.dim() == 4:
-            logits = out.permute(0, 2, 3, 1).contiguous()
-            target = torch.zeros(logits.shape[:3], dtype=torch.int64)
-        else:
-            logits, target = out, torch.zeros(out.shape[0], dtype=torch.int64)
-        cross_entropy(logits, target, label_smoothing=0.1).backward()
+        network_loss(model(x), label_smoothing=0.1).backward()
         opt.step()
     return list(log)
 
