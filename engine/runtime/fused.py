@@ -56,7 +56,7 @@ class TritonNetwork(Network):
     def forward(self, x: torch.Tensor, taps: Sequence[str] = ()):
         self.check_input(x)
         plan = self.current_plan()
-        p = Pass(self, plan, taps)
+        p = Pass(self, plan, taps, x.device)
         p.values.put(0, to_nhwc(x, self.dtype))
         for group in plan:
             with p.running(group):
@@ -75,8 +75,9 @@ class Pass:
     # called with each group as it starts (engine.runtime.launches attributes launches with it)
     observer = None
 
-    def __init__(self, net: TritonNetwork, plan: Plan, taps: Sequence[str] = ()):
+    def __init__(self, net: TritonNetwork, plan: Plan, taps: Sequence[str] = (), device: torch.device = DEVICE):
         self.net, self.plan, self.graph = net, plan, plan.graph
+        self.device = device
         self.training = net.training
         reads = plan.readers()
         for t in taps:
@@ -96,7 +97,7 @@ class Pass:
         buf = self.concat_buffers.get(concat_id)
         if buf is None:
             c, h, w = self.graph.node(concat_id).shape
-            buf = torch.empty((batch, h, w, c), dtype=self.net.dtype, device=DEVICE)
+            buf = torch.empty((batch, h, w, c), dtype=self.net.dtype, device=self.device)
             self.concat_buffers[concat_id] = buf
         return buf
 
