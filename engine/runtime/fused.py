@@ -15,6 +15,7 @@ from engine.device import DEVICE, announce_interpreter
 from engine.ir.graph import ACTIVATION_OPS, Graph, Node
 from engine.kernels import batchnorm as K_bn
 from engine.kernels import conv as K_conv
+from engine.kernels import global_pool as K_gpool
 from engine.kernels import linear as K_linear
 from engine.kernels import pointwise as K_pw
 from engine.kernels import pool as K_pool
@@ -180,7 +181,7 @@ class TritonNetwork(Network):
             fn = K_pool.max_pool2d if anchor.op == "maxpool" else K_pool.avg_pool2d
             return fn(x, a["kernel"], a["stride"], a["pad"])
         if kind == "global_pool":
-            return K_pool.global_avg_pool(x) if anchor.op == "global_avgpool" else K_pool.global_max_pool(x)
+            return K_gpool.global_avg_pool(x) if anchor.op == "global_avgpool" else K_gpool.global_max_pool(x)
         if kind == "blurpool":
             return K_rs.blurpool(x, a["filter"], a["stride"])
         if kind == "upsample":

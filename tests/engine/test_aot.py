@@ -24,7 +24,7 @@ import engine
 import engine.kernels
 from engine.kernels.loss import cross_entropy
 from engine.kernels.optim import Adam, AdamW
-from engine.kernels.pool import global_avg_pool
+from engine.kernels.global_pool import global_avg_pool
 from engine.perf.aot import compile_all, record_network
 from engine.cli.inspect_gpu import network_step
 
