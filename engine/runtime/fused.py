@@ -14,6 +14,7 @@ import torch
 from engine.device import DEVICE, announce_interpreter
 from engine.ir.graph import ACTIVATION_OPS, Graph, Node
 from engine.kernels import batchnorm as K_bn
+from engine.kernels import concat as K_concat
 from engine.kernels import conv as K_conv
 from engine.kernels import global_pool as K_gpool
 from engine.kernels import linear as K_linear
@@ -100,7 +101,7 @@ class TritonNetwork(Network):
             width = v.shape[-1]
             target = buf[..., c0 : c0 + width]
             if v.data_ptr() != target.data_ptr():  # not written in place by its producer
-                K_pw.copy_into(target, v)  # in place: autograd tracks it through buf
+                K_concat.copy_into(target, v)  # in place: autograd tracks it through buf
             c0 += width
         return buf
 

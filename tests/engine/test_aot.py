@@ -110,8 +110,8 @@ network all_ops {
 
 def _kernel_functions() -> set[str]:
     names = set()
-    for info in pkgutil.iter_modules(engine.kernels.__path__):
-        module = importlib.import_module(f"engine.kernels.{info.name}")
+    for info in pkgutil.walk_packages(engine.kernels.__path__, "engine.kernels."):
+        module = importlib.import_module(info.name)
         for name, value in vars(module).items():
             if name.endswith("_kernel") and type(value).__name__ in ("JITFunction", "InterpretedFunction"):
                 names.add(name)
