@@ -34,6 +34,7 @@ from engine.kernels import autotune
 from engine.kernels.activations import act_code, apply_act
 from engine.kernels.dropout import dropout_backward, dropout_mask_scale
 from engine.kernels.launch import launch
+from engine.kernels.tune_config import Config, epilogue_key, gemm_candidates, smem_limit
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -355,7 +356,7 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     # B operand [KH, KW, Cin_g, Cout] viewed as [K_g, Cout]: row (r, s, ci), group g in columns
     wk = w.detach().to(x.dtype).permute(2, 3, 1, 0).reshape(K_g, Cout).contiguous()
 
-    def run(cfg: autotune.Config):
+    def run(cfg: Config):
         """Launch with tile config `cfg`; writes y (z, stats) afresh, so it can run repeatedly."""
         psum, psumsq = stats_buffers(cfg.block_m)
         grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(Cout_g, cfg.block_n), G)
@@ -366,12 +367,12 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
         return psum, psumsq
 
     bm, bn, bk, meta = _gemm_tiles(M, Cout_g, K_g)
-    default = autotune.Config(bm, bn, bk, **meta)
+    default = Config(bm, bn, bk, **meta)
     shape = dict(M=M, N=Cout_g, K=K_g, **_conv_key(KH, KW, stride, padding, dilation, G),
-                 epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32))
+                 epilogue=epilogue_key(flags), tf32=bool(allow_tf32))
     cfg = autotune.pick(
         "conv2d_fwd", shape, dtype=x.dtype, device=x.device, default=default, run=run,
-        candidates=lambda: autotune.gemm_candidates(M, Cout_g, K_g, x.dtype, autotune.smem_limit(x.device), default),
+        candidates=lambda: gemm_candidates(M, Cout_g, K_g, x.dtype, smem_limit(x.device), default),
         # re-running is only harmless when the output does not overwrite an input
         tunable=not any(t is not None and _same_memory(y, t) for t in (x, residual)))
     psum, psumsq = run(cfg)

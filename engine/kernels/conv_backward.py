@@ -35,6 +35,7 @@ from engine.kernels import autotune
 from engine.kernels import conv as _conv
 from engine.kernels.conv import _check_act, _check_vec, _conv_key, _dot, _geometry, _p2, _precision, _upcast
 from engine.kernels.launch import launch
+from engine.kernels.tune_config import Config, epilogue_key, gemm_candidates, smem_limit, split_variants
 
 @triton.jit
 def _load_dz(dy_ptr, z_ptr, scale_ptr, off, mask, ch, mask_ch, slope,
@@ -360,7 +361,7 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
     wt = w.detach().to(dy.dtype).permute(2, 3, 0, 1).contiguous()  # [KH, KW, Cout, Cin_g]
     k_max = triton.cdiv(KH, step_r) * triton.cdiv(KW, step_s) * Cout_g
 
-    def run(cfg: autotune.Config) -> None:
+    def run(cfg: Config) -> None:
         """Every phase with tile config `cfg` (one config for all phases); each writes its dx pixels afresh."""
         for ph_args in phases:
             grid = (triton.cdiv(ph_args[0], cfg.block_m), triton.cdiv(Cin_g, cfg.block_n), G)
@@ -376,12 +377,12 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
         # loads): with Triton 3.6, 128-row tiles at 4 warps, or 128x128 at 3
         # stages, spilled 12-24 B on sm_80; 8 warps and 2 stages for 128x128 do not
         meta = {**meta, "num_warps": 8, "num_stages": 2 if bm * bn >= 128 * 128 else meta["num_stages"]}
-    default = autotune.Config(bm, bn, bk, **meta)
+    default = Config(bm, bn, bk, **meta)
     shape = dict(M=m_max, N=Cin_g, K=k_max, phases=len(phases), **_conv_key(KH, KW, stride, padding, dilation, G),
-                 epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32))
+                 epilogue=epilogue_key(flags), tf32=bool(allow_tf32))
     cfg = autotune.pick(
         "conv2d_dgrad", shape, dtype=dy.dtype, device=dy.device, default=default, run=run,
-        candidates=lambda: autotune.gemm_candidates(m_max, Cin_g, k_max, dy.dtype, autotune.smem_limit(dy.device),
+        candidates=lambda: gemm_candidates(m_max, Cin_g, k_max, dy.dtype, smem_limit(dy.device),
                                                     default))
     run(cfg)
     return dx
@@ -441,14 +442,14 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
 
     # GEMM view [K_g, P] x [P, Cout_g]: config block_m -> BLOCK_K (weight rows), block_n -> BLOCK_N
     # (output channels), block_k -> BLOCK_P (the reduction over output pixels), split -> S
-    def plan(cfg: autotune.Config) -> tuple[int, int, int, int]:
+    def plan(cfg: Config) -> tuple[int, int, int, int]:
         """(Cout tiles, K tiles * Cout tiles, S, P-chunks per split) for a config."""
         n_tiles = triton.cdiv(Cout_g, cfg.block_n)
         tiles = triton.cdiv(K_g, cfg.block_m) * n_tiles
         S, per_split = _splits(triton.cdiv(P, cfg.block_k), tiles * G, splits if splits is not None else cfg.split)
         return n_tiles, tiles, S, per_split
 
-    def run(cfg: autotune.Config):
+    def run(cfg: Config):
         """dw, dbias with config `cfg`; partials are allocated per config (S follows it) and written, not added."""
         n_tiles, tiles, S, per_split = plan(cfg)
         part, bpart = partials(S)
@@ -466,16 +467,16 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
             bp //= 2
     else:
         bk, bn, bp, meta = 64, _p2(Cout_g, 16, 64), 32, {"num_warps": 4, "num_stages": 3}
-    default = autotune.Config(bk, bn, bp, **meta)
+    default = Config(bk, bn, bp, **meta)
 
-    def candidates() -> list[autotune.Config]:
-        tiles = autotune.gemm_candidates(K_g, Cout_g, P, x.dtype, autotune.smem_limit(x.device), default)
+    def candidates() -> list[Config]:
+        tiles = gemm_candidates(K_g, Cout_g, P, x.dtype, smem_limit(x.device), default)
         # and the default tiles with half / double the heuristic's split count
         S = plan(default)[2]
-        return tiles + [default.with_split(s) for s in autotune.split_variants(S, triton.cdiv(P, bp)) if s != S]
+        return tiles + [default.with_split(s) for s in split_variants(S, triton.cdiv(P, bp)) if s != S]
 
     shape = dict(M=K_g, N=Cout_g, K=P, **_conv_key(KH, KW, stride, padding, dilation, G),
-                 epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32))
+                 epilogue=epilogue_key(flags), tf32=bool(allow_tf32))
     cfg = autotune.pick("conv2d_wgrad", shape, dtype=x.dtype, device=x.device, default=default, run=run,
                         candidates=candidates, tunable=splits is None)  # an explicit split count is not tuned
     return run(cfg)

@@ -25,6 +25,7 @@ from engine.kernels import autotune
 from engine.kernels.activations import act_code, act_grad, apply_act
 from engine.kernels.dropout import dropout_backward, dropout_mask_scale
 from engine.kernels.launch import launch
+from engine.kernels.tune_config import Config, epilogue_key, gemm_candidates, smem_limit, split_variants
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -252,7 +253,7 @@ def linear_forward(x, w, bias=None, *, act="none", slope=0.01, save_pre=False, a
     if N > 0 and O > 0:
         flags = dict(HAS_BIAS=bias is not None, ACT=code, SAVE_PRE=bool(save_pre), DROPOUT=dropout_p > 0)
 
-        def run(cfg: autotune.Config) -> None:
+        def run(cfg: Config) -> None:
             """Launch with tile config `cfg` (writes y and z afresh)."""
             launch(
                 _linear_fwd_kernel, (triton.cdiv(N, cfg.block_m), triton.cdiv(O, cfg.block_n)),
@@ -265,8 +266,8 @@ def linear_forward(x, w, bias=None, *, act="none", slope=0.01, save_pre=False, a
             )
 
         bm, bn, bk, warps = _gemm_tiles(N, O, F, x.dtype)
-        run(_pick("linear_fwd", dict(M=N, N=O, K=F, epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32)),
-                  x, autotune.Config(bm, bn, bk, num_warps=warps), run))
+        run(_pick("linear_fwd", dict(M=N, N=O, K=F, epilogue=epilogue_key(flags), tf32=bool(allow_tf32)),
+                  x, Config(bm, bn, bk, num_warps=warps), run))
     return (y, z) if save_pre else y
 
 
@@ -292,7 +293,7 @@ def linear_dgrad(dy, w, z=None, *, act="none", slope=0.01, allow_tf32=False, out
             dx.zero_()
             return dx
 
-        def run(cfg: autotune.Config) -> None:
+        def run(cfg: Config) -> None:
             """Launch with tile config `cfg` (writes dx afresh)."""
             launch(
                 _linear_dgrad_kernel, (triton.cdiv(N, cfg.block_m), triton.cdiv(F, cfg.block_n)),
@@ -307,8 +308,8 @@ def linear_dgrad(dy, w, z=None, *, act="none", slope=0.01, allow_tf32=False, out
         # act'(z) * dy on the A operand goes through registers: with an activation,
         # 64-wide N tiles cut the spills (engine.perf.aot, sm_80/sm_90: 644 B -> 24 B).
         bm, bn, bk, warps = _gemm_tiles(N, F, O, out_dtype, max_n=64 if act_code(act) != 0 else 128)
-        shape = dict(M=N, N=F, K=O, epilogue=autotune.epilogue_key(dict(ACT=act_code(act))), tf32=bool(allow_tf32))
-        run(_pick("linear_dgrad", shape, dx, autotune.Config(bm, bn, bk, num_warps=warps), run))
+        shape = dict(M=N, N=F, K=O, epilogue=epilogue_key(dict(ACT=act_code(act))), tf32=bool(allow_tf32))
+        run(_pick("linear_dgrad", shape, dx, Config(bm, bn, bk, num_warps=warps), run))
     return dx
 
 
@@ -326,15 +327,15 @@ def _split_plan(N: int, O: int, F: int, bm: int, bn: int, bk: int, split: int | 
     return split, blocks_per_split * bk
 
 
-def _pick(kernel: str, shape: dict, t: torch.Tensor, default: autotune.Config, run, candidates=None):
+def _pick(kernel: str, shape: dict, t: torch.Tensor, default: Config, run, candidates=None):
     """autotune.pick for a linear GEMM [shape M, K] x [K, shape N] on t's device and dtype."""
-    def gemm_candidates():
+    def weight_candidates():
         # the fp32 weight tile is loaded as fp32 and cast in registers
-        return autotune.gemm_candidates(shape["M"], shape["N"], shape["K"], t.dtype, autotune.smem_limit(t.device),
-                                        default, b_dtype=torch.float32)
+        return gemm_candidates(shape["M"], shape["N"], shape["K"], t.dtype, smem_limit(t.device),
+                               default, b_dtype=torch.float32)
 
     return autotune.pick(kernel, shape, dtype=t.dtype, device=t.device, default=default, run=run,
-                         candidates=candidates or gemm_candidates)
+                         candidates=candidates or weight_candidates)
 
 
 def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_tf32=False):
@@ -350,7 +351,7 @@ def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_
         return flat[: O * F].view(O, F), (flat[O * F:] if has_bias else None)
 
     # GEMM view [O, N] x [N, F]: the batch N is the reduction, split into SPLIT fp32 partials
-    def run(cfg: autotune.Config):
+    def run(cfg: Config):
         """(dw, db) with tile config `cfg`; partials are allocated per config and written, not added."""
         split, rows = _split_plan(N, O, F, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split)
         part = torch.empty((split, L), device=x.device, dtype=torch.float32)  # [SPLIT, O*F (+ O)]
@@ -376,15 +377,15 @@ def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_
         return flat[: O * F].view(O, F), (flat[O * F:] if has_bias else None)
 
     bm, bn, bk, warps = _gemm_tiles(O, F, N, x.dtype)
-    default = autotune.Config(bm, bn, bk, num_warps=warps)
+    default = Config(bm, bn, bk, num_warps=warps)
 
-    def candidates() -> list[autotune.Config]:
+    def candidates() -> list[Config]:
         # a, b are dz (cast from fp32 registers) and x: both in x's dtype
-        tiles = autotune.gemm_candidates(O, F, N, x.dtype, autotune.smem_limit(x.device), default)
+        tiles = gemm_candidates(O, F, N, x.dtype, smem_limit(x.device), default)
         split = _split_plan(N, O, F, bm, bn, bk)[0]  # the heuristic's, for the default tiles
-        return tiles + [default.with_split(s) for s in autotune.split_variants(split, triton.cdiv(N, bk)) if s != split]
+        return tiles + [default.with_split(s) for s in split_variants(split, triton.cdiv(N, bk)) if s != split]
 
-    shape = dict(M=O, N=F, K=N, epilogue=autotune.epilogue_key(dict(HAS_BIAS=bool(has_bias), ACT=act_code(act))),
+    shape = dict(M=O, N=F, K=N, epilogue=epilogue_key(dict(HAS_BIAS=bool(has_bias), ACT=act_code(act))),
                  tf32=bool(allow_tf32))
     return run(_pick("linear_wgrad", shape, x, default, run, candidates))
 
