@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from helpers import assert_close, check_against_torch
 
 import engine.device
+import engine.kernels.conv.backward as conv_backward
 import engine.kernels.tune_cache as cache_file
-from engine.kernels import autotune, conv_backward
+from engine.kernels import autotune
 from engine.kernels.tune_cache import TuneCache
 from engine.kernels.tune_config import Config
 from engine.kernels.conv import conv2d, conv2d_dgrad, conv2d_forward, conv2d_wgrad
@@ -318,13 +319,13 @@ def test_forced_wgrad_split_and_stats_buffers(monkeypatch):
     kw = dict(stride=1, padding=1, dilation=1, groups=1)
     ref_w = torch.nn.grad.conv2d_weight(nchw(x).double(), (13, 6, 3, 3), nchw(dy).double(), padding=1)
     splits_seen = []
-    sum_partials = conv_backward._sum_partials
+    sum_partials = conv_backward.sum_partials
 
-    def spy(part):
+    def spy(part, **kw):
         splits_seen.append(part.shape[0])
-        return sum_partials(part)
+        return sum_partials(part, **kw)
 
-    monkeypatch.setattr(conv_backward, "_sum_partials", spy)
+    monkeypatch.setattr(conv_backward, "sum_partials", spy)
     for split in (1, 3, 8):
         with autotune.forced(Config(64, 16, 32, split=split)):
             dw, db = conv2d_wgrad(x, dy, (13, 6, 3, 3), need_bias=True, **kw)
