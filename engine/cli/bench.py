@@ -156,12 +156,12 @@ def _tuning_note() -> str:
     """How many tuned kernel configs this device has: untuned tiles are the heuristics'."""
     import torch
 
-    from engine.kernels import autotune
+    from engine.kernels import autotune, tune_cache
 
     here = autotune.device_key(torch.device("cuda"))
-    n = sum(1 for e in autotune.cache_entries().values() if e.get("device") == here)
+    n = sum(1 for e in tune_cache.cache_entries().values() if e.get("device") == here)
     if n:
-        return f"autotune cache: {n} tuned kernel configs for {here} ({autotune.cache_path()})"
+        return f"autotune cache: {n} tuned kernel configs for {here} ({tune_cache.cache_path()})"
     return (f"autotune cache: nothing tuned for {here} yet; fusenet runs its heuristic tiles "
             "(run `fusenet tune FILE --batch ...` first for tuned ones)")
 

@@ -43,13 +43,13 @@ def format_entries(entries: dict) -> str:
 
 
 def _config(entry: dict):
-    from engine.kernels.autotune import Config
+    from engine.kernels.tune_config import Config
 
     return Config.from_json(entry["config"])
 
 
 def cmd_show(path: Path) -> int:
-    from engine.kernels.autotune import TuneCache
+    from engine.kernels.tune_cache import TuneCache
 
     entries = TuneCache(path).entries  # read afresh
     if not entries:
@@ -63,9 +63,9 @@ def cmd_show(path: Path) -> int:
 def cmd_tune(args) -> int:
     import engine
     from engine.device import HAS_CUDA
-    from engine.kernels import autotune
+    from engine.kernels import autotune, tune_cache
 
-    path = autotune.cache_path()
+    path = tune_cache.cache_path()
     if args.show:
         return cmd_show(path)
     if not args.file:
@@ -79,7 +79,7 @@ def cmd_tune(args) -> int:
     layers = args.layers or Path(args.file).suffix == ".toml"
     spec = None if Path(args.file).suffix == ".toml" else engine.load(Path(args.file))  # reported first, GPU or not
     if not HAS_CUDA:
-        n = len(autotune.TuneCache(path).entries)
+        n = len(tune_cache.TuneCache(path).entries)
         print("fusenet tune: tuning times the kernels on a CUDA GPU and this machine has none (the interpreter\n"
               "always runs its one interpreter tile config, so there is nothing to tune here).\n"
               f"autotune cache: {path} ({n} {'entry' if n == 1 else 'entries'}; `fusenet tune --show` lists them)",
@@ -110,7 +110,7 @@ def cmd_tune(args) -> int:
     skipped = f"; {stats.skipped} candidate configs skipped (did not compile or launch)" if stats.skipped else ""
     print(f"{model.name} ({precision}, batch {','.join(map(str, batches))}): {len(stats.tuned)} kernel configs "
           f"tuned, {len(stats.cached - set(stats.tuned))} already cached{skipped}")
-    print(f"autotune cache: {path} ({len(autotune.cache_entries())} entries)")
+    print(f"autotune cache: {path} ({len(tune_cache.cache_entries())} entries)")
     print(f"elapsed {elapsed:.1f} s")
     return 0
 
@@ -121,7 +121,7 @@ def _tune_layers(args, batches) -> int:
 
     from engine.perf.bench.layers import _cases
     from engine.cli.bench import _BadFile, _layer_shapes
-    from engine.kernels import autotune
+    from engine.kernels import autotune, tune_cache
 
     precision = args.precision or "bf16"
     try:
@@ -141,7 +141,7 @@ def _tune_layers(args, batches) -> int:
                   f"{time.perf_counter() - t0:.1f} s")
     print(f"{len(shapes)} layer shapes ({precision}): {len(stats.tuned)} kernel configs tuned, "
           f"{len(stats.cached - set(stats.tuned))} already cached")
-    print(f"autotune cache: {autotune.cache_path()} ({len(autotune.cache_entries())} entries)")
+    print(f"autotune cache: {tune_cache.cache_path()} ({len(tune_cache.cache_entries())} entries)")
     print(f"elapsed {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.common import block_1d, check_activation, contiguous
 from engine.kernels.launch import launch
-from engine.kernels.pointwise import _contig, block_1d, check_activation
 
 MAX_SEED = 2**31
 
@@ -72,7 +72,7 @@ def dropout_forward(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """Training-mode dropout of x (new tensor, x's dtype). No autograd.
     p == 1 gives zeros."""
     _check(x, p, seed)
-    x = _contig(x)
+    x = contiguous(x)
     if p >= 1.0:
         return torch.zeros_like(x)
     y = torch.empty_like(x)

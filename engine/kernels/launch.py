@@ -123,6 +123,11 @@ def is_dry_run() -> bool:
     return _recorded is not None and _dry_run
 
 
+def is_recording() -> bool:
+    """True inside `recording()`: launches are being recorded (and maybe not run)."""
+    return _recorded is not None
+
+
 try:  # Triton's own argument specialiser (3.x: C++), so types match what the JIT compiles
     from triton._C.libtriton import native_specialize_impl as _native_specialize
     from triton.backends.compiler import BaseBackend as _BaseBackend

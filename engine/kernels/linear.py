@@ -11,7 +11,7 @@ pre-activation z in every kernel that reads dy):
   * dgrad  dx = dz @ w                       one kernel, tiles over [N, F]
   * wgrad  dw = dz^T @ x, dbias = sum_n dz   split-K over N: each split writes
     fp32 partials `[SPLIT, O*F + O]` (dbias in the tail, written by the column-0
-    tiles of the same pass), then `_sum_partials_kernel` adds the splits in a
+    tiles of the same pass), then `common.sum_partials` adds the splits in a
     fixed order. No atomics, so results are bit-identical run to run.
 """
 from __future__ import annotations
@@ -23,38 +23,22 @@ import triton.language as tl
 from engine import device
 from engine.kernels import autotune
 from engine.kernels.activations import act_code, act_grad, apply_act
+from engine.kernels.common import FLOAT_DTYPES, dot, next_pow2, precision, sum_partials, upcast
 from engine.kernels.dropout import dropout_backward, dropout_mask_scale
 from engine.kernels.launch import launch
-
-_ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from engine.kernels.tune_config import Config, epilogue_key, gemm_candidates, smem_limit, split_variants
 
 
 # ----------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------
 @triton.jit
-def _dot(a, b, acc, ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """acc + a @ b with fp32 accumulation. a and b share a dtype (already rounded to it).
-
-    UPCAST_DOT feeds the (already rounded) operands to the dot as fp32: the same
-    values and fp32 accumulation, used for bf16 under the CPU interpreter, whose
-    tl.dot cannot multiply bf16 (it stores bf16 as raw uint16).
-    """
-    if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif ALLOW_TF32:
-        return tl.dot(a, b, acc, input_precision="tf32")
-    else:
-        return tl.dot(a, b, acc, input_precision="ieee")
-
-
-@triton.jit
 def _linear_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
     N, F, O,
     stride_xn, stride_xf, stride_wo, stride_wf, stride_yn, stride_zn,
     slope, drop_p, seed,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -74,7 +58,7 @@ def _linear_fwd_kernel(
         b = tl.load(w_ptr + offs_n[None, :] * stride_wo + kk[:, None] * stride_wf,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] fp32 (w^T tile)
         b = b.to(a.dtype)
-        acc = _dot(a, b, acc, ALLOW_TF32, UPCAST_DOT)
+        acc = dot(a, b, acc, PRECISION, UPCAST)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0)  # [BLOCK_N] fp32
         acc = acc + bias[None, :]
@@ -96,7 +80,7 @@ def _linear_dgrad_kernel(
     N, F, O,
     stride_dyn, stride_dyo, stride_zn, stride_wo, stride_wf, stride_dxn,
     slope,
-    ACT: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx[N, F] = (act'(z) * dy)[N, O] @ w[O, F]."""
@@ -121,7 +105,7 @@ def _linear_dgrad_kernel(
         b = tl.load(w_ptr + kk[:, None] * stride_wo + offs_n[None, :] * stride_wf,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] fp32
         b = b.to(a.dtype)
-        acc = _dot(a, b, acc, ALLOW_TF32, UPCAST_DOT)
+        acc = dot(a, b, acc, PRECISION, UPCAST)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxn + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -133,7 +117,7 @@ def _linear_wgrad_kernel(
     stride_dyn, stride_dyo, stride_zn, stride_xn, stride_xf,
     rows_per_split, split_stride,
     slope,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """partial[s, :O*F] = dz[n in split s]^T @ x[n in split s]; partial[s, O*F:] = sum_n dz."""
@@ -163,7 +147,7 @@ def _linear_wgrad_kernel(
         b = tl.load(x_ptr + kk[:, None] * stride_xn + offs_n[None, :] * stride_xf,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] x dtype
         a = dz.to(b.dtype)
-        acc = _dot(a, b, acc, ALLOW_TF32, UPCAST_DOT)
+        acc = dot(a, b, acc, PRECISION, UPCAST)
     base = part_ptr + pid_s * split_stride
     tl.store(base + offs_m[:, None] * F + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
     if HAS_BIAS:
@@ -171,45 +155,27 @@ def _linear_wgrad_kernel(
             tl.store(base + O * F + offs_m, dbias, mask=m_mask)
 
 
-@triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, L, SPLIT, split_stride, BLOCK: tl.constexpr):
-    """out[i] = sum_s part[s, i] for s = 0, 1, ..., SPLIT-1 (fixed order, fp32)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat element indices
-    mask = offs < L
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)  # [BLOCK] fp32
-    for s in range(0, SPLIT):
-        acc += tl.load(part_ptr + s * split_stride + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc, mask=mask)
-
-
 # ----------------------------------------------------------------------------
 # host launchers
 # ----------------------------------------------------------------------------
-def _np2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 def _gemm_tiles(m: int, n: int, k: int, dtype: torch.dtype, max_n: int = 128) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for an [m, k] @ [k, n] GEMM."""
     if device.INTERPRETED:
         # Few, large programs: interpreter cost is per program and per loop iteration.
-        return (max(16, min(256, _np2(m))), max(16, min(256, _np2(n))), max(16, min(512, _np2(k))), 4)
+        return next_pow2(m, 16, 256), next_pow2(n, 16, 256), next_pow2(k, 16, 512), 4
     # 64 x 64 tiles, 8 warps, BLOCK_K 32 (fp32) or 16 (fp16/bf16): the configuration
     # with no register spills for forward, dgrad and wgrad, fp32 and bf16, with
     # and without an activation, on sm_80 and sm_90 (measured with engine.perf.aot;
     # 64 x 128 with 4 warps spilled up to 3.7 KB).
-    bm = max(16, min(64, _np2(m)))
-    bn = max(16, min(max_n, 64, _np2(n)))
+    bm = next_pow2(m, 16, 64)
+    bn = next_pow2(n, 16, min(max_n, 64))
     bk = 32 if dtype == torch.float32 else 16
     return bm, bn, bk, 8
 
 
 def _dot_flags(dtype: torch.dtype, allow_tf32: bool) -> dict:
-    """ALLOW_TF32 (fp32 operands only) and UPCAST_DOT (bf16 under the interpreter) constexprs."""
-    return dict(
-        ALLOW_TF32=bool(allow_tf32) and dtype == torch.float32,
-        UPCAST_DOT=device.INTERPRETED and dtype == torch.bfloat16,
-    )
+    """PRECISION (tf32 for fp32 operands only) and UPCAST (bf16 under the interpreter) constexprs of `dot`."""
+    return dict(PRECISION=precision(bool(allow_tf32) and dtype == torch.float32), UPCAST=upcast(dtype))
 
 
 def _check_x_w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -219,7 +185,7 @@ def _check_x_w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> N
         raise ValueError(f"linear: w must be 2-D [O, F], got shape {tuple(w.shape)}")
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"linear: x has {x.shape[1]} features but w expects {w.shape[1]} ({tuple(w.shape)})")
-    if x.dtype not in _ACT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"linear: x dtype must be fp32/fp16/bf16, got {x.dtype}")
     if w.dtype != torch.float32:
         raise ValueError(f"linear: w must be fp32, got {w.dtype}")
@@ -252,7 +218,7 @@ def linear_forward(x, w, bias=None, *, act="none", slope=0.01, save_pre=False, a
     if N > 0 and O > 0:
         flags = dict(HAS_BIAS=bias is not None, ACT=code, SAVE_PRE=bool(save_pre), DROPOUT=dropout_p > 0)
 
-        def run(cfg: autotune.Config) -> None:
+        def run(cfg: Config) -> None:
             """Launch with tile config `cfg` (writes y and z afresh)."""
             launch(
                 _linear_fwd_kernel, (triton.cdiv(N, cfg.block_m), triton.cdiv(O, cfg.block_n)),
@@ -265,15 +231,15 @@ def linear_forward(x, w, bias=None, *, act="none", slope=0.01, save_pre=False, a
             )
 
         bm, bn, bk, warps = _gemm_tiles(N, O, F, x.dtype)
-        run(_pick("linear_fwd", dict(M=N, N=O, K=F, epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32)),
-                  x, autotune.Config(bm, bn, bk, num_warps=warps), run))
+        run(_pick("linear_fwd", dict(M=N, N=O, K=F, epilogue=epilogue_key(flags), tf32=bool(allow_tf32)),
+                  x, Config(bm, bn, bk, num_warps=warps), run))
     return (y, z) if save_pre else y
 
 
 def _check_dy(dy: torch.Tensor, n: int, o: int, z: torch.Tensor | None, act: str) -> None:
     if dy.shape != (n, o):
         raise ValueError(f"linear backward: dy must have shape ({n}, {o}), got {tuple(dy.shape)}")
-    if dy.dtype not in _ACT_DTYPES:
+    if dy.dtype not in FLOAT_DTYPES:
         raise ValueError(f"linear backward: dy dtype must be fp32/fp16/bf16, got {dy.dtype}")
     if act_code(act) != 0:
         if z is None or z.shape != (n, o) or not z.is_contiguous():
@@ -292,7 +258,7 @@ def linear_dgrad(dy, w, z=None, *, act="none", slope=0.01, allow_tf32=False, out
             dx.zero_()
             return dx
 
-        def run(cfg: autotune.Config) -> None:
+        def run(cfg: Config) -> None:
             """Launch with tile config `cfg` (writes dx afresh)."""
             launch(
                 _linear_dgrad_kernel, (triton.cdiv(N, cfg.block_m), triton.cdiv(F, cfg.block_n)),
@@ -307,8 +273,8 @@ def linear_dgrad(dy, w, z=None, *, act="none", slope=0.01, allow_tf32=False, out
         # act'(z) * dy on the A operand goes through registers: with an activation,
         # 64-wide N tiles cut the spills (engine.perf.aot, sm_80/sm_90: 644 B -> 24 B).
         bm, bn, bk, warps = _gemm_tiles(N, F, O, out_dtype, max_n=64 if act_code(act) != 0 else 128)
-        shape = dict(M=N, N=F, K=O, epilogue=autotune.epilogue_key(dict(ACT=act_code(act))), tf32=bool(allow_tf32))
-        run(_pick("linear_dgrad", shape, dx, autotune.Config(bm, bn, bk, num_warps=warps), run))
+        shape = dict(M=N, N=F, K=O, epilogue=epilogue_key(dict(ACT=act_code(act))), tf32=bool(allow_tf32))
+        run(_pick("linear_dgrad", shape, dx, Config(bm, bn, bk, num_warps=warps), run))
     return dx
 
 
@@ -326,15 +292,15 @@ def _split_plan(N: int, O: int, F: int, bm: int, bn: int, bk: int, split: int | 
     return split, blocks_per_split * bk
 
 
-def _pick(kernel: str, shape: dict, t: torch.Tensor, default: autotune.Config, run, candidates=None):
+def _pick(kernel: str, shape: dict, t: torch.Tensor, default: Config, run, candidates=None):
     """autotune.pick for a linear GEMM [shape M, K] x [K, shape N] on t's device and dtype."""
-    def gemm_candidates():
+    def weight_candidates():
         # the fp32 weight tile is loaded as fp32 and cast in registers
-        return autotune.gemm_candidates(shape["M"], shape["N"], shape["K"], t.dtype, autotune.smem_limit(t.device),
-                                        default, b_dtype=torch.float32)
+        return gemm_candidates(shape["M"], shape["N"], shape["K"], t.dtype, smem_limit(t.device),
+                               default, b_dtype=torch.float32)
 
     return autotune.pick(kernel, shape, dtype=t.dtype, device=t.device, default=default, run=run,
-                         candidates=candidates or gemm_candidates)
+                         candidates=candidates or weight_candidates)
 
 
 def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_tf32=False):
@@ -350,7 +316,7 @@ def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_
         return flat[: O * F].view(O, F), (flat[O * F:] if has_bias else None)
 
     # GEMM view [O, N] x [N, F]: the batch N is the reduction, split into SPLIT fp32 partials
-    def run(cfg: autotune.Config):
+    def run(cfg: Config):
         """(dw, db) with tile config `cfg`; partials are allocated per config and written, not added."""
         split, rows = _split_plan(N, O, F, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split)
         part = torch.empty((split, L), device=x.device, dtype=torch.float32)  # [SPLIT, O*F (+ O)]
@@ -369,22 +335,19 @@ def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_
         if split == 1:
             flat = part.view(L)
         else:
-            flat = torch.empty((L,), device=x.device, dtype=torch.float32)
-            block = 4096 if device.INTERPRETED else 1024
-            launch(_sum_partials_kernel, (triton.cdiv(L, block),), part, flat, L, split, L, BLOCK=block,
-                   num_warps=4)
+            flat = sum_partials(part, block=4096 if device.INTERPRETED else 1024)
         return flat[: O * F].view(O, F), (flat[O * F:] if has_bias else None)
 
     bm, bn, bk, warps = _gemm_tiles(O, F, N, x.dtype)
-    default = autotune.Config(bm, bn, bk, num_warps=warps)
+    default = Config(bm, bn, bk, num_warps=warps)
 
-    def candidates() -> list[autotune.Config]:
+    def candidates() -> list[Config]:
         # a, b are dz (cast from fp32 registers) and x: both in x's dtype
-        tiles = autotune.gemm_candidates(O, F, N, x.dtype, autotune.smem_limit(x.device), default)
+        tiles = gemm_candidates(O, F, N, x.dtype, smem_limit(x.device), default)
         split = _split_plan(N, O, F, bm, bn, bk)[0]  # the heuristic's, for the default tiles
-        return tiles + [default.with_split(s) for s in autotune.split_variants(split, triton.cdiv(N, bk)) if s != split]
+        return tiles + [default.with_split(s) for s in split_variants(split, triton.cdiv(N, bk)) if s != split]
 
-    shape = dict(M=O, N=F, K=N, epilogue=autotune.epilogue_key(dict(HAS_BIAS=bool(has_bias), ACT=act_code(act))),
+    shape = dict(M=O, N=F, K=N, epilogue=epilogue_key(dict(HAS_BIAS=bool(has_bias), ACT=act_code(act))),
                  tf32=bool(allow_tf32))
     return run(_pick("linear_wgrad", shape, x, default, run, candidates))
 

@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 
 from engine import device
+from engine.kernels.common import FLOAT_DTYPES, next_pow2
 from engine.kernels.launch import launch
 
-_ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for padding (keeps the interpreter free of inf - inf)
 
 
@@ -96,18 +96,14 @@ def _xent_bwd_kernel(grad_ptr, dloss_ptr, out_ptr, L, inv_m, BLOCK: tl.constexpr
     tl.store(out_ptr + offs, (g * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _np2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 def _xent_blocks(M: int, C: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_C, num_warps)."""
     if device.INTERPRETED:
-        block_c = min(_np2(C), 4096)
-        block_m = max(2, min(_np2(M), (1 << 18) // block_c))
+        block_c = min(next_pow2(C), 4096)
+        block_m = max(2, min(next_pow2(M), (1 << 18) // block_c))
         return block_m, block_c, 4
-    block_c = min(_np2(C), 1024)
-    block_m = max(2, min(_np2(M), 4096 // block_c))
+    block_c = min(next_pow2(C), 1024)
+    block_m = max(2, min(next_pow2(M), 4096 // block_c))
     return block_m, block_c, (8 if block_m * block_c >= 4096 else 4)
 
 
@@ -118,7 +114,7 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, label_smoo
     """
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy: logits must be [M, C], got shape {tuple(logits.shape)}")
-    if logits.dtype not in _ACT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise ValueError(f"cross_entropy: logits dtype must be fp32/fp16/bf16, got {logits.dtype}")
     M, C = logits.shape
     if target.shape != (M,):

@@ -47,9 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.common import check_grad, check_nhwc, idx64, pixel_grid, pixel_nhw, pixel_tile
 from engine.kernels.launch import launch
-# The NHWC pixel-tile helpers are shared with pooling (same tiling, same checks).
-from engine.kernels.pool import _check_act, _idx64, _pixel_nhw, _pixel_tile, _tiles
 
 MODES = {"nearest": 0, "bilinear": 1}
 
@@ -115,8 +114,8 @@ def _upsample_fwd_kernel(
     FACTOR: tl.constexpr, MODE: tl.constexpr,  # MODE 0 nearest, 1 bilinear
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
-    offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    n, oh, ow = _pixel_nhw(offs_p, OH, OW)  # [BLOCK_P] each
+    offs_p, offs_c, mask_p, mask_c = pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
+    n, oh, ow = pixel_nhw(offs_p, OH, OW)  # [BLOCK_P] each
     m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
     cc = offs_c[None, :]
     if MODE == 0:
@@ -144,8 +143,8 @@ def _upsample_nearest_bwd_kernel(
     P, C, H, W, OH, OW,  # P = N*H*W input pixels
     FACTOR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
-    offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    n, ih, iw = _pixel_nhw(offs_p, H, W)  # [BLOCK_P] each
+    offs_p, offs_c, mask_p, mask_c = pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
+    n, ih, iw = pixel_nhw(offs_p, H, W)  # [BLOCK_P] each
     m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
     cc = offs_c[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C] dx accumulator
@@ -167,7 +166,7 @@ def _transposed_1d_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
     """One separable half of a backward: dst[x] = sum_o weight(o, x) * src[o] along one dim, as a gather."""
-    offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
+    offs_p, offs_c, mask_p, mask_c = pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
     inner = offs_p % INNER  # [BLOCK_P]
     t = offs_p // INNER
     x = t % SIZE  # [BLOCK_P] coordinate along the resampled dim
@@ -221,8 +220,8 @@ def _blurpool_fwd_kernel(
     FILT: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
-    offs_p, offs_c, mask_p, mask_c = _pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    n, oh, ow = _pixel_nhw(offs_p, OH, OW)  # [BLOCK_P] each
+    offs_p, offs_c, mask_p, mask_c = pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
+    n, oh, ow = pixel_nhw(offs_p, OH, OW)  # [BLOCK_P] each
     m2 = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
     cc = offs_c[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C]
@@ -249,11 +248,9 @@ def _separable_backward(dy, w, x_shape, OH, OW, kind, factor=1, filt=1, left=0, 
     dx = torch.empty((N, H, W, C), device=dy.device, dtype=dy.dtype)
     for src, dst, size, out_size, inner in ((dy, tmp, H, OH, OW), (tmp, dx, W, OW, 1)):
         P = dst.numel() // C
-        bp, bc, nw = _tiles(P, C)
-        grid = (triton.cdiv(P, bp), triton.cdiv(C, bc))
+        grid, tiles = pixel_grid(P, C)
         launch(_transposed_1d_kernel, grid, src, w, dst, P, C, size, out_size, inner,
-               KIND=kind, FACTOR=factor, FILT=filt, L=left, STRIDE=stride,
-               BLOCK_P=bp, BLOCK_C=bc, IDX64=_idx64(src, dst), num_warps=nw)
+               KIND=kind, FACTOR=factor, FILT=filt, L=left, STRIDE=stride, IDX64=idx64(src, dst), **tiles)
     return dx
 
 
@@ -262,17 +259,15 @@ def _separable_backward(dy, w, x_shape, OH, OW, kind, factor=1, filt=1, left=0, 
 # ----------------------------------------------------------------------------
 def upsample_forward(x: torch.Tensor, factor: int, mode: str = "nearest") -> torch.Tensor:
     """Upsample NHWC `x` by integer `factor` -> [N, H*F, W*F, C] in x.dtype."""
-    _check_act(x)
+    check_nhwc(x)
     f = _factor(factor)
     code = _mode_code(mode)
     N, H, W, C = x.shape
     OH, OW = H * f, W * f
     y = torch.empty((N, OH, OW, C), device=x.device, dtype=x.dtype)
-    P = N * OH * OW
-    bp, bc, nw = _tiles(P, C)
-    grid = (triton.cdiv(P, bp), triton.cdiv(C, bc))
-    launch(_upsample_fwd_kernel, grid, x, y, P, C, H, W, OH, OW,
-           FACTOR=f, MODE=code, BLOCK_P=bp, BLOCK_C=bc, IDX64=_idx64(x, y), num_warps=nw)
+    grid, tiles = pixel_grid(N * OH * OW, C)
+    launch(_upsample_fwd_kernel, grid, x, y, N * OH * OW, C, H, W, OH, OW,
+           FACTOR=f, MODE=code, IDX64=idx64(x, y), **tiles)
     return y
 
 
@@ -285,18 +280,13 @@ def upsample_backward(dy: torch.Tensor, x_shape, factor: int, mode: str = "neare
     code = _mode_code(mode)
     N, H, W, C = (int(s) for s in x_shape)
     OH, OW = H * f, W * f
-    dy = dy.contiguous()
-    _check_act(dy, "dy")
-    if tuple(dy.shape) != (N, OH, OW, C):
-        raise ValueError(f"dy {tuple(dy.shape)} does not match the output shape {(N, OH, OW, C)}")
+    dy = check_grad(dy, (N, OH, OW, C))
     if code == 1:
         return _separable_backward(dy, dy, (N, H, W, C), OH, OW, kind=0, factor=f)
     dx = torch.empty((N, H, W, C), device=dy.device, dtype=dy.dtype)
-    P = N * H * W
-    bp, bc, nw = _tiles(P, C)
-    grid = (triton.cdiv(P, bp), triton.cdiv(C, bc))
-    launch(_upsample_nearest_bwd_kernel, grid, dy, dx, P, C, H, W, OH, OW,
-           FACTOR=f, BLOCK_P=bp, BLOCK_C=bc, IDX64=_idx64(dx, dy), num_warps=nw)
+    grid, tiles = pixel_grid(N * H * W, C)
+    launch(_upsample_nearest_bwd_kernel, grid, dy, dx, N * H * W, C, H, W, OH, OW,
+           FACTOR=f, IDX64=idx64(dx, dy), **tiles)
     return dx
 
 
@@ -333,16 +323,14 @@ def _blur_geometry(H: int, W: int, filt: int, stride: int):
 
 def blurpool_forward(x: torch.Tensor, filt: int = 3, stride: int = 2) -> torch.Tensor:
     """Blurpool NHWC `x` -> [N, (H-1)//stride+1, (W-1)//stride+1, C] in x.dtype (see module doc)."""
-    _check_act(x)
+    check_nhwc(x)
     N, H, W, C = x.shape
     left, OH, OW = _blur_geometry(H, W, filt, stride)
     w = _blur_weight_tensor(filt, x.device)
     y = torch.empty((N, OH, OW, C), device=x.device, dtype=x.dtype)
-    P = N * OH * OW
-    bp, bc, nw = _tiles(P, C)
-    grid = (triton.cdiv(P, bp), triton.cdiv(C, bc))
-    launch(_blurpool_fwd_kernel, grid, x, w, y, P, C, H, W, OH, OW,
-           FILT=filt, L=left, STRIDE=stride, BLOCK_P=bp, BLOCK_C=bc, IDX64=_idx64(x, y), num_warps=nw)
+    grid, tiles = pixel_grid(N * OH * OW, C)
+    launch(_blurpool_fwd_kernel, grid, x, w, y, N * OH * OW, C, H, W, OH, OW,
+           FILT=filt, L=left, STRIDE=stride, IDX64=idx64(x, y), **tiles)
     return y
 
 
@@ -351,10 +339,7 @@ def blurpool_backward(dy: torch.Tensor, x_shape, filt: int = 3, stride: int = 2)
     (rows, then columns, via an fp32 [N, H, OW, C] intermediate)."""
     N, H, W, C = (int(s) for s in x_shape)
     left, OH, OW = _blur_geometry(H, W, filt, stride)
-    dy = dy.contiguous()
-    _check_act(dy, "dy")
-    if tuple(dy.shape) != (N, OH, OW, C):
-        raise ValueError(f"dy {tuple(dy.shape)} does not match the output shape {(N, OH, OW, C)}")
+    dy = check_grad(dy, (N, OH, OW, C))
     w = _blur_weight_tensor(filt, dy.device)
     return _separable_backward(dy, w, (N, H, W, C), OH, OW, kind=1, filt=filt, left=left, stride=stride)
 

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from engine import device as _device
+from engine.kernels.common import check_activation, contiguous, next_pow2, rows_of
 from engine.kernels.launch import launch
-from engine.kernels.pointwise import _contig, check_activation, next_pow2, rows_of
 
 INTERP_MAX_BLOCK_C = 4096
 INTERP_TILE = 1 << 16
@@ -146,7 +146,7 @@ def softmax_forward(x: torch.Tensor, log: bool = False) -> torch.Tensor:
     """(log-)softmax over the last dim; new tensor of x's dtype. No autograd."""
     check_activation(x)
     M, C = rows_of(x)
-    x = _contig(x)
+    x = contiguous(x)
     y = torch.empty_like(x)
     if M == 0 or C == 0:
         return y
@@ -162,7 +162,7 @@ def softmax_backward(dy: torch.Tensor, y: torch.Tensor, log: bool = False) -> to
     if dy.shape != y.shape:
         raise ValueError(f"dy shape {tuple(dy.shape)} != y shape {tuple(y.shape)}")
     M, C = rows_of(y)
-    dy, y = _contig(dy), _contig(y)
+    dy, y = contiguous(dy), contiguous(y)
     dx = torch.empty_like(y)
     if M == 0 or C == 0:
         return dx

@@ -16,8 +16,10 @@ import torch
 from engine.ir.graph import Node
 from engine.ir.ops import Family
 from engine.kernels import batchnorm as K_bn
+from engine.kernels import concat as K_concat
 from engine.kernels import conv as K_conv
 from engine.kernels import dropout as K_drop
+from engine.kernels import global_pool as K_gpool
 from engine.kernels import linear as K_linear
 from engine.kernels import pointwise as K_pw
 from engine.kernels import pool as K_pool
@@ -126,7 +128,7 @@ def pool(p, group: KernelGroup) -> torch.Tensor:
 def global_pool(p, group: KernelGroup) -> torch.Tensor:
     node = p.graph.node(group.anchor)
     x = p.values[node.inputs[0]]
-    return K_pool.global_max_pool(x) if node.op == "global_maxpool" else K_pool.global_avg_pool(x)
+    return K_gpool.global_max_pool(x) if node.op == "global_maxpool" else K_gpool.global_avg_pool(x)
 
 
 def blurpool(p, group: KernelGroup) -> torch.Tensor:
@@ -149,7 +151,7 @@ def concat(p, group: KernelGroup) -> torch.Tensor:
         v = current if slot == 0 else p.values[src]
         width = v.shape[-1]
         if src not in group.in_place:
-            K_pw.copy_into(buf[..., c0:c0 + width], v)  # in place: autograd tracks it through buf
+            K_concat.copy_into(buf[..., c0:c0 + width], v)  # in place: autograd tracks it through buf
         c0 += width
     return buf
 

@@ -25,7 +25,7 @@ import engine.kernels
 from engine.kernels.activations import ACTIVATIONS
 from engine.kernels.loss import cross_entropy
 from engine.kernels.optim import Adam, AdamW
-from engine.kernels.pool import global_avg_pool
+from engine.kernels.global_pool import global_avg_pool
 from engine.perf.aot import compile_all, record_network
 from engine.cli.inspect_gpu import network_step
 
@@ -115,8 +115,8 @@ network all_ops {{
 
 def _kernel_functions() -> set[str]:
     names = set()
-    for info in pkgutil.iter_modules(engine.kernels.__path__):
-        module = importlib.import_module(f"engine.kernels.{info.name}")
+    for info in pkgutil.walk_packages(engine.kernels.__path__, "engine.kernels."):
+        module = importlib.import_module(info.name)
         for name, value in vars(module).items():
             if name.endswith("_kernel") and type(value).__name__ in ("JITFunction", "InterpretedFunction"):
                 names.add(name)

@@ -215,15 +215,15 @@ def test_fp16_network_matches_reference(name, mode):
 def test_concat_producer_writes_in_place(monkeypatch):
     """unet_tiny's `concat e2`: the conv before it writes into its channel slice
     of the concat buffer; only the tap e2 (read by a maxpool too) is copied in."""
-    from engine.kernels import pointwise
+    from engine.kernels import concat
 
     tri = engine.compile(EXAMPLES / "unet_tiny.cnn")
     plan = tri.kernel_plan()
     writers = [g for g in plan if g.writes_into is not None]
     assert len(writers) == 1 and writers[0].family is Family.CONV
     copies = []
-    real_copy = pointwise.copy_into
-    monkeypatch.setattr(pointwise, "copy_into", lambda dst, src: copies.append(src.shape) or real_copy(dst, src))
+    real_copy = concat.copy_into
+    monkeypatch.setattr(concat, "copy_into", lambda dst, src: copies.append(src.shape) or real_copy(dst, src))
     x = torch.randn(1, *tri.input_shape, requires_grad=True)
     tri(x).sum().backward()
     assert copies == [torch.Size([1, 16, 16, 32])], copies  # e2 only

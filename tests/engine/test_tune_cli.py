@@ -8,7 +8,8 @@ import pytest
 
 from engine.cli import main
 from engine.device import HAS_CUDA
-from engine.kernels.autotune import Config, TuneCache
+from engine.kernels.tune_cache import TuneCache
+from engine.kernels.tune_config import Config
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = str(ROOT / "examples" / "digits.cnn")

@@ -1,6 +1,7 @@
-"""engine/kernels/autotune.py: the on-disk cache, candidate pruning, selection
+"""engine/kernels/autotune.py and tune_cache.py: the on-disk cache, selection
 with a fake timer, the modes of pick(), and forced non-default tile configs
 computing the same results as torch in every hooked launcher (interpreted).
+Candidates and configs alone: test_tune_config.py.
 
 Every test works on a cache file under tmp_path (autouse fixture): the real
 ~/.cache is never touched.
@@ -17,8 +18,11 @@ import torch.nn.functional as F
 from helpers import assert_close, check_against_torch
 
 import engine.device
-from engine.kernels import autotune, conv_backward
-from engine.kernels.autotune import Config, TuneCache
+import engine.kernels.conv.backward as conv_backward
+import engine.kernels.tune_cache as cache_file
+from engine.kernels import autotune
+from engine.kernels.tune_cache import TuneCache
+from engine.kernels.tune_config import Config
 from engine.kernels.conv import conv2d, conv2d_dgrad, conv2d_forward, conv2d_wgrad
 from engine.kernels.launch import recording
 from engine.kernels.linear import linear, linear_dgrad, linear_forward, linear_wgrad
@@ -68,7 +72,7 @@ def test_round_trip_and_keying(tune_cache):
     timer = FakeTimer({best: 0.5})
     assert _select(timer, candidates=[best]) == best
     data = json.loads(tune_cache.read_text())
-    assert data["schema"] == autotune.SCHEMA
+    assert data["schema"] == cache_file.SCHEMA
     (key, entry), = data["entries"].items()
     assert key.startswith("conv2d_fwd|M=4096,N=64,K=576|float32|FakeGPU 80GB (sm_90)|triton-")
     assert entry["config"] == best.to_json() and entry["ms"] == 0.5 and entry["default_ms"] == 1.0
@@ -114,7 +118,7 @@ def test_failed_write_keeps_the_old_file(tune_cache, monkeypatch, capsys):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(autotune.os, "replace", broken_replace)
+    monkeypatch.setattr(cache_file.os, "replace", broken_replace)
     cache.put("new", {"config": Config(64, 64, 32).to_json()})
     cache.put("newer", {"config": Config(64, 64, 32).to_json()})
     assert tune_cache.read_text() == before  # never half-written
@@ -151,75 +155,12 @@ def test_corrupt_cache_warns_once_and_is_rebuilt(tune_cache, capsys, content, wh
 
 def test_malformed_entries_are_dropped_not_the_file(tune_cache, capsys):
     good = {"config": Config(64, 64, 32).to_json(), "ms": 1.0}
-    tune_cache.write_text(json.dumps({"schema": autotune.SCHEMA, "entries": {
+    tune_cache.write_text(json.dumps({"schema": cache_file.SCHEMA, "entries": {
         "good": good, "bad1": {"config": {"block_m": "big"}}, "bad2": 7}}))
     cache = TuneCache(tune_cache)
     assert set(cache.entries) == {"good"}
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "2 malformed entries" in err[0]
-
-
-# --------------------------------------------------------------------------- #
-# Candidates
-# --------------------------------------------------------------------------- #
-def test_candidates_large_gemm():
-    default = Config(128, 64, 32, num_warps=4, num_stages=3)
-    cands = autotune.gemm_candidates(65536, 256, 2304, torch.bfloat16, 227 * 1024, default)
-    assert cands[0] == default and len(cands) == len(set(cands))
-    assert 16 <= len(cands) <= autotune.MAX_CANDIDATES
-    assert {c.block_m for c in cands} == {64, 128}
-    assert {c.block_n for c in cands} == {32, 64, 128, 256}
-    assert {c.block_k for c in cands} == {32, 64}
-    assert {c.num_warps for c in cands} == {4, 8} and all(2 <= c.num_stages <= 4 for c in cands)
-    for c in cands[1:]:
-        assert autotune.gemm_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages, 2, 2) <= 227 * 1024
-
-
-def test_candidates_pruned_by_shared_memory():
-    limit = 48 * 1024
-    default = Config(64, 64, 32, num_warps=8)
-    big = autotune.gemm_candidates(65536, 256, 2304, torch.float32, 227 * 1024)
-    small = autotune.gemm_candidates(65536, 256, 2304, torch.float32, limit, default)
-    assert small[0] == default  # always included, fits or not
-    assert len(small) < len(big)
-    for c in small[1:]:
-        assert autotune.gemm_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages, 4, 4) <= limit
-    assert not any(c.block_m == 128 and c.block_n == 256 for c in small)
-    # fp32 128x256x64 only fits an H100 double-buffered
-    fat = [c for c in big if (c.block_m, c.block_n, c.block_k) == (128, 256, 64)]
-    assert fat and all(c.num_stages == 2 for c in fat)
-    # linear's fp32 weight operand counts 4 bytes even for 16-bit activations
-    half = autotune.gemm_candidates(65536, 256, 2304, torch.float16, limit)
-    mixed = autotune.gemm_candidates(65536, 256, 2304, torch.float16, limit, b_dtype=torch.float32)
-    assert len(mixed) <= len(half)
-
-
-def test_candidates_small_dims():
-    default = Config(16, 16, 16, num_warps=8)
-    cands = autotune.gemm_candidates(10, 10, 9, torch.float32, 227 * 1024, default)
-    assert cands[0] == default
-    assert {(c.block_m, c.block_n, c.block_k) for c in cands[1:]} == {(64, 16, 16)}
-    cands = autotune.gemm_candidates(100, 48, 27, torch.float32, 227 * 1024)
-    assert {c.block_n for c in cands} == {32, 64}  # not above next_pow2(48) = 64
-    assert {c.block_k for c in cands} == {32} and {c.block_m for c in cands} == {64, 128}
-
-
-def test_split_variants():
-    assert autotune.split_variants(8, 100) == [4, 8, 16]
-    assert autotune.split_variants(1, 100) == [1, 2]
-    assert autotune.split_variants(5, 6) == [2, 5, 6]
-    assert autotune.split_variants(1, 1) == [1]
-
-
-def test_epilogue_key_and_config_text():
-    assert autotune.epilogue_key(dict(HAS_BIAS=True, ACT=3, STATS=False, DROPOUT=False)) == "has_bias+act3"
-    assert autotune.epilogue_key(dict(ACT=0)) == "none"
-    assert str(Config(64, 32, 16, num_warps=4, num_stages=2, split=3)) == "64x32x16 w4 s2 split3"
-    assert Config(64, 32, 16).meta() == {}
-    with pytest.raises(ValueError):
-        Config.from_json({"block_m": 64, "block_n": 32})
-    with pytest.raises(ValueError):
-        Config.from_json({"block_m": 64, "block_n": 32, "block_k": 16, "colour": 1})
 
 
 # --------------------------------------------------------------------------- #
@@ -312,7 +253,7 @@ def test_interpreter_never_tunes_nor_reads_the_cache(tune_cache):
         assert_close(linear(x, w, b), F.linear(x.double(), w.double(), b.double()))
     assert timer.launched == [] and not stats.tuned and not stats.cached
     assert tune_cache.read_text() == "{corrupt"
-    assert tune_cache not in autotune._caches
+    assert tune_cache not in cache_file._caches
 
 
 def test_gpu_tiles_on_cpu_tensors_skip_the_cache(monkeypatch, tune_cache):
@@ -378,13 +319,13 @@ def test_forced_wgrad_split_and_stats_buffers(monkeypatch):
     kw = dict(stride=1, padding=1, dilation=1, groups=1)
     ref_w = torch.nn.grad.conv2d_weight(nchw(x).double(), (13, 6, 3, 3), nchw(dy).double(), padding=1)
     splits_seen = []
-    sum_partials = conv_backward._sum_partials
+    sum_partials = conv_backward.sum_partials
 
-    def spy(part):
+    def spy(part, **kw):
         splits_seen.append(part.shape[0])
-        return sum_partials(part)
+        return sum_partials(part, **kw)
 
-    monkeypatch.setattr(conv_backward, "_sum_partials", spy)
+    monkeypatch.setattr(conv_backward, "sum_partials", spy)
     for split in (1, 3, 8):
         with autotune.forced(Config(64, 16, 32, split=split)):
             dw, db = conv2d_wgrad(x, dy, (13, 6, 3, 3), need_bias=True, **kw)

@@ -1,4 +1,5 @@
-"""Batch norm (training and eval) fused with activations, forward and backward."""
+"""Batch norm (training and eval) fused with activations, and the per-channel
+affine + activation of eval mode, forward and backward."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,8 @@ from helpers import (ACTIVATIONS, DATA_MOVEMENT_OPS, SHAPE_OPS, OpRecorder, asse
 
 import engine.device
 from engine.kernels import batchnorm as bn
-from engine.kernels import pointwise as pw
+from engine.kernels import common
+from engine.kernels.launch import recording
 
 
 SLOPE = 0.2
@@ -48,7 +50,19 @@ def inputs(shape, dtype=torch.float32):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(pw, "INTERP_TILE", 1024)  # C=70: 8-row tiles; C=17: 32-row tiles
+    monkeypatch.setattr(common, "INTERP_TILE", 1024)  # C=70: 8-row tiles; C=17: 32-row tiles
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    monkeypatch.setattr(common, "INTERP_TILE", 256)  # C=70: 2-row tiles; C=3: 64-row tiles
+
+
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """Run the GPU tile choice (and multi-iteration split reductions) interpreted."""
+    monkeypatch.setattr(engine.device, "INTERPRETED", False)
+    monkeypatch.setattr(common, "GPU_TARGET_PARTIALS", 2)
 
 
 # ------------------------------------------------------------------- training
@@ -66,7 +80,7 @@ def test_train_shapes_many_blocks(shape, small_blocks):
 
 def test_train_gpu_tiles(monkeypatch):
     monkeypatch.setattr(engine.device, "INTERPRETED", False)
-    monkeypatch.setattr(pw, "GPU_TARGET_PARTIALS", 2)  # N_ITER > 1 in the split reductions
+    monkeypatch.setattr(common, "GPU_TARGET_PARTIALS", 2)  # N_ITER > 1 in the split reductions
     x, w, b = inputs((2, 7, 9, 70))
     check_against_torch(ours_train("silu"), ref_train("silu"), [x, w, b])
 
@@ -212,6 +226,76 @@ def test_eval_affine_free():
         lambda v: to_nhwc(F.batch_norm(to_nchw(v), rm.double(), rv.double())),
         [x],
     )
+
+
+# ----------------------------------------------------------------- affine_act
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_affine_act_every_activation(act):
+    x = torch.randn(2, 7, 9, 17).requires_grad_()
+    s = torch.randn(17).requires_grad_()
+    t = torch.randn(17).requires_grad_()
+    check_against_torch(
+        lambda v, a, b: bn.affine_act(v, a, b, act, SLOPE), lambda v, a, b: torch_act(v * a + b, act, SLOPE), [x, s, t]
+    )
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 5, 3, 10), (1, 5, 7, 70), (37, 17)])
+def test_affine_act_shapes_many_blocks(shape, tiny_blocks):
+    C = shape[-1]
+    x = torch.randn(*shape).requires_grad_()
+    s = torch.randn(C).requires_grad_()
+    t = torch.randn(C).requires_grad_()
+    check_against_torch(lambda v, a, b: bn.affine_act(v, a, b, "silu"), lambda v, a, b: F.silu(v * a + b), [x, s, t])
+
+
+def test_affine_act_gpu_tiles(gpu_tiles):
+    x = torch.randn(2, 7, 9, 70).requires_grad_()  # M=126, BLOCK_M=32 -> 4 tiles, N_ITER=2
+    s = torch.randn(70).requires_grad_()
+    t = torch.randn(70).requires_grad_()
+    check_against_torch(lambda v, a, b: bn.affine_act(v, a, b, "gelu"), lambda v, a, b: F.gelu(v * a + b), [x, s, t])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_affine_act_half(dtype):
+    x = torch.randn(2, 7, 9, 10).to(dtype).requires_grad_()
+    s = torch.randn(10).requires_grad_()
+    t = torch.randn(10).requires_grad_()
+    out = bn.affine_act(x, s, t, "relu")
+    assert out.dtype == dtype
+    g = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(g.to(dtype))
+    xr, sr, tr = (v.detach().double().requires_grad_() for v in (x, s, t))
+    ref = F.relu(xr * sr + tr)
+    ref.backward(g)
+    assert_close(out, ref, dtype)
+    assert_close(x.grad, xr.grad, dtype)
+    assert s.grad.dtype == torch.float32 and t.grad.dtype == torch.float32
+    assert_close(s.grad, sr.grad, dtype)
+    assert_close(t.grad, tr.grad, dtype)
+
+
+def test_affine_act_param_grads_only():
+    x = torch.randn(2, 7, 9, 10)
+    s = torch.randn(10).requires_grad_()
+    t = torch.randn(10).requires_grad_()
+    check_against_torch(lambda v, a, b: bn.affine_act(v, a, b, "tanh"), lambda v, a, b: torch.tanh(v * a + b), [x, s, t])
+
+
+def test_affine_act_validation():
+    x = torch.randn(2, 3, 3, 4)
+    with pytest.raises(ValueError, match="shape \\[4\\]"):
+        bn.affine_act(x, torch.randn(3), torch.randn(4))
+    with pytest.raises(ValueError, match="float32"):
+        bn.affine_act(x, torch.randn(4, dtype=torch.float16), torch.randn(4))
+
+    x = torch.randn(2, 3, 3, 4)
+    with recording() as specs:
+        bn.affine_act(x, torch.randn(4), torch.randn(4), "relu")
+    names = [sp.name for sp in specs]
+    assert "_affine_act_fwd_kernel" in names
+    spec = specs[names.index("_affine_act_fwd_kernel")]
+    assert ("ACT", 1) in spec.constexprs
+
 
 
 # --------------------------------------------------------------- torch ops

@@ -1,4 +1,4 @@
-"""Tests for engine/kernels/conv.py + conv_backward.py against torch.nn.functional.conv2d (fp64).
+"""Tests for engine/kernels/conv/ (forward, backward, the autograd Function) against torch.nn.functional.conv2d (fp64).
 
 Ours work on NHWC; the wrappers take NCHW inputs (what the fp64 reference sees)
 and permute around our kernels, so gradients flow through plain copies.
@@ -12,7 +12,7 @@ from helpers import (ACTIVATIONS, DATA_MOVEMENT_OPS, SHAPE_OPS, OpRecorder, asse
                      check_against_torch, torch_act)
 
 import engine.device
-import engine.kernels.conv as conv_mod
+import engine.kernels.conv.geometry as conv_geometry
 from engine.kernels.conv import ConvOutput, conv2d, conv2d_dgrad, conv2d_forward, conv2d_wgrad
 from engine.kernels.launch import recording
 
@@ -147,8 +147,8 @@ def test_forward_epilogue_all_flags(act, depthwise):
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_stats_partial_sums(depthwise, monkeypatch):
     # several M tiles, so the partials really are partial: cap BLOCK_M at 256
-    big_tiles = conv_mod._gemm_tiles
-    monkeypatch.setattr(conv_mod, "_gemm_tiles", lambda M, N, K: (min(256, big_tiles(M, N, K)[0]), *big_tiles(M, N, K)[1:]))
+    big_tiles = conv_geometry.gemm_tiles
+    monkeypatch.setattr(conv_geometry, "gemm_tiles", lambda M, N, K: (min(256, big_tiles(M, N, K)[0]), *big_tiles(M, N, K)[1:]))
     C, Cin, groups = (16, 16, 16) if depthwise else (10, 3, 1)
     x, w, b = rand_inputs(6, Cin, 15, 13, C, 3, groups)  # M = 1170 > one tile
     o = conv2d_forward(nhwc(x.detach()), w.detach(), b.detach(), padding=1, groups=groups, act="relu", stats=True)
@@ -180,36 +180,23 @@ def test_out_and_residual_strided():
     assert_close(nchw(out), expected, what="out")
 
 
-def test_wgrad_deterministic_and_split_k():
-    x = torch.randn(4, 15, 13, 8)
-    dy = torch.randn(4, 8, 7, 12)
-    kw = dict(stride=2, padding=1, dilation=1, groups=1)
-    a = conv2d_wgrad(x, dy, (12, 8, 3, 3), need_bias=True, splits=3, **kw)
-    b = conv2d_wgrad(x, dy, (12, 8, 3, 3), need_bias=True, splits=3, **kw)
+@pytest.mark.parametrize("x_shape,w_shape,dy_shape,groups,stride,splits", [
+    ((4, 15, 13, 8), (12, 8, 3, 3), (4, 8, 7, 12), 1, 2, 3),
+    ((3, 9, 10, 6), (12, 1, 3, 3), (3, 9, 10, 12), 6, 1, 4),  # depthwise
+], ids=["dense", "depthwise"])
+def test_wgrad_split_k_deterministic(x_shape, w_shape, dy_shape, groups, stride, splits):
+    x, dy = torch.randn(*x_shape), torch.randn(*dy_shape)
+    kw = dict(stride=stride, padding=1, dilation=1, groups=groups)
+    a = conv2d_wgrad(x, dy, w_shape, need_bias=True, splits=splits, **kw)
+    b = conv2d_wgrad(x, dy, w_shape, need_bias=True, splits=splits, **kw)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    xd = x.double().permute(0, 3, 1, 2).requires_grad_()
-    wd = torch.zeros(12, 8, 3, 3, dtype=torch.float64, requires_grad=True)
-    bd = torch.zeros(12, dtype=torch.float64, requires_grad=True)
-    F.conv2d(xd, wd, bd, stride=2, padding=1).backward(dy.double().permute(0, 3, 1, 2))
-    assert_close(a[0], wd.grad, what="dw split 3")
-    assert_close(a[1], bd.grad, what="db split 3")
-    one = conv2d_wgrad(x, dy, (12, 8, 3, 3), splits=1, **kw)
+    wd = torch.zeros(w_shape, dtype=torch.float64, requires_grad=True)
+    F.conv2d(x.double().permute(0, 3, 1, 2), wd, None, **kw).backward(dy.double().permute(0, 3, 1, 2))
+    assert_close(a[0], wd.grad, what=f"dw split {splits}")
+    assert_close(a[1], dy.double().sum((0, 1, 2)), what="db")
+    one = conv2d_wgrad(x, dy, w_shape, splits=1, **kw)
     assert one[1] is None
     assert_close(one[0], wd.grad, what="dw split 1")
-
-
-def test_depthwise_wgrad_split_k_deterministic():
-    x = torch.randn(3, 9, 10, 6)
-    dy = torch.randn(3, 9, 10, 12)
-    kw = dict(stride=1, padding=1, dilation=1, groups=6)
-    a = conv2d_wgrad(x, dy, (12, 1, 3, 3), need_bias=True, splits=4, **kw)
-    b = conv2d_wgrad(x, dy, (12, 1, 3, 3), need_bias=True, splits=4, **kw)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    xd = x.double().permute(0, 3, 1, 2)
-    wd = torch.zeros(12, 1, 3, 3, dtype=torch.float64, requires_grad=True)
-    F.conv2d(xd, wd, None, padding=1, groups=6).backward(dy.double().permute(0, 3, 1, 2))
-    assert_close(a[0], wd.grad, what="dw")
-    assert_close(a[1], dy.double().sum((0, 1, 2)), what="db")
 
 
 def test_dgrad_direct_stride_phases():
@@ -296,7 +283,7 @@ def test_errors():
         conv2d_forward(x, torch.randn(8, 3, 3, 3))
     with pytest.raises(ValueError, match="groups"):
         conv2d_forward(x, torch.randn(6, 2, 3, 3), groups=2 * 2)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         conv2d_forward(x.double(), w)
     with pytest.raises(ValueError, match="output would be"):
         conv2d_forward(x, torch.randn(8, 4, 7, 7))

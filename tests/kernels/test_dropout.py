@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 from helpers import DATA_MOVEMENT_OPS, OpRecorder, SHAPE_OPS, assert_close
 
+from engine.kernels import common
 from engine.kernels import dropout as dr
-from engine.kernels import pointwise as pw
 from engine.kernels.launch import launch
 
 ALLOWED_ATEN = DATA_MOVEMENT_OPS | SHAPE_OPS
@@ -35,10 +35,10 @@ def test_backward_uses_same_mask():
 
 
 def test_many_blocks(monkeypatch):
-    monkeypatch.setattr(pw, "INTERP_BLOCK_1D", 128)
+    monkeypatch.setattr(common, "INTERP_BLOCK_1D", 128)
     x = torch.randn(3, 5, 7, 10)
     y_small = dr.dropout(x, 0.3, seed=99)
-    monkeypatch.setattr(pw, "INTERP_BLOCK_1D", 1 << 16)
+    monkeypatch.setattr(common, "INTERP_BLOCK_1D", 1 << 16)
     y_big = dr.dropout(x, 0.3, seed=99)
     assert torch.equal(y_small, y_big)  # mask depends only on (seed, flat index)
 

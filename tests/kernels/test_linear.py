@@ -117,7 +117,7 @@ def test_linear_tf32_flag_recorded():
     x, w, b = _inputs(8, 16, 16)
     with launch_mod.recording() as specs:
         y = linear(x.detach(), w.detach(), b.detach(), allow_tf32=True)
-    assert dict(specs[0].constexprs)["ALLOW_TF32"] is True
+    assert dict(specs[0].constexprs)["PRECISION"] == "tf32"
     assert_close(y, F.linear(x.double(), w.double(), b.double()), tol="tf32")
 
 

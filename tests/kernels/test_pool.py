@@ -1,4 +1,4 @@
-"""Pooling kernels (engine/kernels/pool.py) against torch.nn.functional, forward and input gradients."""
+"""Pooling kernels (engine/kernels/pool.py, global_pool.py) against torch.nn.functional, forward and input gradients."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from helpers import DATA_MOVEMENT_OPS, OpRecorder, SHAPE_OPS, check_against_torch
 
 import engine.device
+from engine.kernels import global_pool as gpool
 from engine.kernels import pool
 
 ALLOWED_ATEN = DATA_MOVEMENT_OPS | SHAPE_OPS
@@ -135,7 +136,7 @@ def test_global_avg_pool(shape, splits):
     chunk = _chunk(shape, splits)
     x = torch.randn(*shape, requires_grad=True)
     check_against_torch(
-        nhwc(lambda v: pool.global_avg_pool(v, chunk)), lambda v: F.adaptive_avg_pool2d(v, 1).flatten(1), [x]
+        nhwc(lambda v: gpool.global_avg_pool(v, chunk)), lambda v: F.adaptive_avg_pool2d(v, 1).flatten(1), [x]
     )
 
 
@@ -145,7 +146,7 @@ def test_global_max_pool(shape, splits):
     chunk = _chunk(shape, splits)
     x = distinct(shape)
     check_against_torch(
-        nhwc(lambda v: pool.global_max_pool(v, chunk)), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x]
+        nhwc(lambda v: gpool.global_max_pool(v, chunk)), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x]
     )
 
 
@@ -155,7 +156,7 @@ def test_global_max_pool_ties_go_to_first_max(chunk):
     x[1, 2] = 5.0  # a whole channel tied
     x.requires_grad_()
     check_against_torch(
-        nhwc(lambda v: pool.global_max_pool(v, chunk)), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x]
+        nhwc(lambda v: gpool.global_max_pool(v, chunk)), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x]
     )
 
 
@@ -164,7 +165,7 @@ def test_global_max_pool_nan():
     x[0, 1, 2, 3] = float("nan")
     x[1, 2, 4, 4] = float("nan")
     for chunk in (None, 4):
-        y = nhwc(lambda v: pool.global_max_pool(v, chunk))(x)
+        y = nhwc(lambda v: gpool.global_max_pool(v, chunk))(x)
         torch.testing.assert_close(y, F.adaptive_max_pool2d(x, 1).flatten(1), equal_nan=True)
 
 
@@ -172,10 +173,10 @@ def test_global_max_pool_nan():
 def test_global_pools_low_precision(dtype):
     x = torch.randn(2, 10, 9, 7, dtype=dtype, requires_grad=True)
     check_against_torch(
-        nhwc(lambda v: pool.global_avg_pool(v, 16)), lambda v: F.adaptive_avg_pool2d(v, 1).flatten(1), [x]
+        nhwc(lambda v: gpool.global_avg_pool(v, 16)), lambda v: F.adaptive_avg_pool2d(v, 1).flatten(1), [x]
     )
     check_against_torch(
-        nhwc(lambda v: pool.global_max_pool(v, 16)), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x]
+        nhwc(lambda v: gpool.global_max_pool(v, 16)), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x]
     )
 
 
@@ -185,8 +186,8 @@ def test_gpu_tile_choice_is_correct(monkeypatch):
     x = distinct((2, 10, 9, 7))
     check_against_torch(nhwc(lambda v: pool.max_pool2d(v, 3, 2, 1)), lambda v: F.max_pool2d(v, 3, 2, 1), [x])
     check_against_torch(nhwc(lambda v: pool.avg_pool2d(v, 3, 1, 1)), lambda v: F.avg_pool2d(v, 3, 1, 1), [x])
-    check_against_torch(nhwc(pool.global_max_pool), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x])
-    check_against_torch(nhwc(pool.global_avg_pool), lambda v: F.adaptive_avg_pool2d(v, 1).flatten(1), [x])
+    check_against_torch(nhwc(gpool.global_max_pool), lambda v: F.adaptive_max_pool2d(v, 1).flatten(1), [x])
+    check_against_torch(nhwc(gpool.global_avg_pool), lambda v: F.adaptive_avg_pool2d(v, 1).flatten(1), [x])
 
 
 def test_backward_is_deterministic():
@@ -219,8 +220,8 @@ def test_only_allocation_view_and_copy_ops_2d():
 
 
 def test_only_allocation_view_and_copy_ops_global():
-    ops = [pool.global_avg_pool, pool.global_max_pool, lambda v: pool.global_avg_pool(v, 8),
-           lambda v: pool.global_max_pool(v, 8)]
+    ops = [gpool.global_avg_pool, gpool.global_max_pool, lambda v: gpool.global_avg_pool(v, 8),
+           lambda v: gpool.global_max_pool(v, 8)]
     used = _record_ops(ops, [(2, 10)] * 4)
     assert used <= ALLOWED_ATEN, f"compute ops used: {sorted(used - ALLOWED_ATEN)}"
 
@@ -232,8 +233,8 @@ def test_errors():
     with pytest.raises(ValueError, match="contiguous"):
         pool.avg_pool2d(x.permute(0, 2, 1, 3), 2)
     with pytest.raises(ValueError, match="4-D"):
-        pool.global_avg_pool(x[0])
-    with pytest.raises(ValueError, match="fp32"):
+        gpool.global_avg_pool(x[0])
+    with pytest.raises(ValueError, match="float32"):
         pool.max_pool2d(x.double(), 2)
     with pytest.raises(ValueError, match="smaller than the kernel"):
         pool.max_pool2d(torch.randn(1, 2, 2, 3), 3)

@@ -36,23 +36,14 @@ def blurpool_ref(x: torch.Tensor, filt: int, stride: int) -> torch.Tensor:
 
 
 UP_SHAPES = [(1, 3, 7, 9), (5, 10, 4, 5), (2, 17, 15, 15)]
+# the usual shapes at factors 2 and 3, then other factors and tiny inputs
+UP_CASES = [(s, f) for s in UP_SHAPES for f in (2, 3)] + [((2, 3, 1, 1), 2), ((1, 5, 2, 3), 4), ((1, 3, 3, 2), 1),
+                                                         ((1, 2, 2, 2), 5)]
 
 
-@pytest.mark.parametrize("shape", UP_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("factor", [2, 3])
+@pytest.mark.parametrize("shape,factor", UP_CASES, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else str(c))
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
 def test_upsample(shape, factor, mode):
-    x = torch.randn(*shape, requires_grad=True)
-    check_against_torch(
-        nhwc(lambda v: resample.upsample(v, factor, mode)),
-        lambda v: F.interpolate(v, scale_factor=factor, mode=mode),
-        [x],
-    )
-
-
-@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-@pytest.mark.parametrize("shape,factor", [((2, 3, 1, 1), 2), ((1, 5, 2, 3), 4), ((1, 3, 3, 2), 1), ((1, 2, 2, 2), 5)])
-def test_upsample_other_factors_and_tiny_inputs(mode, shape, factor):
     x = torch.randn(*shape, requires_grad=True)
     check_against_torch(
         nhwc(lambda v: resample.upsample(v, factor, mode)),
@@ -73,22 +64,14 @@ def test_upsample_low_precision(dtype, mode):
 
 
 BLUR_SHAPES = [(2, 10, 7, 9), (1, 3, 15, 15), (5, 17, 4, 5)]
+# filters 1-5 at strides 1 and 2 on the usual shapes, then the large filters
+BLUR_CASES = [(s, f, st) for s in BLUR_SHAPES for f in (1, 2, 3, 4, 5) for st in (1, 2)] + [
+    ((2, 3, 9, 8), 6, 2), ((1, 5, 4, 11), 7, 3), ((1, 3, 5, 4), 7, 1)]
 
 
-@pytest.mark.parametrize("shape", BLUR_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("filt", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape,filt,stride", BLUR_CASES,
+                         ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else str(c))
 def test_blurpool(shape, filt, stride):
-    x = torch.randn(*shape, requires_grad=True)
-    check_against_torch(
-        nhwc(lambda v: resample.blurpool(v, filt, stride)),
-        lambda v: blurpool_ref(v, filt, stride),
-        [x],
-    )
-
-
-@pytest.mark.parametrize("filt,stride,shape", [(6, 2, (2, 3, 9, 8)), (7, 3, (1, 5, 4, 11)), (7, 1, (1, 3, 5, 4))])
-def test_blurpool_large_filters(filt, stride, shape):
     x = torch.randn(*shape, requires_grad=True)
     check_against_torch(
         nhwc(lambda v: resample.blurpool(v, filt, stride)),

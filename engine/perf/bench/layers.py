@@ -147,8 +147,7 @@ def _conv_kw(s: ConvShape) -> dict:
 
 def _cases(s: ConvShape, precision: str, device: torch.device, gen: torch.Generator):
     """(op, bytes, fusenet closure, cuDNN closure) for forward, dgrad, wgrad and the fused group."""
-    from engine.kernels.conv import conv2d_forward
-    from engine.kernels.conv_backward import conv2d_dgrad, conv2d_wgrad
+    from engine.kernels.conv import conv2d_dgrad, conv2d_forward, conv2d_wgrad
 
     dt, tf32 = DTYPES[precision], precision == "tf32"
     ho, wo = s.out_hw

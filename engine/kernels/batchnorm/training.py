@@ -1,7 +1,6 @@
-"""Batch normalisation over channels-last `[M, C]` rows (M = N*H*W), fused with
-the following activation. Forward and backward side by side.
+"""Training-mode batch normalisation over channels-last `[M, C]` rows (M = N*H*W),
+fused with the following activation. Forward and backward side by side.
 
-Training mode (`batch_norm_train` / `BatchNormTrainFunction`):
   forward  1. `_bn_stats_kernel`     grid (T, C-blocks): fp32 partial sums and sums
                                      of squares per row-block -> psum/psumsq [T, C]
                                      (skipped when a producer, e.g. a conv
@@ -13,16 +12,13 @@ Training mode (`batch_norm_train` / `BatchNormTrainFunction`):
            4. `_bn_apply_kernel`     y = act((x - mean) * rstd * weight + bias)
   backward 1. `_bn_bwd_reduce_kernel` partials of sum(dz), sum(dz * xhat) with
                                      dz = act'(z) * dy (z recomputed from x)
-           2. pointwise.sum_partials  fixed-order reduction -> dbias, dweight [C]
+           2. common.sum_partials     fixed-order reduction -> dbias, dweight [C]
            3. `_bn_bwd_apply_kernel`  dx = weight*rstd*(dz - dbias/M - xhat*dweight/M)
 Everything is deterministic (no atomics). Statistics use fp32 sum / sum of
 squares (var = E[x^2] - mean^2, clamped at 0): fine for normalised activations,
 less accurate than Welford when |mean| >> std.
 
-Eval mode: `bn_eval_scale_shift(weight, bias, running_mean, running_var, eps)`
-folds BN into per-channel (scale, shift) with a tiny kernel (differentiable wrt
-weight and bias), for conv/linear epilogues or `pointwise.affine_act`;
-`batch_norm_eval(...)` is that composition.
+Public API: bn_train_forward, bn_train_backward, BatchNormTrainFunction, batch_norm_train.
 """
 from __future__ import annotations
 
@@ -31,22 +27,10 @@ import triton
 import triton.language as tl
 
 from engine.kernels.activations import act_grad, apply_act
+from engine.kernels.common import (act_code_checked, channel_block, check_activation, check_param,
+                                   contiguous, finalize_plan, reduce_plan, reduce_rows, row_tile, rows_of,
+                                   store_partial_row, sum_partials, tile_2d)
 from engine.kernels.launch import launch
-from engine.kernels.pointwise import (
-    _act_code_checked,
-    _contig,
-    affine_act,
-    check_activation,
-    check_param,
-    finalize_plan,
-    next_pow2,
-    reduce_plan,
-    reduce_rows,
-    row_tile,
-    rows_of,
-    sum_partials,
-    tile_2d,
-)
 
 
 # --------------------------------------------------------------------------- #
@@ -57,16 +41,11 @@ def _bn_stats_kernel(
     x_ptr,  # [M, C] activations
     psum_ptr,  # [T, C] fp32 out: partial sum(x)
     psumsq_ptr,  # [T, C] fp32 out: partial sum(x*x)
-    M,
-    C,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    N_ITER: tl.constexpr,
+    M, C,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, N_ITER: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    cmask = cols < C
+    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum x
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum x^2
     for i in range(N_ITER):
@@ -74,9 +53,7 @@ def _bn_stats_kernel(
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
         acc += x
         acc2 += x * x
-    poffs = pid_t.to(tl.int64) * C + cols  # [BLOCK_C]
-    tl.store(psum_ptr + poffs, tl.sum(acc, axis=0), mask=cmask)
-    tl.store(psumsq_ptr + poffs, tl.sum(acc2, axis=0), mask=cmask)
+    store_partial_row(psum_ptr, psumsq_ptr, acc, acc2, pid_t, C, cols, cmask)
 
 
 @triton.jit
@@ -88,20 +65,15 @@ def _bn_finalize_kernel(
     rmean_ptr,  # [C] fp32 running mean, updated in place (if HAS_RUNNING)
     rvar_ptr,  # [C] fp32 running var, updated in place (if HAS_RUNNING)
     nbt_ptr,  # [] int64 num_batches_tracked before this step (if CMA)
-    T,
-    C,
+    T, C,
     inv_m,  # 1/M
     unbias,  # M/(M-1)
-    eps,
-    momentum,
+    eps, momentum,
     HAS_RUNNING: tl.constexpr,
     CMA: tl.constexpr,  # momentum=None: cumulative moving average, factor 1/(nbt+1)
-    BLOCK_T: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    cmask = cols < C
+    cols, cmask = channel_block(tl.program_id(0), C, BLOCK_C)  # [BLOCK_C] each
     s = reduce_rows(psum_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] fp32
     ss = reduce_rows(psumsq_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] fp32
     mean = s * inv_m
@@ -134,20 +106,12 @@ def _bn_apply_kernel(
     w_ptr,  # [C] fp32 weight (if HAS_W)
     b_ptr,  # [C] fp32 bias (if HAS_B)
     y_ptr,  # [M, C] out, x's dtype
-    M,
-    C,
-    slope,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    M, C, slope,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    cmask = cols < C
-    mask, offs = row_tile(pid_m, M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
+    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
+    mask, offs = row_tile(tl.program_id(0), M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
     a = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32 rstd*weight
     if HAS_W:
@@ -158,6 +122,24 @@ def _bn_apply_kernel(
         z += tl.load(b_ptr + cols, mask=cmask, other=0.0)[None, :]
     y = apply_act(z, ACT, slope)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(mean, rstd, weight, bias), each [BLOCK_C] fp32 at channels `cols`; weight 1 and
+    bias 0 where the batch norm has none."""
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
+    rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
+    else:
+        w = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
+    else:
+        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    return mean, rstd, w, b
 
 
 @triton.jit
@@ -187,30 +169,13 @@ def _bn_bwd_reduce_kernel(
     b_ptr,  # [C] fp32 (if HAS_B)
     pdz_ptr,  # [T, C] fp32 out: partial sum(dz)
     pdzx_ptr,  # [T, C] fp32 out: partial sum(dz * xhat)
-    M,
-    C,
-    slope,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    N_ITER: tl.constexpr,
+    M, C, slope,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, N_ITER: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    cmask = cols < C
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
-    rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
-    else:
-        w = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
-    if HAS_B:
-        b = tl.load(b_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
-    else:
-        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
+    mean, rstd, w, b = _bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_W, HAS_B, BLOCK_C)
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum dz
     accx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum dz*xhat
     for i in range(N_ITER):
@@ -221,9 +186,7 @@ def _bn_bwd_reduce_kernel(
         dz = tl.where(mask, dz, 0.0)
         acc += dz
         accx += dz * xhat
-    poffs = pid_t.to(tl.int64) * C + cols  # [BLOCK_C]
-    tl.store(pdz_ptr + poffs, tl.sum(acc, axis=0), mask=cmask)
-    tl.store(pdzx_ptr + poffs, tl.sum(accx, axis=0), mask=cmask)
+    store_partial_row(pdz_ptr, pdzx_ptr, acc, accx, pid_t, C, cols, cmask)
 
 
 @triton.jit
@@ -237,31 +200,13 @@ def _bn_bwd_apply_kernel(
     sdz_ptr,  # [C] fp32 sum(dz)        (= dbias)
     sdzx_ptr,  # [C] fp32 sum(dz*xhat)  (= dweight)
     dx_ptr,  # [M, C] out, x's dtype
-    M,
-    C,
-    inv_m,
-    slope,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    M, C, inv_m, slope,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    cmask = cols < C
-    mask, offs = row_tile(pid_m, M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
-    rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
-    else:
-        w = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
-    if HAS_B:
-        b = tl.load(b_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
-    else:
-        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
+    mask, offs = row_tile(tl.program_id(0), M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
+    mean, rstd, w, b = _bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_W, HAS_B, BLOCK_C)
     mdz = tl.load(sdz_ptr + cols, mask=cmask, other=0.0) * inv_m  # [BLOCK_C] mean(dz)
     mdzx = tl.load(sdzx_ptr + cols, mask=cmask, other=0.0) * inv_m  # [BLOCK_C] mean(dz*xhat)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
@@ -275,11 +220,6 @@ def _bn_bwd_apply_kernel(
 # --------------------------------------------------------------------------- #
 # Host launchers (training mode)
 # --------------------------------------------------------------------------- #
-def _check_opt_param(p, C, x, name):
-    if p is not None:
-        check_param(p, C, x, name)
-
-
 def bn_train_forward(
     x, weight, bias, running_mean, running_var, *, momentum=0.1, eps=1e-5,
     num_batches_tracked=None, act="none", slope=0.01, partials=None,
@@ -297,8 +237,8 @@ def bn_train_forward(
     """
     check_activation(x)
     M, C = rows_of(x)
-    _check_opt_param(weight, C, x, "weight")
-    _check_opt_param(bias, C, x, "bias")
+    check_param(weight, C, x, "weight", optional=True)
+    check_param(bias, C, x, "bias", optional=True)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     has_running = running_mean is not None
@@ -314,8 +254,8 @@ def bn_train_forward(
     if M <= 1:
         raise ValueError(f"batch norm in training mode needs more than 1 value per channel, got M={M} rows "
                          f"for input shape {tuple(x.shape)}")
-    code = _act_code_checked(act)
-    x = _contig(x)
+    code = act_code_checked(act)
+    x = contiguous(x)
     dev = x.device
 
     if partials is None:
@@ -365,10 +305,10 @@ def bn_train_backward(dy, x, mean, rstd, weight, bias, act="none", slope=0.01, n
         raise ValueError(f"dy shape {tuple(dy.shape)} != x shape {tuple(x.shape)}")
     check_param(mean, C, x, "mean")
     check_param(rstd, C, x, "rstd")
-    _check_opt_param(weight, C, x, "weight")
-    _check_opt_param(bias, C, x, "bias")
-    code = _act_code_checked(act)
-    dy, x = _contig(dy), _contig(x)
+    check_param(weight, C, x, "weight", optional=True)
+    check_param(bias, C, x, "bias", optional=True)
+    code = act_code_checked(act)
+    dy, x = contiguous(dy), contiguous(x)
     dev = x.device
     has_w, has_b = weight is not None, bias is not None
     wp = weight if has_w else mean
@@ -426,121 +366,3 @@ def batch_norm_train(
     psum, psumsq = partials if partials is not None else (None, None)
     return BatchNormTrainFunction.apply(x, weight, bias, running_mean, running_var, num_batches_tracked,
                                         momentum, eps, act, slope, psum, psumsq)
-
-
-# --------------------------------------------------------------------------- #
-# Eval mode: fold into per-channel scale/shift
-# --------------------------------------------------------------------------- #
-@triton.jit
-def _bn_eval_fold_kernel(
-    w_ptr,  # [C] fp32 weight (if HAS_W)
-    b_ptr,  # [C] fp32 bias (if HAS_B)
-    rm_ptr,  # [C] fp32 running mean
-    rv_ptr,  # [C] fp32 running var
-    scale_ptr,  # [C] fp32 out: w / sqrt(rv + eps)
-    shift_ptr,  # [C] fp32 out: b - rm * scale
-    C,
-    eps,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    cmask = cols < C
-    rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0)
-    rv = tl.load(rv_ptr + cols, mask=cmask, other=1.0)
-    s = 1.0 / tl.sqrt(rv + eps)  # [BLOCK_C] fp32
-    if HAS_W:
-        s = s * tl.load(w_ptr + cols, mask=cmask, other=0.0)
-    t = -rm * s
-    if HAS_B:
-        t += tl.load(b_ptr + cols, mask=cmask, other=0.0)
-    tl.store(scale_ptr + cols, s, mask=cmask)
-    tl.store(shift_ptr + cols, t, mask=cmask)
-
-
-@triton.jit
-def _bn_eval_fold_bwd_kernel(
-    ds_ptr,  # [C] fp32 d scale
-    dt_ptr,  # [C] fp32 d shift
-    rm_ptr,  # [C] fp32
-    rv_ptr,  # [C] fp32
-    dw_ptr,  # [C] fp32 out: rstd * (ds - rm * dt)
-    db_ptr,  # [C] fp32 out: dt
-    C,
-    eps,
-    BLOCK_C: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    cmask = cols < C
-    ds = tl.load(ds_ptr + cols, mask=cmask, other=0.0)
-    dt = tl.load(dt_ptr + cols, mask=cmask, other=0.0)
-    rm = tl.load(rm_ptr + cols, mask=cmask, other=0.0)
-    rv = tl.load(rv_ptr + cols, mask=cmask, other=1.0)
-    r = 1.0 / tl.sqrt(rv + eps)
-    tl.store(dw_ptr + cols, r * (ds - rm * dt), mask=cmask)
-    tl.store(db_ptr + cols, dt, mask=cmask)
-
-
-def _fold_block(C):
-    return max(16, min(next_pow2(C), 1024))
-
-
-def bn_eval_fold(weight, bias, running_mean, running_var, eps=1e-5):
-    """(scale, shift) fp32 [C]: scale = weight/sqrt(running_var+eps),
-    shift = bias - running_mean*scale. No autograd."""
-    if not isinstance(running_mean, torch.Tensor):
-        raise ValueError("running_mean must be a tensor")
-    C = running_mean.shape[0] if running_mean.dim() == 1 else -1
-    check_param(running_mean, C, running_mean, "running_mean")
-    check_param(running_var, C, running_mean, "running_var")
-    _check_opt_param(weight, C, running_mean, "weight")
-    _check_opt_param(bias, C, running_mean, "bias")
-    scale_ = torch.empty(C, device=running_mean.device, dtype=torch.float32)
-    shift_ = torch.empty(C, device=running_mean.device, dtype=torch.float32)
-    bc = _fold_block(C)
-    launch(_bn_eval_fold_kernel, (triton.cdiv(C, bc),),
-           weight if weight is not None else running_mean, bias if bias is not None else running_mean,
-           running_mean, running_var, scale_, shift_, C, float(eps),
-           HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=bc, num_warps=1)
-    return scale_, shift_
-
-
-class BNEvalScaleShiftFunction(torch.autograd.Function):
-    """(scale, shift) from BN parameters and running stats. Saves running_mean,
-    running_var; gradients flow to weight and bias (not to the running stats)."""
-
-    @staticmethod
-    def forward(ctx, weight, bias, running_mean, running_var, eps):
-        ctx.eps = float(eps)
-        ctx.save_for_backward(running_mean, running_var)
-        return bn_eval_fold(weight, bias, running_mean, running_var, eps)
-
-    @staticmethod
-    def backward(ctx, dscale, dshift):
-        rm, rv = ctx.saved_tensors
-        C = rm.shape[0]
-        if dscale is None:
-            dscale = torch.zeros(C, device=rm.device, dtype=torch.float32)
-        if dshift is None:
-            dshift = torch.zeros(C, device=rm.device, dtype=torch.float32)
-        dscale, dshift = _contig(dscale), _contig(dshift)
-        dw = torch.empty(C, device=rm.device, dtype=torch.float32)
-        db = torch.empty(C, device=rm.device, dtype=torch.float32)
-        bc = _fold_block(C)
-        launch(_bn_eval_fold_bwd_kernel, (triton.cdiv(C, bc),), dscale, dshift, rm, rv, dw, db, C, ctx.eps,
-               BLOCK_C=bc, num_warps=1)
-        return (dw if ctx.needs_input_grad[0] else None, db if ctx.needs_input_grad[1] else None,
-                None, None, None)
-
-
-def bn_eval_scale_shift(weight, bias, running_mean, running_var, eps=1e-5):
-    """Autograd-aware eval-mode BN fold -> (scale, shift), fp32 [C] each.
-    weight/bias may be None (affine-free BN)."""
-    return BNEvalScaleShiftFunction.apply(weight, bias, running_mean, running_var, eps)
-
-
-def batch_norm_eval(x, weight, bias, running_mean, running_var, eps=1e-5, act="none", slope=0.01):
-    """Autograd-aware eval-mode batch norm + activation = affine_act(x, *fold)."""
-    s, t = bn_eval_scale_shift(weight, bias, running_mean, running_var, eps)
-    return affine_act(x, s, t, act, slope)

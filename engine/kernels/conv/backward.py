@@ -1,7 +1,7 @@
 """Convolution backward (NHWC): dgrad by stride phase, split-K wgrad, depthwise variants.
 
-Split out of conv.py (which holds the forward, the autograd Function and the
-shared host helpers). Layouts as in conv.py.
+Layouts as in engine.kernels.conv.forward; the shared geometry (stride phases,
+split plans, tiles) is in engine.kernels.conv.geometry.
 
 dgrad (dx) is an implicit GEMM over dy, split by stride phase: dx pixels with
 the same (hi mod sh, wi mod sw) are hit by the same subset of taps, so each
@@ -10,7 +10,7 @@ of taps that can never contribute). Stride 1 is the single-phase case: a conv
 with flipped, transposed weights.
 
 wgrad (dw) is an implicit GEMM [K, P] x [P, Cout/G] with P = N*Ho*Wo cut into S
-fixed splits that write fp32 partials; a second kernel sums them in a fixed
+fixed splits that write fp32 partials; common.sum_partials adds them in a fixed
 order, so results are bit-identical run to run (no atomics). The bias gradient
 (a column sum of dz) comes from the same pass.
 
@@ -20,21 +20,25 @@ needs dz materialised as its own gradient (act_backward).
 
 Depthwise convolutions (Cin/G == 1) get direct, non-dot kernels: their
 per-group GEMMs would be far below tl.dot's 16x16 minimum.
+
+Public API: conv2d_dgrad, conv2d_wgrad, act_backward.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+import engine.kernels.conv.geometry as geometry
 from engine import device as _device
-from engine.kernels.activations import act_code, act_grad
 from engine.kernels import autotune
-from engine.kernels import conv as _conv
-from engine.kernels.conv import _check_act, _check_vec, _conv_key, _dot, _geometry, _p2, _precision, _upcast
+from engine.kernels.activations import act_grad
+from engine.kernels.common import check_activation, dot, next_pow2, precision, sum_partials, upcast
+from engine.kernels.conv.geometry import (check_grad_inputs, conv_geometry, conv_key, dgrad_phases, dw_tiles,
+                                          split_plan)
 from engine.kernels.launch import launch
+from engine.kernels.tune_config import Config, epilogue_key, gemm_candidates, smem_limit, split_variants
+
 
 @triton.jit
 def _load_dz(dy_ptr, z_ptr, scale_ptr, off, mask, ch, mask_ch, slope,
@@ -96,7 +100,7 @@ def _conv_dgrad_kernel(
         tap = (r0 + jr * step_r) * KW + (s0 + js * step_s)  # [BLOCK_K] flattened (r, s)
         b = tl.load(w_ptr + ((tap * Cout + g * Cout_g + co) * Cin_g)[:, None] + offs_ci[None, :],
                     mask=mask_k[:, None] & mask_ci[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] w^T tile
-        acc = _dot(a.to(b.dtype), b, acc, PRECISION, UPCAST)
+        acc = dot(a.to(b.dtype), b, acc, PRECISION, UPCAST)
     hi = qh * stride_h + ra  # [BLOCK_M]
     wi = qw * stride_w + rb  # [BLOCK_M]
     dx_off = (n * (H * W * Cin) + (hi * W + wi) * Cin + g * Cin_g)[:, None] + offs_ci[None, :]
@@ -149,7 +153,7 @@ def _conv_wgrad_kernel(
                      slope, ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
         if NEED_BIAS:
             bacc += tl.sum(b, axis=0)
-        acc = _dot(a, b.to(a.dtype), acc, PRECISION, UPCAST)
+        acc = dot(a, b.to(a.dtype), acc, PRECISION, UPCAST)
     part_off = (split * K_g + offs_k)[:, None] * Cout + offs_c[None, :]  # [BLOCK_K, BLOCK_N]
     tl.store(part_ptr + part_off, acc, mask=mask_k[:, None] & mask_c[None, :])
     if NEED_BIAS:
@@ -249,17 +253,6 @@ def _dwconv_wgrad_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, S, L, BLOCK: tl.constexpr):
-    """out[i] = sum_s part[s, i], s in increasing order (deterministic)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
-    mask = offs < L
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)  # [BLOCK] fp32
-    for s in range(0, S):
-        acc += tl.load(part_ptr + s * L + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc, mask=mask)
-
-
-@triton.jit
 def _act_grad_kernel(dy_ptr, z_ptr, dz_ptr, numel, slope, ACT: tl.constexpr, BLOCK: tl.constexpr):
     """dz = act_grad(dy, z), elementwise over contiguous tensors."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
@@ -272,60 +265,6 @@ def _act_grad_kernel(dy_ptr, z_ptr, dz_ptr, numel, slope, ACT: tl.constexpr, BLO
 # --------------------------------------------------------------------------- #
 # Host launchers
 # --------------------------------------------------------------------------- #
-def _check_grad_inputs(dy, z, act, grad_scale, shape):
-    _check_act(dy, "dy")
-    if tuple(dy.shape) != tuple(shape):
-        raise ValueError(f"conv2d backward: dy has shape {tuple(dy.shape)}, expected {tuple(shape)}")
-    code = act_code(act)
-    if code != 0 and (z is None or tuple(z.shape) != tuple(shape)):
-        raise ValueError(f"conv2d backward: act={act!r} needs the pre-activation z of shape {tuple(shape)}")
-    _check_vec(grad_scale, shape[3], dy.device, "grad_scale")
-    return code
-
-
-def _phases(N, H, W, KH, KW, stride, padding, dilation):
-    """Stride phases of dx: one tuple of kernel arguments per (ra, rb) = (hi % sh, wi % sw).
-
-    (Mq, ra, rb, Hq, Wq, r0, nr, step_r, c_r, dstep_h, s0, ns, step_s, c_s, dstep_w):
-    the phase has Mq = N*Hq*Wq pixels hi = qh*sh + ra; the taps that reach it are
-    r = r0 + j*step_r (j < nr; step_r = sh / gcd(sh, dh)); tap j reads dy row
-    ho = qh + c_r - j*dstep_h. A phase no tap reaches has nr = 0 (dx = 0 there).
-    """
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-
-    def axis(ra, size, k, st, pad, dil):
-        taps = [t for t in range(k) if (ra + pad - t * dil) % st == 0]
-        t0 = taps[0] if taps else 0
-        step = st // math.gcd(st, dil)
-        # c: exact division, since (ra + pad - t0*dil) is a multiple of st
-        return triton.cdiv(size - ra, st), t0, len(taps), step, (ra + pad - t0 * dil) // st, step * dil // st
-
-    out = []
-    for ra in range(min(sh, H)):
-        Hq, *rest_h = axis(ra, H, KH, sh, ph, dh)
-        for rb in range(min(sw, W)):
-            Wq, *rest_w = axis(rb, W, KW, sw, pw, dw)
-            out.append((N * Hq * Wq, ra, rb, Hq, Wq, *rest_h, *rest_w))
-    return out
-
-
-def _dw_tiles(M: int, C: int):
-    """(BLOCK_M, BLOCK_N, meta) for the direct depthwise kernels."""
-    if _device.INTERPRETED:
-        return _p2(M, 16, 1024), _p2(C, 16, 256), {}
-    return 64, _p2(C, 16, 64), {"num_warps": 4}
-
-
-def _splits(chunks: int, programs: int, splits):
-    """(S, chunks per split) for a split-K over `chunks` P-chunks; depends only on shapes."""
-    if splits is None:
-        # GPU: enough programs to fill ~2 waves of an H100; interpreter: one split
-        target = 1 if _device.INTERPRETED else 264
-        splits = triton.cdiv(target, programs)
-    per = triton.cdiv(chunks, max(1, min(splits, chunks)))
-    return triton.cdiv(chunks, per), per
-
-
 def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf32=False,
                  z=None, act="none", slope=0.01, grad_scale=None) -> torch.Tensor:
     """dx [N,H,W,Cin] (dy's dtype) of a conv with weights w, from dy [N,Ho,Wo,Cout].
@@ -333,10 +272,10 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
     With act != "none", dy is the gradient of act(z) and the kernel uses
     act_grad(dy, z); grad_scale [Cout] (the forward's folded-BN scale) multiplies it.
     """
-    stride, padding, dilation, Ho, Wo = _geometry(x_shape, w.shape, stride, padding, dilation, groups)
+    stride, padding, dilation, Ho, Wo = conv_geometry(x_shape, w.shape, stride, padding, dilation, groups)
     N, H, W, Cin = x_shape
     Cout, Cin_g, KH, KW = w.shape
-    code = _check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
+    code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
     if w.device != dy.device:
         raise ValueError(f"conv2d_dgrad: w on {w.device}, dy on {dy.device}")
     dy = dy.contiguous()
@@ -344,13 +283,13 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
     G, Cout_g = groups, Cout // groups
     sh, sw = stride
     dx = torch.empty((N, H, W, Cin), device=dy.device, dtype=dy.dtype)
-    phases = _phases(N, H, W, KH, KW, stride, padding, dilation)
+    phases = dgrad_phases(N, H, W, KH, KW, stride, padding, dilation)
     flags = dict(ACT=code, HAS_SCALE=grad_scale is not None)
     step_r, step_s = phases[0][7], phases[0][12]
     m_max = max(p[0] for p in phases)
     if Cin_g == 1 and G > 1:  # depthwise: direct kernel over channels
         wk = w.detach().to(dy.dtype).permute(2, 3, 0, 1).reshape(KH * KW, Cout).contiguous()  # [KH*KW, Cout]
-        bm, bn, meta = _dw_tiles(m_max, Cin)
+        bm, bn, meta = dw_tiles(m_max, Cin)
         for ph_args in phases:
             grid = (triton.cdiv(ph_args[0], bm), triton.cdiv(Cin, bn))
             launch(_dwconv_dgrad_kernel, grid, dy, z, grad_scale, wk, dx,
@@ -360,40 +299,37 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
     wt = w.detach().to(dy.dtype).permute(2, 3, 0, 1).contiguous()  # [KH, KW, Cout, Cin_g]
     k_max = triton.cdiv(KH, step_r) * triton.cdiv(KW, step_s) * Cout_g
 
-    def run(cfg: autotune.Config) -> None:
+    def run(cfg: Config) -> None:
         """Every phase with tile config `cfg` (one config for all phases); each writes its dx pixels afresh."""
         for ph_args in phases:
             grid = (triton.cdiv(ph_args[0], cfg.block_m), triton.cdiv(Cin_g, cfg.block_n), G)
             launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wt, dx,
                    ph_args[0], H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, KW, sh, sw, *ph_args[1:], float(slope),
-                   **flags, PRECISION=_precision(allow_tf32), UPCAST=_upcast(dy.dtype),
+                   **flags, PRECISION=precision(allow_tf32), UPCAST=upcast(dy.dtype),
                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
 
-    # looked up through the module so tests can monkeypatch conv._gemm_tiles
-    bm, bn, bk, meta = _conv._gemm_tiles(m_max, Cin_g, k_max)
+    bm, bn, bk, meta = geometry.gemm_tiles(m_max, Cin_g, k_max)  # through the module: tests patch it
     if meta and bm >= 128:
         # dgrad carries more live registers than the forward (the act-grad operand
         # loads): with Triton 3.6, 128-row tiles at 4 warps, or 128x128 at 3
         # stages, spilled 12-24 B on sm_80; 8 warps and 2 stages for 128x128 do not
         meta = {**meta, "num_warps": 8, "num_stages": 2 if bm * bn >= 128 * 128 else meta["num_stages"]}
-    default = autotune.Config(bm, bn, bk, **meta)
-    shape = dict(M=m_max, N=Cin_g, K=k_max, phases=len(phases), **_conv_key(KH, KW, stride, padding, dilation, G),
-                 epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32))
+    default = Config(bm, bn, bk, **meta)
+    shape = dict(M=m_max, N=Cin_g, K=k_max, phases=len(phases), **conv_key(KH, KW, stride, padding, dilation, G),
+                 epilogue=epilogue_key(flags), tf32=bool(allow_tf32))
     cfg = autotune.pick(
         "conv2d_dgrad", shape, dtype=dy.dtype, device=dy.device, default=default, run=run,
-        candidates=lambda: autotune.gemm_candidates(m_max, Cin_g, k_max, dy.dtype, autotune.smem_limit(dy.device),
+        candidates=lambda: gemm_candidates(m_max, Cin_g, k_max, dy.dtype, smem_limit(dy.device),
                                                     default))
     run(cfg)
     return dx
 
 
-def _sum_partials(part: torch.Tensor) -> torch.Tensor:
+def _sum_splits(part: torch.Tensor) -> torch.Tensor:
     """Sum fp32 partials [S, ...] over S in a fixed order -> [...]."""
     S, L = part.shape[0], part[0].numel()
-    out = torch.empty(part.shape[1:], device=part.device, dtype=torch.float32)
-    block = _p2(L, 16, 1 << 16) if _device.INTERPRETED else 1024
-    launch(_sum_partials_kernel, (triton.cdiv(L, block),), part, out, S, L, BLOCK=block)
-    return out
+    block = next_pow2(L, 16, 1 << 16) if _device.INTERPRETED else 1024
+    return sum_partials(part.view(S, L), block=block).view(part.shape[1:])
 
 
 def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias=False, allow_tf32=False,
@@ -404,13 +340,13 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
     choice) whose fp32 partials are summed in a fixed order: deterministic.
     act/z/grad_scale as in conv2d_dgrad.
     """
-    _check_act(x, "x")
+    check_activation(x, "conv2d: x")
     if x.dim() != 4 or not x.is_contiguous() or x.device != dy.device:
         raise ValueError("conv2d_wgrad: x must be a contiguous NHWC tensor on dy's device")
-    stride, padding, dilation, Ho, Wo = _geometry(x.shape, w_shape, stride, padding, dilation, groups)
+    stride, padding, dilation, Ho, Wo = conv_geometry(x.shape, w_shape, stride, padding, dilation, groups)
     N, H, W, Cin = x.shape
     Cout, Cin_g, KH, KW = w_shape
-    code = _check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
+    code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
     dy = dy.contiguous()
     if dy.dtype != x.dtype:
         raise ValueError(f"conv2d_wgrad: x is {x.dtype} but dy is {dy.dtype}")
@@ -422,8 +358,8 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
     def finish(part: torch.Tensor, bpart):
         """(dw [Cout, Cin_g, KH, KW], dbias [Cout] or None) from the [S, K_g, Cout] and [S, Cout] partials."""
         # [K_g, Cout] rows (r, s, ci) -> PyTorch's [Cout, Cin_g, KH, KW]
-        dw = _sum_partials(part).view(KH, KW, Cin_g, Cout).permute(3, 2, 0, 1).contiguous()
-        return dw, (_sum_partials(bpart) if need_bias else None)
+        dw = _sum_splits(part).view(KH, KW, Cin_g, Cout).permute(3, 2, 0, 1).contiguous()
+        return dw, (_sum_splits(bpart) if need_bias else None)
 
     def partials(S: int):
         part = torch.empty((S, K_g, Cout), device=x.device, dtype=torch.float32)  # [S, K_g, Cout] partials
@@ -431,9 +367,9 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
         return part, bpart
 
     if Cin_g == 1 and G > 1:  # depthwise: direct kernel, one program per (tap, channel tile, split)
-        bp, bn, meta = _dw_tiles(P, Cout)
+        bp, bn, meta = dw_tiles(P, Cout)
         c_tiles = triton.cdiv(Cout, bn)
-        S, per_split = _splits(triton.cdiv(P, bp), KH * KW * c_tiles, splits)
+        S, per_split = split_plan(triton.cdiv(P, bp), KH * KW * c_tiles, splits)
         part, bpart = partials(S)
         launch(_dwconv_wgrad_kernel, (KH * KW, c_tiles, S), x, dy, z, grad_scale, part, bpart, P, per_split * bp,
                H, W, Cin, Ho, Wo, Cout, Cout // Cin, KW, *geo, **flags, BLOCK_P=bp, BLOCK_N=bn, **meta)
@@ -441,41 +377,41 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
 
     # GEMM view [K_g, P] x [P, Cout_g]: config block_m -> BLOCK_K (weight rows), block_n -> BLOCK_N
     # (output channels), block_k -> BLOCK_P (the reduction over output pixels), split -> S
-    def plan(cfg: autotune.Config) -> tuple[int, int, int, int]:
+    def plan(cfg: Config) -> tuple[int, int, int, int]:
         """(Cout tiles, K tiles * Cout tiles, S, P-chunks per split) for a config."""
         n_tiles = triton.cdiv(Cout_g, cfg.block_n)
         tiles = triton.cdiv(K_g, cfg.block_m) * n_tiles
-        S, per_split = _splits(triton.cdiv(P, cfg.block_k), tiles * G, splits if splits is not None else cfg.split)
+        S, per_split = split_plan(triton.cdiv(P, cfg.block_k), tiles * G, splits if splits is not None else cfg.split)
         return n_tiles, tiles, S, per_split
 
-    def run(cfg: autotune.Config):
+    def run(cfg: Config):
         """dw, dbias with config `cfg`; partials are allocated per config (S follows it) and written, not added."""
         n_tiles, tiles, S, per_split = plan(cfg)
         part, bpart = partials(S)
         launch(_conv_wgrad_kernel, (tiles, S, G), x, dy, z, grad_scale, part, bpart, P, per_split * cfg.block_k,
                H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW, n_tiles, *geo, **flags,
-               PRECISION=_precision(allow_tf32), UPCAST=_upcast(x.dtype),
+               PRECISION=precision(allow_tf32), UPCAST=upcast(x.dtype),
                BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_P=cfg.block_k, **cfg.meta())
         return finish(part, bpart)
 
     if _device.INTERPRETED:
         # long reduction chunks: each loop trip costs a round of numpy calls
         # (BLOCK_P 4096 ran 1.5-3x faster than 512 on digits' convs)
-        bk, bn, bp, meta = _p2(K_g, 16, 256), _p2(Cout_g, 16, 256), _p2(P, 16, 4096), {}
+        bk, bn, bp, meta = next_pow2(K_g, 16, 256), next_pow2(Cout_g, 16, 256), next_pow2(P, 16, 4096), {}
         while bp > 512 and bp * max(bk, bn) > (1 << 20):  # Triton's largest tile
             bp //= 2
     else:
-        bk, bn, bp, meta = 64, _p2(Cout_g, 16, 64), 32, {"num_warps": 4, "num_stages": 3}
-    default = autotune.Config(bk, bn, bp, **meta)
+        bk, bn, bp, meta = 64, next_pow2(Cout_g, 16, 64), 32, {"num_warps": 4, "num_stages": 3}
+    default = Config(bk, bn, bp, **meta)
 
-    def candidates() -> list[autotune.Config]:
-        tiles = autotune.gemm_candidates(K_g, Cout_g, P, x.dtype, autotune.smem_limit(x.device), default)
+    def candidates() -> list[Config]:
+        tiles = gemm_candidates(K_g, Cout_g, P, x.dtype, smem_limit(x.device), default)
         # and the default tiles with half / double the heuristic's split count
         S = plan(default)[2]
-        return tiles + [default.with_split(s) for s in autotune.split_variants(S, triton.cdiv(P, bp)) if s != S]
+        return tiles + [default.with_split(s) for s in split_variants(S, triton.cdiv(P, bp)) if s != S]
 
-    shape = dict(M=K_g, N=Cout_g, K=P, **_conv_key(KH, KW, stride, padding, dilation, G),
-                 epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32))
+    shape = dict(M=K_g, N=Cout_g, K=P, **conv_key(KH, KW, stride, padding, dilation, G),
+                 epilogue=epilogue_key(flags), tf32=bool(allow_tf32))
     cfg = autotune.pick("conv2d_wgrad", shape, dtype=x.dtype, device=x.device, default=default, run=run,
                         candidates=candidates, tunable=splits is None)  # an explicit split count is not tuned
     return run(cfg)
@@ -485,6 +421,6 @@ def act_backward(dy: torch.Tensor, z: torch.Tensor, code: int, slope: float) -> 
     """dz = act_grad(dy, z) materialised (contiguous, dy's dtype)."""
     dz = torch.empty_like(dy)
     numel = dy.numel()
-    block = _p2(numel, 16, 1 << 16) if _device.INTERPRETED else 1024
+    block = next_pow2(numel, 16, 1 << 16) if _device.INTERPRETED else 1024
     launch(_act_grad_kernel, (triton.cdiv(numel, block),), dy, z, dz, numel, float(slope), ACT=code, BLOCK=block)
     return dz

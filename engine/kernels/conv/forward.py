@@ -1,4 +1,4 @@
-"""2-D convolution on NHWC tensors as Triton implicit GEMMs, forward and backward.
+"""2-D convolution forward on NHWC tensors as a Triton implicit GEMM.
 
 Layouts (see docs/KERNELS.md):
     x   [N, H, W, Cin]           NHWC contiguous activation (fp32 / fp16 / bf16)
@@ -14,12 +14,7 @@ y = act(z). Depthwise convolutions (Cin/G == 1) use a direct, non-dot kernel
 since their per-group GEMM would be [M, KH*KW] x [KH*KW, Cout/G], far below the
 16x16 minimum tile of tl.dot.
 
-The backward (dgrad by stride phase, deterministic split-K wgrad, depthwise
-variants, fused activation gradient) lives in conv_backward.py; conv2d_dgrad and
-conv2d_wgrad are re-exported here. Conv2dFunction / conv2d tie both together.
-
-Public API: ConvOutput, conv2d_forward, conv2d_dgrad, conv2d_wgrad,
-Conv2dFunction, conv2d.
+Public API: ConvOutput, conv2d_forward.
 """
 from __future__ import annotations
 
@@ -29,13 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from engine import device as _device
+import engine.kernels.conv.geometry as geometry
 from engine.kernels import autotune
 from engine.kernels.activations import act_code, apply_act
-from engine.kernels.dropout import dropout_backward, dropout_mask_scale
+from engine.kernels.common import FLOAT_DTYPES, check_activation, dot, precision, upcast
+from engine.kernels.conv.geometry import check_vec, conv_geometry, conv_key, dw_tiles
+from engine.kernels.dropout import dropout_mask_scale
 from engine.kernels.launch import launch
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from engine.kernels.tune_config import Config, epilogue_key, gemm_candidates, smem_limit
 
 
 # --------------------------------------------------------------------------- #
@@ -77,16 +73,6 @@ def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
         y = dropout_mask_scale(y, seed, flat, drop_p)
     y_off = (n * sy_n + ho * sy_h + wo * sy_w)[:, None] + (offs_c * sy_c)[None, :]
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b. UPCAST (interpreter + bf16 only): Triton's CPU interpreter
-    mis-computes tl.dot on bf16 operands, so feed it fp32 copies; bf16 products are
-    exact in fp32, so this matches a GPU bf16 dot with fp32 accumulation."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 # --------------------------------------------------------------------------- #
@@ -135,7 +121,7 @@ def _conv_fwd_kernel(
                     mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K] gathered x tile (padding = 0)
         b = tl.load(w_ptr + offs_k[:, None] * Cout + offs_c[None, :],
                     mask=mask_k[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] weight tile
-        acc = _dot(a, b, acc, PRECISION, UPCAST)
+        acc = dot(a, b, acc, PRECISION, UPCAST)
 
     _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
               y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
@@ -182,100 +168,12 @@ def _dwconv_fwd_kernel(
 
 
 # --------------------------------------------------------------------------- #
-# Host side: validation and tile choice
+# Host side
 # --------------------------------------------------------------------------- #
-def _pair(v, name: str) -> tuple[int, int]:
-    t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) for i in t):
-        raise ValueError(f"conv2d: {name} must be an int or a pair of ints, got {v!r}")
-    return t
-
-
-def _out_hw(H, W, kh, kw, stride, padding, dilation):
-    ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if ho <= 0 or wo <= 0:
-        raise ValueError(f"conv2d: output would be {ho}x{wo} for input {H}x{W}, kernel {kh}x{kw}, "
-                         f"stride {stride}, padding {padding}, dilation {dilation}")
-    return ho, wo
-
-
-def _geometry(x_shape, w_shape, stride, padding, dilation, groups):
-    """Validate conv hyper-parameters; return (stride, padding, dilation, Ho, Wo)."""
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"conv2d: need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
-    if len(x_shape) != 4 or len(w_shape) != 4:
-        raise ValueError("conv2d: x must be [N,H,W,Cin] and w [Cout,Cin/groups,kh,kw]; "
-                         f"got {tuple(x_shape)}, {tuple(w_shape)}")
-    N, H, W, Cin = x_shape
-    Cout, Cin_g, kh, kw = w_shape
-    if not isinstance(groups, int) or groups < 1 or Cin % groups or Cout % groups or Cin_g * groups != Cin:
-        raise ValueError(f"conv2d: x has {Cin} channels, w is {tuple(w_shape)}, groups={groups}: "
-                         "need Cin == w.shape[1]*groups and Cout divisible by groups")
-    return (stride, padding, dilation) + _out_hw(H, W, kh, kw, stride, padding, dilation)
-
-
-def _check_act(x: torch.Tensor, name: str) -> None:
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"conv2d: {name} dtype must be fp32/fp16/bf16, got {x.dtype}")
-
-
-def _check_vec(v, C, device, name):
-    if v is None:
-        return
-    if v.shape != (C,) or not v.is_floating_point() or v.device != device or not v.is_contiguous():
-        raise ValueError(f"conv2d: {name} must be a contiguous float [{C}] tensor on {device}, "
-                         f"got {tuple(v.shape)} {v.dtype} on {v.device}")
-
-
-def _p2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
-
-
-def _gemm_tiles(M: int, Ncols: int, K: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, meta) for an [M, K] x [K, Ncols] implicit GEMM."""
-    if _device.INTERPRETED:
-        # Interpreter cost is per tile op (a numpy call each) plus per element, so:
-        # as many rows per program as fit (measured on a 64x8x8 3x3 conv, BLOCK_M
-        # 4096 ran 1.5-2x faster than 1024), and the BLOCK_K that best trades the
-        # padding of K against loop trips (one trip costs about 32 padded columns).
-        bn = _p2(Ncols, 16, 256)
-        top = _p2(K, 16, 512)
-        bk = min((top >> s for s in range(6) if top >> s >= 16),
-                 key=lambda b: (triton.cdiv(K, b) * (b + 32), -b))
-        bm = _p2(M, 16, 8192)
-        while bm > 256 and bm * max(bk, bn) > (1 << 19):
-            bm //= 2
-        return bm, bn, bk, {}
-    bm = 128 if M >= 8192 else 64
-    bn = _p2(Ncols, 16, 128)
-    bk = 32 if K >= 32 else 16
-    return bm, bn, bk, {"num_warps": 8 if bm * bn >= 128 * 128 else 4, "num_stages": 3}
-
-
-def _conv_key(KH, KW, stride, padding, dilation, groups) -> dict:
-    """The conv hyper-parameters of an autotune key (besides the GEMM sizes and flags)."""
-    return dict(kernel=f"{KH}x{KW}", stride=f"{stride[0]}x{stride[1]}", pad=f"{padding[0]}x{padding[1]}",
-                dilation=f"{dilation[0]}x{dilation[1]}", groups=groups)
-
-
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def _precision(allow_tf32: bool) -> str:
-    return "tf32" if allow_tf32 else "ieee"
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    """UPCAST constexpr of _dot: only for bf16 under the interpreter."""
-    return bool(_device.INTERPRETED) and dtype == torch.bfloat16
-
-
-# --------------------------------------------------------------------------- #
-# Forward
-# --------------------------------------------------------------------------- #
 class ConvOutput(NamedTuple):
     """conv2d_forward's result. Fields not requested are None.
 
@@ -303,19 +201,19 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     dropout with the mask of engine.kernels.dropout for `dropout_seed` (its
     backward regenerates the mask).
     """
-    _check_act(x, "x")
+    check_activation(x, "conv2d: x")
     if x.dim() != 4 or not x.is_contiguous():
         raise ValueError(f"conv2d: x must be a contiguous NHWC [N,H,W,C] tensor, got shape {tuple(x.shape)} "
                          f"strides {x.stride()}")
     if w.dim() != 4 or not w.is_floating_point() or w.device != x.device:
         raise ValueError(f"conv2d: w must be a float [Cout,Cin/g,kh,kw] tensor on {x.device}")
-    stride, padding, dilation, Ho, Wo = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    stride, padding, dilation, Ho, Wo = conv_geometry(x.shape, w.shape, stride, padding, dilation, groups)
     N, H, W, Cin = x.shape
     Cout, Cin_g, KH, KW = w.shape
     for v, name in ((bias, "bias"), (scale, "scale"), (shift, "shift")):
-        _check_vec(v, Cout, x.device, name)
+        check_vec(v, Cout, x.device, name)
     for t, name in ((residual, "residual"), (out, "out")):
-        if t is not None and (t.shape != (N, Ho, Wo, Cout) or t.device != x.device or t.dtype not in _DTYPES):
+        if t is not None and (t.shape != (N, Ho, Wo, Cout) or t.device != x.device or t.dtype not in FLOAT_DTYPES):
             raise ValueError(f"conv2d: {name} must be a float [{N},{Ho},{Wo},{Cout}] tensor on {x.device}, "
                              f"got {tuple(t.shape)} {t.dtype} on {t.device}")
     code = act_code(act)
@@ -340,10 +238,7 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
                 torch.empty((T, Cout), device=x.device, dtype=torch.float32))
 
     if Cin_g == 1 and G > 1:  # depthwise: direct kernel
-        if _device.INTERPRETED:
-            bm, bn, meta = _p2(M, 16, 1024), _p2(Cout, 16, 256), {}
-        else:
-            bm, bn, meta = 64, _p2(Cout, 16, 64), {"num_warps": 4}
+        bm, bn, meta = dw_tiles(M, Cout)
         wk = w.detach().to(x.dtype).permute(2, 3, 0, 1).reshape(KH * KW, Cout).contiguous()  # [KH*KW, Cout]
         psum, psumsq = stats_buffers(bm)
         launch(_dwconv_fwd_kernel, (triton.cdiv(M, bm), triton.cdiv(Cout, bn)),
@@ -355,23 +250,23 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     # B operand [KH, KW, Cin_g, Cout] viewed as [K_g, Cout]: row (r, s, ci), group g in columns
     wk = w.detach().to(x.dtype).permute(2, 3, 1, 0).reshape(K_g, Cout).contiguous()
 
-    def run(cfg: autotune.Config):
+    def run(cfg: Config):
         """Launch with tile config `cfg`; writes y (z, stats) afresh, so it can run repeatedly."""
         psum, psumsq = stats_buffers(cfg.block_m)
         grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(Cout_g, cfg.block_n), G)
         launch(_conv_fwd_kernel, grid, x, wk, y, z, bias, scale, shift, residual, psum, psumsq,
                M, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW, *tail,
-               **flags, PRECISION=_precision(allow_tf32), UPCAST=_upcast(x.dtype),
+               **flags, PRECISION=precision(allow_tf32), UPCAST=upcast(x.dtype),
                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
         return psum, psumsq
 
-    bm, bn, bk, meta = _gemm_tiles(M, Cout_g, K_g)
-    default = autotune.Config(bm, bn, bk, **meta)
-    shape = dict(M=M, N=Cout_g, K=K_g, **_conv_key(KH, KW, stride, padding, dilation, G),
-                 epilogue=autotune.epilogue_key(flags), tf32=bool(allow_tf32))
+    bm, bn, bk, meta = geometry.gemm_tiles(M, Cout_g, K_g)  # through the module: tests patch it
+    default = Config(bm, bn, bk, **meta)
+    shape = dict(M=M, N=Cout_g, K=K_g, **conv_key(KH, KW, stride, padding, dilation, G),
+                 epilogue=epilogue_key(flags), tf32=bool(allow_tf32))
     cfg = autotune.pick(
         "conv2d_fwd", shape, dtype=x.dtype, device=x.device, default=default, run=run,
-        candidates=lambda: autotune.gemm_candidates(M, Cout_g, K_g, x.dtype, autotune.smem_limit(x.device), default),
+        candidates=lambda: gemm_candidates(M, Cout_g, K_g, x.dtype, smem_limit(x.device), default),
         # re-running is only harmless when the output does not overwrite an input
         tunable=not any(t is not None and _same_memory(y, t) for t in (x, residual)))
     psum, psumsq = run(cfg)
@@ -379,101 +274,3 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
 
 
 # The backward imports this module's helpers; importing it here (after they are
-# defined) works whichever of the two modules is imported first.
-from engine.kernels import conv_backward as _bw  # noqa: E402
-
-
-def __getattr__(name):
-    # re-export the backward launchers lazily (see the import note above)
-    if name in ("conv2d_dgrad", "conv2d_wgrad", "act_backward"):
-        return getattr(_bw, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# --------------------------------------------------------------------------- #
-# Autograd
-# --------------------------------------------------------------------------- #
-class Conv2dFunction(torch.autograd.Function):
-    """y = dropout(act(conv(x, w) + bias [* scale + shift] + residual)), NHWC,
-    differentiable in x, w, bias, residual.
-
-    scale/shift are treated as constants (folded inference BN): no gradient.
-    `out` (first, see forward): a view of a larger buffer written in place.
-    Dropout's mask is regenerated from its seed in the backward.
-    stats=True also returns the per-tile partial sums of the pre-activation
-    (psum, psumsq, fp32 [T, Cout]) for a training-mode batch norm that follows:
-    statistics, not values, so they carry no gradient (the batch norm's own
-    backward accounts for its statistics' dependence on its input).
-    """
-
-    @staticmethod
-    def forward(ctx, out, x, w, bias, residual, stride, padding, dilation, groups, act, slope, allow_tf32,
-                scale=None, shift=None, dropout_p=0.0, dropout_seed=0, stats=False):
-        # `out` comes first: autograd's handling of in-place writes into views
-        # (CopySlices) expects the written tensor to be the first input
-        code = act_code(act)
-        res = conv2d_forward(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                             scale=scale, shift=shift, residual=residual, act=act, slope=slope,
-                             save_pre=code != 0, allow_tf32=allow_tf32, dropout_p=dropout_p,
-                             dropout_seed=dropout_seed, out=out, stats=stats)
-        ctx.dropout = (dropout_p, dropout_seed)
-        ctx.wrote_into = out is not None
-        if out is not None:
-            # written in place into a slice of a larger buffer (a concat): autograd
-            # routes that slice of the buffer's gradient back here
-            ctx.mark_dirty(out)
-        ctx.save_for_backward(x, w, res.z, scale)
-        ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
-        ctx.act, ctx.slope = act, slope
-        ctx.has_res = residual is not None
-        if stats:
-            ctx.mark_non_differentiable(res.psum, res.psumsq)
-            return res.y, res.psum, res.psumsq
-        return res.y
-
-    @staticmethod
-    def backward(ctx, dy, *_stats_grads):  # the partial sums (stats=True) have no gradient
-        x, w, z, scale = ctx.saved_tensors
-        need_x, need_w, need_b, need_r = ctx.needs_input_grad[1:5]
-        dy = dy.contiguous()
-        if ctx.dropout[0] > 0:  # the forward's mask, regenerated from its seed
-            dy = dropout_backward(dy, *ctx.dropout)
-        act, dres = ctx.act, None
-        if act_code(act) != 0 and ctx.has_res and need_r:
-            # dz is the residual's gradient: materialise it once, then plain GEMMs
-            dz = _bw.act_backward(dy, z, act_code(act), ctx.slope)
-            dres, g, z, act = dz, dz, None, "none"
-        else:
-            # dz is formed on the fly inside dgrad/wgrad (act none: dz = dy)
-            g = dy
-            if need_r:
-                dres = dy
-        bw = dict(z=z, act=act, slope=ctx.slope, grad_scale=scale, **ctx.conf)
-        dx = _bw.conv2d_dgrad(g, w, x.shape, **bw) if need_x else None
-        dw = db = None
-        if need_w or need_b:
-            dw, db = _bw.conv2d_wgrad(x, g, w.shape, need_bias=need_b, **bw)
-        # `out`'s overwritten contents get a zero gradient; it must be a real tensor
-        # (autograd's CopySlices drops the buffer's gradient when it is None), and a
-        # stride-0 expanded scalar costs no memory
-        dout = torch.zeros((), device=dy.device, dtype=dy.dtype).expand(dy.shape) if ctx.wrote_into else None
-        return (dout, dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None,
-                None, None, None, None)
-
-
-def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, groups=1, act="none",
-           slope=0.01, allow_tf32=False, scale=None, shift=None, dropout_p=0.0, dropout_seed=0,
-           out=None, stats=False):
-    """Differentiable fused NHWC conv: dropout(act(conv(x, w) + bias [*scale + shift] + residual)).
-
-    `out`: a view (e.g. `buf[..., c0:c1]` of a concat buffer) to write the result
-    into, in place; it is returned, and gradients flow through the buffer.
-    stats=True returns (y, (psum, psumsq)): fp32 [T, Cout] per-tile partial sums
-    of the pre-activation, for batch_norm_train(partials=...)."""
-    result = Conv2dFunction.apply(out, x, w, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
-                                  _pair(dilation, "dilation"), groups, act, slope, allow_tf32, scale, shift,
-                                  dropout_p, dropout_seed, stats)
-    if stats:
-        y, psum, psumsq = result
-        return y, (psum, psumsq)
-    return result

@@ -1,0 +1,26 @@
+"""Batch normalisation fused with the following activation, on channels-last
+`[M, C]` rows: training mode (batch statistics, split deterministic reductions)
+in `training`, eval mode (the fold into a per-channel affine, and that affine +
+activation) in `inference`."""
+from engine.kernels.batchnorm.inference import (
+    AffineActFunction,
+    BNEvalScaleShiftFunction,
+    affine_act,
+    affine_act_backward,
+    affine_act_forward,
+    batch_norm_eval,
+    bn_eval_fold,
+    bn_eval_scale_shift,
+)
+from engine.kernels.batchnorm.training import (
+    BatchNormTrainFunction,
+    batch_norm_train,
+    bn_train_backward,
+    bn_train_forward,
+)
+
+__all__ = [
+    "AffineActFunction", "BNEvalScaleShiftFunction", "BatchNormTrainFunction", "affine_act",
+    "affine_act_backward", "affine_act_forward", "batch_norm_eval", "batch_norm_train", "bn_eval_fold",
+    "bn_eval_scale_shift", "bn_train_backward", "bn_train_forward",
+]

@@ -1,0 +1,100 @@
+"""The autograd Function of the fused NHWC convolution: forward through
+engine.kernels.conv.forward, backward through engine.kernels.conv.backward.
+
+Public API: Conv2dFunction, conv2d.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.kernels.activations import act_code
+from engine.kernels.common import pair
+from engine.kernels.conv.backward import act_backward, conv2d_dgrad, conv2d_wgrad
+from engine.kernels.conv.forward import conv2d_forward
+from engine.kernels.dropout import dropout_backward
+
+
+class Conv2dFunction(torch.autograd.Function):
+    """y = dropout(act(conv(x, w) + bias [* scale + shift] + residual)), NHWC,
+    differentiable in x, w, bias, residual.
+
+    scale/shift are treated as constants (folded inference BN): no gradient.
+    `out` (first, see forward): a view of a larger buffer written in place.
+    Dropout's mask is regenerated from its seed in the backward.
+    stats=True also returns the per-tile partial sums of the pre-activation
+    (psum, psumsq, fp32 [T, Cout]) for a training-mode batch norm that follows:
+    statistics, not values, so they carry no gradient (the batch norm's own
+    backward accounts for its statistics' dependence on its input).
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, w, bias, residual, stride, padding, dilation, groups, act, slope, allow_tf32,
+                scale=None, shift=None, dropout_p=0.0, dropout_seed=0, stats=False):
+        # `out` comes first: autograd's handling of in-place writes into views
+        # (CopySlices) expects the written tensor to be the first input
+        code = act_code(act)
+        res = conv2d_forward(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                             scale=scale, shift=shift, residual=residual, act=act, slope=slope,
+                             save_pre=code != 0, allow_tf32=allow_tf32, dropout_p=dropout_p,
+                             dropout_seed=dropout_seed, out=out, stats=stats)
+        ctx.dropout = (dropout_p, dropout_seed)
+        ctx.wrote_into = out is not None
+        if out is not None:
+            # written in place into a slice of a larger buffer (a concat): autograd
+            # routes that slice of the buffer's gradient back here
+            ctx.mark_dirty(out)
+        ctx.save_for_backward(x, w, res.z, scale)
+        ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
+        ctx.act, ctx.slope = act, slope
+        ctx.has_res = residual is not None
+        if stats:
+            ctx.mark_non_differentiable(res.psum, res.psumsq)
+            return res.y, res.psum, res.psumsq
+        return res.y
+
+    @staticmethod
+    def backward(ctx, dy, *_stats_grads):  # the partial sums (stats=True) have no gradient
+        x, w, z, scale = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[1:5]
+        dy = dy.contiguous()
+        if ctx.dropout[0] > 0:  # the forward's mask, regenerated from its seed
+            dy = dropout_backward(dy, *ctx.dropout)
+        act, dres = ctx.act, None
+        if act_code(act) != 0 and ctx.has_res and need_r:
+            # dz is the residual's gradient: materialise it once, then plain GEMMs
+            dz = act_backward(dy, z, act_code(act), ctx.slope)
+            dres, g, z, act = dz, dz, None, "none"
+        else:
+            # dz is formed on the fly inside dgrad/wgrad (act none: dz = dy)
+            g = dy
+            if need_r:
+                dres = dy
+        bw = dict(z=z, act=act, slope=ctx.slope, grad_scale=scale, **ctx.conf)
+        dx = conv2d_dgrad(g, w, x.shape, **bw) if need_x else None
+        dw = db = None
+        if need_w or need_b:
+            dw, db = conv2d_wgrad(x, g, w.shape, need_bias=need_b, **bw)
+        # `out`'s overwritten contents get a zero gradient; it must be a real tensor
+        # (autograd's CopySlices drops the buffer's gradient when it is None), and a
+        # stride-0 expanded scalar costs no memory
+        dout = torch.zeros((), device=dy.device, dtype=dy.dtype).expand(dy.shape) if ctx.wrote_into else None
+        return (dout, dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None,
+                None, None, None, None)
+
+
+def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, groups=1, act="none",
+           slope=0.01, allow_tf32=False, scale=None, shift=None, dropout_p=0.0, dropout_seed=0,
+           out=None, stats=False):
+    """Differentiable fused NHWC conv: dropout(act(conv(x, w) + bias [*scale + shift] + residual)).
+
+    `out`: a view (e.g. `buf[..., c0:c1]` of a concat buffer) to write the result
+    into, in place; it is returned, and gradients flow through the buffer.
+    stats=True returns (y, (psum, psumsq)): fp32 [T, Cout] per-tile partial sums
+    of the pre-activation, for batch_norm_train(partials=...)."""
+    geometry = pair(stride, "conv2d: stride"), pair(padding, "conv2d: padding"), pair(dilation, "conv2d: dilation")
+    result = Conv2dFunction.apply(out, x, w, bias, residual, *geometry, groups, act, slope, allow_tf32, scale, shift,
+                                  dropout_p, dropout_seed, stats)
+    if stats:
+        y, psum, psumsq = result
+        return y, (psum, psumsq)
+    return result

@@ -1,0 +1,135 @@
+"""Convolution geometry shared by the forward and backward launchers: argument
+checks, output size, the stride phases of dgrad, split-K plans, tile choices
+and autotune keys.
+
+`gemm_tiles` is the one place the implicit-GEMM tiles are chosen; launchers call
+it through this module (`geometry.gemm_tiles(...)`), so tests can monkeypatch
+it here to force small tiles.
+"""
+from __future__ import annotations
+
+import math
+
+import triton
+
+from engine import device as _device
+from engine.kernels.activations import act_code
+from engine.kernels.common import check_activation, next_pow2, pair
+
+
+def out_hw(H, W, kh, kw, stride, padding, dilation):
+    """(Ho, Wo) of a conv; ValueError when the output would be empty."""
+    ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"conv2d: output would be {ho}x{wo} for input {H}x{W}, kernel {kh}x{kw}, "
+                         f"stride {stride}, padding {padding}, dilation {dilation}")
+    return ho, wo
+
+
+def conv_geometry(x_shape, w_shape, stride, padding, dilation, groups):
+    """Validate conv hyper-parameters; return (stride, padding, dilation, Ho, Wo)."""
+    stride = pair(stride, "conv2d: stride")
+    padding, dilation = pair(padding, "conv2d: padding"), pair(dilation, "conv2d: dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"conv2d: need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
+    if len(x_shape) != 4 or len(w_shape) != 4:
+        raise ValueError("conv2d: x must be [N,H,W,Cin] and w [Cout,Cin/groups,kh,kw]; "
+                         f"got {tuple(x_shape)}, {tuple(w_shape)}")
+    N, H, W, Cin = x_shape
+    Cout, Cin_g, kh, kw = w_shape
+    if not isinstance(groups, int) or groups < 1 or Cin % groups or Cout % groups or Cin_g * groups != Cin:
+        raise ValueError(f"conv2d: x has {Cin} channels, w is {tuple(w_shape)}, groups={groups}: "
+                         "need Cin == w.shape[1]*groups and Cout divisible by groups")
+    return (stride, padding, dilation) + out_hw(H, W, kh, kw, stride, padding, dilation)
+
+
+def check_vec(v, C, device, name):
+    """An optional per-channel float [C] vector (bias, scale, shift) on `device`."""
+    if v is None:
+        return
+    if v.shape != (C,) or not v.is_floating_point() or v.device != device or not v.is_contiguous():
+        raise ValueError(f"conv2d: {name} must be a contiguous float [{C}] tensor on {device}, "
+                         f"got {tuple(v.shape)} {v.dtype} on {v.device}")
+
+
+def check_grad_inputs(dy, z, act, grad_scale, shape):
+    """The incoming gradient dy (and z, grad_scale) of a conv backward; returns act's code."""
+    check_activation(dy, "conv2d: dy")
+    if tuple(dy.shape) != tuple(shape):
+        raise ValueError(f"conv2d backward: dy has shape {tuple(dy.shape)}, expected {tuple(shape)}")
+    code = act_code(act)
+    if code != 0 and (z is None or tuple(z.shape) != tuple(shape)):
+        raise ValueError(f"conv2d backward: act={act!r} needs the pre-activation z of shape {tuple(shape)}")
+    check_vec(grad_scale, shape[3], dy.device, "grad_scale")
+    return code
+
+
+def gemm_tiles(M: int, Ncols: int, K: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, meta) for an [M, K] x [K, Ncols] implicit GEMM."""
+    if _device.INTERPRETED:
+        # Interpreter cost is per tile op (a numpy call each) plus per element, so:
+        # as many rows per program as fit (measured on a 64x8x8 3x3 conv, BLOCK_M
+        # 4096 ran 1.5-2x faster than 1024), and the BLOCK_K that best trades the
+        # padding of K against loop trips (one trip costs about 32 padded columns).
+        bn = next_pow2(Ncols, 16, 256)
+        top = next_pow2(K, 16, 512)
+        bk = min((top >> s for s in range(6) if top >> s >= 16),
+                 key=lambda b: (triton.cdiv(K, b) * (b + 32), -b))
+        bm = next_pow2(M, 16, 8192)
+        while bm > 256 and bm * max(bk, bn) > (1 << 19):
+            bm //= 2
+        return bm, bn, bk, {}
+    bm = 128 if M >= 8192 else 64
+    bn = next_pow2(Ncols, 16, 128)
+    bk = 32 if K >= 32 else 16
+    return bm, bn, bk, {"num_warps": 8 if bm * bn >= 128 * 128 else 4, "num_stages": 3}
+
+
+def dw_tiles(M: int, C: int):
+    """(BLOCK_M, BLOCK_N, meta) for the direct depthwise kernels."""
+    if _device.INTERPRETED:
+        return next_pow2(M, 16, 1024), next_pow2(C, 16, 256), {}
+    return 64, next_pow2(C, 16, 64), {"num_warps": 4}
+
+
+def conv_key(KH, KW, stride, padding, dilation, groups) -> dict:
+    """The conv hyper-parameters of an autotune key (besides the GEMM sizes and flags)."""
+    return dict(kernel=f"{KH}x{KW}", stride=f"{stride[0]}x{stride[1]}", pad=f"{padding[0]}x{padding[1]}",
+                dilation=f"{dilation[0]}x{dilation[1]}", groups=groups)
+
+
+def dgrad_phases(N, H, W, KH, KW, stride, padding, dilation):
+    """Stride phases of dx: one tuple of kernel arguments per (ra, rb) = (hi % sh, wi % sw).
+
+    (Mq, ra, rb, Hq, Wq, r0, nr, step_r, c_r, dstep_h, s0, ns, step_s, c_s, dstep_w):
+    the phase has Mq = N*Hq*Wq pixels hi = qh*sh + ra; the taps that reach it are
+    r = r0 + j*step_r (j < nr; step_r = sh / gcd(sh, dh)); tap j reads dy row
+    ho = qh + c_r - j*dstep_h. A phase no tap reaches has nr = 0 (dx = 0 there).
+    """
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+
+    def axis(ra, size, k, st, pad, dil):
+        taps = [t for t in range(k) if (ra + pad - t * dil) % st == 0]
+        t0 = taps[0] if taps else 0
+        step = st // math.gcd(st, dil)
+        # c: exact division, since (ra + pad - t0*dil) is a multiple of st
+        return triton.cdiv(size - ra, st), t0, len(taps), step, (ra + pad - t0 * dil) // st, step * dil // st
+
+    out = []
+    for ra in range(min(sh, H)):
+        Hq, *rest_h = axis(ra, H, KH, sh, ph, dh)
+        for rb in range(min(sw, W)):
+            Wq, *rest_w = axis(rb, W, KW, sw, pw, dw)
+            out.append((N * Hq * Wq, ra, rb, Hq, Wq, *rest_h, *rest_w))
+    return out
+
+
+def split_plan(chunks: int, programs: int, splits):
+    """(S, chunks per split) for a split-K over `chunks` P-chunks; depends only on shapes."""
+    if splits is None:
+        # GPU: enough programs to fill ~2 waves of an H100; interpreter: one split
+        target = 1 if _device.INTERPRETED else 264
+        splits = triton.cdiv(target, programs)
+    per = triton.cdiv(chunks, max(1, min(splits, chunks)))
+    return triton.cdiv(chunks, per), per

@@ -1,0 +1,170 @@
+"""Tile configs of the GEMM kernels and the candidates worth timing for a shape.
+
+A `Config` is a tile config in the GEMM view `[M, K] x [K, N]` of a kernel
+(block_m, block_n, block_k, num_warps, num_stages, split); each launcher maps
+it onto its kernel's constexprs. `gemm_candidates` lists the configs that fit
+a device's shared memory, `split_variants` the split-K counts around a
+heuristic's, `epilogue_key` the launch flags that belong in a tuning key.
+Pure functions: timing and choosing live in engine.kernels.autotune, the
+on-disk cache in engine.kernels.tune_cache.
+
+Public API: Config, epilogue_key, gemm_smem_bytes, gemm_candidates,
+split_variants, smem_limit, DEFAULT_SMEM_LIMIT, MAX_CANDIDATES.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from engine.kernels.common import next_pow2
+
+DEFAULT_SMEM_LIMIT = 227 * 1024  # an H100's opt-in shared memory per block, when the device does not say
+MAX_CANDIDATES = 24
+
+# --------------------------------------------------------------------------- #
+# Configs
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Config:
+    """A tile config in the GEMM view [M, K] x [K, N] of a kernel.
+
+    block_m / block_n tile the output, block_k is the reduction chunk; each
+    launcher maps them onto its kernel's constexpr names. num_warps / num_stages
+    None: the launcher passes none (Triton's defaults). split: the split-K count
+    of a wgrad (None: the launcher's heuristic for these tiles).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int | None = None
+    num_stages: int | None = None
+    split: int | None = None
+
+    def meta(self) -> dict:
+        """The launch options (num_warps, num_stages) this config sets."""
+        out = {}
+        if self.num_warps is not None:
+            out["num_warps"] = self.num_warps
+        if self.num_stages is not None:
+            out["num_stages"] = self.num_stages
+        return out
+
+    def with_split(self, split: int | None) -> Config:
+        return replace(self, split=split)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Config:
+        """Parse a cached config; ValueError if it is not one."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config is {type(data).__name__}, not an object")
+        names = {"block_m", "block_n", "block_k", "num_warps", "num_stages", "split"}
+        extra = set(data) - names
+        if extra:
+            raise ValueError(f"config has unknown fields {sorted(extra)}")
+        for name, value in data.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"config field {name} is {value!r}, not a positive integer")
+        try:
+            return cls(**data)
+        except TypeError as e:  # a required block size is missing
+            raise ValueError(f"config {data}: {e}") from None
+
+    def __str__(self) -> str:
+        text = f"{self.block_m}x{self.block_n}x{self.block_k}"
+        if self.num_warps is not None:
+            text += f" w{self.num_warps}"
+        if self.num_stages is not None:
+            text += f" s{self.num_stages}"
+        if self.split is not None:
+            text += f" split{self.split}"
+        return text
+
+
+def epilogue_key(flags: dict) -> str:
+    """Launch flags that change a kernel's register use, as a short key part.
+
+    {"HAS_BIAS": True, "ACT": 3, "STATS": False} -> "has_bias+act3"; none -> "none".
+    """
+    parts = []
+    for name, value in flags.items():
+        if value is True:
+            parts.append(name.lower())
+        elif isinstance(value, int) and not isinstance(value, bool) and value:
+            parts.append(f"{name.lower()}{value}")
+    return "+".join(parts) or "none"
+
+
+# --------------------------------------------------------------------------- #
+# Candidates
+# --------------------------------------------------------------------------- #
+def gemm_smem_bytes(block_m: int, block_n: int, block_k: int, stages: int, a_bytes: int, b_bytes: int) -> int:
+    """Shared memory a pipelined GEMM tile needs: `stages` buffers of the A and B tiles."""
+    return stages * (block_m * block_k * a_bytes + block_k * block_n * b_bytes)
+
+
+def gemm_candidates(M: int, N: int, K: int, dtype: torch.dtype, smem_limit: int,
+                    default: Config | None = None, *, b_dtype: torch.dtype | None = None) -> list[Config]:
+    """The tile configs worth timing for an [M, K] x [K, N] GEMM; a pure function.
+
+    BLOCK_M 64/128 (128 only when M reaches it), BLOCK_N 32..256 up to
+    next_pow2(N) (16 for N <= 16), BLOCK_K 32/64 up to next_pow2(K) (16 for
+    K <= 16); warps by tile area (4 up to 64x64, 8 from 128x128, both between);
+    the deepest of 4 (BLOCK_K 32) or 3 (BLOCK_K 64) stages that fits
+    `smem_limit`, down to 2, else the tile is dropped. `default` comes first,
+    always (it is what runs today). At most MAX_CANDIDATES configs.
+    b_dtype: the B operand's dtype in memory when it differs (linear loads fp32
+    weights and casts them in registers).
+    """
+    a_bytes = torch.empty((), dtype=dtype).element_size()
+    b_bytes = torch.empty((), dtype=b_dtype).element_size() if b_dtype is not None else a_bytes
+    bm_opts = [b for b in (64, 128) if b <= max(64, next_pow2(M))]
+    bn_opts = [b for b in (32, 64, 128, 256) if b <= next_pow2(N)] or [max(16, next_pow2(N))]
+    bk_opts = [b for b in (32, 64) if b <= next_pow2(K)] or [max(16, next_pow2(K))]
+    out: list[Config] = [default] if default is not None else []
+    for bm in bm_opts:
+        for bn in bn_opts:
+            for bk in bk_opts:
+                area = bm * bn
+                warps = (4,) if area <= 64 * 64 else (8,) if area >= 128 * 128 else (4, 8)
+                stages = 4 if bk <= 32 else 3
+                while stages > 2 and gemm_smem_bytes(bm, bn, bk, stages, a_bytes, b_bytes) > smem_limit:
+                    stages -= 1
+                if gemm_smem_bytes(bm, bn, bk, stages, a_bytes, b_bytes) > smem_limit:
+                    continue  # does not fit even double-buffered
+                for w in warps:
+                    cfg = Config(bm, bn, bk, num_warps=w, num_stages=stages)
+                    if cfg not in out:
+                        out.append(cfg)
+    return out[:MAX_CANDIDATES]
+
+
+def split_variants(split: int, max_split: int) -> list[int]:
+    """Split-K counts worth timing around a heuristic's `split`: half, same, double (within 1..max_split)."""
+    values = {max(1, split // 2), split, min(max_split, split * 2)}
+    return sorted(v for v in values if 1 <= v <= max(1, max_split))
+
+
+_smem_limits: dict[int, int] = {}
+
+
+def smem_limit(device: torch.device) -> int:
+    """Shared memory one program may use on `device` (opt-in maximum), DEFAULT_SMEM_LIMIT if unknown."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return DEFAULT_SMEM_LIMIT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _smem_limits:
+        props = torch.cuda.get_device_properties(index)
+        _smem_limits[index] = int(getattr(props, "shared_memory_per_block_optin", 0) or DEFAULT_SMEM_LIMIT)
+    return _smem_limits[index]
+
+
+__all__ = ["Config", "epilogue_key", "gemm_smem_bytes", "gemm_candidates", "split_variants", "smem_limit",
+           "DEFAULT_SMEM_LIMIT", "MAX_CANDIDATES"]

@@ -1,0 +1,67 @@
+"""engine/kernels/common.py: the shared helpers (powers of two, pairs, checks,
+tile plans) and the one deterministic partial-sum reduction."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+import engine.device
+from engine.kernels import common
+from engine.kernels.launch import recording
+
+
+def test_powers_of_two():
+    assert [common.next_pow2(n) for n in (-3, 0, 1, 2, 3, 64, 65)] == [1, 1, 1, 2, 4, 64, 128]
+    assert common.next_pow2(3, 16, 256) == 16 and common.next_pow2(1000, 16, 256) == 256
+    assert common.next_pow2(100, hi=64) == 64
+    assert [common.prev_pow2(n) for n in (0, 1, 2, 3, 64, 65)] == [1, 1, 2, 2, 64, 64]
+
+
+def test_pair():
+    assert common.pair(3, "k") == (3, 3) and common.pair((1, 2), "k") == (1, 2)
+    for bad in (1.5, (1, 2, 3), "ab", None, (1.0, 2)):
+        with pytest.raises(ValueError, match="k must be an int or a pair of ints"):
+            common.pair(bad, "k")
+
+
+def test_checks():
+    common.check_activation(torch.randn(3))
+    common.check_nhwc(torch.randn(1, 2, 2, 3))
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        common.check_activation(torch.randn(3).double())
+    with pytest.raises(ValueError, match="4-D"):
+        common.check_nhwc(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="contiguous"):
+        common.check_nhwc(torch.randn(1, 2, 3, 4).transpose(1, 2))
+    with pytest.raises(ValueError, match="output shape"):
+        common.check_grad(torch.randn(1, 2, 2, 3), (1, 2, 2, 4))
+    x = torch.randn(2, 4)
+    common.check_param(None, 4, x, "w", optional=True)
+    with pytest.raises(ValueError, match="shape \\[4\\]"):
+        common.check_param(torch.randn(3), 4, x, "w")
+
+
+def test_sum_partials_deterministic_fixed_order():
+    p = torch.randn(300, 70)
+    q = torch.randn(300, 70)
+    a1, b1 = common.sum_partials(p, q)
+    a2, b2 = common.sum_partials(p, q)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    assert_close(a1, p.double().sum(0))
+    assert_close(b1, q.double().sum(0))
+
+
+@pytest.mark.parametrize("interpreted", [True, False])
+def test_sum_partials_one_row_at_a_time_is_a_running_sum(interpreted, monkeypatch):
+    # block=B (the split-K slices of a weight gradient): out = ((p0 + p1) + p2) + ... per column
+    monkeypatch.setattr(engine.device, "INTERPRETED", interpreted)
+    p = torch.randn(5, 1000) * torch.logspace(-3, 3, 5)[:, None]
+    with recording() as specs:
+        out = common.sum_partials(p, block=256)
+    running = p[0].clone()
+    for row in p[1:]:
+        running += row
+    assert torch.equal(out, running)
+    (spec,) = specs
+    assert dict(spec.constexprs)["BLOCK_T"] == 1 and dict(spec.constexprs)["BLOCK_C"] == 256

@@ -1,0 +1,69 @@
+"""engine/kernels/tune_config.py: tile configs, candidate pruning by shape and
+shared memory, split-count variants, epilogue keys (pure functions)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import tune_config
+from engine.kernels.tune_config import Config
+
+
+def test_candidates_large_gemm():
+    default = Config(128, 64, 32, num_warps=4, num_stages=3)
+    cands = tune_config.gemm_candidates(65536, 256, 2304, torch.bfloat16, 227 * 1024, default)
+    assert cands[0] == default and len(cands) == len(set(cands))
+    assert 16 <= len(cands) <= tune_config.MAX_CANDIDATES
+    assert {c.block_m for c in cands} == {64, 128}
+    assert {c.block_n for c in cands} == {32, 64, 128, 256}
+    assert {c.block_k for c in cands} == {32, 64}
+    assert {c.num_warps for c in cands} == {4, 8} and all(2 <= c.num_stages <= 4 for c in cands)
+    for c in cands[1:]:
+        assert tune_config.gemm_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages, 2, 2) <= 227 * 1024
+
+
+def test_candidates_pruned_by_shared_memory():
+    limit = 48 * 1024
+    default = Config(64, 64, 32, num_warps=8)
+    big = tune_config.gemm_candidates(65536, 256, 2304, torch.float32, 227 * 1024)
+    small = tune_config.gemm_candidates(65536, 256, 2304, torch.float32, limit, default)
+    assert small[0] == default  # always included, fits or not
+    assert len(small) < len(big)
+    for c in small[1:]:
+        assert tune_config.gemm_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages, 4, 4) <= limit
+    assert not any(c.block_m == 128 and c.block_n == 256 for c in small)
+    # fp32 128x256x64 only fits an H100 double-buffered
+    fat = [c for c in big if (c.block_m, c.block_n, c.block_k) == (128, 256, 64)]
+    assert fat and all(c.num_stages == 2 for c in fat)
+    # linear's fp32 weight operand counts 4 bytes even for 16-bit activations
+    half = tune_config.gemm_candidates(65536, 256, 2304, torch.float16, limit)
+    mixed = tune_config.gemm_candidates(65536, 256, 2304, torch.float16, limit, b_dtype=torch.float32)
+    assert len(mixed) <= len(half)
+
+
+def test_candidates_small_dims():
+    default = Config(16, 16, 16, num_warps=8)
+    cands = tune_config.gemm_candidates(10, 10, 9, torch.float32, 227 * 1024, default)
+    assert cands[0] == default
+    assert {(c.block_m, c.block_n, c.block_k) for c in cands[1:]} == {(64, 16, 16)}
+    cands = tune_config.gemm_candidates(100, 48, 27, torch.float32, 227 * 1024)
+    assert {c.block_n for c in cands} == {32, 64}  # not above next_pow2(48) = 64
+    assert {c.block_k for c in cands} == {32} and {c.block_m for c in cands} == {64, 128}
+
+
+def test_split_variants():
+    assert tune_config.split_variants(8, 100) == [4, 8, 16]
+    assert tune_config.split_variants(1, 100) == [1, 2]
+    assert tune_config.split_variants(5, 6) == [2, 5, 6]
+    assert tune_config.split_variants(1, 1) == [1]
+
+
+def test_epilogue_key_and_config_text():
+    assert tune_config.epilogue_key(dict(HAS_BIAS=True, ACT=3, STATS=False, DROPOUT=False)) == "has_bias+act3"
+    assert tune_config.epilogue_key(dict(ACT=0)) == "none"
+    assert str(Config(64, 32, 16, num_warps=4, num_stages=2, split=3)) == "64x32x16 w4 s2 split3"
+    assert Config(64, 32, 16).meta() == {}
+    with pytest.raises(ValueError):
+        Config.from_json({"block_m": 64, "block_n": 32})
+    with pytest.raises(ValueError):
+        Config.from_json({"block_m": 64, "block_n": 32, "block_k": 16, "colour": 1})
