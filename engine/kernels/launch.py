@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect as _inspect
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -76,7 +76,7 @@ class Specialization:
 
 _recorded: list[Specialization] | None = None
 _dry_run: bool = False
-_logs: list[list[str]] = []  # open launch_log() blocks, innermost last
+_observers: list[Callable[[Any, tuple], None]] = []  # open observing() blocks, innermost last
 
 
 @contextlib.contextmanager
@@ -100,17 +100,27 @@ def recording(dry_run: bool = False) -> Iterator[list[Specialization]]:
                     outer.append(spec)
 
 
+
+@contextlib.contextmanager
+def observing(observer: Callable[[Any, tuple], None]) -> Iterator[None]:
+    """Call `observer(kernel, args)` for every launch inside the block, before it
+    runs (or is skipped by a dry run): how launches are counted and their
+    tensor arguments measured."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
+
 @contextlib.contextmanager
 def launch_log() -> Iterator[list[str]]:
     """The name of every kernel launched inside the block, in launch order (one
     entry per launch, unlike `recording`, which keeps distinct variants).
     Combines with `recording(dry_run=True)` to count launches without running them."""
     log: list[str] = []
-    _logs.append(log)
-    try:
+    with observing(lambda kernel, args: log.append(kernel_name(kernel))):
         yield log
-    finally:
-        _logs.remove(log)
 
 
 def kernel_name(kernel) -> str:
@@ -254,8 +264,8 @@ def launch(kernel, grid, *args, **meta):
 
     Inside `recording(dry_run=True)` the kernel is recorded and not run (returns None).
     """
-    for log in _logs:
-        log.append(kernel_name(kernel))
+    for observer in _observers:
+        observer(kernel, args)
     if _recorded is not None:
         _record(kernel, args, meta)
         if _dry_run:
