@@ -1,0 +1,137 @@
+"""The documented limits of dsl/limits.py: programs that expand exponentially,
+nest deeply or hold numbers out of range get one located error, quickly; none
+hangs, runs out of memory or overflows Python's stack. Programs just inside a
+limit still load."""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from dsl import limits
+from dsl.errors import FusenetError
+from dsl.formatter import format_program
+from dsl.parser import parse
+from engine.ir.frontend import load
+
+
+def net(*body: str, pre: str = "") -> str:
+    """A network `n` on 3x8x8 input; its body starts on line pre-lines + 3."""
+    return pre + "network n {\n    input 3x8x8\n" + "".join(f"    {b}\n" for b in body) + "}\n"
+
+
+def nested(open_line: str, depth: int, inner: str = "relu") -> list[str]:
+    return [open_line] * depth + [inner] + ["}"] * depth
+
+
+def one_error(text: str, seconds: float = 2.0):
+    """The program's single diagnostic, checked to be located and formatted with a caret."""
+    start = time.perf_counter()
+    with pytest.raises(FusenetError) as info:
+        load(text)
+    elapsed = time.perf_counter() - start
+    assert elapsed < seconds, f"took {elapsed:.2f} s"
+    err = info.value
+    assert len(err.diagnostics) == 1, err.format()
+    d = err.diagnostics[0]
+    lines = text.split("\n")
+    assert 1 <= d.pos.line <= len(lines) and 1 <= d.pos.col <= len(lines[d.pos.line - 1]) + 1, d
+    out = err.format().splitlines()
+    assert out[0].startswith(f"<string>:{d.pos.line}:{d.pos.col}: error: ")
+    assert re.fullmatch(r" {%d}\^~*" % (4 + d.pos.col - 1), out[2]), err.format()
+    return d
+
+
+# ---- 1. expansion is bounded ----------------------------------------------------------------------
+
+
+def test_three_nested_repeat_1000_is_refused_before_expanding():
+    d = one_error(net(*nested("repeat 1000 {", 3)), seconds=1.0)
+    assert d.message == "this expands the network to more than 250,000 layers"
+    assert (d.pos.line, d.pos.col) == (3, 5)
+    assert "MAX_LAYERS" in d.hint and "250,000" in d.hint
+
+
+def test_twenty_two_nested_repeat_2_is_refused():
+    d = one_error(net(*nested("repeat 2 {", 22)), seconds=1.0)
+    assert "more than 250,000 layers" in d.message and "MAX_LAYERS" in d.hint
+
+
+def test_blocks_calling_blocks_twice_are_refused_before_expanding():
+    blocks = "block b0() {\n    relu\n}\n" + "".join(f"block b{i}() {{\n    b{i - 1}\n    b{i - 1}\n}}\n" for i in range(1, 30))
+    d = one_error(net("conv 4 kernel=1 -> b29", pre=blocks), seconds=1.0)
+    assert "more than 250,000 layers" in d.message
+    assert (d.pos.line, d.pos.col) == (blocks.count("\n") + 3, 24)  # the call in the network
+    assert d.notes == ()  # the network statement is the call: nothing more to point at
+
+
+def test_repeat_with_a_parameter_count_is_refused_before_expanding_its_body():
+    # the block's size depends on n, but once n is known the repeat's body has a size
+    pre = "block deep(n) {\n    repeat n {\n        repeat 1000 {\n            repeat 1000 {\n                relu\n            }\n        }\n    }\n}\n"
+    d = one_error(net("deep 1000", pre=pre), seconds=1.0)
+    assert "more than 250,000 layers" in d.message
+    assert (d.pos.line, d.pos.col) == (12, 5)  # the call in the network
+    assert [(n.message, n.pos.line) for n in d.notes] == [("repeat 1000 of a body of more than 250,000 layers here", 2)]
+
+
+def test_repeat_whose_body_size_depends_on_a_parameter_is_refused_after_one_iteration():
+    pre = "block row(n) {\n    repeat n {\n        relu\n    }\n}\n"
+    d = one_error(net("repeat 1000 {", "    row 1000", "}", pre=pre), seconds=2.0)
+    assert "more than 250,000 layers" in d.message
+    assert (d.pos.line, d.pos.col) == (8, 5) and d.notes == ()  # the repeat is the network's statement
+
+
+def test_running_count_stops_what_no_size_predicts(monkeypatch):
+    # plain chains have no repeat or block to size beforehand: nodes are counted as made
+    import engine.ir.expand as expand
+
+    monkeypatch.setattr(expand, "MAX_LAYERS", 10)
+    d = one_error(net("relu", "relu -> relu -> relu", "relu -> relu -> relu", "relu -> relu -> relu -> relu"))
+    assert d.message == "this expands the network to more than 10 layers"
+    assert (d.pos.line, d.pos.col) == (6, 29)  # the eleventh layer
+    load(net("relu", "relu -> relu -> relu", "relu -> relu -> relu", "relu -> relu -> relu"))  # ten: fine
+
+
+def test_exactly_the_layer_limit_loads(monkeypatch):
+    import engine.ir.expand as expand
+
+    monkeypatch.setattr(expand, "MAX_LAYERS", 1000)
+    body = ("repeat 10 {", "    repeat 100 {", "        relu", "    }", "}")
+    assert len(load(net(*body)).graph.nodes) - 1 == 1000
+    d = one_error(net("relu", *body))
+    assert d.message == "this expands the network to more than 1,000 layers" and d.pos.line == 4
+
+
+def test_nesting_through_block_calls_is_bounded():
+    inner = "\n".join(nested("residual {", 40))
+    pre = f"block deep() {{\n{inner}\n}}\n"
+    d = one_error(net(*nested("residual {", 40, inner="deep")[:81], pre=pre))
+    assert "nested more than 64 deep once blocks are expanded" in d.message
+    assert d.notes and d.notes[0].message == "in block 'deep' called here"
+
+
+def test_block_call_chain_is_bounded():
+    blocks = "block b0() {\n    relu\n}\n" + "".join(f"block b{i}() {{\n    b{i - 1}\n}}\n" for i in range(1, 40))
+    d = one_error(net("b39", pre=blocks))
+    assert d.message.startswith("block calls nested more than 32 deep (b39 -> b38 -> b37 -> ... ->")
+    assert "MAX_CALL_DEPTH" in d.hint
+
+
+def test_block_call_chain_at_the_limit_loads():
+    blocks = "block b0() {\n    relu\n}\n" + "".join(f"block b{i}() {{\n    b{i - 1}\n}}\n" for i in range(1, limits.MAX_CALL_DEPTH))
+    assert len(load(net(f"b{limits.MAX_CALL_DEPTH - 1}", pre=blocks)).graph.nodes) == 2
+
+
+def test_deep_bodies_in_a_long_chain_of_blocks_are_refused_without_recursion_error():
+    # each block nests 60 bodies deep and calls the next at the bottom: 33 x 60 levels in all
+    blocks = "block d0() {\n    relu\n}\n"
+    for k in range(1, 34):
+        blocks += f"block d{k}() {{\n" + "\n".join(nested("residual {", 60, inner=f"d{k - 1}")) + "\n}\n"
+    d = one_error(net("d33", pre=blocks))
+    assert "nested more than 64 deep once blocks are expanded" in d.message
+
+
+def test_repeat_count_above_limit_names_it():
+    d = one_error(net("repeat 1001 {", "    relu", "}"))
+    assert "0..1000" in d.message and "MAX_REPEAT" in d.hint
