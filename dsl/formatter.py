@@ -11,6 +11,8 @@ _PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2}
 
 
 def format_expr(e: ast.Expr, parent_prec: int = 0, right: bool = False) -> str:
+    if isinstance(e, ast.BinOp):
+        return _format_chain(e, parent_prec, right)
     if isinstance(e, ast.Num):
         return e.text or repr(e.value)
     if isinstance(e, ast.Dims):
@@ -21,14 +23,30 @@ def format_expr(e: ast.Expr, parent_prec: int = 0, right: bool = False) -> str:
         return f'"{e.value}"'
     if isinstance(e, ast.Neg):
         return "-" + format_expr(e.operand, 3)
-    if isinstance(e, ast.BinOp):
-        prec = _PREC[e.op]
-        text = f"{format_expr(e.left, prec)} {e.op} {format_expr(e.right, prec, right=True)}"
-        # left-associative: a right operand of equal precedence needs parentheses
-        if prec < parent_prec or (right and prec == parent_prec):
-            return f"({text})"
-        return text
     raise TypeError(e)
+
+
+def _format_chain(e: ast.BinOp, parent_prec: int, right: bool) -> str:
+    """A BinOp and the BinOps down its left side, in a loop (a sum of 10,000
+    terms is legal); only right operands recurse, and the parser bounds their
+    depth. Parentheses where precedence or left associativity needs them."""
+    spine = []  # outermost first
+    node: ast.Expr = e
+    while isinstance(node, ast.BinOp):
+        spine.append(node)
+        node = node.left
+    text = format_expr(node, _PREC[spine[-1].op])
+    for k in range(len(spine) - 1, -1, -1):
+        op = spine[k]
+        prec = _PREC[op.op]
+        text = f"{text} {op.op} {format_expr(op.right, prec, right=True)}"
+        # the enclosing context: the next BinOp up the spine (as its left
+        # operand), or the caller's for the outermost
+        outer_prec, outer_right = (_PREC[spine[k - 1].op], False) if k else (parent_prec, right)
+        # left-associative: a right operand of equal precedence needs parentheses
+        if prec < outer_prec or (outer_right and prec == outer_prec):
+            text = f"({text})"
+    return text
 
 
 def _positional(e: ast.Expr) -> str:

@@ -5,6 +5,20 @@ in bounded time and memory instead of a hang, a MemoryError or a
 RecursionError. Each is far beyond what a real network needs; the error that
 enforces one names it in its hint.
 
+Syntax (checked by the parser, so the formatter and every later stage can rely
+on them)
+    MAX_NESTING        residual / shortcut / repeat bodies nested inside one
+                       another: at most 64 deep. The expander applies the same
+                       bound to nesting reached through block calls.
+    MAX_EXPR_DEPTH     an argument expression nests at most 100 deep. Unary
+                       minus and a parenthesised right operand (`a - (b - c)`)
+                       each add a level; a left-associative chain such as a
+                       sum of 10,000 terms is one level, and redundant
+                       parentheses add none.
+    MAX_INT            an integer, written or computed, lies within
+                       +-(2**63 - 1); a float literal must be finite
+                       (1e309 is refused, as is a 400-digit float).
+
 Expansion (checked while blocks and repeats are expanded; see engine/ir/expand.py)
     MAX_LAYERS         at most 250,000 layers after expansion (a written
                        spec of 100,000 two-layer lines still loads). A repeat or
@@ -15,12 +29,12 @@ Expansion (checked while blocks and repeats are expanded; see engine/ir/expand.p
                        expanded.
     MAX_REPEAT         a repeat count is 0..1000.
     MAX_CALL_DEPTH     block calls nested inside block calls: at most 32.
-    MAX_NESTING        residual / shortcut / repeat bodies nested inside one
-                       another, counting through block calls: at most 64 deep.
 """
 from __future__ import annotations
 
 MAX_NESTING = 64
+MAX_EXPR_DEPTH = 100
+MAX_INT = 2**63 - 1
 
 MAX_LAYERS = 250_000
 MAX_REPEAT = 1000

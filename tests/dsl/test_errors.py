@@ -52,7 +52,7 @@ CASES = [
     ("true-division-in-block", src("block b(c) {", "    conv c/2 kernel=1", "}", "network n {", "    input 3x8x8", "    b 4", "}"),
      2, 10, "must be an integer, got number 2", "use // for integer division"),
     ("division-by-zero", net("    conv 4//0 kernel=1"), 3, 10, "division by zero", None),
-    ("huge-float-literal", net("    scale 1e999"), 3, 11, "must be a finite number", None),
+    ("huge-float-literal", net("    scale 1e999"), 3, 11, "number 1e999 is too large for a 64-bit float", "1.8e308"),
     # -- arity ----------------------------------------------------------------------
     ("missing-positional-conv", net("    conv kernel=3"), 3, 5, "'conv' needs OUT", "usage: conv OUT kernel="),
     ("missing-positional-maxpool", net("    maxpool"), 3, 5, "'maxpool' needs KERNEL", "usage: maxpool KERNEL"),

@@ -142,3 +142,10 @@ def test_hand_built_ast_without_positions():
 def test_format_expr_without_text_uses_value():
     assert format_expr(ast.Num(3)) == "3"
     assert format_expr(ast.BinOp("*", ast.Num(0.5), ast.Name("c"))) == "0.5 * c"
+
+
+def test_long_left_chains_format_without_recursion():
+    terms = " - ".join(str(k) for k in range(3000))
+    text = f"network n {{\n    input 3x8x8\n    scale {terms}\n    l k=(1 - 2) * 3 - (4 - 5)\n}}\n"
+    out = roundtrip(text)
+    assert f"    scale {terms}\n" in out and "    l k=(1 - 2) * 3 - (4 - 5)\n" in out

@@ -103,6 +103,16 @@ def test_exactly_the_layer_limit_loads(monkeypatch):
     assert d.message == "this expands the network to more than 1,000 layers" and d.pos.line == 4
 
 
+def test_nesting_of_three_hundred_residuals_is_refused_by_the_parser():
+    d = one_error(net(*nested("residual {", 300)))
+    assert "nested too deeply" in d.message and "MAX_NESTING" in d.hint
+
+
+def test_nesting_at_the_limit_loads():
+    spec = load(net(*nested("residual {", limits.MAX_NESTING)))
+    assert len(spec.graph.nodes) == 1 + 1 + limits.MAX_NESTING
+
+
 def test_nesting_through_block_calls_is_bounded():
     inner = "\n".join(nested("residual {", 40))
     pre = f"block deep() {{\n{inner}\n}}\n"
@@ -135,3 +145,75 @@ def test_deep_bodies_in_a_long_chain_of_blocks_are_refused_without_recursion_err
 def test_repeat_count_above_limit_names_it():
     d = one_error(net("repeat 1001 {", "    relu", "}"))
     assert "0..1000" in d.message and "MAX_REPEAT" in d.hint
+
+
+# ---- 2. numbers in sane ranges ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line,col,message,hint",
+    [
+        ("conv " + "9" * 5000 + " kernel=3", 10, "integer 999999999999...(5000 digits) is too large", "MAX_INT"),
+        ("conv 9223372036854775808 kernel=3", 10, "integer 9223372036854775808 is too large", "2**63"),
+        ("scale 1e309", 11, "number 1e309 is too large for a 64-bit float", "1.8e308"),
+        ("scale " + "9" * 400 + ".5", 11, "is too large for a 64-bit float", "1.8e308"),
+        ("scale " + "9" * 400, 11, "is too large", "MAX_INT"),
+        ("conv 4 kernel=3x" + "9" * 30, 19, "is too large", "MAX_INT"),
+        ("conv 4 kernel=" + "*".join(["3037000499"] * 3), 19, "'*': result too large", "MAX_INT"),
+    ],
+)
+def test_number_out_of_range_is_located(line, col, message, hint):
+    d = one_error(net(line))
+    assert message in d.message
+    assert (d.pos.line, d.pos.col) == (3, col)
+    assert d.hint and hint in d.hint
+
+
+# ---- 3. deep input: no RecursionError ---------------------------------------------------------------
+
+
+def test_sum_of_five_hundred_terms_evaluates():
+    spec = load(net("conv " + " + ".join(["1"] * 500) + " kernel=1"))
+    assert spec.graph.output.attrs["out"] == 500
+
+
+def test_sum_of_three_thousand_terms_evaluates_formats_and_compares():
+    text = net("scale " + " - ".join(["1"] * 3000))
+    spec = load(text)
+    assert spec.graph.output.attrs["factor"] == 1 - 2999
+    p = parse(text)
+    assert parse(format_program(p)) == p  # equality walks a 3,000-deep left spine
+    assert hash(parse(format_program(p))) == hash(p)
+
+
+def test_two_thousand_unary_minuses_are_refused():
+    d = one_error(net("scale (" + "-" * 2000 + "1)"))
+    assert "expression nested too deeply (more than 100 levels)" in d.message and "MAX_EXPR_DEPTH" in d.hint
+
+
+def test_unary_minuses_at_the_limit_evaluate():
+    spec = load(net("scale (" + "-" * limits.MAX_EXPR_DEPTH + "2)"))
+    assert spec.graph.output.attrs["factor"] == 2.0
+
+
+def test_right_nested_parentheses_are_refused_past_the_limit():
+    d = one_error(net("scale " + "(1 - " * 300 + "1" + ")" * 300))
+    assert "nested too deeply" in d.message
+
+
+def test_redundant_parentheses_cost_nothing():
+    spec = load(net("scale " + "(" * 3000 + "2" + ")" * 3000))
+    assert spec.graph.output.attrs["factor"] == 2.0
+
+
+def test_deep_braces_of_every_kind_are_refused_cleanly():
+    for opener in ("repeat 1 {", "residual {", "residual {\n} shortcut {"):
+        d = one_error(net(*nested(opener, 300)))
+        assert "nested too deeply" in d.message
+
+
+def test_deep_programs_format():
+    # fmt runs the parser and the formatter only: both must survive the limits
+    text = net(*nested("residual {", limits.MAX_NESTING), "scale (" + "-" * limits.MAX_EXPR_DEPTH + "2)")
+    p = parse(text)
+    assert parse(format_program(p)) == p
