@@ -49,14 +49,16 @@ def _format_chain(e: ast.BinOp, parent_prec: int, right: bool) -> str:
     return text
 
 
-def _positional(e: ast.Expr) -> str:
+def _positional(e: ast.Expr, first: bool = False) -> str:
     text = format_expr(e)
-    return f"({text})" if text.startswith("-") else text
+    # After the layer's name a leading '-' is a sign; after an argument it would
+    # read as a binary minus, so a later negative positional keeps parentheses.
+    return f"({text})" if text.startswith("-") and not first else text
 
 
 def format_layer(layer: ast.Layer) -> str:
     parts = [layer.name]
-    parts += [_positional(a) for a in layer.args]
+    parts += [_positional(a, first=k == 0) for k, a in enumerate(layer.args)]
     parts += [f"{k.name}={format_expr(k.value)}" for k in layer.kwargs]
     return " ".join(parts)
 

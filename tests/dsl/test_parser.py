@@ -309,3 +309,26 @@ def test_ast_is_hashable_and_frozen():
         p.network.name = "x"  # type: ignore[misc]
     assert isinstance(p.network.body, tuple) and p.network.body == tuple(p.network.body)
     assert ast.NOWHERE.line == 0
+
+
+# -- issue 13: the language side -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line,args",
+    [
+        ("scale -0.125", (Neg(Num(0.125)),)),
+        ("l -1 (-2) c -1", (Neg(Num(1)), Neg(Num(2)), BinOp("-", Name("c"), Num(1)))),
+        ("l -a * 2", (BinOp("*", Neg(Name("a")), Num(2)),)),
+        ("l -1 - 2", (BinOp("-", Neg(Num(1)), Num(2)),)),
+    ],
+)
+def test_first_positional_may_be_signed(line, args):
+    # right after the layer's name a '-' can only be a sign; later it stays binary
+    p = parse(f"network n {{\n    input 3x8x8\n    {line}\n}}\n")
+    assert p.network.body[1].layers[0].args == args
+
+
+def test_signed_arguments_in_train_and_layers_load():
+    spec = load("network n {\n    input 3x8x8\n    scale -0.125\n}\ntrain {\n    clip_grad 5\n    seed 1\n}\n")
+    assert spec.graph.output.attrs["factor"] == -0.125
