@@ -29,6 +29,14 @@ Expansion (checked while blocks and repeats are expanded; see engine/ir/expand.p
                        expanded.
     MAX_REPEAT         a repeat count is 0..1000.
     MAX_CALL_DEPTH     block calls nested inside block calls: at most 32.
+
+Sizes (checked when arguments are bound and shapes inferred)
+    MAX_CHANNELS       channels, features, conv/linear OUT and groups: at most 2**20.
+    MAX_SIZE           spatial sizes (input H and W, every inferred H and W),
+                       kernel, stride, pad, dilation, upsample factor, crop and
+                       cutout: at most 2**16.
+    MAX_BATCH          a train batch: at most 2**24.
+    MAX_COUNT          epochs, patience, warmup and step counts: at most 10**6.
 """
 from __future__ import annotations
 
@@ -39,3 +47,8 @@ MAX_INT = 2**63 - 1
 MAX_LAYERS = 250_000
 MAX_REPEAT = 1000
 MAX_CALL_DEPTH = 32
+
+MAX_CHANNELS = 2**20
+MAX_SIZE = 2**16
+MAX_BATCH = 2**24
+MAX_COUNT = 10**6

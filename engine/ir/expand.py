@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 from dsl import ast
 from dsl.errors import Collector, Note, did_you_mean
-from dsl.limits import MAX_CALL_DEPTH, MAX_LAYERS, MAX_NESTING, MAX_REPEAT
+from dsl.limits import MAX_CALL_DEPTH, MAX_CHANNELS, MAX_LAYERS, MAX_NESTING, MAX_REPEAT, MAX_SIZE
 from dsl.schema import LAYERS, bind
 from dsl.sizes import StaticSize
 from dsl.values import EvalError, evaluate
@@ -145,6 +145,15 @@ class _Expander:
         if len(dims) not in (1, 3) or min(dims) < 1:
             self.errors.error(
                 f"input must be CxHxW (or F features), got {'x'.join(map(str, dims))}", body[0].dims.pos
+            )
+            return
+        bounds = (MAX_CHANNELS,) if len(dims) == 1 else (MAX_CHANNELS, MAX_SIZE, MAX_SIZE)
+        if any(d > b for d, b in zip(dims, bounds)):
+            what = "features" if len(dims) == 1 else "channels, height and width"
+            self.errors.error(
+                f"input {'x'.join(map(str, dims))} is too large",
+                body[0].dims.pos,
+                f"input {what} are at most {'x'.join(f'{b:,}' for b in bounds)} (MAX_CHANNELS, MAX_SIZE in dsl/limits.py)",
             )
             return
         self.input_shape = tuple(dims)

@@ -9,6 +9,7 @@ from dataclasses import replace
 from math import prod
 
 from dsl.errors import Collector, Note
+from dsl.limits import MAX_CHANNELS, MAX_SIZE
 from engine.ir.expand import CallSites
 from engine.ir.graph import ACTIVATION_OPS, Graph, Node
 
@@ -44,6 +45,17 @@ def _need_image(node: Node, shape, what: str | None = None) -> tuple[int, int, i
             "image layers must come before flatten / global pools / linear",
         )
     return shape
+
+
+def _check_size(shape) -> None:
+    """Layers can grow a tensor (upsample, concat): keep it within the bounds
+    a written input has (dsl/limits.py)."""
+    if len(shape) == 3 and (shape[0] > MAX_CHANNELS or max(shape[1:]) > MAX_SIZE):
+        raise ShapeError(
+            f"the output, {_fmt(shape)}, is too large",
+            f"fusenet's limits are {MAX_CHANNELS:,} channels and {MAX_SIZE:,} rows or columns "
+            "(MAX_CHANNELS, MAX_SIZE in dsl/limits.py)",
+        )
 
 
 def _conv(node: Node, shape):
@@ -175,6 +187,7 @@ def infer_shapes(graph: Graph, errors: Collector, call_sites: CallSites | None =
             continue
         try:
             new, shape, params, flops = infer_node(node, ins, nodes)
+            _check_size(shape)
         except ShapeError as e:
             errors.error(e.message, node.pos, e.hint, e.notes + call_sites.get(node.id, ()))
             nodes.append(node)

@@ -160,6 +160,12 @@ def test_repeat_count_above_limit_names_it():
         ("scale " + "9" * 400, 11, "is too large", "MAX_INT"),
         ("conv 4 kernel=3x" + "9" * 30, 19, "is too large", "MAX_INT"),
         ("conv 4 kernel=" + "*".join(["3037000499"] * 3), 19, "'*': result too large", "MAX_INT"),
+        ("conv 2000000 kernel=3", 10, "conv's OUT must be at most 1,048,576, got 2,000,000", "MAX_CHANNELS"),
+        ("conv 4 kernel=70000", 19, "conv's kernel must be at most 65,536, got 70,000", "MAX_SIZE"),
+        ("conv 4 kernel=3 stride=1x99999", 28, "conv's stride must be at most 65,536", "MAX_SIZE"),
+        ("conv 4 kernel=3 pad=99999", 25, "conv's pad must be at most 65,536", "MAX_SIZE"),
+        ("linear 99999999", 12, "linear's OUT must be at most 1,048,576", "MAX_CHANNELS"),
+        ("upsample 100000", 14, "upsample's FACTOR must be at most 65,536", "MAX_SIZE"),
     ],
 )
 def test_number_out_of_range_is_located(line, col, message, hint):
@@ -167,6 +173,34 @@ def test_number_out_of_range_is_located(line, col, message, hint):
     assert message in d.message
     assert (d.pos.line, d.pos.col) == (3, col)
     assert d.hint and hint in d.hint
+
+
+@pytest.mark.parametrize(
+    "option,col,message",
+    [
+        ("batch 99999999", 11, "batch's SIZE must be at most 16,777,216"),
+        ("epochs 2000000", 12, "epochs's COUNT must be at most 1,000,000"),
+        ("clip_grad -5", 15, "clip_grad's MAX_NORM must not be negative, got -5"),
+        ("optimizer sgd lr=-0.1", 22, "optimizer's lr must not be negative"),
+        ("optimizer adamw weight_decay=-1", 34, "optimizer's weight_decay must not be negative"),
+        ("augment crop=100000", 18, "augment's crop must be at most 65,536"),
+    ],
+)
+def test_train_numbers_out_of_range_are_located(option, col, message):
+    d = one_error(net("relu") + f"train {{\n    {option}\n}}\n")
+    assert message in d.message
+    assert (d.pos.line, d.pos.col) == (6, col)
+
+
+def test_input_sizes_are_bounded():
+    d = one_error("network n {\n    input 3x100000x8\n}\n")
+    assert "input 3x100000x8 is too large" in d.message and "MAX_SIZE" in d.hint
+
+
+def test_layers_cannot_grow_a_tensor_past_the_limits():
+    d = one_error(net("upsample 1000 -> upsample 1000"))
+    assert "the output, 3x8000000x8000000, is too large" in d.message and "MAX_SIZE" in d.hint
+    assert (d.pos.line, d.pos.col) == (3, 22)
 
 
 # ---- 3. deep input: no RecursionError ---------------------------------------------------------------
