@@ -41,7 +41,7 @@ class Num:
 
 @dataclass(frozen=True)
 class Dims:
-    """`1x8x8`, `3x3`: an HxW pair or a CxHxW shape."""
+    """`1x8x8`, `3x3`: an HxW pair or a CxHxW shape; `input 20` holds (20,)."""
 
     values: tuple[int, ...]
     pos: Pos = _pos()

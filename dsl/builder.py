@@ -192,7 +192,18 @@ class Builder(Transformer):
 
     def input(self, children):
         keyword, tok = children
-        dims = ast.Dims(dims_values(tok), token_pos(tok))
+        if tok.type == "NUMBER":
+            if not isinstance(number_value(tok), int):
+                raise SourceError(
+                    Diagnostic(
+                        f"input size {tok} is not an integer",
+                        token_pos(tok),
+                        "write `input F` for F features or `input CxHxW` for an image",
+                    )
+                )
+            dims = ast.Dims((number_value(tok),), token_pos(tok))
+        else:
+            dims = ast.Dims(dims_values(tok), token_pos(tok))
         return ast.Input(dims, _span(token_pos(keyword), dims.pos))
 
     def body(self, children):

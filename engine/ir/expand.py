@@ -144,7 +144,9 @@ class _Expander:
         dims = body[0].dims.values
         if len(dims) not in (1, 3) or min(dims) < 1:
             self.errors.error(
-                f"input must be CxHxW (or F features), got {'x'.join(map(str, dims))}", body[0].dims.pos
+                f"input must be CxHxW (or F features), got {'x'.join(map(str, dims))}",
+                body[0].dims.pos,
+                "e.g. input 3x32x32 for images, input 20 for 20 features",
             )
             return
         bounds = (MAX_CHANNELS,) if len(dims) == 1 else (MAX_CHANNELS, MAX_SIZE, MAX_SIZE)

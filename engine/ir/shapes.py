@@ -42,7 +42,8 @@ def _need_image(node: Node, shape, what: str | None = None) -> tuple[int, int, i
     if len(shape) != 3:
         raise ShapeError(
             f"'{node.op}' needs a CxHxW image, but its input has shape {_fmt(shape)}",
-            "image layers must come before flatten / global pools / linear",
+            "image layers must come before flatten / global pools / linear, "
+            "and a network on `input F` features has none",
         )
     return shape
 

@@ -150,6 +150,11 @@ def test_signed_first_arguments_round_trip():
     assert roundtrip(text) == text
 
 
+def test_one_dimensional_input_round_trips():
+    text = "network n {\n    input 20\n    linear 4\n}\n"
+    assert roundtrip(text) == text
+
+
 def test_long_left_chains_format_without_recursion():
     terms = " - ".join(str(k) for k in range(3000))
     text = f"network n {{\n    input 3x8x8\n    scale {terms}\n    l k=(1 - 2) * 3 - (4 - 5)\n}}\n"

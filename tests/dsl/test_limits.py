@@ -195,6 +195,8 @@ def test_train_numbers_out_of_range_are_located(option, col, message):
 def test_input_sizes_are_bounded():
     d = one_error("network n {\n    input 3x100000x8\n}\n")
     assert "input 3x100000x8 is too large" in d.message and "MAX_SIZE" in d.hint
+    d = one_error("network n {\n    input 5000000\n}\n")
+    assert "too large" in d.message and "features" in d.hint
 
 
 def test_layers_cannot_grow_a_tensor_past_the_limits():

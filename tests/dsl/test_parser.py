@@ -332,3 +332,19 @@ def test_first_positional_may_be_signed(line, args):
 def test_signed_arguments_in_train_and_layers_load():
     spec = load("network n {\n    input 3x8x8\n    scale -0.125\n}\ntrain {\n    clip_grad 5\n    seed 1\n}\n")
     assert spec.graph.output.attrs["factor"] == -0.125
+
+
+def test_input_features():
+    p = parse("network n {\n    input 20\n    linear 4\n}\n")
+    inp = p.network.body[0]
+    assert inp == Input(Dims((20,)))
+    assert (inp.pos.col, inp.dims.pos.col, inp.dims.pos.end_col) == (5, 11, 13)
+    assert load("network n {\n    input 20\n    linear 4\n}\n").graph.input_shape == (20,)
+
+
+def test_input_features_must_be_an_integer():
+    with pytest.raises(FusenetError) as info:
+        parse("network n {\n    input 2.5\n}\n")
+    (d,) = info.value.diagnostics
+    assert (d.pos.line, d.pos.col, d.message) == (2, 11, "input size 2.5 is not an integer")
+    assert "input F" in d.hint
