@@ -3,6 +3,7 @@ line, a caret under the offending span, and a hint where one helps."""
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
@@ -48,11 +49,56 @@ def source_lines(source: str) -> list[str]:
     return lines[:-1] if len(lines) > 1 and lines[-1] == "" else lines
 
 
+# Names for the characters whose Unicode name says little or that have none.
+_CHAR_NAMES = {
+    "\0": "null", "\t": "tab", "\v": "vertical tab", "\f": "form feed", "\r": "carriage return",
+    "\x1b": "escape", "\x7f": "delete", "\ufeff": "byte-order mark",
+}
+
+
+def _invisible(ch: str) -> bool:
+    return not ch.isprintable() or (ch.isspace() and ch != " ")
+
+
+def describe_char(ch: str) -> str:
+    """A character as an error message names it: `'@'` when it can be seen,
+    `U+00A0 (no-break space)` or `U+0000 (null, \\x00)` when printing it raw
+    would show nothing, or break the terminal."""
+    if not _invisible(ch):
+        return f"'{ch}'"
+    name = _CHAR_NAMES.get(ch) or unicodedata.name(ch, "").lower() or "control character"
+    if unicodedata.category(ch) == "Cc":
+        name += ", " + repr(ch)[1:-1]
+    return f"U+{ord(ch):04X} ({name})"
+
+
+def _visible(text: str) -> str:
+    """A source line made safe to print, one column per character so the caret
+    stays aligned: C0 controls as their control pictures (U+2400..), other
+    invisible characters as U+FFFD."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch == " " or not _invisible(ch):
+            out.append(ch)
+        elif ord(ch) < 0x20:
+            out.append(chr(0x2400 + ord(ch)))
+        elif ch == "\x7f":
+            out.append("\u2421")
+        elif ch.isspace() and unicodedata.category(ch) == "Zs":
+            out.append(ch)  # a visible-width space (NBSP): the message names it
+        else:
+            out.append("\ufffd")
+    return "".join(out)
+
+
 def _excerpt(source: str, pos: Pos, prefix: str = "    ") -> list[str]:
     lines = source_lines(source)
     if not (1 <= pos.line <= len(lines)):
         return []
-    text = lines[pos.line - 1].expandtabs(1).rstrip()
+    # made visible before trailing spaces go: a trailing form feed or NBSP is what the caret points at
+    text = _visible(lines[pos.line - 1].expandtabs(1)).rstrip(" ")
     start = max(pos.col, 1)
     if pos.end_line == pos.line and pos.end_col > pos.col:
         width = pos.end_col - pos.col

@@ -21,10 +21,11 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from dsl import ast
 from dsl.ast import Pos
 from dsl.builder import Builder, SourceError
-from dsl.errors import Collector, Diagnostic, FusenetError, source_lines
+from dsl.errors import Collector, Diagnostic, FusenetError, describe_char, source_lines
 
 GRAMMAR = Path(__file__).with_name("grammar.lark")
 MAX_SYNTAX_ERRORS = 10
+BOM = "\ufeff"  # a byte-order mark, as Notepad starts a UTF-8 file: not part of the program
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,7 +85,7 @@ def _syntax_diagnostic(err: UnexpectedInput, source: str) -> Diagnostic:
     if isinstance(err, UnexpectedCharacters):
         ch = source[err.pos_in_stream] if err.pos_in_stream < len(source) else "?"
         hint = "names use letters, digits and _; shapes are written 3x32x32" if ch not in "\"'" else "strings use double quotes"
-        return Diagnostic(f"unexpected character '{ch}'", Pos(err.line, err.column, err.line, err.column + 1), hint)
+        return Diagnostic(f"unexpected character {describe_char(ch)}", Pos(err.line, err.column, err.line, err.column + 1), hint)
     tok = err.token if isinstance(err, UnexpectedToken) else None
     expected = _expected_words(getattr(err, "expected", None) or getattr(err, "accepts", None) or [])
     if tok is None or tok.type == "$END":
@@ -167,6 +168,7 @@ def parse_syntax(text: str, filename: str = "<string>") -> list:
 
 def parse(text: str, filename: str = "<string>") -> ast.Program:
     """Parse a whole program and check its top-level structure."""
+    text = text.removeprefix(BOM)
     items = parse_syntax(text, filename)
     errors = Collector(text, filename)
     blocks, networks, trains = [], [], []

@@ -342,3 +342,33 @@ def test_errors_outside_block_bodies_have_no_call_note():
         (8, "unknown layer 'cnov'"),
     ]
     assert all(d.notes == () for d in diags)
+
+
+# -- invisible characters are named, never printed raw ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "char,named,shown",
+    [
+        ("\x00", "U+0000 (null, \\x00)", "\u2400"),
+        ("\x0c", "U+000C (form feed, \\x0c)", "\u240c"),
+        ("\x1b", "U+001B (escape, \\x1b)", "\u241b"),
+        ("\x7f", "U+007F (delete, \\x7f)", "\u2421"),
+        ("\u00a0", "U+00A0 (no-break space)", "\u00a0"),
+        ("\u200b", "U+200B (zero width space)", "\ufffd"),
+        ("\ufeff", "U+FEFF (byte-order mark)", "\ufffd"),
+        ("\u0085", "U+0085 (control character, \\x85)", "\ufffd"),
+    ],
+)
+def test_invisible_character_is_named_and_shown_escaped(char, named, shown):
+    (d,), err = diagnostics(net(f"    relu{char}"))
+    assert (d.pos.line, d.pos.col) == (3, 9)
+    assert d.message == f"unexpected character {named}"
+    out = err.format().splitlines()
+    assert out[1] == f"        relu{shown}" and out[2] == " " * 12 + "^"  # one column each: the caret lines up
+    assert char not in err.format() or char == "\u00a0"
+
+
+def test_visible_characters_are_quoted_as_before():
+    (d,), _ = diagnostics(net("    relu @"))
+    assert d.message == "unexpected character '@'"

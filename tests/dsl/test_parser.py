@@ -348,3 +348,11 @@ def test_input_features_must_be_an_integer():
     (d,) = info.value.diagnostics
     assert (d.pos.line, d.pos.col, d.message) == (2, 11, "input size 2.5 is not an integer")
     assert "input F" in d.hint
+
+
+def test_utf8_bom_is_ignored():
+    text = "network n {\n    input 3x8x8\n    relu\n}\n"
+    assert parse("\ufeff" + text) == parse(text)
+    with pytest.raises(FusenetError) as info:
+        load("\ufeff" + text.replace("relu", "rleu"))
+    assert (info.value.diagnostics[0].pos.line, info.value.diagnostics[0].pos.col) == (3, 5)
