@@ -5,6 +5,9 @@ in bounded time and memory instead of a hang, a MemoryError or a
 RecursionError. Each is far beyond what a real network needs; the error that
 enforces one names it in its hint.
 
+Source text
+    MAX_SOURCE_BYTES   a spec file is at most 16 MiB (read_source refuses more).
+
 Syntax (checked by the parser, so the formatter and every later stage can rely
 on them)
     MAX_NESTING        residual / shortcut / repeat bodies nested inside one
@@ -39,6 +42,8 @@ Sizes (checked when arguments are bound and shapes inferred)
     MAX_COUNT          epochs, patience, warmup and step counts: at most 10**6.
 """
 from __future__ import annotations
+
+MAX_SOURCE_BYTES = 16 * 1024 * 1024
 
 MAX_NESTING = 64
 MAX_EXPR_DEPTH = 100

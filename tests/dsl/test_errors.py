@@ -372,3 +372,47 @@ def test_invisible_character_is_named_and_shown_escaped(char, named, shown):
 def test_visible_characters_are_quoted_as_before():
     (d,), _ = diagnostics(net("    relu @"))
     assert d.message == "unexpected character '@'"
+
+
+# -- the spec file: only a regular file, of bounded size ---------------------------------------------
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    import os
+    import time
+
+    fifo = tmp_path / "spec.cnn"
+    os.mkfifo(fifo)
+    start = time.perf_counter()
+    with pytest.raises(FusenetError) as info:
+        load(fifo)
+    assert time.perf_counter() - start < 1.0
+    assert info.value.format().startswith(f"{fifo}: error: not a regular file")
+
+
+def test_device_is_refused():
+    from pathlib import Path
+
+    with pytest.raises(FusenetError) as info:
+        load(Path("/dev/zero"))
+    assert info.value.format().startswith("/dev/zero: error: not a regular file")
+
+
+def test_file_over_the_size_limit_is_refused(tmp_path, monkeypatch):
+    import engine.ir.frontend as frontend
+
+    monkeypatch.setattr(frontend, "MAX_SOURCE_BYTES", 1000)
+    f = tmp_path / "big.cnn"
+    f.write_text(net("    relu") + "#" * 1000 + "\n")
+    with pytest.raises(FusenetError) as info:
+        load(f)
+    assert info.value.format().startswith(f"{f}: error: file too large (")
+    assert "MAX_SOURCE_BYTES" in info.value.format()
+    f.write_text(net("    relu"))
+    load(f)
+
+
+def test_bom_file_loads(tmp_path):
+    f = tmp_path / "notepad.cnn"
+    f.write_bytes(b"\xef\xbb\xbf" + net("    relu").encode())
+    assert [n.op for n in load(f).graph] == ["input", "relu"]
