@@ -8,6 +8,7 @@ from __future__ import annotations
 from dsl import ast
 
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2}
+_END = 10**9  # a line number past the end of any file
 
 
 def format_expr(e: ast.Expr, parent_prec: int = 0, right: bool = False) -> str:
@@ -70,7 +71,14 @@ class _Writer:
 
     def _own_line_comments_before(self, line: int, indent: str) -> None:
         while self.pending and self.pending[0].own_line and self.pending[0].line < line:
-            self.lines.append(indent + self.pending.pop(0).text)
+            comment = self.pending.pop(0)
+            self.lines.append(indent + comment.text)
+            # At the top level a blank line after a comment (a file's header
+            # comment, a section heading) is kept: it separates the comment from
+            # what follows rather than describing it.
+            following = self.pending[0].line if self.pending and self.pending[0].line < line else line
+            if not indent and comment.line + 1 < following < _END:
+                self.lines.append("")
 
     def emit(self, text: str, line: int, indent: str) -> None:
         self._own_line_comments_before(line, indent)
@@ -89,7 +97,7 @@ class _Writer:
         for s in stmts:
             self.stmt(s, indent)
         close_line = _close(stmts)
-        self.flush_until(close_line if close_line else 10**9, indent)
+        self.flush_until(close_line if close_line else _END, indent)
 
     def close(self, text: str, stmts, indent: str) -> None:
         """A closing line (`}`, `} shortcut {`), with a comment written after that brace."""
@@ -167,7 +175,7 @@ def format_program(program: ast.Program) -> str:
                 layer = o.layers[0]
                 rest = format_layer(layer)[len(layer.name):].strip()
                 w.emit(f"{layer.name.ljust(width)} {rest}".rstrip(), o.pos.line, "    ")
-            w.flush_until(_close(item.options) or 10**9, "    ")
+            w.flush_until(_close(item.options) or _END, "    ")
             w.close("}", item.options, "")
-    w.flush_until(10**9, "")
+    w.flush_until(_END, "")
     return "\n".join(w.lines) + "\n"

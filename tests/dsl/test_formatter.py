@@ -145,6 +145,19 @@ def test_format_expr_without_text_uses_value():
     assert format_expr(ast.BinOp("*", ast.Num(0.5), ast.Name("c"))) == "0.5 * c"
 
 
+def test_blank_line_after_a_header_comment_is_kept():
+    text = "# digits.cnn: a header\n# second line\n\nnetwork n {\n    input 3x8x8\n}\n"
+    assert roundtrip(text) == text
+    # several blank lines become one, and a comment right above its item stays attached
+    messy = "# header\n\n\n\n# about n\nnetwork n {\n    input 3x8x8\n}\n\n# section\n\ntrain {\n    seed 1\n}\n"
+    assert roundtrip(messy) == "# header\n\n# about n\nnetwork n {\n    input 3x8x8\n}\n\n# section\n\ntrain {\n    seed 1\n}\n"
+
+
+def test_no_blank_line_is_invented_after_a_trailing_comment():
+    text = "network n {\n    input 3x8x8\n}\n# end\n\n\n"
+    assert roundtrip(text) == "network n {\n    input 3x8x8\n}\n# end\n"
+
+
 def test_signed_first_arguments_round_trip():
     text = "network n {\n    input 3x8x8\n    scale -0.125\n    l -1 (-2) a * 3\n}\n\ntrain {\n    clip_grad -5\n}\n"
     assert roundtrip(text) == text
