@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import lark
+import lark.lexer
 from lark import Token
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
@@ -22,20 +23,20 @@ from dsl import ast
 from dsl.ast import Pos
 from dsl.builder import Builder, SourceError
 from dsl.errors import Collector, Diagnostic, FusenetError, describe_char, source_lines
+from dsl.gc_pause import gc_paused
 
 GRAMMAR = Path(__file__).with_name("grammar.lark")
 MAX_SYNTAX_ERRORS = 10
 BOM = "\ufeff"  # a byte-order mark, as Notepad starts a UTF-8 file: not part of the program
 
 
-@functools.lru_cache(maxsize=1)
-def _lark() -> lark.Lark:
-    try:
-        import interegular  # noqa: F401  (strict mode needs it to check terminal collisions)
+def build_lark(strict: bool = False) -> lark.Lark:
+    """The LALR parser for grammar.lark, building the AST as it parses.
 
-        strict = True
-    except ImportError:  # pragma: no cover - the test extra installs it
-        strict = False
+    strict=True has Lark prove, with interegular, that no two terminals can
+    match the same text: slow (0.3-0.5 s), so a test does it once
+    (tests/dsl/test_parser.py) and every run of `fusenet check` skips it.
+    """
     return lark.Lark(
         GRAMMAR.read_text(),
         parser="lalr",
@@ -43,6 +44,24 @@ def _lark() -> lark.Lark:
         maybe_placeholders=True,
         transformer=Builder(),  # reduce callbacks build the AST; the builder keeps no state
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _lark() -> lark.Lark:
+    # Lark checks terminal collisions whenever interegular is importable, in
+    # strict mode or not (the latter only logs them); the check is most of the
+    # time it takes to build the parser. Build without it, as Lark does when
+    # interegular is absent; the strict build in the tests keeps the grammar
+    # honest.
+    lexer_module = lark.lexer
+    had = getattr(lexer_module, "has_interegular", None)
+    if had is not None:
+        lexer_module.has_interegular = False
+    try:
+        return build_lark(strict=False)
+    finally:
+        if had is not None:
+            lexer_module.has_interegular = had
 
 
 _TOKEN_WORDS = {
@@ -169,7 +188,8 @@ def parse_syntax(text: str, filename: str = "<string>") -> list:
 def parse(text: str, filename: str = "<string>") -> ast.Program:
     """Parse a whole program and check its top-level structure."""
     text = text.removeprefix(BOM)
-    items = parse_syntax(text, filename)
+    with gc_paused():
+        items = parse_syntax(text, filename)
     errors = Collector(text, filename)
     blocks, networks, trains = [], [], []
     for item in items:

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from dsl import ast
 from dsl.errors import Collector, Note, did_you_mean
+from dsl.gc_pause import gc_paused
 from dsl.limits import MAX_CALL_DEPTH, MAX_CHANNELS, MAX_LAYERS, MAX_NESTING, MAX_REPEAT, MAX_SIZE
 from dsl.schema import LAYERS, bind
 from dsl.sizes import StaticSize
@@ -335,7 +336,8 @@ def expand_with_call_sites(program: ast.Program, errors: Collector) -> tuple[Gra
     ex = _Expander(program, errors)
     if program.network is not None:
         try:
-            ex.network(program.network)
+            with gc_paused():
+                ex.network(program.network)
         except _Limit as e:
             errors.error(e.message, e.pos, e.hint, e.notes)
             return None, {}

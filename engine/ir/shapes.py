@@ -9,6 +9,7 @@ from dataclasses import replace
 from math import prod
 
 from dsl.errors import Collector, Note
+from dsl.gc_pause import gc_paused
 from dsl.limits import MAX_CHANNELS, MAX_SIZE
 from engine.ir.expand import CallSites
 from engine.ir.graph import ACTIVATION_OPS, Graph, Node
@@ -170,6 +171,7 @@ def infer_node(node: Node, inputs: list[tuple[int, ...]], graph_nodes) -> tuple[
     raise AssertionError(f"no shape rule for op {op}")
 
 
+@gc_paused()  # on a big graph 80% of the time was the collector's (see dsl/gc_pause.py)
 def infer_shapes(graph: Graph, errors: Collector, call_sites: CallSites | None = None) -> Graph:
     """Annotate every node; nodes downstream of an error keep shape None.
 

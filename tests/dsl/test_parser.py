@@ -356,3 +356,28 @@ def test_utf8_bom_is_ignored():
     with pytest.raises(FusenetError) as info:
         load("\ufeff" + text.replace("relu", "rleu"))
     assert (info.value.diagnostics[0].pos.line, info.value.diagnostics[0].pos.col) == (3, 5)
+
+
+def test_grammar_is_conflict_and_collision_free_in_strict_mode():
+    # the runtime parser skips Lark's slow collision check; strict mode here keeps the grammar honest
+    from dsl.parser import build_lark
+
+    build_lark(strict=True)
+
+
+def test_runtime_parser_skips_the_collision_check(monkeypatch):
+    # `fusenet check` builds the parser on every run: the check took 0.3-0.5 s of it
+    import lark.lexer
+
+    from dsl import parser
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the collision check ran")
+
+    monkeypatch.setattr(lark.lexer, "_check_regex_collisions", refuse)
+    parser._lark.cache_clear()
+    try:
+        assert parser._lark().parse("network n {\n    input 3x8x8\n}\n")
+        assert lark.lexer.has_interegular  # restored for everyone else
+    finally:
+        parser._lark.cache_clear()
