@@ -28,10 +28,11 @@ Expansion (checked while blocks and repeats are expanded; see engine/ir/expand.p
                        block call whose size the source fixes is sized before
                        it is expanded, so an exponential program is refused
                        before any of it is built; layers, including those
-                       refused with an error, are also counted as they are
-                       expanded.
+                       refused with an error, and block calls are also counted
+                       as they are expanded.
     MAX_REPEAT         a repeat count is 0..1000.
     MAX_CALL_DEPTH     block calls nested inside block calls: at most 32.
+    (and checking stops after 200 errors: MAX_KEPT in dsl/errors.py)
 
 Sizes (checked when arguments are bound and shapes inferred)
     MAX_CHANNELS       channels, features, conv/linear OUT and groups: at most 2**20.

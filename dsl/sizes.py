@@ -65,9 +65,11 @@ class StaticSize:
             short = self.body(stmt.shortcut, calls, depth + 1) if stmt.shortcut is not None else 0
             return None if body is None or short is None else body + short + 1
         if isinstance(stmt, ast.Repeat):
-            count = stmt.count.value if isinstance(stmt.count, ast.Num) else None
+            if not isinstance(stmt.count, ast.Num):
+                return None  # a parameter, or an expression: known when expanded
+            count = stmt.count.value
             if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_REPEAT:
-                return None  # a parameter, an expression, or a count the expander refuses
+                return 0  # refused when expanded: it makes nothing
             body = self.body(stmt.body, calls, depth + 1)
             return None if body is None else min(count * body, self.CAP)
         return 0  # input

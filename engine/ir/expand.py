@@ -11,8 +11,11 @@ Nested repeats and blocks that call blocks twice grow exponentially, so:
 - a repeat or block call whose size the source fixes (dsl/sizes.py) is refused
   before any of it is built; a repeat whose count depends on a block parameter
   as soon as its first iteration shows the rest would pass MAX_LAYERS;
-- layers (made, or refused with an error) are counted as they are expanded,
-  whatever the program.
+- layers (made, or refused with an error) and block calls are counted as they
+  are expanded, since a body of failing layers makes no node to count;
+- a repeat iteration or block call that made no node is not run again: the
+  next would make none either, only repeat the first one's errors;
+- expansion stops once the collector holds all the errors it keeps.
 Passing a bound stops the whole expansion with one located error: no partial
 graph.
 """
@@ -45,6 +48,10 @@ class _Abort(Exception):
     """Stop expanding the current chain after an error (already reported)."""
 
 
+class _Full(Exception):
+    """Stop the whole expansion: the collector holds as many errors as it keeps."""
+
+
 class _Limit(Exception):
     """Stop the whole expansion: a bound of dsl/limits.py was passed."""
 
@@ -57,6 +64,17 @@ def _layers(n: int) -> str:
     return f"{n:,}" if n <= MAX_LAYERS else f"more than {MAX_LAYERS:,}"
 
 
+def _call_key(block: ast.BlockDef, args: dict):
+    """What a call's expansion depends on, or None if it cannot be a set member."""
+    # the type too: 1, 1.0 and true are equal keys but not equal arguments
+    key = (block.name, tuple((name, type(v), v) for name, v in args.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 class _Expander:
     def __init__(self, program: ast.Program, errors: Collector):
         self.program, self.errors = program, errors
@@ -65,7 +83,9 @@ class _Expander:
         self.counters: dict[str, int] = {}
         self.stack: list[str] = []  # block names being expanded (recursion check)
         self.depth = 0  # residual/repeat bodies open around the statement being expanded
-        self.work = 0  # layers expanded so far, made or refused (see count_work)
+        self.work = 0  # layers and block calls expanded so far (see count_work)
+        self.calls = 0  # of which block calls
+        self.barren: set = set()  # (block, arguments) of calls that made no node
         self.call_notes: tuple[Note, ...] = ()  # one per enclosing block call, innermost first
         self.call_sites: dict[int, tuple[Note, ...]] = {}
         self.top_pos = ast.NOWHERE  # the network-level statement being expanded
@@ -116,12 +136,17 @@ class _Expander:
             self.depth -= 1
 
     # -- nodes ---------------------------------------------------------------
-    def count_work(self) -> None:
-        """Count one layer about to be expanded, made or refused with an error:
-        both cost time, and a body of misspelt layers makes no node to count."""
+    def count_work(self, call: bool = False) -> None:
+        """Count one layer about to be expanded (made, or refused with an error)
+        or one block call: each costs time, and a body of misspelt layers or a
+        call that fails makes no node to count."""
+        if self.errors.full:
+            raise _Full  # the program is rejected: looking for a 201st error is wasted time
         self.work += 1
+        self.calls += call
         if self.work > MAX_LAYERS:
-            raise _Limit(f"this expands the network to more than {MAX_LAYERS:,} layers", self.top_pos, _LAYERS_HINT)
+            what = "layers and block calls" if self.calls else "layers"
+            raise _Limit(f"this expands the network to more than {MAX_LAYERS:,} {what}", self.top_pos, _LAYERS_HINT)
 
     def add_node(self, op: str, inputs: tuple[int, ...], attrs: dict, pos: ast.Pos) -> int:
         name = ""
@@ -199,9 +224,14 @@ class _Expander:
             more = None if size is None else count * size
             self.refuse_if_too_big(more, stmt.pos, f"repeat {count} of a body of {_layers(size or 0)} layers")
             for i in range(count):
-                work_before = self.work
+                nodes_before, work_before = len(self.nodes), self.work
                 current = self.nested(stmt, stmt.body, current, env, scope)
                 if i == 0:  # a body sized only now: every iteration expands the same statements
+                    if len(self.nodes) == nodes_before:
+                        # Nor will the others make any (only repeat the first one's
+                        # errors): stop, or 30 nested `repeat 2` around an empty
+                        # body would run 2**30 empty iterations.
+                        break
                     per = self.work - work_before
                     self.refuse_if_too_big(per * (count - 1), stmt.pos, f"repeat {count} of a body of {_layers(per)} layers")
             return current
@@ -213,10 +243,11 @@ class _Expander:
             current = self.layer(layer, current, env, scope)
         if stmt.bind:
             if stmt.bind in scope and top:
+                first = self.tap_pos.get(stmt.bind)  # none if bound in a repeat's body, which shares the scope
                 self.errors.error(
                     f"tap '{stmt.bind}' is defined twice",
                     stmt.pos,
-                    notes=[Note("first defined here", self.tap_pos[stmt.bind])],
+                    notes=[Note("first defined here", first)] if first else [],
                 )
             scope[stmt.bind] = current
             if top:
@@ -274,7 +305,16 @@ class _Expander:
             )
         size = self.sizes.body(block.body, len(self.stack) + 1, self.depth)
         self.refuse_if_too_big(size, layer.pos, f"block '{block.name}', of {_layers(size or 0)} layers, called")
+        self.count_work(call=True)
         args = self.bind_block_args(block, layer, env)
+        key = _call_key(block, args)
+        if key in self.barren:
+            # A body sees only its arguments: a call that made no node (an empty
+            # block, or one whose every layer failed) makes none again, and
+            # repeating it would repeat its errors, 2**30 times if blocks call
+            # such a block twice, 30 deep.
+            return current
+        nodes_before = len(self.nodes)
         first_error = len(self.errors.diagnostics)
         note = Note(f"in block '{block.name}' called here", layer.pos)
         outer_notes = self.call_notes
@@ -284,7 +324,10 @@ class _Expander:
         self.call_notes = (note,) + outer_notes
         try:
             # A block body sees only its parameters and its own taps.
-            return self.statements(block.body, current, args, {})
+            out = self.statements(block.body, current, args, {})
+            if len(self.nodes) == nodes_before and key is not None:
+                self.barren.add(key)
+            return out
         finally:
             self.stack.pop()
             self.call_notes = outer_notes
@@ -340,6 +383,9 @@ def expand_with_call_sites(program: ast.Program, errors: Collector) -> tuple[Gra
                 ex.network(program.network)
         except _Limit as e:
             errors.error(e.message, e.pos, e.hint, e.notes)
+            return None, {}
+        except _Full:
+            errors.stopped = True
             return None, {}
     if ex.input_shape is None:
         return None, {}

@@ -416,3 +416,32 @@ def test_bom_file_loads(tmp_path):
     f = tmp_path / "notepad.cnn"
     f.write_bytes(b"\xef\xbb\xbf" + net("    relu").encode())
     assert [n.op for n in load(f).graph] == ["input", "relu"]
+
+
+# -- many errors, and crashes found by tests/dsl/test_fuzz.py -------------------------------------
+
+
+def test_thousands_of_errors_format_quickly_and_are_counted():
+    import time
+
+    text = net(*["    cnov 4"] * 3000)
+    start = time.perf_counter()
+    diags, err = diagnostics(text)
+    out = err.format()
+    assert time.perf_counter() - start < 5.0
+    assert len(diags) == 200 and err.stopped  # checking stops once the collector is full
+    assert out.count(": error: ") == 50
+    assert out.endswith("<string>: 150 more errors not shown\n<string>: checking stopped after 200 errors")
+
+
+def test_tap_bound_in_a_repeat_then_again_is_an_error_not_a_crash():
+    # found by tests/dsl/test_fuzz.py: the second binding looked up where a first, top-level one was
+    (d,), _ = diagnostics(net("    repeat 1 {", "        e1 = relu", "    }", "    e1 = relu"))
+    assert (d.pos.line, d.message) == (6, "tap 'e1' is defined twice")
+
+
+def test_error_on_a_last_line_holding_only_a_carriage_return_has_a_caret():
+    # found by tests/dsl/test_fuzz.py: the excerpt dropped that line, so no caret was printed
+    (d,), err = diagnostics(net("    relu") + "\r")
+    assert (d.pos.line, d.pos.col) == (5, 1)
+    assert err.format().splitlines()[1:3] == ["    ", "    ^"]

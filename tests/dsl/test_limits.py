@@ -253,3 +253,46 @@ def test_deep_programs_format():
     text = net(*nested("residual {", limits.MAX_NESTING), "scale (" + "-" * limits.MAX_EXPR_DEPTH + "2)")
     p = parse(text)
     assert parse(format_program(p)) == p
+
+
+# ---- found by tests/dsl/test_fuzz.py -----------------------------------------------------------------
+
+
+def test_nested_repeats_of_an_empty_body_finish_at_once():
+    # no layers, but 2**30 iterations if each were run
+    start = time.process_time()
+    spec = load(net(*nested("repeat 2 {", 30, inner="e = b"), pre="block b() {\n}\n"))
+    assert time.process_time() - start < 1.0
+    assert len(spec.graph.nodes) == 1
+
+
+def test_a_failing_call_repeated_exponentially_is_reported_once():
+    # found by tests/dsl/test_fuzz.py: z19's call of z18 fails, and z20..z39 call it 2**20 times
+    blocks = "block z0() {\n    relu\n}\n" + "".join(f"block z{i}() {{\n    z{i - 1}\n    z{i - 1}\n}}\n" for i in range(1, 40))
+    blocks = blocks.replace("block z19() {\n    z18\n    z18\n}", "block z19() {\n    z18 z18\n}")
+    start = time.process_time()
+    with pytest.raises(FusenetError) as info:
+        load(net("z39", pre=blocks))
+    assert time.process_time() - start < 1.0
+    (d,) = info.value.diagnostics
+    assert d.message == "block 'z18' takes 0 arguments, got 1"
+    assert [n.message for n in d.notes][:2] == ["in block 'z19' called here", "in block 'z20' called here"]
+
+
+def test_exponentially_many_distinct_failing_calls_stop_at_the_error_cap():
+    # every call differs (n*2, n*2+1) and every leaf fails: nothing to size, nothing to reuse
+    blocks = "block z0(n) {\n    repeat n % 3 {\n        cnov\n    }\n}\n"
+    blocks += "".join(f"block z{i}(n) {{\n    z{i - 1} n * 2\n    z{i - 1} n * 2 + 1\n}}\n" for i in range(1, 31))
+    start = time.process_time()
+    with pytest.raises(FusenetError) as info:
+        load(net("z30 1", pre=blocks))
+    assert time.process_time() - start < 1.0
+    assert info.value.stopped and len(info.value.diagnostics) == 200
+    assert info.value.format().endswith("checking stopped after 200 errors")
+
+
+def test_empty_block_called_exponentially_finishes_at_once():
+    blocks = "block z0() {\n}\n" + "".join(f"block z{i}() {{\n    z{i - 1}\n    z{i - 1}\n}}\n" for i in range(1, 31))
+    start = time.process_time()
+    assert len(load(net("z30 -> relu", pre=blocks)).graph.nodes) == 2
+    assert time.process_time() - start < 1.0
