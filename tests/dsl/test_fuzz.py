@@ -5,7 +5,8 @@ may raise anything else, hang, or print an invisible character raw.
 
 Seeded and reproducible: the seed is printed, and every failure names it and
 shows the program. FUSENET_FUZZ_SEED=N reruns a seed (`random` draws one);
-FUSENET_FUZZ_PROGRAMS=N changes how many programs a run tries.
+FUSENET_FUZZ_PROGRAMS=N and FUSENET_FUZZ_CLI_PROGRAMS=N change how many
+programs a run tries in-process and through the CLI.
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ from engine.ir.frontend import Spec, load
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SEED = 13
 PROGRAMS = int(os.environ.get("FUSENET_FUZZ_PROGRAMS", "2500"))
-CLI_PROGRAMS = 20
+# Each CLI run starts a Python that imports the engine (and, until `check` is
+# torch-free, torch: about 2.5 s of CPU a run here).
+CLI_PROGRAMS = int(os.environ.get("FUSENET_FUZZ_CLI_PROGRAMS", "20"))
 # Per program, in CPU time (not wall time, which other processes stretch): 1 s,
 # plus a little per layer built and per character parsed, since a legal
 # program may expand to MAX_LAYERS layers (seconds of honest work). A hang or
