@@ -41,7 +41,7 @@ class Num:
 
 @dataclass(frozen=True)
 class Dims:
-    """`1x8x8`, `3x3`: an HxW pair or a CxHxW shape."""
+    """`1x8x8`, `3x3`: an HxW pair or a CxHxW shape; `input 20` holds (20,)."""
 
     values: tuple[int, ...]
     pos: Pos = _pos()
@@ -61,18 +61,62 @@ class Str:
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
-class BinOp:
+def _nesting() -> int:
+    """How deeply an operator nests (parser-set, compared by nobody): see
+    MAX_EXPR_DEPTH in dsl/limits.py. 0 for a node built by hand."""
+    return field(default=0, compare=False, repr=False)
+
+
+class _Operator:
+    """Equality and hashing for operator nodes, iterative: a sum of 10,000
+    terms is a legal program, and the dataclass-generated methods would recurse
+    once per term."""
+
+    def __eq__(self, other):
+        stack = [(self, other)]
+        while stack:
+            a, b = stack.pop()
+            if type(a) is not type(b):
+                return False
+            if isinstance(a, BinOp):
+                if a.op != b.op:
+                    return False
+                stack += [(a.left, b.left), (a.right, b.right)]
+            elif isinstance(a, Neg):
+                stack.append((a.operand, b.operand))
+            elif a != b:
+                return False
+        return True
+
+    def __hash__(self):
+        parts, stack = [], [self]
+        while stack:
+            e = stack.pop()
+            if isinstance(e, BinOp):
+                parts.append(e.op)
+                stack += [e.right, e.left]
+            elif isinstance(e, Neg):
+                parts.append("neg")
+                stack.append(e.operand)
+            else:
+                parts.append(e)
+        return hash(tuple(parts))
+
+
+@dataclass(frozen=True, eq=False)
+class BinOp(_Operator):
     op: str  # + - * / // %
     left: "Expr"
     right: "Expr"
     pos: Pos = _pos()
+    depth: int = _nesting()
 
 
-@dataclass(frozen=True)
-class Neg:
+@dataclass(frozen=True, eq=False)
+class Neg(_Operator):
     operand: "Expr"
     pos: Pos = _pos()
+    depth: int = _nesting()
 
 
 Expr = Union[Num, Dims, Name, Str, BinOp, Neg]
@@ -139,6 +183,8 @@ class Body(tuple):
     keep comments written just before that brace inside it."""
 
     close_line: int = 0  # 0: unknown (a body built by hand)
+    close_pos: Pos = NOWHERE  # the closing brace
+    depth: int = 0  # residual/repeat bodies nested inside it (parser-set; see MAX_NESTING)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,12 @@ from __future__ import annotations
 from dsl import ast
 
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2}
+_END = 10**9  # a line number past the end of any file
 
 
 def format_expr(e: ast.Expr, parent_prec: int = 0, right: bool = False) -> str:
+    if isinstance(e, ast.BinOp):
+        return _format_chain(e, parent_prec, right)
     if isinstance(e, ast.Num):
         return e.text or repr(e.value)
     if isinstance(e, ast.Dims):
@@ -21,24 +24,42 @@ def format_expr(e: ast.Expr, parent_prec: int = 0, right: bool = False) -> str:
         return f'"{e.value}"'
     if isinstance(e, ast.Neg):
         return "-" + format_expr(e.operand, 3)
-    if isinstance(e, ast.BinOp):
-        prec = _PREC[e.op]
-        text = f"{format_expr(e.left, prec)} {e.op} {format_expr(e.right, prec, right=True)}"
-        # left-associative: a right operand of equal precedence needs parentheses
-        if prec < parent_prec or (right and prec == parent_prec):
-            return f"({text})"
-        return text
     raise TypeError(e)
 
 
-def _positional(e: ast.Expr) -> str:
+def _format_chain(e: ast.BinOp, parent_prec: int, right: bool) -> str:
+    """A BinOp and the BinOps down its left side, in a loop (a sum of 10,000
+    terms is legal); only right operands recurse, and the parser bounds their
+    depth. Parentheses where precedence or left associativity needs them."""
+    spine = []  # outermost first
+    node: ast.Expr = e
+    while isinstance(node, ast.BinOp):
+        spine.append(node)
+        node = node.left
+    text = format_expr(node, _PREC[spine[-1].op])
+    for k in range(len(spine) - 1, -1, -1):
+        op = spine[k]
+        prec = _PREC[op.op]
+        text = f"{text} {op.op} {format_expr(op.right, prec, right=True)}"
+        # the enclosing context: the next BinOp up the spine (as its left
+        # operand), or the caller's for the outermost
+        outer_prec, outer_right = (_PREC[spine[k - 1].op], False) if k else (parent_prec, right)
+        # left-associative: a right operand of equal precedence needs parentheses
+        if prec < outer_prec or (outer_right and prec == outer_prec):
+            text = f"({text})"
+    return text
+
+
+def _positional(e: ast.Expr, first: bool = False) -> str:
     text = format_expr(e)
-    return f"({text})" if text.startswith("-") else text
+    # After the layer's name a leading '-' is a sign; after an argument it would
+    # read as a binary minus, so a later negative positional keeps parentheses.
+    return f"({text})" if text.startswith("-") and not first else text
 
 
 def format_layer(layer: ast.Layer) -> str:
     parts = [layer.name]
-    parts += [_positional(a) for a in layer.args]
+    parts += [_positional(a, first=k == 0) for k, a in enumerate(layer.args)]
     parts += [f"{k.name}={format_expr(k.value)}" for k in layer.kwargs]
     return " ".join(parts)
 
@@ -50,7 +71,14 @@ class _Writer:
 
     def _own_line_comments_before(self, line: int, indent: str) -> None:
         while self.pending and self.pending[0].own_line and self.pending[0].line < line:
-            self.lines.append(indent + self.pending.pop(0).text)
+            comment = self.pending.pop(0)
+            self.lines.append(indent + comment.text)
+            # At the top level a blank line after a comment (a file's header
+            # comment, a section heading) is kept: it separates the comment from
+            # what follows rather than describing it.
+            following = self.pending[0].line if self.pending and self.pending[0].line < line else line
+            if not indent and comment.line + 1 < following < _END:
+                self.lines.append("")
 
     def emit(self, text: str, line: int, indent: str) -> None:
         self._own_line_comments_before(line, indent)
@@ -69,7 +97,7 @@ class _Writer:
         for s in stmts:
             self.stmt(s, indent)
         close_line = _close(stmts)
-        self.flush_until(close_line if close_line else 10**9, indent)
+        self.flush_until(close_line if close_line else _END, indent)
 
     def close(self, text: str, stmts, indent: str) -> None:
         """A closing line (`}`, `} shortcut {`), with a comment written after that brace."""
@@ -147,7 +175,7 @@ def format_program(program: ast.Program) -> str:
                 layer = o.layers[0]
                 rest = format_layer(layer)[len(layer.name):].strip()
                 w.emit(f"{layer.name.ljust(width)} {rest}".rstrip(), o.pos.line, "    ")
-            w.flush_until(_close(item.options) or 10**9, "    ")
+            w.flush_until(_close(item.options) or _END, "    ")
             w.close("}", item.options, "")
-    w.flush_until(10**9, "")
+    w.flush_until(_END, "")
     return "\n".join(w.lines) + "\n"

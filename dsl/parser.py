@@ -3,149 +3,65 @@
 `parse(text, filename)` returns a `Program` or raises `FusenetError` holding
 every error found. After a syntax error the offending line is blanked and the
 text parsed again, so one run reports the errors of several lines.
+
+The parser builds the AST in its reduce callbacks (dsl/builder.py): no parse
+tree, no recursion, so input of any depth parses in one pass and the limits of
+dsl/limits.py are checked as constructs are reduced.
 """
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import lark
-from lark import Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+import lark.lexer
+from lark import Token
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from dsl import ast
 from dsl.ast import Pos
-from dsl.errors import Collector, Diagnostic, FusenetError, source_lines
+from dsl.builder import Builder, SourceError
+from dsl.errors import Collector, Diagnostic, FusenetError, describe_char, source_lines
+from dsl.gc_pause import gc_paused
 
 GRAMMAR = Path(__file__).with_name("grammar.lark")
 MAX_SYNTAX_ERRORS = 10
+BOM = "\ufeff"  # a byte-order mark, as Notepad starts a UTF-8 file: not part of the program
 
 
-@functools.lru_cache(maxsize=1)
-def _lark() -> lark.Lark:
-    try:
-        import interegular  # noqa: F401  (strict mode needs it to check terminal collisions)
+def build_lark(strict: bool = False) -> lark.Lark:
+    """The LALR parser for grammar.lark, building the AST as it parses.
 
-        strict = True
-    except ImportError:  # pragma: no cover - the test extra installs it
-        strict = False
+    strict=True has Lark prove, with interegular, that no two terminals can
+    match the same text: slow (0.3-0.5 s), so a test does it once
+    (tests/dsl/test_parser.py) and every run of `fusenet check` skips it.
+    """
     return lark.Lark(
         GRAMMAR.read_text(),
         parser="lalr",
         strict=strict,
-        propagate_positions=True,
         maybe_placeholders=True,
+        transformer=Builder(),  # reduce callbacks build the AST; the builder keeps no state
     )
 
 
-def _pos(meta_or_token) -> Pos:
-    m = meta_or_token
-    if isinstance(m, Token):
-        return Pos(m.line, m.column, m.end_line or m.line, m.end_column or m.column + len(m))
-    if getattr(m, "empty", False):
-        return ast.NOWHERE
-    return Pos(m.line, m.column, m.end_line, m.end_column)
-
-
-@v_args(meta=True)
-class _ToAst(Transformer):
-    def start(self, meta, items):
-        return items
-
-    # expressions
-    def number(self, meta, children):
-        (tok,) = children
-        text = str(tok)
-        is_float = any(c in text for c in ".eE")
-        return ast.Num(float(text) if is_float else int(text), text, _pos(tok))
-
-    def dims(self, meta, children):
-        (tok,) = children
-        return ast.Dims(tuple(int(v) for v in str(tok).split("x")), _pos(tok))
-
-    def name(self, meta, children):
-        (tok,) = children
-        return ast.Name(str(tok), _pos(tok))
-
-    def string(self, meta, children):
-        (tok,) = children
-        return ast.Str(str(tok)[1:-1], _pos(tok))
-
-    def neg(self, meta, children):
-        return ast.Neg(children[0], _pos(meta))
-
-    def _binop(self, op, meta, children):
-        return ast.BinOp(op, children[0], children[1], _pos(meta))
-
-    def add(self, meta, children):
-        return self._binop("+", meta, children)
-
-    def sub(self, meta, children):
-        return self._binop("-", meta, children)
-
-    def mul(self, meta, children):
-        return self._binop("*", meta, children)
-
-    def div(self, meta, children):
-        return self._binop("/", meta, children)
-
-    def floordiv(self, meta, children):
-        return self._binop("//", meta, children)
-
-    def mod(self, meta, children):
-        return self._binop("%", meta, children)
-
-    # layers and statements
-    def keyword(self, meta, children):
-        name, value = children
-        return ast.Keyword(str(name), value, _pos(meta))
-
-    def layer(self, meta, children):
-        name, *rest = children
-        args = tuple(a for a in rest if not isinstance(a, ast.Keyword))
-        kwargs = tuple(a for a in rest if isinstance(a, ast.Keyword))
-        return ast.Layer(str(name), args, kwargs, Pos(name.line, name.column, name.end_line, name.end_column))
-
-    def chain(self, meta, children):
-        return ast.Chain(tuple(children), None, _pos(meta))
-
-    def binding(self, meta, children):
-        name, chain = children
-        return ast.Chain(chain.layers, str(name), _pos(meta))
-
-    def input(self, meta, children):
-        (tok,) = children
-        return ast.Input(ast.Dims(tuple(int(v) for v in str(tok).split("x")), _pos(tok)), _pos(meta))
-
-    def body(self, meta, children):
-        body = ast.Body(children)
-        body.close_line = meta.end_line
-        return body
-
-    def residual(self, meta, children):
-        body, shortcut = children
-        return ast.Residual(body, shortcut, _pos(meta))
-
-    def repeat(self, meta, children):
-        count, body = children
-        return ast.Repeat(count, body, _pos(meta))
-
-    def param(self, meta, children):
-        name, default = children
-        return ast.Param(str(name), default, _pos(name))
-
-    def block_def(self, meta, children):
-        name, *params, body = children
-        params = tuple(p for p in params if p is not None)
-        return ast.BlockDef(str(name), params, body, Pos(name.line, name.column, name.end_line, name.end_column))
-
-    def network(self, meta, children):
-        name, body = children
-        return ast.Network(str(name), body, Pos(name.line, name.column, name.end_line, name.end_column))
-
-    def train(self, meta, children):
-        (body,) = children
-        return ast.TrainSection(body, _pos(meta))
+@functools.lru_cache(maxsize=1)
+def _lark() -> lark.Lark:
+    # Lark checks terminal collisions whenever interegular is importable, in
+    # strict mode or not (the latter only logs them); the check is most of the
+    # time it takes to build the parser. Build without it, as Lark does when
+    # interegular is absent; the strict build in the tests keeps the grammar
+    # honest.
+    lexer_module = lark.lexer
+    had = getattr(lexer_module, "has_interegular", None)
+    if had is not None:
+        lexer_module.has_interegular = False
+    try:
+        return build_lark(strict=False)
+    finally:
+        if had is not None:
+            lexer_module.has_interegular = had
 
 
 _TOKEN_WORDS = {
@@ -161,7 +77,6 @@ _TOKEN_WORDS = {
     "RPAR": "')'",
     "EQUAL": "'='",
     "COMMA": "','",
-    "__ANON_0": "'->'",
 }
 
 
@@ -189,7 +104,7 @@ def _syntax_diagnostic(err: UnexpectedInput, source: str) -> Diagnostic:
     if isinstance(err, UnexpectedCharacters):
         ch = source[err.pos_in_stream] if err.pos_in_stream < len(source) else "?"
         hint = "names use letters, digits and _; shapes are written 3x32x32" if ch not in "\"'" else "strings use double quotes"
-        return Diagnostic(f"unexpected character '{ch}'", Pos(err.line, err.column, err.line, err.column + 1), hint)
+        return Diagnostic(f"unexpected character {describe_char(ch)}", Pos(err.line, err.column, err.line, err.column + 1), hint)
     tok = err.token if isinstance(err, UnexpectedToken) else None
     expected = _expected_words(getattr(err, "expected", None) or getattr(err, "accepts", None) or [])
     if tok is None or tok.type == "$END":
@@ -225,16 +140,23 @@ def _blank_line(text: str, line: int) -> str | None:
     return "\n".join(lines)
 
 
+# A comment runs from '#' to the end of its line, unless the '#' is inside a
+# string; matching strings too skips theirs. (A regular expression instead of
+# a second pass of the lexer: this is the same set on any program that parses.)
+_COMMENT_OR_STRING = re.compile(r'"[^"\n]*"|#[^\n]*')
+
+
 def _collect_comments(text: str) -> tuple[ast.Comment, ...]:
     comments = []
-    for tok in _lark().lex(text, dont_ignore=True):
-        if tok.type == "COMMENT":
-            own = text.split("\n")[tok.line - 1][: tok.column - 1].strip() == ""
-            comments.append(ast.Comment(str(tok), tok.line, own))
-        elif tok.type == "_NL":
-            for k, raw in enumerate(str(tok).split("\n")):
-                if k and raw.strip().startswith("#"):
-                    comments.append(ast.Comment(raw.strip(), tok.line + k, True))
+    line, seen = 1, 0
+    for m in _COMMENT_OR_STRING.finditer(text):
+        if m.group().startswith('"'):
+            continue
+        line += text.count("\n", seen, m.start())
+        seen = m.start()
+        line_start = text.rfind("\n", 0, m.start()) + 1
+        own = text[line_start:m.start()].strip() == ""
+        comments.append(ast.Comment(m.group().rstrip(), line, own))
     return tuple(comments)
 
 
@@ -245,9 +167,9 @@ def parse_syntax(text: str, filename: str = "<string>") -> list:
     items = None
     while len(diagnostics) < MAX_SYNTAX_ERRORS:
         try:
-            tree = _lark().parse(attempt)
-        except UnexpectedInput as err:
-            d = _syntax_diagnostic(err, attempt)
+            items = _lark().parse(attempt)
+        except (UnexpectedInput, SourceError) as err:
+            d = err.diagnostic if isinstance(err, SourceError) else _syntax_diagnostic(err, attempt)
             if diagnostics and d.message == "unexpected end of file":
                 break  # an unclosed brace after an earlier error: already explained
             diagnostics.append(d)
@@ -257,11 +179,6 @@ def parse_syntax(text: str, filename: str = "<string>") -> list:
             if attempt is None:
                 break
             continue
-        if not diagnostics:
-            try:
-                items = _ToAst().transform(tree)
-            except VisitError as e:  # pragma: no cover - transformer bug
-                raise e.orig_exc from None
         break
     if diagnostics:
         raise FusenetError(diagnostics, text, filename)
@@ -270,7 +187,9 @@ def parse_syntax(text: str, filename: str = "<string>") -> list:
 
 def parse(text: str, filename: str = "<string>") -> ast.Program:
     """Parse a whole program and check its top-level structure."""
-    items = parse_syntax(text, filename)
+    text = text.removeprefix(BOM)
+    with gc_paused():
+        items = parse_syntax(text, filename)
     errors = Collector(text, filename)
     blocks, networks, trains = [], [], []
     for item in items:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from dsl.ast import Expr, Layer
 from dsl.errors import Collector, did_you_mean, nearest
+from dsl.limits import MAX_BATCH, MAX_CHANNELS, MAX_COUNT, MAX_INT, MAX_SIZE
 from dsl.values import EvalError, Symbol, describe
 
 REQUIRED = object()  # marks a parameter without default
@@ -20,9 +21,11 @@ REQUIRED = object()  # marks a parameter without default
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
-    type: str  # int | posint | nonneg | float | prob | bool | pair | pospair | pad | choice | tap | data
+    # int | posint | nonneg | float | nonnegfloat | prob | bool | pair | pospair | pad | choice | tap | data
+    type: str
     default: Any = REQUIRED
     choices: tuple[str, ...] = ()
+    high: int = MAX_INT  # the largest integer (or each of a pair's) accepted: see dsl/limits.py
 
     @property
     def required(self) -> bool:
@@ -45,28 +48,30 @@ class Signature:
         return " ".join(parts)
 
 
-def P(name, type, default=REQUIRED, choices=()):
-    return ParamSpec(name, type, default, tuple(choices))
+def P(name, type, default=REQUIRED, choices=(), high=MAX_INT):
+    return ParamSpec(name, type, default, tuple(choices), high)
 
 
-_POOL = (P("stride", "pospair", None), P("pad", "pair", (0, 0)))
+_LIMIT_NAMES = {MAX_CHANNELS: "MAX_CHANNELS", MAX_SIZE: "MAX_SIZE", MAX_BATCH: "MAX_BATCH", MAX_COUNT: "MAX_COUNT", MAX_INT: "MAX_INT"}
+_C, _S = MAX_CHANNELS, MAX_SIZE  # the bounds of channel counts and of spatial sizes
+_POOL = (P("stride", "pospair", None, high=_S), P("pad", "pair", (0, 0), high=_S))
 LAYERS: dict[str, Signature] = {
     s.name: s
     for s in [
         Signature(
             "conv",
-            (P("out", "posint"),),
+            (P("out", "posint", high=_C),),
             (
-                P("kernel", "pospair"),
-                P("stride", "pospair", (1, 1)),
-                P("pad", "pad", (0, 0)),
-                P("dilation", "pospair", (1, 1)),
-                P("groups", "posint", 1),
+                P("kernel", "pospair", high=_S),
+                P("stride", "pospair", (1, 1), high=_S),
+                P("pad", "pad", (0, 0), high=_S),
+                P("dilation", "pospair", (1, 1), high=_S),
+                P("groups", "posint", 1, high=_C),
                 P("bias", "bool", True),
             ),
         ),
-        Signature("linear", (P("out", "posint"),), (P("bias", "bool", True),)),
-        Signature("bn", (), (P("eps", "float", 1e-5), P("momentum", "prob", 0.1))),
+        Signature("linear", (P("out", "posint", high=_C),), (P("bias", "bool", True),)),
+        Signature("bn", (), (P("eps", "nonnegfloat", 1e-5), P("momentum", "prob", 0.1))),
         Signature("relu"),
         Signature("leaky_relu", (), (P("slope", "float", 0.01),)),
         Signature("sigmoid"),
@@ -79,14 +84,14 @@ LAYERS: dict[str, Signature] = {
         Signature("elu", (), (P("alpha", "float", 1.0),)),
         Signature("mish"),
         Signature("softmax"),
-        Signature("maxpool", (P("kernel", "pospair"),), _POOL),
-        Signature("avgpool", (P("kernel", "pospair"),), _POOL),
+        Signature("maxpool", (P("kernel", "pospair", high=_S),), _POOL),
+        Signature("avgpool", (P("kernel", "pospair", high=_S),), _POOL),
         Signature("global_avgpool"),
         Signature("global_maxpool"),
-        Signature("blurpool", (), (P("stride", "posint", 2), P("filter", "posint", 3))),
+        Signature("blurpool", (), (P("stride", "posint", 2, high=_S), P("filter", "posint", 3, high=_S))),
         Signature("dropout", (P("p", "prob", 0.5),)),
         Signature("flatten"),
-        Signature("upsample", (P("factor", "posint"),), (P("mode", "choice", "nearest", ("nearest", "bilinear")),)),
+        Signature("upsample", (P("factor", "posint", high=_S),), (P("mode", "choice", "nearest", ("nearest", "bilinear")),)),
         Signature("scale", (P("factor", "float"),)),
         Signature("add", (P("tap", "tap"),)),
         Signature("concat", (P("tap", "tap"),)),
@@ -100,38 +105,38 @@ TRAIN_OPTIONS: dict[str, Signature] = {
     for s in [
         Signature("data", (P("source", "data"),)),
         Signature("split", (P("fraction", "prob"),)),
-        Signature("batch", (P("size", "posint"),)),
-        Signature("epochs", (P("count", "posint"),)),
+        Signature("batch", (P("size", "posint", high=MAX_BATCH),)),
+        Signature("epochs", (P("count", "posint", high=MAX_COUNT),)),
         Signature(
             "optimizer",
             (P("name", "choice", choices=("sgd", "adam", "adamw")),),
             (
-                P("lr", "float", None),
+                P("lr", "nonnegfloat", None),
                 P("momentum", "prob", 0.0),
                 P("nesterov", "bool", False),
-                P("weight_decay", "float", None),
+                P("weight_decay", "nonnegfloat", None),
                 P("beta1", "prob", 0.9),
                 P("beta2", "prob", 0.999),
-                P("eps", "float", 1e-8),
+                P("eps", "nonnegfloat", 1e-8),
             ),
         ),
         Signature(
             "schedule",
             (P("name", "choice", choices=("constant", "step", "cosine", "plateau")),),
             (
-                P("warmup", "nonneg", 0),
-                P("step_size", "posint", 10),
-                P("gamma", "float", 0.1),
+                P("warmup", "nonneg", 0, high=MAX_COUNT),
+                P("step_size", "posint", 10, high=MAX_COUNT),
+                P("gamma", "nonnegfloat", 0.1),
                 P("factor", "prob", 0.1),
-                P("patience", "nonneg", 5),
-                P("min_lr", "float", 0.0),
+                P("patience", "nonneg", 5, high=MAX_COUNT),
+                P("min_lr", "nonnegfloat", 0.0),
             ),
         ),
         Signature("loss", (P("name", "choice", choices=("cross_entropy",)),), (P("label_smoothing", "prob", 0.0),)),
-        Signature("augment", (), (P("crop", "nonneg", 0), P("flip", "bool", False), P("cutout", "nonneg", 0))),
+        Signature("augment", (), (P("crop", "nonneg", 0, high=_S), P("flip", "bool", False), P("cutout", "nonneg", 0, high=_S))),
         Signature("precision", (P("dtype", "choice", choices=("fp32", "tf32", "fp16", "bf16")),)),
-        Signature("clip_grad", (P("max_norm", "float"),)),
-        Signature("early_stop", (P("patience", "nonneg"),)),
+        Signature("clip_grad", (P("max_norm", "nonnegfloat"),)),
+        Signature("early_stop", (P("patience", "nonneg", high=MAX_COUNT),)),
         Signature("freeze", (), (), variadic=P("tap", "tap")),
         Signature("seed", (P("value", "nonneg"),)),
         Signature("sync_bn", (P("enabled", "bool", True),)),
@@ -150,6 +155,16 @@ def _int(v: Any, what: str) -> int:
         hint = "use // for integer division" if isinstance(v, float) and v.is_integer() else None
         raise TypeMismatch(f"{what} must be an integer, got {describe(v)}", hint)
     return v
+
+
+def _at_most(spec: ParamSpec, values, what: str) -> None:
+    big = max(values)
+    if big > spec.high:
+        name = _LIMIT_NAMES.get(spec.high, "")
+        raise TypeMismatch(
+            f"{what} must be at most {spec.high:,}, got {big:,}",
+            f"fusenet's limit here is {spec.high:,} ({name} in dsl/limits.py)" if name else None,
+        )
 
 
 def _pair(v: Any, what: str) -> tuple[int, int]:
@@ -171,14 +186,17 @@ def coerce(spec: ParamSpec, v: Any, what: str) -> Any:
         low = 1 if t == "posint" else 0
         if n < low:
             raise TypeMismatch(f"{what} must be at least {low}, got {n}")
+        _at_most(spec, (n,), what)
         return n
-    if t in ("float", "prob"):
+    if t in ("float", "nonnegfloat", "prob"):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeMismatch(f"{what} must be a number, got {describe(v)}")
         if not math.isfinite(v):
             raise TypeMismatch(f"{what} must be a finite number, got {describe(v)}")
         if t == "prob" and not 0.0 <= v < 1.0:
             raise TypeMismatch(f"{what} must be in [0, 1), got {v:g}")
+        if t == "nonnegfloat" and v < 0:
+            raise TypeMismatch(f"{what} must not be negative, got {v:g}")
         return float(v)
     if t == "bool":
         if not isinstance(v, bool):
@@ -189,6 +207,7 @@ def coerce(spec: ParamSpec, v: Any, what: str) -> Any:
         low = 1 if t == "pospair" else 0
         if min(p) < low:
             raise TypeMismatch(f"{what} must be at least {low}, got {'x'.join(map(str, p))}")
+        _at_most(spec, p, what)
         return p
     if t == "pad":
         if isinstance(v, Symbol):
@@ -198,6 +217,7 @@ def coerce(spec: ParamSpec, v: Any, what: str) -> Any:
         p = _pair(v, what)
         if min(p) < 0:
             raise TypeMismatch(f"{what} must not be negative")
+        _at_most(spec, p, what)
         return p
     if t == "choice":
         if not isinstance(v, Symbol) or v not in spec.choices:

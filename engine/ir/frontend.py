@@ -5,11 +5,13 @@ compile, train, bench) starts here, so every tool reports the same errors.
 """
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from dsl import ast
 from dsl.errors import Collector, Diagnostic, FusenetError
+from dsl.limits import MAX_SOURCE_BYTES
 from dsl.parser import parse
 from dsl.train_config import TrainConfig
 from dsl.train_section import build_train_config
@@ -27,18 +29,42 @@ class Spec:
     filename: str
 
 
+def _file_error(path: Path, message: str) -> FusenetError:
+    return FusenetError([Diagnostic(message, ast.Pos(0, 0))], "", str(path))
+
+
 def read_source(source: str | Path) -> tuple[str, str]:
-    """(text, filename) from a path or from program text."""
+    """(text, filename) from a path or from program text.
+
+    Only a regular file is read: a FIFO or a device such as /dev/zero would
+    block or never end. At most MAX_SOURCE_BYTES are read, and a UTF-8
+    byte-order mark (as Notepad writes one) is dropped."""
     if isinstance(source, Path) or (source and "\n" not in source and "{" not in source):
         path = Path(source)
-        if not path.exists():
-            raise FusenetError([Diagnostic(f"no such file: {path}", ast.Pos(0, 0))], "", str(path))
-        if path.is_dir():
-            raise FusenetError([Diagnostic(f"{path} is a directory, not a .cnn file", ast.Pos(0, 0))], "", str(path))
         try:
-            return path.read_text(encoding="utf-8"), str(path)
+            info = path.stat()  # stat, unlike open, never blocks on a FIFO
+        except FileNotFoundError:
+            raise _file_error(path, f"no such file: {path}") from None
+        except OSError as e:
+            raise _file_error(path, f"cannot read {path}: {e.strerror or e}") from None
+        if stat.S_ISDIR(info.st_mode):
+            raise _file_error(path, f"{path} is a directory, not a .cnn file")
+        if not stat.S_ISREG(info.st_mode):
+            raise _file_error(path, "not a regular file (a spec is read from a .cnn file, not a pipe or device)")
+        limit = f"specs are at most {MAX_SOURCE_BYTES // 2**20} MiB (MAX_SOURCE_BYTES in dsl/limits.py)"
+        if info.st_size > MAX_SOURCE_BYTES:
+            raise _file_error(path, f"file too large ({info.st_size:,} bytes); {limit}")
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_SOURCE_BYTES + 1)  # the file may grow after the stat
+        except OSError as e:
+            raise _file_error(path, f"cannot read {path}: {e.strerror or e}") from None
+        if len(data) > MAX_SOURCE_BYTES:
+            raise _file_error(path, f"file too large; {limit}")
+        try:
+            return data.decode("utf-8-sig"), str(path)
         except UnicodeDecodeError:
-            raise FusenetError([Diagnostic("not a text file (invalid UTF-8)", ast.Pos(0, 0))], "", str(path)) from None
+            raise _file_error(path, "not a text file (invalid UTF-8)") from None
     return source, "<string>"
 
 

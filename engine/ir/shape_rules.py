@@ -49,7 +49,8 @@ def _need_image(node: Node, shape) -> tuple[int, int, int]:
     if len(shape) != 3:
         raise ShapeError(
             f"'{node.op}' needs a CxHxW image, but its input has shape {fmt_shape(shape)}",
-            "image layers must come before flatten / global pools / linear",
+            "image layers must come before flatten / global pools / linear, "
+            "and a network on `input F` features has none",
         )
     return shape
 

@@ -9,12 +9,26 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dsl.errors import Collector
+from dsl.gc_pause import gc_paused
+from dsl.limits import MAX_CHANNELS, MAX_SIZE
 from engine.ir.expand import CallSites
 from engine.ir.graph import Graph, Node
 from engine.ir.ops import REGISTRY
-from engine.ir.shape_rules import ShapeError
+from engine.ir.shape_rules import ShapeError, fmt_shape
 
 
+def _check_size(shape) -> None:
+    """Layers can grow a tensor (upsample, concat): keep it within the bounds
+    a written input has (dsl/limits.py)."""
+    if len(shape) == 3 and (shape[0] > MAX_CHANNELS or max(shape[1:]) > MAX_SIZE):
+        raise ShapeError(
+            f"the output, {fmt_shape(shape)}, is too large",
+            f"fusenet's limits are {MAX_CHANNELS:,} channels and {MAX_SIZE:,} rows or columns "
+            "(MAX_CHANNELS, MAX_SIZE in dsl/limits.py)",
+        )
+
+
+@gc_paused
 def infer_shapes(graph: Graph, errors: Collector, call_sites: CallSites | None = None) -> Graph:
     """Annotate every node; nodes downstream of an error keep shape None.
 
@@ -33,6 +47,7 @@ def infer_shapes(graph: Graph, errors: Collector, call_sites: CallSites | None =
             continue
         try:
             new, shape, params, flops = REGISTRY[node.op].shape(node, ins, nodes)
+            _check_size(shape)
         except ShapeError as e:
             errors.error(e.message, node.pos, e.hint, e.notes + call_sites.get(node.id, ()))
             nodes.append(node)

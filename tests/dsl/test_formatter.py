@@ -98,10 +98,11 @@ def test_minimal_parentheses():
     assert "a=(1 + 2) * 3 b=1 + 2 * 3 c=1 - 2 - 3 d=1 - (2 - 3) e=-(a + 1) f=2 * -3 g=-1 h=a // (b % 2)" in out
 
 
-def test_negative_positionals_keep_their_parentheses():
+def test_negative_positionals_after_the_first_keep_their_parentheses():
+    # right after the layer's name a '-' is a sign, so the first needs none
     text = "network n {\n    input 3x8x8\n    l (-1) (-a * 2) c-1\n    repeat (-1) {\n    }\n}\n"
     out = roundtrip(text)
-    assert "    l (-1) (-a * 2) c - 1\n" in out
+    assert "    l -1 (-a * 2) c - 1\n" in out
     assert "    repeat (-1) {\n" in out
 
 
@@ -142,3 +143,33 @@ def test_hand_built_ast_without_positions():
 def test_format_expr_without_text_uses_value():
     assert format_expr(ast.Num(3)) == "3"
     assert format_expr(ast.BinOp("*", ast.Num(0.5), ast.Name("c"))) == "0.5 * c"
+
+
+def test_blank_line_after_a_header_comment_is_kept():
+    text = "# digits.cnn: a header\n# second line\n\nnetwork n {\n    input 3x8x8\n}\n"
+    assert roundtrip(text) == text
+    # several blank lines become one, and a comment right above its item stays attached
+    messy = "# header\n\n\n\n# about n\nnetwork n {\n    input 3x8x8\n}\n\n# section\n\ntrain {\n    seed 1\n}\n"
+    assert roundtrip(messy) == "# header\n\n# about n\nnetwork n {\n    input 3x8x8\n}\n\n# section\n\ntrain {\n    seed 1\n}\n"
+
+
+def test_no_blank_line_is_invented_after_a_trailing_comment():
+    text = "network n {\n    input 3x8x8\n}\n# end\n\n\n"
+    assert roundtrip(text) == "network n {\n    input 3x8x8\n}\n# end\n"
+
+
+def test_signed_first_arguments_round_trip():
+    text = "network n {\n    input 3x8x8\n    scale -0.125\n    l -1 (-2) a * 3\n}\n\ntrain {\n    clip_grad -5\n}\n"
+    assert roundtrip(text) == text
+
+
+def test_one_dimensional_input_round_trips():
+    text = "network n {\n    input 20\n    linear 4\n}\n"
+    assert roundtrip(text) == text
+
+
+def test_long_left_chains_format_without_recursion():
+    terms = " - ".join(str(k) for k in range(3000))
+    text = f"network n {{\n    input 3x8x8\n    scale {terms}\n    l k=(1 - 2) * 3 - (4 - 5)\n}}\n"
+    out = roundtrip(text)
+    assert f"    scale {terms}\n" in out and "    l k=(1 - 2) * 3 - (4 - 5)\n" in out

@@ -309,3 +309,75 @@ def test_ast_is_hashable_and_frozen():
         p.network.name = "x"  # type: ignore[misc]
     assert isinstance(p.network.body, tuple) and p.network.body == tuple(p.network.body)
     assert ast.NOWHERE.line == 0
+
+
+# -- issue 13: the language side -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line,args",
+    [
+        ("scale -0.125", (Neg(Num(0.125)),)),
+        ("l -1 (-2) c -1", (Neg(Num(1)), Neg(Num(2)), BinOp("-", Name("c"), Num(1)))),
+        ("l -a * 2", (BinOp("*", Neg(Name("a")), Num(2)),)),
+        ("l -1 - 2", (BinOp("-", Neg(Num(1)), Num(2)),)),
+    ],
+)
+def test_first_positional_may_be_signed(line, args):
+    # right after the layer's name a '-' can only be a sign; later it stays binary
+    p = parse(f"network n {{\n    input 3x8x8\n    {line}\n}}\n")
+    assert p.network.body[1].layers[0].args == args
+
+
+def test_signed_arguments_in_train_and_layers_load():
+    spec = load("network n {\n    input 3x8x8\n    scale -0.125\n}\ntrain {\n    clip_grad 5\n    seed 1\n}\n")
+    assert spec.graph.output.attrs["factor"] == -0.125
+
+
+def test_input_features():
+    p = parse("network n {\n    input 20\n    linear 4\n}\n")
+    inp = p.network.body[0]
+    assert inp == Input(Dims((20,)))
+    assert (inp.pos.col, inp.dims.pos.col, inp.dims.pos.end_col) == (5, 11, 13)
+    assert load("network n {\n    input 20\n    linear 4\n}\n").graph.input_shape == (20,)
+
+
+def test_input_features_must_be_an_integer():
+    with pytest.raises(FusenetError) as info:
+        parse("network n {\n    input 2.5\n}\n")
+    (d,) = info.value.diagnostics
+    assert (d.pos.line, d.pos.col, d.message) == (2, 11, "input size 2.5 is not an integer")
+    assert "input F" in d.hint
+
+
+def test_utf8_bom_is_ignored():
+    text = "network n {\n    input 3x8x8\n    relu\n}\n"
+    assert parse("\ufeff" + text) == parse(text)
+    with pytest.raises(FusenetError) as info:
+        load("\ufeff" + text.replace("relu", "rleu"))
+    assert (info.value.diagnostics[0].pos.line, info.value.diagnostics[0].pos.col) == (3, 5)
+
+
+def test_grammar_is_conflict_and_collision_free_in_strict_mode():
+    # the runtime parser skips Lark's slow collision check; strict mode here keeps the grammar honest
+    from dsl.parser import build_lark
+
+    build_lark(strict=True)
+
+
+def test_runtime_parser_skips_the_collision_check(monkeypatch):
+    # `fusenet check` builds the parser on every run: the check took 0.3-0.5 s of it
+    import lark.lexer
+
+    from dsl import parser
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the collision check ran")
+
+    monkeypatch.setattr(lark.lexer, "_check_regex_collisions", refuse)
+    parser._lark.cache_clear()
+    try:
+        assert parser._lark().parse("network n {\n    input 3x8x8\n}\n")
+        assert lark.lexer.has_interegular  # restored for everyone else
+    finally:
+        parser._lark.cache_clear()

@@ -201,3 +201,49 @@ def test_shape_error_names_the_height_first_when_both_fail():
     d = shape_error("conv 4 kernel=4x5", "3x2x3")
     assert d.message == "conv shrinks height to -1: (H + 2*pad - dilation*(k-1) - 1)/stride + 1 = (2 + 2*0 - 1*(4-1) - 1)/1 + 1 = -1"
     assert d.hint.startswith("the input height is 2;")
+
+
+# ---- 1-D inputs: `input F` is a vector of F features --------------------------------------------
+
+
+def test_feature_input_shapes():
+    g = graph("linear 32 -> bn -> relu\ndropout 0.1\ne = linear 16 -> gelu -> scale -0.5\nadd e\nflatten -> linear 3 -> softmax", "20")
+    assert g.input_shape == (20,)
+    assert [n.shape for n in g] == [(20,), (32,), (32,), (32,), (32,), (16,), (16,), (16,), (16,), (16,), (3,), (3,)]
+    assert [n.params for n in g if n.params] == [20 * 32 + 32, 2 * 32, 32 * 16 + 16, 16 * 3 + 3]
+
+
+def test_image_layer_on_feature_input_says_why():
+    with pytest.raises(FusenetError) as info:
+        graph("conv 4 kernel=3", "20")
+    (d,) = info.value.diagnostics
+    assert d.message == "'conv' needs a CxHxW image, but its input has shape 20"
+    assert "`input F` features" in d.hint
+
+
+FEATURE_NET = """network mlp {
+    input 20
+    linear 32 -> bn -> relu
+    e = linear 16 -> tanh
+    linear 16 -> leaky_relu slope=0.2 -> scale -0.5
+    add e
+    dropout 0.0
+    linear 5 -> softmax
+}
+"""
+
+
+def test_feature_network_runs_forward_and_backward_on_both_backends():
+    import engine
+    from helpers import check_network_against_reference
+
+    ref = engine.compile(FEATURE_NET, backend="torch").double()
+    tri = engine.compile(FEATURE_NET)  # the Triton kernels (interpreted without a GPU)
+    tri.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+    x = torch.randn(6, 20, generator=torch.Generator().manual_seed(2))
+    for mode in (True, False):
+        ref.train(mode)
+        tri.train(mode)
+        for p in list(ref.parameters()) + list(tri.parameters()):
+            p.grad = None
+        check_network_against_reference(tri, ref, x, grad_floor=1e-2)
