@@ -28,7 +28,7 @@ def _check_size(shape) -> None:
         )
 
 
-@gc_paused
+@gc_paused()  # on a big graph 80% of the time was the collector's (see dsl/gc_pause.py)
 def infer_shapes(graph: Graph, errors: Collector, call_sites: CallSites | None = None) -> Graph:
     """Annotate every node; nodes downstream of an error keep shape None.
 
