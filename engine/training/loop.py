@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from engine.training import checkpoint as ckpt
 from engine.training import data as D
 from engine.training import report
-from engine.training.data import FusenetTrainError
+from engine.errors import FusenetTrainError
 
 CHECKPOINT = "model.safetensors"
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from engine.errors import FusenetTrainError
 from engine.training import loop as T
 from train_specs import NOBN_SPEC, compile
 
@@ -69,7 +70,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
 
 def test_batch_must_split_evenly():
     m, cfg, ds = _setup(None)
-    with pytest.raises(T.FusenetTrainError, match="does not split evenly over 3 processes"):
+    with pytest.raises(FusenetTrainError, match="does not split evenly over 3 processes"):
         T.run_training(m, cfg, "unused", backend="torch", dist=T.Dist(rank=0, world=3), dataset=ds)
 
 

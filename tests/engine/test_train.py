@@ -14,7 +14,7 @@ from engine.training import checkpoint as C
 from engine.training import report
 from engine.training import loop as T
 from engine.cli import train as train_cli
-from engine.training.data import FusenetTrainError
+from engine.errors import FusenetTrainError
 from train_specs import DIGITS_SPEC, NOBN_SPEC, SEG_SPEC, compile
 
 HERE = Path(__file__).parent
