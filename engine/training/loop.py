@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from engine.training import checkpoint as ckpt
 from engine.training import data as D
 from engine.training import report
+from engine import precision
 from engine.errors import FusenetTrainError
 
 CHECKPOINT = "model.safetensors"
@@ -383,10 +384,8 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
         net = DDP(net, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
         say(f"data parallel: {dist.world} processes, {cfg.batch // dist.world} images each per step")
 
-    autocast = None
-    if backend == "torch" and cfg.precision in ("fp16", "bf16"):
-        autocast = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
-    if cfg.precision == "tf32" and torch.cuda.is_available():
+    autocast = precision.autocast_dtype(cfg.precision) if backend == "torch" else None
+    if precision.uses_tf32(cfg.precision) and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     scaler = torch.amp.GradScaler(enabled=autocast is torch.float16 and dist.device.type == "cuda")

@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from engine.precision import autocast_dtype, uses_tf32
+
 LABELS = {
     "fusenet": "fusenet",
     "eager": "PyTorch eager",
@@ -33,14 +35,13 @@ LABELS = {
     "compile-max": "torch.compile max-autotune",
 }
 BASELINES = ("eager", "compile", "compile-max")
-AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @contextlib.contextmanager
 def matmul_precision(precision: str):
     """tf32 on for "tf32", off otherwise (PyTorch's cuDNN default would use tf32 in fp32)."""
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = uses_tf32(precision)
     torch.backends.cudnn.benchmark = True
     try:
         yield
@@ -93,7 +94,7 @@ class Contender:
         return LABELS[self.name]
 
     def _autocast(self):
-        dtype = AUTOCAST.get(self.precision)
+        dtype = autocast_dtype(self.precision)
         if self.name == "fusenet" or dtype is None:
             return contextlib.nullcontext()
         # no weight-cast cache: each step re-casts, as it must under CUDA graph capture
