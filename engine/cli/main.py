@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from dsl.errors import FusenetError
+from engine.text import format_table
 
 
 def _human(n: float) -> str:
@@ -23,7 +24,7 @@ def _human(n: float) -> str:
 
 def summary_table(spec) -> str:
     """One row per layer: source line, layer, output shape, parameters, FLOPs."""
-    rows = [("line", "layer", "output", "params", "FLOPs")]
+    rows = []
     g = spec.graph
     for node in g:
         shape = "x".join(map(str, node.shape)) if node.shape else "?"
@@ -33,12 +34,7 @@ def summary_table(spec) -> str:
         rows.append((str(node.pos.line), label, shape, f"{node.params:,}" if node.params else "-", _human(node.flops) if node.flops else "-"))
     total_p = sum(n.params for n in g)
     total_f = sum(n.flops for n in g)
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    out = []
-    for k, r in enumerate(rows):
-        out.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-        if k == 0:
-            out.append("-" * len(out[0]))
+    out = format_table(("line", "layer", "output", "params", "FLOPs"), rows, align="lllr").splitlines()
     out.append("-" * len(out[0]))
     out.append(
         f"network {g.name}: {len(g.nodes) - 1} layers, {total_p:,} parameters, "

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from engine.cli.bench import _batches
+from engine.text import format_table
 
 
 def _short(shape: dict) -> str:
@@ -23,7 +24,7 @@ def _short(shape: dict) -> str:
 
 def format_entries(entries: dict) -> str:
     """The cache entries as a table: kernel, shape key, dtype, device, config, time, time of the heuristic."""
-    rows = [("kernel", "shape", "dtype", "device", "config", "ms", "default ms")]
+    rows = []
     for key in sorted(entries, key=lambda k: (entries[k].get("device", ""), entries[k].get("kernel", ""), k)):
         e = entries[key]
         config = str(_config(e))
@@ -32,14 +33,7 @@ def format_entries(entries: dict) -> str:
         shape = _short(e["shape"]) if isinstance(e.get("shape"), dict) else key.split("|")[1]
         rows.append((str(e.get("kernel", key.split("|")[0])), shape, str(e.get("dtype", "?")),
                      str(e.get("device", "?")), config, ms, dms))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for k, row in enumerate(rows):
-        cells = [c.rjust(w) if i >= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-        if k == 0:
-            lines.append("-" * len(lines[0]))
-    return "\n".join(lines)
+    return format_table(("kernel", "shape", "dtype", "device", "config", "ms", "default ms"), rows, align="lllllr")
 
 
 def _config(entry: dict):

@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import engine.device
 from engine.kernels.launch import Specialization, _kernel_params, recording
+from engine.text import format_table
 
 TARGETS = {"sm_80": 80, "sm_90": 90}
 _MMA_ORDER = ("HGMMA", "HMMA", "IGMMA", "IMMA", "QGMMA", "QMMA", "BGMMA", "BMMA", "DMMA", "OMMA")
@@ -612,15 +613,7 @@ def format_report(reports: Sequence[KernelReport]) -> str:
         note = f"spills {r.spill_stores}B st / {r.spill_loads}B ld" if r.spills else ""
         rows.append((r.name, r.tag, r.target, f"{r.num_warps}/{r.num_stages}", str(r.regs), str(r.spills),
                      str(r.smem), _mma_text(r), str(r.instructions), note))
-    widths = [max([len(h)] + [len(row[c]) for row in rows]) for c, h in enumerate(head)]
-    right = {3, 4, 5, 6, 8}
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if k in right else c.ljust(w)
-                         for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    out = [line(head), line(["-" * w for w in widths[:-1]] + ["----"])]
-    out += [line(row) for row in rows]
+    out = format_table(head, rows, align="lllrrrrlrl", rule="columns").splitlines()
     n_err = sum(1 for r in reports if r.error)
     n_spill = sum(1 for r in reports if not r.error and r.spills)
     n_mma = sum(1 for r in reports if not r.error and r.mma)
