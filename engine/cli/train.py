@@ -1,25 +1,27 @@
-"""`fusenet train | eval | predict | extract`: argparse subcommands and their handlers.
+"""`fusenet train | eval | predict | extract`: the training tools' commands.
 
 `add_commands(subparsers)` registers the four commands; each handler takes the
-parsed arguments and returns an exit code. Errors meant for the user
-(FusenetTrainError, spec errors from dsl/) print one clean message and return 1;
-Ctrl-C returns 130 with the last checkpoint kept.
+parsed arguments and returns an exit code. The errors they raise for the user
+(engine.errors: FusenetTrainError and its DataError, CheckpointError; spec
+errors) are reported by the one handler in engine/cli/main.py; Ctrl-C during
+train says that the last checkpoint is kept.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 from pathlib import Path
 
+from engine.cli.common import input_path
 from engine.errors import FusenetTrainError
+from engine.precision import NAMES as PRECISIONS
 
 BACKENDS = ("triton", "torch")
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
 def _compile(spec: str, backend: str, precision=None):
+    spec = input_path(spec)
     if not os.path.isfile(spec):
         raise FusenetTrainError(f"spec file '{spec}' does not exist")
     import engine
@@ -178,28 +180,6 @@ def cmd_extract(args) -> int:
     return 0
 
 
-def _safe(handler):
-    """Run a handler: user errors as one clean line (exit 1), Ctrl-C as exit 130, no traceback."""
-
-    def run(args) -> int:
-        try:
-            return handler(args)
-        except FusenetTrainError as e:
-            print(f"fusenet {args.command}: error: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(f"\nfusenet {args.command}: interrupted; the last checkpoint is kept "
-                  "(continue with --resume)", file=sys.stderr)
-            return 130
-        except Exception as e:  # spec errors from the DSL carry their own formatted message
-            if type(e).__module__.split(".")[0] == "dsl":
-                print(str(e), file=sys.stderr)
-                return 1
-            raise
-
-    return run
-
-
 def add_commands(subparsers) -> None:
     """Register train, eval, predict and extract on an argparse subparsers object."""
     def common(p, checkpoint: bool):
@@ -220,34 +200,24 @@ def add_commands(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init", metavar="CHECKPOINT", help="start from another checkpoint's matching layers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_safe(cmd_train), command="train")
+    p.set_defaults(func=cmd_train, interrupted="the last checkpoint is kept (continue with --resume)")
 
     p = subparsers.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
     common(p, True)
     p.add_argument("--data", help="evaluate on all of this data set instead of the validation split")
     p.add_argument("--all", action="store_true", help="evaluate on the whole data set, not the validation split")
-    p.set_defaults(func=_safe(cmd_eval), command="eval")
+    p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("predict", help="top-k classes for image files")
     common(p, True)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top", type=int, default=3)
-    p.set_defaults(func=_safe(cmd_predict), command="predict")
+    p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("extract", help="write a named tap's features for a data set to .npz")
     common(p, True)
     p.add_argument("--tap", required=True)
     p.add_argument("--data", help="data set (default: the spec's)")
     p.add_argument("--out", help="output .npz (default <network>_<tap>_features.npz)")
-    p.set_defaults(func=_safe(cmd_extract), command="extract")
+    p.set_defaults(func=cmd_extract)
 
-
-def main(argv=None) -> int:  # temporary entry point until engine/cli.py wires add_commands
-    parser = argparse.ArgumentParser(prog="fusenet")
-    add_commands(parser.add_subparsers(dest="cmd", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

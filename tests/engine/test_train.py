@@ -13,7 +13,7 @@ from dsl.train_config import ScheduleConfig
 from engine.training import checkpoint as C
 from engine.training import report
 from engine.training import loop as T
-from engine.cli import train as train_cli
+from engine.cli import main as fusenet
 from engine.errors import FusenetTrainError
 from train_specs import DIGITS_SPEC, NOBN_SPEC, SEG_SPEC, compile
 
@@ -247,7 +247,7 @@ def cli(tmp_path, monkeypatch):
     (tmp_path / "d.cnn").write_text(DIGITS_SPEC)
 
     def run(*argv):
-        return train_cli.main(list(argv))
+        return fusenet(list(argv))
 
     return run
 
@@ -289,7 +289,7 @@ def test_cli_errors_are_clean(cli, capsys):
 def test_cli_subprocess_no_traceback(tmp_path):
     (tmp_path / "d.cnn").write_text(DIGITS_SPEC)
     env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
-    r = subprocess.run([sys.executable, "-m", "engine.cli.train", "train", "d.cnn", "--backend", "torch",
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "train", "d.cnn", "--backend", "torch",
                         "--data", str(tmp_path / "none.npz")], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "none.npz" in r.stderr

@@ -26,15 +26,9 @@ from typing import Callable
 
 import torch
 
+from engine.perf.bench.roster import LABELS
 from engine.precision import autocast_dtype, uses_tf32
 
-LABELS = {
-    "fusenet": "fusenet",
-    "eager": "PyTorch eager",
-    "compile": "torch.compile",
-    "compile-max": "torch.compile max-autotune",
-}
-BASELINES = ("eager", "compile", "compile-max")
 
 
 @contextlib.contextmanager

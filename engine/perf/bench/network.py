@@ -17,7 +17,8 @@ import torch
 
 from engine.perf.analytic import analytic_report
 from engine.precision import PRECISIONS
-from engine.perf.bench.contenders import BASELINES, LABELS, InputPool, build, matmul_precision
+from engine.perf.bench.contenders import InputPool, build, matmul_precision
+from engine.perf.bench.roster import BASELINES, LABELS
 from engine.perf.bench.devices import device_info, mfu
 from engine.perf.bench.timing import GraphedSlots, measure, rotation_slots
 
