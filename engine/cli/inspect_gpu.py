@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.cli.common import input_path
+from engine.perf.aot_report import TARGETS as TARGET_ARCHS
 from engine.precision import NAMES as PRECISIONS
 
-TARGETS = ("sm_80", "sm_90")
+TARGETS = tuple(TARGET_ARCHS)  # ("sm_80", "sm_90")
 
 
 def cmd_inspect(args) -> int:
