@@ -61,9 +61,10 @@ def _run_dir(args, name: str, resume: bool) -> Path:
 
 
 def cmd_train(args) -> int:
-    from engine.training import loop as T
+    from engine.training.distributed import setup_distributed
+    from engine.training.loop import run_training
 
-    dist = T.setup_distributed()
+    dist = setup_distributed()
     try:
         model = _compile(args.file, args.backend, args.precision)
         cfg = _config(model, args)
@@ -74,7 +75,7 @@ def cmd_train(args) -> int:
             box = [str(out)]
             tdist.broadcast_object_list(box, src=0)
             out = Path(box[0])
-        res = T.run_training(model, cfg, out, backend=args.backend, resume=args.resume, init=args.init,
+        res = run_training(model, cfg, out, backend=args.backend, resume=args.resume, init=args.init,
                              progress=not args.no_progress and sys.stderr.isatty(), dist=dist)
         if dist.main:
             print(f"outputs in {res.out_dir}/: model.safetensors, metrics.csv, curves.png, predictions.png")
@@ -115,7 +116,8 @@ def _load(args):
 def cmd_eval(args) -> int:
     from engine.training import data as D
     from engine.training import report
-    from engine.training import loop as T
+    from engine.training.evaluate import evaluate
+    from engine.training.optimizer_and_loss import loss_fn
 
     model, ck = _load(args)
     ds = _eval_data(model, ck, args)
@@ -127,7 +129,7 @@ def cmd_eval(args) -> int:
             _, ds = D.split(ds, split, int(meta.get("seed", model.train_config.seed)))
             what = f"the validation split of {ds.name} ({split:g}, seed {meta.get('seed', model.train_config.seed)})"
     k = int(model.output_shape[0])
-    res = T.evaluate(model, ds, T.loss_fn(args.backend), batch=args.batch, num_classes=k)
+    res = evaluate(model, ds, loss_fn(args.backend), batch=args.batch, num_classes=k)
     print(f"{model.name}, checkpoint {args.checkpoint} (epoch {ck.epoch}), on {what}")
     print(report.format_eval(res, ds.classes, ds.task))
     return 0
@@ -137,7 +139,7 @@ def cmd_predict(args) -> int:
     import torch
 
     from engine.training import data as D
-    from engine.training import loop as T
+    from engine.training.evaluate import predict
 
     model, ck = _load(args)
     meta = ck.meta.get("data", {})
@@ -145,7 +147,7 @@ def cmd_predict(args) -> int:
     x = torch.stack([D.load_image(p, model.input_shape) for p in args.images])
     if meta.get("mean"):
         x = D.normalise_images(x, meta["mean"], meta["std"])
-    prob = torch.softmax(T.predict(model, x).float(), dim=1)
+    prob = torch.softmax(predict(model, x).float(), dim=1)
     name = lambda i: classes[i] if i < len(classes) else str(i)  # noqa: E731
     for path, p in zip(args.images, prob):
         if p.ndim == 1:

@@ -13,6 +13,9 @@ from dsl.train_config import ScheduleConfig
 from engine.training import checkpoint as C
 from engine.training import report
 from engine.training import loop as T
+from engine.training.init import init_weights
+from engine.training.optimizer_and_loss import build_optimizer, loss_fn
+from engine.training.schedule import LRSchedule
 from engine.cli import main as fusenet
 from engine.errors import FusenetTrainError
 from train_specs import DIGITS_SPEC, NOBN_SPEC, SEG_SPEC, compile
@@ -48,7 +51,7 @@ def _run(spec, out, progress=False, **kw):
 
 
 def _ours(cfg, epochs, spe, base=0.1, metrics=None):
-    s = T.LRSchedule(cfg, base, epochs, spe)
+    s = LRSchedule(cfg, base, epochs, spe)
     lrs = []
     for e in range(epochs):
         lrs += [s.lr(e, i) for i in range(spe)]
@@ -196,7 +199,7 @@ def test_freeze_keeps_tap_layers_fixed(tmp_path):
     after = C.load_checkpoint(tmp_path / "model.safetensors").model
     # init_weights re-initialises, so compare the frozen layers with their state right after init
     m2 = compile(DIGITS_SPEC)
-    T.init_weights(m2, 0)
+    init_weights(m2, 0)
     init = m2.state_dict()
     for k in after:
         if k.startswith(("conv0.", "bn0.")):
@@ -233,9 +236,9 @@ def test_triton_backend_without_kernels_fails_clearly(monkeypatch):
     monkeypatch.setitem(sys.modules, "engine.kernels.loss", None)
     m = compile(DIGITS_SPEC)
     with pytest.raises(FusenetTrainError, match="engine.kernels.optim.SGD"):
-        T.build_optimizer(m.parameters(), m.train_config.optimizer, "triton")
+        build_optimizer(m.parameters(), m.train_config.optimizer, "triton")
     with pytest.raises(FusenetTrainError, match="engine.kernels.loss.cross_entropy"):
-        T.loss_fn("triton")
+        loss_fn("triton")
 
 
 # ----------------------------------------------------------------------------- CLI

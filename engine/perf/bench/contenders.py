@@ -123,7 +123,7 @@ class Contender:
 def build(name: str, source: str, state: dict, precision: str, pool: InputPool, *, graphs: bool = False) -> Contender:
     """Contender `name` for the network in `source`, with weights `state`."""
     import engine
-    from engine.training.loop import build_optimizer, loss_fn
+    from engine.training.optimizer_and_loss import build_optimizer, loss_fn
 
     spec = engine.load(source)
     device = pool.x[0].device
