@@ -46,6 +46,9 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("bf16", "bfloat16", 2, False, agreement_tol=6e-2),
 )}
 NAMES: tuple[str, ...] = tuple(PRECISIONS)
+# what the performance tools (inspect, bench --layers, the GPU suite) use unless told:
+# the tensor-core format networks train in on current GPUs
+PERFORMANCE_DEFAULT = "bf16"
 
 
 def precision(name: str) -> Precision:

@@ -6,7 +6,8 @@
 - `parse_batches`: "64,256,1024" -> [64, 256, 1024], or a UsageError (exit 2);
 - `layer_shapes`: the convolution shapes of `--layers` runs (bench and tune),
   from a workloads .toml or a spec; an unreadable file is an InputFileError;
-- `LAYERS_PRECISION`: the precision of `--layers` runs unless --precision says.
+- `LAYERS_PRECISION`: the precision of `--layers` runs unless --precision says
+  (engine.precision.PERFORMANCE_DEFAULT).
 
 Like every command module, this imports torch, Triton and the engine's kernels
 only inside functions.
@@ -17,8 +18,9 @@ from pathlib import Path
 
 from engine import resources
 from engine.errors import InputFileError, UsageError
+from engine.precision import PERFORMANCE_DEFAULT
 
-LAYERS_PRECISION = "bf16"
+LAYERS_PRECISION = PERFORMANCE_DEFAULT
 
 
 def input_path(path: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from engine.cli.common import input_path
 from engine.perf.aot_report import TARGETS as TARGET_ARCHS
 from engine.precision import NAMES as PRECISIONS
+from engine.precision import PERFORMANCE_DEFAULT
 
 TARGETS = tuple(TARGET_ARCHS)  # ("sm_80", "sm_90")
 
@@ -36,7 +37,7 @@ def add_commands(sub) -> None:
     p.add_argument("file")
     p.add_argument("--target", choices=TARGETS + ("all",), default="sm_90")
     p.add_argument("--batch", type=int, default=64, help="batch size the kernels are specialised for")
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    p.add_argument("--precision", choices=PRECISIONS, default=PERFORMANCE_DEFAULT)
     p.add_argument("--eval", action="store_true", help="inference kernels only (default: a whole training step)")
     p.add_argument("--jobs", type=int, default=2, help="parallel compile workers")
     p.set_defaults(func=cmd_inspect)
