@@ -285,3 +285,19 @@ def test_command_modules_import_no_private_names_of_each_other():
         private = [n for n in _top_level_imports(path, everywhere=True)
                    if n.startswith("engine.cli.") and n.rsplit(".", 1)[1].startswith("_")]
         assert not private, (path.name, private)
+
+
+def test_parser_check_and_fmt_import_no_torch_beneath_the_engine_package():
+    """With engine/__init__.py's own imports set aside (it imports torch today; issue 13 makes it
+    lazy), building the parser, --help, check and fmt import neither torch nor triton."""
+    code = ("import contextlib, io, sys, types\n"
+            "pkg = types.ModuleType('engine'); pkg.__path__ = ['engine']; sys.modules['engine'] = pkg\n"
+            "from engine.cli.main import build_parser, main\n"
+            "build_parser().format_help()\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['check', 'examples/digits.cnn']) == 0\n"
+            "    assert main(['fmt', 'examples/digits.cnn']) == 0\n"
+            "print(sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
