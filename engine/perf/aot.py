@@ -10,8 +10,8 @@ tensor-core (MMA) instructions in the SASS and the total instruction count.
     print(format_report(inspect_network(lambda: net(x), targets=("sm_80", "sm_90"))))
 
 Public API: `KernelReport`, `compile_specialization`, `compile_all`,
-`format_report`, `gpu_tiles`, `inspect_network`, `record_network`,
-`clear_cache`, `constexpr_tag`, `spec_tag`, `TARGETS`.
+`format_report`, `inspect_network`, `record_network`, `clear_cache`,
+`constexpr_tag`, `spec_tag`, `TARGETS`, and `gpu_tiles` (engine.device's).
 
 The check is four modules:
 - aot.py         this API: what to compile, from the caches or in workers;
@@ -24,11 +24,10 @@ The check is four modules:
 """
 from __future__ import annotations
 
-import contextlib
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import engine.device
+from engine.device import gpu_tiles
 from engine.kernels.launch import Specialization, recording
 from engine.perf import aot_cache
 from engine.perf.aot_cache import clear_cache
@@ -121,17 +120,6 @@ def compile_specialization(spec: Specialization, target: str = "sm_90") -> Kerne
     if rep.error:
         raise RuntimeError(f"{rep.name} [{rep.tag}] on {rep.target}: {rep.error}")
     return rep
-
-
-@contextlib.contextmanager
-def gpu_tiles() -> Iterator[None]:
-    """Make launchers pick their GPU tile configs (`engine.device.INTERPRETED = False`) inside the block."""
-    old = engine.device.INTERPRETED
-    engine.device.INTERPRETED = False
-    try:
-        yield
-    finally:
-        engine.device.INTERPRETED = old
 
 
 def record_network(run: Callable[[], Any]) -> list[Specialization]:

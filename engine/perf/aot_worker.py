@@ -241,13 +241,13 @@ def compile_job(job: dict) -> dict:
 def _import_triton_for_compiling() -> None:
     """Import Triton with its interpreter off (so `@triton.jit` makes JITFunctions), and have it
     run ptxas (and print its log) for every kernel."""
-    interpret = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     from triton import knobs
 
-    knobs.runtime.interpret = False
-    if interpret is not None:  # what `import engine` set up on a machine without CUDA
-        os.environ["TRITON_INTERPRET"] = interpret
+    knobs.runtime.interpret = False  # set explicitly: from here on the environment variable is not read
+    # what engine.device expects of a process that imported triton on a machine without CUDA
+    # (the kernel modules import it before they define their kernels)
+    os.environ["TRITON_INTERPRET"] = "1"
     with contextlib.suppress(Exception):
         knobs.compilation.always_compile = True  # so ptxas runs (and logs) every time
     with contextlib.suppress(Exception):
