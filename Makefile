@@ -19,4 +19,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-.PHONY: install demo test
+# the built wheel, installed non-editable into a fresh venv, run from outside the checkout (CI runs it)
+wheel-check: install
+	bash .ci/wheel_check.sh
+
+.PHONY: install demo test wheel-check

@@ -2,9 +2,10 @@
 
 Exit status: 0 success; 1 an invalid program, and also a file that cannot be
 read (no such file, a directory): that is reported like any other rejected
-input, as `path: error: ...` on stderr; 2 a usage error caught by argparse
-(no such subcommand, missing file argument, unknown flag).
-Never a Python traceback.
+input, as `path: error: ...` on stderr; 1 a user error at run time; 2 a usage
+error caught by argparse (no such subcommand, missing file argument, unknown
+flag); 3 an internal error; 130 Ctrl-C. Never a Python traceback (unless
+FUSENET_DEBUG=1 asks for the traceback of an internal error).
 """
 from __future__ import annotations
 
@@ -145,3 +146,156 @@ def test_subprocess_exit_status_and_no_traceback(bad_file):
     assert r.stdout == ""
     assert r.stderr.startswith(f"{bad_file}:3:5: error: unknown layer 'cnov'")
     assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- one handler, one exit status each
+
+
+@pytest.fixture
+def failing_check(monkeypatch):
+    """`fusenet check` whose handler raises what the test gives it."""
+    from engine.cli import spec
+
+    def use(exc):
+        def handler(args):
+            raise exc
+
+        monkeypatch.setattr(spec, "cmd_check", handler)
+
+    return use
+
+
+def test_internal_error_is_status_3_without_traceback(failing_check, capsys, monkeypatch, bad_file):
+    monkeypatch.delenv("FUSENET_DEBUG", raising=False)
+    failing_check(ZeroDivisionError("boom"))
+    assert main(["check", str(bad_file)]) == 3
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "fusenet check: internal error: ZeroDivisionError: boom",
+        "hint: this is a fusenet bug; rerun with FUSENET_DEBUG=1 for the traceback and report it",
+    ]
+
+
+def test_internal_error_traceback_with_fusenet_debug(failing_check, capsys, monkeypatch, bad_file):
+    monkeypatch.setenv("FUSENET_DEBUG", "1")
+    failing_check(ZeroDivisionError("boom"))
+    assert main(["check", str(bad_file)]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "internal error: ZeroDivisionError: boom" in err
+
+
+@pytest.mark.parametrize("exc_name, status", [("FusenetTrainError", 1), ("DataError", 1), ("CheckpointError", 1),
+                                              ("InputFileError", 1), ("UsageError", 2)])
+def test_user_errors_are_one_line(failing_check, capsys, bad_file, exc_name, status):
+    import engine.errors
+
+    failing_check(getattr(engine.errors, exc_name)("no good"))
+    assert main(["check", str(bad_file)]) == status
+    assert capsys.readouterr().err == "fusenet check: error: no good\n"
+
+
+def test_interrupt_is_status_130(failing_check, capsys, bad_file):
+    failing_check(KeyboardInterrupt())
+    assert main(["check", str(bad_file)]) == 130
+    assert capsys.readouterr().err == "\nfusenet check: interrupted\n"
+
+
+def test_interrupted_training_keeps_its_checkpoint(monkeypatch, capsys, tmp_path):
+    from engine.cli import train
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "cmd_train", interrupted)
+    assert main(["train", str(tmp_path / "any.cnn")]) == 130
+    assert capsys.readouterr().err == (
+        "\nfusenet train: interrupted; the last checkpoint is kept (continue with --resume)\n")
+
+
+def test_help_lists_the_exit_statuses(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for line in ("exit status:", "  2    a usage error", "  3    an internal error", "  130  interrupted"):
+        assert line in out
+
+
+def test_version(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    from engine.version import __version__
+
+    assert capsys.readouterr().out == (
+        f"fusenet {__version__} (triton {metadata.version('triton')}, torch {metadata.version('torch')})\n")
+
+
+def test_shipped_examples_are_found_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no examples/ here
+    assert main(["check", "examples/digits.cnn"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("network digits: ")
+    assert main(["check", "examples/no_such_example.cnn"]) == 1
+    assert "no such file: examples/no_such_example.cnn" in capsys.readouterr().err
+    # fmt --write never rewrites a shipped file in place of the one named
+    assert main(["fmt", "--write", "examples/digits.cnn"]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_a_file_here_comes_before_a_shipped_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "digits.cnn").write_text(BAD)
+    assert main(["check", "examples/digits.cnn"]) == 1
+    assert "unknown layer 'cnov'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- cheap to start
+
+CLI_DIR = ROOT / "engine" / "cli"
+HEAVY = ("torch", "triton", "numpy", "engine.kernels", "engine.runtime", "engine.training", "engine.perf.aot",
+         "engine.perf.step", "engine.perf.analytic", "engine.device", "engine.passes")
+
+
+def _top_level_imports(path: Path, everywhere: bool = False) -> list[str]:
+    """Imported names (`from a import b` is a.b); with everywhere=True, function-level imports too."""
+    import ast
+
+    names = []
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree) if everywhere else tree.body:
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names += [f"{node.module}.{a.name}" for a in node.names]  # `from engine import x` is engine.x
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(CLI_DIR.glob("*.py")), ids=lambda p: p.name)
+def test_command_modules_import_heavy_modules_only_in_handlers(path):
+    heavy = [n for n in _top_level_imports(path) if n == "engine" or any(n == h or n.startswith(h + ".") for h in HEAVY)]
+    assert not heavy, f"{path.name} imports {heavy} at module level; import them inside the handler"
+
+
+def test_command_modules_import_no_private_names_of_each_other():
+    for path in CLI_DIR.glob("*.py"):
+        private = [n for n in _top_level_imports(path, everywhere=True)
+                   if n.startswith("engine.cli.") and n.rsplit(".", 1)[1].startswith("_")]
+        assert not private, (path.name, private)
+
+
+def test_parser_check_and_fmt_import_no_torch():
+    """Building the parser, --help, check and fmt import neither torch nor triton (nor numpy)."""
+    code = ("import contextlib, io, sys\n"
+            "from engine.cli.main import build_parser, main\n"
+            "build_parser().format_help()\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['check', 'examples/digits.cnn']) == 0\n"
+            "    assert main(['fmt', 'examples/digits.cnn']) == 0\n"
+            "print(sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -37,12 +37,13 @@ def _pair(name: str, precision: str):
 
 def _pytorch_at(precision: str, net, x, g):
     """PyTorch's own gradients for `net` (fp32 master weights) at `precision`."""
-    from engine.perf.bench.contenders import AUTOCAST, matmul_precision
+    from engine.perf.bench.contenders import matmul_precision
+    from engine.precision import autocast_dtype
 
     xp = x.float().requires_grad_()
     with matmul_precision(precision):
-        if precision in AUTOCAST:
-            with torch.autocast("cuda", dtype=AUTOCAST[precision]):
+        if autocast_dtype(precision) is not None:
+            with torch.autocast("cuda", dtype=autocast_dtype(precision)):
                 y = net(xp)
         else:
             y = net(xp)

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("dsl",),
-    ("engine.errors", "engine.precision", "engine.text", "engine.device"),
+    ("engine.errors", "engine.precision", "engine.text", "engine.device", "engine.resources", "engine.version"),
     ("engine.ir",),
     ("engine.passes",),
     ("engine.kernels",),

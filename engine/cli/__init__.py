@@ -1,2 +1,4 @@
 """The `fusenet` command line: one `main`, one error handler, a module per command group."""
-from engine.cli.main import main  # noqa: F401
+from engine.cli.main import main
+
+__all__ = ["main"]

@@ -20,27 +20,11 @@ import json
 import sys
 from pathlib import Path
 
-from engine.perf.bench.contenders import BASELINES
-
-CONTENDERS = ("fusenet",) + BASELINES
-
-
-def _batches(text: str) -> list[int] | None:
-    """64,256,1024 -> [64, 256, 1024]; None if malformed."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        return None
-    return values if values and min(values) >= 1 else None
-
-
-class _BadFile(Exception):
-    """An unreadable or malformed input file: one clear line, exit 1."""
-
-
-def _usage(msg: str) -> int:
-    print(f"fusenet bench: error: {msg}", file=sys.stderr)
-    return 2  # a usage error, like argparse's
+from engine import resources
+from engine.cli.common import LAYERS_PRECISION, input_path, layer_shapes, parse_batches
+from engine.errors import UsageError
+from engine.perf.bench.roster import CONTENDERS
+from engine.precision import NAMES as PRECISIONS
 
 
 def _emit(doc: dict, args) -> int:
@@ -65,49 +49,34 @@ def _emit(doc: dict, args) -> int:
     return 0
 
 
-def _layer_shapes(args, batches: list[int] | None):
-    """Shapes from a workloads file (its batch unless --batch) or a spec (its batch unless --batch)."""
-    from engine.perf.bench.layers import shapes_from_spec, shapes_from_workloads
-
-    if Path(args.file).suffix == ".toml":
-        try:
-            return shapes_from_workloads(args.file, batch=batches[0] if batches else None)
-        except (OSError, ValueError) as e:  # tomllib.TOMLDecodeError is a ValueError
-            raise _BadFile(str(e)) from None
-    import engine
-
-    spec = engine.load(Path(args.file))
-    return shapes_from_spec(spec, batches[0] if batches else spec.train.batch)
-
-
 def cmd_bench(args) -> int:
     from engine.device import HAS_CUDA
 
+    if args.file is None:
+        if not args.layers:
+            raise UsageError("give the FILE to benchmark (a spec, a workloads .toml or a results .json); "
+                             "`--layers` alone runs the shipped benchmarks/workloads.toml")
+        args.file = str(resources.WORKLOADS)
+    args.file = input_path(args.file)
     if Path(args.file).suffix == ".json":
         from engine.perf.bench import results
 
         try:
             doc = results.load(args.file)
         except ValueError as e:
-            return _usage(str(e))
+            raise UsageError(str(e)) from None
         return _emit(doc, args)
-    batches = _batches(args.batch) if args.batch else None
-    if args.batch and batches is None:
-        return _usage(f"--batch takes positive integers like 64,256,1024, got {args.batch!r}")
+    batches = parse_batches(args.batch) if args.batch else None
     contenders = tuple(c.strip() for c in args.contenders.split(",") if c.strip())
     unknown = [c for c in contenders if c not in CONTENDERS]
     if unknown or "fusenet" not in contenders:
-        return _usage(f"--contenders takes a comma list of {', '.join(CONTENDERS)} including fusenet, "
-                      f"got {args.contenders!r}")
+        raise UsageError(f"--contenders takes a comma list of {', '.join(CONTENDERS)} including fusenet, "
+                         f"got {args.contenders!r}")
     if Path(args.file).suffix == ".toml" and not args.layers:
-        return _usage("a .toml workloads file holds layer shapes: use `fusenet bench --layers FILE.toml`")
-    try:
-        if not HAS_CUDA:
-            return _without_gpu(args, batches)
-        return _with_gpu(args, batches, contenders)
-    except _BadFile as e:
-        print(f"fusenet bench: error: {e}", file=sys.stderr)
-        return 1
+        raise UsageError("a .toml workloads file holds layer shapes: use `fusenet bench --layers FILE.toml`")
+    if not HAS_CUDA:
+        return _without_gpu(args, batches)
+    return _with_gpu(args, batches, contenders)
 
 
 def _default_out(name: str) -> Path:
@@ -128,8 +97,8 @@ def _with_gpu(args, batches, contenders, device: str = "cuda") -> int:
     if args.layers:
         from engine.perf.bench.layers import bench_layers
 
-        precision = args.precision or "bf16"
-        shapes = _layer_shapes(args, batches)
+        precision = args.precision or LAYERS_PRECISION
+        shapes = layer_shapes(args.file, batches)
         print(f"fusenet bench --layers: {len(shapes)} convolution shape(s), {precision}", file=sys.stderr)
         doc["layers"] = bench_layers(shapes, precision, **timing)
         name = "layers-" + Path(args.file).stem
@@ -174,8 +143,8 @@ def _without_gpu(args, batches) -> int:
     if args.layers:
         from engine.perf.bench.layers import analytic_layers, format_analytic_layers
 
-        precision = args.precision or "bf16"
-        rows = analytic_layers(_layer_shapes(args, batches), precision)
+        precision = args.precision or LAYERS_PRECISION
+        rows = analytic_layers(layer_shapes(args.file, batches), precision)
         print(format_analytic_layers(rows, precision))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
@@ -198,7 +167,7 @@ def _without_gpu(args, batches) -> int:
         print(f"analytic model written to {args.json}")
     if not args.no_inspect:
         from engine.perf.aot import compile_all, format_report, record_network
-        from engine.cli.inspect_gpu import network_step
+        from engine.perf.step import network_step
 
         model = engine.compile(Path(args.file), precision=precision)
         variants = record_network(network_step(model, batches[0], True))
@@ -212,14 +181,15 @@ def _without_gpu(args, batches) -> int:
 
 
 def add_commands(sub) -> None:
+    """Register bench on an argparse subparsers object."""
     p = sub.add_parser("bench", help="fusenet against PyTorch eager and torch.compile (analytic model without a GPU)",
                        description="FILE: a network spec (.cnn); with --layers a spec or a workloads file "
                                    "(.toml, e.g. benchmarks/workloads.toml); or a results file (.json) to "
                                    "re-render its tables and charts.")
-    p.add_argument("file")
+    p.add_argument("file", nargs="?", help="with --layers, default: the shipped benchmarks/workloads.toml")
     p.add_argument("--batch", help="batch sizes, e.g. 64,256,1024 (default: the spec's; --layers: the file's)")
-    p.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"),
-                   help="default: the spec's (--layers: bf16)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help=f"default: the spec's (--layers: {LAYERS_PRECISION})")
     p.add_argument("--layers", action="store_true",
                    help="per convolution: forward, dgrad, wgrad against cuDNN, fused groups against unfused")
     p.add_argument("--contenders", default=",".join(CONTENDERS),

@@ -1,140 +1,113 @@
-"""The `fusenet` command: check, fmt, inspect, bench, tune, train, eval, predict, extract.
+"""The `fusenet` command: one parser, one error handler, one exit status per outcome.
 
-Exit status: 0 success, 1 an invalid program or failed run, 2 a usage error.
-Errors are printed as located messages; never a Python traceback (set
-FUSENET_DEBUG=1 to see one for an internal error).
+Each command module registers its commands with `add_commands(subparsers)`
+(spec: check, fmt; inspect_gpu: inspect; bench; tune; train: train, eval,
+predict, extract). `main` parses the arguments, runs the command's handler and
+is the only place that turns an outcome into an exit status and a message:
+
+    0    success
+    1    the program was rejected: located errors, `file:line:col: error: ...`;
+         or a user error at run time (bad data, flag value, checkpoint, input
+         file): `fusenet COMMAND: error: ...`; or a check the command makes
+         failed (`fmt --check`, a kernel that does not compile, a benchmark
+         result that disagrees, `tune` without a GPU)
+    2    a usage error: argparse's (unknown command or flag, missing argument)
+         and malformed flag values (`fusenet COMMAND: error: ...`)
+    3    an internal error, i.e. a fusenet bug: `fusenet COMMAND: internal
+         error: ...` and a hint; the traceback only with FUSENET_DEBUG=1
+    130  interrupted (Ctrl-C); `train` keeps its last checkpoint
+
+Never a Python traceback otherwise. The command modules import torch, Triton and
+the engine's kernels only inside their handlers, so building the parser is cheap.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from pathlib import Path
+import traceback
 
-from dsl.errors import FusenetError
+from engine.cli import bench, inspect_gpu, spec, train, tune
+from engine.errors import FusenetError, FusenetUserError
 
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+COMMAND_MODULES = (spec, inspect_gpu, bench, tune, train)  # in the order `fusenet --help` lists them
 
-def _human(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(int(n))
-
-
-def summary_table(spec) -> str:
-    """One row per layer: source line, layer, output shape, parameters, FLOPs."""
-    rows = [("line", "layer", "output", "params", "FLOPs")]
-    g = spec.graph
-    for node in g:
-        shape = "x".join(map(str, node.shape)) if node.shape else "?"
-        label = node.describe() if node.op != "input" else "input"
-        if node.name:
-            label = f"{label}  [{node.name}]"
-        rows.append((str(node.pos.line), label, shape, f"{node.params:,}" if node.params else "-", _human(node.flops) if node.flops else "-"))
-    total_p = sum(n.params for n in g)
-    total_f = sum(n.flops for n in g)
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    out = []
-    for k, r in enumerate(rows):
-        out.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-        if k == 0:
-            out.append("-" * len(out[0]))
-    out.append("-" * len(out[0]))
-    out.append(
-        f"network {g.name}: {len(g.nodes) - 1} layers, {total_p:,} parameters, "
-        f"{_human(total_f)} FLOPs per sample (forward)"
-    )
-    return "\n".join(out)
+EPILOG = """\
+exit status:
+  0    success
+  1    an invalid program (located errors), a user error at run time (data,
+       flag value, checkpoint), or a failed check (fmt --check, a kernel that
+       does not compile, a benchmark result that disagrees)
+  2    a usage error (unknown command or flag, malformed flag value)
+  3    an internal error: a fusenet bug (FUSENET_DEBUG=1 shows the traceback)
+  130  interrupted (Ctrl-C)
+"""
 
 
-def cmd_check(args) -> int:
-    from engine.ir.frontend import load
+def version_text() -> str:
+    """fusenet's version, and the versions of the Triton and torch it runs on (read without importing them)."""
+    from importlib import metadata
 
-    spec = load(Path(args.file))
-    print(summary_table(spec))
-    if args.kernels:
-        from engine.perf.analytic import kernel_report
+    from engine.version import __version__
 
-        print()
-        print(kernel_report(spec, batch=args.batch, training=not args.eval))
-    if args.ir:
-        from engine.passes.pipeline import format_trace, trace_pipeline
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
 
-        print()
-        print(format_trace(trace_pipeline(spec.graph, training=not args.eval)))
-    return 0
+    return f"fusenet {__version__} (triton {installed('triton')}, torch {installed('torch')})"
 
 
-def cmd_fmt(args) -> int:
-    from dsl.formatter import format_program
-    from dsl.parser import parse
-    from engine.ir.frontend import read_source
+class _VersionAction(argparse.Action):
+    """--version, with the text computed only when asked for."""
 
-    text, name = read_source(Path(args.file))
-    formatted = format_program(parse(text, name))
-    if args.write:
-        tmp = Path(args.file).with_suffix(".fmt.tmp")
-        tmp.write_text(formatted)
-        os.replace(tmp, args.file)
-    elif args.check:
-        if formatted != text:
-            print(f"{name}: not in canonical format (run `fusenet fmt --write {name}`)", file=sys.stderr)
-            return 1
-    else:
-        sys.stdout.write(formatted)
-    return 0
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fusenet", description="CNN specs compiled to fused Triton kernels.")
+    p = argparse.ArgumentParser(prog="fusenet", description="CNN specs compiled to fused Triton kernels.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action=_VersionAction, help="print fusenet's, Triton's and torch's versions")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    c = sub.add_parser("check", help="check a spec and print every layer's shape, parameters and FLOPs")
-    c.add_argument("file")
-    c.add_argument("--kernels", action="store_true", help="also list the fused kernels (forward and backward)")
-    c.add_argument("--ir", action="store_true", help="print the IR after each pass")
-    c.add_argument("--batch", type=int, default=None, help="batch size for --kernels byte estimates")
-    c.add_argument("--eval", action="store_true", help="plan for inference (batch norm folded) rather than training")
-    c.set_defaults(func=cmd_check)
-
-    f = sub.add_parser("fmt", help="print a spec in canonical format")
-    f.add_argument("file")
-    g = f.add_mutually_exclusive_group()
-    g.add_argument("--write", action="store_true", help="rewrite the file in place")
-    g.add_argument("--check", action="store_true", help="exit 1 if the file is not canonical")
-    f.set_defaults(func=cmd_fmt)
-
-    for module, attr in (("engine.cli.inspect_gpu", "add_commands"), ("engine.cli.bench", "add_commands"), ("engine.cli.tune", "add_commands"), ("engine.cli.train", "add_commands")):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        getattr(mod, attr)(sub)
+    for module in COMMAND_MODULES:
+        module.add_commands(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command's handler; the one place errors become messages and exit statuses."""
+    name = args.command
     try:
-        return args.func(args) or 0
+        return args.func(args) or EXIT_OK
     except FusenetError as e:
         print(e.format(), file=sys.stderr)
-        return 1
+        return EXIT_ERROR
+    except FusenetUserError as e:
+        print(f"fusenet {name}: error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print("fusenet: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # an internal error: say so plainly, no traceback
+        note = getattr(args, "interrupted", None)
+        print(f"\nfusenet {name}: interrupted" + (f"; {note}" if note else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - anything else is a fusenet bug: say so plainly
         if os.environ.get("FUSENET_DEBUG"):
-            raise
-        print(
-            f"fusenet {args.command}: internal error: {type(e).__name__}: {e}\n"
-            "hint: this is a fusenet bug; rerun with FUSENET_DEBUG=1 for the traceback and report it",
-            file=sys.stderr,
-        )
-        return 1
+            traceback.print_exc()
+        print(f"fusenet {name}: internal error: {type(e).__name__}: {e}\n"
+              "hint: this is a fusenet bug; rerun with FUSENET_DEBUG=1 for the traceback and report it",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`fusenet ARGS...`: the exit status (argparse's usage errors exit 2 by raising SystemExit)."""
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

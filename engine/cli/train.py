@@ -1,25 +1,27 @@
-"""`fusenet train | eval | predict | extract`: argparse subcommands and their handlers.
+"""`fusenet train | eval | predict | extract`: the training tools' commands.
 
 `add_commands(subparsers)` registers the four commands; each handler takes the
-parsed arguments and returns an exit code. Errors meant for the user
-(FusenetTrainError, spec errors from dsl/) print one clean message and return 1;
-Ctrl-C returns 130 with the last checkpoint kept.
+parsed arguments and returns an exit code. The errors they raise for the user
+(engine.errors: FusenetTrainError and its DataError, CheckpointError; spec
+errors) are reported by the one handler in engine/cli/main.py; Ctrl-C during
+train says that the last checkpoint is kept.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from engine.training.data import FusenetTrainError
+from engine.cli.common import input_path
+from engine.errors import FusenetTrainError
+from engine.precision import NAMES as PRECISIONS
 
 BACKENDS = ("triton", "torch")
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
 def _compile(spec: str, backend: str, precision=None):
+    spec = input_path(spec)
     if not os.path.isfile(spec):
         raise FusenetTrainError(f"spec file '{spec}' does not exist")
     import engine
@@ -59,9 +61,10 @@ def _run_dir(args, name: str, resume: bool) -> Path:
 
 
 def cmd_train(args) -> int:
-    from engine.training import loop as T
+    from engine.training.distributed import setup_distributed
+    from engine.training.loop import run_training
 
-    dist = T.setup_distributed()
+    dist = setup_distributed()
     try:
         model = _compile(args.file, args.backend, args.precision)
         cfg = _config(model, args)
@@ -72,7 +75,7 @@ def cmd_train(args) -> int:
             box = [str(out)]
             tdist.broadcast_object_list(box, src=0)
             out = Path(box[0])
-        res = T.run_training(model, cfg, out, backend=args.backend, resume=args.resume, init=args.init,
+        res = run_training(model, cfg, out, backend=args.backend, resume=args.resume, init=args.init,
                              progress=not args.no_progress and sys.stderr.isatty(), dist=dist)
         if dist.main:
             print(f"outputs in {res.out_dir}/: model.safetensors, metrics.csv, curves.png, predictions.png")
@@ -113,7 +116,8 @@ def _load(args):
 def cmd_eval(args) -> int:
     from engine.training import data as D
     from engine.training import report
-    from engine.training import loop as T
+    from engine.training.evaluate import evaluate
+    from engine.training.optimizer_and_loss import loss_fn
 
     model, ck = _load(args)
     ds = _eval_data(model, ck, args)
@@ -125,7 +129,7 @@ def cmd_eval(args) -> int:
             _, ds = D.split(ds, split, int(meta.get("seed", model.train_config.seed)))
             what = f"the validation split of {ds.name} ({split:g}, seed {meta.get('seed', model.train_config.seed)})"
     k = int(model.output_shape[0])
-    res = T.evaluate(model, ds, T.loss_fn(args.backend), batch=args.batch, num_classes=k)
+    res = evaluate(model, ds, loss_fn(args.backend), batch=args.batch, num_classes=k)
     print(f"{model.name}, checkpoint {args.checkpoint} (epoch {ck.epoch}), on {what}")
     print(report.format_eval(res, ds.classes, ds.task))
     return 0
@@ -135,7 +139,7 @@ def cmd_predict(args) -> int:
     import torch
 
     from engine.training import data as D
-    from engine.training import loop as T
+    from engine.training.evaluate import predict
 
     model, ck = _load(args)
     meta = ck.meta.get("data", {})
@@ -143,7 +147,7 @@ def cmd_predict(args) -> int:
     x = torch.stack([D.load_image(p, model.input_shape) for p in args.images])
     if meta.get("mean"):
         x = D.normalise_images(x, meta["mean"], meta["std"])
-    prob = torch.softmax(T.predict(model, x).float(), dim=1)
+    prob = torch.softmax(predict(model, x).float(), dim=1)
     name = lambda i: classes[i] if i < len(classes) else str(i)  # noqa: E731
     for path, p in zip(args.images, prob):
         if p.ndim == 1:
@@ -178,28 +182,6 @@ def cmd_extract(args) -> int:
     return 0
 
 
-def _safe(handler):
-    """Run a handler: user errors as one clean line (exit 1), Ctrl-C as exit 130, no traceback."""
-
-    def run(args) -> int:
-        try:
-            return handler(args)
-        except FusenetTrainError as e:
-            print(f"fusenet {args.command}: error: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(f"\nfusenet {args.command}: interrupted; the last checkpoint is kept "
-                  "(continue with --resume)", file=sys.stderr)
-            return 130
-        except Exception as e:  # spec errors from the DSL carry their own formatted message
-            if type(e).__module__.split(".")[0] == "dsl":
-                print(str(e), file=sys.stderr)
-                return 1
-            raise
-
-    return run
-
-
 def add_commands(subparsers) -> None:
     """Register train, eval, predict and extract on an argparse subparsers object."""
     def common(p, checkpoint: bool):
@@ -220,34 +202,24 @@ def add_commands(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init", metavar="CHECKPOINT", help="start from another checkpoint's matching layers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_safe(cmd_train), command="train")
+    p.set_defaults(func=cmd_train, interrupted="the last checkpoint is kept (continue with --resume)")
 
     p = subparsers.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
     common(p, True)
     p.add_argument("--data", help="evaluate on all of this data set instead of the validation split")
     p.add_argument("--all", action="store_true", help="evaluate on the whole data set, not the validation split")
-    p.set_defaults(func=_safe(cmd_eval), command="eval")
+    p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("predict", help="top-k classes for image files")
     common(p, True)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top", type=int, default=3)
-    p.set_defaults(func=_safe(cmd_predict), command="predict")
+    p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("extract", help="write a named tap's features for a data set to .npz")
     common(p, True)
     p.add_argument("--tap", required=True)
     p.add_argument("--data", help="data set (default: the spec's)")
     p.add_argument("--out", help="output .npz (default <network>_<tap>_features.npz)")
-    p.set_defaults(func=_safe(cmd_extract), command="extract")
+    p.set_defaults(func=cmd_extract)
 
-
-def main(argv=None) -> int:  # temporary entry point until engine/cli.py wires add_commands
-    parser = argparse.ArgumentParser(prog="fusenet")
-    add_commands(parser.add_subparsers(dest="cmd", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

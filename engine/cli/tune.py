@@ -14,7 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from engine.cli.bench import _batches
+from engine import resources
+from engine.cli.common import LAYERS_PRECISION, input_path, layer_shapes, parse_batches
+from engine.errors import UsageError
+from engine.precision import NAMES as PRECISIONS
+from engine.text import format_table
 
 
 def _short(shape: dict) -> str:
@@ -23,7 +27,7 @@ def _short(shape: dict) -> str:
 
 def format_entries(entries: dict) -> str:
     """The cache entries as a table: kernel, shape key, dtype, device, config, time, time of the heuristic."""
-    rows = [("kernel", "shape", "dtype", "device", "config", "ms", "default ms")]
+    rows = []
     for key in sorted(entries, key=lambda k: (entries[k].get("device", ""), entries[k].get("kernel", ""), k)):
         e = entries[key]
         config = str(_config(e))
@@ -32,14 +36,7 @@ def format_entries(entries: dict) -> str:
         shape = _short(e["shape"]) if isinstance(e.get("shape"), dict) else key.split("|")[1]
         rows.append((str(e.get("kernel", key.split("|")[0])), shape, str(e.get("dtype", "?")),
                      str(e.get("device", "?")), config, ms, dms))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for k, row in enumerate(rows):
-        cells = [c.rjust(w) if i >= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-        if k == 0:
-            lines.append("-" * len(lines[0]))
-    return "\n".join(lines)
+    return format_table(("kernel", "shape", "dtype", "device", "config", "ms", "default ms"), rows, align="lllllr")
 
 
 def _config(entry: dict):
@@ -69,13 +66,11 @@ def cmd_tune(args) -> int:
     if args.show:
         return cmd_show(path)
     if not args.file:
-        print("fusenet tune: error: give the network FILE to tune (or --show to list the cache)", file=sys.stderr)
-        return 2
-    batches = _batches(args.batch) if args.batch else None
-    if args.batch and batches is None:  # a usage error: exit status 2, like argparse's
-        print(f"fusenet tune: error: --batch takes positive integers like 64,256, got {args.batch!r}",
-              file=sys.stderr)
-        return 2
+        if not args.layers:
+            raise UsageError("give the network FILE to tune (or --show to list the cache)")
+        args.file = str(resources.WORKLOADS)
+    args.file = input_path(args.file)
+    batches = parse_batches(args.batch, example="64,256") if args.batch else None
     layers = args.layers or Path(args.file).suffix == ".toml"
     spec = None if Path(args.file).suffix == ".toml" else engine.load(Path(args.file))  # reported first, GPU or not
     if not HAS_CUDA:
@@ -87,7 +82,7 @@ def cmd_tune(args) -> int:
         return 1
     import torch
 
-    from engine.cli.inspect_gpu import network_step
+    from engine.perf.step import network_step
 
     if layers:
         return _tune_layers(args, batches)
@@ -119,16 +114,11 @@ def _tune_layers(args, batches) -> int:
     """Tune the conv kernels of `fusenet bench --layers` (forward, dgrad, wgrad, fused group) per shape."""
     import torch
 
-    from engine.perf.bench.layers import _cases
-    from engine.cli.bench import _BadFile, _layer_shapes
     from engine.kernels import autotune, tune_cache
+    from engine.perf.bench.layers import _cases
 
-    precision = args.precision or "bf16"
-    try:
-        shapes = _layer_shapes(args, batches)
-    except _BadFile as e:
-        print(f"fusenet tune: error: {e}", file=sys.stderr)
-        return 1
+    precision = args.precision or LAYERS_PRECISION
+    shapes = layer_shapes(args.file, batches)
     gen = torch.Generator(device="cpu").manual_seed(0)
     started = time.perf_counter()
     with autotune.tuning() as stats:
@@ -147,10 +137,12 @@ def _tune_layers(args, batches) -> int:
 
 
 def add_commands(sub) -> None:
+    """Register tune on an argparse subparsers object."""
     p = sub.add_parser("tune", help="time the conv/linear kernels' tile configs on the GPU and cache the fastest")
-    p.add_argument("file", nargs="?", help="the network spec (not needed with --show)")
+    p.add_argument("file", nargs="?", help="the network spec (not needed with --show; with --layers, default: "
+                                          "the shipped benchmarks/workloads.toml)")
     p.add_argument("--batch", help="batch sizes, e.g. 64,256 (default: the spec's)")
-    p.add_argument("--precision", choices=("fp32", "tf32", "fp16", "bf16"), help="default: the spec's")
+    p.add_argument("--precision", choices=PRECISIONS, help="default: the spec's")
     p.add_argument("--layers", action="store_true",
                    help="tune the convolutions of `fusenet bench --layers FILE` (a spec or a workloads .toml)")
     p.add_argument("--show", action="store_true", help="list the cache's entries and exit")

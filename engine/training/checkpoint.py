@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from engine.training.data import FusenetTrainError
+from engine.errors import CheckpointError
 
 FORMAT = "fusenet-checkpoint-1"
 
@@ -114,12 +114,12 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, **kw) -> None:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate a checkpoint; a clear FusenetTrainError for anything wrong."""
+    """Read and validate a checkpoint; a clear CheckpointError for anything wrong."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise FusenetTrainError(f"checkpoint '{path}' does not exist")
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as f:
@@ -127,11 +127,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise FusenetTrainError(
+        raise CheckpointError(
             f"checkpoint '{path}' is corrupt or not a safetensors file ({type(e).__name__}: {e}); "
             "it was not written completely or is not a fusenet checkpoint") from None
     if raw.get("format") != FORMAT:
-        raise FusenetTrainError(
+        raise CheckpointError(
             f"checkpoint '{path}' is not a fusenet checkpoint (format {raw.get('format')!r}, expected {FORMAT!r})")
     meta: dict[str, Any] = dict(raw)
     try:
@@ -140,7 +140,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 meta[k] = json.loads(raw[k])
         meta["epoch"] = int(raw.get("epoch", "0"))
     except (ValueError, TypeError) as e:
-        raise FusenetTrainError(f"checkpoint '{path}' has corrupt metadata ({e})") from None
+        raise CheckpointError(f"checkpoint '{path}' has corrupt metadata ({e})") from None
     ck = Checkpoint(str(path), {}, {}, {}, meta)
     for k, v in tensors.items():
         group, _, name = k.partition(".")
@@ -151,7 +151,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 def check_matches(ck: Checkpoint, model: torch.nn.Module, network: str) -> None:
     """Refuse a checkpoint of another network: names, keys and shapes must all agree."""
     if ck.network and network and ck.network != network:
-        raise FusenetTrainError(
+        raise CheckpointError(
             f"checkpoint '{ck.path}' is of network '{ck.network}', not '{network}'")
     sd = model.state_dict()
     missing = [k for k in sd if k not in ck.model]
@@ -166,7 +166,7 @@ def check_matches(ck: Checkpoint, model: torch.nn.Module, network: str) -> None:
             parts.append("missing in checkpoint: " + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
         if extra:
             parts.append("not in network: " + ", ".join(extra[:6]) + (" ..." if len(extra) > 6 else ""))
-        raise FusenetTrainError(
+        raise CheckpointError(
             f"checkpoint '{ck.path}' does not match network '{network}' (was the spec changed?): " + "; ".join(parts))
 
 
@@ -185,15 +185,15 @@ def load_into_optimizer(ck: Checkpoint, optimizer: torch.optim.Optimizer) -> Non
     """Restore optimizer state saved by `encode` (refusing a different optimizer or group layout)."""
     groups = ck.meta.get("optim_groups")
     if groups is None:
-        raise FusenetTrainError(f"checkpoint '{ck.path}' holds no optimizer state; it cannot be resumed")
+        raise CheckpointError(f"checkpoint '{ck.path}' holds no optimizer state; it cannot be resumed")
     cls = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
     saved_cls = ck.meta.get("optim_class", cls)
     if saved_cls.rsplit(".", 1)[-1] != cls.rsplit(".", 1)[-1]:
-        raise FusenetTrainError(
+        raise CheckpointError(
             f"checkpoint '{ck.path}' was trained with optimizer {saved_cls}, this run uses {cls}")
     cur = optimizer.state_dict()["param_groups"]
     if len(cur) != len(groups) or any(len(a["params"]) != len(b["params"]) for a, b in zip(cur, groups)):
-        raise FusenetTrainError(
+        raise CheckpointError(
             f"checkpoint '{ck.path}': optimizer parameter groups differ from this run's (changed freeze list?)")
     for g in groups:
         if "betas" in g and isinstance(g["betas"], list):

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+from engine.text import format_table
+
 COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_miou", "seconds", "images_per_s"]
 
 
@@ -149,21 +151,15 @@ def format_eval(result: dict, classes: Sequence[str], task: str = "classify") ->
         lines.append(f"pixel accuracy: {s['accuracy'] * 100:.2f}%   mean IoU: {s['mean_iou'] * 100:.2f}%")
     else:
         lines.append(f"accuracy: {s['accuracy'] * 100:.2f}%")
+    percent = lambda v: "-" if v != v else f"{v * 100:.1f}%"  # noqa: E731  (NaN: a class with no support)
     w = max(6, max(len(n) for n in names) + 1)
-    lines.append("")
-    lines.append(f"{'class':<{w}} {'support':>8} {'accuracy':>9}" + (f" {'IoU':>7}" if task == "segment" else ""))
-    for i, n in enumerate(names):
-        acc = s["per_class_accuracy"][i]
-        acc_s = "-" if acc != acc else f"{acc * 100:.1f}%"
-        row = f"{n:<{w}} {s['support'][i]:>8} {acc_s:>9}"
-        if task == "segment":
-            iou = s["iou"][i]
-            row += f" {'-' if iou != iou else f'{iou * 100:.1f}%':>7}"
-        lines.append(row)
-    lines.append("")
-    lines.append("confusion matrix (rows: true, columns: predicted)")
+    segment = task == "segment"
+    header = ("class", "support", "accuracy") + (("IoU",) if segment else ())
+    rows = [(n, str(s["support"][i]), percent(s["per_class_accuracy"][i])) + ((percent(s["iou"][i]),) if segment else ())
+            for i, n in enumerate(names)]
+    lines += ["", format_table(header, rows, align="lr", gap=" ", rule=None, min_widths=(w, 8, 9, 7))]
+    lines += ["", "confusion matrix (rows: true, columns: predicted)"]
     cw = max(5, len(str(int(conf.max()))) + 1, max(len(n) for n in names) + 1)
-    lines.append(" " * w + "".join(f"{n[:cw - 1]:>{cw}}" for n in names))
-    for i, n in enumerate(names):
-        lines.append(f"{n:<{w}}" + "".join(f"{int(v):>{cw}}" for v in conf[i]))
+    rows = [(n, *(str(int(v)) for v in conf[i])) for i, n in enumerate(names)]
+    lines.append(format_table(("", *names), rows, align="lr", gap="", rule=None, min_widths=(w, *[cw] * k)))
     return "\n".join(lines)

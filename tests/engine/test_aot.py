@@ -27,7 +27,7 @@ from engine.kernels.loss import cross_entropy
 from engine.kernels.optim import Adam, AdamW
 from engine.kernels.global_pool import global_avg_pool
 from engine.perf.aot import compile_all, record_network
-from engine.cli.inspect_gpu import network_step
+from engine.perf.step import network_step
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.cnn"))
 TARGETS = ("sm_80", "sm_90")

@@ -64,3 +64,17 @@ def test_bench_cli_without_gpu_appends_the_static_sm90_report(capsys):
     out = capsys.readouterr().out
     assert "static sm_90 report (training step, batch 8, fp32)" in out
     assert "_conv_fwd_kernel" in out and "0 failed to compile, 0 spill" in out
+
+
+def test_bench_layers_defaults_to_the_shipped_workloads(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # from any folder
+    assert main(["bench", "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("per-layer analytic model, bf16") and "N=1024" in out
+    assert main(["bench", "--layers", "benchmarks/workloads.toml", "--batch", "8"]) == 0
+    assert "N=8" in capsys.readouterr().out
+
+
+def test_bench_without_a_file_is_a_usage_error(capsys):
+    assert main(["bench"]) == 2
+    assert "fusenet bench: error: give the FILE to benchmark" in capsys.readouterr().err

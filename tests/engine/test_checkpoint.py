@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.training import checkpoint as C
-from engine.training.data import FusenetTrainError
+from engine.errors import CheckpointError
 from train_specs import DIGITS_SPEC, NOBN_SPEC, compile
 
 
@@ -82,7 +82,7 @@ def test_corrupt_checkpoint_refused(tmp_path, damage):
     bad = {"truncate": blob[: len(blob) // 2], "garbage": os.urandom(500), "empty": b"",
            "header": blob[:8] + b"{not json" + blob[17:]}[damage]
     path.write_bytes(bad)
-    with pytest.raises(FusenetTrainError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt"):
         C.load_checkpoint(path)
 
 
@@ -90,9 +90,9 @@ def test_other_safetensors_file_refused(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, tmp_path / "x.safetensors")
-    with pytest.raises(FusenetTrainError, match="not a fusenet checkpoint"):
+    with pytest.raises(CheckpointError, match="not a fusenet checkpoint"):
         C.load_checkpoint(tmp_path / "x.safetensors")
-    with pytest.raises(FusenetTrainError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         C.load_checkpoint(tmp_path / "nothing.safetensors")
 
 
@@ -101,10 +101,10 @@ def test_mismatched_network_refused(tmp_path):
     _save(tmp_path / "m.safetensors", m, opt)
     ck = C.load_checkpoint(tmp_path / "m.safetensors")
     other = compile(NOBN_SPEC)
-    with pytest.raises(FusenetTrainError, match="is of network 'tiny', not 'nobn'"):
+    with pytest.raises(CheckpointError, match="is of network 'tiny', not 'nobn'"):
         C.load_into_model(ck, other, "nobn")
     wider = compile(DIGITS_SPEC.replace("conv 16", "conv 24"))
-    with pytest.raises(FusenetTrainError, match=r"does not match network 'tiny'.*conv1.weight"):
+    with pytest.raises(CheckpointError, match=r"does not match network 'tiny'.*conv1.weight"):
         C.load_into_model(ck, wider, "tiny")
 
 
@@ -112,7 +112,7 @@ def test_optimizer_mismatch_refused(tmp_path):
     m, opt = _trained(torch.optim.Adam)
     _save(tmp_path / "m.safetensors", m, opt)
     ck = C.load_checkpoint(tmp_path / "m.safetensors")
-    with pytest.raises(FusenetTrainError, match="trained with optimizer"):
+    with pytest.raises(CheckpointError, match="trained with optimizer"):
         C.load_into_optimizer(ck, torch.optim.SGD(m.parameters(), lr=0.1))
 
 

@@ -9,7 +9,7 @@ import torch
 
 from dsl.train_config import AugmentConfig
 from engine.training import data as D
-from engine.training.data import FusenetTrainError
+from engine.errors import DataError
 
 
 def test_digits_builtin_is_normalised():
@@ -28,13 +28,15 @@ def test_mnist5k_reads_the_installed_file():
 
 
 def test_mnist5k_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(D, "MNIST_PACKAGE", "no_such_package_fusenet")
-    with pytest.raises(FusenetTrainError, match=r"pip install 'fusenet\[mnist\]'"):
+    from engine.training.data import builtin
+
+    monkeypatch.setattr(builtin, "MNIST_PACKAGE", "no_such_package_fusenet")
+    with pytest.raises(DataError, match=r"pip install 'fusenet\[mnist\]'"):
         D.load_dataset("mnist5k")
 
 
 def test_unknown_data_name():
-    with pytest.raises(FusenetTrainError, match="neither a built-in"):
+    with pytest.raises(DataError, match="neither a built-in"):
         D.load_dataset("mnist6k")
 
 
@@ -51,10 +53,10 @@ def test_npz_nhwc_uint8(tmp_path):
 
 def test_npz_errors(tmp_path):
     np.savez(tmp_path / "a.npz", images=np.zeros((2, 4, 4)))
-    with pytest.raises(FusenetTrainError, match="needs arrays 'x' and 'y'"):
+    with pytest.raises(DataError, match="needs arrays 'x' and 'y'"):
         D.load_dataset(str(tmp_path / "a.npz"))
     np.savez(tmp_path / "b.npz", x=np.zeros((3, 4, 4)), y=np.zeros(2, dtype=int))
-    with pytest.raises(FusenetTrainError, match="3 images but 2 labels"):
+    with pytest.raises(DataError, match="3 images but 2 labels"):
         D.load_dataset(str(tmp_path / "b.npz"))
 
 
@@ -79,7 +81,7 @@ def test_idx_files(tmp_path, gz):
 def test_idx_bad_magic(tmp_path):
     (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04junk")
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x01\x02\x03\x04junk")
-    with pytest.raises(FusenetTrainError, match="not an IDX file"):
+    with pytest.raises(DataError, match="not an IDX file"):
         D.load_dataset(str(tmp_path))
 
 
@@ -103,7 +105,7 @@ def test_cifar_refuses_code_in_pickles(tmp_path):
 
     with open(tmp_path / "data_batch_1", "wb") as f:
         pickle.dump({b"data": Evil(), b"labels": [0]}, f)
-    with pytest.raises(FusenetTrainError, match="refusing to load builtins.print"):
+    with pytest.raises(DataError, match="refusing to load builtins.print"):
         D.load_dataset(str(tmp_path))
 
 
@@ -117,7 +119,7 @@ def test_image_folder(tmp_path):
     ds = D.load_dataset(str(tmp_path))
     assert ds.x.shape == (6, 3, 6, 6) and ds.classes == ["cat", "dog"] and ds.y.tolist() == [0, 0, 0, 1, 1, 1]
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "dog" / "odd.png")
-    with pytest.raises(FusenetTrainError, match="differ in size"):
+    with pytest.raises(DataError, match="differ in size"):
         D.load_dataset(str(tmp_path))
 
 
@@ -132,16 +134,16 @@ def test_shapes_is_synthetic_segmentation():
 def test_check_compatible_messages():
     ds = D.load_dataset("digits")
     D.check_compatible(ds, (1, 8, 8), (10,), "net")
-    with pytest.raises(FusenetTrainError, match="1-channel images .* takes 3 channels"):
+    with pytest.raises(DataError, match="1-channel images .* takes 3 channels"):
         D.check_compatible(ds, (3, 8, 8), (10,), "net")
-    with pytest.raises(FusenetTrainError, match="images of 1x8x8 but network 'net' takes input 1x28x28"):
+    with pytest.raises(DataError, match="images of 1x8x8 but network 'net' takes input 1x28x28"):
         D.check_compatible(ds, (1, 28, 28), (10,), "net")
-    with pytest.raises(FusenetTrainError, match="labels up to 9 .* has 5 outputs"):
+    with pytest.raises(DataError, match="labels up to 9 .* has 5 outputs"):
         D.check_compatible(ds, (1, 8, 8), (5,), "net")
-    with pytest.raises(FusenetTrainError, match="one label per image"):
+    with pytest.raises(DataError, match="one label per image"):
         D.check_compatible(ds, (1, 8, 8), (10, 8, 8), "net")
     seg = D.load_dataset("shapes", input_shape=(3, 8, 8))
-    with pytest.raises(FusenetTrainError, match="segmentation set"):
+    with pytest.raises(DataError, match="segmentation set"):
         D.check_compatible(seg, (3, 8, 8), (2,), "net")
 
 

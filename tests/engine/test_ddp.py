@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from engine.errors import FusenetTrainError
 from engine.training import loop as T
+from engine.training.distributed import Dist, setup_distributed
 from train_specs import NOBN_SPEC, compile
 
 SPEC = NOBN_SPEC.replace("    dropout 0.1\n", "")  # dropout masks are drawn per process
@@ -28,7 +30,7 @@ def _worker(rank, world, port, tmp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist = T.setup_distributed()
+    dist = setup_distributed()
     assert dist.world == world and dist.rank == rank
     m, cfg, ds = _setup(tmp)
     res = T.run_training(m, cfg, os.path.join(tmp, "ddp"), backend="torch", progress=False, dist=dist,
@@ -69,8 +71,8 @@ def test_two_process_gloo_matches_single_process(tmp_path):
 
 def test_batch_must_split_evenly():
     m, cfg, ds = _setup(None)
-    with pytest.raises(T.FusenetTrainError, match="does not split evenly over 3 processes"):
-        T.run_training(m, cfg, "unused", backend="torch", dist=T.Dist(rank=0, world=3), dataset=ds)
+    with pytest.raises(FusenetTrainError, match="does not split evenly over 3 processes"):
+        T.run_training(m, cfg, "unused", backend="torch", dist=Dist(rank=0, world=3), dataset=ds)
 
 
 def test_torchrun_runs_fusenet_train(tmp_path):

@@ -371,3 +371,40 @@ def test_constexpr_tag():
     assert fi.constexpr_tag([("HAS_BIAS", True), ("HAS_RES", False), ("ACT", 1), ("b", None), ("s", 0.5)]) == \
         "HAS_BIAS !HAS_RES ACT=1 b=- s=0.5"
     assert fi.constexpr_tag([("tl", tl.float16)]) == "tl=fp16"
+
+
+# ----------------------------------------------------------------------------- the compile worker
+
+
+def test_worker_is_a_module_run_with_python_m():
+    import pickle
+    import subprocess
+    import sys
+
+    from engine.perf import aot_worker
+
+    r = subprocess.run([sys.executable, "-m", "engine.perf.aot_worker"], input=pickle.dumps(
+        {"sys_path": sys.path, "jobs": []}), capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout == b""
+    # a job naming a kernel that is not a module-level @triton.jit is reported against that job
+    job = {"module": "__main__", "qualname": "k", "params": [], "signature": {}, "constexprs": {},
+           "divisible": [], "num_warps": 4, "num_stages": 3, "arch": 90}
+    (status, message), = aot_worker.run_worker([job], timeout=120)
+    assert status == "error" and "kernel is defined in __main__" in message
+
+
+def test_sass_instruction_count():
+    from engine.perf.aot_worker import count_instructions
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/              @!PT HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0020*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4], R24 ;
+        /*0030*/                   EXIT ;
+        /*0040*/                   BRA 0x40;
+        /*0050*/                   NOP;
+        /*0060*/                   NOP;
+    """
+    n, hist, mma = count_instructions(sass)
+    assert n == 4 and hist == {"MOV": 1, "HMMA": 1, "HGMMA": 1, "EXIT": 1} and mma == {"HMMA": 1, "HGMMA": 1}

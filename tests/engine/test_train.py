@@ -13,8 +13,11 @@ from dsl.train_config import ScheduleConfig
 from engine.training import checkpoint as C
 from engine.training import report
 from engine.training import loop as T
-from engine.cli import train as train_cli
-from engine.training.data import FusenetTrainError
+from engine.training.init import init_weights
+from engine.training.optimizer_and_loss import build_optimizer, loss_fn
+from engine.training.schedule import LRSchedule
+from engine.cli import main as fusenet
+from engine.errors import FusenetTrainError
 from train_specs import DIGITS_SPEC, NOBN_SPEC, SEG_SPEC, compile
 
 HERE = Path(__file__).parent
@@ -48,7 +51,7 @@ def _run(spec, out, progress=False, **kw):
 
 
 def _ours(cfg, epochs, spe, base=0.1, metrics=None):
-    s = T.LRSchedule(cfg, base, epochs, spe)
+    s = LRSchedule(cfg, base, epochs, spe)
     lrs = []
     for e in range(epochs):
         lrs += [s.lr(e, i) for i in range(spe)]
@@ -196,7 +199,7 @@ def test_freeze_keeps_tap_layers_fixed(tmp_path):
     after = C.load_checkpoint(tmp_path / "model.safetensors").model
     # init_weights re-initialises, so compare the frozen layers with their state right after init
     m2 = compile(DIGITS_SPEC)
-    T.init_weights(m2, 0)
+    init_weights(m2, 0)
     init = m2.state_dict()
     for k in after:
         if k.startswith(("conv0.", "bn0.")):
@@ -233,9 +236,9 @@ def test_triton_backend_without_kernels_fails_clearly(monkeypatch):
     monkeypatch.setitem(sys.modules, "engine.kernels.loss", None)
     m = compile(DIGITS_SPEC)
     with pytest.raises(FusenetTrainError, match="engine.kernels.optim.SGD"):
-        T.build_optimizer(m.parameters(), m.train_config.optimizer, "triton")
+        build_optimizer(m.parameters(), m.train_config.optimizer, "triton")
     with pytest.raises(FusenetTrainError, match="engine.kernels.loss.cross_entropy"):
-        T.loss_fn("triton")
+        loss_fn("triton")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -247,7 +250,7 @@ def cli(tmp_path, monkeypatch):
     (tmp_path / "d.cnn").write_text(DIGITS_SPEC)
 
     def run(*argv):
-        return train_cli.main(list(argv))
+        return fusenet(list(argv))
 
     return run
 
@@ -289,7 +292,7 @@ def test_cli_errors_are_clean(cli, capsys):
 def test_cli_subprocess_no_traceback(tmp_path):
     (tmp_path / "d.cnn").write_text(DIGITS_SPEC)
     env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
-    r = subprocess.run([sys.executable, "-m", "engine.cli.train", "train", "d.cnn", "--backend", "torch",
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "train", "d.cnn", "--backend", "torch",
                         "--data", str(tmp_path / "none.npz")], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "none.npz" in r.stderr

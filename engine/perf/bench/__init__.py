@@ -5,6 +5,7 @@ Layers, in the order a benchmark flows through them (the analytic model that
 - devices.py    the peak FLOP/s, bandwidth and L2 size of known GPUs (for MFU);
 - timing.py     device-event timing: warm-up, median of repeats, rotated
                 inputs, whole-step CUDA graph capture;
+- roster.py     who competes: fusenet and the baselines, by key and label;
 - contenders.py fusenet and the PyTorch baselines (eager with cuDNN, and
                 torch.compile) as forward and training-step closures;
 - network.py    a whole network, every contender, every batch size; each

@@ -26,21 +26,16 @@ from typing import Callable
 
 import torch
 
-LABELS = {
-    "fusenet": "fusenet",
-    "eager": "PyTorch eager",
-    "compile": "torch.compile",
-    "compile-max": "torch.compile max-autotune",
-}
-BASELINES = ("eager", "compile", "compile-max")
-AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+from engine.perf.bench.roster import LABELS
+from engine.precision import autocast_dtype, uses_tf32
+
 
 
 @contextlib.contextmanager
 def matmul_precision(precision: str):
     """tf32 on for "tf32", off otherwise (PyTorch's cuDNN default would use tf32 in fp32)."""
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = uses_tf32(precision)
     torch.backends.cudnn.benchmark = True
     try:
         yield
@@ -93,7 +88,7 @@ class Contender:
         return LABELS[self.name]
 
     def _autocast(self):
-        dtype = AUTOCAST.get(self.precision)
+        dtype = autocast_dtype(self.precision)
         if self.name == "fusenet" or dtype is None:
             return contextlib.nullcontext()
         # no weight-cast cache: each step re-casts, as it must under CUDA graph capture
@@ -128,7 +123,7 @@ class Contender:
 def build(name: str, source: str, state: dict, precision: str, pool: InputPool, *, graphs: bool = False) -> Contender:
     """Contender `name` for the network in `source`, with weights `state`."""
     import engine
-    from engine.training.loop import build_optimizer, loss_fn
+    from engine.training.optimizer_and_loss import build_optimizer, loss_fn
 
     spec = engine.load(source)
     device = pool.x[0].device

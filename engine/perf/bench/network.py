@@ -16,13 +16,15 @@ from typing import Callable
 import torch
 
 from engine.perf.analytic import analytic_report
-from engine.perf.bench.contenders import BASELINES, LABELS, InputPool, build, matmul_precision
+from engine.precision import PRECISIONS
+from engine.perf.bench.contenders import InputPool, build, matmul_precision
+from engine.perf.bench.roster import BASELINES, LABELS
 from engine.perf.bench.devices import device_info, mfu
 from engine.perf.bench.timing import GraphedSlots, measure, rotation_slots
 
 MODES = ("forward", "step")
 # norm-wise relative error allowed between a baseline's output and fusenet's
-CHECK_TOL = {"fp32": 1e-3, "tf32": 2e-2, "fp16": 2e-2, "bf16": 6e-2}
+CHECK_TOL = {p.name: p.agreement_tol for p in PRECISIONS.values()}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -20,6 +20,8 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from engine.text import format_table
+
 KIND, VERSION = "fusenet-bench", 1
 CPU_CAVEAT = ("CPU run: fusenet's kernels ran in Triton's interpreter. These numbers test the harness; "
               "they are not a benchmark.")
@@ -82,11 +84,9 @@ def speedups(rows: list[dict]) -> dict[tuple, float]:
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> list[str]:
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i < left else c.rjust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    line = fmt(header)
-    return [line, "-" * len(line), *map(fmt, rows)]
+    """Deprecated: engine.text.format_table's lines, the first `left` columns left-aligned.
+    Kept only for engine/perf/bench/layers.py, whose owner switches it to engine.text."""
+    return format_table(header, rows, align="l" * left + "r").splitlines()
 
 
 def format_networks(doc: dict) -> str:
@@ -112,7 +112,8 @@ def format_networks(doc: dict) -> str:
             body.append((r["label"], graphs, f"{r['ms']:.3f}", f"{r['images_per_s']:,.0f}", f"{r['tflops']:.2f}",
                          "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%",
                          f"{ratio[key]:.2f}x" if key in ratio else "-", verdict))
-        out += _table(("contender", "graphs", "ms", "img/s", "TFLOP/s", "MFU", "fusenet speedup", "check"), body)
+        out += format_table(("contender", "graphs", "ms", "img/s", "TFLOP/s", "MFU", "fusenet speedup", "check"), body,
+                            align="lr").splitlines()
         out.append("")
     return "\n".join(out).rstrip()
 
@@ -132,8 +133,8 @@ def format_layers(doc: dict) -> str:
     prec = doc["layers"][0]["precision"]
     head = (f"per-layer, {prec}: fusenet against cuDNN (unfused PyTorch for fused groups); "
             "speedup = their ms / ours")
-    return "\n".join([head, *_table(("layer", "op", "ms", "TFLOP/s", "GB/s", "cuDNN ms", "cuDNN TFLOP/s",
-                                      "speedup", "check"), body, left=2)])
+    return "\n".join([head, format_table(("layer", "op", "ms", "TFLOP/s", "GB/s", "cuDNN ms", "cuDNN TFLOP/s",
+                                           "speedup", "check"), body, align="llr")])
 
 
 def format_document(doc: dict) -> str:

@@ -32,6 +32,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from engine.precision import PERFORMANCE_DEFAULT
+
 ROOT = Path(__file__).resolve().parents[3]
 WORKLOADS = ROOT / "benchmarks" / "workloads.toml"
 STEPS = ("tests", "tune", "networks", "layers")
@@ -141,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if "tune" in steps:
         for net in networks:
-            rc = _run(_fusenet("tune", net["file"], "--batch", batches(net), "--precision", net.get("precision", "bf16")),
+            rc = _run(_fusenet("tune", net["file"], "--batch", batches(net), "--precision", net.get("precision", PERFORMANCE_DEFAULT)),
                       out / "tune.txt", args.step_timeout)
             if rc != 0:
                 summary["failed_steps"].append(f"tune {net['file']}")
 
         if work.get("layer"):
-            rc = _run(_fusenet("tune", "--layers", args.workloads, "--precision", "bf16"), out / "tune.txt",
+            rc = _run(_fusenet("tune", "--layers", args.workloads, "--precision", PERFORMANCE_DEFAULT), out / "tune.txt",
                       args.step_timeout)
             if rc != 0:
                 summary["failed_steps"].append("tune --layers")
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if "networks" in steps:
         (out / "networks").mkdir(exist_ok=True)
         for net in networks:
-            prec = net.get("precision", "bf16")
+            prec = net.get("precision", PERFORMANCE_DEFAULT)
             target = out / "networks" / f"{Path(net['file']).stem}_{prec}.json"
             if target.exists():
                 _log(f"{target.name} exists: skipped (delete it to rerun)")
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if target.exists():
             _log("layers.json exists: skipped (delete it to rerun)")
         else:
-            rc = _run(_fusenet("bench", "--layers", args.workloads, "--precision", "bf16", "--json", str(target),
+            rc = _run(_fusenet("bench", "--layers", args.workloads, "--precision", PERFORMANCE_DEFAULT, "--json", str(target),
                                "--out", str(out / "layers")),
                       out / "bench_layers.txt", args.step_timeout)
             if rc != 0:

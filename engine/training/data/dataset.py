@@ -1,0 +1,39 @@
+"""The in-memory data set every tool trains and evaluates on.
+
+Everything lives in memory as tensors (no DataLoader worker processes): the data
+sets fusenet trains on here are small, and a CPU machine has two cores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass
+class Dataset:
+    """Images `x` [N,C,H,W] float32 (normalised), labels `y` int64 [N] or [N,H,W]."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+    task: str = "classify"  # classify | segment
+    synthetic: bool = False
+    mean: tuple[float, ...] = field(default_factory=tuple)
+    std: tuple[float, ...] = field(default_factory=tuple)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.x.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, idx: torch.Tensor) -> "Dataset":
+        return replace(self, x=self.x[idx], y=self.y[idx])
+
+    def describe(self) -> str:
+        c, h, w = self.image_shape
+        kind = "synthetic segmentation set" if self.synthetic else ("segmentation set" if self.task == "segment" else "images")
+        return f"{self.name}: {len(self)} {kind} {c}x{h}x{w}, {len(self.classes)} classes"

@@ -1,0 +1,118 @@
+"""From a name or a path to checked, split, batched data.
+
+`load_dataset` loads a built-in set or user data and normalises it;
+`check_compatible` refuses data the network cannot take before any training;
+`split` makes the deterministic train/validation split; `epoch_order` and
+`batches` feed the training loop (augmenting each global batch as a whole, so
+data-parallel processes draw what a single process would).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from engine.errors import DataError
+from engine.training.data import builtin
+from engine.training.data.dataset import Dataset
+from engine.training.data.formats import load_path
+from engine.training.data.transforms import augment, augments, normalised
+
+
+def load_dataset(spec: str, *, input_shape: Sequence[int] | None = None, num_classes: int | None = None,
+                 seed: int = 0, part: str = "train") -> Dataset:
+    """Load a built-in set by name or user data from a path; normalise per channel.
+
+    `input_shape` (C,H,W) and `num_classes` only shape the synthetic `shapes` set;
+    real data is loaded as it is and checked with `check_compatible`. `part` picks
+    the training or test files of IDX and CIFAR folders ("train" | "test").
+    """
+    if spec == "digits":
+        x, y, classes, name = *builtin.digits(), "digits"
+    elif spec == "mnist5k":
+        x, y, classes, name = *builtin.mnist5k(), "mnist5k"
+    elif spec == "shapes":
+        c, h, w = tuple(input_shape) if input_shape else (3, 32, 32)
+        x, y, classes = builtin.shapes(c, h, w, num_classes or 2, seed=seed)
+        return normalised(Dataset("shapes (synthetic)", x, y, classes, task="segment", synthetic=True))
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise DataError(
+                f"data '{spec}' is neither a built-in data set ({', '.join(builtin.BUILTIN)}) nor an existing path")
+        x, y, classes = load_path(path, part)
+        name = str(path)
+    task = "segment" if y.ndim == 3 else "classify"
+    return normalised(Dataset(name, x, y, classes, task=task))
+
+
+def check_compatible(ds: Dataset, input_shape: Sequence[int], output_shape: Sequence[int], network: str = "network") -> None:
+    """Refuse, before training, data whose shapes, channels or labels the network cannot take."""
+    want = tuple(int(s) for s in input_shape)
+    got = ds.image_shape
+    fmt = lambda s: "x".join(map(str, s))  # noqa: E731
+    if got[0] != want[0]:
+        raise DataError(
+            f"data '{ds.name}' has {got[0]}-channel images ({fmt(got)}) but network '{network}' takes "
+            f"{want[0]} channels (input {fmt(want)})")
+    if got != want:
+        raise DataError(
+            f"data '{ds.name}' has images of {fmt(got)} but network '{network}' takes input {fmt(want)}")
+    out = tuple(int(s) for s in output_shape)
+    k = out[0]
+    if ds.task == "segment" and len(out) != 3:
+        raise DataError(
+            f"data '{ds.name}' is a segmentation set (per-pixel labels) but network '{network}' outputs "
+            f"{fmt(out)}, not a [classes x H x W] map")
+    if ds.task == "classify" and len(out) != 1:
+        raise DataError(
+            f"data '{ds.name}' has one label per image but network '{network}' outputs a {fmt(out)} map; "
+            f"end the network with global_avgpool and linear <classes>")
+    if ds.task == "segment" and tuple(ds.y.shape[1:]) != out[1:]:
+        raise DataError(
+            f"data '{ds.name}' has {fmt(ds.y.shape[1:])} label maps but network '{network}' outputs {fmt(out[1:])}")
+    top = int(ds.y.max()) if ds.y.numel() else -1
+    if top >= k:
+        raise DataError(
+            f"data '{ds.name}' has labels up to {top} ({top + 1} classes) but network '{network}' has "
+            f"{k} outputs; make its last layer output {top + 1} classes")
+
+
+def split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Deterministic train/validation split: a permutation drawn from `seed`."""
+    n = len(ds)
+    n_val = int(round(n * fraction))
+    if fraction > 0 and n_val == 0:
+        n_val = 1
+    if n_val >= n:
+        raise DataError(f"split {fraction} leaves no training images out of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1_000_003))
+    return ds.subset(perm[n_val:]), ds.subset(perm[:n_val])
+
+
+def epoch_order(n: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=gen)
+
+
+def batches(ds: Dataset, batch: int, *, order: torch.Tensor | None = None, drop_last: bool = False,
+            augment_cfg=None, gen: torch.Generator | None = None, rank: int = 0,
+            world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) batches of `batch` images (the global batch) in `order`.
+
+    With `world` > 1, each global batch is augmented as a whole (so every process
+    draws the same random numbers as a single process would) and process `rank`
+    gets its contiguous slice of batch // world images.
+    """
+    n = len(ds)
+    idx = order if order is not None else torch.arange(n)
+    stop = n - n % batch if (drop_last and n >= batch) else n
+    for s in range(0, stop, batch):
+        sel = idx[s:s + batch]
+        x, y = ds.x[sel], ds.y[sel]
+        if augment_cfg is not None and gen is not None and augments(augment_cfg):
+            x, y = augment(x, y, augment_cfg, gen)
+        if world > 1:
+            per = (len(sel) + world - 1) // world
+            x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        yield x, y

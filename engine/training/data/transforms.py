@@ -1,0 +1,82 @@
+"""What is done to images after loading: per-channel normalisation (measured on
+the data set, or a checkpoint's applied again) and the training augmentations
+(random crop after zero padding, horizontal flip, cutout)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+
+from engine.errors import DataError
+from engine.training.data.dataset import Dataset
+
+
+def normalised(ds: Dataset) -> Dataset:
+    """`ds` normalised per channel to mean 0 and std 1, with the mean and std it used recorded."""
+    if not torch.isfinite(ds.x).all():
+        raise DataError(f"data '{ds.name}' contains NaN or Inf pixel values")
+    mean = ds.x.mean(dim=(0, 2, 3))
+    std = ds.x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    x = (ds.x - mean[None, :, None, None]) / std[None, :, None, None]
+    return replace(ds, x=x.contiguous(), mean=tuple(mean.tolist()), std=tuple(std.tolist()))
+
+
+def normalise_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Apply a data set's normalisation to images in [0, 1] (used by predict)."""
+    m = torch.tensor(mean, dtype=x.dtype)[None, :, None, None]
+    s = torch.tensor(std, dtype=x.dtype)[None, :, None, None]
+    return (x - m) / s
+
+
+def renormalise(ds: Dataset, mean: Sequence[float], std: Sequence[float]) -> Dataset:
+    """Re-express a data set in another normalisation (a checkpoint's), as the network saw in training."""
+    if not mean or tuple(mean) == tuple(ds.mean) and tuple(std) == tuple(ds.std):
+        return ds
+    if len(mean) != ds.image_shape[0]:
+        return ds  # channel mismatch: check_compatible reports it
+    m0, s0 = torch.tensor(ds.mean)[None, :, None, None], torch.tensor(ds.std)[None, :, None, None]
+    x = normalise_images(ds.x * s0 + m0, mean, std)
+    return replace(ds, x=x, mean=tuple(mean), std=tuple(std))
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, cfg, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crop after zero padding, horizontal flip and cutout, drawn from `gen`.
+
+    `cfg` is an AugmentConfig. Label maps ([N,H,W] targets) follow crops and flips.
+    """
+    n, c, h, w = x.shape
+    seg = y.ndim == 3
+    if cfg.crop:
+        p = int(cfg.crop)
+        xp = torch.nn.functional.pad(x, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+        ni = torch.arange(n)[:, None, None, None]
+        x = xp[ni, torch.arange(c)[None, :, None, None], rows, cols]
+        if seg:
+            yp = torch.nn.functional.pad(y, (p, p, p, p))
+            y = yp[ni[:, 0], rows[:, 0], cols[:, 0]]
+    if cfg.flip:
+        m = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(m[:, None, None, None], x.flip(-1), x)
+        if seg:
+            y = torch.where(m[:, None, None], y.flip(-1), y)
+    if cfg.cutout:
+        s = int(cfg.cutout)
+        cy = torch.randint(0, h, (n,), generator=gen)
+        cx = torch.randint(0, w, (n,), generator=gen)
+        y0, x0 = (cy - s // 2)[:, None], (cx - s // 2)[:, None]
+        ar_h, ar_w = torch.arange(h)[None], torch.arange(w)[None]
+        in_r = (ar_h >= y0) & (ar_h < y0 + s)
+        in_c = (ar_w >= x0) & (ar_w < x0 + s)
+        hole = in_r[:, :, None] & in_c[:, None, :]
+        x = x.masked_fill(hole[:, None], 0.0)
+    return x.contiguous(), y.contiguous()
+
+
+def augments(cfg) -> bool:
+    """Whether an AugmentConfig changes anything."""
+    return bool(cfg.crop or cfg.flip or cfg.cutout)
