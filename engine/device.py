@@ -74,6 +74,33 @@ def interpreter_incompatibility(triton_version: str | None = None, numpy_version
     return None
 
 
+def interpreter_overflow_checks(enabled: bool) -> bool:
+    """Switch the CPU interpreter's integer-overflow sanitizer on or off; the old setting.
+
+    Triton's interpreter checks every 32-bit integer add, sub and mul of a kernel
+    for overflow (an int64 recomputation and an assert per operation: about 40%
+    of an interpreted training step). Compiled GPU kernels run without it. The
+    kernel tests keep it on, where it guards index arithmetic; `fusenet train`,
+    `eval`, `predict` and `extract` run the same, already-tested kernels with it
+    off. There is no environment variable for it: the interpreter reads
+    `interpreter_builder.options.sanitize_overflow` (a frozen dataclass) at every
+    integer op, in Triton 3.6 through 3.9. A no-op returning True when kernels
+    are compiled, or when this Triton keeps the option elsewhere.
+    """
+    if not INTERPRETED:
+        return True
+    import dataclasses
+
+    try:
+        from triton.runtime import interpreter
+        builder = interpreter.interpreter_builder
+        old = bool(builder.options.sanitize_overflow)
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=bool(enabled))
+    except (ImportError, AttributeError, TypeError):
+        return True
+    return old
+
+
 @contextlib.contextmanager
 def gpu_tiles() -> Iterator[None]:
     """Launchers pick their GPU tile configs inside the block, even under the
