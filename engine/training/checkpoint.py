@@ -6,15 +6,22 @@ Layout of `model.safetensors`:
 - metadata (strings): `format` = "fusenet-checkpoint-1", `network`, `spec` (the spec
   text), `epoch`, and JSON strings `optim_groups` (hyper-parameters per group),
   `optim_scalars` (non-tensor optimizer state), `train_state` (schedule, early
-  stopping and history), `data` (data set name, classes, normalisation).
+  stopping and history), `data` (data set name, classes, normalisation, pixel
+  scale), and `sha256`: a checksum of every tensor (name, dtype, shape, bytes),
+  verified on load, so flipped bits on disk are an error rather than a silently
+  wrong model.
 
 A save goes to a temporary file in the same folder, is fsynced, then renamed over
 the old file: a kill at any moment leaves either the old or the new checkpoint.
+A kill between the two leaves the temporary file (`.model.safetensors.tmp-PID`);
+`remove_stale_temporaries` deletes those whose process is gone.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +62,17 @@ def _json_safe(v):
     return v
 
 
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order: each name, dtype, shape and raw bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def encode(model_state: dict[str, torch.Tensor], *, network: str, spec: str, epoch: int,
            optimizer: torch.optim.Optimizer | None = None, rng: dict[str, torch.Tensor] | None = None,
            train_state: dict | None = None, data: dict | None = None) -> bytes:
@@ -81,6 +99,7 @@ def encode(model_state: dict[str, torch.Tensor], *, network: str, spec: str, epo
         tensors[f"rng.{k}"] = v.detach().to("cpu").clone().contiguous()
     meta["train_state"] = json.dumps(_json_safe(train_state or {}))
     meta["data"] = json.dumps(_json_safe(data or {}))
+    meta["sha256"] = tensors_checksum(tensors)
     return save(tensors, metadata=meta)
 
 
@@ -108,6 +127,37 @@ def write_atomic(path: str | Path, blob: bytes) -> None:
         pass
 
 
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete `.NAME.tmp-PID` files (interrupted atomic writes) whose process no longer runs;
+    the paths removed. A live writer's file (another run in the same folder) is left alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        m = _TEMPORARY.match(p.name)
+        if m and p.is_file() and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, **kw) -> None:
     """Atomically save `model.state_dict()` plus what `encode` takes (network, spec, epoch, ...)."""
     write_atomic(path, encode(model.state_dict(), **kw))
@@ -133,19 +183,51 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if raw.get("format") != FORMAT:
         raise CheckpointError(
             f"checkpoint '{path}' is not a fusenet checkpoint (format {raw.get('format')!r}, expected {FORMAT!r})")
-    meta: dict[str, Any] = dict(raw)
-    try:
-        for k in ("optim_groups", "optim_scalars", "train_state", "data"):
-            if k in raw:
-                meta[k] = json.loads(raw[k])
-        meta["epoch"] = int(raw.get("epoch", "0"))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint '{path}' has corrupt metadata ({e})") from None
+    if "sha256" in raw and tensors_checksum(tensors) != raw["sha256"]:
+        raise CheckpointError(
+            f"checkpoint '{path}' is damaged: its tensors do not match the checksum recorded when it was saved "
+            "(changed on disk after fusenet wrote it); use another checkpoint or retrain")
+    meta = _decode_metadata(raw, path)
     ck = Checkpoint(str(path), {}, {}, {}, meta)
     for k, v in tensors.items():
         group, _, name = k.partition(".")
         {"model": ck.model, "optim": ck.optim, "rng": ck.rng}.get(group, {})[name] = v
     return ck
+
+
+_JSON_FIELDS = {"optim_groups": list, "optim_scalars": dict, "train_state": dict, "data": dict}
+
+
+def _decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
+    """The metadata with its JSON fields decoded and typed; a CheckpointError naming the field otherwise."""
+    meta: dict[str, Any] = dict(raw)
+    for k, kind in _JSON_FIELDS.items():
+        if k not in raw:
+            continue
+        try:
+            meta[k] = json.loads(raw[k])
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint '{path}' has corrupt metadata: '{k}' is not valid JSON ({e})") from None
+        if not isinstance(meta[k], kind):
+            raise CheckpointError(f"checkpoint '{path}' has corrupt metadata: '{k}' should be a JSON "
+                                  f"{'list' if kind is list else 'object'}, not {type(meta[k]).__name__}")
+    epoch = raw.get("epoch", "0")
+    if not epoch.isdigit():
+        raise CheckpointError(f"checkpoint '{path}' has corrupt metadata: epoch {epoch!r} is not a whole number")
+    meta["epoch"] = int(epoch)
+    data = meta.get("data", {})
+    for k in ("mean", "std", "classes", "pixel_range"):
+        if k in data and not isinstance(data[k], list):
+            raise CheckpointError(f"checkpoint '{path}' has corrupt metadata: data.{k} should be a list")
+    for k in ("mean", "std", "pixel_range"):
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in data.get(k, [])):
+            raise CheckpointError(f"checkpoint '{path}' has corrupt metadata: data.{k} should hold numbers")
+    if "pixel_scale" in data and (isinstance(data["pixel_scale"], bool) or
+                                  not isinstance(data["pixel_scale"], (int, float)) or not data["pixel_scale"] > 0):
+        raise CheckpointError(f"checkpoint '{path}' has corrupt metadata: data.pixel_scale should be a positive number")
+    if not isinstance(meta.get("train_state", {}).get("history", []), list):
+        raise CheckpointError(f"checkpoint '{path}' has corrupt metadata: train_state.history should be a list")
+    return meta
 
 
 def check_matches(ck: Checkpoint, model: torch.nn.Module, network: str) -> None:
