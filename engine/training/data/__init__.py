@@ -10,9 +10,11 @@ The names below are the package's API (`from engine.training import data as D`).
 """
 from engine.training.data.builtin import BUILTIN, mnist5k_path
 from engine.training.data.dataset import Dataset
-from engine.training.data.formats import IMAGE_EXTS, load_image, read_idx
-from engine.training.data.loader import batches, check_compatible, epoch_order, load_dataset, split
-from engine.training.data.transforms import augment, normalise_images, renormalise
+from engine.training.data.formats import IMAGE_EXTS, load_image, read_idx, read_image
+from engine.training.data.loader import (batches, check_compatible, check_trainable, epoch_order, load_dataset,
+                                         split)
+from engine.training.data.transforms import InputScaling, augment, normalise_images, renormalise
 
-__all__ = ["BUILTIN", "IMAGE_EXTS", "Dataset", "augment", "batches", "check_compatible", "epoch_order",
-           "load_dataset", "load_image", "mnist5k_path", "normalise_images", "read_idx", "renormalise", "split"]
+__all__ = ["BUILTIN", "IMAGE_EXTS", "Dataset", "InputScaling", "augment", "batches", "check_compatible",
+           "check_trainable", "epoch_order", "load_dataset", "load_image", "mnist5k_path", "normalise_images",
+           "read_idx", "read_image", "renormalise", "split"]

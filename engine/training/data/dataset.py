@@ -22,6 +22,10 @@ class Dataset:
     synthetic: bool = False
     mean: tuple[float, ...] = field(default_factory=tuple)
     std: tuple[float, ...] = field(default_factory=tuple)
+    # the pixel value of full intensity before normalisation (1.0 for [0,1] data, 255.0 for float data
+    # in 0..255), and the range the raw pixels spanned: how an image file in [0,1] maps onto this data
+    pixel_scale: float = 1.0
+    pixel_range: tuple[float, float] = (0.0, 1.0)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

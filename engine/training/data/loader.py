@@ -24,8 +24,10 @@ def load_dataset(spec: str, *, input_shape: Sequence[int] | None = None, num_cla
                  seed: int = 0, part: str = "train") -> Dataset:
     """Load a built-in set by name or user data from a path; normalise per channel.
 
-    `input_shape` (C,H,W) and `num_classes` only shape the synthetic `shapes` set;
-    real data is loaded as it is and checked with `check_compatible`. `part` picks
+    `input_shape` (C,H,W) and `num_classes` shape the synthetic `shapes` set;
+    real data is loaded as it is and checked with `check_compatible`, except that a
+    label at or past `num_classes` is refused while loading (one huge label must not
+    make a list of 10^15 class names). `part` picks
     the training or test files of IDX and CIFAR folders ("train" | "test").
     """
     if spec == "digits":
@@ -41,7 +43,7 @@ def load_dataset(spec: str, *, input_shape: Sequence[int] | None = None, num_cla
         if not path.exists():
             raise DataError(
                 f"data '{spec}' is neither a built-in data set ({', '.join(builtin.BUILTIN)}) nor an existing path")
-        x, y, classes = load_path(path, part)
+        x, y, classes = load_path(path, part, max_classes=num_classes)
         name = str(path)
     task = "segment" if y.ndim == 3 else "classify"
     return normalised(Dataset(name, x, y, classes, task=task))
@@ -77,6 +79,19 @@ def check_compatible(ds: Dataset, input_shape: Sequence[int], output_shape: Sequ
         raise DataError(
             f"data '{ds.name}' has labels up to {top} ({top + 1} classes) but network '{network}' has "
             f"{k} outputs; make its last layer output {top + 1} classes")
+
+
+def check_trainable(ds: Dataset) -> None:
+    """Refuse a classification set with a single class: it trains to a meaningless 100%."""
+    if ds.task != "classify" or not len(ds):
+        return
+    present = torch.unique(ds.y)
+    if len(present) < 2:
+        only = int(present[0])
+        name = ds.classes[only] if only < len(ds.classes) else str(only)
+        raise DataError(
+            f"data '{ds.name}' has a single class ('{name}', all {len(ds)} images): a classifier needs at least two "
+            "(an image folder needs one subfolder per class)")
 
 
 def split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

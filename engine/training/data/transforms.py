@@ -1,9 +1,11 @@
 """What is done to images after loading: per-channel normalisation (measured on
-the data set, or a checkpoint's applied again) and the training augmentations
-(random crop after zero padding, horizontal flip, cutout)."""
+the data set, or a checkpoint's applied again), the input scaling that maps an
+image file onto the training data's units (`InputScaling`, recorded in the
+checkpoint), and the training augmentations (random crop after zero padding,
+horizontal flip, cutout)."""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -12,14 +14,60 @@ from engine.errors import DataError
 from engine.training.data.dataset import Dataset
 
 
+def white_level(top: float) -> float:
+    """The pixel value of full intensity for data whose largest value is `top`: 1 for [0,1]
+    data, 255 for 8-bit values stored as numbers, 65535 for 16-bit ones, else `top` itself."""
+    for level in (1.0, 255.0, 65535.0):
+        if top <= level * 1.001:
+            return level
+    return float(top)
+
+
 def normalised(ds: Dataset) -> Dataset:
-    """`ds` normalised per channel to mean 0 and std 1, with the mean and std it used recorded."""
+    """`ds` normalised per channel to mean 0 and std 1, with the mean and std it used recorded,
+    and its pixel scale and range (what `InputScaling` maps image files with)."""
+    if len(ds) == 0:
+        raise DataError(f"data '{ds.name}' holds no images")
     if not torch.isfinite(ds.x).all():
         raise DataError(f"data '{ds.name}' contains NaN or Inf pixel values")
+    lo, hi = float(ds.x.min()), float(ds.x.max())
     mean = ds.x.mean(dim=(0, 2, 3))
-    std = ds.x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    one_pixel = ds.x[:, 0].numel() < 2  # a single 1x1 image has no spread to measure
+    std = torch.ones_like(mean) if one_pixel else ds.x.std(dim=(0, 2, 3)).clamp_min(1e-6)
     x = (ds.x - mean[None, :, None, None]) / std[None, :, None, None]
-    return replace(ds, x=x.contiguous(), mean=tuple(mean.tolist()), std=tuple(std.tolist()))
+    return replace(ds, x=x.contiguous(), mean=tuple(mean.tolist()), std=tuple(std.tolist()),
+                   pixel_scale=white_level(hi), pixel_range=(lo, hi))
+
+
+@dataclass(frozen=True)
+class InputScaling:
+    """How an image file (pixels in [0,1]) becomes what the network saw in training:
+    times `pixel_scale` (the training data's full intensity), then the per-channel
+    normalisation. Recorded in the checkpoint's data metadata; eval, predict and
+    export read it from there, so training and prediction scale identically."""
+
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    pixel_scale: float = 1.0
+    pixel_range: tuple[float, float] | None = None
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "InputScaling":
+        rng = meta.get("pixel_range")
+        return cls(tuple(meta.get("mean") or ()), tuple(meta.get("std") or ()), float(meta.get("pixel_scale", 1.0)),
+                   tuple(rng) if rng else None)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.pixel_scale if self.pixel_scale != 1.0 else x
+        return normalise_images(x, self.mean, self.std) if self.mean else x
+
+    def warnings(self) -> list[str]:
+        """What makes image files a poor match for the training data."""
+        if self.pixel_range and self.pixel_range[0] < 0:
+            return [f"the training data's pixels spanned {self.pixel_range[0]:g}..{self.pixel_range[1]:g} "
+                    f"(already normalised?); image files are mapped to 0..{self.pixel_scale:g}, which may not "
+                    "match what the network learnt"]
+        return []
 
 
 def normalise_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
