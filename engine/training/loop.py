@@ -37,6 +37,7 @@ from engine.training.distributed import Dist
 from engine.training.evaluate import evaluate, predict
 from engine.training.init import freeze, init_weights, restore_buffers
 from engine.training.optimizer_and_loss import build_optimizer, loss_fn
+from engine.training.progress import progress_bar
 from engine.training.schedule import LRSchedule
 
 CHECKPOINT = "model.safetensors"
@@ -64,6 +65,7 @@ class _Data:
         """What a checkpoint records about the data (eval and predict apply the same normalisation)."""
         ds = self.full
         return {"name": ds.name, "classes": ds.classes, "mean": list(ds.mean), "std": list(ds.std),
+                "pixel_scale": ds.pixel_scale, "pixel_range": list(ds.pixel_range),
                 "task": ds.task, "split": cfg.split, "seed": cfg.seed}
 
 
@@ -97,11 +99,15 @@ class _Progress:
 
 
 def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: str = "torch",
-                 resume: bool = False, init: str | None = None, progress: bool = True,
+                 resume: bool = False, init: str | None = None, progress: bool | str = True,
                  log: Callable[[str], None] = print, dist: Dist | None = None,
                  callback: Callable[[int, dict], None] | None = None,
                  dataset: D.Dataset | None = None) -> TrainResult:
-    """Train `model` with TrainConfig `cfg`, writing the run folder `out_dir` (rank 0 only)."""
+    """Train `model` with TrainConfig `cfg`, writing the run folder `out_dir` (rank 0 only).
+
+    `progress`: True or "bar" for a progress bar, "lines" for a plain line every
+    PROGRESS_EVERY_S seconds (no terminal: CI, `| tee`, nohup), False for none.
+    curves.png and predictions.png are redrawn after every epoch."""
     dist = dist or Dist()
     out = Path(out_dir)
     say = log if dist.main else (lambda *_: None)
@@ -131,6 +137,7 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
             _log_epoch(say, cfg, row, data.full.task)
             if dist.main:
                 _save_checkpoint(out, model, m, name, epoch, state, early, data.meta(cfg))
+                _draw_plots(out, m.raw, data, dist, state.history, name, cfg, say)
             dist.barrier()
             last_good = epoch
             if callback is not None:
@@ -142,9 +149,7 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
                 break
     finally:
         if dist.main and state.history:
-            _draw_curves(out, state.history, name, say)
-    if dist.main and data.val is not None:
-        _draw_predictions(out, m.raw, data, dist)
+            _draw_curves(out, state.history, name, say, cfg.label_smoothing)
     return TrainResult(out, state.history, stopped, state.best_epoch)
 
 
@@ -163,6 +168,7 @@ def _load_data(model, cfg, dataset: D.Dataset | None, name: str, say) -> _Data:
     ds = dataset or D.load_dataset(cfg.data, input_shape=model.input_shape,
                                    num_classes=int(model.output_shape[0]), seed=cfg.seed)
     D.check_compatible(ds, model.input_shape, model.output_shape, name)
+    D.check_trainable(ds)
     train_ds, val_ds = D.split(ds, cfg.split, cfg.seed) if cfg.split > 0 else (ds, None)
     if len(train_ds) < cfg.batch:
         raise FusenetTrainError(f"batch {cfg.batch} is larger than the {len(train_ds)} training images")
@@ -270,21 +276,13 @@ def _nan_message(loss, epoch, step, gstep, lr, cfg, out: Path, last_epoch: int) 
             f"Likely causes: {'; '.join(causes)}. {kept[0].upper() + kept[1:]}.")
 
 
-def _progress_bar(enabled: bool, total: int, epoch: int, epochs: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True)
-
-
 def _train_epoch(m: _Machinery, cfg, train_ds: D.Dataset, dist: Dist, epoch: int, progress: bool, out: Path,
                  last_good: int) -> dict:
     """One pass over the training data; the epoch's row: epoch, lr, train loss and accuracy.
     Stops with a FusenetTrainError the moment the loss is not finite."""
     t0 = time.perf_counter()
     order = D.epoch_order(len(train_ds), m.gen)
-    bar = _progress_bar(progress and dist.main, m.steps_per_epoch, epoch, cfg.epochs)
+    bar = progress_bar(progress if dist.main else False, m.steps_per_epoch, epoch, cfg.epochs)
     sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
     lr = m.sched.lr(epoch - 1, 0)
     for step, (x, y) in enumerate(D.batches(train_ds, cfg.batch, order=order, drop_last=True,
@@ -372,15 +370,28 @@ def _save_checkpoint(out: Path, model, m: _Machinery, name: str, epoch: int, sta
 # ----------------------------------------------------------------------------- at the end
 
 
-def _draw_curves(out: Path, history: list[dict], name: str, say) -> None:
+def _draw_plots(out: Path, raw, data: _Data, dist: Dist, history: list[dict], name: str, cfg, say) -> None:
+    """curves.png and predictions.png after every epoch: an interrupted run shows where it got to."""
+    _draw_curves(out, history, name, say, cfg.label_smoothing)
+    if data.val is not None:
+        _draw_predictions(out, raw, data, dist, say)
+
+
+def _draw_curves(out: Path, history: list[dict], name: str, say, label_smoothing: float = 0.0) -> None:
     try:
-        report.plot_curves(out / "curves.png", history, title=name)
+        report.plot_curves(out / "curves.png", history, title=name, label_smoothing=label_smoothing)
     except Exception as e:  # noqa: BLE001 - a plotting failure must not hide the real outcome
         say(f"warning: could not draw curves.png ({e})")
 
 
-def _draw_predictions(out: Path, raw, data: _Data, dist: Dist) -> None:
-    sample = data.val.subset(torch.arange(min(36, len(data.val))))
-    pred = predict(raw, sample.x.to(dist.device)).argmax(1).cpu()
-    ds = data.full
-    report.plot_predictions(out / "predictions.png", sample.x, pred, sample.y, ds.classes, ds.mean, ds.std)
+def _draw_predictions(out: Path, raw, data: _Data, dist: Dist, say) -> None:
+    """A grid of validation images: the mistakes first, then correct ones (report.pick_examples)."""
+    try:
+        val = data.val
+        pred = predict(raw, val.x.to(dist.device)).argmax(1).cpu()
+        pick = report.pick_examples(pred, val.y)
+        ds = data.full
+        report.plot_predictions(out / "predictions.png", val.x[pick], pred[pick], val.y[pick], ds.classes,
+                                ds.mean, ds.std)
+    except Exception as e:  # noqa: BLE001 - as above
+        say(f"warning: could not draw predictions.png ({e})")

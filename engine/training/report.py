@@ -39,19 +39,34 @@ def _plt():
     return plt
 
 
-def plot_curves(path: str | Path, rows: Sequence[dict], title: str = "") -> None:
-    """Loss and accuracy per epoch, train and validation."""
+def plot_curves(path: str | Path, rows: Sequence[dict], title: str = "", label_smoothing: float = 0.0) -> None:
+    """Loss (log scale, where divergence shows) and accuracy per epoch, train and validation.
+
+    The training loss is the one minimised, with the spec's label smoothing; the
+    validation loss is plain cross-entropy. With smoothing the two differ by
+    construction (the smoothed loss cannot reach 0), so the legend says so."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     plt = _plt()
     ep = [r["epoch"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
-    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="validation")
-    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.grid(alpha=0.3)
+    smoothing = f" (with label smoothing {label_smoothing:g})" if label_smoothing else ""
+    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train" + smoothing)
+    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="validation" + (" (no smoothing)" if smoothing else ""))
+    losses = [v for r in rows for v in (r["train_loss"], r["val_loss"]) if isinstance(v, (int, float))]
+    if losses and all(v > 0 and v == v and v != float("inf") for v in losses):
+        a.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        a.yaxis.set_major_formatter(plain), a.yaxis.set_minor_formatter(plain)
+        a.tick_params(axis="y", which="minor", labelsize=7)
+    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(fontsize=8), a.grid(alpha=0.3, which="both")
     b.plot(ep, [r["train_acc"] for r in rows], "o-", label="train")
     b.plot(ep, [r["val_acc"] for r in rows], "o-", label="validation")
     if any(r.get("val_miou") not in (None, "") for r in rows):
         b.plot(ep, [r.get("val_miou") for r in rows], "s--", label="validation mean IoU")
-    b.set_xlabel("epoch"), b.set_ylabel("accuracy"), b.legend(), b.grid(alpha=0.3)
+    b.set_xlabel("epoch"), b.set_ylabel("accuracy"), b.legend(fontsize=8), b.grid(alpha=0.3)
+    for axis in (a, b):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -65,6 +80,19 @@ def _show(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
         x = x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     x = x.clamp(0, 1)
     return (x[0].numpy(), "gray") if x.shape[0] == 1 else (x[:3].permute(1, 2, 0).numpy(), None)
+
+
+def pick_examples(pred: torch.Tensor, target: torch.Tensor, n: int = 36) -> torch.Tensor:
+    """Indices of up to `n` validation images to show: the mistakes first (up to half of
+    the grid, or all of it when there are no correct ones), then correct predictions.
+    Label maps (segmentation) are ranked by pixel accuracy, worst first."""
+    if pred.ndim == 1:
+        wrong = (pred != target).nonzero().flatten()
+        right = (pred == target).nonzero().flatten()
+        k = min(len(wrong), max(n // 2, n - len(right)))
+        return torch.cat([wrong[:k], right[:n - k]])
+    acc = (pred == target).float().flatten(1).mean(1)
+    return torch.argsort(acc)[:min(n, 8)]
 
 
 def plot_predictions(path: str | Path, images: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
@@ -95,7 +123,9 @@ def plot_predictions(path: str | Path, images: torch.Tensor, pred: torch.Tensor,
                 ax.axis("on"), ax.set_xticks([]), ax.set_yticks([])
                 for s in ax.spines.values():
                     s.set_color("red"), s.set_linewidth(2)
-        fig.suptitle("validation predictions (red: mistakes, true label in brackets)", fontsize=9)
+        wrong = int((pred[:n] != target[:n]).sum())
+        fig.suptitle(f"validation predictions: {wrong} mistake{'s' if wrong != 1 else ''} first (red, true label "
+                     f"in brackets), then correct ones", fontsize=9)
     else:
         fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
         k = max(len(classes) - 1, 1)
