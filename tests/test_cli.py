@@ -82,8 +82,9 @@ def test_missing_file_is_status_1(cmd, tmp_path, capsys):
 
 
 def test_directory_is_status_1(tmp_path, capsys):
+    # a folder is searched for .cnn files (tests/test_cli_files.py); one without any is an error
     assert main(["check", str(tmp_path)]) == 1
-    assert "is a directory" in capsys.readouterr().err
+    assert "holds no .cnn files" in capsys.readouterr().err
 
 
 def test_binary_file_is_status_1(tmp_path, capsys):

@@ -12,7 +12,8 @@ of `fusenet inspect` (unless --no-inspect): interpreter timings would time the
 interpreter, not the kernels, so none are taken.
 
 A results file (.json) given as FILE is re-rendered (tables, charts) without
-running anything.
+running anything; so is the analytic model's JSON that `--json` writes without
+a GPU (a document of kind ANALYTIC_KIND).
 """
 from __future__ import annotations
 
@@ -22,9 +23,39 @@ from pathlib import Path
 
 from engine import resources
 from engine.cli.common import LAYERS_PRECISION, input_path, layer_shapes, parse_batches
-from engine.errors import UsageError
+from engine.errors import InputFileError, UsageError
 from engine.perf.bench.roster import CONTENDERS
 from engine.precision import NAMES as PRECISIONS
+
+
+ANALYTIC_KIND = "fusenet-analytic"
+
+
+def _analytic_document(what: str, precision: str, body) -> dict:
+    return {"kind": ANALYTIC_KIND, "version": 1, "what": what, "precision": precision, "reports": body}
+
+
+def _write_json(path: str, doc) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc, indent=2))
+    except OSError as e:
+        raise InputFileError(f"cannot write '{path}': {e.strerror or e}") from None
+
+
+def _render_analytic(doc: dict) -> int:
+    """Print an analytic-model JSON written by `bench --json` without a GPU."""
+    if doc.get("what") == "layers":
+        from engine.perf.bench.layers import format_analytic_layers
+
+        print(format_analytic_layers(doc["reports"], doc["precision"]))
+        return 0
+    from engine.perf.analytic import format_analytic
+
+    for report in doc["reports"]:
+        print(format_analytic(report))
+        print()
+    return 0
 
 
 def _emit(doc: dict, args) -> int:
@@ -61,6 +92,12 @@ def cmd_bench(args) -> int:
     if Path(args.file).suffix == ".json":
         from engine.perf.bench import results
 
+        try:
+            raw = json.loads(Path(args.file).read_text())
+        except (OSError, ValueError):
+            raw = None
+        if isinstance(raw, dict) and raw.get("kind") == ANALYTIC_KIND and isinstance(raw.get("reports"), list):
+            return _render_analytic(raw)
         try:
             doc = results.load(args.file)
         except ValueError as e:
@@ -147,8 +184,8 @@ def _without_gpu(args, batches) -> int:
         rows = analytic_layers(layer_shapes(args.file, batches), precision)
         print(format_analytic_layers(rows, precision))
         if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2))
-            print(f"analytic model written to {args.json}")
+            _write_json(args.json, _analytic_document("layers", precision, rows))
+            print(f"analytic model written to {args.json} (`fusenet bench {args.json}` prints it again)")
         return 0
     import engine
     from engine.perf.analytic import analytic_report, format_analytic
@@ -163,8 +200,8 @@ def _without_gpu(args, batches) -> int:
         print(format_analytic(report))
         print()
     if args.json:
-        Path(args.json).write_text(json.dumps(reports, indent=2))
-        print(f"analytic model written to {args.json}")
+        _write_json(args.json, _analytic_document("network", precision, reports))
+        print(f"analytic model written to {args.json} (`fusenet bench {args.json}` prints it again)")
     if not args.no_inspect:
         from engine.perf.aot import compile_all, format_report, record_network
         from engine.perf.step import network_step

@@ -28,6 +28,43 @@ def input_path(path: str) -> str:
     return resources.resolve(path)
 
 
+def compile_spec(spec: str, backend: str, precision=None):
+    """`engine.compile` of a spec file named on the command line (shipped examples found too)."""
+    import os
+
+    spec = input_path(spec)
+    if not os.path.isfile(spec):
+        raise InputFileError(f"spec file '{spec}' does not exist")
+    import engine
+
+    return engine.compile(spec, backend=backend, precision=precision)
+
+
+def load_trained(spec: str, checkpoint: str, backend: str):
+    """(network in eval mode with the checkpoint's weights, the checkpoint): what eval,
+    predict, extract and export start from."""
+    from engine.training import checkpoint as C
+
+    model = compile_spec(spec, backend)
+    ck = C.load_checkpoint(checkpoint)
+    C.load_into_model(ck, model, model.name)
+    model.eval()
+    return model, ck
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a usage error, exit 2, otherwise)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_batches(text: str, example: str = "64,256,1024") -> list[int]:
     """A comma list of positive batch sizes; UsageError naming `example` otherwise."""
     try:

@@ -27,11 +27,11 @@ import os
 import sys
 import traceback
 
-from engine.cli import bench, inspect_gpu, spec, train, tune
+from engine.cli import bench, export, inspect_gpu, spec, train, tune
 from engine.errors import FusenetError, FusenetUserError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-COMMAND_MODULES = (spec, inspect_gpu, bench, tune, train)  # in the order `fusenet --help` lists them
+COMMAND_MODULES = (spec, inspect_gpu, bench, tune, train, export)  # in the order `fusenet --help` lists them
 
 EPILOG = """\
 exit status:

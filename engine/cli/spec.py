@@ -45,62 +45,137 @@ def summary_table(spec) -> str:
     return "\n".join(out)
 
 
+def spec_files(paths: list[str], what: str) -> list[str]:
+    """The spec files named: files as given (shipped examples found too), folders searched for *.cnn."""
+    from engine.errors import InputFileError
+
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(str(f) for f in Path(p).rglob("*.cnn") if not any(
+                part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise InputFileError(f"{what}: folder '{p}' holds no .cnn files")
+            files += found
+        else:
+            files.append(p)
+    return files
+
+
+def _each(files: list[str], run) -> int:
+    """Run `run(file)` on every file, reporting each failure and going on; 1 if any failed."""
+    from engine.errors import FusenetError, FusenetUserError
+
+    status = 0
+    for f in files:
+        try:
+            status = max(status, run(f))
+        except FusenetError as e:
+            if len(files) == 1:
+                raise
+            print(e.format(), file=sys.stderr)
+            status = 1
+        except FusenetUserError as e:
+            if len(files) == 1:
+                raise
+            print(f"{f}: error: {e}", file=sys.stderr)
+            status = 1
+    return status
+
+
 def cmd_check(args) -> int:
-    from engine.ir.frontend import load
+    files = spec_files(args.files, "check")
 
-    spec = load(Path(input_path(args.file)))
-    print(summary_table(spec))
-    if args.kernels:
-        from engine.perf.analytic import kernel_report
+    def check_one(file: str) -> int:
+        from engine.ir.frontend import load
 
-        print()
-        print(kernel_report(spec, batch=args.batch, training=not args.eval))
-    if args.ir:
-        from engine.passes.pipeline import format_trace, trace_pipeline
+        spec = load(Path(input_path(file)))
+        if len(files) > 1:
+            print(f"== {file}")
+        print(summary_table(spec))
+        if args.kernels:
+            from engine.perf.analytic import kernel_report
 
-        print()
-        print(format_trace(trace_pipeline(spec.graph, training=not args.eval)))
-    return 0
+            print()
+            print(kernel_report(spec, batch=args.batch, training=not args.eval))
+        if args.ir:
+            from engine.passes.pipeline import format_trace, trace_pipeline
+
+            print()
+            print(format_trace(trace_pipeline(spec.graph, training=not args.eval)))
+        return 0
+
+    return _each(files, check_one)
+
+
+def _write_formatted(path: str, text: str) -> None:
+    """Rewrite `path`; through a symbolic link, its target is rewritten and the link kept."""
+    target = Path(os.path.realpath(path))
+    tmp = target.with_name(f".{target.name}.fmt-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        try:
+            os.chmod(tmp, target.stat().st_mode & 0o7777)
+        except OSError:
+            pass
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def cmd_fmt(args) -> int:
-    from dsl.formatter import format_program
-    from dsl.parser import parse
-    from engine.ir.frontend import read_source
+    from engine.errors import UsageError
 
-    # --write rewrites the file named, never a shipped example found in its stead
-    path = args.file if args.write else input_path(args.file)
-    text, name = read_source(Path(path))
-    formatted = format_program(parse(text, name))
-    if args.write:
-        tmp = Path(args.file).with_suffix(".fmt.tmp")
-        tmp.write_text(formatted)
-        os.replace(tmp, args.file)
-    elif args.check:
-        if formatted != text:
-            print(f"{name}: not in canonical format (run `fusenet fmt --write {name}`)", file=sys.stderr)
-            return 1
-    else:
-        sys.stdout.write(formatted)
-    return 0
+    files = spec_files(args.files, "fmt")
+    if len(files) > 1 and not (args.write or args.check):
+        raise UsageError("several files: say --check (exit 1 if any is not canonical) or --write (rewrite them)")
+
+    def fmt_one(file: str) -> int:
+        from dsl.formatter import format_program
+        from dsl.parser import parse
+        from engine.ir.frontend import read_source
+
+        # --write rewrites the file named, never a shipped example found in its stead
+        path = file if args.write else input_path(file)
+        text, name = read_source(Path(path))
+        formatted = format_program(parse(text, name))
+        if args.write:
+            if formatted != text:
+                _write_formatted(path, formatted)
+                if len(files) > 1:
+                    print(f"formatted {name}", file=sys.stderr)
+        elif args.check:
+            if formatted != text:
+                print(f"{name}: not in canonical format (run `fusenet fmt --write {name}`)", file=sys.stderr)
+                return 1
+        else:
+            sys.stdout.write(formatted)
+        return 0
+
+    return _each(files, fmt_one)
 
 
-FILE_HELP = "a network spec (.cnn); examples/NAME.cnn also finds the examples shipped with fusenet"
+FILE_HELP = ("network specs (.cnn), or folders searched for them; examples/NAME.cnn also finds the examples "
+             "shipped with fusenet")
 
 
 def add_commands(sub) -> None:
     """Register check and fmt on an argparse subparsers object."""
-    c = sub.add_parser("check", help="check a spec and print every layer's shape, parameters and FLOPs")
-    c.add_argument("file", help=FILE_HELP)
+    from engine.cli.common import positive_int
+
+    c = sub.add_parser("check", help="check specs and print every layer's shape, parameters and FLOPs")
+    c.add_argument("files", nargs="+", metavar="FILE", help=FILE_HELP)
     c.add_argument("--kernels", action="store_true", help="also list the fused kernels (forward and backward)")
     c.add_argument("--ir", action="store_true", help="print the IR after each pass")
-    c.add_argument("--batch", type=int, default=None, help="batch size for --kernels byte estimates")
+    c.add_argument("--batch", type=positive_int, default=None,
+                   help="batch size for --kernels byte estimates (default: the spec's)")
     c.add_argument("--eval", action="store_true", help="plan for inference (batch norm folded) rather than training")
     c.set_defaults(func=cmd_check)
 
-    f = sub.add_parser("fmt", help="print a spec in canonical format")
-    f.add_argument("file", help=FILE_HELP)
+    f = sub.add_parser("fmt", help="print a spec in canonical format; --check or --write many (pre-commit)")
+    f.add_argument("files", nargs="+", metavar="FILE", help=FILE_HELP)
     g = f.add_mutually_exclusive_group()
-    g.add_argument("--write", action="store_true", help="rewrite the file in place")
-    g.add_argument("--check", action="store_true", help="exit 1 if the file is not canonical")
+    g.add_argument("--write", action="store_true", help="rewrite the files in place (through symbolic links)")
+    g.add_argument("--check", action="store_true", help="exit 1 if any file is not canonical (pre-commit, CI)")
     f.set_defaults(func=cmd_fmt)

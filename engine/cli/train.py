@@ -9,24 +9,57 @@ train says that the last checkpoint is kept.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from pathlib import Path
 
-from engine.cli.common import input_path
+from engine.cli.common import compile_spec, load_trained, positive_int
 from engine.errors import FusenetTrainError
 from engine.precision import NAMES as PRECISIONS
 
 BACKENDS = ("triton", "torch")
 
 
-def _compile(spec: str, backend: str, precision=None):
-    spec = input_path(spec)
-    if not os.path.isfile(spec):
-        raise FusenetTrainError(f"spec file '{spec}' does not exist")
-    import engine
+def fast_interpreter(handler):
+    """Run a command with the CPU interpreter's integer-overflow sanitizer off, and back on after.
 
-    return engine.compile(spec, backend=backend, precision=precision)
+    The kernels these commands run are the ones the kernel tests check with the
+    sanitizer on; here it would cost about a third of every interpreted step.
+    FUSENET_INTERPRETER_CHECKS=1 keeps it on (to chase a suspected overflow).
+    NumPy's RuntimeWarnings from inside the interpreter (an exp that overflows to
+    inf in a masked-off lane, say) say nothing to a user and are silenced.
+    """
+    @functools.wraps(handler)
+    def run(args):
+        import warnings
+
+        from engine.device import interpreter_overflow_checks
+
+        keep = os.environ.get("FUSENET_INTERPRETER_CHECKS") == "1"
+        old = interpreter_overflow_checks(True) if keep else interpreter_overflow_checks(False)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"(triton|numpy)(\.|$)")
+                return handler(args)
+        finally:
+            interpreter_overflow_checks(old)
+
+    return run
+
+
+def _learning_rate(text: str) -> float:
+    """argparse type for --lr: a positive, finite number."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number like 0.1 or 3e-4, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number, got {text}")
+    return value
 
 
 def _config(model, args):
@@ -41,11 +74,25 @@ def _config(model, args):
     return cfg
 
 
+def _writable_folder(out: Path) -> None:
+    """Refuse an --out that is a file, or lies under one, or cannot be created, before any work."""
+    if out.exists() and not out.is_dir():
+        raise FusenetTrainError(f"--out '{out}' is a file; give a folder for the run (it is created if missing)")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FusenetTrainError(f"--out '{out}' cannot be created: '{probe}' is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FusenetTrainError(f"--out '{out}' cannot be created or written: no write permission in '{probe}'")
+
+
 def _run_dir(args, name: str, resume: bool) -> Path:
     from engine.training.loop import CHECKPOINT
 
     if args.out:
         out = Path(args.out)
+        _writable_folder(out)
         if not resume and (out / CHECKPOINT).exists():
             raise FusenetTrainError(
                 f"{out} already holds a checkpoint; continue it with --resume, or pick another --out")
@@ -57,7 +104,9 @@ def _run_dir(args, name: str, resume: bool) -> Path:
         if not existing:
             raise FusenetTrainError(f"nothing to resume: no checkpoint under {base}; name the run with --out")
         return existing[-1]
-    return next(p for p in candidates if not (p / CHECKPOINT).exists())
+    out = next(p for p in candidates if not (p / CHECKPOINT).exists())
+    _writable_folder(out)
+    return out
 
 
 def cmd_train(args) -> int:
@@ -66,17 +115,23 @@ def cmd_train(args) -> int:
 
     dist = setup_distributed()
     try:
-        model = _compile(args.file, args.backend, args.precision)
+        model = compile_spec(args.file, args.backend, args.precision)
         cfg = _config(model, args)
         out = _run_dir(args, model.name, args.resume)
+        if dist.main:
+            from engine.training.checkpoint import remove_stale_temporaries
+
+            for path in remove_stale_temporaries(out):
+                print(f"removed {path}, left by an interrupted save", file=sys.stderr)
         if dist.world > 1:  # every process must agree on the folder
             import torch.distributed as tdist
 
             box = [str(out)]
             tdist.broadcast_object_list(box, src=0)
             out = Path(box[0])
+        progress = False if args.no_progress else ("bar" if sys.stderr.isatty() else "lines")
         res = run_training(model, cfg, out, backend=args.backend, resume=args.resume, init=args.init,
-                             progress=not args.no_progress and sys.stderr.isatty(), dist=dist)
+                           progress=progress, dist=dist)
         if dist.main:
             print(f"outputs in {res.out_dir}/: model.safetensors, metrics.csv, curves.png, predictions.png")
         return 0
@@ -104,15 +159,10 @@ def _eval_data(model, ck, args):
 
 
 def _load(args):
-    from engine.training import checkpoint as C
-
-    model = _compile(args.file, args.backend)
-    ck = C.load_checkpoint(args.checkpoint)
-    C.load_into_model(ck, model, model.name)
-    model.eval()
-    return model, ck
+    return load_trained(args.file, args.checkpoint, args.backend)
 
 
+@fast_interpreter
 def cmd_eval(args) -> int:
     from engine.training import data as D
     from engine.training import report
@@ -135,30 +185,59 @@ def cmd_eval(args) -> int:
     return 0
 
 
+@fast_interpreter
 def cmd_predict(args) -> int:
     import torch
 
+    from engine.errors import DataError
     from engine.training import data as D
     from engine.training.evaluate import predict
 
     model, ck = _load(args)
     meta = ck.meta.get("data", {})
     classes = meta.get("classes") or [str(i) for i in range(int(model.output_shape[0]))]
-    x = torch.stack([D.load_image(p, model.input_shape) for p in args.images])
-    if meta.get("mean"):
-        x = D.normalise_images(x, meta["mean"], meta["std"])
-    prob = torch.softmax(predict(model, x).float(), dim=1)
-    name = lambda i: classes[i] if i < len(classes) else str(i)  # noqa: E731
-    for path, p in zip(args.images, prob):
-        if p.ndim == 1:
-            top = torch.topk(p, min(args.top, p.numel()))
-            print(f"{path}: " + ", ".join(f"{name(int(i))} {v * 100:.1f}%" for v, i in zip(top.values, top.indices)))
-        else:  # segmentation: share of pixels per predicted class
-            share = torch.bincount(p.argmax(0).flatten(), minlength=p.shape[0]).float() / p[0].numel()
-            print(f"{path}: pixels " + ", ".join(f"{name(i)} {v * 100:.1f}%" for i, v in enumerate(share.tolist())))
+    scaling = D.InputScaling.from_meta(meta)
+    for warning in scaling.warnings():
+        print(f"fusenet predict: warning: {warning}", file=sys.stderr)
+    images, paths, failed = [], [], 0
+    for path in args.images:
+        try:
+            img, notes = D.read_image(path, model.input_shape)
+        except DataError as e:
+            print(f"{path}: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        for note in notes:
+            print(f"fusenet predict: warning: {path}: {note}", file=sys.stderr)
+        images.append(img)
+        paths.append(path)
+    if images:
+        x = scaling.apply(torch.stack(images))
+        prob = torch.softmax(predict(model, x, batch=args.batch).float(), dim=1)
+        name = lambda i: classes[i] if i < len(classes) else str(i)  # noqa: E731
+        for path, p in zip(paths, prob):
+            if p.ndim == 1:
+                top = torch.topk(p, min(args.top, p.numel()))
+                print(f"{path}: " + ", ".join(f"{name(int(i))} {v * 100:.1f}%" for v, i in zip(top.values, top.indices)))
+            else:  # segmentation: share of pixels per predicted class
+                share = torch.bincount(p.argmax(0).flatten(), minlength=p.shape[0]).float() / p[0].numel()
+                print(f"{path}: pixels " + ", ".join(f"{name(i)} {v * 100:.1f}%" for i, v in enumerate(share.tolist())))
+    if failed:
+        raise DataError(f"{failed} of {len(args.images)} image(s) could not be read (see above)")
     return 0
 
 
+def _features_path(out: str | None, default: str) -> Path:
+    """Where extract writes: --out as given (.npz added, as numpy would), a folder's default name, or the default."""
+    if not out:
+        return Path(default)
+    path = Path(out)
+    if path.is_dir() or out.endswith(os.sep):
+        return path / default
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+@fast_interpreter
 def cmd_extract(args) -> int:
     import numpy as np
     import torch
@@ -168,6 +247,8 @@ def cmd_extract(args) -> int:
     if args.tap not in taps:
         raise FusenetTrainError(
             f"no tap named '{args.tap}' in network '{model.name}' (named taps: {', '.join(taps) or 'none'})")
+    out = _features_path(args.out, f"{model.name}_{args.tap}_features.npz")
+    _writable_folder(out.parent)
     ds = _eval_data(model, ck, args)
     feats = []
     with torch.no_grad():
@@ -175,9 +256,11 @@ def cmd_extract(args) -> int:
             _, t = model(ds.x[i:i + args.batch], taps=(args.tap,))
             feats.append(t[args.tap].float().cpu())
     f = torch.cat(feats).numpy()
-    out = Path(args.out or f"{model.name}_{args.tap}_features.npz")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, features=f, labels=ds.y.numpy(), tap=np.array(args.tap), classes=np.array(ds.classes))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, features=f, labels=ds.y.numpy(), tap=np.array(args.tap), classes=np.array(ds.classes))
+    except OSError as e:
+        raise FusenetTrainError(f"cannot write '{out}': {e.strerror or e}") from None
     print(f"wrote {out}: features {list(f.shape)} of tap '{args.tap}' for {len(ds)} images of {ds.name}")
     return 0
 
@@ -185,23 +268,24 @@ def cmd_extract(args) -> int:
 def add_commands(subparsers) -> None:
     """Register train, eval, predict and extract on an argparse subparsers object."""
     def common(p, checkpoint: bool):
-        p.add_argument("file", help="network spec (.cnn)")
+        p.add_argument("file", help="network spec (.cnn); examples/NAME.cnn also finds the shipped examples")
         p.add_argument("--backend", choices=BACKENDS, default="triton", help="fused Triton kernels or the PyTorch reference")
         if checkpoint:
             p.add_argument("--checkpoint", required=True, help="a model.safetensors written by fusenet train")
-            p.add_argument("--batch", type=int, default=512, help="images per forward pass")
+            p.add_argument("--batch", type=positive_int, default=512, help="images per forward pass (default 512)")
 
     p = subparsers.add_parser("train", help="train a network on the data its train section names")
     common(p, False)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch", type=int, help="global batch (split over processes under torchrun)")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=positive_int, help="number of epochs (default: the spec's)")
+    p.add_argument("--batch", type=positive_int, help="global batch (split over processes under torchrun)")
+    p.add_argument("--lr", type=_learning_rate, help="peak learning rate (default: the spec's optimizer lr)")
     p.add_argument("--data", help="digits | mnist5k | shapes | a path (image folder, .npz, IDX, CIFAR-10 batches)")
-    p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument("--out", help="run folder (default runs/<network>)")
+    p.add_argument("--precision", choices=PRECISIONS, help="default: the spec's")
+    p.add_argument("--out", help="run folder (default runs/<network>, then runs/<network>-2, ...)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init", metavar="CHECKPOINT", help="start from another checkpoint's matching layers")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (without a terminal, a progress line every 10 s instead)")
     p.set_defaults(func=cmd_train, interrupted="the last checkpoint is kept (continue with --resume)")
 
     p = subparsers.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
@@ -212,14 +296,13 @@ def add_commands(subparsers) -> None:
 
     p = subparsers.add_parser("predict", help="top-k classes for image files")
     common(p, True)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--top", type=int, default=3)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...), scaled as in training")
+    p.add_argument("--top", type=positive_int, default=3, help="how many classes to print per image (default 3)")
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("extract", help="write a named tap's features for a data set to .npz")
     common(p, True)
-    p.add_argument("--tap", required=True)
+    p.add_argument("--tap", required=True, help="a named tap of the network (`name = ...` in the spec)")
     p.add_argument("--data", help="data set (default: the spec's)")
-    p.add_argument("--out", help="output .npz (default <network>_<tap>_features.npz)")
+    p.add_argument("--out", help="output .npz, or a folder (default <network>_<tap>_features.npz)")
     p.set_defaults(func=cmd_extract)
-
