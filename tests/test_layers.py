@@ -19,6 +19,7 @@ LAYERS = [
     ("engine.kernels",),
     ("engine.runtime",),
     ("engine.training",),
+    ("engine.export",),
     ("engine.perf",),
     ("engine.cli",),
 ]
