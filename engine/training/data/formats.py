@@ -245,7 +245,7 @@ def read_image(path: str | Path, shape: Sequence[int] | None = None) -> tuple[to
     if shape is not None and a.shape[0] != shape[0]:  # a float grey image for a colour network
         notes.append(f"grey image repeated over the network's {shape[0]} channels")
         a = np.repeat(a[:1], shape[0], axis=0)
-    return torch.from_numpy(np.ascontiguousarray(a)), notes
+    return torch.from_numpy(np.array(a, dtype=np.float32, order="C", copy=True)), notes
 
 
 def load_image(path: str | Path, shape: Sequence[int] | None = None) -> torch.Tensor:
