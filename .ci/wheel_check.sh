@@ -2,7 +2,7 @@
 # The wheel as a user gets it: built from this tree, installed non-editable into a
 # fresh virtual environment (torch==2.13.0, the CPU build, as the Makefile installs
 # it), and run from a folder outside the checkout: --version, check, bench (the
-# no-GPU analytic report), inspect (the sm_90 compile check), bench --layers (the
+# no-GPU analytic report), export --torch, inspect (the sm_90 compile check), bench --layers (the
 # shipped workloads). An editable install would hide a package or data file the
 # wheel lacks; this does not. Needs .venv (make install) to build the wheel.
 set -euo pipefail
@@ -35,6 +35,9 @@ F="$WORK/venv/bin/fusenet"
 set -x
 "$F" --version
 "$F" check examples/digits.cnn
+"$F" fmt --check examples/digits.cnn
+"$F" export examples/digits.cnn --torch digits_model.py
+"$WORK/venv/bin/python" -c "import digits_model, torch; assert digits_model.Digits()(torch.zeros(2, 1, 8, 8)).shape == (2, 10)"
 "$F" bench examples/digits.cnn --batch 64 > bench.out 2> bench.err || { cat bench.out bench.err; exit 1; }
 { set +x; } 2>/dev/null
 cat bench.out

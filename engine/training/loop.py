@@ -130,14 +130,14 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
             t0 = time.perf_counter()
             row = _train_epoch(m, cfg, data.train, dist, epoch, progress, out, last_good)
             train_time = time.perf_counter() - t0
-            _validate(m, cfg, data.val, dist, row, int(model.output_shape[0]))
+            val_pred = _validate(m, cfg, data.val, dist, row, int(model.output_shape[0]))
             row.update(seconds=round(time.perf_counter() - t0, 3),
                        images_per_s=round(m.steps_per_epoch * cfg.batch / train_time, 1))
             early = _record_epoch(m, cfg, state, row)
             _log_epoch(say, cfg, row, data.full.task)
             if dist.main:
                 _save_checkpoint(out, model, m, name, epoch, state, early, data.meta(cfg))
-                _draw_plots(out, m.raw, data, dist, state.history, name, cfg, say)
+                _draw_plots(out, m.raw, data, dist, state.history, name, cfg, say, val_pred)
             dist.barrier()
             last_good = epoch
             if callback is not None:
@@ -324,14 +324,17 @@ def _train_epoch(m: _Machinery, cfg, train_ds: D.Dataset, dist: Dist, epoch: int
             "train_acc": sums[1].item() / sums[2].item()}
 
 
-def _validate(m: _Machinery, cfg, val_ds: D.Dataset | None, dist: Dist, row: dict, num_classes: int) -> None:
+def _validate(m: _Machinery, cfg, val_ds: D.Dataset | None, dist: Dist, row: dict, num_classes: int):
     """Add the validation loss, accuracy (and mean IoU) to the epoch's row; without a
-    validation split the training loss stands in."""
+    validation split the training loss stands in. Returns the validation predictions
+    (None under torchrun or without a split), which predictions.png shows."""
     if val_ds is not None:
-        v = evaluate(m.net, val_ds, m.eval_lossf, batch=max(1024, cfg.batch), dist=dist, num_classes=num_classes)
+        v = evaluate(m.net, val_ds, m.eval_lossf, batch=max(1024, cfg.batch), dist=dist, num_classes=num_classes,
+                     keep_predictions=True)
         row.update(val_loss=v["loss"], val_acc=v["acc"], val_miou=v.get("miou", ""))
-    else:
-        row.update(val_loss=row["train_loss"], val_acc=float("nan"), val_miou="")
+        return v.get("pred")
+    row.update(val_loss=row["train_loss"], val_acc=float("nan"), val_miou="")
+    return None
 
 
 def _record_epoch(m: _Machinery, cfg, state: _Progress, row: dict) -> bool:
@@ -370,11 +373,12 @@ def _save_checkpoint(out: Path, model, m: _Machinery, name: str, epoch: int, sta
 # ----------------------------------------------------------------------------- at the end
 
 
-def _draw_plots(out: Path, raw, data: _Data, dist: Dist, history: list[dict], name: str, cfg, say) -> None:
+def _draw_plots(out: Path, raw, data: _Data, dist: Dist, history: list[dict], name: str, cfg, say,
+                val_pred: torch.Tensor | None) -> None:
     """curves.png and predictions.png after every epoch: an interrupted run shows where it got to."""
     _draw_curves(out, history, name, say, cfg.label_smoothing)
     if data.val is not None:
-        _draw_predictions(out, raw, data, dist, say)
+        _draw_predictions(out, raw, data, dist, say, val_pred)
 
 
 def _draw_curves(out: Path, history: list[dict], name: str, say, label_smoothing: float = 0.0) -> None:
@@ -384,11 +388,12 @@ def _draw_curves(out: Path, history: list[dict], name: str, say, label_smoothing
         say(f"warning: could not draw curves.png ({e})")
 
 
-def _draw_predictions(out: Path, raw, data: _Data, dist: Dist, say) -> None:
+def _draw_predictions(out: Path, raw, data: _Data, dist: Dist, say, pred: torch.Tensor | None = None) -> None:
     """A grid of validation images: the mistakes first, then correct ones (report.pick_examples)."""
     try:
         val = data.val
-        pred = predict(raw, val.x.to(dist.device)).argmax(1).cpu()
+        if pred is None:
+            pred = predict(raw, val.x.to(dist.device)).argmax(1).cpu()
         pick = report.pick_examples(pred, val.y)
         ds = data.full
         report.plot_predictions(out / "predictions.png", val.x[pick], pred[pick], val.y[pick], ds.classes,

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from engine.text import format_table
@@ -105,26 +106,32 @@ def plot_predictions(path: str | Path, images: torch.Tensor, pred: torch.Tensor,
     plt = _plt()
     n = min(len(images), max_images if pred.ndim == 1 else 8)
     if pred.ndim == 1:
+        # one image of all the tiles and one axes (36 axes take matplotlib seconds; this is redrawn every epoch)
+        from matplotlib.patches import Rectangle
+
         cols = min(6, n)
         rows = (n + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.0 * rows), squeeze=False)
-        for i, ax in enumerate(axes.flat):
-            ax.axis("off")
-            if i >= n:
-                continue
-            arr, cmap = _show(images[i], mean, std)
-            ax.imshow(arr, cmap=cmap)
+        tiles = [_show(images[i], mean, std) for i in range(n)]
+        h, w = tiles[0][0].shape[:2]
+        colour = tiles[0][1] is None
+        gap_y, gap_x = max(2, h // 3), max(1, w // 8)  # room for each tile's title
+        grid = np.ones((rows * (h + gap_y), cols * (w + gap_x)) + ((3,) if colour else ()), dtype=np.float32)
+        fig, ax = plt.subplots(figsize=(1.6 * cols, 1.75 * rows + 0.4))
+        name = lambda k: classes[k] if k < len(classes) else str(k)  # noqa: E731
+        for i, (arr, _) in enumerate(tiles):
+            r, c = divmod(i, cols)
+            y0, x0 = r * (h + gap_y) + gap_y, c * (w + gap_x)
+            grid[y0:y0 + h, x0:x0 + w] = arr
             p, t = int(pred[i]), int(target[i])
             ok = p == t
-            name = lambda k: classes[k] if k < len(classes) else str(k)  # noqa: E731
-            ax.set_title(f"{name(p)}" + ("" if ok else f" (true {name(t)})"), fontsize=8,
-                         color="black" if ok else "red")
+            ax.text(x0 + w / 2, y0 - 0.6, name(p) + ("" if ok else f" (true {name(t)})"), ha="center", va="bottom",
+                    fontsize=8, color="black" if ok else "red")
             if not ok:
-                ax.axis("on"), ax.set_xticks([]), ax.set_yticks([])
-                for s in ax.spines.values():
-                    s.set_color("red"), s.set_linewidth(2)
+                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), w, h, fill=False, edgecolor="red", linewidth=2))
+        ax.imshow(grid, cmap=None if colour else "gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.axis("off")
         wrong = int((pred[:n] != target[:n]).sum())
-        fig.suptitle(f"validation predictions: {wrong} mistake{'s' if wrong != 1 else ''} first (red, true label "
+        ax.set_title(f"validation predictions: {wrong} mistake{'s' if wrong != 1 else ''} first (red, true label "
                      f"in brackets), then correct ones", fontsize=9)
     else:
         fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
