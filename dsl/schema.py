@@ -21,7 +21,7 @@ REQUIRED = object()  # marks a parameter without default
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
-    # int | posint | nonneg | float | nonnegfloat | prob | bool | pair | pospair | pad | choice | tap | data
+    # int | posint | nonneg | float | nonnegfloat | posfloat | prob | bool | pair | pospair | pad | choice | tap | data
     type: str
     default: Any = REQUIRED
     choices: tuple[str, ...] = ()
@@ -111,13 +111,13 @@ TRAIN_OPTIONS: dict[str, Signature] = {
             "optimizer",
             (P("name", "choice", choices=("sgd", "adam", "adamw")),),
             (
-                P("lr", "nonnegfloat", None),
+                P("lr", "posfloat", None),  # 0 would train nothing
                 P("momentum", "prob", 0.0),
                 P("nesterov", "bool", False),
                 P("weight_decay", "nonnegfloat", None),
                 P("beta1", "prob", 0.9),
                 P("beta2", "prob", 0.999),
-                P("eps", "nonnegfloat", 1e-8),
+                P("eps", "posfloat", 1e-8),  # Adam divides by sqrt(v) + eps
             ),
         ),
         Signature(
@@ -188,13 +188,15 @@ def coerce(spec: ParamSpec, v: Any, what: str) -> Any:
             raise TypeMismatch(f"{what} must be at least {low}, got {n}")
         _at_most(spec, (n,), what)
         return n
-    if t in ("float", "nonnegfloat", "prob"):
+    if t in ("float", "nonnegfloat", "posfloat", "prob"):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeMismatch(f"{what} must be a number, got {describe(v)}")
         if not math.isfinite(v):
             raise TypeMismatch(f"{what} must be a finite number, got {describe(v)}")
         if t == "prob" and not 0.0 <= v < 1.0:
             raise TypeMismatch(f"{what} must be in [0, 1), got {v:g}")
+        if t == "posfloat" and not v > 0:
+            raise TypeMismatch(f"{what} must be greater than 0, got {v:g}")
         if t == "nonnegfloat" and v < 0:
             raise TypeMismatch(f"{what} must not be negative, got {v:g}")
         return float(v)

@@ -181,7 +181,7 @@ def test_number_out_of_range_is_located(line, col, message, hint):
         ("batch 99999999", 11, "batch's SIZE must be at most 16,777,216"),
         ("epochs 2000000", 12, "epochs's COUNT must be at most 1,000,000"),
         ("clip_grad -5", 15, "clip_grad's MAX_NORM must not be negative, got -5"),
-        ("optimizer sgd lr=-0.1", 22, "optimizer's lr must not be negative"),
+        ("optimizer sgd lr=-0.1", 22, "optimizer's lr must be greater than 0"),
         ("optimizer adamw weight_decay=-1", 34, "optimizer's weight_decay must not be negative"),
         ("augment crop=100000", 18, "augment's crop must be at most 65,536"),
     ],

@@ -154,7 +154,12 @@ def test_hyperparameters_are_checked_by_check(tmp_path, capsys):
     (tmp_path / "bad.cnn").write_text(bad)
     assert main(["check", str(tmp_path / "bad.cnn")]) == 1
     err = capsys.readouterr().err
-    assert "must not be negative" in err and "lr" in err and "weight_decay" in err
+    assert "lr must be greater than 0" in err and "weight_decay must not be negative" in err
+    zero = DIGITS_SPEC.replace("optimizer sgd lr=0.1", "optimizer adam lr=0 eps=0").replace(" momentum=0.9 nesterov=true", "")
+    (tmp_path / "zero.cnn").write_text(zero)
+    assert main(["check", str(tmp_path / "zero.cnn")]) == 1
+    err = capsys.readouterr().err
+    assert "optimizer's lr must be greater than 0" in err and "optimizer's eps must be greater than 0" in err
 
 
 def test_bench_json_without_a_gpu_is_read_back(tmp_path, capsys, monkeypatch):
