@@ -14,7 +14,7 @@ $(BIN)/fusenet: pyproject.toml
 install: $(BIN)/fusenet
 
 demo: install
-	$(BIN)/fusenet train examples/digits.cnn --epochs 8
+	$(BIN)/fusenet train examples/digits.cnn --epochs 6
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
