@@ -49,9 +49,9 @@ def test_bench_cli_without_gpu_prints_the_model_and_json(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "timings need a CUDA GPU" in captured.err
     assert "training step fused" in captured.out and "roofline" in captured.out
-    data = json.loads(out.read_text())
-    assert [r["batch"] for r in data] == [64, 256]
-    assert format_analytic(data[0]).splitlines()[0].startswith("digits: analytic model")
+    data = json.loads(out.read_text())  # a document `fusenet bench FILE.json` reads back (test_run_outputs.py)
+    assert data["kind"] == "fusenet-analytic" and [r["batch"] for r in data["reports"]] == [64, 256]
+    assert format_analytic(data["reports"][0]).splitlines()[0].startswith("digits: analytic model")
 
 
 def test_bench_cli_rejects_bad_batch_as_a_usage_error(capsys):
