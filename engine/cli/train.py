@@ -133,7 +133,9 @@ def cmd_train(args) -> int:
         res = run_training(model, cfg, out, backend=args.backend, resume=args.resume, init=args.init,
                            progress=progress, dist=dist)
         if dist.main:
-            print(f"outputs in {res.out_dir}/: model.safetensors, metrics.csv, curves.png, predictions.png")
+            names = [n for n in ("model.safetensors", "metrics.csv", "curves.png", "predictions.png")
+                     if (res.out_dir / n).exists()]
+            print(f"outputs in {res.out_dir}/: {', '.join(names)}")
         return 0
     finally:
         if dist.world > 1:
@@ -194,6 +196,9 @@ def cmd_predict(args) -> int:
     from engine.training.evaluate import predict
 
     model, ck = _load(args)
+    if len(model.input_shape) != 3:
+        raise FusenetTrainError(f"network '{model.name}' takes a vector of {model.input_shape[0]} features, not "
+                                "images; predict reads image files (evaluate an .npz of vectors with `fusenet eval --data`)")
     meta = ck.meta.get("data", {})
     classes = meta.get("classes") or [str(i) for i in range(int(model.output_shape[0]))]
     scaling = D.InputScaling.from_meta(meta)

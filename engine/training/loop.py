@@ -377,7 +377,7 @@ def _draw_plots(out: Path, raw, data: _Data, dist: Dist, history: list[dict], na
                 val_pred: torch.Tensor | None) -> None:
     """curves.png and predictions.png after every epoch: an interrupted run shows where it got to."""
     _draw_curves(out, history, name, say, cfg.label_smoothing)
-    if data.val is not None:
+    if data.val is not None and data.val.x.ndim == 4:  # images (vectors have nothing to show)
         _draw_predictions(out, raw, data, dist, say, val_pred)
 
 

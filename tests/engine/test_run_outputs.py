@@ -183,3 +183,21 @@ def test_inspect_a_network_without_parameters(tmp_path, capsys, monkeypatch):
     assert main(["inspect", str(tmp_path / "p.cnn")]) == 0
     cap = capsys.readouterr()
     assert "has no parameters" in cap.err and "inference" in cap.out
+
+
+def test_a_network_of_vectors_trains_and_evaluates_on_an_npz_of_vectors(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "v.cnn").write_text("network v {\n    input 20\n    linear 16 -> relu\n    bn\n    linear 4\n}\n")
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 4
+    x = rng.normal(size=(200, 20)).astype(np.float32) + y[:, None] * 2.0  # separable
+    np.savez("vec.npz", x=x, y=y)
+    assert main(["train", "v.cnn", "--backend", "torch", "--data", "vec.npz", "--epochs", "3", "--batch", "32",
+                 "--out", "r"]) == 0
+    out = capsys.readouterr().out
+    assert "200 vectors of 20 features" in out and "predictions.png" not in out.splitlines()[-1]
+    assert main(["eval", "v.cnn", "--backend", "torch", "--checkpoint", "r/model.safetensors", "--data", "vec.npz"]) == 0
+    acc = float(capsys.readouterr().out.split("accuracy: ")[1].split("%")[0])
+    assert acc > 50  # chance is 25%
+    assert main(["predict", "v.cnn", "--backend", "torch", "--checkpoint", "r/model.safetensors", "any.png"]) == 1
+    assert "takes a vector of 20 features, not images" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import torch
 
 @dataclass
 class Dataset:
-    """Images `x` [N,C,H,W] float32 (normalised), labels `y` int64 [N] or [N,H,W]."""
+    """Images `x` [N,C,H,W] (or vectors [N,F]) float32, normalised; labels `y` int64 [N] or [N,H,W]."""
 
     name: str
     x: torch.Tensor
@@ -31,13 +31,16 @@ class Dataset:
         return int(self.x.shape[0])
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.x.shape[1:])  # type: ignore[return-value]
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of an image, or (F,) of a vector."""
+        return tuple(int(s) for s in self.x.shape[1:])
 
     def subset(self, idx: torch.Tensor) -> "Dataset":
         return replace(self, x=self.x[idx], y=self.y[idx])
 
     def describe(self) -> str:
+        if len(self.image_shape) == 1:
+            return f"{self.name}: {len(self)} vectors of {self.image_shape[0]} features, {len(self.classes)} classes"
         c, h, w = self.image_shape
         kind = "synthetic segmentation set" if self.synthetic else ("segmentation set" if self.task == "segment" else "images")
         return f"{self.name}: {len(self)} {kind} {c}x{h}x{w}, {len(self.classes)} classes"

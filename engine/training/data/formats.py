@@ -56,13 +56,17 @@ def load_path(path: Path, part: str, max_classes: int | None = None):
 
 
 def _as_nchw(x: np.ndarray, where: str) -> np.ndarray:
+    """Images as [N,C,H,W]; vectors [N,F] (for networks with `input F`) as they are."""
+    if x.ndim == 2:
+        return x
     if x.ndim == 3:
         return x[:, None]
     if x.ndim == 4:
         if x.shape[1] not in (1, 3, 4) and x.shape[3] in (1, 3, 4):
             return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
         return x
-    raise DataError(f"{where}: images must be [N,H,W], [N,C,H,W] or [N,H,W,C]; got shape {list(x.shape)}")
+    raise DataError(f"{where}: images must be [N,H,W], [N,C,H,W] or [N,H,W,C] (vectors [N,F]); "
+                    f"got shape {list(x.shape)}")
 
 
 def _to_unit_float(x: np.ndarray, where: str = "data") -> torch.Tensor:

@@ -14,6 +14,12 @@ from engine.errors import DataError
 from engine.training.data.dataset import Dataset
 
 
+def _per_channel(v, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel values shaped to broadcast over `like`: [1,C,1,1] for images, [1,F] for vectors."""
+    t = torch.as_tensor(v, dtype=like.dtype)
+    return t.reshape((1, -1) + (1,) * (like.ndim - 2))
+
+
 def white_level(top: float) -> float:
     """The pixel value of full intensity for data whose largest value is `top`: 1 for [0,1]
     data, 255 for 8-bit values stored as numbers, 65535 for 16-bit ones, else `top` itself."""
@@ -31,10 +37,11 @@ def normalised(ds: Dataset) -> Dataset:
     if not torch.isfinite(ds.x).all():
         raise DataError(f"data '{ds.name}' contains NaN or Inf pixel values")
     lo, hi = float(ds.x.min()), float(ds.x.max())
-    mean = ds.x.mean(dim=(0, 2, 3))
-    one_pixel = ds.x[:, 0].numel() < 2  # a single 1x1 image has no spread to measure
-    std = torch.ones_like(mean) if one_pixel else ds.x.std(dim=(0, 2, 3)).clamp_min(1e-6)
-    x = (ds.x - mean[None, :, None, None]) / std[None, :, None, None]
+    dims = (0, 2, 3) if ds.x.ndim == 4 else (0,)  # per channel of images, per feature of vectors
+    mean = ds.x.mean(dim=dims)
+    one_value = ds.x.numel() < 2 * ds.x.shape[1]  # a single 1x1 image (or vector) has no spread to measure
+    std = torch.ones_like(mean) if one_value else ds.x.std(dim=dims).clamp_min(1e-6)
+    x = (ds.x - _per_channel(mean, ds.x)) / _per_channel(std, ds.x)
     return replace(ds, x=x.contiguous(), mean=tuple(mean.tolist()), std=tuple(std.tolist()),
                    pixel_scale=white_level(hi), pixel_range=(lo, hi))
 
@@ -72,9 +79,7 @@ class InputScaling:
 
 def normalise_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Apply a data set's normalisation to images in [0, 1] (used by predict)."""
-    m = torch.tensor(mean, dtype=x.dtype)[None, :, None, None]
-    s = torch.tensor(std, dtype=x.dtype)[None, :, None, None]
-    return (x - m) / s
+    return (x - _per_channel(mean, x)) / _per_channel(std, x)
 
 
 def renormalise(ds: Dataset, mean: Sequence[float], std: Sequence[float]) -> Dataset:
@@ -83,8 +88,7 @@ def renormalise(ds: Dataset, mean: Sequence[float], std: Sequence[float]) -> Dat
         return ds
     if len(mean) != ds.image_shape[0]:
         return ds  # channel mismatch: check_compatible reports it
-    m0, s0 = torch.tensor(ds.mean)[None, :, None, None], torch.tensor(ds.std)[None, :, None, None]
-    x = normalise_images(ds.x * s0 + m0, mean, std)
+    x = normalise_images(ds.x * _per_channel(ds.std, ds.x) + _per_channel(ds.mean, ds.x), mean, std)
     return replace(ds, x=x, mean=tuple(mean), std=tuple(std))
 
 
@@ -93,6 +97,9 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg, gen: torch.Generator) -> tupl
 
     `cfg` is an AugmentConfig. Label maps ([N,H,W] targets) follow crops and flips.
     """
+    if x.ndim != 4:
+        raise DataError("augment (crop, flip, cutout) applies to images; this data is vectors of "
+                        f"{x.shape[1]} features: remove the augment line from the train section")
     n, c, h, w = x.shape
     seg = y.ndim == 3
     if cfg.crop:
