@@ -9,43 +9,16 @@ train says that the last checkpoint is kept.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import sys
 from pathlib import Path
 
 from engine.cli.common import compile_spec, load_trained, positive_int
+from engine.cli.interpreted import fast_interpreter
 from engine.errors import FusenetTrainError
 from engine.precision import NAMES as PRECISIONS
 
 BACKENDS = ("triton", "torch")
-
-
-def fast_interpreter(handler):
-    """Run a command with the CPU interpreter's integer-overflow sanitizer off, and back on after.
-
-    The kernels these commands run are the ones the kernel tests check with the
-    sanitizer on; here it would cost about a third of every interpreted step.
-    FUSENET_INTERPRETER_CHECKS=1 keeps it on (to chase a suspected overflow).
-    NumPy's RuntimeWarnings from inside the interpreter (an exp that overflows to
-    inf in a masked-off lane, say) say nothing to a user and are silenced.
-    """
-    @functools.wraps(handler)
-    def run(args):
-        import warnings
-
-        from engine.device import interpreter_overflow_checks
-
-        keep = os.environ.get("FUSENET_INTERPRETER_CHECKS") == "1"
-        old = interpreter_overflow_checks(True) if keep else interpreter_overflow_checks(False)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"(triton|numpy)(\.|$)")
-                return handler(args)
-        finally:
-            interpreter_overflow_checks(old)
-
-    return run
 
 
 def _learning_rate(text: str) -> float:
@@ -109,6 +82,7 @@ def _run_dir(args, name: str, resume: bool) -> Path:
     return out
 
 
+@fast_interpreter
 def cmd_train(args) -> int:
     from engine.training.distributed import setup_distributed
     from engine.training.loop import run_training

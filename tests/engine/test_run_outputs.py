@@ -87,24 +87,27 @@ def test_curves_have_integer_epochs_log_loss_and_say_which_loss(tmp_path, monkey
 
 def test_the_sanitizer_is_off_during_training_commands_and_back_on_after(spec, monkeypatch):
     from engine import device
-    from engine.cli import train as cli_train
+    from engine.cli import interpreted
 
-    states = []
+    states, threads = [], []
     monkeypatch.setattr(device, "INTERPRETED", True)
     monkeypatch.setattr(device, "interpreter_overflow_checks",
                         lambda on: states.append(on) or (not on if len(states) == 1 else True))
 
-    @cli_train.fast_interpreter
+    @interpreted.fast_interpreter
     def handler(args):
+        threads.append(torch.get_num_threads())
         warnings.warn_explicit("overflow encountered in exp", RuntimeWarning, "interpreter.py", 1,
                                module="triton.runtime.interpreter")
         return 0
 
+    before = torch.get_num_threads()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert handler(None) == 0
     assert states == [False, True]  # off for the command, the old setting restored
     assert not caught  # the interpreter's numpy warnings do not reach the user
+    assert threads == [1] and torch.get_num_threads() == before  # one thread while interpreted, then restored
     monkeypatch.setenv("FUSENET_INTERPRETER_CHECKS", "1")
     states.clear()
     handler(None)
@@ -201,3 +204,25 @@ def test_a_network_of_vectors_trains_and_evaluates_on_an_npz_of_vectors(tmp_path
     assert acc > 50  # chance is 25%
     assert main(["predict", "v.cnn", "--backend", "torch", "--checkpoint", "r/model.safetensors", "any.png"]) == 1
     assert "takes a vector of 20 features, not images" in capsys.readouterr().err
+
+
+def test_every_training_command_runs_without_the_sanitizer(spec, monkeypatch):
+    from engine.cli import train as cli_train
+    from engine.device import INTERPRETED
+
+    for name in ("cmd_train", "cmd_eval", "cmd_predict", "cmd_extract"):
+        assert getattr(getattr(cli_train, name), "__wrapped__", None) is not None, f"{name} is not fast_interpreter'd"
+    if not INTERPRETED:
+        return
+    from triton.runtime import interpreter
+
+    seen = []
+
+    def fake_run_training(model, cfg, out, **kw):
+        seen.append((interpreter.interpreter_builder.options.sanitize_overflow, torch.get_num_threads()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("engine.training.loop.run_training", fake_run_training)
+    assert main(["train", spec, "--out", "r"]) == 130  # the Triton backend, interpreted
+    assert seen == [(False, 1)]
+    assert interpreter.interpreter_builder.options.sanitize_overflow  # back on for whatever runs next
