@@ -76,7 +76,8 @@ def cmd_train(args) -> int:
             tdist.broadcast_object_list(box, src=0)
             out = Path(box[0])
         res = run_training(model, cfg, out, backend=args.backend, resume=args.resume, init=args.init,
-                             progress=not args.no_progress and sys.stderr.isatty(), dist=dist)
+                             progress=not args.no_progress and sys.stderr.isatty(), dist=dist,
+                             cuda_graphs=not args.no_cuda_graphs)
         if dist.main:
             print(f"outputs in {res.out_dir}/: model.safetensors, metrics.csv, curves.png, predictions.png")
         return 0
@@ -202,6 +203,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init", metavar="CHECKPOINT", help="start from another checkpoint's matching layers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run each training step eagerly (default on CUDA: capture the step once in a CUDA graph)")
     p.set_defaults(func=cmd_train, interrupted="the last checkpoint is kept (continue with --resume)")
 
     p = subparsers.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")

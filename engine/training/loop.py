@@ -12,11 +12,20 @@ A run, step by step (each step is one function below):
 3. `_prepare_weights` resumed from the checkpoint, or seeded init (and transfer); freezing;
 4. `_build_machinery` optimizer, losses, data parallelism, mixed precision, schedule;
 5. `_resume_progress` optimizer, schedule, history and random states from the checkpoint;
-6. per epoch: `_train_epoch` (with the NaN guard), `_validate`, `_record_epoch`
-   (best epoch, early stop), `_log_epoch`, `_save_checkpoint`;
+   then the training step (step.py: captured in a CUDA graph on CUDA unless
+   `cuda_graphs=False`, the CLI's --no-cuda-graphs);
+6. per epoch: `_train_epoch`, `_validate`, `_check_finite` (the NaN guard),
+   `_record_epoch` (best epoch, early stop), `_log_epoch`, `_save_checkpoint`;
 7. `_draw_curves` (also after an error) and `_draw_predictions`.
-The pieces live beside this module: schedule.py, init.py, optimizer_and_loss.py,
-distributed.py, evaluate.py, checkpoint.py, report.py and data/.
+The pieces live beside this module: step.py, schedule.py, init.py,
+optimizer_and_loss.py, distributed.py, evaluate.py, checkpoint.py, report.py and data/.
+
+No host sync per step: the step keeps the epoch's running loss and accuracy and
+the NaN/inf flag on the device, and the loop reads them every
+`step.GUARD_EVERY` (50) steps and at the end of the epoch. A diverged model (a
+non-finite training loss, validation loss or weight) stops the run with a
+FusenetTrainError naming where it happened, before anything is saved: the last
+good checkpoint is never replaced.
 """
 from __future__ import annotations
 
@@ -35,9 +44,10 @@ from engine.training import data as D
 from engine.training import report
 from engine.training.distributed import Dist
 from engine.training.evaluate import evaluate, predict
-from engine.training.init import freeze, init_weights, restore_buffers
+from engine.training.init import freeze, init_weights
 from engine.training.optimizer_and_loss import build_optimizer, loss_fn
 from engine.training.schedule import LRSchedule
+from engine.training.step import GUARD_EVERY, TrainStep
 
 CHECKPOINT = "model.safetensors"
 BACKEND_LINES = {
@@ -83,6 +93,7 @@ class _Machinery:
     sched: LRSchedule
     gen: torch.Generator  # data order and augmentation
     steps_per_epoch: int
+    step: TrainStep | None = None  # made once the resumed progress is known
 
 
 @dataclass
@@ -100,8 +111,9 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
                  resume: bool = False, init: str | None = None, progress: bool = True,
                  log: Callable[[str], None] = print, dist: Dist | None = None,
                  callback: Callable[[int, dict], None] | None = None,
-                 dataset: D.Dataset | None = None) -> TrainResult:
-    """Train `model` with TrainConfig `cfg`, writing the run folder `out_dir` (rank 0 only)."""
+                 dataset: D.Dataset | None = None, cuda_graphs: bool = True) -> TrainResult:
+    """Train `model` with TrainConfig `cfg`, writing the run folder `out_dir` (rank 0 only).
+    `cuda_graphs`: capture the training step in a CUDA graph (CUDA, backend triton)."""
     dist = dist or Dist()
     out = Path(out_dir)
     say = log if dist.main else (lambda *_: None)
@@ -114,6 +126,7 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
     state = _Progress()
     if ck is not None and not _resume_progress(ck, m, cfg, state, out, say):
         return TrainResult(out, state.history, "already_complete", state.best_epoch)
+    m.step = _make_step(m, cfg, backend, dist, state, cuda_graphs, say)
 
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +138,7 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
             row = _train_epoch(m, cfg, data.train, dist, epoch, progress, out, last_good)
             train_time = time.perf_counter() - t0
             _validate(m, cfg, data.val, dist, row, int(model.output_shape[0]))
+            _check_finite(m, cfg, row, epoch, out, last_good)
             row.update(seconds=round(time.perf_counter() - t0, 3),
                        images_per_s=round(m.steps_per_epoch * cfg.batch / train_time, 1))
             early = _record_epoch(m, cfg, state, row)
@@ -141,6 +155,7 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
                 stopped = "early_stop"
                 break
     finally:
+        m.step.close()
         if dist.main and state.history:
             _draw_curves(out, state.history, name, say)
     if dist.main and data.val is not None:
@@ -231,6 +246,23 @@ def _build_machinery(raw, cfg, backend: str, dist: Dist, n_train: int, frozen_bu
                       torch.Generator().manual_seed(cfg.seed), spe)
 
 
+def _make_step(m: _Machinery, cfg, backend: str, dist: Dist, state: "_Progress", cuda_graphs: bool,
+               say) -> TrainStep:
+    """The run's training step; captured in a CUDA graph where it can be."""
+    spe = m.steps_per_epoch
+    capture = cuda_graphs and dist.device.type == "cuda" and backend == "triton" and dist.world == 1
+    blockers = m.raw.capture_blockers() if capture else []
+    if blockers:
+        say(f"CUDA graphs: off ({'; '.join(blockers)})")
+    elif capture:
+        say("CUDA graphs: the training step is captured once and replayed (--no-cuda-graphs to run it eagerly)")
+    return TrainStep(m.raw, m.opt, backend=backend, device=dist.device, net=m.net,
+                     lr_of=lambda k: m.sched.lr(k // spe, k % spe), total_steps=cfg.epochs * spe,
+                     start_step=(state.start - 1) * spe, seed=cfg.seed, label_smoothing=cfg.label_smoothing,
+                     clip_grad=cfg.clip_grad, autocast=m.autocast, scaler=m.scaler if m.scaler.is_enabled() else None,
+                     frozen_buffers=m.frozen_buffers, capture=capture and not blockers)
+
+
 def _resume_progress(ck, m: _Machinery, cfg, state: _Progress, out: Path, say) -> bool:
     """Restore the optimizer, schedule, history and random states of a checkpointed run into
     `m` and `state`; False if that run has nothing left to do."""
@@ -257,16 +289,16 @@ def _resume_progress(ck, m: _Machinery, cfg, state: _Progress, out: Path, say) -
 # ----------------------------------------------------------------------------- one epoch
 
 
-def _nan_message(loss, epoch, step, gstep, lr, cfg, out: Path, last_epoch: int) -> str:
+def _nan_message(what: str, where: str, lr: float, cfg, out: Path, last_epoch: int) -> str:
     kept = (f"the last good checkpoint (epoch {last_epoch}) is kept at {out / CHECKPOINT}"
-            if last_epoch > 0 else "no checkpoint was written (the first epoch did not finish)")
+            if last_epoch > 0 else "no checkpoint was written (no epoch ended with a finite model)")
     causes = [f"a learning rate too high for this network (lr is {lr:.3g} at this step)"]
     if not cfg.clip_grad:
         causes.append("exploding gradients (add  clip_grad 1.0  to the train section)")
     if cfg.precision == "fp16":
         causes.append("fp16 overflow (try  precision bf16  or fp32)")
     causes.append("NaN or Inf values in the input data")
-    return (f"loss became {loss} at epoch {epoch}, step {step} (global step {gstep}); training stopped. "
+    return (f"{what} {where}; training stopped. "
             f"Likely causes: {'; '.join(causes)}. {kept[0].upper() + kept[1:]}.")
 
 
@@ -278,52 +310,67 @@ def _progress_bar(enabled: bool, total: int, epoch: int, epochs: int):
     return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True)
 
 
+def _read_guard(m: _Machinery, cfg, dist: Dist, out: Path, last_good: int) -> dict:
+    """The step's device stats on the host (a sync); a FusenetTrainError naming the step
+    if a training loss was not finite (on any process)."""
+    st = m.step.clock.read()
+    bad = st["bad"]
+    if dist.world > 1:
+        bad = bool(dist.all_sum(torch.tensor([float(bad)], dtype=torch.float64))[0] > 0)
+    if bad:
+        spe = m.steps_per_epoch
+        g = st["bad_step"] if st["bad"] else m.step.host_step
+        where = f"at epoch {(g - 1) // spe + 1}, step {(g - 1) % spe + 1} (global step {g})"
+        loss = st["bad_loss"] if st["bad"] else float("nan")
+        raise FusenetTrainError(_nan_message(f"loss became {loss}", where, m.step.lr_at(g - 1), cfg, out,
+                                             last_good))
+    return st
+
+
 def _train_epoch(m: _Machinery, cfg, train_ds: D.Dataset, dist: Dist, epoch: int, progress: bool, out: Path,
                  last_good: int) -> dict:
     """One pass over the training data; the epoch's row: epoch, lr, train loss and accuracy.
-    Stops with a FusenetTrainError the moment the loss is not finite."""
+    Reads the device's NaN flag every GUARD_EVERY steps and at the end (no other host sync):
+    a FusenetTrainError if a loss was not finite."""
     t0 = time.perf_counter()
     order = D.epoch_order(len(train_ds), m.gen)
     bar = _progress_bar(progress and dist.main, m.steps_per_epoch, epoch, cfg.epochs)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-    lr = m.sched.lr(epoch - 1, 0)
+    m.step.clock.reset_sums()
+    first = m.step.host_step
     for step, (x, y) in enumerate(D.batches(train_ds, cfg.batch, order=order, drop_last=True,
                                             augment_cfg=cfg.augment, gen=m.gen, rank=dist.rank,
                                             world=dist.world)):
-        lr = m.sched.lr(epoch - 1, step)
-        for g in m.opt.param_groups:
-            g["lr"] = lr
-        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-        with torch.autocast(dist.device.type, dtype=m.autocast, enabled=m.autocast is not None):
-            outp = m.net(x)
-            loss = m.lossf(outp, y)
-        seen = loss.detach().float().reshape(1).clone()
-        if dist.world > 1:
-            seen = dist.all_sum(seen) / dist.world
-        if not torch.isfinite(seen).all():
-            gstep = (epoch - 1) * m.steps_per_epoch + step + 1
-            raise FusenetTrainError(_nan_message(seen.item(), epoch, step + 1, gstep, lr, cfg, out, last_good))
-        m.opt.zero_grad(set_to_none=True)
-        m.scaler.scale(loss).backward()
-        if cfg.clip_grad:
-            m.scaler.unscale_(m.opt)
-            torch.nn.utils.clip_grad_norm_(m.trainable, cfg.clip_grad)
-        m.scaler.step(m.opt)
-        m.scaler.update()
-        restore_buffers(m.raw, m.frozen_buffers)
-        n = y.numel()
-        correct = float((outp.detach().argmax(1) == y).sum())
-        local = loss.detach().float().item() if dist.world > 1 else seen.item()
-        sums += torch.tensor([local * n, correct, n], dtype=torch.float64)
+        m.step(x, y)
+        if (step + 1) % GUARD_EVERY == 0:
+            st = _read_guard(m, cfg, dist, out, last_good)
+            if bar is not None:
+                n = max(st["count"], 1.0)
+                bar.set_postfix(loss=f"{st['loss_sum'] / n:.4f}", acc=f"{st['correct'] / n:.3f}",
+                                img_s=f"{(step + 1) * cfg.batch / max(time.perf_counter() - t0, 1e-9):.0f}")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{seen.item():.4f}", acc=f"{correct / n:.3f}",
-                            img_s=f"{(step + 1) * cfg.batch / max(time.perf_counter() - t0, 1e-9):.0f}")
     if bar is not None:
         bar.close()
-    sums = dist.all_sum(sums)
-    return {"epoch": epoch, "lr": lr, "train_loss": sums[0].item() / sums[2].item(),
-            "train_acc": sums[1].item() / sums[2].item()}
+    st = _read_guard(m, cfg, dist, out, last_good)
+    sums = dist.all_sum(torch.tensor([st["loss_sum"], st["correct"], st["count"]], dtype=torch.float64))
+    return {"epoch": epoch, "lr": m.step.lr_at(max(m.step.host_step - 1, first)),
+            "train_loss": sums[0].item() / sums[2].item(), "train_acc": sums[1].item() / sums[2].item()}
+
+
+def _check_finite(m: _Machinery, cfg, row: dict, epoch: int, out: Path, last_good: int) -> None:
+    """The rest of the NaN guard, before anything is saved: the validation loss and every
+    weight and buffer must be finite."""
+    lr = row["lr"]
+    if not math.isfinite(row["val_loss"]):
+        raise FusenetTrainError(_nan_message(f"validation loss became {row['val_loss']}", f"after epoch {epoch} "
+                                             f"(training loss {row['train_loss']:.4g})", lr, cfg, out, last_good))
+    state = {k: v for k, v in m.raw.state_dict().items() if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in state.values()]).tolist() if state else []
+    bad = [k for k, ok in zip(state, finite) if not ok]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise FusenetTrainError(_nan_message(f"weights became non-finite ({bad[0]}{more})", f"during epoch {epoch}",
+                                             lr, cfg, out, last_good))
 
 
 def _validate(m: _Machinery, cfg, val_ds: D.Dataset | None, dist: Dist, row: dict, num_classes: int) -> None:
@@ -340,6 +387,8 @@ def _record_epoch(m: _Machinery, cfg, state: _Progress, row: dict) -> bool:
     """Add the row to the history, step the plateau schedule, track the best epoch; True to stop early."""
     state.history.append(row)
     m.sched.end_epoch(row["val_loss"])
+    if cfg.schedule.name == "plateau":
+        m.step.update_lrs()
     if row["val_loss"] < state.best_val:
         state.best_val, state.bad_epochs, state.best_epoch = row["val_loss"], 0, row["epoch"]
     else:
