@@ -107,6 +107,29 @@ class TritonNetwork(Network):
                 and self.graph.node(g.epilogue.dropout).attrs["p"] > 0]
 
 
+def fused_train_step(net: TritonNetwork, opt, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0,
+                     clock=None, clip_grad: float = 0.0, phase=None) -> None:
+    """One training step on fusenet's kernels: the network's `logits`, the fused loss (whose
+    gradient comes out of its forward kernel: the backward starts at the logits), the backward
+    and the fused optimizer. `clock` (engine.kernels.clock.StepClock): the loss adds to its sums
+    and advances it. `phase(name)` is called as "loss", "backward", "optimizer" and "done" begin
+    (engine.runtime.launches attributes launches with it). engine.training.step runs this."""
+    from engine.kernels.loss import cross_entropy_step
+
+    note = phase or (lambda name: None)
+    opt.zero_grad(set_to_none=True)
+    z, scale = net.logits(x)
+    note("loss")
+    _, dz = cross_entropy_step(z, y, label_smoothing, logit_scale=scale, clock=clock)
+    note("backward")
+    torch.autograd.backward(z, dz)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], clip_grad)
+    note("optimizer")
+    opt.step()
+    note("done")
+
+
 class Pass:
     """The state of one forward pass that executors share: the values computed so
     far, concat buffers their producers write into, and batch-norm statistics

@@ -136,6 +136,9 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
         for epoch in range(state.start, cfg.epochs + 1):
             t0 = time.perf_counter()
             row = _train_epoch(m, cfg, data.train, dist, epoch, progress, out, last_good)
+            if m.step.capture_error:  # once: the step fell back to eager execution
+                say(f"CUDA graphs: the capture failed, the step runs eagerly ({m.step.capture_error})")
+                m.step.capture_error = ""
             train_time = time.perf_counter() - t0
             _validate(m, cfg, data.val, dist, row, int(model.output_shape[0]))
             _check_finite(m, cfg, row, epoch, out, last_good)

@@ -44,6 +44,30 @@ GUARD_EVERY = 50  # steps between reads of the NaN/inf flag (a host sync); also 
 WARMUP_STEPS = 2  # eager steps (JIT compiles, lazy optimizer state) before a CUDA graph is captured
 
 
+class CudaGraphs:
+    """The CUDA calls of a captured step, behind one small interface (tests substitute a fake
+    to check the step's capture logic on machines without a GPU). torch >= 2.4 API."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def on_side_stream(self, fn: Callable[[], None]) -> None:
+        """Run fn on a side stream ordered after and before the current one (warm-up before capture)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def capture(self, fn: Callable[[], None]):
+        """A torch.cuda.CUDAGraph of fn (raises what the capture raises); `.replay()` runs it."""
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
+
+
 def run_seed(seed: int) -> int:
     """The dropout base seed of a run: a fixed function of the spec's seed (resume reproduces it)."""
     return (int(seed) * 2654435761 + 97531) % 2**31
@@ -60,7 +84,7 @@ class TrainStep:
     def __init__(self, raw, opt, *, backend: str, device: torch.device, lr_of: Callable[[int], float],
                  total_steps: int, start_step: int = 0, seed: int = 0, label_smoothing: float = 0.0,
                  net=None, clip_grad: float = 0.0, autocast: torch.dtype | None = None, scaler=None,
-                 frozen_buffers: dict | None = None, capture: bool = False):
+                 frozen_buffers: dict | None = None, capture: bool = False, graphs=None):
         self.raw, self.net, self.opt = raw, net if net is not None else raw, opt
         self.backend, self.device = backend, torch.device(device)
         self.lr_of, self.total_steps = lr_of, max(int(total_steps), 1)
@@ -68,8 +92,9 @@ class TrainStep:
         self.label_smoothing, self.clip_grad = float(label_smoothing), float(clip_grad or 0.0)
         self.autocast, self.scaler, self.frozen = autocast, scaler, frozen_buffers or {}
         self.clock = C.StepClock(self.device, run_seed(seed), self.host_step)
-        self.capture = bool(capture) and self.device.type == "cuda" and backend == "triton"
-        self.graph, self.executed = None, 0
+        self.capture = bool(capture) and backend == "triton" and (graphs is not None or self.device.type == "cuda")
+        self.graphs = graphs if graphs is not None else (CudaGraphs(self.device) if self.capture else None)
+        self.graph, self.executed, self.capture_error = None, 0, ""
         self.static_x = self.static_y = None
         self.lr_table = None
         if backend == "triton":
@@ -110,11 +135,7 @@ class TrainStep:
             self.static_y.copy_(y, non_blocking=True)
             self.graph.replay()
         elif self.capture:  # warm-up before the capture, on a side stream as torch.cuda.graph wants
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.body(x, y)
-            torch.cuda.current_stream().wait_stream(side)
+            self.graphs.on_side_stream(lambda: self.body(x, y))
         else:
             self.body(x, y)
         self.executed += 1
@@ -125,11 +146,8 @@ class TrainStep:
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Capture `body` on static copies of the batch buffers (falls back to eager on failure)."""
         self.static_x, self.static_y = torch.empty_like(x), torch.empty_like(y)
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(self.device)
         try:
-            with torch.cuda.graph(graph):
-                self.body(self.static_x, self.static_y)
+            graph = self.graphs.capture(lambda: self.body(self.static_x, self.static_y))
         except Exception as e:  # noqa: BLE001 - a capture failure must not end the run: go on eagerly
             from engine.kernels import params
 
@@ -152,15 +170,18 @@ class TrainStep:
 
     def _body_triton(self, x: torch.Tensor, y: torch.Tensor) -> None:
         from engine.kernels.loss import cross_entropy_step
+        from engine.runtime.fused import fused_train_step
 
-        self.opt.zero_grad(set_to_none=True)
         if self.net is self.raw:
-            z, scale = self.raw.logits(x)
-        else:  # data parallel: DDP's forward must run (it prepares the gradient all-reduce)
-            z, scale = self.net(x), 1.0
-            if z.dim() == 4:
-                z = z.permute(0, 2, 3, 1).contiguous()
-        _, dz = cross_entropy_step(z, y, self.label_smoothing, logit_scale=scale, clock=self.clock)
+            fused_train_step(self.raw, self.opt, x, y, label_smoothing=self.label_smoothing, clock=self.clock,
+                             clip_grad=self.clip_grad)
+            return
+        # data parallel: DDP's forward must run (it prepares the gradient all-reduce)
+        self.opt.zero_grad(set_to_none=True)
+        z = self.net(x)
+        if z.dim() == 4:
+            z = z.permute(0, 2, 3, 1).contiguous()
+        _, dz = cross_entropy_step(z, y, self.label_smoothing, clock=self.clock)
         torch.autograd.backward(z, dz)
         if self.clip_grad:
             torch.nn.utils.clip_grad_norm_([p for p in self.raw.parameters() if p.grad is not None], self.clip_grad)
