@@ -410,14 +410,19 @@ class LinearFunction(torch.autograd.Function):
         else:
             y, z = linear_forward(x, wk, bias, act=act, slope=slope, allow_tf32=allow_tf32, **drop), None
         ctx.dropout = (dropout_p, dropout_seed)
-        ctx.save_for_backward(x, wk, z)
+        ctx.save_for_backward(x, w, z)
+        # the optimizer's packed copy is a view of a buffer shared by every packed weight (so a
+        # version check on it would trip over its neighbours); nothing but the optimizer, after
+        # the backward, writes it
+        ctx.wk = wk if wk is not w else None
         ctx.slots = slots  # the flat-gradient slots `linear` claimed for w and bias (grad mode is off in here)
         ctx.act, ctx.slope, ctx.allow_tf32, ctx.has_bias = act, slope, allow_tf32, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, wk, z = ctx.saved_tensors
+        x, w, z = ctx.saved_tensors
+        wk = w if ctx.wk is None else ctx.wk
         dx = dw = db = None
         kw = dict(act=ctx.act, slope=ctx.slope, allow_tf32=ctx.allow_tf32)
         if dy.dtype != x.dtype:

@@ -60,11 +60,25 @@ def _load_grad(gtab_ptr, seg, seg_start, offs, mask):
 
 
 @triton.jit
+def _to_packed_dtype(p, pk_ptr):
+    """p ([BLOCK] fp32) in the packed buffer's dtype, rounded to nearest even as torch's cast
+    does. bf16 is rounded by hand: Triton's interpreter truncates, and a copy the host
+    refreshes (torch) must equal the one the kernel writes, or a resumed run would drift."""
+    if pk_ptr.dtype.element_ty == tl.bfloat16:
+        bits = p.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF  # [BLOCK] fp32 bit patterns
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # [BLOCK] top 16 bits, rounded
+        r = tl.where(p != p, 0x7FC0, r & 0xFFFF)  # a NaN stays a NaN
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return p.to(pk_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _store_packed(p, pk_ptr, row_ptr, i, mask, MAX_PACKS: tl.constexpr):
     """Write p ([BLOCK] fp32 values at flat indices i of one parameter) into its packed copies:
     row_ptr -> (n packs, then per pack base, d1, d2, d3, s0..s3); the destination of i is
     base + sum_k coord_k(i) * s_k (a permuted layout), in the packed buffer's dtype."""
     n = tl.load(row_ptr)
+    v = _to_packed_dtype(p, pk_ptr)  # [BLOCK] packed dtype
     for k in tl.static_range(MAX_PACKS):
         if k < n:
             r = row_ptr + 1 + k * 8
@@ -73,7 +87,7 @@ def _store_packed(p, pk_ptr, row_ptr, i, mask, MAX_PACKS: tl.constexpr):
             i2, rest = rest % d2, rest // d2
             dst = tl.load(r) + (i % d3) * tl.load(r + 7) + i2 * tl.load(r + 6) + (rest % d1) * tl.load(r + 5) \
                 + (rest // d1) * tl.load(r + 4)  # [BLOCK] int64
-            tl.store(pk_ptr + dst, p.to(pk_ptr.dtype.element_ty), mask=mask)
+            tl.store(pk_ptr + dst, v, mask=mask)
 
 
 @triton.jit
