@@ -93,7 +93,7 @@ def _store_packed(p, pk_ptr, row_ptr, i, mask, MAX_PACKS: tl.constexpr):
 @triton.jit
 def _sgd_kernel(
     param_ptr, gtab_ptr, mom_ptr, pk_ptr, blk_ptr, seg_ptr, int_ptr, lr_ptr, counters_ptr,
-    lr, weight_decay, momentum, buf_scale, grad_scale,
+    lr, weight_decay, momentum, buf_scale, grad_scale, lr_len,
     HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, PER_SEG: tl.constexpr,
     DEVICE_LR: tl.constexpr, PACK: tl.constexpr, SEG_COLS: tl.constexpr, MAX_PACKS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -113,7 +113,7 @@ def _sgd_kernel(
             buf_scale = tl.load(seg_ptr + seg * 3 + 1)
             grad_scale = tl.load(seg_ptr + seg * 3 + 2)
         if DEVICE_LR:
-            lr = tl.load(lr_ptr + tl.load(counters_ptr + 1) - 1)  # this step's rate, by global step
+            lr = tl.load(lr_ptr + tl.minimum(tl.load(counters_ptr + 1) - 1, lr_len - 1))  # by global step
         seg_start = tl.load(int_ptr + seg * SEG_COLS)  # int64
         offs = start + tl.arange(0, BLOCK)  # [BLOCK] flat indices
         mask = offs < end
@@ -139,6 +139,7 @@ def _sgd_kernel(
 def _adam_kernel(
     param_ptr, gtab_ptr, m_ptr, v_ptr, pk_ptr, blk_ptr, seg_ptr, int_ptr, lr_ptr, counters_ptr,
     weight_decay, decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, log_beta1, log_beta2,
+    lr_len,
     HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, PER_SEG: tl.constexpr, DEVICE_LR: tl.constexpr,
     PACK: tl.constexpr, SEG_COLS: tl.constexpr, MAX_PACKS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -158,7 +159,7 @@ def _adam_kernel(
             bc2_sqrt = tl.load(seg_ptr + seg * 3 + 2)
         if DEVICE_LR:
             now = tl.load(counters_ptr + 1)  # int64 steps begun, this one included
-            lr = tl.load(lr_ptr + now - 1)
+            lr = tl.load(lr_ptr + tl.minimum(now - 1, lr_len - 1))  # past the table: its last rate
             t = (now - tl.load(int_ptr + seg * SEG_COLS + 2)).to(tl.float32)  # this parameter's step count
             step_size = lr / (1.0 - tl.exp(t * log_beta1))
             bc2_sqrt = tl.sqrt(1.0 - tl.exp(t * log_beta2))
@@ -210,12 +211,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     # -- device schedule -------------------------------------------------------
     def attach_clock(self, counters: torch.Tensor, lr_table: torch.Tensor, step: int) -> None:
-        """Read the learning rate (`lr_table[STEP - 1]`, fp32 by global step) and the step count
-        from the step clock's `counters` (engine.kernels.clock) from now on; `step` is the
-        clock's STEP now. `group["lr"]` is then ignored (every group follows the table)."""
+        """Read the learning rate (`lr_table[STEP - 1]`, fp32 by global step; its last entry past
+        its end) and the step count from the step clock's `counters` (engine.kernels.clock) from
+        now on; `step` is the clock's STEP now. `group["lr"]` is then ignored."""
         if lr_table.dtype != torch.float32 or lr_table.dim() != 1:
             raise ValueError("lr_table must be a 1-D fp32 tensor (one learning rate per global step)")
         self._device, self._host_step = (counters, lr_table), int(step)
+
+    def _lr_len(self) -> int:
+        return self._device[1].numel() if self._device is not None else 0
 
     def note_step(self) -> None:
         """Device mode: advance the host's step counts for one executed step (eager or replayed)."""
@@ -230,7 +234,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             fg.refresh_packed()
 
     def _kernel_common(self, fg: FlatGroup) -> tuple[tuple, dict]:
-        """(pointer args after the state buffers, constexprs) shared by both kernels."""
+        """(pointer args after the state buffers, constexprs) shared by both kernels (whose last
+        scalar is the length of the learning-rate table)."""
         counters, lr_table = self._device if self._device is not None else (None, None)
         ptrs = (fg.packed_buf, fg.blk_table, fg.seg_table, fg.int_table, lr_table, counters)
         meta = dict(DEVICE_LR=self._device is not None, PACK=fg.packed_buf is not None, SEG_COLS=SEG_COLS,
@@ -338,7 +343,7 @@ class SGD(_FusedOptimizer):
         launch(
             _sgd_kernel, (fg.n_blocks,),
             fg.flat_param, fg.grad_table, mom, *ptrs,
-            float(group["lr"]), wd, momentum, float(buf_scale), float(grad_scale),
+            float(group["lr"]), wd, momentum, float(buf_scale), float(grad_scale), self._lr_len(),
             HAS_WD=wd != 0.0, HAS_MOMENTUM=has_mom, NESTEROV=bool(group["nesterov"]), PER_SEG=values is not None,
             **meta,
         )
@@ -398,7 +403,7 @@ class Adam(_FusedOptimizer):
             _adam_kernel, (fg.n_blocks,),
             fg.flat_param, fg.grad_table, m, v, *ptrs,
             wd, 1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, float(group["eps"]), float(step_size),
-            float(bc2_sqrt), *log_b,
+            float(bc2_sqrt), *log_b, self._lr_len(),
             HAS_WD=wd != 0.0, DECOUPLED=self._decoupled, PER_SEG=values is not None, **meta,
         )
 

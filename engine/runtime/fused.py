@@ -108,19 +108,20 @@ class TritonNetwork(Network):
 
 
 def fused_train_step(net: TritonNetwork, opt, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0,
-                     clock=None, clip_grad: float = 0.0, phase=None) -> None:
+                     clock=None, clip_grad: float = 0.0, phase=None) -> torch.Tensor:
     """One training step on fusenet's kernels: the network's `logits`, the fused loss (whose
     gradient comes out of its forward kernel: the backward starts at the logits), the backward
     and the fused optimizer. `clock` (engine.kernels.clock.StepClock): the loss adds to its sums
     and advances it. `phase(name)` is called as "loss", "backward", "optimizer" and "done" begin
-    (engine.runtime.launches attributes launches with it). engine.training.step runs this."""
+    (engine.runtime.launches attributes launches with it). engine.training.step runs this.
+    Returns the mean loss (a 0-dim device tensor)."""
     from engine.kernels.loss import cross_entropy_step
 
     note = phase or (lambda name: None)
     opt.zero_grad(set_to_none=True)
     z, scale = net.logits(x)
     note("loss")
-    _, dz = cross_entropy_step(z, y, label_smoothing, logit_scale=scale, clock=clock)
+    loss, dz = cross_entropy_step(z, y, label_smoothing, logit_scale=scale, clock=clock)
     note("backward")
     torch.autograd.backward(z, dz)
     if clip_grad:
@@ -128,6 +129,7 @@ def fused_train_step(net: TritonNetwork, opt, x: torch.Tensor, y: torch.Tensor, 
     note("optimizer")
     opt.step()
     note("done")
+    return loss
 
 
 class Pass:

@@ -159,33 +159,32 @@ class TrainStep:
         self.graph = graph
 
     # -- the step ----------------------------------------------------------------
-    def body(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Forward, loss, backward, optimizer on device tensors: what a CUDA graph captures."""
-        if self.backend == "triton":
-            self._body_triton(x, y)
-        else:
-            self._body_torch(x, y)
+    def body(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward, loss, backward, optimizer on device tensors: what a CUDA graph captures.
+        Returns the batch's mean loss (a device tensor: reading it is a sync)."""
+        loss = self._body_triton(x, y) if self.backend == "triton" else self._body_torch(x, y)
         if self.frozen:
             restore_buffers(self.raw, self.frozen)
+        return loss
 
     def _body_triton(self, x: torch.Tensor, y: torch.Tensor) -> None:
         from engine.kernels.loss import cross_entropy_step
         from engine.runtime.fused import fused_train_step
 
         if self.net is self.raw:
-            fused_train_step(self.raw, self.opt, x, y, label_smoothing=self.label_smoothing, clock=self.clock,
-                             clip_grad=self.clip_grad)
-            return
+            return fused_train_step(self.raw, self.opt, x, y, label_smoothing=self.label_smoothing,
+                                    clock=self.clock, clip_grad=self.clip_grad)
         # data parallel: DDP's forward must run (it prepares the gradient all-reduce)
         self.opt.zero_grad(set_to_none=True)
         z = self.net(x)
         if z.dim() == 4:
             z = z.permute(0, 2, 3, 1).contiguous()
-        _, dz = cross_entropy_step(z, y, self.label_smoothing, clock=self.clock)
+        loss, dz = cross_entropy_step(z, y, self.label_smoothing, clock=self.clock)
         torch.autograd.backward(z, dz)
         if self.clip_grad:
             torch.nn.utils.clip_grad_norm_([p for p in self.raw.parameters() if p.grad is not None], self.clip_grad)
         self.opt.step()
+        return loss
 
     def _body_torch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         lr = self.lr_at(self.host_step)
@@ -207,6 +206,7 @@ class TrainStep:
         else:
             self.opt.step()
         self._record(loss.detach(), out.detach(), y)
+        return loss.detach()
 
     @torch.no_grad()
     def _record(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:

@@ -261,3 +261,19 @@ def test_steady_state_steps_make_no_host_sync_on_cuda(capture):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert (step.graph is not None) == capture
+
+
+def test_the_bench_times_the_training_step_of_fusenet_train(monkeypatch):
+    from engine.perf.bench.contenders import InputPool, build
+
+    source = str(EXAMPLES / "digits.cnn")
+    spec = engine.load(source)
+    pool = InputPool.make(spec, 4, 1, torch.device("cpu"))
+    c = build("fusenet", source, engine.compile(source, backend="torch").state_dict(), "fp32", pool)
+    calls = []
+    real = TrainStep.body
+    monkeypatch.setattr(TrainStep, "body", lambda self, x, y: (calls.append(x.is_contiguous(
+        memory_format=torch.channels_last)), real(self, x, y))[1])
+    c.train(True)
+    loss = c.step(0)
+    assert calls == [True] and loss.dim() == 0 and torch.isfinite(loss)
