@@ -34,7 +34,7 @@ from engine.kernels.activations import act_code, act_grad, apply_act
 from engine.kernels.common import FLOAT_DTYPES, dot, next_pow2, precision, sum_partials, upcast
 from engine.kernels.dropout import check_seed, dropout_backward, dropout_mask_scale, resolve_seed, seed_args
 from engine.kernels.launch import launch
-from engine.kernels.params import Packing, claim_grad_slot, packed, slot_view
+from engine.kernels.params import Packing, claim_grad_slot, packed, slot_region
 from engine.kernels.tune_config import Config, epilogue_key, gemm_candidates, smem_limit, split_variants
 
 
@@ -379,21 +379,6 @@ def weight_packing(dtype: torch.dtype) -> Packing | None:
     return None if dtype == torch.float32 else Packing((0, 1), dtype)
 
 
-def _grad_slots(ctx, O: int, F: int) -> torch.Tensor | None:
-    """The flat [O*F (+ O)] slot region the wgrad may write into: the claimed slots of w
-    (and of the bias, right after it), when both are free; else None (fresh tensors)."""
-    dw = slot_view(ctx.slots[0])
-    if dw is None or not ctx.needs_input_grad[1]:
-        return None
-    if not ctx.has_bias:
-        return dw.view(O * F)
-    db = slot_view(ctx.slots[1])
-    adjacent = (db is not None and ctx.needs_input_grad[2]
-                and db.untyped_storage()._cdata == dw.untyped_storage()._cdata
-                and db.storage_offset() == dw.storage_offset() + O * F)
-    return dw.view(-1).as_strided((O * F + O,), (1,)) if adjacent else None
-
-
 class LinearFunction(torch.autograd.Function):
     """y = act(x @ w^T + bias) with the fused kernels above, forward and backward."""
 
@@ -432,7 +417,9 @@ class LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = linear_dgrad(dy, wk, z, out_dtype=x.dtype, **kw)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            out = _grad_slots(ctx, *wk.shape)
+            O, F = wk.shape
+            whole = ctx.needs_input_grad[1] and (not ctx.has_bias or ctx.needs_input_grad[2])
+            out = slot_region(list(ctx.slots[:1 + ctx.has_bias]), [O * F, O]) if whole else None  # flat slots
             dw, db = linear_wgrad(dy, x, z, has_bias=ctx.has_bias, out=out, **kw)
             if not ctx.needs_input_grad[1]:
                 dw = None

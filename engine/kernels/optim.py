@@ -46,50 +46,12 @@ import triton
 import triton.language as tl
 
 from engine.kernels.launch import launch
-from engine.kernels.params import MAX_PACKS, SEG_COLS, FlatGroup
+from engine.kernels.params import MAX_PACKS, SEG_COLS, FlatGroup, load_grad, store_packed
 
 
 # ----------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------
-@triton.jit
-def _load_grad(gtab_ptr, seg, seg_start, offs, mask):
-    """[BLOCK] fp32 gradient of parameter `seg`, read through its address in the grad table."""
-    gp = tl.load(gtab_ptr + seg).to(tl.pointer_type(tl.float32))  # int64 address -> fp32 pointer
-    return tl.load(gp + (offs - seg_start), mask=mask, other=0.0)
-
-
-@triton.jit
-def _to_packed_dtype(p, pk_ptr):
-    """p ([BLOCK] fp32) in the packed buffer's dtype, rounded to nearest even as torch's cast
-    does. bf16 is rounded by hand: Triton's interpreter truncates, and a copy the host
-    refreshes (torch) must equal the one the kernel writes, or a resumed run would drift."""
-    if pk_ptr.dtype.element_ty == tl.bfloat16:
-        bits = p.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF  # [BLOCK] fp32 bit patterns
-        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # [BLOCK] top 16 bits, rounded
-        r = tl.where(p != p, 0x7FC0, r & 0xFFFF)  # a NaN stays a NaN
-        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return p.to(pk_ptr.dtype.element_ty)
-
-
-@triton.jit
-def _store_packed(p, pk_ptr, row_ptr, i, mask, MAX_PACKS: tl.constexpr):
-    """Write p ([BLOCK] fp32 values at flat indices i of one parameter) into its packed copies:
-    row_ptr -> (n packs, then per pack base, d1, d2, d3, s0..s3); the destination of i is
-    base + sum_k coord_k(i) * s_k (a permuted layout), in the packed buffer's dtype."""
-    n = tl.load(row_ptr)
-    v = _to_packed_dtype(p, pk_ptr)  # [BLOCK] packed dtype
-    for k in tl.static_range(MAX_PACKS):
-        if k < n:
-            r = row_ptr + 1 + k * 8
-            d1, d2, d3 = tl.load(r + 1), tl.load(r + 2), tl.load(r + 3)
-            rest = i // d3
-            i2, rest = rest % d2, rest // d2
-            dst = tl.load(r) + (i % d3) * tl.load(r + 7) + i2 * tl.load(r + 6) + (rest % d1) * tl.load(r + 5) \
-                + (rest // d1) * tl.load(r + 4)  # [BLOCK] int64
-            tl.store(pk_ptr + dst, v, mask=mask)
-
-
 @triton.jit
 def _sgd_kernel(
     param_ptr, gtab_ptr, mom_ptr, pk_ptr, blk_ptr, seg_ptr, int_ptr, lr_ptr, counters_ptr,
@@ -118,7 +80,7 @@ def _sgd_kernel(
         offs = start + tl.arange(0, BLOCK)  # [BLOCK] flat indices
         mask = offs < end
         p = tl.load(param_ptr + offs, mask=mask, other=0.0)  # [BLOCK] fp32
-        g = _load_grad(gtab_ptr, seg, seg_start, offs, mask)  # [BLOCK] fp32
+        g = load_grad(gtab_ptr, seg, seg_start, offs, mask)  # [BLOCK] fp32
         if HAS_WD:
             g = g + weight_decay * p
         if HAS_MOMENTUM:
@@ -132,7 +94,7 @@ def _sgd_kernel(
         p = p - lr * g
         tl.store(param_ptr + offs, p, mask=mask)
         if PACK:
-            _store_packed(p, pk_ptr, int_ptr + seg * SEG_COLS + 3, offs - seg_start, mask, MAX_PACKS)
+            store_packed(p, pk_ptr, int_ptr + seg * SEG_COLS + 3, offs - seg_start, mask, MAX_PACKS)
 
 
 @triton.jit
@@ -168,7 +130,7 @@ def _adam_kernel(
         offs = start + tl.arange(0, BLOCK)  # [BLOCK] flat indices
         mask = offs < end
         p = tl.load(param_ptr + offs, mask=mask, other=0.0)  # [BLOCK] fp32
-        g = _load_grad(gtab_ptr, seg, seg_start, offs, mask)  # [BLOCK] fp32
+        g = load_grad(gtab_ptr, seg, seg_start, offs, mask)  # [BLOCK] fp32
         if HAS_WD:
             if DECOUPLED:
                 p = p * decay
@@ -184,7 +146,7 @@ def _adam_kernel(
         tl.store(v_ptr + offs, v, mask=mask)
         tl.store(param_ptr + offs, p, mask=mask)
         if PACK:
-            _store_packed(p, pk_ptr, int_ptr + seg * SEG_COLS + 3, offs - seg_start, mask, MAX_PACKS)
+            store_packed(p, pk_ptr, int_ptr + seg * SEG_COLS + 3, offs - seg_start, mask, MAX_PACKS)
 
 
 # ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@
   packed-copy layouts). They are uploaded only when they change, from pinned
   memory and without a sync; during a CUDA-graph capture uploads are queued and
   `flush_uploads()` does them after the capture, before the first replay.
+  `load_grad` and `store_packed` are the kernel side of this layout.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from engine import device
 
@@ -87,6 +90,19 @@ def slot_view(claim: tuple | None) -> torch.Tensor | None:
     return group.param_view(group.flat_grad, i)
 
 
+def slot_region(claims: list, sizes: list[int]) -> torch.Tensor | None:
+    """One flat fp32 `[sum(sizes)]` region over the claimed slots of parameters stored back to
+    back (a weight and its bias), for a kernel that writes their gradients in one piece; None
+    unless every slot is free and they are adjacent."""
+    views = [slot_view(c) for c in claims]
+    if not views or any(v is None for v in views):
+        return None
+    for a, b, n in zip(views, views[1:], sizes):
+        if a.untyped_storage()._cdata != b.untyped_storage()._cdata or b.storage_offset() != a.storage_offset() + n:
+            return None
+    return views[0].view(-1).as_strided((sum(sizes),), (1,))
+
+
 def upload(dst: torch.Tensor, values, dtype: torch.dtype) -> None:
     """dst <- values (host numbers): pinned and asynchronous on CUDA, queued while a graph is captured."""
     src = torch.tensor(values, dtype=dtype).reshape(dst.shape)
@@ -103,6 +119,48 @@ def flush_uploads() -> None:
     while _pending:
         dst, src = _pending.pop(0)
         dst.copy_(src, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------
+# the device side of the layout (the optimizer kernels' helpers)
+# ----------------------------------------------------------------------------
+@triton.jit
+def load_grad(gtab_ptr, seg, seg_start, offs, mask):
+    """[BLOCK] fp32 gradient of parameter `seg`, read through its address in the grad table."""
+    gp = tl.load(gtab_ptr + seg).to(tl.pointer_type(tl.float32))  # int64 address -> fp32 pointer
+    return tl.load(gp + (offs - seg_start), mask=mask, other=0.0)
+
+
+@triton.jit
+def _to_packed_dtype(p, pk_ptr):
+    """p ([BLOCK] fp32) in the packed buffer's dtype, rounded to nearest even as torch's cast
+    does. bf16 is rounded by hand: Triton's interpreter truncates, and a copy the host
+    refreshes (torch) must equal the one the kernel writes, or a resumed run would drift."""
+    if pk_ptr.dtype.element_ty == tl.bfloat16:
+        bits = p.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF  # [BLOCK] fp32 bit patterns
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # [BLOCK] top 16 bits, rounded
+        r = tl.where(p != p, 0x7FC0, r & 0xFFFF)  # a NaN stays a NaN
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return p.to(pk_ptr.dtype.element_ty)
+
+
+@triton.jit
+def store_packed(p, pk_ptr, row_ptr, i, mask, MAX_PACKS: tl.constexpr):
+    """Write p ([BLOCK] fp32 values at flat indices i of one parameter) into its packed copies:
+    row_ptr -> (n packs, then per pack base, d1, d2, d3, s0..s3); the destination of i is
+    base + sum_k coord_k(i) * s_k (a permuted layout), in the packed buffer's dtype."""
+    n = tl.load(row_ptr)
+    v = _to_packed_dtype(p, pk_ptr)  # [BLOCK] packed dtype
+    for k in tl.static_range(MAX_PACKS):
+        if k < n:
+            r = row_ptr + 1 + k * 8
+            d1, d2, d3 = tl.load(r + 1), tl.load(r + 2), tl.load(r + 3)
+            rest = i // d3
+            i2, rest = rest % d2, rest // d2
+            dst = tl.load(r) + (i % d3) * tl.load(r + 7) + i2 * tl.load(r + 6) + (rest % d1) * tl.load(r + 5) \
+                + (rest // d1) * tl.load(r + 4)  # [BLOCK] int64
+            tl.store(pk_ptr + dst, v, mask=mask)
+
 
 
 def _block_size() -> int:

@@ -14,10 +14,10 @@ A run, step by step (each step is one function below):
 5. `_resume_progress` optimizer, schedule, history and random states from the checkpoint;
    then the training step (step.py: captured in a CUDA graph on CUDA unless
    `cuda_graphs=False`, the CLI's --no-cuda-graphs);
-6. per epoch: `_train_epoch`, `_validate`, `_check_finite` (the NaN guard),
+6. per epoch: `_train_epoch`, `_validate`, `check_finite` (guard.py: the NaN guard),
    `_record_epoch` (best epoch, early stop), `_log_epoch`, `_save_checkpoint`;
 7. `_draw_curves` (also after an error) and `_draw_predictions`.
-The pieces live beside this module: step.py, schedule.py, init.py,
+The pieces live beside this module: step.py, guard.py, schedule.py, init.py,
 optimizer_and_loss.py, distributed.py, evaluate.py, checkpoint.py, report.py and data/.
 
 No host sync per step: the step keeps the epoch's running loss and accuracy and
@@ -44,6 +44,7 @@ from engine.training import data as D
 from engine.training import report
 from engine.training.distributed import Dist
 from engine.training.evaluate import evaluate, predict
+from engine.training.guard import check_finite, read_guard
 from engine.training.init import freeze, init_weights
 from engine.training.optimizer_and_loss import build_optimizer, loss_fn
 from engine.training.schedule import LRSchedule
@@ -141,7 +142,7 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
                 m.step.capture_error = ""
             train_time = time.perf_counter() - t0
             _validate(m, cfg, data.val, dist, row, int(model.output_shape[0]))
-            _check_finite(m, cfg, row, epoch, out, last_good)
+            check_finite(m.raw, cfg, row, epoch, out / CHECKPOINT, last_good)
             row.update(seconds=round(time.perf_counter() - t0, 3),
                        images_per_s=round(m.steps_per_epoch * cfg.batch / train_time, 1))
             early = _record_epoch(m, cfg, state, row)
@@ -292,42 +293,12 @@ def _resume_progress(ck, m: _Machinery, cfg, state: _Progress, out: Path, say) -
 # ----------------------------------------------------------------------------- one epoch
 
 
-def _nan_message(what: str, where: str, lr: float, cfg, out: Path, last_epoch: int) -> str:
-    kept = (f"the last good checkpoint (epoch {last_epoch}) is kept at {out / CHECKPOINT}"
-            if last_epoch > 0 else "no checkpoint was written (no epoch ended with a finite model)")
-    causes = [f"a learning rate too high for this network (lr is {lr:.3g} at this step)"]
-    if not cfg.clip_grad:
-        causes.append("exploding gradients (add  clip_grad 1.0  to the train section)")
-    if cfg.precision == "fp16":
-        causes.append("fp16 overflow (try  precision bf16  or fp32)")
-    causes.append("NaN or Inf values in the input data")
-    return (f"{what} {where}; training stopped. "
-            f"Likely causes: {'; '.join(causes)}. {kept[0].upper() + kept[1:]}.")
-
-
 def _progress_bar(enabled: bool, total: int, epoch: int, epochs: int):
     if not enabled:
         return None
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True)
-
-
-def _read_guard(m: _Machinery, cfg, dist: Dist, out: Path, last_good: int) -> dict:
-    """The step's device stats on the host (a sync); a FusenetTrainError naming the step
-    if a training loss was not finite (on any process)."""
-    st = m.step.clock.read()
-    bad = st["bad"]
-    if dist.world > 1:
-        bad = bool(dist.all_sum(torch.tensor([float(bad)], dtype=torch.float64))[0] > 0)
-    if bad:
-        spe = m.steps_per_epoch
-        g = st["bad_step"] if st["bad"] else m.step.host_step
-        where = f"at epoch {(g - 1) // spe + 1}, step {(g - 1) % spe + 1} (global step {g})"
-        loss = st["bad_loss"] if st["bad"] else float("nan")
-        raise FusenetTrainError(_nan_message(f"loss became {loss}", where, m.step.lr_at(g - 1), cfg, out,
-                                             last_good))
-    return st
 
 
 def _train_epoch(m: _Machinery, cfg, train_ds: D.Dataset, dist: Dist, epoch: int, progress: bool, out: Path,
@@ -345,7 +316,7 @@ def _train_epoch(m: _Machinery, cfg, train_ds: D.Dataset, dist: Dist, epoch: int
                                             world=dist.world)):
         m.step(x, y)
         if (step + 1) % GUARD_EVERY == 0:
-            st = _read_guard(m, cfg, dist, out, last_good)
+            st = read_guard(m.step, m.steps_per_epoch, cfg, dist, out / CHECKPOINT, last_good)
             if bar is not None:
                 n = max(st["count"], 1.0)
                 bar.set_postfix(loss=f"{st['loss_sum'] / n:.4f}", acc=f"{st['correct'] / n:.3f}",
@@ -354,26 +325,10 @@ def _train_epoch(m: _Machinery, cfg, train_ds: D.Dataset, dist: Dist, epoch: int
             bar.update(1)
     if bar is not None:
         bar.close()
-    st = _read_guard(m, cfg, dist, out, last_good)
+    st = read_guard(m.step, m.steps_per_epoch, cfg, dist, out / CHECKPOINT, last_good)
     sums = dist.all_sum(torch.tensor([st["loss_sum"], st["correct"], st["count"]], dtype=torch.float64))
     return {"epoch": epoch, "lr": m.step.lr_at(max(m.step.host_step - 1, first)),
             "train_loss": sums[0].item() / sums[2].item(), "train_acc": sums[1].item() / sums[2].item()}
-
-
-def _check_finite(m: _Machinery, cfg, row: dict, epoch: int, out: Path, last_good: int) -> None:
-    """The rest of the NaN guard, before anything is saved: the validation loss and every
-    weight and buffer must be finite."""
-    lr = row["lr"]
-    if not math.isfinite(row["val_loss"]):
-        raise FusenetTrainError(_nan_message(f"validation loss became {row['val_loss']}", f"after epoch {epoch} "
-                                             f"(training loss {row['train_loss']:.4g})", lr, cfg, out, last_good))
-    state = {k: v for k, v in m.raw.state_dict().items() if v.is_floating_point()}
-    finite = torch.stack([torch.isfinite(v).all() for v in state.values()]).tolist() if state else []
-    bad = [k for k, ok in zip(state, finite) if not ok]
-    if bad:
-        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise FusenetTrainError(_nan_message(f"weights became non-finite ({bad[0]}{more})", f"during epoch {epoch}",
-                                             lr, cfg, out, last_good))
 
 
 def _validate(m: _Machinery, cfg, val_ds: D.Dataset | None, dist: Dist, row: dict, num_classes: int) -> None:

@@ -348,17 +348,18 @@ def test_triton_backend_diverged_run_stops_with_the_same_message(tmp_path):
 
 def test_non_finite_weights_are_never_saved(tmp_path):
     """A finite validation loss does not make the weights finite: every tensor is checked."""
+    from engine.training.guard import check_finite
+
     m = compile(DIGITS_SPEC)
     with torch.no_grad():
         m.conv1.weight[0, 0, 0, 0] = float("inf")
         m.bn0.running_var[1] = float("nan")
-    machinery = type("M", (), {"raw": m})()
     row = {"val_loss": 0.5, "train_loss": 0.4, "lr": 0.1}
     with pytest.raises(FusenetTrainError, match=r"weights became non-finite \(bn0.running_var and 1 more\) during "
                                                 r"epoch 3.*epoch 2\) is kept"):
-        T._check_finite(machinery, _cfg(m), row, 3, tmp_path, 2)
+        check_finite(m, _cfg(m), row, 3, tmp_path, 2)
     with pytest.raises(FusenetTrainError, match="validation loss became inf after epoch 3"):
-        T._check_finite(machinery, _cfg(m), {**row, "val_loss": float("inf")}, 3, tmp_path, 2)
+        check_finite(m, _cfg(m), {**row, "val_loss": float("inf")}, 3, tmp_path, 2)
 
 
 def test_the_nan_flag_is_read_every_guard_every_steps_and_at_epoch_end(tmp_path, monkeypatch):
