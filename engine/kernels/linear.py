@@ -419,7 +419,8 @@ class LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             O, F = wk.shape
             whole = ctx.needs_input_grad[1] and (not ctx.has_bias or ctx.needs_input_grad[2])
-            out = slot_region(list(ctx.slots[:1 + ctx.has_bias]), [O * F, O]) if whole else None  # flat slots
+            sizes = [O * F, O][:1 + ctx.has_bias]
+            out = slot_region(list(ctx.slots[:len(sizes)]), sizes) if whole else None  # the flat slots
             dw, db = linear_wgrad(dy, x, z, has_bias=ctx.has_bias, out=out, **kw)
             if not ctx.needs_input_grad[1]:
                 dw = None

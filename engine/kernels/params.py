@@ -94,8 +94,10 @@ def slot_region(claims: list, sizes: list[int]) -> torch.Tensor | None:
     """One flat fp32 `[sum(sizes)]` region over the claimed slots of parameters stored back to
     back (a weight and its bias), for a kernel that writes their gradients in one piece; None
     unless every slot is free and they are adjacent."""
+    if len(claims) != len(sizes):
+        raise ValueError(f"slot_region: {len(claims)} claims but {len(sizes)} sizes")
     views = [slot_view(c) for c in claims]
-    if not views or any(v is None for v in views):
+    if not views or any(v is None or v.numel() != n for v, n in zip(views, sizes)):
         return None
     for a, b, n in zip(views, views[1:], sizes):
         if a.untyped_storage()._cdata != b.untyped_storage()._cdata or b.storage_offset() != a.storage_offset() + n:

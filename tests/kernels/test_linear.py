@@ -218,3 +218,15 @@ def test_a_weight_used_twice_in_one_step_gets_the_sum_of_both_gradients():
     linear(x1, w, b).sum().backward()
     (x1.double() @ rw.t()).sum().backward()
     assert_close(w.grad, rw.grad, what="accumulated dw")
+
+
+def test_a_linear_without_bias_writes_only_its_own_slot():
+    from engine.kernels import optim
+
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    after = torch.nn.Parameter(torch.randn(5))  # the next slot in the flat buffer
+    opt = optim.SGD([w, after], lr=0.1)
+    after.grad = None
+    linear(torch.randn(3, 6), w).sum().backward()
+    assert w.grad.data_ptr() == opt._flat[0].flat_grad.data_ptr()
+    assert after.grad is None and not opt._flat[0].flat_grad[24:].any()
