@@ -329,6 +329,10 @@ class FlatGroup:
             self._grad_key = key
         return has
 
+    def indirect_bytes(self) -> int:
+        """Bytes of the gradients the last step read through the address table (not kernel arguments)."""
+        return sum(4 * n for h, n in zip(self.last_has, self.numels) if h)
+
     def set_segments(self, has: list[bool], values: list[tuple[float, float]] | None,
                      step_offsets: list[int] | None = None) -> None:
         """Upload the per-segment tables: has-grad flags, per-segment values and Adam step offsets, if changed."""

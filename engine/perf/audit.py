@@ -14,7 +14,12 @@ host sync. Ops on CPU tensors (the dropout seed drawn from torch's CPU
 generator) are host work and are not counted.
 
 Bytes are the sizes of the distinct tensors an op or kernel touches: an upper
-bound on what it moves, the measure the launch-count and traffic targets use.
+bound on what it moves, the measure the launch-count and traffic targets use
+(plus the gradients the fused optimizer reads through its address table).
+
+The fusenet step audited is the one `fusenet train` runs (engine.training.step,
+without the CUDA-graph capture), in its steady state: one step runs unaudited
+first (lazy optimizer state), then one is counted.
 """
 from __future__ import annotations
 
@@ -143,6 +148,8 @@ def audit_fusenet(spec, batch: int, precision: str | None = None) -> StepAudit:
         with observing(count), _DeviceOps(audit):
             step.body(x, y)
     step.close()
+    # the optimizer reads the gradients through a table of addresses: not arguments, still traffic
+    audit.triton_bytes += sum(fg.indirect_bytes() for fg in step.opt._flat)
     return audit
 
 
