@@ -109,18 +109,23 @@ def upload(dst: torch.Tensor, values, dtype: torch.dtype) -> None:
     """dst <- values (host numbers): pinned and asynchronous on CUDA, queued while a graph is captured."""
     src = torch.tensor(values, dtype=dtype).reshape(dst.shape)
     if dst.device.type == "cuda":
-        src = src.pin_memory()
-        if torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_current_stream_capturing():  # no host allocation, no copy inside a capture
             _pending.append((dst, src))
             return
+        src = src.pin_memory()
     dst.copy_(src, non_blocking=True)
+
+
+def discard_uploads() -> None:
+    """Forget the uploads queued by a capture that failed."""
+    _pending.clear()
 
 
 def flush_uploads() -> None:
     """Do the uploads queued during a CUDA-graph capture (call after the capture, before replaying)."""
     while _pending:
         dst, src = _pending.pop(0)
-        dst.copy_(src, non_blocking=True)
+        dst.copy_(src.pin_memory(), non_blocking=True)
 
 
 # ----------------------------------------------------------------------------

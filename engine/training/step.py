@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import clock as C
-from engine.kernels.params import flush_uploads
+from engine.kernels.params import discard_uploads, flush_uploads, upload
 from engine.training.init import restore_buffers
 
 GUARD_EVERY = 50  # steps between reads of the NaN/inf flag (a host sync); also read at every epoch end
@@ -107,8 +107,6 @@ class TrainStep:
     def update_lrs(self) -> None:
         """Upload the learning rate of every step (again, after a plateau schedule changed it)."""
         if self.lr_table is not None:
-            from engine.kernels.params import upload
-
             upload(self.lr_table, [self.lr_of(k) for k in range(self.total_steps)], torch.float32)
 
     def lr_at(self, k: int) -> float:
@@ -149,9 +147,7 @@ class TrainStep:
         try:
             graph = self.graphs.capture(lambda: self.body(self.static_x, self.static_y))
         except Exception as e:  # noqa: BLE001 - a capture failure must not end the run: go on eagerly
-            from engine.kernels import params
-
-            params._pending.clear()
+            discard_uploads()
             self.capture = False
             self.capture_error = f"{type(e).__name__}: {e}"
             return
