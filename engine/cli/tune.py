@@ -115,7 +115,7 @@ def _tune_layers(args, batches) -> int:
     import torch
 
     from engine.kernels import autotune, tune_cache
-    from engine.perf.bench.layers import _cases
+    from engine.perf.bench.layers import layer_cases
 
     precision = args.precision or LAYERS_PRECISION
     shapes = layer_shapes(args.file, batches)
@@ -124,7 +124,7 @@ def _tune_layers(args, batches) -> int:
     with autotune.tuning() as stats:
         for shape in shapes:
             t0, before = time.perf_counter(), len(stats.tuned)
-            for _, _, ours, _ in _cases(shape, precision, torch.device("cuda"), gen):
+            for _, _, ours, _ in layer_cases(shape, precision, torch.device("cuda"), gen):
                 ours()
             torch.cuda.synchronize()
             print(f"{shape.describe()}: {len(stats.tuned) - before} kernel configs tuned in "

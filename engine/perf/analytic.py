@@ -24,15 +24,9 @@ from math import prod
 from engine.ir.ops import Family, family, op
 from engine.passes.pipeline import run_pipeline
 from engine.passes.plan import KernelGroup, Plan, describe_group
+from engine.perf.peaks import H100
 from engine.precision import PRECISIONS
-
-# H100 SXM (design section 5): dense tensor-core peaks, and HBM3 bandwidth
-H100 = {
-    "name": "H100 SXM",
-    "hbm_bytes_per_s": 3.35e12,
-    "flops_per_s": {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12},
-}
-
+from engine.text import format_table
 
 @dataclass(frozen=True)
 class GroupCost:
@@ -132,19 +126,11 @@ def analytic_report(spec, batch: int | None = None, precision: str | None = None
 
 
 def format_analytic(report: dict) -> str:
-    rows = [("kernel", "lines", "GFLOP", "MB", "floor us", "bound")]
-    for k in report["kernels"]:
-        rows.append((k["name"][:48], ",".join(map(str, k["lines"])), f"{k['flops'] / 1e9:.3f}",
-                     f"{k['bytes'] / 1e6:.2f}", f"{k['floor_us']:.2f}", k["bound"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    rows = [(k["name"][:48], ",".join(map(str, k["lines"])), f"{k['flops'] / 1e9:.3f}", f"{k['bytes'] / 1e6:.2f}",
+             f"{k['floor_us']:.2f}", k["bound"]) for k in report["kernels"]]
     out = [f"{report['network']}: analytic model, batch {report['batch']}, {report['precision']}, "
-           f"roofline floors on an {report['device_model']}"]
-    for j, r in enumerate(rows):
-        out.append("  ".join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-        if j == 0:
-            out.append("-" * len(out[-1]))
-    out.append("")
+           f"roofline floors on an {report['device_model']}",
+           format_table(("kernel", "lines", "GFLOP", "MB", "floor us", "bound"), rows, align="llrrrl"), ""]
     out.append(f"{'':24}{'kernels':>9}{'GFLOP':>10}{'HBM MB':>10}{'floor ms':>10}")
     for label, part in (("forward", "forward"), ("training step", "step")):
         for name in ("fused", "unfused"):
@@ -161,17 +147,11 @@ def format_group_costs(plan: Plan, batch: int, precision: str) -> str:
     """`fusenet check --kernels`: each kernel group, its source lines, what it
     fuses, its FLOPs and minimum HBM bytes (forward)."""
     costs = group_costs(plan, batch, PRECISIONS[precision].bytes)
-    rows = [("#", "family", "lines", "fuses", "GFLOP", "MB")]
-    for k, (group, c) in enumerate(zip(plan, costs)):
-        rows.append((f"g{k}", c.family, ",".join(map(str, c.lines)), describe_group(plan, group),
-                     f"{c.flops / 1e9:.4f}", f"{c.bytes / 1e6:.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    rows = [(f"g{k}", c.family, ",".join(map(str, c.lines)), describe_group(plan, group), f"{c.flops / 1e9:.4f}",
+             f"{c.bytes / 1e6:.2f}") for k, (group, c) in enumerate(zip(plan, costs))]
     mode = "training" if plan.training else "inference"
-    out = [f"forward kernel groups ({mode}, batch {batch}, {precision}):"]
-    for j, r in enumerate(rows):
-        out.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-        if j == 0:
-            out.append("-" * len(out[-1]))
+    out = [f"forward kernel groups ({mode}, batch {batch}, {precision}):",
+           format_table(("#", "family", "lines", "fuses", "GFLOP", "MB"), rows, align="llllr")]
     out.append(f"{len(plan)} kernel groups, {sum(c.flops for c in costs) / 1e9:.3f} GFLOP, "
                f"{sum(c.bytes for c in costs) / 1e6:.1f} MB minimum HBM traffic (forward)")
     return "\n".join(out)

@@ -12,13 +12,13 @@ import math
 import torch
 
 from engine.errors import FusenetTrainError
-
-RELU_FAMILY = ("relu", "leaky_relu", "gelu", "silu")  # ops that get Kaiming initialisation
-
+from engine.kernels.activations import ACTIVATIONS
 
 def uses_relu_family(graph) -> bool:
-    """Whether the network has a ReLU-family activation (then its weights get Kaiming normal init)."""
-    return any(node.op in RELU_FAMILY for node in graph)
+    """Whether the network has a ReLU-like activation (a rectifier in the
+    activation table, engine.kernels.activations): then its weights get
+    Kaiming normal init."""
+    return any(node.op in ACTIVATIONS and ACTIVATIONS[node.op].rectifier for node in graph)
 
 
 def init_weights(model: torch.nn.Module, seed: int) -> str:

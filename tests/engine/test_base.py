@@ -36,7 +36,7 @@ def test_precision_facts():
 
 
 def test_device_peak_tables_are_keyed_by_the_precision_names():
-    from engine.perf.bench.devices import KNOWN
+    from engine.perf.peaks import KNOWN
 
     for name, peaks in KNOWN:
         assert set(peaks["flops_per_s"]) == set(precision.NAMES), name

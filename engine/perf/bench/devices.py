@@ -11,29 +11,9 @@ import sys
 
 import torch
 
-TB = 1e12
-# name fragment -> peaks; matched in order against torch.cuda.get_device_name()
-KNOWN: tuple[tuple[str, dict], ...] = (
-    ("H200", {"name": "H200", "hbm_bytes_per_s": 4.8 * TB,
-              "flops_per_s": {"bf16": 989 * TB, "fp16": 989 * TB, "tf32": 494 * TB, "fp32": 67 * TB}}),
-    ("H100 PCIe", {"name": "H100 PCIe", "hbm_bytes_per_s": 2.0 * TB,
-                   "flops_per_s": {"bf16": 756 * TB, "fp16": 756 * TB, "tf32": 378 * TB, "fp32": 51 * TB}}),
-    ("H100 NVL", {"name": "H100 NVL", "hbm_bytes_per_s": 3.9 * TB,
-                  "flops_per_s": {"bf16": 835 * TB, "fp16": 835 * TB, "tf32": 418 * TB, "fp32": 60 * TB}}),
-    ("H100", {"name": "H100 SXM", "hbm_bytes_per_s": 3.35 * TB,
-              "flops_per_s": {"bf16": 989 * TB, "fp16": 989 * TB, "tf32": 494 * TB, "fp32": 67 * TB}}),
-    ("A100", {"name": "A100", "hbm_bytes_per_s": 2.0 * TB,
-              "flops_per_s": {"bf16": 312 * TB, "fp16": 312 * TB, "tf32": 156 * TB, "fp32": 19.5 * TB}}),
-)
+from engine.perf.peaks import peaks_for
+
 DEFAULT_L2_BYTES = 50 * 2**20
-
-
-def peaks_for(name: str) -> dict | None:
-    """The peak table of a device by its CUDA name, or None if not known."""
-    for fragment, peaks in KNOWN:
-        if fragment.lower() in name.lower():
-            return peaks
-    return None
 
 
 def device_info(device: torch.device | str = "cuda") -> dict:

@@ -28,9 +28,9 @@ from engine.perf.bench.devices import device_info, mfu
 from engine.perf.bench.network import CHECK_TOL, rel_err
 from engine.perf.bench.timing import measure
 from engine.kernels.activations import oracle
-
-DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
+from engine.perf.peaks import H100
+from engine.precision import precision as precision_named
+from engine.text import format_table
 
 @dataclass(frozen=True)
 class FusedSteps:
@@ -145,11 +145,11 @@ def _conv_kw(s: ConvShape) -> dict:
     return dict(stride=s.stride, padding=s.pad, dilation=s.dilation, groups=s.groups)
 
 
-def _cases(s: ConvShape, precision: str, device: torch.device, gen: torch.Generator):
+def layer_cases(s: ConvShape, precision: str, device: torch.device, gen: torch.Generator):
     """(op, bytes, fusenet closure, cuDNN closure) for forward, dgrad, wgrad and the fused group."""
     from engine.kernels.conv import conv2d_dgrad, conv2d_forward, conv2d_wgrad
 
-    dt, tf32 = DTYPES[precision], precision == "tf32"
+    dt, tf32 = precision_named(precision).dtype, precision_named(precision).tf32
     ho, wo = s.out_hw
     rnd = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
     x = rnd(s.n, s.h, s.w, s.cin).to(dt)  # [N,H,W,Cin] NHWC
@@ -221,7 +221,7 @@ def bench_layers(shapes: list[ConvShape], precision: str, *, device: torch.devic
     rows = []
     for s in shapes:
         with matmul_precision(precision):
-            for op, nbytes, ours, theirs in _cases(s, precision, device, gen):
+            for op, nbytes, ours, theirs in layer_cases(s, precision, device, gen):
                 row = {"layer": s.name, "shape": s.describe(), "op": op, "precision": precision,
                        "flops": s.flops, "bytes": nbytes}
                 try:
@@ -246,9 +246,7 @@ def bench_layers(shapes: list[ConvShape], precision: str, *, device: torch.devic
 
 def analytic_layers(shapes: list[ConvShape], precision: str) -> list[dict]:
     """Without a GPU: per shape and op, FLOPs, minimum bytes and the H100 roofline floor."""
-    from engine.perf.analytic import H100
-
-    e = 2 if precision in ("fp16", "bf16") else 4
+    e = precision_named(precision).bytes
     rows = []
     for s in shapes:
         ho, wo = s.out_hw
@@ -262,9 +260,7 @@ def analytic_layers(shapes: list[ConvShape], precision: str) -> list[dict]:
 
 
 def format_analytic_layers(rows: list[dict], precision: str) -> str:
-    from engine.perf.bench.results import _table
-
     body = [(r["shape"], r["op"], f"{r['flops'] / 1e9:.2f}", f"{r['bytes'] / 1e6:.1f}", f"{r['floor_us']:.1f}",
              r["bound"]) for r in rows]
-    return "\n".join([f"per-layer analytic model, {precision}, roofline floors on an H100 SXM",
-                      *_table(("layer", "op", "GFLOP", "MB", "floor us", "bound"), body, left=2)])
+    return "\n".join([f"per-layer analytic model, {precision}, roofline floors on an {H100['name']}",
+                      format_table(("layer", "op", "GFLOP", "MB", "floor us", "bound"), body, align="llr")])

@@ -83,12 +83,6 @@ def speedups(rows: list[dict]) -> dict[tuple, float]:
     return out
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> list[str]:
-    """Deprecated: engine.text.format_table's lines, the first `left` columns left-aligned.
-    Kept only for engine/perf/bench/layers.py, whose owner switches it to engine.text."""
-    return format_table(header, rows, align="l" * left + "r").splitlines()
-
-
 def format_networks(doc: dict) -> str:
     rows = doc["networks"]
     ratio = speedups(rows)
