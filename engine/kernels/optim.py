@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.launch import launch
-from engine.kernels.params import MAX_PACKS, SEG_COLS, FlatGroup, load_grad, store_packed
+from engine.kernels.params import MAX_PACKS, SEG_COLS, FlatGroup, capturing, load_grad, store_packed
 
 
 # ----------------------------------------------------------------------------
@@ -251,7 +251,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        in_capture = capturing()
         for group, fg in zip(self.param_groups, self._flat):
+            if in_capture:
+                fg.tables_for_capture()
             fg.sync_params()
             has = fg.point_at_grads()
             fg.last_has, fg.claimed = has, set()

@@ -23,8 +23,10 @@
   per-parameter values, an int64 row per parameter: start, size, step offset,
   packed-copy layouts). They are uploaded only when they change, from pinned
   memory and without a sync; during a CUDA-graph capture uploads are queued and
-  `flush_uploads()` does them after the capture, before the first replay.
-  `load_grad` and `store_packed` are the kernel side of this layout.
+  `flush_uploads()` does them after the capture, before the first replay; a
+  captured step gets tables of its own (`tables_for_capture`), which nothing
+  uploads to afterwards. `load_grad` and `store_packed` are the kernel side of
+  this layout.
 """
 from __future__ import annotations
 
@@ -103,6 +105,11 @@ def slot_region(claims: list, sizes: list[int]) -> torch.Tensor | None:
         if a.untyped_storage()._cdata != b.untyped_storage()._cdata or b.storage_offset() != a.storage_offset() + n:
             return None
     return views[0].view(-1).as_strided((sum(sizes),), (1,))
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
+    return device.DEVICE.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def upload(dst: torch.Tensor, values, dtype: torch.dtype) -> None:
@@ -240,7 +247,7 @@ class FlatGroup:
 
     def buffer(self, name: str) -> torch.Tensor:
         if name not in self.bufs:
-            if device.DEVICE.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if capturing():
                 raise RuntimeError(f"optimizer state '{name}' must exist before a CUDA graph is captured "
                                    "(run a step eagerly first)")
             self.bufs[name] = torch.zeros((max(self.total, 1),), device=self.device, dtype=torch.float32)
@@ -294,6 +301,15 @@ class FlatGroup:
                 self._refresh(i, k)
 
     # -- per step --------------------------------------------------------------
+    def tables_for_capture(self) -> None:
+        """Inside a CUDA-graph capture: give this graph tables of its own (allocated now, filled by
+        the uploads queued for after the capture), so what it reads at every replay cannot be
+        changed by a later eager step or another graph (the bench captures one per input slot)."""
+        self.grad_table, self._grad_key = torch.empty_like(self.grad_table), None
+        self.seg_table, self._seg_key = torch.empty_like(self.seg_table), None
+        self.int_table = torch.empty_like(self.int_table)
+        upload(self.int_table, self.int_rows, torch.int64)
+
     def sync_params(self) -> None:
         """Re-point parameters whose .data was replaced since the last step."""
         for i, p in enumerate(self.params):

@@ -341,3 +341,22 @@ def test_gradient_slots_once_per_step_and_never_clobbering_an_accumulated_gradie
     assert claim_grad_slot(p) is not None  # the step frees the slot for the next forward
     with torch.no_grad():
         assert claim_grad_slot(p) is None  # no gradient wanted, no claim
+
+
+def test_each_captured_step_gets_its_own_tables(monkeypatch):
+    """Inside a CUDA-graph capture the optimizer gives the graph its own address and segment
+    tables, so a later eager step or another graph (the bench captures one per input slot)
+    cannot change what it reads at replay."""
+    from engine.kernels.launch import observing
+
+    p = torch.randn(5, requires_grad=True)
+    o = fo.SGD([p], lr=0.1)
+    seen = []
+    monkeypatch.setattr(fo, "capturing", lambda: True)
+    grads = [torch.ones(5), torch.full((5,), 2.0)]
+    for g in grads:  # two "captures" with gradients at different addresses
+        p.grad = g
+        with observing(lambda kernel, args: seen.append(args[1])):  # the grad address table
+            o.step()
+    assert seen[0] is not seen[1]
+    assert seen[0].tolist() == [grads[0].data_ptr()] and seen[1].tolist() == [grads[1].data_ptr()]
