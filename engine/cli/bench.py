@@ -189,6 +189,7 @@ def _without_gpu(args, batches) -> int:
         return 0
     import engine
     from engine.perf.analytic import analytic_report, format_analytic
+    from engine.perf.audit import audit_step, format_audit
 
     spec = engine.load(Path(args.file))
     precision = args.precision or spec.train.precision
@@ -198,6 +199,9 @@ def _without_gpu(args, batches) -> int:
         report = analytic_report(spec, batch, precision)
         reports.append(report)
         print(format_analytic(report))
+        print()
+        print(format_audit(audit_step(spec, batch, precision), f"step audit ({spec.graph.name}, batch {batch}, "
+                           f"{precision}): one training step, dry-run on the meta device"))
         print()
     if args.json:
         _write_json(args.json, _analytic_document("network", precision, reports))

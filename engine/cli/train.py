@@ -105,7 +105,7 @@ def cmd_train(args) -> int:
             out = Path(box[0])
         progress = False if args.no_progress else ("bar" if sys.stderr.isatty() else "lines")
         res = run_training(model, cfg, out, backend=args.backend, resume=args.resume, init=args.init,
-                           progress=progress, dist=dist)
+                           progress=progress, dist=dist, cuda_graphs=not args.no_cuda_graphs)
         if dist.main:
             names = [n for n in ("model.safetensors", "metrics.csv", "curves.png", "predictions.png")
                      if (res.out_dir / n).exists()]
@@ -265,6 +265,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--init", metavar="CHECKPOINT", help="start from another checkpoint's matching layers")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (without a terminal, a progress line every 10 s instead)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run each training step eagerly (default on CUDA: capture the step once in a CUDA graph)")
     p.set_defaults(func=cmd_train, interrupted="the last checkpoint is kept (continue with --resume)")
 
     p = subparsers.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")

@@ -330,14 +330,16 @@ def _sum_partials_kernel(
         tl.store(ob_ptr + cols, sb, mask=cmask)
 
 
-def sum_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, *, block: int | None = None):
+def sum_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, *, block: int | None = None,
+                 out: torch.Tensor | None = None):
     """Column sums of fp32 [T, C] partials in a fixed order -> [C] fp32 (or a pair).
 
     By default a program folds [BLOCK_T, BLOCK_C] tiles of rows (finalize_plan)
     and tree-sums the tile last: for tall partials (the row-tile sums of a
     reduction over M rows). `block=B`: B columns per program taken one row at a
     time, a plain running sum per column: for wide partials (the split-K slices
-    of a weight gradient, C = its size)."""
+    of a weight gradient, C = its size). `out`: a contiguous fp32 [C] tensor to
+    write pa's sums into (e.g. a gradient's slot in the optimizer's flat buffer)."""
     for name, p in (("pa", pa), ("pb", pb)):
         if p is None:
             continue
@@ -346,7 +348,9 @@ def sum_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, *, block: int
     if pb is not None and pb.shape != pa.shape:
         raise ValueError(f"partials differ in shape: {tuple(pa.shape)} vs {tuple(pb.shape)}")
     T, C = pa.shape
-    oa = torch.empty(C, device=pa.device, dtype=torch.float32)
+    if out is not None and (out.shape != (C,) or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous fp32 [{C}] tensor, got {out.dtype} {tuple(out.shape)}")
+    oa = out if out is not None else torch.empty(C, device=pa.device, dtype=torch.float32)
     ob = torch.empty(C, device=pa.device, dtype=torch.float32) if pb is not None else None
     bt, bc, nw = finalize_plan(T, C) if block is None else (1, block, 4)
     launch(

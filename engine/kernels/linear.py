@@ -2,9 +2,12 @@
 
 Layouts: x `[N, F]` (activation dtype fp32/fp16/bf16), w `[O, F]` fp32 (PyTorch's
 layout), bias `[O]` fp32, y `[N, O]` in x's dtype. Accumulation is fp32 always;
-for 16-bit activations the fp32 weight tile is cast to the activation dtype
-before `tl.dot` (the usual mixed-precision GEMM), for fp32 activations the dot
-is fp32 (`ieee`) or tf32 when `allow_tf32`.
+for 16-bit activations the weight tile is cast to the activation dtype before
+`tl.dot` (the usual mixed-precision GEMM), for fp32 activations the dot is fp32
+(`ieee`) or tf32 when `allow_tf32`. Under a fused optimizer that keeps it
+(`weight_packing`, engine.kernels.params), the GEMMs read the weight's 16-bit
+copy the optimizer writes at every step instead of the fp32 master: half the
+weight bytes, no cast per step.
 
 Backward (dz = act'(z) * dy, computed on the fly from dy and the saved
 pre-activation z in every kernel that reads dy):
@@ -12,7 +15,12 @@ pre-activation z in every kernel that reads dy):
   * wgrad  dw = dz^T @ x, dbias = sum_n dz   split-K over N: each split writes
     fp32 partials `[SPLIT, O*F + O]` (dbias in the tail, written by the column-0
     tiles of the same pass), then `common.sum_partials` adds the splits in a
-    fixed order. No atomics, so results are bit-identical run to run.
+    fixed order. No atomics, so results are bit-identical run to run. The sums
+    land in the weight's and bias's slots of the optimizer's flat gradient buffer
+    when the forward claimed them (engine.kernels.params.claim_grad_slot).
+
+Dropout in the forward epilogue takes an int seed or a ClockSeed (drawn on the
+device from the step clock; engine.kernels.dropout).
 """
 from __future__ import annotations
 
@@ -24,8 +32,9 @@ from engine import device
 from engine.kernels import autotune
 from engine.kernels.activations import act_code, act_grad, apply_act
 from engine.kernels.common import FLOAT_DTYPES, dot, next_pow2, precision, sum_partials, upcast
-from engine.kernels.dropout import dropout_backward, dropout_mask_scale
+from engine.kernels.dropout import check_seed, dropout_backward, dropout_mask_scale, resolve_seed, seed_args
 from engine.kernels.launch import launch
+from engine.kernels.params import Packing, claim_grad_slot, packed, slot_region
 from engine.kernels.tune_config import Config, epilogue_key, gemm_candidates, smem_limit, split_variants
 
 
@@ -37,9 +46,9 @@ def _linear_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
     N, F, O,
     stride_xn, stride_xf, stride_wo, stride_wf, stride_yn, stride_zn,
-    slope, drop_p, seed,
+    slope, drop_p, seed, clock_ptr, used_ptr, site,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, SEED_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -56,7 +65,7 @@ def _linear_fwd_kernel(
         a = tl.load(x_ptr + offs_m[:, None] * stride_xn + kk[None, :] * stride_xf,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K] x dtype
         b = tl.load(w_ptr + offs_n[None, :] * stride_wo + kk[:, None] * stride_wf,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] fp32 (w^T tile)
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] w dtype (w^T tile)
         b = b.to(a.dtype)
         acc = dot(a, b, acc, PRECISION, UPCAST)
     if HAS_BIAS:
@@ -70,7 +79,8 @@ def _linear_fwd_kernel(
     if DROPOUT:
         # engine.kernels.dropout's mask: offsets are flat indices of the contiguous
         # [N, O] output, so its backward regenerates the same mask
-        y = dropout_mask_scale(y, seed, (offs_m[:, None] * O + offs_n[None, :]).to(tl.int32), drop_p)
+        s = resolve_seed(seed, clock_ptr, used_ptr, site, (pid_m == 0) & (pid_n == 0), SEED_MODE)
+        y = dropout_mask_scale(y, s, (offs_m[:, None] * O + offs_n[None, :]).to(tl.int32), drop_p)
     tl.store(y_ptr + offs_m[:, None] * stride_yn + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -103,7 +113,7 @@ def _linear_dgrad_kernel(
             dz = act_grad(dz, z, ACT, slope)
         a = dz.to(dx_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_K] compute dtype
         b = tl.load(w_ptr + kk[:, None] * stride_wo + offs_n[None, :] * stride_wf,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] fp32
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] w dtype
         b = b.to(a.dtype)
         acc = dot(a, b, acc, PRECISION, UPCAST)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxn + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty),
@@ -187,8 +197,8 @@ def _check_x_w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> N
         raise ValueError(f"linear: x has {x.shape[1]} features but w expects {w.shape[1]} ({tuple(w.shape)})")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"linear: x dtype must be fp32/fp16/bf16, got {x.dtype}")
-    if w.dtype != torch.float32:
-        raise ValueError(f"linear: w must be fp32, got {w.dtype}")
+    if w.dtype not in (torch.float32, x.dtype):
+        raise ValueError(f"linear: w must be fp32 (or x's dtype: a packed copy), got {w.dtype}")
     if w.device != x.device:
         raise ValueError(f"linear: x on {x.device} but w on {w.device}")
     if bias is not None:
@@ -202,21 +212,24 @@ def linear_forward(x, w, bias=None, *, act="none", slope=0.01, save_pre=False, a
                    dropout_p=0.0, dropout_seed=0):
     """y = dropout(act(x @ w^T + bias)). Returns y, or (y, z) with z the pre-activation if save_pre.
 
-    dropout_p > 0: training-mode dropout with engine.kernels.dropout's mask for dropout_seed.
+    dropout_p > 0: training-mode dropout with engine.kernels.dropout's mask for dropout_seed
+    (an int or a ClockSeed).
 
-    x `[N, F]` fp32/fp16/bf16, w `[O, F]` fp32, bias `[O]` fp32 or None.
+    x `[N, F]` fp32/fp16/bf16, w `[O, F]` fp32 (or in x's dtype), bias `[O]` fp32 or None.
     y (and z) are `[N, O]` in x's dtype.
     """
     _check_x_w(x, w, bias)
     code = act_code(act)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"linear: dropout_p must be in [0, 1), got {dropout_p}")
+    check_seed(dropout_seed)
     N, F = x.shape
     O = w.shape[0]
     y = torch.empty((N, O), device=x.device, dtype=x.dtype)
     z = torch.empty((N, O), device=x.device, dtype=x.dtype) if save_pre else None
     if N > 0 and O > 0:
         flags = dict(HAS_BIAS=bias is not None, ACT=code, SAVE_PRE=bool(save_pre), DROPOUT=dropout_p > 0)
+        *seed, seed_mode = seed_args(dropout_seed) if dropout_p > 0 else (0, None, None, 0, 0)
 
         def run(cfg: Config) -> None:
             """Launch with tile config `cfg` (writes y and z afresh)."""
@@ -225,8 +238,8 @@ def linear_forward(x, w, bias=None, *, act="none", slope=0.01, save_pre=False, a
                 x, w, bias, y, z,
                 N, F, O,
                 x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), O,
-                float(slope), float(dropout_p), int(dropout_seed),
-                **flags, **_dot_flags(x.dtype, allow_tf32),
+                float(slope), float(dropout_p), *seed,
+                **flags, SEED_MODE=seed_mode, **_dot_flags(x.dtype, allow_tf32),
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta(),
             )
 
@@ -303,8 +316,11 @@ def _pick(kernel: str, shape: dict, t: torch.Tensor, default: Config, run, candi
                          candidates=candidates or weight_candidates)
 
 
-def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_tf32=False):
-    """Returns (dw `[O, F]` fp32, dbias `[O]` fp32 or None) for dz = act'(z) * dy."""
+def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_tf32=False, out=None):
+    """Returns (dw `[O, F]` fp32, dbias `[O]` fp32 or None) for dz = act'(z) * dy.
+
+    `out`: a contiguous fp32 `[O*F (+ O)]` tensor to write dw (then dbias) into, e.g.
+    the parameters' slots in the optimizer's flat gradient buffer; dw and dbias are its views."""
     N, F = x.shape
     O = dy.shape[1]
     _check_dy(dy, N, O, z, act)
@@ -319,7 +335,9 @@ def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_
     def run(cfg: Config):
         """(dw, db) with tile config `cfg`; partials are allocated per config and written, not added."""
         split, rows = _split_plan(N, O, F, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split)
-        part = torch.empty((split, L), device=x.device, dtype=torch.float32)  # [SPLIT, O*F (+ O)]
+        # [SPLIT, O*F (+ O)]; a single split is the result itself
+        part = out.view(1, L) if split == 1 and out is not None else torch.empty((split, L), device=x.device,
+                                                                                 dtype=torch.float32)
         if F == 0:
             part.zero_()  # only dbias matters; keep the kernel path simple
         launch(
@@ -335,7 +353,7 @@ def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_
         if split == 1:
             flat = part.view(L)
         else:
-            flat = sum_partials(part, block=4096 if device.INTERPRETED else 1024)
+            flat = sum_partials(part, block=4096 if device.INTERPRETED else 1024, out=out)
         return flat[: O * F].view(O, F), (flat[O * F:] if has_bias else None)
 
     bm, bn, bk, warps = _gemm_tiles(O, F, N, x.dtype)
@@ -355,25 +373,41 @@ def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_
 # ----------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------
+def weight_packing(dtype: torch.dtype) -> Packing | None:
+    """The copy of a linear weight the GEMMs read for `dtype` activations: the same [O, F]
+    layout in that dtype (None for fp32, which reads the master itself)."""
+    return None if dtype == torch.float32 else Packing((0, 1), dtype)
+
+
 class LinearFunction(torch.autograd.Function):
     """y = act(x @ w^T + bias) with the fused kernels above, forward and backward."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, act="none", slope=0.01, allow_tf32=False, dropout_p=0.0, dropout_seed=0):
+    def forward(ctx, x, w, bias, act="none", slope=0.01, allow_tf32=False, dropout_p=0.0, dropout_seed=0,
+                slots=(None, None)):
         need_pre = act_code(act) != 0
         drop = dict(dropout_p=dropout_p, dropout_seed=dropout_seed)
+        packing = weight_packing(x.dtype)
+        wk = (packed(w, packing) if packing is not None else None)
+        wk = w if wk is None else wk  # the weight the GEMMs read: the optimizer's packed copy if it keeps one
         if need_pre:
-            y, z = linear_forward(x, w, bias, act=act, slope=slope, save_pre=True, allow_tf32=allow_tf32, **drop)
+            y, z = linear_forward(x, wk, bias, act=act, slope=slope, save_pre=True, allow_tf32=allow_tf32, **drop)
         else:
-            y, z = linear_forward(x, w, bias, act=act, slope=slope, allow_tf32=allow_tf32, **drop), None
+            y, z = linear_forward(x, wk, bias, act=act, slope=slope, allow_tf32=allow_tf32, **drop), None
         ctx.dropout = (dropout_p, dropout_seed)
         ctx.save_for_backward(x, w, z)
+        # the optimizer's packed copy is a view of a buffer shared by every packed weight (so a
+        # version check on it would trip over its neighbours); nothing but the optimizer, after
+        # the backward, writes it
+        ctx.wk = wk if wk is not w else None
+        ctx.slots = slots  # the flat-gradient slots `linear` claimed for w and bias (grad mode is off in here)
         ctx.act, ctx.slope, ctx.allow_tf32, ctx.has_bias = act, slope, allow_tf32, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w, z = ctx.saved_tensors
+        wk = w if ctx.wk is None else ctx.wk
         dx = dw = db = None
         kw = dict(act=ctx.act, slope=ctx.slope, allow_tf32=ctx.allow_tf32)
         if dy.dtype != x.dtype:
@@ -381,16 +415,24 @@ class LinearFunction(torch.autograd.Function):
         if ctx.dropout[0] > 0:  # the forward's mask, regenerated from its seed
             dy = dropout_backward(dy.contiguous(), *ctx.dropout)
         if ctx.needs_input_grad[0]:
-            dx = linear_dgrad(dy, w, z, out_dtype=x.dtype, **kw)
+            dx = linear_dgrad(dy, wk, z, out_dtype=x.dtype, **kw)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            dw, db = linear_wgrad(dy, x, z, has_bias=ctx.has_bias, **kw)
+            O, F = wk.shape
+            whole = ctx.needs_input_grad[1] and (not ctx.has_bias or ctx.needs_input_grad[2])
+            sizes = [O * F, O][:1 + ctx.has_bias]
+            out = slot_region(list(ctx.slots[:len(sizes)]), sizes) if whole else None  # the flat slots
+            dw, db = linear_wgrad(dy, x, z, has_bias=ctx.has_bias, out=out, **kw)
             if not ctx.needs_input_grad[1]:
                 dw = None
             if not (ctx.has_bias and ctx.needs_input_grad[2]):
                 db = None
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def linear(x, w, bias=None, *, act="none", slope=0.01, allow_tf32=False, dropout_p=0.0, dropout_seed=0):
-    """Differentiable fused linear layer: dropout(act(x @ w^T + bias)), x `[N, F]`, w `[O, F]`."""
-    return LinearFunction.apply(x, w, bias, act, float(slope), bool(allow_tf32), float(dropout_p), int(dropout_seed))
+    """Differentiable fused linear layer: dropout(act(x @ w^T + bias)), x `[N, F]`, w `[O, F]`.
+    `dropout_seed`: an int or a ClockSeed."""
+    check_seed(dropout_seed)
+    slots = (claim_grad_slot(w), claim_grad_slot(bias) if bias is not None else None)
+    return LinearFunction.apply(x, w, bias, act, float(slope), bool(allow_tf32), float(dropout_p), dropout_seed,
+                                slots)

@@ -4,18 +4,30 @@ Logits are `[M, C]` rows: M = N for classification `[N, C]`, M = N*H*W for
 per-pixel segmentation logits stored NHWC `[N, H, W, C]` (a view, same kernel).
 Targets are integer class indices (`[N]` or `[N, H, W]`, int64).
 
-Semantics are PyTorch's `F.cross_entropy(logits, target, label_smoothing=eps)`
-with reduction "mean" (no ignore_index, no class weights):
+Semantics are PyTorch's `F.cross_entropy(s * logits, target, label_smoothing=eps)`
+with reduction "mean" (no ignore_index, no class weights); `s` (`logit_scale`,
+default 1) lets a network's trailing constant scale run inside the loss:
 
+    x = s * logits
     loss_i = lse_i - (1 - eps) * x_i[t_i] - (eps / C) * sum_j x_ij
-    dloss/dx_ij = (softmax_ij - eps / C - (1 - eps) * [j == t_i]) / M
+    dloss/dlogits_ij = s * (softmax_ij - eps / C - (1 - eps) * [j == t_i]) / M
 
-One kernel (`_xent_fwd_kernel`) computes, per block of rows, an online
-log-sum-exp over C-blocks, the per-row losses (summed into one fp32 partial per
-program) and the unscaled gradient `softmax - q` (fp32 math, stored in the
-logits' dtype). `_xent_mean_kernel` adds the partials in a fixed order and
-divides by M. The backward multiplies the saved gradient by `dL / M`, reading the
-incoming scalar gradient from its tensor (no host sync).
+`_xent_fwd_kernel` walks its rows in blocks: an online log-sum-exp over
+C-blocks, the per-row losses and whether the row's argmax is its target (fp32
+lane sums, added in a fixed order), then the gradient of the mean loss (fp32
+math, stored in the logits' dtype). When the whole batch fits one program
+(classification logits: `M * BLOCK_C <= 2**16` on a GPU) that program also
+finishes the mean: one launch. Otherwise each program writes a (loss, correct)
+partial and `_xent_finish_kernel` adds them in a fixed order: two launches.
+No atomics, so the loss is bit-identical run to run.
+
+The training step (engine.training.step) takes the gradient straight from
+`cross_entropy_step` and runs the backward from the logits, so its loss is those
+one or two launches. With a step clock (engine.kernels.clock) the finishing
+program also adds the batch to the epoch's running sums, records the first
+non-finite loss (the NaN guard) and advances the clock's step: no host sync.
+The autograd path (`cross_entropy`) adds one launch in the backward that
+multiplies the saved gradient by the incoming `dL`, read from its tensor.
 """
 from __future__ import annotations
 
@@ -28,90 +40,125 @@ from engine.kernels.common import FLOAT_DTYPES, next_pow2
 from engine.kernels.launch import launch
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for padding (keeps the interpreter free of inf - inf)
+ONE_PROGRAM_ELEMENTS = 1 << 16  # GPU: up to M * BLOCK_C logits, one program finishes the loss itself
+
+
+@triton.jit
+def _finish(loss_sum, correct, M, inv_m, loss_ptr, counters_ptr, stats_ptr, CLOCK: tl.constexpr):
+    """Store the mean loss; with a clock, update the epoch sums and the guard, then advance the step
+    (layout: engine.kernels.clock)."""
+    mean = loss_sum * inv_m  # scalar fp32
+    tl.store(loss_ptr, mean)
+    if CLOCK:
+        step = tl.load(counters_ptr + 1)  # int64 global index of this step
+        m64 = mean.to(tl.float64)
+        tl.store(stats_ptr + 0, tl.load(stats_ptr + 0) + m64 * M)
+        tl.store(stats_ptr + 1, tl.load(stats_ptr + 1) + correct.to(tl.float64))
+        tl.store(stats_ptr + 2, tl.load(stats_ptr + 2) + M)
+        bad = (mean != mean) | (tl.abs(mean) == float("inf"))  # not finite
+        first = bad & (tl.load(stats_ptr + 3) == 0.0)
+        tl.store(stats_ptr + 3, 1.0, mask=first)
+        tl.store(stats_ptr + 4, (step + 1).to(tl.float64), mask=first)
+        tl.store(stats_ptr + 5, m64, mask=first)
+        tl.store(counters_ptr + 1, step + 1)
 
 
 @triton.jit
 def _xent_fwd_kernel(
-    logits_ptr, target_ptr, grad_ptr, part_ptr,
-    M, C,
+    logits_ptr, target_ptr, grad_ptr, part_ptr, loss_ptr, counters_ptr, stats_ptr,
+    M, C, rows_per_prog,
     stride_lm, stride_lc,
-    eps,
+    eps, logit_scale, grad_scale, inv_m,
+    FINISH: tl.constexpr, CLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] row indices
-    row_mask = rows < M
-    tgt = tl.load(target_ptr + rows, mask=row_mask, other=0)  # [BLOCK_M] int class index
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
     offs_c = tl.arange(0, BLOCK_C)  # [BLOCK_C]
-
-    # pass 1: online log-sum-exp, sum of logits, target logit (all fp32)
-    run_max = tl.full((BLOCK_M,), _NEG, dtype=tl.float32)  # [BLOCK_M] running max
-    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # [BLOCK_M] sum exp(x - run_max)
-    sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)  # [BLOCK_M] sum_j x_ij
-    x_tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)  # [BLOCK_M] x_i[t_i]
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + offs_c
-        mask = row_mask[:, None] & (cols < C)[None, :]
-        x = tl.load(logits_ptr + rows[:, None] * stride_lm + cols[None, :] * stride_lc, mask=mask, other=0.0)
-        x = tl.where(mask, x.to(tl.float32), _NEG)  # [BLOCK_M, BLOCK_C] fp32
-        new_max = tl.maximum(run_max, tl.max(x, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
-        run_max = new_max
-        sum_x += tl.sum(tl.where(mask, x, 0.0), axis=1)
-        x_tgt += tl.sum(tl.where(mask & (cols[None, :] == tgt[:, None]), x, 0.0), axis=1)
-    lse = run_max + tl.log(run_sum)  # [BLOCK_M] fp32
-    loss = lse - (1.0 - eps) * x_tgt - (eps / C) * sum_x  # [BLOCK_M] fp32 per-row loss
-    loss = tl.where(row_mask, loss, 0.0)
-    tl.store(part_ptr + pid, tl.sum(loss, axis=0))
-
-    # pass 2: unscaled gradient softmax - q, q = eps/C + (1-eps)*onehot (fp32)
+    loss_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)  # [BLOCK_M] per-lane sums of row losses
+    hit_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)  # [BLOCK_M] per-lane counts of argmax == target
     off_value = eps / C
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + offs_c
-        mask = row_mask[:, None] & (cols < C)[None, :]
-        x = tl.load(logits_ptr + rows[:, None] * stride_lm + cols[None, :] * stride_lc, mask=mask, other=0.0)
-        x = tl.where(mask, x.to(tl.float32), _NEG)  # [BLOCK_M, BLOCK_C] fp32
-        p = tl.exp(x - lse[:, None])  # [BLOCK_M, BLOCK_C] fp32 softmax
-        g = p - off_value - tl.where(cols[None, :] == tgt[:, None], 1.0 - eps, 0.0)
-        tl.store(grad_ptr + rows[:, None] * C + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] row indices
+        row_mask = rows < row_end
+        tgt = tl.load(target_ptr + rows, mask=row_mask, other=0)  # [BLOCK_M] int class index
+        # pass 1: online log-sum-exp, sum of logits, target logit, argmax (all fp32)
+        run_max = tl.full((BLOCK_M,), _NEG, dtype=tl.float32)  # [BLOCK_M] running max
+        run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # [BLOCK_M] sum exp(x - run_max)
+        sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)  # [BLOCK_M] sum_j x_ij
+        x_tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)  # [BLOCK_M] x_i[t_i]
+        arg = tl.zeros((BLOCK_M,), dtype=tl.int32)  # [BLOCK_M] first index of the row max
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + offs_c
+            mask = row_mask[:, None] & (cols < C)[None, :]
+            x = tl.load(logits_ptr + rows[:, None] * stride_lm + cols[None, :] * stride_lc, mask=mask, other=0.0)
+            x = tl.where(mask, x.to(tl.float32) * logit_scale, _NEG)  # [BLOCK_M, BLOCK_C] fp32
+            blk_max = tl.max(x, axis=1)
+            arg = tl.where(blk_max > run_max, tl.argmax(x, axis=1).to(tl.int32) + c0, arg)  # ties: first wins
+            new_max = tl.maximum(run_max, blk_max)
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
+            run_max = new_max
+            sum_x += tl.sum(tl.where(mask, x, 0.0), axis=1)
+            x_tgt += tl.sum(tl.where(mask & (cols[None, :] == tgt[:, None]), x, 0.0), axis=1)
+        lse = run_max + tl.log(run_sum)  # [BLOCK_M] fp32
+        loss = lse - (1.0 - eps) * x_tgt - off_value * sum_x  # [BLOCK_M] fp32 per-row loss
+        loss_acc += tl.where(row_mask, loss, 0.0)
+        hit_acc += tl.where(row_mask & (arg == tgt), 1.0, 0.0)
+        # pass 2: gradient of the mean loss, grad_scale * (softmax - q), q = eps/C + (1-eps)*onehot
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + offs_c
+            mask = row_mask[:, None] & (cols < C)[None, :]
+            x = tl.load(logits_ptr + rows[:, None] * stride_lm + cols[None, :] * stride_lc, mask=mask, other=0.0)
+            x = tl.where(mask, x.to(tl.float32) * logit_scale, _NEG)  # [BLOCK_M, BLOCK_C] fp32
+            p = tl.exp(x - lse[:, None])  # [BLOCK_M, BLOCK_C] fp32 softmax
+            g = (p - off_value - tl.where(cols[None, :] == tgt[:, None], 1.0 - eps, 0.0)) * grad_scale
+            tl.store(grad_ptr + rows[:, None] * C + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+    loss_sum = tl.sum(loss_acc, axis=0)
+    hits = tl.sum(hit_acc, axis=0)
+    if FINISH:
+        _finish(loss_sum, hits, M, inv_m, loss_ptr, counters_ptr, stats_ptr, CLOCK)
+    else:
+        tl.store(part_ptr + pid * 2, loss_sum)
+        tl.store(part_ptr + pid * 2 + 1, hits)
 
 
 @triton.jit
-def _xent_mean_kernel(part_ptr, out_ptr, P, inv_m, BLOCK: tl.constexpr):
-    """out[()] = inv_m * sum(part[0:P]), summed in a fixed order by one program."""
+def _xent_finish_kernel(part_ptr, P, M, inv_m, loss_ptr, counters_ptr, stats_ptr,
+                        CLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: add the [P, 2] (loss, correct) partials in a fixed order, then `_finish`."""
     offs = tl.arange(0, BLOCK)  # [BLOCK]
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)  # [BLOCK] fp32 lane sums
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)  # [BLOCK] fp32 lane sums of losses
+    hits = tl.zeros((BLOCK,), dtype=tl.float32)  # [BLOCK] fp32 lane sums of correct rows
     for p0 in range(0, P, BLOCK):
-        acc += tl.load(part_ptr + p0 + offs, mask=p0 + offs < P, other=0.0)
-    tl.store(out_ptr, tl.sum(acc, axis=0) * inv_m)
+        acc += tl.load(part_ptr + (p0 + offs) * 2, mask=p0 + offs < P, other=0.0)
+        hits += tl.load(part_ptr + (p0 + offs) * 2 + 1, mask=p0 + offs < P, other=0.0)
+    _finish(tl.sum(acc, axis=0), tl.sum(hits, axis=0), M, inv_m, loss_ptr, counters_ptr, stats_ptr, CLOCK)
 
 
 @triton.jit
-def _xent_bwd_kernel(grad_ptr, dloss_ptr, out_ptr, L, inv_m, BLOCK: tl.constexpr):
-    """out = grad * (dloss / M), dloss read from a 1-element tensor."""
+def _xent_bwd_kernel(grad_ptr, dloss_ptr, out_ptr, L, BLOCK: tl.constexpr):
+    """out = grad * dloss (grad: the mean loss's gradient), dloss read from a 1-element tensor."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat indices
     mask = offs < L
-    scale = tl.load(dloss_ptr).to(tl.float32) * inv_m  # scalar fp32
+    scale = tl.load(dloss_ptr).to(tl.float32)  # scalar fp32
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK] fp32
     tl.store(out_ptr + offs, (g * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _xent_blocks(M: int, C: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_C, num_warps)."""
+def _xent_plan(M: int, C: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps, rows per program)."""
     if device.INTERPRETED:
         block_c = min(next_pow2(C), 4096)
         block_m = max(2, min(next_pow2(M), (1 << 18) // block_c))
-        return block_m, block_c, 4
+        return block_m, block_c, 4, (M if M * block_c <= (1 << 22) else block_m)
     block_c = min(next_pow2(C), 1024)
     block_m = max(2, min(next_pow2(M), 4096 // block_c))
-    return block_m, block_c, (8 if block_m * block_c >= 4096 else 4)
+    warps = 8 if block_m * block_c >= 4096 else 4
+    return block_m, block_c, warps, (M if M * block_c <= ONE_PROGRAM_ELEMENTS else block_m)
 
 
-def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0):
-    """logits `[M, C]`, target `[M]` int -> (mean loss: 0-dim fp32, unscaled grad `[M, C]` in logits' dtype).
-
-    The unscaled gradient is `softmax - q`; `dloss/dlogits = grad * dL / M`.
-    """
+def _check(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> None:
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy: logits must be [M, C], got shape {tuple(logits.shape)}")
     if logits.dtype not in FLOAT_DTYPES:
@@ -127,31 +174,48 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, label_smoo
         raise ValueError("cross_entropy: need at least one class")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0, *,
+                          logit_scale: float = 1.0, clock=None):
+    """logits `[M, C]`, target `[M]` int -> (mean loss: 0-dim fp32, its gradient `[M, C]` in logits' dtype).
+
+    `logit_scale` s: the loss of `s * logits` (the gradient is w.r.t. the unscaled
+    logits). `clock` (engine.kernels.clock.StepClock): also add the batch to the
+    epoch sums, set the NaN guard and advance the step (see the module docstring).
+    One launch when one program holds the batch, else two.
+    """
+    _check(logits, target, label_smoothing)
+    M, C = logits.shape
     if not target.is_contiguous():
         target = target.contiguous()
     grad = torch.empty((M, C), device=logits.device, dtype=logits.dtype)
     loss = torch.empty((), device=logits.device, dtype=torch.float32)
-    block_m, block_c, warps = _xent_blocks(M, C)
-    n_prog = triton.cdiv(M, block_m)
     if M == 0:
         loss.fill_(float("nan"))  # PyTorch's mean over nothing
         return loss, grad
-    part = torch.empty((n_prog,), device=logits.device, dtype=torch.float32)
-    launch(_xent_fwd_kernel, (n_prog,), logits, target, grad, part, M, C,
-           logits.stride(0), logits.stride(1), float(label_smoothing),
-           BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
-    launch(_xent_mean_kernel, (1,), part, loss, n_prog, 1.0 / M, BLOCK=1024, num_warps=4)
+    block_m, block_c, warps, rows = _xent_plan(M, C)
+    n_prog = triton.cdiv(M, rows)
+    part = None if n_prog == 1 else torch.empty((n_prog, 2), device=logits.device, dtype=torch.float32)
+    counters, stats = (clock.counters, clock.stats) if clock is not None else (None, None)
+    finish = dict(CLOCK=clock is not None)
+    launch(_xent_fwd_kernel, (n_prog,), logits, target, grad, part, loss, counters, stats, M, C, rows,
+           logits.stride(0), logits.stride(1), float(label_smoothing), float(logit_scale),
+           float(logit_scale) / M, 1.0 / M,
+           FINISH=n_prog == 1, **finish, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+    if n_prog > 1:
+        launch(_xent_finish_kernel, (1,), part, n_prog, M, 1.0 / M, loss, counters, stats, **finish,
+               BLOCK=1024, num_warps=4)
     return loss, grad
 
 
-def cross_entropy_backward(grad: torch.Tensor, dloss: torch.Tensor, M: int) -> torch.Tensor:
-    """dlogits = grad * dloss / M (grad: the unscaled gradient, dloss: a 1-element tensor)."""
+def cross_entropy_backward(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
+    """dlogits = grad * dloss (grad: the mean loss's gradient, dloss: a 1-element tensor)."""
     out = torch.empty_like(grad)
     L = grad.numel()
     if L:
         block = 1 << 16 if device.INTERPRETED else 1024
-        launch(_xent_bwd_kernel, (triton.cdiv(L, block),), grad, dloss, out, L, 1.0 / max(M, 1),
-               BLOCK=block, num_warps=4)
+        launch(_xent_bwd_kernel, (triton.cdiv(L, block),), grad, dloss, out, L, BLOCK=block, num_warps=4)
     return out
 
 
@@ -162,21 +226,16 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, target, label_smoothing=0.0):
         loss, grad = cross_entropy_forward(logits, target, label_smoothing)
         ctx.save_for_backward(grad)
-        ctx.m = logits.shape[0]
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
         (grad,) = ctx.saved_tensors
-        return cross_entropy_backward(grad, dloss, ctx.m), None, None
+        return cross_entropy_backward(grad, dloss), None, None
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy, a 0-dim fp32 tensor.
-
-    logits `[N, C]` with target `[N]`, or NHWC per-pixel logits `[N, H, W, C]`
-    with target `[N, H, W]` (the layout fusenet keeps activations in).
-    """
+def _rows(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[M, C]` logits and `[M]` targets from `[N, C]` + `[N]` or NHWC `[N, H, W, C]` + `[N, H, W]` (views)."""
     if logits.dim() == 2:
         if target.dim() != 1:
             raise ValueError(f"cross_entropy: [N, C] logits need a [N] target, got {tuple(target.shape)}")
@@ -189,7 +248,26 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: f
     else:
         raise ValueError(f"cross_entropy: logits must be [N, C] or NHWC [N, H, W, C], got {tuple(logits.shape)}")
     C = logits.shape[-1]
-    return CrossEntropyFunction.apply(logits.reshape(-1, C), target.reshape(-1), float(label_smoothing))
+    return logits.reshape(-1, C), target.reshape(-1)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy, a 0-dim fp32 tensor.
+
+    logits `[N, C]` with target `[N]`, or NHWC per-pixel logits `[N, H, W, C]`
+    with target `[N, H, W]` (the layout fusenet keeps activations in).
+    """
+    rows, target = _rows(logits, target)
+    return CrossEntropyFunction.apply(rows, target, float(label_smoothing))
+
+
+def cross_entropy_step(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0, *,
+                       logit_scale: float = 1.0, clock=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training step's loss: (mean loss, d loss / d logits shaped like `logits`), no autograd
+    node, so the step runs the backward from the logits with that gradient (`[N, C]` or NHWC logits)."""
+    rows, t = _rows(logits, target)
+    loss, grad = cross_entropy_forward(rows, t, float(label_smoothing), logit_scale=logit_scale, clock=clock)
+    return loss, grad.view(logits.shape)
 
 
 def network_loss(out: torch.Tensor, target: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -1,24 +1,31 @@
 """Fused multi-tensor optimizers: one Triton launch per step per parameter group.
 
-At construction every parameter of a group is re-pointed (`p.data = view`) into
-one flat fp32 buffer (values preserved), and the optimizer state (momentum,
-exp_avg, exp_avg_sq) lives in flat buffers of the same layout. A step copies the
-gradients into a flat gradient buffer (a copy per parameter, no arithmetic) and
-launches one kernel over a block table: each program owns one block of one
-parameter (`start, end, segment` rows), so a program never straddles two
-parameters and can look up that parameter's per-segment values.
+Storage is engine.kernels.params.FlatGroup: every parameter of a group is
+re-pointed into one flat fp32 buffer (values kept), the optimizer state
+(momentum, exp_avg, exp_avg_sq) lives in flat buffers of the same layout, and
+gradients are read where autograd left them through a table of addresses (or
+from the flat gradient slot a layer wrote them into): no gather copies. One
+kernel runs over a block table: each program owns one block of one parameter,
+so a program never straddles two parameters and can look up that parameter's
+values. After the update the kernel also writes the parameter's packed
+low-precision copies (params.Packing) that layers asked for, so no step
+repacks or casts a weight.
 
 Parameters whose `.grad` is None are skipped exactly as in torch.optim: no
-update, no weight decay, no state change (a per-segment has-grad flag; the
-program returns without touching memory).
+update, no weight decay, no state change (a per-segment has-grad flag).
 
-Hyperparameters (lr, betas, eps, weight decay, momentum, dampening) and the
-step-dependent values (bias corrections folded into `step_size` / `bc2_sqrt`,
-momentum first-step scales) are runtime kernel scalars, never constexprs, so lr
-schedules never recompile. They are read from `group[...]` at every step, so
-`torch.optim.lr_scheduler` works. Only when parameters of a group are at
-different step counts (a parameter that missed steps because its grad was None)
-do the step-dependent values come per segment from a small table (`PER_SEG`).
+Hyperparameters are runtime kernel scalars, never constexprs, so schedules
+never recompile. Two ways to get the learning rate:
+- eager (default): read from `group["lr"]` at every step, with the step-dependent
+  values (bias corrections, momentum's first-step scales) computed on the host,
+  so `torch.optim.lr_scheduler` works; parameters at different step counts get
+  them per segment from a small table (`PER_SEG`);
+- device (`attach_clock`, what the training step uses): the kernel reads
+  `lr = lr_table[STEP - 1]` and Adam's step count `t = STEP - offset` from the
+  step clock (engine.kernels.clock), so a step captured in a CUDA graph replays
+  with fresh values and the host computes nothing per step. The host's step
+  counts (the `step` of Adam's state dict) are then advanced by `note_step()`,
+  once per executed step, outside any capture.
 
 `state[p]` holds torch-compatible entries (`momentum_buffer`; `step`, `exp_avg`,
 `exp_avg_sq`) that are views into the flat buffers, so `state_dict()` saves them
@@ -27,8 +34,7 @@ Checkpoints interchange with torch.optim.SGD / Adam / AdamW.
 
 Caveat: a parameter must stay a view of the flat buffer; if `p.data` is
 replaced (e.g. `model.to(...)` after building the optimizer) the next step
-detects it (pointer check), copies the new value into the flat buffer and
-re-points the parameter.
+detects it, copies the new value into the flat buffer and re-points the parameter.
 """
 from __future__ import annotations
 
@@ -39,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine import device
 from engine.kernels.launch import launch
+from engine.kernels.params import MAX_PACKS, SEG_COLS, FlatGroup, capturing, load_grad, store_packed
 
 
 # ----------------------------------------------------------------------------
@@ -48,9 +54,10 @@ from engine.kernels.launch import launch
 # ----------------------------------------------------------------------------
 @triton.jit
 def _sgd_kernel(
-    param_ptr, grad_ptr, mom_ptr, blk_ptr, seg_ptr,
-    lr, weight_decay, momentum, buf_scale, grad_scale,
+    param_ptr, gtab_ptr, mom_ptr, pk_ptr, blk_ptr, seg_ptr, int_ptr, lr_ptr, counters_ptr,
+    lr, weight_decay, momentum, buf_scale, grad_scale, lr_len,
     HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, PER_SEG: tl.constexpr,
+    DEVICE_LR: tl.constexpr, PACK: tl.constexpr, SEG_COLS: tl.constexpr, MAX_PACKS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """torch.optim.SGD on one block of one parameter.
@@ -67,10 +74,13 @@ def _sgd_kernel(
         if PER_SEG:
             buf_scale = tl.load(seg_ptr + seg * 3 + 1)
             grad_scale = tl.load(seg_ptr + seg * 3 + 2)
+        if DEVICE_LR:
+            lr = tl.load(lr_ptr + tl.minimum(tl.load(counters_ptr + 1) - 1, lr_len - 1))  # by global step
+        seg_start = tl.load(int_ptr + seg * SEG_COLS)  # int64
         offs = start + tl.arange(0, BLOCK)  # [BLOCK] flat indices
         mask = offs < end
         p = tl.load(param_ptr + offs, mask=mask, other=0.0)  # [BLOCK] fp32
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0)  # [BLOCK] fp32
+        g = load_grad(gtab_ptr, seg, seg_start, offs, mask)  # [BLOCK] fp32
         if HAS_WD:
             g = g + weight_decay * p
         if HAS_MOMENTUM:
@@ -81,19 +91,24 @@ def _sgd_kernel(
                 g = g + momentum * buf
             else:
                 g = buf
-        tl.store(param_ptr + offs, p - lr * g, mask=mask)
+        p = p - lr * g
+        tl.store(param_ptr + offs, p, mask=mask)
+        if PACK:
+            store_packed(p, pk_ptr, int_ptr + seg * SEG_COLS + 3, offs - seg_start, mask, MAX_PACKS)
 
 
 @triton.jit
 def _adam_kernel(
-    param_ptr, grad_ptr, m_ptr, v_ptr, blk_ptr, seg_ptr,
-    weight_decay, decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
-    HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, PER_SEG: tl.constexpr,
-    BLOCK: tl.constexpr,
+    param_ptr, gtab_ptr, m_ptr, v_ptr, pk_ptr, blk_ptr, seg_ptr, int_ptr, lr_ptr, counters_ptr,
+    weight_decay, decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, log_beta1, log_beta2,
+    lr_len,
+    HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, PER_SEG: tl.constexpr, DEVICE_LR: tl.constexpr,
+    PACK: tl.constexpr, SEG_COLS: tl.constexpr, MAX_PACKS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """torch.optim.Adam (L2 into the grad) or AdamW (DECOUPLED: p *= 1 - lr*wd) on one block.
 
-    step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t) (host double math).
+    Eager: step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t) (host double math).
+    DEVICE_LR: lr from the table and t = STEP - offset[seg], the same formulas in fp32.
     """
     pid = tl.program_id(0)
     start = tl.load(blk_ptr + pid * 3)  # int64
@@ -104,10 +119,18 @@ def _adam_kernel(
         if PER_SEG:
             step_size = tl.load(seg_ptr + seg * 3 + 1)
             bc2_sqrt = tl.load(seg_ptr + seg * 3 + 2)
+        if DEVICE_LR:
+            now = tl.load(counters_ptr + 1)  # int64 steps begun, this one included
+            lr = tl.load(lr_ptr + tl.minimum(now - 1, lr_len - 1))  # past the table: its last rate
+            t = (now - tl.load(int_ptr + seg * SEG_COLS + 2)).to(tl.float32)  # this parameter's step count
+            step_size = lr / (1.0 - tl.exp(t * log_beta1))
+            bc2_sqrt = tl.sqrt(1.0 - tl.exp(t * log_beta2))
+            decay = 1.0 - lr * weight_decay
+        seg_start = tl.load(int_ptr + seg * SEG_COLS)  # int64
         offs = start + tl.arange(0, BLOCK)  # [BLOCK] flat indices
         mask = offs < end
         p = tl.load(param_ptr + offs, mask=mask, other=0.0)  # [BLOCK] fp32
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0)  # [BLOCK] fp32
+        g = load_grad(gtab_ptr, seg, seg_start, offs, mask)  # [BLOCK] fp32
         if HAS_WD:
             if DECOUPLED:
                 p = p * decay
@@ -122,130 +145,75 @@ def _adam_kernel(
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
         tl.store(param_ptr + offs, p, mask=mask)
-
-
-# ----------------------------------------------------------------------------
-# flat group storage
-# ----------------------------------------------------------------------------
-def _block_size() -> int:
-    return 1 << 16 if device.INTERPRETED else 2048
-
-
-class _FlatGroup:
-    """One param group's flat buffers, block table and per-segment table."""
-
-    def __init__(self, params: list[torch.Tensor]):
-        if not params:
-            raise ValueError("optimizer got an empty parameter group")
-        dev = params[0].device
-        for p in params:
-            if p.dtype != torch.float32:
-                raise ValueError(f"fused optimizers need fp32 parameters, got {p.dtype} (shape {tuple(p.shape)})")
-            if p.device != dev:
-                raise ValueError(f"all parameters of a group must be on one device: {p.device} vs {dev}")
-            if p.is_sparse:
-                raise ValueError("sparse parameters are not supported")
-        self.params = list(params)
-        self.shapes = [tuple(p.shape) for p in params]
-        self.numels = [p.numel() for p in params]
-        self.offsets = []
-        total = 0
-        for n in self.numels:
-            self.offsets.append(total)
-            total += n
-        self.total = total
-        self.device = dev
-        self.flat_param = torch.empty((max(total, 1),), device=dev, dtype=torch.float32)
-        self.flat_grad = torch.zeros((max(total, 1),), device=dev, dtype=torch.float32)
-        with torch.no_grad():
-            for p, a, n in zip(params, self.offsets, self.numels):
-                view = self.flat_param[a:a + n].view(p.shape)
-                view.copy_(p.detach())
-                p.data = view
-        self.bufs: dict[str, torch.Tensor] = {}
-        self.steps = [0] * len(params)  # host step counts (Adam)
-        self.block = _block_size()
-        rows = []
-        for i, (a, n) in enumerate(zip(self.offsets, self.numels)):
-            for b0 in range(0, n, self.block):
-                rows.append((a + b0, a + n, i))
-        self.n_blocks = len(rows)
-        self.blk_table = torch.tensor(rows if rows else [(0, 0, 0)], dtype=torch.int64).to(dev)
-        self.seg_table = torch.zeros((len(params), 3), device=dev, dtype=torch.float32)
-        self._seg_key: Any = None
-
-    def param_view(self, buf: torch.Tensor, i: int) -> torch.Tensor:
-        a, n = self.offsets[i], self.numels[i]
-        return buf[a:a + n].view(self.shapes[i])
-
-    def buffer(self, name: str) -> torch.Tensor:
-        if name not in self.bufs:
-            self.bufs[name] = torch.zeros((max(self.total, 1),), device=self.device, dtype=torch.float32)
-        return self.bufs[name]
-
-    def sync_params(self) -> None:
-        """Re-point parameters whose .data was replaced since the last step."""
-        for i, p in enumerate(self.params):
-            view = self.param_view(self.flat_param, i)
-            if p.data_ptr() != view.data_ptr() or tuple(p.shape) != self.shapes[i] or p.stride() != view.stride():
-                if tuple(p.shape) != self.shapes[i]:
-                    raise ValueError(f"parameter {i} changed shape from {self.shapes[i]} to {tuple(p.shape)}")
-                if p.dtype != torch.float32 or p.device != self.device:
-                    raise ValueError(f"parameter {i} moved to {p.dtype} on {p.device}; rebuild the optimizer")
-                with torch.no_grad():
-                    view.copy_(p.detach())
-                p.data = view
-
-    def gather_grads(self) -> list[bool]:
-        """Copy every available grad into flat_grad; returns the has-grad flags."""
-        has = []
-        for i, p in enumerate(self.params):
-            g = p.grad
-            if g is None:
-                has.append(False)
-                continue
-            if g.is_sparse:
-                raise ValueError("fused optimizers do not support sparse gradients")
-            dst = self.param_view(self.flat_grad, i)
-            if g.data_ptr() != dst.data_ptr() or g.stride() != dst.stride() or g.dtype != torch.float32:
-                dst.copy_(g)
-            has.append(True)
-        return has
-
-    def set_segments(self, has: list[bool], values: list[tuple[float, float]] | None) -> None:
-        """Upload the per-segment table: has-grad flags, and per-segment values if given."""
-        key = (tuple(has), None if values is None else tuple(values))
-        if key == self._seg_key:
-            return
-        rows = [
-            (1.0 if h else 0.0, *(values[i] if values is not None else (0.0, 0.0)))
-            for i, h in enumerate(has)
-        ]
-        self.seg_table.copy_(torch.tensor(rows, dtype=torch.float32))
-        self._seg_key = key
+        if PACK:
+            store_packed(p, pk_ptr, int_ptr + seg * SEG_COLS + 3, offs - seg_start, mask, MAX_PACKS)
 
 
 # ----------------------------------------------------------------------------
 # optimizers
 # ----------------------------------------------------------------------------
 class _FusedOptimizer(torch.optim.Optimizer):
-    """Base: flat storage per group, grad gathering, state_dict round trip."""
+    """Base: flat storage per group, device schedule, state_dict round trip."""
 
     _state_keys: tuple[str, ...] = ()  # flat-buffer-backed per-param state entries
     _has_step = False
 
     def __init__(self, params, defaults):
-        self._flat: list[_FlatGroup] = []
+        self._flat: list[FlatGroup] = []
+        self._device: tuple | None = None  # (counters, lr_table) once attach_clock was called
+        self._host_step = 0  # device mode: the global step index of the next step
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self._flat.append(_FlatGroup(self.param_groups[-1]["params"]))
+        self._flat.append(FlatGroup(self.param_groups[-1]["params"]))
 
     def _group_state_keys(self, group: dict) -> tuple[str, ...]:
         return self._state_keys
 
+    # -- device schedule -------------------------------------------------------
+    def attach_clock(self, counters: torch.Tensor, lr_table: torch.Tensor, step: int) -> None:
+        """Read the learning rate (`lr_table[STEP - 1]`, fp32 by global step; its last entry past
+        its end) and the step count from the step clock's `counters` (engine.kernels.clock) from
+        now on; `step` is the clock's STEP now. `group["lr"]` is then ignored."""
+        if lr_table.dtype != torch.float32 or lr_table.dim() != 1:
+            raise ValueError("lr_table must be a 1-D fp32 tensor (one learning rate per global step)")
+        self._device, self._host_step = (counters, lr_table), int(step)
+
+    def _lr_len(self) -> int:
+        return self._device[1].numel() if self._device is not None else 0
+
+    def note_step(self) -> None:
+        """Device mode: advance the host's step counts for one executed step (eager or replayed)."""
+        self._host_step += 1
+        for fg in self._flat:
+            for i, h in enumerate(fg.last_has):
+                fg.steps[i] += int(h)
+
+    def refresh_packed(self) -> None:
+        """Refresh packed copies of parameters changed in place (before replaying a captured step)."""
+        for fg in self._flat:
+            fg.refresh_packed()
+
+    def _kernel_common(self, fg: FlatGroup) -> tuple[tuple, dict]:
+        """(pointer args after the state buffers, constexprs) shared by both kernels (whose last
+        scalar is the length of the learning-rate table)."""
+        counters, lr_table = self._device if self._device is not None else (None, None)
+        ptrs = (fg.packed_buf, fg.blk_table, fg.seg_table, fg.int_table, lr_table, counters)
+        meta = dict(DEVICE_LR=self._device is not None, PACK=fg.packed_buf is not None, SEG_COLS=SEG_COLS,
+                    MAX_PACKS=MAX_PACKS, BLOCK=fg.block, num_warps=4)
+        return ptrs, meta
+
     # -- checkpoints ---------------------------------------------------------
+    def state_dict(self) -> dict:
+        if self._has_step:  # device mode counts on the host lazily: bring the saved `step`s up to date
+            for fg in self._flat:
+                for i, p in enumerate(fg.params):
+                    st = self.state.get(p)
+                    if st and "step" in st:
+                        st["step"].fill_(float(fg.steps[i]))
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         for group, fg in zip(self.param_groups, self._flat):
@@ -283,15 +251,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        in_capture = capturing()
         for group, fg in zip(self.param_groups, self._flat):
+            if in_capture:
+                fg.tables_for_capture()
             fg.sync_params()
-            has = fg.gather_grads()
+            has = fg.point_at_grads()
+            fg.last_has, fg.claimed = has, set()
             if not any(has) or fg.n_blocks == 0:
                 continue
             self._step_group(group, fg, has)
         return loss
 
-    def _step_group(self, group: dict, fg: _FlatGroup, has: list[bool]) -> None:
+    def _step_group(self, group: dict, fg: FlatGroup, has: list[bool]) -> None:
         raise NotImplementedError
 
 
@@ -314,35 +286,31 @@ class SGD(_FusedOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _step_group(self, group, fg, has):
-        lr = float(group["lr"])
-        momentum = float(group["momentum"])
-        dampening = float(group["dampening"])
+        momentum, dampening = float(group["momentum"]), float(group["dampening"])
         wd = float(group["weight_decay"])
-        nesterov = bool(group["nesterov"])
         has_mom = momentum != 0.0
         values = None
         buf_scale, grad_scale = momentum, 1.0 - dampening
         mom = fg.buffer("momentum_buffer") if has_mom else fg.flat_param
         if has_mom:
-            per = []
-            for i, p in enumerate(fg.params):
-                started = self.state[p].get("momentum_buffer") is not None if p in self.state else False
-                per.append((momentum, 1.0 - dampening) if started else (0.0, 1.0))
+            started = [p in self.state and self.state[p].get("momentum_buffer") is not None for p in fg.params]
+            per = [(momentum, 1.0 - dampening) if s else (0.0, 1.0) for s in started]
             used = {per[i] for i in range(len(per)) if has[i]}
             if len(used) == 1:
                 buf_scale, grad_scale = used.pop()
             else:
                 values = per
             for i, p in enumerate(fg.params):
-                if has[i] and self.state[p].get("momentum_buffer") is None:
+                if has[i] and not started[i]:
                     self.state[p]["momentum_buffer"] = fg.param_view(mom, i)
         fg.set_segments(has, values)
+        ptrs, meta = self._kernel_common(fg)
         launch(
             _sgd_kernel, (fg.n_blocks,),
-            fg.flat_param, fg.flat_grad, mom, fg.blk_table, fg.seg_table,
-            lr, wd, momentum, float(buf_scale), float(grad_scale),
-            HAS_WD=wd != 0.0, HAS_MOMENTUM=has_mom, NESTEROV=nesterov, PER_SEG=values is not None,
-            BLOCK=fg.block, num_warps=4,
+            fg.flat_param, fg.grad_table, mom, *ptrs,
+            float(group["lr"]), wd, momentum, float(buf_scale), float(grad_scale), self._lr_len(),
+            HAS_WD=wd != 0.0, HAS_MOMENTUM=has_mom, NESTEROV=bool(group["nesterov"]), PER_SEG=values is not None,
+            **meta,
         )
 
 
@@ -367,10 +335,9 @@ class Adam(_FusedOptimizer):
     def _step_group(self, group, fg, has):
         lr = float(group["lr"])
         beta1, beta2 = (float(b) for b in group["betas"])
-        eps = float(group["eps"])
         wd = float(group["weight_decay"])
-        m = fg.buffer("exp_avg")
-        v = fg.buffer("exp_avg_sq")
+        m, v = fg.buffer("exp_avg"), fg.buffer("exp_avg_sq")
+        eager = self._device is None
         per = []
         for i, p in enumerate(fg.params):
             if has[i]:
@@ -379,27 +346,30 @@ class Adam(_FusedOptimizer):
                     st["step"] = torch.tensor(0.0, dtype=torch.float32)
                     st["exp_avg"] = fg.param_view(m, i)
                     st["exp_avg_sq"] = fg.param_view(v, i)
-                fg.steps[i] += 1
-                st["step"].fill_(float(fg.steps[i]))
+                if eager:
+                    fg.steps[i] += 1
+                    st["step"].fill_(float(fg.steps[i]))
             t = fg.steps[i]
-            if t > 0:
-                per.append((lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t)))
-            else:
-                per.append((0.0, 1.0))
-        used = {per[i] for i in range(len(per)) if has[i]}
+            per.append((lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t)) if t > 0 else (0.0, 1.0))
         values = None
-        if len(used) == 1:
-            step_size, bc2_sqrt = used.pop()
-        else:
-            step_size, bc2_sqrt = 0.0, 1.0
-            values = per
-        fg.set_segments(has, values)
+        step_size, bc2_sqrt = 0.0, 1.0
+        if eager:
+            used = {per[i] for i in range(len(per)) if has[i]}
+            if len(used) == 1:
+                step_size, bc2_sqrt = used.pop()
+            else:
+                values = per
+        # device mode: t = STEP - offset with STEP = host step + 1 during this step's update
+        offsets = None if eager else [self._host_step - s for s in fg.steps]
+        fg.set_segments(has, values, offsets)
+        ptrs, meta = self._kernel_common(fg)
+        log_b = [math.log(b) if b > 0 else float("-inf") for b in (beta1, beta2)]
         launch(
             _adam_kernel, (fg.n_blocks,),
-            fg.flat_param, fg.flat_grad, m, v, fg.blk_table, fg.seg_table,
-            wd, 1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, eps, float(step_size), float(bc2_sqrt),
-            HAS_WD=wd != 0.0, DECOUPLED=self._decoupled, PER_SEG=values is not None,
-            BLOCK=fg.block, num_warps=4,
+            fg.flat_param, fg.grad_table, m, v, *ptrs,
+            wd, 1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, float(group["eps"]), float(step_size),
+            float(bc2_sqrt), *log_b, self._lr_len(),
+            HAS_WD=wd != 0.0, DECOUPLED=self._decoupled, PER_SEG=values is not None, **meta,
         )
 
 

@@ -4,9 +4,11 @@ The performance tools run a network without caring about its data: `fusenet
 inspect` and `fusenet bench` record the kernel variants a step launches (a dry
 run: no kernel executes), `fusenet tune` times them on the GPU, and the AOT
 tests compile them. They all need the same step, made here once: zero inputs of
-the network's shape, then forward, and in training the fused cross-entropy,
-backward and a fused SGD step (momentum, Nesterov, weight decay: the optimizer
-variant the examples train with).
+the network's shape and class-0 labels, then in training the step `fusenet
+train` runs (engine.training.step.TrainStep: logits, the fused loss under the
+step clock, backward, the fused optimizer in device mode) with a fused SGD
+(momentum, Nesterov, weight decay: the optimizer variant the examples train
+with), so the variants recorded are the ones training launches.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ def network_step(model, batch: int, training: bool) -> Callable[[], None]:
     """
     import torch
 
-    from engine.kernels.loss import network_loss
     from engine.kernels.optim import SGD
+    from engine.training.step import TrainStep
 
     def run() -> None:
         model.train(training)
@@ -32,8 +34,14 @@ def network_step(model, batch: int, training: bool) -> Callable[[], None]:
             with torch.no_grad():
                 model(x)
             return
+        out = model.output_shape
+        y = torch.zeros((batch,) if len(out) == 1 else (batch, *out[1:]), dtype=torch.int64)
         opt = SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        network_loss(model(x), label_smoothing=0.1).backward()  # class 0 everywhere: values do not matter
-        opt.step()
+        step = TrainStep(model, opt, backend="triton", device=x.device, lr_of=lambda k: 0.1, total_steps=1,
+                         label_smoothing=0.1)
+        try:
+            step.body(x, y)
+        finally:
+            step.close()
 
     return run

@@ -37,18 +37,23 @@ def activation(node: Node | None) -> tuple[str, float]:
     return node.op, float(node.attr(act.param)) if act.param else 0.0
 
 
-def dropout_seed() -> int:
-    """A dropout mask's seed, drawn from torch's CPU generator: torch.manual_seed
-    reproduces it and a checkpoint's saved RNG state resumes it exactly."""
+def dropout_seed(p=None, node_id: int = 0, on_device: bool = True):
+    """A dropout mask's seed. Under a training step's clock (`Pass.clock`), a ClockSeed:
+    drawn on the device per step, so a captured step replays with fresh masks. Otherwise
+    (or for a launcher that takes only integers: `on_device=False`) an int drawn from
+    torch's CPU generator: torch.manual_seed reproduces it and a checkpoint's saved RNG
+    state resumes it exactly."""
+    if p is not None and p.clock is not None and on_device:
+        return K_drop.ClockSeed(p.clock, node_id)
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-def _dropout(p, node_id: int | None) -> dict:
+def _dropout(p, node_id: int | None, on_device: bool = True) -> dict:
     """The dropout keyword arguments of a GEMM launcher for the epilogue's dropout node."""
     if node_id is None or not p.training:
         return {}
     prob = p.graph.node(node_id).attrs["p"]
-    return dict(dropout_p=prob, dropout_seed=dropout_seed()) if prob > 0 else {}
+    return dict(dropout_p=prob, dropout_seed=dropout_seed(p, node_id, on_device)) if prob > 0 else {}
 
 
 def conv(p, group: KernelGroup) -> torch.Tensor:
@@ -68,9 +73,14 @@ def conv(p, group: KernelGroup) -> torch.Tensor:
     y = K_conv.conv2d(x, layer.weight, layer.bias, residual=residual, stride=a["stride"], padding=a["pad"],
                       dilation=a["dilation"], groups=a["groups"], act=act, slope=slope,
                       allow_tf32=p.net.allow_tf32, scale=scale, shift=shift, out=p.concat_slice(group, x.shape[0]),
-                      stats=stats, **_dropout(p, e.dropout))
+                      stats=stats, **_dropout(p, e.dropout, on_device=False))  # conv takes int seeds (for now)
     if stats:  # the batch statistics of the bn that reads this output
         y, p.bn_partials[group.output] = y
+        if y.grad_fn is not None:
+            # the statistics are marked non-differentiable and their backward ignores
+            # their gradients: do not let autograd fill two zero tensors per conv for them
+            # (Conv2dFunction should say so itself, ctx.set_materialize_grads(False))
+            y.grad_fn.set_materialize_grads(False)
     return y
 
 
@@ -168,7 +178,7 @@ def dropout(p, group: KernelGroup) -> torch.Tensor:
     x = p.values[node.inputs[0]]
     if not p.training or node.attrs["p"] == 0.0:
         return x
-    return K_drop.dropout(x, node.attrs["p"], dropout_seed(), True)
+    return K_drop.dropout(x, node.attrs["p"], dropout_seed(p, node.id), True)
 
 
 def softmax(p, group: KernelGroup) -> torch.Tensor:

@@ -5,6 +5,13 @@ module's interface stays NCHW (converted once at the input and at the output,
 copies only). Every kernel group of the plan is one call into its family's
 executor (engine.runtime.executors), which calls an autograd.Function, so the
 backward pass runs on fusenet's backward kernels.
+
+The training step (engine.training.step) calls `logits` instead of `forward`:
+the last group's output as the fused loss reads it (NHWC, compute dtype: no
+conversion back), with a trailing constant `scale` left to the loss kernel.
+While a step clock is attached (`step_clock`), dropout draws its seeds on the
+device (engine.kernels.dropout.ClockSeed). Linear weights get a packed copy in
+the compute dtype that the fused optimizer keeps (engine.kernels.params).
 """
 from __future__ import annotations
 
@@ -14,10 +21,13 @@ import torch
 
 from engine.device import DEVICE, announce_interpreter
 from engine.ir.graph import Node
+from engine.ir.ops import Family
 from engine.passes.pipeline import run_pipeline
 from engine.passes.plan import KernelGroup, Plan
 from engine.precision import precision as precision_named
+from engine.kernels import linear as K_linear
 from engine.kernels import pointwise as K_pw
+from engine.kernels.params import request_packed
 from engine.runtime.executors import EXECUTORS
 from engine.runtime.network import Network
 
@@ -44,6 +54,11 @@ class TritonNetwork(Network):
         # plans[fold_bn]: folding batch norm into conv epilogues is only valid in
         # eval mode when no gradient is wanted (the fold treats BN as constants).
         self.plans = {fold: run_pipeline(spec.graph, training=not fold) for fold in (False, True)}
+        self.step_clock: torch.Tensor | None = None  # the step clock's counters while a training step runs
+        packing = K_linear.weight_packing(self.dtype)
+        for group in self.plans[False]:
+            if group.family is Family.LINEAR and packing is not None:
+                request_packed(self.layer(self.graph.node(group.anchor)).weight, packing)
         announce_interpreter()
 
     def kernel_plan(self, fold_bn: bool = False) -> Plan:
@@ -54,17 +69,67 @@ class TritonNetwork(Network):
         return self.plans[not self.training and not torch.is_grad_enabled()]
 
     def forward(self, x: torch.Tensor, taps: Sequence[str] = ()):
-        self.check_input(x)
         plan = self.current_plan()
-        p = Pass(self, plan, taps, x.device)
-        p.values.put(0, to_nhwc(x, self.dtype))
-        for group in plan:
-            with p.running(group):
-                p.values.put(group.output, EXECUTORS[group.family](p, group))
+        p = self._run(x, plan, list(plan), taps)
         out = to_nchw(p.values[plan.graph.output.id])
         if taps:
             return out, {t: to_nchw(p.values[plan.graph.taps[t]]) for t in taps}
         return out
+
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(the output as the fused loss reads it, a factor for the loss to scale it by): the last
+        group's value (NHWC or [N, K], compute dtype) and, when the network ends in a constant
+        `scale` read by nothing else, the value before it with that factor (the loss kernel applies
+        it, so the scale costs no launch). What the training step runs instead of `forward`."""
+        plan = self.current_plan()
+        groups, out_id, factor = list(plan), plan.graph.output.id, 1.0
+        last = self.graph.node(groups[-1].anchor) if groups else None
+        if (last is not None and groups[-1].family is Family.SCALE and groups[-1].output == out_id
+                and plan.readers().get(last.inputs[0], 0) == 1):
+            groups, out_id, factor = groups[:-1], last.inputs[0], float(last.attrs["factor"])
+        p = self._run(x, plan, groups, ())
+        return p.values[out_id], factor
+
+    def _run(self, x: torch.Tensor, plan: Plan, groups: list[KernelGroup], taps: Sequence[str]) -> "Pass":
+        self.check_input(x)
+        p = Pass(self, plan, taps, x.device)
+        p.values.put(0, to_nhwc(x, self.dtype))
+        for group in groups:
+            with p.running(group):
+                p.values.put(group.output, EXECUTORS[group.family](p, group))
+        return p
+
+    def capture_blockers(self) -> list[str]:
+        """Why a training step of this network cannot be captured in a CUDA graph (empty: it can)."""
+        return [f"group g{k} ({g.family.value}) has a dropout epilogue that takes an integer seed"
+                for k, g in enumerate(self.plans[False])
+                if g.family is Family.CONV and g.epilogue.dropout is not None
+                and self.graph.node(g.epilogue.dropout).attrs["p"] > 0]
+
+
+def fused_train_step(net: TritonNetwork, opt, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0,
+                     clock=None, clip_grad: float = 0.0, phase=None) -> torch.Tensor:
+    """One training step on fusenet's kernels: the network's `logits`, the fused loss (whose
+    gradient comes out of its forward kernel: the backward starts at the logits), the backward
+    and the fused optimizer. `clock` (engine.kernels.clock.StepClock): the loss adds to its sums
+    and advances it. `phase(name)` is called as "loss", "backward", "optimizer" and "done" begin
+    (engine.runtime.launches attributes launches with it). engine.training.step runs this.
+    Returns the mean loss (a 0-dim device tensor)."""
+    from engine.kernels.loss import cross_entropy_step
+
+    note = phase or (lambda name: None)
+    opt.zero_grad(set_to_none=True)
+    z, scale = net.logits(x)
+    note("loss")
+    loss, dz = cross_entropy_step(z, y, label_smoothing, logit_scale=scale, clock=clock)
+    note("backward")
+    torch.autograd.backward(z, dz)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], clip_grad)
+    note("optimizer")
+    opt.step()
+    note("done")
+    return loss
 
 
 class Pass:
@@ -79,6 +144,7 @@ class Pass:
         self.net, self.plan, self.graph = net, plan, plan.graph
         self.device = device
         self.training = net.training
+        self.clock = net.step_clock if self.training else None  # device dropout seeds (a training step)
         reads = plan.readers()
         for t in taps:
             reads[plan.graph.taps[t]] = reads.get(plan.graph.taps[t], 0) + 1

@@ -22,7 +22,7 @@ import torch
 from engine import device
 from engine.kernels.launch import launch_log, recording
 from engine.passes.plan import Plan, format_plan
-from engine.runtime.fused import Pass
+from engine.runtime.fused import Pass, fused_train_step
 
 
 @dataclass
@@ -102,11 +102,13 @@ def _attributing(launches: StepLaunches, log: list[str]):
 def record_launches(model, batch: int, training: bool = True, gpu_tiles: bool = True) -> StepLaunches:
     """Dry-run one step of `model` at `batch` and attribute every kernel launch.
 
-    Training: forward, fused cross-entropy, backward and the fused SGD step;
-    inference: the forward (batch norm folded). `gpu_tiles` makes launchers
-    choose their GPU tiles (what a GPU would launch) even under the interpreter.
+    Training: the training step's own code (`fused_train_step`: logits, fused
+    cross-entropy, backward, the fused SGD step of the examples in device mode,
+    under a step clock); inference: the forward (batch norm folded). `gpu_tiles`
+    makes launchers choose their GPU tiles (what a GPU would launch) even under
+    the interpreter.
     """
-    from engine.kernels.loss import network_loss
+    from engine.kernels.clock import StepClock
     from engine.kernels.optim import SGD
 
     was_training = model.training
@@ -121,18 +123,19 @@ def record_launches(model, batch: int, training: bool = True, gpu_tiles: bool = 
                 with torch.no_grad():
                     model(x)
                 return launches
+            out = model.output_shape
+            y = torch.zeros((batch,) if len(out) == 1 else (batch, *out[1:]), dtype=torch.int64, device=x.device)
+            clock = StepClock(x.device)
             opt = SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-            out = model(x)
-            att.switch(launches.loss)
-            loss = network_loss(out, label_smoothing=0.1)
-            att.claim([loss], launches.loss)
-            loss.backward()
-            att.switch(launches.optimizer)
-            opt.step()
-            att.switch(launches.unattributed)
+            opt.attach_clock(clock.counters, torch.full((1,), 0.1, device=x.device), 0)
+            model.step_clock = clock.counters
+            targets = {"loss": launches.loss, "optimizer": launches.optimizer}
+            fused_train_step(model, opt, x, y, label_smoothing=0.1, clock=clock,
+                             phase=lambda name: att.switch(targets.get(name, launches.unattributed)))
             model.zero_grad(set_to_none=True)
         return launches
     finally:
+        model.step_clock = None
         model.train(was_training)
 
 

@@ -12,11 +12,20 @@ A run, step by step (each step is one function below):
 3. `_prepare_weights` resumed from the checkpoint, or seeded init (and transfer); freezing;
 4. `_build_machinery` optimizer, losses, data parallelism, mixed precision, schedule;
 5. `_resume_progress` optimizer, schedule, history and random states from the checkpoint;
-6. per epoch: `_train_epoch` (with the NaN guard), `_validate`, `_record_epoch`
-   (best epoch, early stop), `_log_epoch`, `_save_checkpoint`;
+   then the training step (step.py: captured in a CUDA graph on CUDA unless
+   `cuda_graphs=False`, the CLI's --no-cuda-graphs);
+6. per epoch: `_train_epoch`, `_validate`, `check_finite` (guard.py: the NaN guard),
+   `_record_epoch` (best epoch, early stop), `_log_epoch`, `_save_checkpoint`;
 7. `_draw_curves` (also after an error) and `_draw_predictions`.
-The pieces live beside this module: schedule.py, init.py, optimizer_and_loss.py,
-distributed.py, evaluate.py, checkpoint.py, report.py and data/.
+The pieces live beside this module: step.py, guard.py, schedule.py, init.py,
+optimizer_and_loss.py, distributed.py, evaluate.py, checkpoint.py, report.py and data/.
+
+No host sync per step: the step keeps the epoch's running loss and accuracy and
+the NaN/inf flag on the device, and the loop reads them every
+`step.GUARD_EVERY` (50) steps and at the end of the epoch. A diverged model (a
+non-finite training loss, validation loss or weight) stops the run with a
+FusenetTrainError naming where it happened, before anything is saved: the last
+good checkpoint is never replaced.
 """
 from __future__ import annotations
 
@@ -35,10 +44,12 @@ from engine.training import data as D
 from engine.training import report
 from engine.training.distributed import Dist
 from engine.training.evaluate import evaluate, predict
-from engine.training.init import freeze, init_weights, restore_buffers
+from engine.training.guard import check_finite, read_guard
+from engine.training.init import freeze, init_weights
 from engine.training.optimizer_and_loss import build_optimizer, loss_fn
 from engine.training.progress import progress_bar
 from engine.training.schedule import LRSchedule
+from engine.training.step import GUARD_EVERY, TrainStep
 
 CHECKPOINT = "model.safetensors"
 BACKEND_LINES = {
@@ -85,6 +96,7 @@ class _Machinery:
     sched: LRSchedule
     gen: torch.Generator  # data order and augmentation
     steps_per_epoch: int
+    step: TrainStep | None = None  # made once the resumed progress is known
 
 
 @dataclass
@@ -102,12 +114,13 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
                  resume: bool = False, init: str | None = None, progress: bool | str = True,
                  log: Callable[[str], None] = print, dist: Dist | None = None,
                  callback: Callable[[int, dict], None] | None = None,
-                 dataset: D.Dataset | None = None) -> TrainResult:
+                 dataset: D.Dataset | None = None, cuda_graphs: bool = True) -> TrainResult:
     """Train `model` with TrainConfig `cfg`, writing the run folder `out_dir` (rank 0 only).
 
     `progress`: True or "bar" for a progress bar, "lines" for a plain line every
     PROGRESS_EVERY_S seconds (no terminal: CI, `| tee`, nohup), False for none.
-    curves.png and predictions.png are redrawn after every epoch."""
+    curves.png and predictions.png are redrawn after every epoch.
+    `cuda_graphs`: capture the training step in a CUDA graph (CUDA, backend triton)."""
     dist = dist or Dist()
     out = Path(out_dir)
     say = log if dist.main else (lambda *_: None)
@@ -120,6 +133,7 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
     state = _Progress()
     if ck is not None and not _resume_progress(ck, m, cfg, state, out, say):
         return TrainResult(out, state.history, "already_complete", state.best_epoch)
+    m.step = _make_step(m, cfg, backend, dist, state, cuda_graphs, say)
 
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -129,8 +143,12 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
         for epoch in range(state.start, cfg.epochs + 1):
             t0 = time.perf_counter()
             row = _train_epoch(m, cfg, data.train, dist, epoch, progress, out, last_good)
+            if m.step.capture_error:  # once: the step fell back to eager execution
+                say(f"CUDA graphs: the capture failed, the step runs eagerly ({m.step.capture_error})")
+                m.step.capture_error = ""
             train_time = time.perf_counter() - t0
             val_pred = _validate(m, cfg, data.val, dist, row, int(model.output_shape[0]))
+            check_finite(m.raw, cfg, row, epoch, out / CHECKPOINT, last_good)
             row.update(seconds=round(time.perf_counter() - t0, 3),
                        images_per_s=round(m.steps_per_epoch * cfg.batch / train_time, 1))
             early = _record_epoch(m, cfg, state, row)
@@ -148,6 +166,7 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
                 stopped = "early_stop"
                 break
     finally:
+        m.step.close()
         if dist.main and state.history:
             _draw_curves(out, state.history, name, say, cfg.label_smoothing)
     return TrainResult(out, state.history, stopped, state.best_epoch)
@@ -237,6 +256,23 @@ def _build_machinery(raw, cfg, backend: str, dist: Dist, n_train: int, frozen_bu
                       torch.Generator().manual_seed(cfg.seed), spe)
 
 
+def _make_step(m: _Machinery, cfg, backend: str, dist: Dist, state: "_Progress", cuda_graphs: bool,
+               say) -> TrainStep:
+    """The run's training step; captured in a CUDA graph where it can be."""
+    spe = m.steps_per_epoch
+    capture = cuda_graphs and dist.device.type == "cuda" and backend == "triton" and dist.world == 1
+    blockers = m.raw.capture_blockers() if capture else []
+    if blockers:
+        say(f"CUDA graphs: off ({'; '.join(blockers)})")
+    elif capture:
+        say("CUDA graphs: the training step is captured once and replayed (--no-cuda-graphs to run it eagerly)")
+    return TrainStep(m.raw, m.opt, backend=backend, device=dist.device, net=m.net,
+                     lr_of=lambda k: m.sched.lr(k // spe, k % spe), total_steps=cfg.epochs * spe,
+                     start_step=(state.start - 1) * spe, seed=cfg.seed, label_smoothing=cfg.label_smoothing,
+                     clip_grad=cfg.clip_grad, autocast=m.autocast, scaler=m.scaler if m.scaler.is_enabled() else None,
+                     frozen_buffers=m.frozen_buffers, capture=capture and not blockers)
+
+
 def _resume_progress(ck, m: _Machinery, cfg, state: _Progress, out: Path, say) -> bool:
     """Restore the optimizer, schedule, history and random states of a checkpointed run into
     `m` and `state`; False if that run has nothing left to do."""
@@ -263,65 +299,38 @@ def _resume_progress(ck, m: _Machinery, cfg, state: _Progress, out: Path, say) -
 # ----------------------------------------------------------------------------- one epoch
 
 
-def _nan_message(loss, epoch, step, gstep, lr, cfg, out: Path, last_epoch: int) -> str:
-    kept = (f"the last good checkpoint (epoch {last_epoch}) is kept at {out / CHECKPOINT}"
-            if last_epoch > 0 else "no checkpoint was written (the first epoch did not finish)")
-    causes = [f"a learning rate too high for this network (lr is {lr:.3g} at this step)"]
-    if not cfg.clip_grad:
-        causes.append("exploding gradients (add  clip_grad 1.0  to the train section)")
-    if cfg.precision == "fp16":
-        causes.append("fp16 overflow (try  precision bf16  or fp32)")
-    causes.append("NaN or Inf values in the input data")
-    return (f"loss became {loss} at epoch {epoch}, step {step} (global step {gstep}); training stopped. "
-            f"Likely causes: {'; '.join(causes)}. {kept[0].upper() + kept[1:]}.")
-
-
 def _train_epoch(m: _Machinery, cfg, train_ds: D.Dataset, dist: Dist, epoch: int, progress: bool, out: Path,
                  last_good: int) -> dict:
     """One pass over the training data; the epoch's row: epoch, lr, train loss and accuracy.
-    Stops with a FusenetTrainError the moment the loss is not finite."""
+    Reads the device's NaN flag every GUARD_EVERY steps and at the end (no other host sync):
+    a FusenetTrainError if a loss was not finite."""
     t0 = time.perf_counter()
     order = D.epoch_order(len(train_ds), m.gen)
     bar = progress_bar(progress if dist.main else False, m.steps_per_epoch, epoch, cfg.epochs)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-    lr = m.sched.lr(epoch - 1, 0)
+    refresh_s = getattr(bar, "every_s", 1.0)  # how often the bar's numbers are read (a host sync)
+    last_read = time.perf_counter()
+    m.step.clock.reset_sums()
+    first = m.step.host_step
     for step, (x, y) in enumerate(D.batches(train_ds, cfg.batch, order=order, drop_last=True,
                                             augment_cfg=cfg.augment, gen=m.gen, rank=dist.rank,
                                             world=dist.world)):
-        lr = m.sched.lr(epoch - 1, step)
-        for g in m.opt.param_groups:
-            g["lr"] = lr
-        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-        with torch.autocast(dist.device.type, dtype=m.autocast, enabled=m.autocast is not None):
-            outp = m.net(x)
-            loss = m.lossf(outp, y)
-        seen = loss.detach().float().reshape(1).clone()
-        if dist.world > 1:
-            seen = dist.all_sum(seen) / dist.world
-        if not torch.isfinite(seen).all():
-            gstep = (epoch - 1) * m.steps_per_epoch + step + 1
-            raise FusenetTrainError(_nan_message(seen.item(), epoch, step + 1, gstep, lr, cfg, out, last_good))
-        m.opt.zero_grad(set_to_none=True)
-        m.scaler.scale(loss).backward()
-        if cfg.clip_grad:
-            m.scaler.unscale_(m.opt)
-            torch.nn.utils.clip_grad_norm_(m.trainable, cfg.clip_grad)
-        m.scaler.step(m.opt)
-        m.scaler.update()
-        restore_buffers(m.raw, m.frozen_buffers)
-        n = y.numel()
-        correct = float((outp.detach().argmax(1) == y).sum())
-        local = loss.detach().float().item() if dist.world > 1 else seen.item()
-        sums += torch.tensor([local * n, correct, n], dtype=torch.float64)
+        m.step(x, y)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{seen.item():.4f}", acc=f"{correct / n:.3f}",
-                            img_s=f"{(step + 1) * cfg.batch / max(time.perf_counter() - t0, 1e-9):.0f}")
+        due = bar is not None and time.perf_counter() - last_read >= refresh_s
+        if (step + 1) % GUARD_EVERY == 0 or due:
+            st = read_guard(m.step, m.steps_per_epoch, cfg, dist, out / CHECKPOINT, last_good)
+            last_read = time.perf_counter()
+            if bar is not None:
+                n = max(st["count"], 1.0)
+                bar.set_postfix(loss=f"{st['loss_sum'] / n:.4f}", acc=f"{st['correct'] / n:.3f}",
+                                img_s=f"{(step + 1) * cfg.batch / max(time.perf_counter() - t0, 1e-9):.0f}")
     if bar is not None:
         bar.close()
-    sums = dist.all_sum(sums)
-    return {"epoch": epoch, "lr": lr, "train_loss": sums[0].item() / sums[2].item(),
-            "train_acc": sums[1].item() / sums[2].item()}
+    st = read_guard(m.step, m.steps_per_epoch, cfg, dist, out / CHECKPOINT, last_good)
+    sums = dist.all_sum(torch.tensor([st["loss_sum"], st["correct"], st["count"]], dtype=torch.float64))
+    return {"epoch": epoch, "lr": m.step.lr_at(max(m.step.host_step - 1, first)),
+            "train_loss": sums[0].item() / sums[2].item(), "train_acc": sums[1].item() / sums[2].item()}
 
 
 def _validate(m: _Machinery, cfg, val_ds: D.Dataset | None, dist: Dist, row: dict, num_classes: int):
@@ -341,6 +350,8 @@ def _record_epoch(m: _Machinery, cfg, state: _Progress, row: dict) -> bool:
     """Add the row to the history, step the plateau schedule, track the best epoch; True to stop early."""
     state.history.append(row)
     m.sched.end_epoch(row["val_loss"])
+    if cfg.schedule.name == "plateau":
+        m.step.update_lrs()
     if row["val_loss"] < state.best_val:
         state.best_val, state.bad_epochs, state.best_epoch = row["val_loss"], 0, row["epoch"]
     else:

@@ -141,7 +141,22 @@ def _extra_runs(precision: str):
     def split_global_pool():  # an image larger than one GPU chunk: split + combine
         global_avg_pool(torch.zeros(1, 80, 80, 8, dtype=model.dtype))
 
-    return [network_step(model, 2, True), network_step(model, 2, False), optimizers, eval_backward, split_global_pool]
+    def step_loss_and_device_optimizers():  # per-pixel logits: partials + finish; Adam(W) in device mode
+        from engine.kernels.clock import StepClock
+        from engine.kernels.loss import cross_entropy_step
+
+        clock = StepClock(x.device)
+        cross_entropy_step(torch.zeros(4 * 64 * 64, 21, dtype=model.dtype), torch.zeros(4 * 64 * 64, dtype=torch.int64),
+                           clock=clock)
+        for cls in (Adam, AdamW):
+            opt = cls(model.parameters(), lr=1e-3)
+            opt.attach_clock(clock.counters, torch.full((4,), 1e-3), 0)
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+
+    return [network_step(model, 2, True), network_step(model, 2, False), optimizers, eval_backward, split_global_pool,
+            step_loss_and_device_optimizers]
 
 
 def test_every_kernel_function_compiles_for_sm80_and_sm90():

@@ -313,3 +313,61 @@ def test_cli_trains_on_the_triton_backend_like_the_torch_backend(cli, capsys):
     ours, ref = metrics("triton"), metrics("torch")
     for key in ("train_loss", "val_loss", "val_acc"):
         assert abs(float(ours[key]) - float(ref[key])) <= 1e-3 * max(1.0, abs(float(ref[key]))), (key, ours, ref)
+
+
+# ----------------------------------------------------------------------------- the NaN guard (issue 13)
+
+
+def _finite_checkpoint(path) -> bool:
+    model = C.load_checkpoint(path).model
+    return all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
+
+
+def test_cli_diverged_run_exits_1_and_never_saves_the_diverged_model(cli, capsys, tmp_path):
+    """The issue's run: digits at lr 1e6 ends with a non-finite validation loss. It must exit 1
+    with the located message, and the checkpoint left is the last finite one."""
+    assert cli("train", "d.cnn", "--backend", "torch", "--epochs", "3", "--lr", "1e6", "--batch", "1024",
+               "--out", "r") == 1
+    err = capsys.readouterr().err
+    assert "fusenet train: error: validation loss became nan after epoch 2" in err, err
+    assert "learning rate too high" in err and "epoch 1) is kept at r/model.safetensors" in err
+    assert C.load_checkpoint(tmp_path / "r" / "model.safetensors").epoch == 1
+    assert _finite_checkpoint(tmp_path / "r" / "model.safetensors")
+
+
+def test_triton_backend_diverged_run_stops_with_the_same_message(tmp_path):
+    m = compile(DIGITS_SPEC, backend="triton")
+    cfg = _cfg(m, epochs=3, batch=128, optimizer=dataclasses.replace(m.train_config.optimizer, lr=1e6))
+    with pytest.raises(FusenetTrainError, match=r"(loss became (nan|inf) at epoch \d, step \d+|validation loss "
+                                                r"became (nan|inf) after epoch \d).*learning rate too high"):
+        T.run_training(m, cfg, tmp_path, backend="triton", progress=False, log=lambda *_: None,
+                       dataset=small_digits())
+    ck = tmp_path / "model.safetensors"
+    assert not ck.exists() or _finite_checkpoint(ck)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """A finite validation loss does not make the weights finite: every tensor is checked."""
+    from engine.training.guard import check_finite
+
+    m = compile(DIGITS_SPEC)
+    with torch.no_grad():
+        m.conv1.weight[0, 0, 0, 0] = float("inf")
+        m.bn0.running_var[1] = float("nan")
+    row = {"val_loss": 0.5, "train_loss": 0.4, "lr": 0.1}
+    with pytest.raises(FusenetTrainError, match=r"weights became non-finite \(bn0.running_var and 1 more\) during "
+                                                r"epoch 3.*epoch 2\) is kept"):
+        check_finite(m, _cfg(m), row, 3, tmp_path, 2)
+    with pytest.raises(FusenetTrainError, match="validation loss became inf after epoch 3"):
+        check_finite(m, _cfg(m), {**row, "val_loss": float("inf")}, 3, tmp_path, 2)
+
+
+def test_the_nan_flag_is_read_every_guard_every_steps_and_at_epoch_end(tmp_path, monkeypatch):
+    from engine.kernels.clock import StepClock
+
+    reads = []
+    real = StepClock.read
+    monkeypatch.setattr(StepClock, "read", lambda self: (reads.append(1), real(self))[1])
+    monkeypatch.setattr(T, "GUARD_EVERY", 2)
+    _run(DIGITS_SPEC, tmp_path, epochs=1)  # 384 training images, batch 64: 6 steps
+    assert len(reads) == 6 // 2 + 1

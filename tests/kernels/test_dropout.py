@@ -116,3 +116,53 @@ def test_no_torch_compute_ops_forward_backward():
     bad = rec.ops - ALLOWED_ATEN
     assert not bad, f"torch compute ops used: {sorted(bad)}"
     assert x.grad is not None
+
+
+# ----------------------------------------------------------------------------- seeds from the step clock
+
+
+def _clock(base: int, step: int) -> torch.Tensor:
+    return torch.tensor([base, step], dtype=torch.int64)
+
+
+def test_clock_seed_draws_per_step_and_site_and_backward_uses_the_recorded_seed():
+    x = (torch.rand(2, 7, 9, 17) + 0.5).requires_grad_()
+    counters = _clock(123, 4)
+    seed = dr.ClockSeed(counters, site=3)
+    y = dr.dropout(x, 0.4, seed)
+    drawn = int(seed.used.item())
+    assert 0 <= drawn < 2**31 and torch.equal(y, dr.dropout(x.detach(), 0.4, drawn))  # the mask of the drawn seed
+    counters[1] += 1  # the loss advances the clock between forward and backward
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert_close(x.grad, g * (y.detach() / x.detach()), what="backward mask")
+    # the same (base, step, site) draws the same seed; another step or site another one
+    again = dr.ClockSeed(_clock(123, 4), 3)
+    assert torch.equal(dr.dropout_forward(x.detach(), 0.4, again), y.detach())
+    for other in (dr.ClockSeed(_clock(123, 5), 3), dr.ClockSeed(_clock(123, 4), 4), dr.ClockSeed(_clock(124, 4), 3)):
+        assert not torch.equal(dr.dropout_forward(x.detach(), 0.4, other), y.detach())
+
+
+def test_clock_seed_launches_identical_arguments_at_every_step():
+    """What makes a captured step valid: nothing per step is a host scalar of the launch."""
+    x = torch.randn(4, 33)
+    counters = _clock(7, 0)
+    args = []
+    with launch_mod_observing(lambda kernel, a: args.append(tuple(v for v in a if not isinstance(v, torch.Tensor)))):
+        for step in range(3):
+            counters[1] = step
+            dr.dropout_forward(x, 0.3, dr.ClockSeed(counters, 1))
+    assert args[0] == args[1] == args[2]
+
+
+def launch_mod_observing(fn):
+    from engine.kernels.launch import observing
+
+    return observing(fn)
+
+
+def test_clock_seed_validation():
+    with pytest.raises(ValueError, match="counters"):
+        dr.ClockSeed(torch.zeros(2), 0)
+    with pytest.raises(RuntimeError, match="before its forward"):
+        dr.dropout_backward(torch.randn(3, 4), 0.5, dr.ClockSeed(_clock(1, 1), 0))

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from engine import device
 from engine.kernels import launch as launch_mod
-from engine.kernels.linear import linear, linear_forward, linear_wgrad
+from engine.kernels.launch import recording
+from engine.kernels.linear import linear, linear_forward, linear_wgrad, weight_packing
 from helpers import DATA_MOVEMENT_OPS, OpRecorder, assert_close, check_against_torch, torch_act
 
 SLOPE = 0.01  # leaky_relu's: the kernels' default
@@ -162,3 +163,70 @@ def test_dropout_epilogue_matches_torch_with_the_same_mask(act):
 
     check_against_torch(ours, ref, [x, w, b])
     assert 0.25 < float((keep == 0).double().mean()) < 0.55
+
+
+# ----------------------------------------------------------------------------- under the fused optimizer
+
+
+def _optimized(o: int, f: int, dtype):
+    from engine.kernels import optim
+    from engine.kernels.params import request_packed
+
+    w = torch.nn.Parameter(torch.randn(o, f) / f ** 0.5)
+    b = torch.nn.Parameter(torch.randn(o))
+    packing = weight_packing(dtype)
+    if packing is not None:
+        request_packed(w, packing)
+    return w, b, optim.SGD([w, b], lr=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_land_in_the_flat_slots_and_16_bit_gemms_read_the_packed_copy(dtype):
+    from engine.kernels.params import packed
+
+    w, b, opt = _optimized(10, 33, dtype)
+    x = torch.randn(70, 33).to(dtype)
+    flat = opt._flat[0].flat_grad
+    for _ in range(2):
+        opt.zero_grad()
+        with recording() as specs:
+            y = linear(x, w, b, act="relu")
+        y.float().sum().backward()
+        assert w.grad.data_ptr() == flat.data_ptr() and b.grad.data_ptr() == flat.data_ptr() + 4 * 330
+        wk = packed(w, weight_packing(dtype)) if dtype != torch.float32 else w  # what the GEMMs read
+        ref_w, ref_b = wk.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+        torch.relu(x.double() @ ref_w.t() + ref_b).sum().backward()
+        assert_close(w.grad, ref_w.grad, dtype, what="dw")
+        assert_close(b.grad, ref_b.grad, dtype, what="db")
+        opt.step()
+    if dtype != torch.float32:
+        lp = packed(w, weight_packing(dtype))
+        assert lp is not None and lp.dtype == dtype
+        wtypes = {dict(s.signature).get("w_ptr") for s in specs if s.name == "_linear_fwd_kernel"}
+        assert wtypes == {"*bf16"}, wtypes  # the GEMM read the 16-bit copy, not the fp32 master
+
+
+def test_a_weight_used_twice_in_one_step_gets_the_sum_of_both_gradients():
+    w, b, opt = _optimized(6, 9, torch.float32)
+    x1, x2 = torch.randn(5, 9), torch.randn(7, 9)
+    opt.zero_grad()
+    (linear(x1, w, b).sum() + 2 * linear(x2, w, b).sum()).backward()
+    rw = w.detach().double().requires_grad_()
+    ((x1.double() @ rw.t()).sum() + 2 * (x2.double() @ rw.t()).sum()).backward()
+    assert_close(w.grad, rw.grad, what="dw of a shared weight")
+    # without zero_grad the next gradient is added to the one in the slot, not written over it
+    linear(x1, w, b).sum().backward()
+    (x1.double() @ rw.t()).sum().backward()
+    assert_close(w.grad, rw.grad, what="accumulated dw")
+
+
+def test_a_linear_without_bias_writes_only_its_own_slot():
+    from engine.kernels import optim
+
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    after = torch.nn.Parameter(torch.randn(5))  # the next slot in the flat buffer
+    opt = optim.SGD([w, after], lr=0.1)
+    after.grad = None
+    linear(torch.randn(3, 6), w).sum().backward()
+    assert w.grad.data_ptr() == opt._flat[0].flat_grad.data_ptr()
+    assert after.grad is None and not opt._flat[0].flat_grad[24:].any()

@@ -110,3 +110,89 @@ def test_cross_entropy_shape_errors():
         cross_entropy(torch.randn(4, 3), torch.rand(4))
     with pytest.raises(ValueError):
         cross_entropy(torch.randn(4, 3, 2), torch.randint(0, 3, (4,)))
+
+
+# ----------------------------------------------------------------------------- the training step's loss
+
+
+def _launches(fn):
+    calls = []
+    with launch_mod.observing(lambda kernel, args: calls.append(launch_mod.kernel_name(kernel))):
+        out = fn()
+    return calls, out
+
+
+def test_classification_loss_is_one_launch_and_large_logits_two(monkeypatch):
+    from engine.kernels.loss import cross_entropy_step
+
+    monkeypatch.setattr(device, "INTERPRETED", False)  # the GPU plan: one program up to 2**16 logits
+    with launch_mod.recording(dry_run=True):
+        calls, _ = _launches(lambda: cross_entropy_step(torch.randn(1024, 10), torch.zeros(1024, dtype=torch.int64)))
+        assert calls == ["_xent_fwd_kernel"]
+        calls, _ = _launches(lambda: cross_entropy(torch.randn(1024, 10).requires_grad_(),
+                                                   torch.zeros(1024, dtype=torch.int64)).backward(torch.tensor(1.0)))
+        assert calls == ["_xent_fwd_kernel", "_xent_bwd_kernel"]  # the autograd path: at most 2
+        big = torch.randn(4 * 64 * 64, 21)  # per-pixel logits: partials, then the finishing program
+        calls, _ = _launches(lambda: cross_entropy_step(big, torch.zeros(big.shape[0], dtype=torch.int64)))
+        assert calls == ["_xent_fwd_kernel", "_xent_finish_kernel"]
+
+
+@pytest.mark.parametrize("one_program", [True, False])
+def test_step_loss_gradient_scale_sums_and_clock(monkeypatch, one_program):
+    """The step's loss: the gradient of the mean loss of `s * logits` w.r.t. the logits, and
+    with a clock the epoch sums (loss * rows, correct rows, rows), the step advanced."""
+    from engine.kernels.clock import StepClock
+    from engine.kernels.loss import cross_entropy_step
+
+    if not one_program:
+        monkeypatch.setattr("engine.kernels.loss._xent_plan", lambda M, C: (16, 8, 4, 32))  # 10 programs
+    x = torch.randn(300, 7) * 3
+    t = torch.randint(0, 7, (300,))
+    clock = StepClock(x.device, base_seed=5, step=10)
+    loss, grad = cross_entropy_step(x, t, 0.1, logit_scale=0.5, clock=clock)
+    xr = x.double().requires_grad_()
+    ref = F.cross_entropy(xr * 0.5, t, label_smoothing=0.1)
+    ref.backward()
+    assert_close(loss, ref.detach(), what="loss")
+    assert_close(grad, xr.grad, what="gradient")
+    st = clock.read()
+    assert st["count"] == 300 and st["correct"] == float((x.argmax(1) == t).sum())
+    assert st["loss_sum"] == pytest.approx(float(loss) * 300, rel=1e-12)
+    assert not st["bad"] and clock.step() == 11
+
+
+def test_step_loss_is_deterministic_across_program_counts(monkeypatch):
+    from engine.kernels.loss import cross_entropy_step
+
+    x, t = torch.randn(300, 7), torch.randint(0, 7, (300,))
+    a, ga = cross_entropy_step(x, t)
+    b, gb = cross_entropy_step(x, t)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    monkeypatch.setattr("engine.kernels.loss._xent_plan", lambda M, C: (16, 8, 4, 32))
+    c, gc = cross_entropy_step(x, t)
+    assert torch.equal(gc, ga) and abs(float(c) - float(a)) <= 1e-6 * abs(float(a))
+
+
+def test_nan_guard_flag_keeps_the_first_bad_step():
+    from engine.kernels.clock import StepClock
+    from engine.kernels.loss import cross_entropy_step
+
+    x, t = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    clock = StepClock(x.device, step=0)
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.warns(RuntimeWarning) if device.INTERPRETED else _nothing():
+        for logits in (x, x, bad, x, bad * float("inf")):  # global steps 1..5: the first bad is step 3
+            cross_entropy_step(logits, t, clock=clock)
+    st = clock.read()
+    assert st["bad"] and st["bad_step"] == 3 and st["bad_loss"] != st["bad_loss"] and clock.step() == 5
+    clock.reset_sums()
+    assert clock.read()["count"] == 0 and clock.read()["bad"]  # the guard survives the epoch's reset
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

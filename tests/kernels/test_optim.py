@@ -207,3 +207,156 @@ def test_rejects_non_fp32_params():
         fo.Adam([torch.randn(3, dtype=torch.float16, requires_grad=True)])
     with pytest.raises(ValueError):
         fo.SGD([torch.randn(3, requires_grad=True)], lr=0.1, nesterov=True)
+
+
+# ----------------------------------------------------------------------------- gradients read in place
+
+
+def test_gradients_are_read_where_autograd_left_them_no_gather_copies():
+    ours, ref, o, r = _make_pair(fo.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9))
+    for step in range(3):
+        _set_grads(ours, ref, step)
+        o.step()
+        r.step()
+    _compare(ours, ref)
+    # nothing was copied into the flat gradient buffer: the kernel read every gradient in place
+    assert not o._flat[0].flat_grad.any()
+
+
+def test_a_gradient_in_another_layout_is_copied_into_its_slot():
+    p = torch.randn(4, 6, requires_grad=True)
+    q = p.detach().double().clone().requires_grad_()
+    o, r = fo.SGD([p], lr=0.1, momentum=0.9), torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    for step in range(2):
+        p.grad = torch.randn(6, 4).t()  # not contiguous
+        q.grad = p.grad.double()
+        o.step()
+        r.step()
+    assert_close(p, q)
+    assert torch.equal(o._flat[0].flat_grad.view(4, 6), p.grad)
+
+
+# ----------------------------------------------------------------------------- device mode (the training step)
+
+
+@pytest.mark.parametrize("ours_cls,ref_cls,kw", [CASES[2], CASES[5], CASES[7]], ids=[IDS[2], IDS[5], IDS[7]])
+def test_device_schedule_tracks_torch_with_a_changing_learning_rate(ours_cls, ref_cls, kw):
+    """attach_clock: the rate comes from a device table by the clock's step and Adam's t from
+    the clock; every launch has the same host arguments (what a captured graph replays)."""
+    from engine.kernels.clock import STEP, StepClock
+    from engine.kernels.launch import observing
+
+    ours, ref, o, r = _make_pair(ours_cls, ref_cls, kw)
+    lrs = [0.05, 0.02, 0.04, 0.01, 0.03]
+    clock = StepClock(ours[0].device, step=0)
+    o.attach_clock(clock.counters, torch.tensor(lrs, dtype=torch.float32), 0)
+    args = []
+    for step in range(5):
+        _set_grads(ours, ref, step)
+        clock.counters[STEP] += 1  # what the training step's loss kernel does before the update
+        for g in r.param_groups:
+            g["lr"] = lrs[step]
+        with observing(lambda kernel, a: args.append(tuple(v for v in a if not isinstance(v, torch.Tensor)))):
+            o.step()
+        o.note_step()
+        r.step()
+        _compare(ours, ref, f"step {step}")
+    assert len(set(args[3:])) == 1, "a launch argument changed between steady-state steps"
+    if ours_cls is not fo.SGD:  # the host's step counts (the state dict's `step`) follow
+        sd = o.state_dict()["state"]
+        assert [float(sd[i]["step"]) for i in sorted(sd)] == [float(r.state[q]["step"]) for q in ref if q in r.state]
+
+
+# ----------------------------------------------------------------------------- packed copies
+
+
+PACKINGS = [((1, 0), torch.bfloat16), ((2, 3, 1, 0), torch.bfloat16), ((2, 3, 0, 1), torch.float16)]
+
+
+@pytest.mark.parametrize("perm,dtype", PACKINGS)
+def test_the_kernel_writes_packed_copies_next_to_the_master(perm, dtype):
+    from engine.kernels.params import Packing, packed, request_packed
+
+    shapes = [(5,), (7, 3) if len(perm) == 2 else (6, 3, 3, 2), (4,)]
+    ps = [torch.randn(s, requires_grad=True) for s in shapes]
+    k = Packing(perm, dtype)
+    request_packed(ps[1], k)
+    o = fo.Adam(ps, lr=0.01)
+    assert packed(ps[0], k) is None  # nobody asked for this one
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        o.step()
+        got = packed(ps[1], k)
+        want = ps[1].detach().permute(perm)
+        assert got.dtype == dtype and got.is_contiguous() and got.shape == want.shape
+        assert torch.equal(got, want.to(dtype))  # rounded to nearest even, as torch casts
+
+
+def test_packed_copy_refreshes_after_an_in_place_change_and_a_re_pointed_parameter():
+    from engine.kernels.params import Packing, packed, request_packed
+
+    p = torch.randn(6, 5, requires_grad=True)
+    k = Packing((1, 0), torch.bfloat16)
+    request_packed(p, k)
+    o = fo.SGD([p], lr=0.1)
+    with torch.no_grad():
+        p.copy_(torch.full((6, 5), 3.0))  # e.g. load_state_dict after the optimizer was built
+    assert torch.equal(packed(p, k), torch.full((5, 6), 3.0, dtype=torch.bfloat16))
+    p.data = torch.full((6, 5), 2.0)  # not a view of the flat buffer any more: no copy to hand out
+    assert packed(p, k) is None
+    p.grad = torch.ones(6, 5)
+    o.step()  # re-points it and refreshes
+    assert torch.equal(packed(p, k), torch.full((5, 6), 1.9, dtype=torch.float32).bfloat16())
+
+
+def test_packing_validation():
+    from engine.kernels.params import Packing, request_packed
+
+    with pytest.raises(ValueError, match="permutation"):
+        request_packed(torch.randn(3, 4), Packing((0, 0), torch.bfloat16))
+    a, b = torch.randn(3, requires_grad=True), torch.randn(3, 2, requires_grad=True)
+    request_packed(a, Packing((0,), torch.bfloat16))
+    request_packed(b, Packing((1, 0), torch.float16))
+    with pytest.raises(ValueError, match="share a dtype"):
+        fo.SGD([a, b], lr=0.1)
+
+
+# ----------------------------------------------------------------------------- flat gradient slots
+
+
+def test_gradient_slots_once_per_step_and_never_clobbering_an_accumulated_gradient():
+    from engine.kernels.params import claim_grad_slot, slot_view
+
+    p = torch.randn(3, 4, requires_grad=True)
+    o = fo.SGD([p], lr=0.1)
+    flat = o._flat[0].flat_grad
+    claim = claim_grad_slot(p)
+    assert claim is not None and claim_grad_slot(p) is None  # a second use in the same step gets none
+    view = slot_view(claim)
+    assert view.data_ptr() == flat.data_ptr() and view.shape == (3, 4)
+    p.grad = torch.ones(3, 4)
+    assert slot_view(claim) is None  # a gradient is already there: the new one must be added, not written over
+    o.step()
+    assert claim_grad_slot(p) is not None  # the step frees the slot for the next forward
+    with torch.no_grad():
+        assert claim_grad_slot(p) is None  # no gradient wanted, no claim
+
+
+def test_each_captured_step_gets_its_own_tables(monkeypatch):
+    """Inside a CUDA-graph capture the optimizer gives the graph its own address and segment
+    tables, so a later eager step or another graph (the bench captures one per input slot)
+    cannot change what it reads at replay."""
+    from engine.kernels.launch import observing
+
+    p = torch.randn(5, requires_grad=True)
+    o = fo.SGD([p], lr=0.1)
+    seen = []
+    monkeypatch.setattr(fo, "capturing", lambda: True)
+    grads = [torch.ones(5), torch.full((5,), 2.0)]
+    for g in grads:  # two "captures" with gradients at different addresses
+        p.grad = g
+        with observing(lambda kernel, args: seen.append(args[1])):  # the grad address table
+            o.step()
+    assert seen[0] is not seen[1]
+    assert seen[0].tolist() == [grads[0].data_ptr()] and seen[1].tolist() == [grads[1].data_ptr()]

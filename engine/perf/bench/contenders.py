@@ -16,6 +16,13 @@ step captured with torch.cuda.graph), so "with graphs" compares like with like;
 torch.compile's "reduce-overhead" modes would graph only the compiled part.
 The optimizer is the spec's: fusenet's fused single-launch one, torch.optim
 (foreach) for the baselines.
+
+fusenet's training step is the one `fusenet train` runs and captures
+(engine.training.step.TrainStep's body: logits, the fused loss under the step
+clock, backward, the optimizer reading its learning rate from the device), fed
+its inputs as that step reads them (compute dtype, channels-last, as the
+training loop's host-to-device copy delivers them); the harness captures it in
+a CUDA graph as it does the baselines.
 """
 from __future__ import annotations
 
@@ -82,6 +89,7 @@ class Contender:
     precision: str
     pool: InputPool
     notes: list[str] = field(default_factory=list)
+    train_step: object = None  # fusenet: engine.training.step.TrainStep
 
     @property
     def label(self) -> str:
@@ -108,6 +116,8 @@ class Contender:
             return self.model(self._input(slot))
 
     def step(self, slot: int) -> torch.Tensor:
+        if self.train_step is not None:  # fusenet: the training loop's own step
+            return self.train_step.body(self._input(slot), self.pool.y[slot % len(self.pool.y)])
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             out = self.model(self._input(slot))
@@ -139,6 +149,15 @@ def build(name: str, source: str, state: dict, precision: str, pool: InputPool, 
         model = model.to(memory_format=torch.channels_last)
         pool = InputPool([x.contiguous(memory_format=torch.channels_last) for x in pool.x], pool.y)
     opt, _ = build_optimizer(model.parameters(), spec.train.optimizer, backend)
+    train_step = None
+    if name == "fusenet":
+        from engine.training.step import TrainStep
+
+        fmt = torch.channels_last if pool.x[0].dim() == 4 else torch.contiguous_format
+        pool = InputPool([x.to(dtype=model.dtype, memory_format=fmt) for x in pool.x], pool.y)
+        t = spec.train
+        train_step = TrainStep(model, opt, backend="triton", device=device, lr_of=lambda k: t.optimizer.lr,
+                               total_steps=1, seed=t.seed, label_smoothing=t.label_smoothing, clip_grad=t.clip_grad)
     if graphs and backend == "torch" and "capturable" in opt.defaults:
         for group in opt.param_groups:  # Adam's step counter must live on the GPU to be captured
             group["capturable"] = True
@@ -146,4 +165,5 @@ def build(name: str, source: str, state: dict, precision: str, pool: InputPool, 
         mode = "default" if name == "compile" else "max-autotune-no-cudagraphs"
         model = torch.compile(model, mode=mode)
         notes.append(f"torch.compile mode={mode}")
-    return Contender(name, model, opt, loss_fn(backend, spec.train.label_smoothing), precision, pool, notes)
+    return Contender(name, model, opt, loss_fn(backend, spec.train.label_smoothing), precision, pool, notes,
+                     train_step)

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from engine.kernels.params import flush_uploads
 from engine.perf.analytic import analytic_report
 from engine.precision import PRECISIONS
 from engine.perf.bench.contenders import InputPool, build, matmul_precision
@@ -81,6 +82,7 @@ def bench_network(source: str | Path, batches: list[int], precision: str, *,
                             c.train(mode == "step")
                             fn = c.step if mode == "step" else c.forward
                             run = GraphedSlots(fn, n_slots) if use_graphs else fn
+                            flush_uploads()  # fusenet's optimizer tables for the captured graphs
                             t = measure(run, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
                     except Exception as e:
                         row["error"] = f"{type(e).__name__}: {e}"
