@@ -77,6 +77,7 @@ class Specialization:
 _recorded: list[Specialization] | None = None
 _dry_run: bool = False
 _observers: list[Callable[[Any, tuple], None]] = []  # open observing() blocks, innermost last
+_launch_observers: list[Callable[[Any, Any, tuple, dict], None]] = []  # open observing_launches() blocks
 
 
 @contextlib.contextmanager
@@ -111,6 +112,18 @@ def observing(observer: Callable[[Any, tuple], None]) -> Iterator[None]:
         yield
     finally:
         _observers.remove(observer)
+
+
+@contextlib.contextmanager
+def observing_launches(observer: Callable[[Any, Any, tuple, dict], None]) -> Iterator[None]:
+    """Call `observer(kernel, grid, args, meta)` for every launch inside the block: the
+    whole launch (grid and constexprs too), for the static performance estimate
+    (engine.perf.gemm_perf counts programs and loop trips from it)."""
+    _launch_observers.append(observer)
+    try:
+        yield
+    finally:
+        _launch_observers.remove(observer)
 
 
 @contextlib.contextmanager
@@ -253,6 +266,11 @@ def _make_spec(kernel, args, meta) -> Specialization:
     )
 
 
+def specialization(kernel, args: tuple, meta: dict) -> Specialization:
+    """The variant a launch `launch(kernel, grid, *args, **meta)` compiles (what `recording` notes)."""
+    return _make_spec(kernel, args, meta)
+
+
 def _record(kernel, args, meta) -> None:
     spec = _make_spec(kernel, args, meta)
     if spec not in _recorded:
@@ -266,6 +284,8 @@ def launch(kernel, grid, *args, **meta):
     """
     for observer in _observers:
         observer(kernel, args)
+    for observer in _launch_observers:
+        observer(kernel, grid, args, meta)
     if _recorded is not None:
         _record(kernel, args, meta)
         if _dry_run:
