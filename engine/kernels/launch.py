@@ -182,10 +182,21 @@ def _fallback_specialize(value: Any, specialize: bool) -> tuple[str, Any]:
     raise TypeError(f"cannot type kernel argument {value!r}")
 
 
+def is_tensor_descriptor(value: Any) -> bool:
+    """A host-side TMA tensor descriptor (triton.tools.tensor_descriptor.TensorDescriptor)."""
+    return type(value).__name__ == "TensorDescriptor" and hasattr(value, "base") and hasattr(value, "block_shape")
+
+
 def _specialize(value: Any, specialize: bool) -> tuple[str, Any]:
     """(triton type or 'constexpr', attribute string or value) for one runtime argument."""
     if isinstance(value, torch.Tensor) and value.dtype not in _TORCH_TO_TRITON:
         raise TypeError(f"unsupported tensor dtype {value.dtype} for a kernel argument")
+    if is_tensor_descriptor(value):
+        # Triton spells it `tensordesc<bf16[64, 128]>` (3.6 and 3.9); no divisibility attribute
+        if _native_specialize is not None:
+            with contextlib.suppress(Exception):
+                return _native_specialize(_BaseBackend, value, False, specialize, True)[:2]
+        return f"tensordesc<{_TORCH_TO_TRITON[value.base.dtype]}[{', '.join(map(str, value.block_shape))}]>", None
     if _native_specialize is not None and (value is None or isinstance(value, (torch.Tensor, bool, int, float))):
         try:
             ty, attr = _native_specialize(_BaseBackend, value, False, specialize, True)[:2]

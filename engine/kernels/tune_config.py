@@ -146,6 +146,74 @@ def gemm_candidates(M: int, N: int, K: int, dtype: torch.dtype, smem_limit: int,
     return out[:MAX_CANDIDATES]
 
 
+# --------------------------------------------------------------------------- #
+# Convolutions: the heuristic and candidates of the tap x chunk implicit GEMMs
+# --------------------------------------------------------------------------- #
+def conv_chunk(C: int) -> int:
+    """BLOCK_K (the channel chunk) for C channels per tap: the least zero padding of C, then the larger."""
+    return min((64, 32, 16), key=lambda b: (-(-C // b) * b, -b))
+
+
+def conv_heuristic(M: int, N: int, C: int, taps: int) -> Config:
+    """The untuned GPU tile config of a conv forward / dgrad (see conv_candidates)."""
+    bk = conv_chunk(C)
+    bn = min(max(16, next_pow2(N)), 256 if N >= 256 else 128)
+    bm = 128
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return Config(bm, bn, bk, num_warps=warps, num_stages=3)
+
+
+def conv_candidates(M: int, N: int, C: int, taps: int, dtype: torch.dtype, smem_limit: int,
+                    default: Config | None = None) -> list[Config]:
+    """Tile configs worth timing for a conv forward / dgrad; `default` first."""
+    a_bytes = torch.empty((), dtype=dtype).element_size()
+    out: list[Config] = [default] if default is not None else []
+    bks = sorted({conv_chunk(C), min(64, max(16, next_pow2(C)))}, reverse=True)
+    for bm, bn in ((128, 256), (128, 128), (128, 64), (64, 128), (128, 32), (64, 64), (64, 32)):
+        if bn > max(16, next_pow2(N)) * (1 if bn <= 64 else 1):
+            continue
+        for bk in bks:
+            warps = 8 if bm * bn >= 128 * 128 else 4
+            for stages in (4, 3):
+                if gemm_smem_bytes(bm, bn, bk, stages, a_bytes, a_bytes) <= smem_limit:
+                    cfg = Config(bm, bn, bk, num_warps=warps, num_stages=stages)
+                    if cfg not in out:
+                        out.append(cfg)
+                    break
+    return out[:MAX_CANDIDATES]
+
+
+def wgrad_heuristic(C: int, N: int, P: int, taps: int) -> Config:
+    """The untuned GPU tile config of a conv wgrad (GEMM view: block_m channels of one tap,
+    block_n output channels, block_k the pixel chunk)."""
+    bm = 128 if C >= 128 else 64
+    bn = min(max(16, next_pow2(N)), 128)
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return Config(bm, bn, 64, num_warps=warps, num_stages=3)
+
+
+def wgrad_candidates(C: int, N: int, P: int, dtype: torch.dtype, smem_limit: int,
+                     default: Config | None = None) -> list[Config]:
+    """Tile configs worth timing for a conv wgrad; `default` first."""
+    a_bytes = torch.empty((), dtype=dtype).element_size()
+    out: list[Config] = [default] if default is not None else []
+    for bm in (128, 64):
+        if bm > max(64, next_pow2(C)):
+            continue
+        for bn in (128, 64, 256, 32):
+            if bn > max(16, next_pow2(N)):
+                continue
+            for bp in (64, 128, 32):
+                warps = 8 if bm * bn >= 128 * 128 else 4
+                for stages in (4, 3, 2):
+                    if gemm_smem_bytes(bm, bn, bp, stages, a_bytes, a_bytes) <= smem_limit:
+                        cfg = Config(bm, bn, bp, num_warps=warps, num_stages=stages)
+                        if cfg not in out:
+                            out.append(cfg)
+                        break
+    return out[:MAX_CANDIDATES]
+
+
 def split_variants(split: int, max_split: int) -> list[int]:
     """Split-K counts worth timing around a heuristic's `split`: half, same, double (within 1..max_split)."""
     values = {max(1, split // 2), split, min(max_split, split * 2)}
@@ -167,4 +235,5 @@ def smem_limit(device: torch.device) -> int:
 
 
 __all__ = ["Config", "epilogue_key", "gemm_smem_bytes", "gemm_candidates", "split_variants", "smem_limit",
+           "conv_chunk", "conv_heuristic", "conv_candidates", "wgrad_heuristic", "wgrad_candidates",
            "DEFAULT_SMEM_LIMIT", "MAX_CANDIDATES"]

@@ -54,20 +54,19 @@ def _cdiv(a: int, b: int) -> int:
 # --------------------------------------------------------------------------- #
 # Loop trips per program, from a launch's arguments (by parameter name)
 # --------------------------------------------------------------------------- #
-# A conv kernel passes its trip count as `K_ITERS` (so this table cannot drift
-# from the kernel); the others are read from their sizes and BLOCK_K.
-_TRIPS: dict[str, Callable[[dict], int]] = {
+# The conv forward passes its trip count as `K_ITERS`; dgrad's depends on the
+# stride phase (each tap reaches one phase: KH*KW*CHUNKS trips over SH*SW phase
+# programs on average); the others are read from their sizes and block sizes.
+_TRIPS: dict[str, Callable[[dict], float]] = {
+    "_conv_dgrad_kernel": lambda a: a["KH"] * a["KW"] * a["CHUNKS"] / (a["SH"] * a["SW"]),
+    "_conv_wgrad_kernel": lambda a: _cdiv(a["P_PER_SPLIT"], a["BLOCK_P"]),
     "_linear_fwd_kernel": lambda a: _cdiv(a["F"], a["BLOCK_K"]),
     "_linear_dgrad_kernel": lambda a: _cdiv(a["O"], a["BLOCK_K"]),
     "_linear_wgrad_kernel": lambda a: _cdiv(a["rows_per_split"], a["BLOCK_K"]),
-    # the flattened (tap, channel) conv kernels before K_ITERS (kept to measure them)
-    "_conv_fwd_kernel": lambda a: _cdiv(a["K_g"], a["BLOCK_K"]),
-    "_conv_dgrad_kernel": lambda a: _cdiv(a["nr"] * a["ns"] * a["Cout_g"], a["BLOCK_K"]),
-    "_conv_wgrad_kernel": lambda a: _cdiv(a["P_PER_SPLIT"], a["BLOCK_P"]),
 }
 
 
-def loop_trips(name: str, args: dict) -> int | None:
+def loop_trips(name: str, args: dict) -> float | None:
     """Main-loop trips of one program of a launch (None: unknown kernel)."""
     if "K_ITERS" in args:
         return int(args["K_ITERS"])
@@ -84,7 +83,7 @@ class GemmLaunch:
 
     spec: Any  # engine.kernels.launch.Specialization
     programs: int
-    trips: int | None
+    trips: float | None
     bytes: int  # distinct tensor arguments' bytes: what it must at least move
     args: dict = field(default_factory=dict)  # scalar arguments by parameter name (sizes, BLOCK_*)
 
@@ -100,14 +99,13 @@ def _bind(kernel, args: tuple, meta: dict) -> dict:
     return dict(bound.arguments)
 
 
-def record_step(model, batch: int) -> list[GemmLaunch]:
-    """Every launch of one training step of `model` (forward, loss, backward, SGD) at
-    `batch`, with GPU tiles, on the meta device (nothing runs; `model` moves there)."""
+def record_launches(run: Callable[[], Any]) -> list[GemmLaunch]:
+    """Every launch `run()` makes, with GPU tiles, as a dry run (no kernel executes): its
+    variant, programs, loop trips (None if unknown) and tensor bytes."""
     import torch
 
     from engine import device
     from engine.kernels.launch import kernel_name, observing_launches, recording, specialization
-    from engine.perf.step import network_step
 
     out: list[GemmLaunch] = []
 
@@ -125,11 +123,25 @@ def record_step(model, batch: int) -> list[GemmLaunch]:
         out.append(GemmLaunch(specialization(kernel, args, meta), math.prod(int(g) for g in grid),
                               loop_trips(kernel_name(kernel), bound), nbytes, scalars))
 
-    model = model.to("meta")
-    run = network_step(model, batch, training=True)
-    with device.gpu_tiles(), recording(dry_run=True), observing_launches(observe), torch.device("meta"):
+    with device.gpu_tiles(), recording(dry_run=True), observing_launches(observe):
         run()
     return out
+
+
+def record_step(model, batch: int) -> list[GemmLaunch]:
+    """Every launch of one training step of `model` (forward, loss, backward, SGD) at
+    `batch`, on the meta device (nothing runs, no memory is used; `model` moves there)."""
+    import torch
+
+    from engine.perf.step import network_step
+
+    run = network_step(model.to("meta"), batch, training=True)
+
+    def on_meta() -> None:
+        with torch.device("meta"):
+            run()
+
+    return record_launches(on_meta)
 
 
 # --------------------------------------------------------------------------- #
@@ -152,7 +164,7 @@ class Estimate:
         return max((("issue", self.issue_s), ("tensor", self.tensor_s), ("hbm", self.hbm_s)), key=lambda kv: kv[1])[0]
 
 
-def estimate_launch(loop: MainLoop, instructions: int, num_warps: int, programs: int, trips: int, nbytes: int,
+def estimate_launch(loop: MainLoop, instructions: int, num_warps: int, programs: int, trips: float, nbytes: int,
                     dev: DeviceModel = H100_SXM) -> Estimate:
     """max(issue, tensor, HBM) time of a GEMM launch.
 
@@ -257,11 +269,12 @@ def _non_gemm_s(spec, batch: int, precision: str, dev: DeviceModel) -> tuple[flo
     return other / dev.hbm_bytes_per_s, floor
 
 
-def step_perf(model, batch: int, jobs: int = 2, dev: DeviceModel = H100_SXM) -> StepPerf:
-    """Record a training step of `model`, compile its variants for `dev.target`, estimate it."""
+def gemm_variants(launches: list[GemmLaunch], jobs: int = 2, dev: DeviceModel = H100_SXM
+                  ) -> tuple[list[VariantPerf], int, int, list]:
+    """Compile the launches' variants for `dev.target` and estimate the GEMM launches:
+    (GEMM variants, GEMM launches with unknown trips, bytes of the other launches, failed reports)."""
     from engine.perf.aot import compile_all
 
-    launches = record_step(model, batch)
     specs = list(dict.fromkeys(la.spec for la in launches))
     reports = dict(zip(specs, compile_all(specs, (dev.target,), jobs=jobs)))
     variants: dict[Any, VariantPerf] = {}
@@ -279,10 +292,15 @@ def step_perf(model, batch: int, jobs: int = 2, dev: DeviceModel = H100_SXM) -> 
         v.estimates.append(estimate_launch(loop, rep.instructions, rep.num_warps, la.programs, la.trips, la.bytes,
                                            dev))
         v.tile_macs += la.programs * la.trips * loop.macs_per_warp * rep.num_warps
+    return list(variants.values()), unknown, other_bytes, [r for r in reports.values() if not r.ok]
+
+
+def step_perf(model, batch: int, jobs: int = 2, dev: DeviceModel = H100_SXM) -> StepPerf:
+    """Record a training step of `model`, compile its variants for `dev.target`, estimate it."""
+    variants, unknown, other_bytes, failed = gemm_variants(record_step(model, batch), jobs, dev)
     non_gemm, floor = _non_gemm_s(model.spec, batch, model.precision, dev)
-    failed = [r for r in reports.values() if not r.ok]
-    return StepPerf(model.name, batch, model.precision, dev, list(variants.values()), unknown, non_gemm,
-                    other_bytes, floor, failed)
+    return StepPerf(model.name, batch, model.precision, dev, variants, unknown, non_gemm, other_bytes, floor,
+                    failed)
 
 
 # --------------------------------------------------------------------------- #
@@ -347,5 +365,5 @@ def format_perf(perf: StepPerf) -> str:
     return "\n".join(out)
 
 
-__all__ = ["DeviceModel", "H100_SXM", "GemmLaunch", "record_step", "loop_trips", "estimate_launch", "Estimate",
+__all__ = ["DeviceModel", "H100_SXM", "GemmLaunch", "record_launches", "record_step", "gemm_variants", "loop_trips", "estimate_launch", "Estimate",
            "VariantPerf", "StepPerf", "step_perf", "format_perf"]

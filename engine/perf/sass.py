@@ -7,8 +7,8 @@ instructions take to execute is instruction-bound, whatever its tile. The
 SASS says how many instructions one trip of the loop issues and how many
 multiply-adds its matrix instructions do, so the ratio can be read without a GPU.
 
-What is found: the loops are the spans [branch target, branch] of backward
-branches. The main loop is the innermost loop holding tensor-core instructions
+What is found: the natural loops of the listing's control flow (one per back
+edge; see find_loops). The main loop is the innermost loop holding tensor-core instructions
 (HGMMA on sm_90, HMMA on sm_80); when a kernel has several (one per unrolled
 kernel tap, say) they are taken as one loop of their summed instructions
 divided by their count, i.e. equal trip counts are assumed.
@@ -107,22 +107,103 @@ def parse_sass(text: str) -> list[Instruction]:
 
 @dataclass(frozen=True)
 class Loop:
-    start: int  # address of the first instruction (the back edge's target)
+    start: int  # address of the header (the back edge's target)
     end: int  # address of the back edge
-    body: tuple[Instruction, ...]
+    body: tuple[Instruction, ...]  # the loop's instructions between start and end, in address order
 
     def contains(self, other: Loop) -> bool:
-        return self.start <= other.start and other.end <= self.end and self != other
+        return self != other and {i.addr for i in other.body} <= {i.addr for i in self.body}
+
+
+def _blocks(instrs: list[Instruction]) -> tuple[list[list[Instruction]], dict[int, int]]:
+    """Basic blocks (leaders: the first instruction, branch targets, what follows a branch or
+    EXIT) and the block index of each leader's address."""
+    leaders = {instrs[0].addr} if instrs else set()
+    for k, ins in enumerate(instrs):
+        if ins.is_branch and ins.target is not None:
+            leaders.add(ins.target)
+        if (ins.is_branch or ins.base == "EXIT") and k + 1 < len(instrs):
+            leaders.add(instrs[k + 1].addr)
+    blocks: list[list[Instruction]] = []
+    for ins in instrs:
+        if ins.addr in leaders or not blocks:
+            blocks.append([])
+        blocks[-1].append(ins)
+    return blocks, {b[0].addr: k for k, b in enumerate(blocks)}
+
+
+def _successors(blocks: list[list[Instruction]], index: dict[int, int]) -> list[list[int]]:
+    out = []
+    for k, block in enumerate(blocks):
+        last = block[-1]
+        succ = []
+        never = last.predicate in ("@!PT",)
+        always = last.predicate in ("", "@PT")
+        if last.is_branch and not never:
+            if last.target in index:
+                succ.append(index[last.target])
+            if not always and k + 1 < len(blocks):
+                succ.append(k + 1)
+        elif last.base == "EXIT" and always:
+            pass
+        elif k + 1 < len(blocks):
+            succ.append(k + 1)
+        out.append(succ)
+    return out
+
+
+def _dominators(succ: list[list[int]], pred: list[list[int]]) -> list[set[int]]:
+    """dom[b]: the blocks every path from the entry (block 0) to b passes (iterative, in block order)."""
+    n = len(succ)
+    everything = set(range(n))
+    dom = [everything for _ in range(n)]
+    if n:
+        dom[0] = {0}
+    changed = True
+    while changed:
+        changed = False
+        for b in range(1, n):
+            ps = [dom[p] for p in pred[b]]
+            new = (set.intersection(*ps) if ps else set()) | {b}
+            if new != dom[b]:
+                dom[b], changed = new, True
+    return dom
 
 
 def find_loops(instrs: list[Instruction]) -> list[Loop]:
-    """Every backward branch's span [target, branch], in address order (self-loops excluded)."""
-    loops = []
-    for i, ins in enumerate(instrs):
-        if ins.is_branch and ins.target is not None and ins.target < ins.addr:
-            body = tuple(x for x in instrs if ins.target <= x.addr <= ins.addr)
-            loops.append(Loop(ins.target, ins.addr, body))
-    return sorted(set(loops), key=lambda lp: (lp.start, lp.end))
+    """The natural loops of a listing's control flow, one per back edge (an edge to a block
+    that dominates its source), in address order.
+
+    A loop's body is every block that reaches the back edge without passing the
+    header, restricted to the header..back-edge address span: a rarely taken retry
+    block the compiler placed after the kernel (a TMA barrier's wait loop, say)
+    is its own small loop and does not count as part of the loop it waits in.
+    """
+    blocks, index = _blocks(instrs)
+    succ = _successors(blocks, index)
+    pred: list[list[int]] = [[] for _ in blocks]
+    for u, vs in enumerate(succ):
+        for v in vs:
+            pred[v].append(u)
+    dom = _dominators(succ, pred)
+    loops = set()
+    for u, vs in enumerate(succ):
+        for h in vs:
+            if h not in dom[u]:
+                continue  # not a back edge (a jump back out of a retry block placed later, say)
+            body, stack = {h, u}, [u]
+            while stack:
+                x = stack.pop()
+                if x == h:
+                    continue
+                for p in pred[x]:
+                    if p not in body:
+                        body.add(p)
+                        stack.append(p)
+            start, end = blocks[h][0].addr, blocks[u][-1].addr
+            ins = tuple(i for k in sorted(body) for i in blocks[k] if start <= i.addr <= end)
+            loops.add(Loop(start, end, ins))
+    return sorted(loops, key=lambda lp: (lp.start, lp.end))
 
 
 def mma_macs_per_warp(ins: Instruction) -> int:
