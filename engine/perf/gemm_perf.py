@@ -59,7 +59,8 @@ def _cdiv(a: int, b: int) -> int:
 # programs on average); the others are read from their sizes and block sizes.
 _TRIPS: dict[str, Callable[[dict], float]] = {
     "_conv_dgrad_kernel": lambda a: a["KH"] * a["KW"] * a["CHUNKS"] / (a["SH"] * a["SW"]),
-    "_conv_wgrad_kernel": lambda a: _cdiv(a["P_PER_SPLIT"], a["BLOCK_P"]),
+    # P_PER_SPLIT counts pixel boxes when the wgrad steps boxes (TH > 0), pixels otherwise
+    "_conv_wgrad_kernel": lambda a: a["P_PER_SPLIT"] if a["TH"] else _cdiv(a["P_PER_SPLIT"], a["BLOCK_P"]),
     "_linear_fwd_kernel": lambda a: _cdiv(a["F"], a["BLOCK_K"]),
     "_linear_dgrad_kernel": lambda a: _cdiv(a["O"], a["BLOCK_K"]),
     "_linear_wgrad_kernel": lambda a: _cdiv(a["rows_per_split"], a["BLOCK_K"]),
@@ -170,15 +171,17 @@ def estimate_launch(loop: MainLoop, instructions: int, num_warps: int, programs:
 
     Per program: the loop's instructions x trips plus the rest of the kernel once
     (`instructions` = the whole listing), times warps, over the SM's issue rate;
-    the loop's multiply-adds x trips over the SM's tensor rate. The busiest SM
+    the loop's multiply-adds x trips over the SM's tensor rate, or its HGMMAs'
+    shared-memory reads over 128 bytes per clock if longer. The busiest SM
     runs ceil(programs / SMs) programs (waves). HBM: the tensors' bytes once.
     """
-    loop_instrs = loop.instructions * loop.loops
+    if not loop.loops:  # no loop: the whole kernel is one trip
+        trips, instructions = 1, loop.instructions
+    loop_instrs = loop.instructions * max(1, loop.loops)
     per_program_issue = (loop.instructions * trips + max(0.0, instructions - loop_instrs)) * num_warps
-    per_program_macs = loop.macs_per_warp * num_warps * trips
     waves = _cdiv(programs, dev.sms)
     return Estimate(issue_s=waves * per_program_issue / dev.issue_per_clock / dev.clock_hz,
-                    tensor_s=waves * per_program_macs / dev.tensor_macs_per_clock / dev.clock_hz,
+                    tensor_s=waves * trips * loop.tensor_clocks(num_warps, dev.target) / dev.clock_hz,
                     hbm_s=nbytes / dev.hbm_bytes_per_s)
 
 
@@ -311,13 +314,24 @@ def _short(name: str) -> str:
     return name.strip("_").removesuffix("_kernel").replace("_", " ")
 
 
-def _shape(args: dict) -> str:
-    """A conv's 'Cin->Cout @HxW', a linear's 'F->O' (what the launch's arguments say)."""
-    if "Cin" in args and "Cout" in args:
-        return f"{args['Cin']}->{args['Cout']} @{args.get('H', '?')}x{args.get('W', '?')}"
-    if "F" in args and "O" in args:
-        return f"{args['F']}->{args['O']}"
-    return ""
+def _shape(name: str, a: dict) -> str:
+    """The conv a launch belongs to, 'Cin->Cout KHxKW @HxW' (channels as stored: a padded RGB
+    stem shows 8), or a linear's 'F->O', from the launch's arguments."""
+    try:
+        if name == "_conv_fwd_kernel":
+            cin, cout = a["XC_A"] * a["ALIGN"], a["COUT_A"] * a["NALIGN"]
+        elif name == "_conv_dgrad_kernel":
+            cin, cout = a["DXC_A"] * a["NALIGN"], a["DYC_A"] * a["ALIGN"]
+        elif name == "_conv_wgrad_kernel":
+            cin, cout = a["XC_A"] * a["ALIGN"], a["DYC_A"] * a["NALIGN"]
+        elif "F" in a and "O" in a:
+            return f"{a['F']}->{a['O']}"
+        else:
+            return ""
+        k = f" {a['KH']}x{a['KW']}" if "KH" in a else ""
+        return f"{cin}->{cout}{k} @{a['H']}x{a['W']}"
+    except KeyError:
+        return ""
 
 
 def _tile(constexprs: dict) -> str:
@@ -343,7 +357,7 @@ def format_perf(perf: StepPerf) -> str:
     rows = []
     for v in perf.variants:
         r, lp = v.report, v.loop
-        rows.append((_short(r.name), _shape(v.args), _tile(dict(r.spec.constexprs)), f"{r.num_warps}/{r.num_stages}",
+        rows.append((_short(r.name), _shape(r.name, v.args), _tile(dict(r.spec.constexprs)), f"{r.num_warps}/{r.num_stages}",
                      f"{lp.instructions:g}", _mma_text(lp), f"{v.ratio:.2f}", _loads_text(lp), str(r.regs),
                      str(r.spills), f"{r.smem / 1024:.0f}", str(v.launches), f"{1e6 * v.seconds:.1f}", v.bound))
     s = perf.summary()

@@ -25,6 +25,9 @@ Read off it, per trip:
 `issue_tensor_ratio` = (instructions x warps / 4) / (multiply-adds of the CTA
 per trip / 2,048): the warps cancel, so it is instructions x 512 /
 multiply-adds per warp. 1.0 or more means the loop is instruction-bound.
+The HGMMAs' operand reads from shared memory are counted too (`smem_per_warp`):
+at 128 bytes per clock, a wgmma narrower than N = 64 waits on shared memory
+rather than on its tensor cores (m64n32k16 reads 3 KB for 32 clocks of MMA).
 
 Formats: `cuobjdump -sass` (absolute branch targets `BRA 0x32d0`) and
 `nvdisasm` (labels: `.L_x_3:` and `BRA `(.L_x_3)`).
@@ -38,6 +41,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 ISSUE_PER_CLOCK = 4  # warp-instructions an SM issues per clock: 4 schedulers, one each (Volta .. Hopper)
+SMEM_BYTES_PER_CLOCK = 128  # shared-memory bandwidth per SM per clock (Volta .. Hopper)
 TENSOR_MACS_PER_CLOCK = {"sm_90": 2048, "sm_80": 1024}  # dense bf16/fp16 multiply-adds per SM per clock
 
 _LINE = re.compile(r"/\*([0-9a-fA-F]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)([^;]*);")
@@ -217,6 +221,22 @@ def mma_macs_per_warp(ins: Instruction) -> int:
     return 0
 
 
+_ELEM_BYTES = {"BF16": 2, "F16": 2, "TF32": 4, "E4M3": 1, "E5M2": 1, "S8": 1, "U8": 1}
+
+
+def mma_smem_bytes_per_warp(ins: Instruction) -> float:
+    """Shared-memory bytes one warp's share of an HGMMA reads: its B tile (K x N), and its A tile
+    (64 x K) unless A comes from registers (the first source is a register, not `gdesc`)."""
+    m = _HGMMA_SHAPE.match(ins.opcode) if ins.base == "HGMMA" else None
+    if not m:
+        return 0.0
+    rows, n, k = (int(g) for g in m.groups())
+    elem = next((b for t, b in _ELEM_BYTES.items() if f".{t}" in ins.opcode), 2)
+    srcs = [o.strip() for o in ins.operands.split(",")]
+    a_in_smem = len(srcs) > 1 and srcs[1].startswith("gdesc")
+    return (k * n + (rows * k if a_in_smem else 0)) * elem / 4
+
+
 def load_kind(ins: Instruction) -> str | None:
     """The kind of a global load feeding an operand (None: not a global load)."""
     parts = ins.opcode.split(".")
@@ -233,11 +253,12 @@ def load_kind(ins: Instruction) -> str | None:
 class MainLoop:
     """The main loop of a kernel, per trip (see the module docstring)."""
 
-    loops: int  # innermost loops holding matrix instructions (1 unless taps are unrolled around loops)
+    loops: int  # innermost loops holding matrix instructions (0: none, the whole kernel is one trip)
     instructions: float  # per trip
     mma: float  # matrix instructions per trip
     mma_opcode: str  # e.g. "HGMMA.64x128x16.F32.BF16" (the most frequent)
     macs_per_warp: float  # multiply-adds per trip, per warp
+    smem_per_warp: float = 0.0  # bytes the matrix instructions read from shared memory per trip, per warp
     loads: dict = field(default_factory=dict)  # load kind -> global loads per trip
     opcodes: dict = field(default_factory=dict)  # base opcode -> count per trip
 
@@ -269,6 +290,12 @@ class MainLoop:
     def from_dict(cls, data: dict | None) -> MainLoop | None:
         return cls(**data) if data else None
 
+    def tensor_clocks(self, num_warps: int, target: str = "sm_90") -> float:
+        """SM clocks the matrix instructions of one trip need: their multiply-adds at the tensor
+        rate, or their shared-memory operand reads at 128 bytes per clock, whichever is longer."""
+        return max(self.macs_per_warp * num_warps / TENSOR_MACS_PER_CLOCK[target],
+                   self.smem_per_warp * num_warps / SMEM_BYTES_PER_CLOCK)
+
 
 def main_loop(text: str) -> MainLoop | None:
     """The main loop of the (first) kernel in a SASS listing; None if no loop holds matrix instructions."""
@@ -276,7 +303,11 @@ def main_loop(text: str) -> MainLoop | None:
     loops = [lp for lp in find_loops(instrs) if any(mma_macs_per_warp(i) for i in lp.body)]
     inner = [lp for lp in loops if not any(lp.contains(o) for o in loops)]
     if not inner:
-        return None
+        if not any(mma_macs_per_warp(i) for i in instrs):
+            return None
+        # matrix instructions but no loop around them (a reduction of one chunk, unrolled):
+        # the whole kernel is one trip (loops = 0)
+        inner = [Loop(instrs[0].addr, instrs[-1].addr, tuple(instrs))]
     n = len(inner)
     body = [i for lp in inner for i in lp.body]
     opcodes: dict[str, int] = {}
@@ -290,15 +321,16 @@ def main_loop(text: str) -> MainLoop | None:
         if mma_macs_per_warp(ins):
             mma_ops[ins.opcode] = mma_ops.get(ins.opcode, 0) + 1
     return MainLoop(
-        loops=n,
-        instructions=len(body) / n,
+        loops=n if loops else 0,
+        instructions=len(body) / n,  # n = 1 when loops = 0
         mma=sum(mma_ops.values()) / n,
         mma_opcode=max(mma_ops, key=mma_ops.get),
         macs_per_warp=sum(mma_macs_per_warp(i) for i in body) / n,
+        smem_per_warp=sum(mma_smem_bytes_per_warp(i) for i in body) / n,
         loads={k: v / n for k, v in loads.items()},
         opcodes={k: v / n for k, v in sorted(opcodes.items(), key=lambda kv: -kv[1])},
     )
 
 
 __all__ = ["Instruction", "parse_sass", "Loop", "find_loops", "MainLoop", "main_loop", "load_kind",
-           "mma_macs_per_warp", "TENSOR_MACS_PER_CLOCK", "ISSUE_PER_CLOCK", "LOAD_KINDS", "FAST_LOADS"]
+           "mma_macs_per_warp", "mma_smem_bytes_per_warp", "SMEM_BYTES_PER_CLOCK", "TENSOR_MACS_PER_CLOCK", "ISSUE_PER_CLOCK", "LOAD_KINDS", "FAST_LOADS"]

@@ -103,7 +103,7 @@ def _conv_dgrad_kernel(
     ho0 = qh + c_r  # [BLOCK_M] dy row read by tap jr = 0
     wo0 = qw + c_s  # [BLOCK_M]
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K] output channel within a chunk
-    a_offs = (((n * Ho + ho0) * Wo + wo0) * DYC + g * COUT_G)[:, None] + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    a_rows = ((n * Ho + ho0) * Wo + wo0) * DYC + g * COUT_G  # [BLOCK_M] dy offsets of tap 0, channel 0
     offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] input channel within group
     mask_ci = offs_ci < CIN_G
     Cout = DYC
@@ -112,14 +112,18 @@ def _conv_dgrad_kernel(
     else:
         b_op = w_op + offs_k[:, None] * CIN_G + offs_ci[None, :]  # [BLOCK_K, BLOCK_N] pointers of row 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
-    acc = tap_gemm(acc, dy_ptr, a_offs, ho0, wo0, -dstep_h, -dstep_w, Ho, Wo, mask_m, b_op, offs_k, mask_ci,
+    acc = tap_gemm(acc, dy_ptr, a_rows, ho0, wo0, -dstep_h, -dstep_w, Ho, Wo, mask_m, b_op, offs_k, mask_ci,
                    nr * ns * CHUNKS, nr, ns, COUT_G, -dstep_h * Wo * DYC, -dstep_w * DYC,
                    (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G, pid_n * BLOCK_N,
                    z_ptr, scale_ptr, g * COUT_G, slope,
-                   KH, KW, CHUNKS, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K)
-    hi = qh * SH + ra  # [BLOCK_M]
-    wi = qw * SW + rb  # [BLOCK_M]
-    dx_off = (((n * H + hi) * W + wi) * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
+                   KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K)
+    if SH == 1 and SW == 1:
+        # dx pixel = offs_m: no (n, hi, wi), which the compiler would redo per element here
+        dx_off = (offs_m * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
+    else:
+        hi = qh * SH + ra  # [BLOCK_M]
+        wi = qw * SW + rb  # [BLOCK_M]
+        dx_off = (((n * H + hi) * W + wi) * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
 
 

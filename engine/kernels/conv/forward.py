@@ -47,8 +47,13 @@ def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
               Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
               HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
               HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr,
-              DROPOUT: tl.constexpr):
-    """z = acc (+bias) (*scale) (+shift) (+residual); store dropout(act(z)) [and z, stats]."""
+              DROPOUT: tl.constexpr, FLAT: tl.constexpr):
+    """z = acc (+bias) (*scale) (+shift) (+residual); store dropout(act(z)) [and z, stats].
+
+    FLAT: y and the residual are flat over pixels (row m at m * s_w: contiguous, or a
+    channel slice of a concat buffer), so their offsets need no (n, ho, wo): computed
+    from those in the accumulator's layout, the compiler would redo the div/mod per element.
+    """
     # acc: [BLOCK_M, BLOCK_N] fp32; offs_m/n/ho/wo/mask_m: [BLOCK_M]; offs_c/mask_c: [BLOCK_N]
     mask = mask_m[:, None] & mask_c[None, :]  # [BLOCK_M, BLOCK_N]
     z = acc
@@ -59,7 +64,10 @@ def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
     if HAS_SHIFT:
         z += tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
-        r_off = (n * sr_n + ho * sr_h + wo * sr_w)[:, None] + (offs_c * sr_c)[None, :]  # [BLOCK_M, BLOCK_N]
+        if FLAT:
+            r_off = (offs_m * sr_w)[:, None] + (offs_c * sr_c)[None, :]  # [BLOCK_M, BLOCK_N]
+        else:
+            r_off = (n * sr_n + ho * sr_h + wo * sr_w)[:, None] + (offs_c * sr_c)[None, :]
         z += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     if SAVE_PRE:
         # z is our own contiguous [M, Cout] buffer
@@ -80,31 +88,35 @@ def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
         # contiguous [M, Cout] output, so the backward regenerates it there
         flat = (offs_m[:, None] * Cout + offs_c[None, :]).to(tl.int32)  # [BLOCK_M, BLOCK_N]
         y = dropout_mask_scale(y, seed, flat, drop_p)
-    y_off = (n * sy_n + ho * sy_h + wo * sy_w)[:, None] + (offs_c * sy_c)[None, :]
+    if FLAT:
+        y_off = (offs_m * sy_w)[:, None] + (offs_c * sy_c)[None, :]  # [BLOCK_M, BLOCK_N]
+    else:
+        y_off = (n * sy_n + ho * sy_h + wo * sy_w)[:, None] + (offs_c * sy_c)[None, :]
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- #
 # Kernels
 # --------------------------------------------------------------------------- #
-@triton.jit
+@triton.jit(do_not_specialize=["K_ITERS"])  # a one-trip reduction keeps its loop (and its SASS reading)
 def _conv_fwd_kernel(
     x_ptr, w_op, y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
     M, H, W, Ho, Wo, XC_A, CIN_A, COUT_A, COUT_G_A,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K_ITERS,
     sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
-    KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr, ALIGN: tl.constexpr, NALIGN: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr, TPC: tl.constexpr, ALIGN: tl.constexpr,
+    NALIGN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
-    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, FLAT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Implicit-GEMM conv forward. Grid: (M tiles, Cout/G tiles, G).
 
     The main loop (engine.kernels.conv.mainloop.tap_gemm) runs K_ITERS =
-    KH*KW*CHUNKS trips over (tap, channel chunk). Channel counts come in units of
-    ALIGN / NALIGN (8 for 16-bit types when they are multiples of 8), so the
+    KH*KW*CHUNKS trips over (tap, channel chunk), or ceil(KH*KW / TPC) when a
+    chunk holds TPC whole taps (fewer than 16 stored channels: a padded RGB
+    stem). Channel counts come in units of ALIGN / NALIGN (8 for 16-bit types when they are multiples of 8), so the
     compiler can prove every row 16-byte aligned and issue 16-byte async copies
     (Triton only knows divisibility by 16 of an integer argument). W_TMA: w_op is
     a TMA descriptor of the packed weights [KH*KW*Cs, Cout] (block [BLOCK_K,
@@ -129,8 +141,8 @@ def _conv_fwd_kernel(
     hi0 = ho * stride_h - pad_h  # [BLOCK_M] input row of tap (0, 0)
     wi0 = wo * stride_w - pad_w  # [BLOCK_M]
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K] channel within a chunk
-    # [BLOCK_M, BLOCK_K] offsets of tap (0, 0), chunk 0 (outside the image where padded: masked)
-    a_offs = (((n * H + hi0) * W + wi0) * XC + g * CIN_G)[:, None] + offs_k[None, :]
+    # [BLOCK_M] offsets of tap (0, 0), channel 0 (outside the image where padded: masked)
+    a_rows = ((n * H + hi0) * W + wi0) * XC + g * CIN_G
     offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] channel within group
     mask_c = offs_cn < Cout_g
     offs_c = g * Cout_g + offs_cn  # [BLOCK_N] global output channel
@@ -139,14 +151,14 @@ def _conv_fwd_kernel(
     else:
         b_op = w_op + offs_k[:, None] * Cout + offs_c[None, :]  # [BLOCK_K, BLOCK_N] pointers of row 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
-    acc = tap_gemm(acc, x_ptr, a_offs, hi0, wi0, dil_h, dil_w, H, W, mask_m, b_op, offs_k, mask_c, K_ITERS, KH, KW,
+    acc = tap_gemm(acc, x_ptr, a_rows, hi0, wi0, dil_h, dil_w, H, W, mask_m, b_op, offs_k, mask_c, K_ITERS, KH, KW,
                    CIN_G, dil_h * W * XC, dil_w * XC, 0, KW * CIN_G, CIN_G, Cout, g * Cout_g + pid_n * BLOCK_N,
                    x_ptr, x_ptr, 0, 0.0,
-                   KH, KW, CHUNKS, EVEN_K, EVEN_N, W_TMA, 0, False, PRECISION, UPCAST, BLOCK_K)
+                   KH, KW, CHUNKS, TPC, EVEN_K, EVEN_N, W_TMA, 0, False, PRECISION, UPCAST, BLOCK_K)
     _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
               y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
               Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
-              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT)
+              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT, FLAT)
 
 
 @triton.jit
@@ -156,7 +168,7 @@ def _dwconv_fwd_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
-    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Depthwise conv (one input channel per group): direct FMA over taps. Grid: (M tiles, Cout tiles)."""
@@ -184,7 +196,7 @@ def _dwconv_fwd_kernel(
     _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
               y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
               Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
-              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT)
+              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT, FLAT)
 
 
 # --------------------------------------------------------------------------- #
@@ -254,6 +266,8 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     tail2 = (*y.stride(), *res_strides, float(slope), float(dropout_p), int(dropout_seed))
     flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
                  HAS_RES=residual is not None, SAVE_PRE=save_pre, STATS=stats, ACT=code, DROPOUT=dropout_p > 0)
+    flat = all(t is None or (t.stride(0) == Ho * Wo * t.stride(2) and t.stride(1) == Wo * t.stride(2))
+               for t in (y, residual))
     big = idx64(x, y, *(t for t in (z, residual) if t is not None))
 
     def stats_buffers(bm: int):
@@ -271,7 +285,7 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
         launch(_dwconv_fwd_kernel, (triton.cdiv(M, bm), triton.cdiv(Cout, bn)),
                x, wk, y, z, bias, scale, shift, residual, psum, psumsq,
                M, H, W, Cin, Ho, Wo, Cout, Cout // Cin, KH, KW, *tail, *tail2,
-               **flags, BLOCK_M=bm, BLOCK_N=bn, **meta)
+               **flags, FLAT=flat, BLOCK_M=bm, BLOCK_N=bn, **meta)
         return ConvOutput(y, z, psum, psumsq)
 
     if channels is None and G == 1 and Cin % channel_multiple(x.dtype):
@@ -283,14 +297,19 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     def run(cfg: Config):
         """Launch with tile config `cfg`; writes y (z, stats) afresh, so it can run repeatedly."""
         psum, psumsq = stats_buffers(cfg.block_m)
+        # a chunk of several whole taps when a tap has fewer channels than the chunk (8 or 16)
+        tpc = cfg.block_k // Cs if Cs < cfg.block_k and Cs in (8, 16) and xa > 1 else 1
+        iters = triton.cdiv(KH * KW, tpc) if tpc > 1 else KH * KW * triton.cdiv(Cs, cfg.block_k)
         grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(Cout_g, cfg.block_n), G)
         tma = use_tma(wk, na, cfg.block_n)
         wop = weight_descriptor(wk, cfg.block_k, cfg.block_n) if tma else wk
         launch(_conv_fwd_kernel, grid, x, wop, y, z, bias, scale, shift, residual, psum, psumsq,
                M, H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, *tail,
-               KH * KW * triton.cdiv(Cs, cfg.block_k), *tail2,
-               KH=KH, KW=KW, CHUNKS=triton.cdiv(Cs, cfg.block_k), ALIGN=xa, NALIGN=na, EVEN_K=Cs % cfg.block_k == 0, EVEN_N=Cout_g % cfg.block_n == 0,
-               **flags, PRECISION=precision(allow_tf32), UPCAST=upcast(x.dtype), IDX64=big, W_TMA=tma,
+               iters, *tail2,
+               KH=KH, KW=KW, CHUNKS=1 if tpc > 1 else triton.cdiv(Cs, cfg.block_k), TPC=tpc, ALIGN=xa,
+               NALIGN=na, EVEN_K=tpc > 1 or Cs % cfg.block_k == 0,
+               EVEN_N=Cout_g % cfg.block_n == 0,
+               **flags, FLAT=flat, PRECISION=precision(allow_tf32), UPCAST=upcast(x.dtype), IDX64=big, W_TMA=tma,
                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
         return psum, psumsq
 

@@ -158,6 +158,26 @@ def split_plan(chunks: int, programs: int, splits):
     return triton.cdiv(chunks, per), per
 
 
+# A wgrad reduction chunk may be a box of TB images x TH rows x TW columns of output pixels
+# (offsets: a scalar plus loop-invariant vectors; ~3x fewer instructions per pixel than
+# stepping flat pixel indices) when the box grid wastes little: at least WGRAD_BOX_MIN of the
+# box's pixels are real, or WGRAD_BOX_MIN_NARROW for B tiles of at most 128 columns (whose
+# loops are issue-bound, so a few wasted MMAs cost less than the saved instructions).
+WGRAD_BOX_MIN = 0.97
+WGRAD_BOX_MIN_NARROW = 0.85
+
+
+def wgrad_box(N: int, Ho: int, Wo: int, block_p: int, block_n: int) -> tuple[int, int, int]:
+    """(TB, TH, TW) with TB*TH*TW = block_p for the wgrad's pixel boxes, or (0, 0, 0): flat chunks."""
+    tw = min(next_pow2(Wo), block_p)
+    th = min(next_pow2(Ho), block_p // tw)
+    tb = block_p // (tw * th)
+    real = N * Ho * Wo
+    boxed = triton.cdiv(N, tb) * tb * triton.cdiv(Ho, th) * th * triton.cdiv(Wo, tw) * tw
+    need = WGRAD_BOX_MIN_NARROW if block_n <= 128 else WGRAD_BOX_MIN
+    return (tb, th, tw) if real >= need * boxed else (0, 0, 0)
+
+
 def wgrad_tiles(C: int, N: int, P: int, taps: int) -> Config:
     """The tile config of a wgrad in its GEMM view [taps*C, P] x [P, N]: block_m = channels of
     one tap (BLOCK_K), block_n = output channels, block_k = the pixel chunk (BLOCK_P)."""

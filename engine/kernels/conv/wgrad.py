@@ -28,8 +28,9 @@ import triton.language as tl
 from engine import device as _device
 from engine.kernels import autotune
 from engine.kernels.common import check_activation, dot, idx64, next_pow2, precision, sum_partials, upcast
+import engine.kernels.conv.geometry as geometry
 from engine.kernels.conv.geometry import (check_channels, check_grad_inputs, conv_geometry, conv_key, dw_tiles,
-                                          operand_align, split_plan, wgrad_tiles)
+                                          operand_align, split_plan)
 from engine.kernels.conv.mainloop import load_dz
 from engine.kernels.launch import launch
 from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
@@ -39,9 +40,11 @@ from engine.kernels.tune_config import Config, epilogue_key, smem_limit, split_v
 @triton.jit
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, z_ptr, scale_ptr, part_ptr, bpart_ptr,
-    P, P_PER_SPLIT, H, W, Ho, Wo, XC_A, CS_A, DYC_A, COUT_G_A, N_TILES,
+    P, P_PER_SPLIT, NB, H, W, Ho, Wo, XC_A, CS_A, DYC_A, COUT_G_A, N_TILES,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
     KW: tl.constexpr, CCHUNKS: tl.constexpr, ALIGN: tl.constexpr, NALIGN: tl.constexpr,
+    TB: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_P: tl.constexpr,
     ACT: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -50,7 +53,8 @@ def _conv_wgrad_kernel(
 
     Grid: (KH*KW * CCHUNKS * N_TILES, S, G). x [N, H, W, XC] (XC = G*Cs), dy [N, Ho,
     Wo, DYC] (DYC = G*Cout_g), channel counts in units of ALIGN (x) and NALIGN (dy).
-    The tap-0 programs also write bias partials (column sums of dz).
+    The tap-0 programs also write bias partials (column sums of dz). EVEN_K / EVEN_N /
+    EVEN_P: Cs, Cout_g and every split's pixel count are multiples of the block (no masks).
     """
     XC = XC_A * ALIGN
     CS = CS_A * ALIGN  # x channels per group as stored
@@ -70,51 +74,120 @@ def _conv_wgrad_kernel(
     offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output channel within group
     mask_c = offs_cn < COUT_G
     offs_c = g * COUT_G + offs_cn  # [BLOCK_N] global output channel
-    p_lo = split * P_PER_SPLIT
-    p_hi = tl.minimum(P, p_lo + P_PER_SPLIT)
-    if IDX64:
-        p_lo = p_lo.to(tl.int64)
-    offs_p = p_lo + tl.arange(0, BLOCK_P)  # [BLOCK_P] output pixels of the first trip
-    wo = offs_p % Wo  # [BLOCK_P] decomposed once, then stepped with carries
-    t = offs_p // Wo
-    ho = t % Ho
-    n = t // Ho
-    d_wo = BLOCK_P % Wo  # scalar steps of (n, ho, wo) per trip of BLOCK_P pixels
-    d_ho = (BLOCK_P // Wo) % Ho
-    d_n = BLOCK_P // (Wo * Ho)
     h_off = r * dil_h - pad_h  # scalar: input row of output row 0 at this tap
     w_off = s * dil_w - pad_w
     x_ch = g * CS + ci  # [BLOCK_K] x channel
-    offs_pb = tl.arange(0, BLOCK_P)  # [BLOCK_P] pixel within a trip (the B tile's rows)
-    b_off = (p_lo + offs_pb)[:, None] * DYC + offs_c[None, :]  # [BLOCK_P, BLOCK_N] dz offsets of the first trip
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # [BLOCK_K, BLOCK_N] fp32 dw accumulator
     bacc = tl.zeros((BLOCK_N,), dtype=tl.float32)  # [BLOCK_N] fp32 bias-grad accumulator
-    for p0 in range(p_lo, p_hi, BLOCK_P):
-        hi = ho * stride_h + h_off  # [BLOCK_P]
-        wi = wo * stride_w + w_off  # [BLOCK_P]
-        ok = (offs_p < p_hi) & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)  # [BLOCK_P] pixel valid at this tap
-        a_off = ((n * H + hi) * W + wi) * XC  # [BLOCK_P]
-        a = tl.load(x_ptr + a_off[None, :] + x_ch[:, None], mask=mask_k[:, None] & ok[None, :],
-                    other=0.0)  # [BLOCK_K, BLOCK_P] gathered x^T tile
-        in_p = (p0 + offs_pb) < p_hi  # [BLOCK_P]
-        if ACT != 0 or HAS_SCALE:
-            b = load_dz(dy_ptr, z_ptr, scale_ptr, b_off, in_p[:, None] & mask_c[None, :], offs_c, mask_c, slope,
-                        ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
-        else:
-            b = tl.load(dy_ptr + b_off, mask=in_p[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
-        if NEED_BIAS:
-            bacc += tl.sum(b.to(tl.float32), axis=0)
-        acc = dot(a, b.to(a.dtype), acc, PRECISION, UPCAST)
-        # next trip: pointers advance, (n, ho, wo) step with one carry each
-        b_off += BLOCK_P * DYC
-        offs_p += BLOCK_P
-        wo += d_wo
-        carry = wo >= Wo
-        wo = tl.where(carry, wo - Wo, wo)
-        ho += d_ho + carry.to(ho.dtype)
-        carry = ho >= Ho
-        ho = tl.where(carry, ho - Ho, ho)
-        n += d_n + carry.to(n.dtype)
+    if TH > 0:
+        # a trip is a TB x TH x TW box of output pixels: its pixels' offsets are a
+        # scalar plus loop-invariant vectors (no per-pixel arithmetic but adds and
+        # compares); P_PER_SPLIT counts boxes here
+        jj = tl.arange(0, BLOCK_P)  # [BLOCK_P] pixel of the box (the A tile's columns)
+        dn = jj // (TH * TW)
+        dh = (jj // TW) % TH
+        dw = jj % TW
+        a_rel = ((dn * H + dh * stride_h) * W + dw * stride_w) * XC  # [BLOCK_P] offset from the box's first pixel
+        h_rel = dh * stride_h  # [BLOCK_P]
+        w_rel = dw * stride_w
+        jb = tl.arange(0, BLOCK_P)  # [BLOCK_P] the same pixels as the B tile's rows
+        dnb = jb // (TH * TW)
+        dhb = (jb // TW) % TH
+        dwb = jb % TW
+        b_rel = ((dnb * Ho + dhb) * Wo + dwb) * DYC  # [BLOCK_P]
+        boxes_w = (Wo + TW - 1) // TW
+        boxes_h = (Ho + TH - 1) // TH
+        t_lo = split * P_PER_SPLIT
+        t_hi = tl.minimum(P, t_lo + P_PER_SPLIT)
+        bw = t_lo % boxes_w  # scalar box coordinates, stepped per trip
+        bh = (t_lo // boxes_w) % boxes_h
+        bn = t_lo // (boxes_w * boxes_h)
+        for _ in range(t_lo, t_hi):
+            n0 = bn * TB
+            ho0 = bh * TH
+            wo0 = bw * TW
+            if IDX64:
+                n0 = n0.to(tl.int64)
+            hi0 = ho0 * stride_h + h_off  # scalar
+            wi0 = wo0 * stride_w + w_off
+            ok = ((dn < NB - n0) & (dh < Ho - ho0) & (dw < Wo - wo0) & ((hi0 + h_rel).to(tl.uint32) < H)
+                  & ((wi0 + w_rel).to(tl.uint32) < W))  # [BLOCK_P] real output pixel, real input pixel
+            a_base = ((n0 * H + hi0) * W + wi0) * XC  # scalar
+            if EVEN_K:
+                a_mask = ok[None, :]  # [1, BLOCK_P]
+            else:
+                a_mask = mask_k[:, None] & ok[None, :]  # [BLOCK_K, BLOCK_P]
+            a = tl.load(x_ptr + a_base + a_rel[None, :] + x_ch[:, None], mask=a_mask,
+                        other=0.0)  # [BLOCK_K, BLOCK_P] x^T tile
+            b_ok = (dnb < NB - n0) & (dhb < Ho - ho0) & (dwb < Wo - wo0)  # [BLOCK_P]
+            b_off = ((n0 * Ho + ho0) * Wo + wo0) * DYC + b_rel[:, None] + offs_c[None, :]  # [BLOCK_P, BLOCK_N]
+            if ACT != 0 or HAS_SCALE:
+                b = load_dz(dy_ptr, z_ptr, scale_ptr, b_off, b_ok[:, None] & mask_c[None, :], offs_c, mask_c, slope,
+                            ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
+            else:
+                b = tl.load(dy_ptr + b_off, mask=b_ok[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
+            if NEED_BIAS:
+                bacc += tl.sum(b.to(tl.float32), axis=0)
+            acc = dot(a, b.to(a.dtype), acc, PRECISION, UPCAST)
+            bw += 1
+            carry = bw >= boxes_w
+            bw = tl.where(carry, 0, bw)
+            bh = tl.where(carry, bh + 1, bh)
+            carry = bh >= boxes_h
+            bh = tl.where(carry, 0, bh)
+            bn = tl.where(carry, bn + 1, bn)
+    else:
+        p_lo = split * P_PER_SPLIT
+        p_hi = tl.minimum(P, p_lo + P_PER_SPLIT)
+        if IDX64:
+            p_lo = p_lo.to(tl.int64)
+        offs_p = p_lo + tl.arange(0, BLOCK_P)  # [BLOCK_P] output pixels of the first trip
+        wo = offs_p % Wo  # [BLOCK_P] decomposed once, then stepped with carries
+        t = offs_p // Wo
+        ho = t % Ho
+        n = t // Ho
+        d_wo = BLOCK_P % Wo  # scalar steps of (n, ho, wo) per trip of BLOCK_P pixels
+        d_ho = (BLOCK_P // Wo) % Ho
+        d_n = BLOCK_P // (Wo * Ho)
+        offs_pb = tl.arange(0, BLOCK_P)  # [BLOCK_P] pixel within a trip (the B tile's rows)
+        b_off = (p_lo + offs_pb)[:, None] * DYC + offs_c[None, :]  # [BLOCK_P, BLOCK_N] dz offsets of the first trip
+        for p0 in range(p_lo, p_hi, BLOCK_P):
+            hi = ho * stride_h + h_off  # [BLOCK_P]
+            wi = wo * stride_w + w_off  # [BLOCK_P]
+            # one unsigned compare per bound pair: a negative coordinate wraps to a huge one
+            ok = (hi.to(tl.uint32) < H) & (wi.to(tl.uint32) < W)  # [BLOCK_P] pixel valid at this tap
+            if not EVEN_P:
+                ok = ok & (offs_p < p_hi)
+            a_off = ((n * H + hi) * W + wi) * XC  # [BLOCK_P]
+            if EVEN_K:
+                a_mask = ok[None, :]  # [1, BLOCK_P]
+            else:
+                a_mask = mask_k[:, None] & ok[None, :]  # [BLOCK_K, BLOCK_P]
+            a = tl.load(x_ptr + a_off[None, :] + x_ch[:, None], mask=a_mask, other=0.0)  # [BLOCK_K, BLOCK_P] x^T tile
+            if EVEN_P:
+                b_mask = mask_c[None, :]  # [1, BLOCK_N]
+            else:
+                b_mask = ((p0 + offs_pb) < p_hi)[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_N]
+            if ACT != 0 or HAS_SCALE:
+                b = load_dz(dy_ptr, z_ptr, scale_ptr, b_off, b_mask, offs_c, mask_c, slope,
+                            ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
+            elif EVEN_N and EVEN_P:
+                b = tl.load(dy_ptr + b_off)  # [BLOCK_P, BLOCK_N]
+            else:
+                b = tl.load(dy_ptr + b_off, mask=b_mask, other=0.0)  # [BLOCK_P, BLOCK_N]
+            if NEED_BIAS:
+                bacc += tl.sum(b.to(tl.float32), axis=0)
+            acc = dot(a, b.to(a.dtype), acc, PRECISION, UPCAST)
+            # next trip: pointers advance, (n, ho, wo) step with one carry each
+            b_off += BLOCK_P * DYC
+            offs_p += BLOCK_P
+            wo += d_wo
+            carry = wo >= Wo
+            wo = tl.where(carry, wo - Wo, wo)
+            ho += d_ho + carry.to(ho.dtype)
+            carry = ho >= Ho
+            ho = tl.where(carry, ho - Ho, ho)
+            n += d_n + carry.to(n.dtype)
     rows = tap * CS + ci  # [BLOCK_K] dw row (tap, ci)
     K_ROWS = tl.num_programs(0) // N_TILES // CCHUNKS * CS  # KH*KW*Cs rows per split
     part_off = (split * K_ROWS + rows).to(tl.int64)[:, None] * DYC + offs_c[None, :]  # [BLOCK_K, BLOCK_N]
@@ -233,32 +306,39 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
 
     # GEMM view [K_g, P] x [P, Cout_g]: config block_m -> BLOCK_K (channels of one tap), block_n ->
     # BLOCK_N (output channels), block_k -> BLOCK_P (the reduction over output pixels), split -> S
-    def plan(cfg: Config) -> tuple[int, int, int, int, int]:
-        """(channel chunks per tap, Cout tiles, programs per split, S, P-chunks per split) for a config."""
+    def plan(cfg: Config):
+        """(channel chunks per tap, Cout tiles, programs per split, S, chunks per split, the pixel box
+        (TB, TH, TW) or (0, 0, 0), chunks) for a config: a chunk is a box of pixels, or BLOCK_P of them."""
         cchunks = triton.cdiv(Cs, cfg.block_m)
         n_tiles = triton.cdiv(Cout_g, cfg.block_n)
         tiles = KH * KW * cchunks * n_tiles
-        S, per_split = split_plan(triton.cdiv(P, cfg.block_k), tiles * G, splits if splits is not None else cfg.split)
-        return cchunks, n_tiles, tiles, S, per_split
+        box = geometry.wgrad_box(N, Ho, Wo, cfg.block_k, cfg.block_n)
+        chunks = (triton.cdiv(N, box[0]) * triton.cdiv(Ho, box[1]) * triton.cdiv(Wo, box[2]) if box[1]
+                  else triton.cdiv(P, cfg.block_k))
+        S, per_split = split_plan(chunks, tiles * G, splits if splits is not None else cfg.split)
+        return cchunks, n_tiles, tiles, S, per_split, box, chunks
 
     def run(cfg: Config):
         """dw, dbias with config `cfg`; partials are allocated per config (S follows it) and written, not added."""
-        cchunks, n_tiles, tiles, S, per_split = plan(cfg)
+        cchunks, n_tiles, tiles, S, per_split, box, chunks = plan(cfg)
         part, bpart = partials(S, KH * KW * Cs)
-        launch(_conv_wgrad_kernel, (tiles, S, G), x, dy, z, grad_scale, part, bpart, P, per_split * cfg.block_k,
-               H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, n_tiles, *geo,
-               KW=KW, CCHUNKS=cchunks, ALIGN=xa, NALIGN=na, **flags, PRECISION=precision(allow_tf32),
+        extent, per = (chunks, per_split) if box[1] else (P, per_split * cfg.block_k)
+        launch(_conv_wgrad_kernel, (tiles, S, G), x, dy, z, grad_scale, part, bpart, extent, per,
+               N, H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, n_tiles, *geo,
+               KW=KW, CCHUNKS=cchunks, ALIGN=xa, NALIGN=na, TB=box[0], TH=box[1], TW=box[2],
+               EVEN_K=Cs % cfg.block_m == 0,
+               EVEN_N=Cout_g % cfg.block_n == 0, EVEN_P=P % cfg.block_k == 0, **flags, PRECISION=precision(allow_tf32),
                UPCAST=upcast(x.dtype), IDX64=big,
                BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_P=cfg.block_k, **cfg.meta())
         return finish(part, bpart)
 
-    default = wgrad_tiles(Cs, Cout_g, P, KH * KW * G)
+    default = geometry.wgrad_tiles(Cs, Cout_g, P, KH * KW * G)  # through the module: tests patch it
 
     def candidates() -> list[Config]:
         tiles = wgrad_candidates(Cs, Cout_g, P, x.dtype, smem_limit(x.device), default)
         # and the default tiles with half / double the heuristic's split count
-        S = plan(default)[3]
-        return tiles + [default.with_split(s) for s in split_variants(S, triton.cdiv(P, default.block_k)) if s != S]
+        _, _, _, S, _, _, chunks = plan(default)
+        return tiles + [default.with_split(s) for s in split_variants(S, chunks) if s != S]
 
     shape = dict(M=KH * KW * Cs, N=Cout_g, K=P, **conv_key(KH, KW, stride, padding, dilation, G),
                  epilogue=epilogue_key(flags), tf32=bool(allow_tf32))
