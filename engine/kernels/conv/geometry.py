@@ -147,13 +147,19 @@ GPU_SMS = 132  # an H100 SXM's SMs: the grid the GPU split aims to fill about tw
 
 def split_plan(chunks: int, programs: int, splits):
     """(S, chunks per split) for a split-K over `chunks` P-chunks with `programs` programs
-    per split; depends only on shapes. The GPU aims at ~2 waves of programs, within
-    WGRAD_MAX_SPLITS and WGRAD_MIN_TRIPS; the interpreter takes one split."""
+    per split; depends only on shapes. The interpreter takes one split. The GPU takes the
+    fewest splits whose grid keeps the SMs within 10% of as busy as any split count could
+    (waves(S) / S: the busiest SM's share of the work), at most WGRAD_MAX_SPLITS and with
+    at least WGRAD_MIN_TRIPS chunks each: every extra split is another fp32 copy of dw
+    written and read back (2.4 MB for a 256->256 3x3 conv)."""
     if splits is None:
         if _device.INTERPRETED:
             splits = 1
         else:
-            splits = min(triton.cdiv(2 * GPU_SMS, programs), WGRAD_MAX_SPLITS, max(1, chunks // WGRAD_MIN_TRIPS))
+            top = max(1, min(WGRAD_MAX_SPLITS, chunks // WGRAD_MIN_TRIPS))
+            load = {s: triton.cdiv(programs * s, GPU_SMS) / s for s in range(1, top + 1)}
+            best = min(load.values())
+            splits = min(s for s, v in load.items() if v <= 1.1 * best)
     per = triton.cdiv(chunks, max(1, min(splits, chunks)))
     return triton.cdiv(chunks, per), per
 
