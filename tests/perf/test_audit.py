@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # (Triton launches, torch device ops, bytes) of a bf16 training step at the spec's batch
 PINS = {
-    "digits": (33, 28, 8273672),
-    "lenet5": (29, 26, 13824392),
-    "resnet_small": (171, 133, 309322032),
-    "unet_tiny": (47, 55, 204263956),
-    "airbench94": (90, 70, 3945903352),
-    "resnet9": (101, 86, 6041977360),
+    "digits": (34, 29, 8273672),
+    "lenet5": (31, 28, 15158900),
+    "resnet_small": (154, 134, 309322032),
+    "unet_tiny": (48, 56, 204263956),
+    "airbench94": (94, 71, 4055879480),
+    "resnet9": (107, 87, 6295419792),
 }
 
 
