@@ -297,8 +297,9 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     def run(cfg: Config):
         """Launch with tile config `cfg`; writes y (z, stats) afresh, so it can run repeatedly."""
         psum, psumsq = stats_buffers(cfg.block_m)
-        # a chunk of several whole taps when a tap has fewer channels than the chunk (8 or 16)
-        tpc = cfg.block_k // Cs if Cs < cfg.block_k and Cs in (8, 16) and xa > 1 else 1
+        # a chunk of several whole taps when a tap has fewer channels than the chunk (a power
+        # of two, 16 bytes or more: 8 or 16 bf16 channels, 4 fp32): the padded RGB stem
+        tpc = cfg.block_k // Cs if Cs < cfg.block_k and Cs & (Cs - 1) == 0 and xa > 1 else 1
         iters = triton.cdiv(KH * KW, tpc) if tpc > 1 else KH * KW * triton.cdiv(Cs, cfg.block_k)
         grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(Cout_g, cfg.block_n), G)
         tma = use_tma(wk, na, cfg.block_n)
