@@ -169,6 +169,7 @@ CONV_TILES = {
     (64, 256, 8): (102, 1770),
     (64, 128, 4): (113, 1850),
     (128, 32, 4): (138, 1450),
+    (256, 32, 4): (261, 2180),
     (64, 64, 4): (102, 1080),
     (64, 32, 4): (109, 910),
 }
@@ -230,11 +231,11 @@ def wgrad_heuristic(C: int, N: int, P: int, taps: int) -> Config:
     block_n output channels, block_k the pixel chunk). Read from the sm_90 SASS: each
     pixel of a trip costs ~10-25 instructions per thread whatever the tile, paid once
     per BLOCK_N output channels, so BLOCK_N is as wide as Cout allows (128x256: 0.39
-    issue/tensor, 128x128: 0.65, 64x64: 1.4); narrow tiles take 128-pixel chunks to
-    halve the per-trip overhead (64x64x128: 1.05)."""
+    issue/tensor, 128x128: 0.65, 64x64: 1.4); narrow tiles take 256-pixel chunks to
+    amortise the per-trip overhead (64x64x128: 1.05, 64x64x256: 0.90)."""
     bm = 128 if C >= 128 else 64
     bn = min(max(16, next_pow2(N)), 256)
-    bp = 64 if bn >= 128 else 128
+    bp = 64 if bn >= 128 else 256
     warps = 8 if bm * bn >= 128 * 128 else 4
     stages = 4 if gemm_smem_bytes(bm, bn, bp, 4, 2, 2) <= 160 * 1024 else 3
     return Config(bm, bn, bp, num_warps=warps, num_stages=stages)
