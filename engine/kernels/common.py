@@ -11,6 +11,7 @@ Host:
     pixels        pixel_tiles, pixel_grid, idx64 (int64 index math switch)
     GEMMs         precision (tf32 / ieee), upcast (bf16 under the interpreter)
     sum_partials  the one deterministic reduction of fp32 partials
+    fold_partials tall [T, C] partials folded in parallel to fewer rows
 Device (@triton.jit):
     channel_block, row_tile, reduce_rows, store_partial_row, pixel_tile, pixel_nhw, dot
 
@@ -40,6 +41,10 @@ GPU_TILE = 4096
 GPU_MAX_BLOCK_C = 128
 # Split reductions: aim for about this many row-partials on the GPU.
 GPU_TARGET_PARTIALS = 256
+# Partials taller than this are first folded in parallel (fold_partials) to about
+# GPU_TARGET_PARTIALS rows, so no second pass walks thousands of rows in one program
+# (a conv epilogue's per-tile batch-norm sums: 7,688 rows for airbench's stem).
+FOLD_ROWS = 512
 
 
 # --------------------------------------------------------------------------- #
@@ -330,6 +335,50 @@ def _sum_partials_kernel(
         tl.store(ob_ptr + cols, sb, mask=cmask)
 
 
+@triton.jit
+def _fold_partials_kernel(
+    pa_ptr,  # [T, C] fp32 partials
+    pb_ptr,  # [T, C] fp32 partials (if HAS_B)
+    oa_ptr,  # [T2, C] fp32 out: sums of R consecutive rows
+    ob_ptr,  # [T2, C] fp32 out (if HAS_B)
+    T, C, R,
+    HAS_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Row block pid_t of the fold: rows pid_t*R .. pid_t*R + R - 1, in a fixed order."""
+    pid_t = tl.program_id(0)
+    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
+    lo = pid_t * R
+    hi = tl.minimum(T, lo + R)
+    acc_a = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C]
+    acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C]
+    for t0 in range(lo, hi, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+        offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_T, BLOCK_C]
+        m = (rows[:, None] < hi) & cmask[None, :]
+        acc_a += tl.load(pa_ptr + offs, mask=m, other=0.0)
+        if HAS_B:
+            acc_b += tl.load(pb_ptr + offs, mask=m, other=0.0)
+    out = pid_t.to(tl.int64) * C + cols  # [BLOCK_C]
+    tl.store(oa_ptr + out, tl.sum(acc_a, axis=0), mask=cmask)
+    if HAS_B:
+        tl.store(ob_ptr + out, tl.sum(acc_b, axis=0), mask=cmask)
+
+
+def fold_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, rows: int = GPU_TARGET_PARTIALS):
+    """fp32 [T, C] partials (and pb alike) -> [T2, C] with T2 <= `rows`: each output row the sum of
+    consecutive input rows in a fixed order, programs in parallel over row blocks and channels."""
+    T, C = pa.shape
+    R = triton.cdiv(T, max(1, rows))
+    T2 = triton.cdiv(T, R)
+    oa = torch.empty((T2, C), device=pa.device, dtype=torch.float32)
+    ob = torch.empty((T2, C), device=pa.device, dtype=torch.float32) if pb is not None else None
+    bc = max(4, min(next_pow2(C), 64 if not _device.INTERPRETED else INTERP_MAX_BLOCK_C))
+    bt = max(1, min(next_pow2(R), 2048 // bc if not _device.INTERPRETED else INTERP_TILE // bc))
+    launch(_fold_partials_kernel, (T2, triton.cdiv(C, bc)), pa, pb if pb is not None else pa, oa,
+           ob if ob is not None else oa, T, C, R, HAS_B=pb is not None, BLOCK_T=bt, BLOCK_C=bc, num_warps=4)
+    return oa if pb is None else (oa, ob)
+
+
 def sum_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, *, block: int | None = None,
                  out: torch.Tensor | None = None):
     """Column sums of fp32 [T, C] partials in a fixed order -> [C] fp32 (or a pair).
@@ -347,6 +396,9 @@ def sum_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, *, block: int
             raise ValueError(f"{name} must be a contiguous fp32 [T, C] tensor, got {p.dtype} {tuple(p.shape)}")
     if pb is not None and pb.shape != pa.shape:
         raise ValueError(f"partials differ in shape: {tuple(pa.shape)} vs {tuple(pb.shape)}")
+    if block is None and pa.shape[0] > FOLD_ROWS and not _device.INTERPRETED:
+        folded = fold_partials(pa, pb)
+        pa, pb = (folded, None) if pb is None else folded
     T, C = pa.shape
     if out is not None and (out.shape != (C,) or out.dtype != torch.float32 or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous fp32 [{C}] tensor, got {out.dtype} {tuple(out.shape)}")

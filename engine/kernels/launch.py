@@ -77,6 +77,7 @@ class Specialization:
 _recorded: list[Specialization] | None = None
 _dry_run: bool = False
 _observers: list[Callable[[Any, tuple], None]] = []  # open observing() blocks, innermost last
+_launch_observers: list[Callable[[Any, Any, tuple, dict], None]] = []  # open observing_launches() blocks
 
 
 @contextlib.contextmanager
@@ -111,6 +112,18 @@ def observing(observer: Callable[[Any, tuple], None]) -> Iterator[None]:
         yield
     finally:
         _observers.remove(observer)
+
+
+@contextlib.contextmanager
+def observing_launches(observer: Callable[[Any, Any, tuple, dict], None]) -> Iterator[None]:
+    """Call `observer(kernel, grid, args, meta)` for every launch inside the block: the
+    whole launch (grid and constexprs too), for the static performance estimate
+    (engine.perf.gemm_perf counts programs and loop trips from it)."""
+    _launch_observers.append(observer)
+    try:
+        yield
+    finally:
+        _launch_observers.remove(observer)
 
 
 @contextlib.contextmanager
@@ -169,10 +182,21 @@ def _fallback_specialize(value: Any, specialize: bool) -> tuple[str, Any]:
     raise TypeError(f"cannot type kernel argument {value!r}")
 
 
+def is_tensor_descriptor(value: Any) -> bool:
+    """A host-side TMA tensor descriptor (triton.tools.tensor_descriptor.TensorDescriptor)."""
+    return type(value).__name__ == "TensorDescriptor" and hasattr(value, "base") and hasattr(value, "block_shape")
+
+
 def _specialize(value: Any, specialize: bool) -> tuple[str, Any]:
     """(triton type or 'constexpr', attribute string or value) for one runtime argument."""
     if isinstance(value, torch.Tensor) and value.dtype not in _TORCH_TO_TRITON:
         raise TypeError(f"unsupported tensor dtype {value.dtype} for a kernel argument")
+    if is_tensor_descriptor(value):
+        # Triton spells it `tensordesc<bf16[64, 128]>` (3.6 and 3.9); no divisibility attribute
+        if _native_specialize is not None:
+            with contextlib.suppress(Exception):
+                return _native_specialize(_BaseBackend, value, False, specialize, True)[:2]
+        return f"tensordesc<{_TORCH_TO_TRITON[value.base.dtype]}[{', '.join(map(str, value.block_shape))}]>", None
     if _native_specialize is not None and (value is None or isinstance(value, (torch.Tensor, bool, int, float))):
         try:
             ty, attr = _native_specialize(_BaseBackend, value, False, specialize, True)[:2]
@@ -253,6 +277,11 @@ def _make_spec(kernel, args, meta) -> Specialization:
     )
 
 
+def specialization(kernel, args: tuple, meta: dict) -> Specialization:
+    """The variant a launch `launch(kernel, grid, *args, **meta)` compiles (what `recording` notes)."""
+    return _make_spec(kernel, args, meta)
+
+
 def _record(kernel, args, meta) -> None:
     spec = _make_spec(kernel, args, meta)
     if spec not in _recorded:
@@ -266,6 +295,8 @@ def launch(kernel, grid, *args, **meta):
     """
     for observer in _observers:
         observer(kernel, args)
+    for observer in _launch_observers:
+        observer(kernel, grid, args, meta)
     if _recorded is not None:
         _record(kernel, args, meta)
         if _dry_run:

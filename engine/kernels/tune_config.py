@@ -146,6 +146,123 @@ def gemm_candidates(M: int, N: int, K: int, dtype: torch.dtype, smem_limit: int,
     return out[:MAX_CANDIDATES]
 
 
+# --------------------------------------------------------------------------- #
+# Convolutions: the heuristic and candidates of the tap x chunk implicit GEMMs
+# --------------------------------------------------------------------------- #
+def conv_chunk(C: int, taps: int = 1) -> int:
+    """BLOCK_K (the channel chunk) for C channels per tap: the least zero padding of C, then the
+    larger; fewer than 16 channels (a padded RGB stem's 8): several taps per chunk, up to 64."""
+    if C < 16:
+        return min(64, max(16, next_pow2(C * taps)))
+    return min((64, 32, 16), key=lambda b: (-(-C // b) * b, -b))
+
+
+# Conv forward / dgrad tiles (BLOCK_M, BLOCK_N, warps) and what they cost per thread on sm_90,
+# read from the SASS of the forward's main loop (engine.perf.sass, `fusenet inspect --perf`) at
+# BLOCK_K 64: instructions per loop trip, and instructions outside the loop (the epilogue with
+# batch-norm statistics, mostly). The heuristic prices each tile with them.
+# 128x256 is left out: its accumulator (128 registers a thread at 8 warps) spills on sm_80
+# (164-252 bytes in forward and dgrad), where the same launches must compile clean.
+CONV_TILES = {
+    (128, 128, 8): (102, 1960),
+    (128, 64, 4): (140, 1700),
+    (64, 256, 8): (102, 1770),
+    (64, 128, 4): (113, 1850),
+    (128, 32, 4): (138, 1450),
+    (256, 32, 4): (261, 2180),
+    (64, 64, 4): (102, 1080),
+    (64, 32, 4): (109, 910),
+}
+SMS = 132  # an H100 SXM's SMs: the heuristic sizes grids in waves of them
+ISSUE_PER_CLOCK, TENSOR_MACS_PER_CLOCK, SMEM_BYTES_PER_CLOCK = 4, 2048, 128  # per SM (engine.perf.sass)
+
+
+def conv_tile_cycles(M: int, N: int, C: int, taps: int, bm: int, bn: int, warps: int) -> float:
+    """Estimated SM clocks of a conv forward / dgrad on one GPU with (bm, bn, warps) tiles:
+    waves of programs x each program's max(issue, tensor, shared-memory) clocks per trip
+    (each 64-row wgmma reads the B tile again), plus its epilogue."""
+    bk = conv_chunk(C, taps)
+    loop, rest = CONV_TILES[(bm, bn, warps)]
+    loop *= 0.55 + 0.45 * bk / 64
+    trips = -(-taps * C // bk) if C < 16 else taps * -(-C // bk)
+    smem = (bm * bk + bm // 64 * bk * bn) * 2
+    per_trip = max(bm * bn * bk / TENSOR_MACS_PER_CLOCK, loop * warps / ISSUE_PER_CLOCK, smem / SMEM_BYTES_PER_CLOCK)
+    waves = -(-(-(-M // bm) * -(-N // bn)) // SMS)
+    return waves * (trips * per_trip + rest * warps / ISSUE_PER_CLOCK)
+
+
+def conv_heuristic(M: int, N: int, C: int, taps: int) -> Config:
+    """The untuned GPU tile config of a conv forward / dgrad: the CONV_TILES tile with the
+    fewest estimated clocks (conv_tile_cycles), the larger on a tie; 4 stages where they fit."""
+    nmax = max(32, next_pow2(N))
+    tiles = [t for t in CONV_TILES if t[1] <= nmax]
+    cost = {t: conv_tile_cycles(M, N, C, taps, *t) for t in tiles}
+    best = min(cost.values())
+    # within 5% of the cheapest, the largest tile: it rereads its operands least (L2, HBM)
+    bm, bn, warps = max((t for t in tiles if cost[t] <= 1.05 * best), key=lambda t: (t[0] * t[1], -cost[t]))
+    bk = conv_chunk(C, taps)
+    stages = 4 if gemm_smem_bytes(bm, bn, bk, 4, 2, 2) <= 160 * 1024 else 3
+    return Config(bm, bn, bk, num_warps=warps, num_stages=stages)
+
+
+def conv_candidates(M: int, N: int, C: int, taps: int, dtype: torch.dtype, smem_limit: int,
+                    default: Config | None = None) -> list[Config]:
+    """Tile configs worth timing for a conv forward / dgrad: every CONV_TILES tile up to N's width
+    with BLOCK_K 64 / 32 (up to C), at the deepest of 4 or 3 stages that fits; `default` first."""
+    a_bytes = torch.empty((), dtype=dtype).element_size()
+    out: list[Config] = [default] if default is not None else []
+    bks = sorted({conv_chunk(C, taps), min(64, max(16, next_pow2(C)))}, reverse=True)
+    nmax = max(32, next_pow2(N))
+    for bm, bn, warps in CONV_TILES:
+        if bn > nmax:
+            continue
+        for bk in bks:
+            for stages in (4, 3):
+                if gemm_smem_bytes(bm, bn, bk, stages, a_bytes, a_bytes) <= smem_limit:
+                    cfg = Config(bm, bn, bk, num_warps=warps, num_stages=stages)
+                    if cfg not in out:
+                        out.append(cfg)
+                    break
+    return out[:MAX_CANDIDATES]
+
+
+def wgrad_heuristic(C: int, N: int, P: int, taps: int) -> Config:
+    """The untuned GPU tile config of a conv wgrad (GEMM view: block_m channels of one tap,
+    block_n output channels, block_k the pixel chunk). Read from the sm_90 SASS: each
+    pixel of a trip costs ~10-25 instructions per thread whatever the tile, paid once
+    per BLOCK_N output channels, so BLOCK_N is as wide as Cout allows (128x256: 0.39
+    issue/tensor, 128x128: 0.65, 64x64: 1.4); narrow tiles take 256-pixel chunks to
+    amortise the per-trip overhead (64x64x128: 1.05, 64x64x256: 0.90)."""
+    bm = 128 if C >= 128 else 64
+    bn = min(max(16, next_pow2(N)), 256)
+    bp = 64 if bn >= 128 else 256
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    stages = 4 if gemm_smem_bytes(bm, bn, bp, 4, 2, 2) <= 160 * 1024 else 3
+    return Config(bm, bn, bp, num_warps=warps, num_stages=stages)
+
+
+def wgrad_candidates(C: int, N: int, P: int, dtype: torch.dtype, smem_limit: int,
+                     default: Config | None = None) -> list[Config]:
+    """Tile configs worth timing for a conv wgrad; `default` first."""
+    a_bytes = torch.empty((), dtype=dtype).element_size()
+    out: list[Config] = [default] if default is not None else []
+    for bm in (128, 64):
+        if bm > max(64, next_pow2(C)):
+            continue
+        for bn in (128, 64, 256, 32):
+            if bn > max(16, next_pow2(N)):
+                continue
+            for bp in (64, 128, 32):
+                warps = 8 if bm * bn >= 128 * 128 else 4
+                for stages in (4, 3, 2):
+                    if gemm_smem_bytes(bm, bn, bp, stages, a_bytes, a_bytes) <= smem_limit:
+                        cfg = Config(bm, bn, bp, num_warps=warps, num_stages=stages)
+                        if cfg not in out:
+                            out.append(cfg)
+                        break
+    return out[:MAX_CANDIDATES]
+
+
 def split_variants(split: int, max_split: int) -> list[int]:
     """Split-K counts worth timing around a heuristic's `split`: half, same, double (within 1..max_split)."""
     values = {max(1, split // 2), split, min(max_split, split * 2)}
@@ -167,4 +284,6 @@ def smem_limit(device: torch.device) -> int:
 
 
 __all__ = ["Config", "epilogue_key", "gemm_smem_bytes", "gemm_candidates", "split_variants", "smem_limit",
+           "conv_chunk", "conv_heuristic", "conv_candidates", "conv_tile_cycles", "CONV_TILES", "wgrad_heuristic",
+           "wgrad_candidates",
            "DEFAULT_SMEM_LIMIT", "MAX_CANDIDATES"]

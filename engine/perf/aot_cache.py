@@ -120,7 +120,7 @@ def disk_key(spec, target: str) -> str:
         "stages": spec.num_stages,
         "target": target,
         "triton": triton_version(),
-        "format": 1,
+        "format": 5,  # 2: the result carries the main loop ("loop"); 3: natural loops; 4: smem_per_warp; 5: loop-less MMA kernels
     }
     h.update(json.dumps(key, sort_keys=True, default=str).encode())
     return h.hexdigest()[:40]

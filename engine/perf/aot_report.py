@@ -16,7 +16,7 @@ TARGETS = {"sm_80": 80, "sm_90": 90}  # name -> compute capability: A100 and H10
 MMA_ORDER = ("HGMMA", "HMMA", "IGMMA", "IMMA", "QGMMA", "QMMA", "BGMMA", "BMMA", "DMMA", "OMMA")
 # what a compile measures (the worker's result keys; what the disk cache stores)
 REPORT_FIELDS = ("regs", "spill_stores", "spill_loads", "stack", "smem", "mma", "instructions", "opcodes",
-                 "compile_s")
+                 "loop", "compile_s")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class KernelReport:
     mma: dict = field(default_factory=dict)  # opcode -> count, e.g. {"HGMMA": 8}
     instructions: int = 0  # SASS instructions, trailing NOP padding excluded
     opcodes: dict = field(default_factory=dict)  # opcode (before the first '.') -> count
+    loop: dict | None = None  # the main loop's per-trip figures (engine.perf.sass.MainLoop.as_dict), if any
     compile_s: float = 0.0
     cached: bool = False  # came from the disk cache
     error: str | None = None

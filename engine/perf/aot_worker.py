@@ -24,7 +24,9 @@ What is read, per compiled kernel (Triton 3.6 and 3.9 alike):
   registers, spill store/load bytes, stack; `cuobjdump -res-usage` is the
   fallback (`CompiledKernel.n_regs`/`n_spills` exist only after loading on a GPU);
 * `asm["cubin"]` disassembled with the wheel's `cuobjdump -sass` (`nvdisasm` as
-  fallback) -> opcode histogram, MMA counts, instruction count.
+  fallback) -> opcode histogram, MMA counts, instruction count, and the main
+  loop's per-trip figures (engine.perf.sass.main_loop); `job["sass"] = True`
+  also returns the listing itself (for reading it by hand).
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from engine.perf.sass import main_loop
 
 # ----------------------------------------------------------------------------- the parent's side
 
@@ -214,6 +218,7 @@ def compile_job(job: dict) -> dict:
     log = log.getvalue()
     sass, res = _sass_of(ck.asm["cubin"])
     n, hist, mma = count_instructions(sass)
+    loop = main_loop(sass)
     regs = [int(x) for x in PTXAS_REGS.findall(log)]
     spills = [(int(a), int(b)) for a, b in PTXAS_SPILLS.findall(log)]
     stack = [int(x) for x in PTXAS_STACK.findall(log)]
@@ -233,8 +238,10 @@ def compile_job(job: dict) -> dict:
         "mma": mma,
         "instructions": n,
         "opcodes": hist,
+        "loop": loop.as_dict() if loop is not None else None,
         "compile_s": round(dt, 3),
         "ptxas_log": log[-4000:],
+        **({"sass": sass} if job.get("sass") else {}),
     }
 
 

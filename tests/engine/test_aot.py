@@ -25,6 +25,7 @@ import engine.kernels
 from engine.kernels.activations import ACTIVATIONS
 from engine.kernels.loss import cross_entropy
 from engine.kernels.optim import Adam, AdamW
+from engine.kernels.common import FOLD_ROWS, sum_partials
 from engine.kernels.global_pool import global_avg_pool
 from engine.perf.aot import compile_all, record_network
 from engine.perf.step import network_step
@@ -155,8 +156,11 @@ def _extra_runs(precision: str):
                 p.grad = torch.zeros_like(p)
             opt.step()
 
+    def tall_partials():  # more partial rows than one finalize program should walk: folded first
+        sum_partials(torch.zeros(FOLD_ROWS + 1, 8), torch.zeros(FOLD_ROWS + 1, 8))
+
     return [network_step(model, 2, True), network_step(model, 2, False), optimizers, eval_backward, split_global_pool,
-            step_loss_and_device_optimizers]
+            step_loss_and_device_optimizers, tall_partials]
 
 
 def test_every_kernel_function_compiles_for_sm80_and_sm90():

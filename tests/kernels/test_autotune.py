@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from helpers import assert_close, check_against_torch
 
 import engine.device
-import engine.kernels.conv.backward as conv_backward
+import engine.kernels.conv.wgrad as conv_wgrad
 import engine.kernels.tune_cache as cache_file
 from engine.kernels import autotune
 from engine.kernels.tune_cache import TuneCache
@@ -319,13 +319,13 @@ def test_forced_wgrad_split_and_stats_buffers(monkeypatch):
     kw = dict(stride=1, padding=1, dilation=1, groups=1)
     ref_w = torch.nn.grad.conv2d_weight(nchw(x).double(), (13, 6, 3, 3), nchw(dy).double(), padding=1)
     splits_seen = []
-    sum_partials = conv_backward.sum_partials
+    sum_partials = conv_wgrad.sum_partials
 
     def spy(part, **kw):
         splits_seen.append(part.shape[0])
         return sum_partials(part, **kw)
 
-    monkeypatch.setattr(conv_backward, "sum_partials", spy)
+    monkeypatch.setattr(conv_wgrad, "sum_partials", spy)
     for split in (1, 3, 8):
         with autotune.forced(Config(64, 16, 32, split=split)):
             dw, db = conv2d_wgrad(x, dy, (13, 6, 3, 3), need_bias=True, **kw)

@@ -10,6 +10,7 @@ from helpers import (ACTIVATIONS, DATA_MOVEMENT_OPS, SHAPE_OPS, OpRecorder, asse
 
 import engine.device
 from engine.kernels import batchnorm as bn
+from engine.kernels.batchnorm import training as bn_training
 from engine.kernels import common
 from engine.kernels.launch import recording
 
@@ -319,3 +320,16 @@ def test_no_torch_compute_ops_forward_backward():
     assert not bad, f"torch compute ops used: {sorted(bad)}"
     assert all(t.grad is not None for t in (x, w, b, x2, w2, b2))
     assert nbt.item() == 1
+
+
+def test_many_conv_partial_rows_fold_before_the_finalize(monkeypatch):
+    # a conv epilogue's per-tile sums: more rows than FOLD_ROWS go through common.fold_partials
+    monkeypatch.setattr(engine.device, "INTERPRETED", False)
+    x, w, b = inputs((4, 9, 13, 6))
+    rows = x.detach().reshape(-1, 6)
+    psum, psumsq = rows.contiguous(), (rows * rows).contiguous()  # one partial row per pixel: 468 rows
+    monkeypatch.setattr(bn_training, "FOLD_ROWS", 100)
+    with recording() as specs:
+        check_against_torch(lambda v, ww, bb: bn.batch_norm_train(v, ww, bb, None, None, partials=(psum, psumsq)),
+                            ref_train("none"), [x, w, b])
+    assert "_fold_partials_kernel" in {s.name for s in specs}

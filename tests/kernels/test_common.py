@@ -65,3 +65,32 @@ def test_sum_partials_one_row_at_a_time_is_a_running_sum(interpreted, monkeypatc
     assert torch.equal(out, running)
     (spec,) = specs
     assert dict(spec.constexprs)["BLOCK_T"] == 1 and dict(spec.constexprs)["BLOCK_C"] == 256
+
+
+@pytest.mark.parametrize("interpreted", [True, False])
+def test_tall_partials_fold_in_parallel(interpreted, monkeypatch):
+    # on a GPU, sum_partials folds more than FOLD_ROWS rows first (many programs), then sums the rest
+    monkeypatch.setattr(engine.device, "INTERPRETED", interpreted)
+    pa, pb = torch.randn(common.FOLD_ROWS * 3 + 7, 19), torch.randn(common.FOLD_ROWS * 3 + 7, 19)
+    folded_a, folded_b = common.fold_partials(pa, pb, rows=40)
+    assert folded_a.shape[0] <= 40 and folded_a.shape == folded_b.shape
+    assert_close(folded_a.sum(0), pa.double().sum(0), what="fold keeps the sum")
+    with recording() as specs:
+        a, b = common.sum_partials(pa, pb)
+    assert ("_fold_partials_kernel" in {s.name for s in specs}) == (not interpreted)
+    assert_close(a, pa.double().sum(0), what="a")
+    assert_close(b, pb.double().sum(0), what="b")
+    again = common.sum_partials(pa, pb)
+    assert torch.equal(again[0], a) and torch.equal(again[1], b)  # fixed order: bit-identical
+
+
+def test_pad_channels():
+    from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
+
+    assert [channel_multiple(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == [4, 8, 8]
+    assert padded_channels(3, torch.bfloat16) == 8 and padded_channels(24, torch.bfloat16) == 24
+    x = torch.randn(2, 5, 3, 3)
+    y = pad_channels(x, 8)
+    assert y.shape == (2, 5, 3, 8) and torch.equal(y[..., :3], x) and not y[..., 3:].any()
+    with pytest.raises(ValueError, match="cannot pad"):
+        pad_channels(x, 2)

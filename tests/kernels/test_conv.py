@@ -5,6 +5,8 @@ and permute around our kernels, so gradients flow through plain copies.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,7 +150,8 @@ def test_forward_epilogue_all_flags(act, depthwise):
 def test_stats_partial_sums(depthwise, monkeypatch):
     # several M tiles, so the partials really are partial: cap BLOCK_M at 256
     big_tiles = conv_geometry.gemm_tiles
-    monkeypatch.setattr(conv_geometry, "gemm_tiles", lambda M, N, K: (min(256, big_tiles(M, N, K)[0]), *big_tiles(M, N, K)[1:]))
+    monkeypatch.setattr(conv_geometry, "gemm_tiles",
+                        lambda M, N, C, taps: replace(big_tiles(M, N, C, taps), block_m=min(256, M)))
     C, Cin, groups = (16, 16, 16) if depthwise else (10, 3, 1)
     x, w, b = rand_inputs(6, Cin, 15, 13, C, 3, groups)  # M = 1170 > one tile
     o = conv2d_forward(nhwc(x.detach()), w.detach(), b.detach(), padding=1, groups=groups, act="relu", stats=True)

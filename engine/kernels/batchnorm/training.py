@@ -6,7 +6,9 @@ fused with the following activation. Forward and backward side by side.
                                      (skipped when a producer, e.g. a conv
                                      epilogue, supplies `partials=(psum, psumsq)`)
            2. `_bn_finalize_kernel`  grid (C-blocks): reduces the T partials in a
-                                     fixed order -> mean, rstd [C]; updates
+                                     fixed order -> mean, rstd [C] (more than
+                                     common.FOLD_ROWS partial rows are first
+                                     folded in parallel: common.fold_partials); updates
                                      running_mean/running_var in place like PyTorch
            3. `_bn_count_kernel`     num_batches_tracked += 1 (when given)
            4. `_bn_apply_kernel`     y = act((x - mean) * rstd * weight + bias)
@@ -27,9 +29,10 @@ import triton
 import triton.language as tl
 
 from engine.kernels.activations import act_grad, apply_act
-from engine.kernels.common import (act_code_checked, channel_block, check_activation, check_param,
-                                   contiguous, finalize_plan, reduce_plan, reduce_rows, row_tile, rows_of,
-                                   store_partial_row, sum_partials, tile_2d)
+from engine import device as _device
+from engine.kernels.common import (FOLD_ROWS, act_code_checked, channel_block, check_activation, check_param,
+                                   contiguous, finalize_plan, fold_partials, reduce_plan, reduce_rows, row_tile,
+                                   rows_of, store_partial_row, sum_partials, tile_2d)
 from engine.kernels.launch import launch
 
 
@@ -272,6 +275,10 @@ def bn_train_forward(
                 raise ValueError(f"partials: {name} must be a contiguous fp32 [T, {C}] tensor on {dev}")
         if psum.shape != psumsq.shape:
             raise ValueError(f"partials: psum {tuple(psum.shape)} and psumsq {tuple(psumsq.shape)} differ")
+        if psum.shape[0] > FOLD_ROWS and not _device.INTERPRETED:
+            # a conv epilogue's per-tile sums (thousands of rows): folded in parallel first,
+            # so the finalize below walks ~GPU_TARGET_PARTIALS rows, not all of them
+            psum, psumsq = fold_partials(psum, psumsq)
         T = psum.shape[0]
 
     mean = torch.empty(C, device=dev, dtype=torch.float32)

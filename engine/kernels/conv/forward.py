@@ -27,11 +27,15 @@ import triton.language as tl
 import engine.kernels.conv.geometry as geometry
 from engine.kernels import autotune
 from engine.kernels.activations import act_code, apply_act
-from engine.kernels.common import FLOAT_DTYPES, check_activation, dot, precision, upcast
-from engine.kernels.conv.geometry import check_vec, conv_geometry, conv_key, dw_tiles
+from engine.kernels.common import FLOAT_DTYPES, check_activation, idx64, precision, upcast
+from engine.kernels.conv.geometry import (check_channels, check_vec, conv_geometry, conv_key, dw_tiles,
+                                          operand_align)
+from engine.kernels.conv.mainloop import tap_gemm
+from engine.kernels.conv.weights import pack_weight_depthwise, pack_weight_for_forward, use_tma, weight_descriptor
 from engine.kernels.dropout import dropout_mask_scale
 from engine.kernels.launch import launch
-from engine.kernels.tune_config import Config, epilogue_key, gemm_candidates, smem_limit
+from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
+from engine.kernels.tune_config import Config, conv_candidates, epilogue_key, smem_limit
 
 
 # --------------------------------------------------------------------------- #
@@ -43,8 +47,13 @@ def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
               Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
               HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
               HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr,
-              DROPOUT: tl.constexpr):
-    """z = acc (+bias) (*scale) (+shift) (+residual); store dropout(act(z)) [and z, stats]."""
+              DROPOUT: tl.constexpr, FLAT: tl.constexpr):
+    """z = acc (+bias) (*scale) (+shift) (+residual); store dropout(act(z)) [and z, stats].
+
+    FLAT: y and the residual are flat over pixels (row m at m * s_w: contiguous, or a
+    channel slice of a concat buffer), so their offsets need no (n, ho, wo): computed
+    from those in the accumulator's layout, the compiler would redo the div/mod per element.
+    """
     # acc: [BLOCK_M, BLOCK_N] fp32; offs_m/n/ho/wo/mask_m: [BLOCK_M]; offs_c/mask_c: [BLOCK_N]
     mask = mask_m[:, None] & mask_c[None, :]  # [BLOCK_M, BLOCK_N]
     z = acc
@@ -55,14 +64,22 @@ def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
     if HAS_SHIFT:
         z += tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
-        r_off = (n * sr_n + ho * sr_h + wo * sr_w)[:, None] + (offs_c * sr_c)[None, :]  # [BLOCK_M, BLOCK_N]
+        if FLAT:
+            r_off = (offs_m * sr_w)[:, None] + (offs_c * sr_c)[None, :]  # [BLOCK_M, BLOCK_N]
+        else:
+            r_off = (n * sr_n + ho * sr_h + wo * sr_w)[:, None] + (offs_c * sr_c)[None, :]
         z += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     if SAVE_PRE:
         # z is our own contiguous [M, Cout] buffer
         tl.store(z_ptr + offs_m[:, None] * Cout + offs_c[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
     if STATS:
-        # per-tile column sums; padded rows/cols must not count (bias made them non-zero)
-        zm = tl.where(mask, z, 0.0)  # [BLOCK_M, BLOCK_N]
+        # per-tile column sums; padded rows/cols must not count. Without bias, shift or
+        # residual they are exact zeros already (their operand rows/columns loaded as
+        # 0), and skipping the select saves a second [BLOCK_M, BLOCK_N] tile of registers
+        if HAS_BIAS or HAS_SHIFT or HAS_RES:
+            zm = tl.where(mask, z, 0.0)  # [BLOCK_M, BLOCK_N]
+        else:
+            zm = z
         tl.store(psum_ptr + pid_m * Cout + offs_c, tl.sum(zm, axis=0), mask=mask_c)  # [BLOCK_N]
         tl.store(psumsq_ptr + pid_m * Cout + offs_c, tl.sum(zm * zm, axis=0), mask=mask_c)
     y = apply_act(z, ACT, slope)  # [BLOCK_M, BLOCK_N] fp32
@@ -71,62 +88,77 @@ def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
         # contiguous [M, Cout] output, so the backward regenerates it there
         flat = (offs_m[:, None] * Cout + offs_c[None, :]).to(tl.int32)  # [BLOCK_M, BLOCK_N]
         y = dropout_mask_scale(y, seed, flat, drop_p)
-    y_off = (n * sy_n + ho * sy_h + wo * sy_w)[:, None] + (offs_c * sy_c)[None, :]
+    if FLAT:
+        y_off = (offs_m * sy_w)[:, None] + (offs_c * sy_c)[None, :]  # [BLOCK_M, BLOCK_N]
+    else:
+        y_off = (n * sy_n + ho * sy_h + wo * sy_w)[:, None] + (offs_c * sy_c)[None, :]
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- #
 # Kernels
 # --------------------------------------------------------------------------- #
-@triton.jit
+@triton.jit(do_not_specialize=["K_ITERS"])  # a one-trip reduction keeps its loop (and its SASS reading)
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
-    M, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    x_ptr, w_op, y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
+    M, H, W, Ho, Wo, XC_A, CIN_A, COUT_A, COUT_G_A,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K_ITERS,
     sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
+    KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr, TPC: tl.constexpr, ALIGN: tl.constexpr,
+    NALIGN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
-    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, FLAT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Implicit-GEMM conv forward. Grid: (M tiles, Cout/G tiles, G)."""
+    """Implicit-GEMM conv forward. Grid: (M tiles, Cout/G tiles, G).
+
+    The main loop (engine.kernels.conv.mainloop.tap_gemm) runs K_ITERS =
+    KH*KW*CHUNKS trips over (tap, channel chunk), or ceil(KH*KW / TPC) when a
+    chunk holds TPC whole taps (fewer than 16 stored channels: a padded RGB
+    stem). Channel counts come in units of ALIGN / NALIGN (8 for 16-bit types when they are multiples of 8), so the
+    compiler can prove every row 16-byte aligned and issue 16-byte async copies
+    (Triton only knows divisibility by 16 of an integer argument). W_TMA: w_op is
+    a TMA descriptor of the packed weights [KH*KW*Cs, Cout] (block [BLOCK_K,
+    BLOCK_N]), else their base pointer. IDX64: 64-bit offsets (a tensor of 2**31
+    or more elements).
+    """
+    XC = XC_A * ALIGN  # x's channels as stored (pixel stride): G * Cs
+    CIN_G = CIN_A * ALIGN  # input channels per group as stored, Cs (>= the weight's; zero weights beyond)
+    Cout = COUT_A * NALIGN  # output channels, in units of NALIGN likewise
+    Cout_g = COUT_G_A * NALIGN
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
+    if IDX64:
+        pid_m = pid_m.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output pixel index
     mask_m = offs_m < M
     wo = offs_m % Wo  # [BLOCK_M]
-    ho = (offs_m // Wo) % Ho  # [BLOCK_M]
-    n = offs_m // (Wo * Ho)  # [BLOCK_M]
+    t = offs_m // Wo  # [BLOCK_M]
+    ho = t % Ho  # [BLOCK_M]
+    n = t // Ho  # [BLOCK_M]
     hi0 = ho * stride_h - pad_h  # [BLOCK_M] input row of tap (0, 0)
     wi0 = wo * stride_w - pad_w  # [BLOCK_M]
-    x_row = n * (H * W * Cin) + g * Cin_g  # [BLOCK_M] image + group base offset
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K] channel within a chunk
+    # [BLOCK_M] offsets of tap (0, 0), channel 0 (outside the image where padded: masked)
+    a_rows = ((n * H + hi0) * W + wi0) * XC + g * CIN_G
     offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] channel within group
     mask_c = offs_cn < Cout_g
     offs_c = g * Cout_g + offs_cn  # [BLOCK_N] global output channel
-
+    if W_TMA:
+        b_op = w_op
+    else:
+        b_op = w_op + offs_k[:, None] * Cout + offs_c[None, :]  # [BLOCK_K, BLOCK_N] pointers of row 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
-    # K is flattened over (tap, channel) so tiny Cin (1, 3) still fills one BLOCK_K >= 16
-    for k0 in range(0, K_g, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K] reduction index (r, s, ci)
-        mask_k = offs_k < K_g
-        ci = offs_k % Cin_g  # [BLOCK_K]
-        tap = offs_k // Cin_g  # [BLOCK_K]
-        r = tap // KW  # [BLOCK_K]
-        s = tap % KW  # [BLOCK_K]
-        hi = hi0[:, None] + (r * dil_h)[None, :]  # [BLOCK_M, BLOCK_K]
-        wi = wi0[:, None] + (s * dil_w)[None, :]  # [BLOCK_M, BLOCK_K]
-        a_mask = (mask_m[:, None] & mask_k[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
-        a = tl.load(x_ptr + x_row[:, None] + (hi * W + wi) * Cin + ci[None, :],
-                    mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K] gathered x tile (padding = 0)
-        b = tl.load(w_ptr + offs_k[:, None] * Cout + offs_c[None, :],
-                    mask=mask_k[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] weight tile
-        acc = dot(a, b, acc, PRECISION, UPCAST)
-
+    acc = tap_gemm(acc, x_ptr, a_rows, hi0, wi0, dil_h, dil_w, H, W, mask_m, b_op, offs_k, mask_c, K_ITERS, KH, KW,
+                   CIN_G, dil_h * W * XC, dil_w * XC, 0, KW * CIN_G, CIN_G, Cout, g * Cout_g + pid_n * BLOCK_N,
+                   x_ptr, x_ptr, 0, 0.0,
+                   KH, KW, CHUNKS, TPC, EVEN_K, EVEN_N, W_TMA, 0, False, PRECISION, UPCAST, BLOCK_K)
     _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
               y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
               Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
-              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT)
+              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT, FLAT)
 
 
 @triton.jit
@@ -136,7 +168,7 @@ def _dwconv_fwd_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
-    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+    SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Depthwise conv (one input channel per group): direct FMA over taps. Grid: (M tiles, Cout tiles)."""
@@ -164,7 +196,7 @@ def _dwconv_fwd_kernel(
     _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
               y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
               Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
-              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT)
+              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT, FLAT)
 
 
 # --------------------------------------------------------------------------- #
@@ -191,7 +223,8 @@ class ConvOutput(NamedTuple):
 
 def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
                    scale=None, shift=None, residual=None, act="none", slope=0.01, save_pre=False,
-                   stats=False, allow_tf32=False, out=None, dropout_p=0.0, dropout_seed=0) -> ConvOutput:
+                   stats=False, allow_tf32=False, out=None, dropout_p=0.0, dropout_seed=0,
+                   channels=None) -> ConvOutput:
     """y = dropout(act(((conv(x, w) + bias) * scale + shift) + residual)) on NHWC x; see ConvOutput.
 
     x [N,H,W,Cin] contiguous fp32/fp16/bf16; w [Cout,Cin/groups,kh,kw] (cast to
@@ -200,6 +233,10 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     (e.g. a channel slice of a concat buffer). dropout_p > 0 applies training-mode
     dropout with the mask of engine.kernels.dropout for `dropout_seed` (its
     backward regenerates the mask).
+    channels: x's real channel count when x carries zero channels beyond it
+    (groups=1; engine.kernels.layout.pad_channels); by default all of x's
+    channels are real, and a count that is not a multiple of 16 bytes is padded
+    here (a copy) so the kernel's loads stay 16-byte aligned.
     """
     check_activation(x, "conv2d: x")
     if x.dim() != 4 or not x.is_contiguous():
@@ -207,8 +244,9 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
                          f"strides {x.stride()}")
     if w.dim() != 4 or not w.is_floating_point() or w.device != x.device:
         raise ValueError(f"conv2d: w must be a float [Cout,Cin/g,kh,kw] tensor on {x.device}")
-    stride, padding, dilation, Ho, Wo = conv_geometry(x.shape, w.shape, stride, padding, dilation, groups)
-    N, H, W, Cin = x.shape
+    Cin = x.shape[3] if channels is None else check_channels(x, channels, groups)
+    N, H, W = x.shape[:3]
+    stride, padding, dilation, Ho, Wo = conv_geometry((N, H, W, Cin), w.shape, stride, padding, dilation, groups)
     Cout, Cin_g, KH, KW = w.shape
     for v, name in ((bias, "bias"), (scale, "scale"), (shift, "shift")):
         check_vec(v, Cout, x.device, name)
@@ -224,10 +262,13 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     z = torch.empty((N, Ho, Wo, Cout), device=x.device, dtype=x.dtype) if save_pre else None
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
 
-    tail = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            *y.stride(), *res_strides, float(slope), float(dropout_p), int(dropout_seed))
+    tail = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    tail2 = (*y.stride(), *res_strides, float(slope), float(dropout_p), int(dropout_seed))
     flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
                  HAS_RES=residual is not None, SAVE_PRE=save_pre, STATS=stats, ACT=code, DROPOUT=dropout_p > 0)
+    flat = all(t is None or (t.stride(0) == Ho * Wo * t.stride(2) and t.stride(1) == Wo * t.stride(2))
+               for t in (y, residual))
+    big = idx64(x, y, *(t for t in (z, residual) if t is not None))
 
     def stats_buffers(bm: int):
         """psum, psumsq [M tiles, Cout] fp32 (None without stats): their row count follows BLOCK_M."""
@@ -239,38 +280,48 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
 
     if Cin_g == 1 and G > 1:  # depthwise: direct kernel
         bm, bn, meta = dw_tiles(M, Cout)
-        wk = w.detach().to(x.dtype).permute(2, 3, 0, 1).reshape(KH * KW, Cout).contiguous()  # [KH*KW, Cout]
+        wk = pack_weight_depthwise(w, x.dtype)  # [KH*KW, Cout]
         psum, psumsq = stats_buffers(bm)
         launch(_dwconv_fwd_kernel, (triton.cdiv(M, bm), triton.cdiv(Cout, bn)),
                x, wk, y, z, bias, scale, shift, residual, psum, psumsq,
-               M, H, W, Cin, Ho, Wo, Cout, Cout // Cin, KH, KW, *tail, **flags, BLOCK_M=bm, BLOCK_N=bn, **meta)
+               M, H, W, Cin, Ho, Wo, Cout, Cout // Cin, KH, KW, *tail, *tail2,
+               **flags, FLAT=flat, BLOCK_M=bm, BLOCK_N=bn, **meta)
         return ConvOutput(y, z, psum, psumsq)
 
-    K_g = KH * KW * Cin_g
-    # B operand [KH, KW, Cin_g, Cout] viewed as [K_g, Cout]: row (r, s, ci), group g in columns
-    wk = w.detach().to(x.dtype).permute(2, 3, 1, 0).reshape(K_g, Cout).contiguous()
+    if channels is None and G == 1 and Cin % channel_multiple(x.dtype):
+        x = pad_channels(x, padded_channels(Cin, x.dtype))  # [N, H, W, Cs]: 16-byte pixel rows
+    Cs = x.shape[3] // G  # stored input channels per group
+    wk = pack_weight_for_forward(w, x.dtype, Cs)  # [KH*KW*Cs, Cout]
+    xa, na = operand_align(x.shape[3], Cs, x.dtype), operand_align(Cout, Cout_g, x.dtype)
 
     def run(cfg: Config):
         """Launch with tile config `cfg`; writes y (z, stats) afresh, so it can run repeatedly."""
         psum, psumsq = stats_buffers(cfg.block_m)
+        # a chunk of several whole taps when a tap has fewer channels than the chunk (a power
+        # of two, 16 bytes or more: 8 or 16 bf16 channels, 4 fp32): the padded RGB stem
+        tpc = cfg.block_k // Cs if Cs < cfg.block_k and Cs & (Cs - 1) == 0 and xa > 1 else 1
+        iters = triton.cdiv(KH * KW, tpc) if tpc > 1 else KH * KW * triton.cdiv(Cs, cfg.block_k)
         grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(Cout_g, cfg.block_n), G)
-        launch(_conv_fwd_kernel, grid, x, wk, y, z, bias, scale, shift, residual, psum, psumsq,
-               M, H, W, Cin, Ho, Wo, Cout, Cin_g, Cout_g, K_g, KW, *tail,
-               **flags, PRECISION=precision(allow_tf32), UPCAST=upcast(x.dtype),
+        tma = use_tma(wk, na, cfg.block_n)
+        wop = weight_descriptor(wk, cfg.block_k, cfg.block_n) if tma else wk
+        launch(_conv_fwd_kernel, grid, x, wop, y, z, bias, scale, shift, residual, psum, psumsq,
+               M, H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, *tail,
+               iters, *tail2,
+               KH=KH, KW=KW, CHUNKS=1 if tpc > 1 else triton.cdiv(Cs, cfg.block_k), TPC=tpc, ALIGN=xa,
+               NALIGN=na, EVEN_K=tpc > 1 or Cs % cfg.block_k == 0,
+               EVEN_N=Cout_g % cfg.block_n == 0,
+               **flags, FLAT=flat, PRECISION=precision(allow_tf32), UPCAST=upcast(x.dtype), IDX64=big, W_TMA=tma,
                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
         return psum, psumsq
 
-    bm, bn, bk, meta = geometry.gemm_tiles(M, Cout_g, K_g)  # through the module: tests patch it
-    default = Config(bm, bn, bk, **meta)
-    shape = dict(M=M, N=Cout_g, K=K_g, **conv_key(KH, KW, stride, padding, dilation, G),
+    default = geometry.gemm_tiles(M, Cout_g, Cs, KH * KW)  # through the module: tests patch it
+    shape = dict(M=M, N=Cout_g, K=KH * KW * Cs, **conv_key(KH, KW, stride, padding, dilation, G),
                  epilogue=epilogue_key(flags), tf32=bool(allow_tf32))
     cfg = autotune.pick(
         "conv2d_fwd", shape, dtype=x.dtype, device=x.device, default=default, run=run,
-        candidates=lambda: gemm_candidates(M, Cout_g, K_g, x.dtype, smem_limit(x.device), default),
+        candidates=lambda: conv_candidates(M, Cout_g, Cs, KH * KW, x.dtype, smem_limit(x.device), default),
         # re-running is only harmless when the output does not overwrite an input
         tunable=not any(t is not None and _same_memory(y, t) for t in (x, residual)))
     psum, psumsq = run(cfg)
     return ConvOutput(y, z, psum, psumsq)
 
-
-# The backward imports this module's helpers; importing it here (after they are

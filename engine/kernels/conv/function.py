@@ -12,6 +12,7 @@ from engine.kernels.common import pair
 from engine.kernels.conv.backward import act_backward, conv2d_dgrad, conv2d_wgrad
 from engine.kernels.conv.forward import conv2d_forward
 from engine.kernels.dropout import dropout_backward
+from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
 
 
 class Conv2dFunction(torch.autograd.Function):
@@ -33,17 +34,23 @@ class Conv2dFunction(torch.autograd.Function):
         # `out` comes first: autograd's handling of in-place writes into views
         # (CopySlices) expects the written tensor to be the first input
         code = act_code(act)
-        res = conv2d_forward(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        # a channel count off 16-byte rows (an RGB stem's 3) is padded once here, so the forward
+        # and the wgrad both read 16-byte rows and the padded copy is what the backward keeps
+        xs, channels = x, None
+        if groups == 1 and x.dim() == 4 and x.shape[3] % channel_multiple(x.dtype):
+            xs, channels = pad_channels(x, padded_channels(x.shape[3], x.dtype)), x.shape[3]
+        res = conv2d_forward(xs, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
                              scale=scale, shift=shift, residual=residual, act=act, slope=slope,
                              save_pre=code != 0, allow_tf32=allow_tf32, dropout_p=dropout_p,
-                             dropout_seed=dropout_seed, out=out, stats=stats)
+                             dropout_seed=dropout_seed, out=out, stats=stats, channels=channels)
+        ctx.x_shape, ctx.channels = tuple(x.shape), channels
         ctx.dropout = (dropout_p, dropout_seed)
         ctx.wrote_into = out is not None
         if out is not None:
             # written in place into a slice of a larger buffer (a concat): autograd
             # routes that slice of the buffer's gradient back here
             ctx.mark_dirty(out)
-        ctx.save_for_backward(x, w, res.z, scale)
+        ctx.save_for_backward(xs, w, res.z, scale)
         ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
         ctx.act, ctx.slope = act, slope
         ctx.has_res = residual is not None
@@ -70,10 +77,10 @@ class Conv2dFunction(torch.autograd.Function):
             if need_r:
                 dres = dy
         bw = dict(z=z, act=act, slope=ctx.slope, grad_scale=scale, **ctx.conf)
-        dx = conv2d_dgrad(g, w, x.shape, **bw) if need_x else None
+        dx = conv2d_dgrad(g, w, ctx.x_shape, **bw) if need_x else None
         dw = db = None
         if need_w or need_b:
-            dw, db = conv2d_wgrad(x, g, w.shape, need_bias=need_b, **bw)
+            dw, db = conv2d_wgrad(x, g, w.shape, need_bias=need_b, channels=ctx.channels, **bw)
         # `out`'s overwritten contents get a zero gradient; it must be a real tensor
         # (autograd's CopySlices drops the buffer's gradient when it is None), and a
         # stride-0 expanded scalar costs no memory

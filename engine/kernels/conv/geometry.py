@@ -15,6 +15,8 @@ import triton
 from engine import device as _device
 from engine.kernels.activations import act_code
 from engine.kernels.common import check_activation, next_pow2, pair
+from engine.kernels.layout import channel_multiple
+from engine.kernels.tune_config import Config, conv_heuristic, wgrad_heuristic
 
 
 def out_hw(H, W, kh, kw, stride, padding, dilation):
@@ -65,25 +67,36 @@ def check_grad_inputs(dy, z, act, grad_scale, shape):
     return code
 
 
-def gemm_tiles(M: int, Ncols: int, K: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, meta) for an [M, K] x [K, Ncols] implicit GEMM."""
+def gemm_tiles(M: int, N: int, C: int, taps: int) -> Config:
+    """The tile config of an implicit-GEMM conv (forward or dgrad): [M pixels, N channels]
+    outputs, a reduction over `taps` kernel taps of `C` channels each (BLOCK_K = the
+    channel chunk)."""
     if _device.INTERPRETED:
         # Interpreter cost is per tile op (a numpy call each) plus per element, so:
         # as many rows per program as fit (measured on a 64x8x8 3x3 conv, BLOCK_M
-        # 4096 ran 1.5-2x faster than 1024), and the BLOCK_K that best trades the
-        # padding of K against loop trips (one trip costs about 32 padded columns).
-        bn = next_pow2(Ncols, 16, 256)
-        top = next_pow2(K, 16, 512)
-        bk = min((top >> s for s in range(6) if top >> s >= 16),
-                 key=lambda b: (triton.cdiv(K, b) * (b + 32), -b))
+        # 4096 ran 1.5-2x faster than 1024) and one chunk per tap
+        bn = next_pow2(N, 16, 256)
+        bk = next_pow2(C, 16, 256)
         bm = next_pow2(M, 16, 8192)
         while bm > 256 and bm * max(bk, bn) > (1 << 19):
             bm //= 2
-        return bm, bn, bk, {}
-    bm = 128 if M >= 8192 else 64
-    bn = next_pow2(Ncols, 16, 128)
-    bk = 32 if K >= 32 else 16
-    return bm, bn, bk, {"num_warps": 8 if bm * bn >= 128 * 128 else 4, "num_stages": 3}
+        return Config(bm, bn, bk)
+    return conv_heuristic(M, N, C, taps)
+
+
+def operand_align(total: int, per_group: int, dtype) -> int:
+    """The ALIGN constexpr of a channel count: channels per 16 bytes when `total` and
+    `per_group` are multiples of it (the kernel can then prove 16-byte rows), else 1."""
+    m = channel_multiple(dtype)
+    return m if total % m == 0 and per_group % m == 0 else 1
+
+
+def check_channels(x, channels, groups) -> int:
+    """The real channel count of an x that carries zero channels beyond it (conv `channels=`)."""
+    if groups != 1 or not isinstance(channels, int) or not 1 <= channels <= x.shape[3]:
+        raise ValueError(f"conv2d: channels={channels!r} must be an int in [1, {x.shape[3]}] (x's channels) "
+                         f"and needs groups=1 (got {groups})")
+    return channels
 
 
 def dw_tiles(M: int, C: int):
@@ -125,11 +138,60 @@ def dgrad_phases(N, H, W, KH, KW, stride, padding, dilation):
     return out
 
 
+# Split-K of the wgrad: at most this many partial rows (the second pass reads them all), and
+# at least this many BLOCK_P trips per split (a long reduction per program)
+WGRAD_MAX_SPLITS = 64
+WGRAD_MIN_TRIPS = 8
+GPU_SMS = 132  # an H100 SXM's SMs: the grid the GPU split aims to fill about twice
+
+
 def split_plan(chunks: int, programs: int, splits):
-    """(S, chunks per split) for a split-K over `chunks` P-chunks; depends only on shapes."""
+    """(S, chunks per split) for a split-K over `chunks` P-chunks with `programs` programs
+    per split; depends only on shapes. The interpreter takes one split. The GPU takes the
+    fewest splits whose grid keeps the SMs within 10% of as busy as any split count could
+    (waves(S) / S: the busiest SM's share of the work), at most WGRAD_MAX_SPLITS and with
+    at least WGRAD_MIN_TRIPS chunks each: every extra split is another fp32 copy of dw
+    written and read back (2.4 MB for a 256->256 3x3 conv)."""
     if splits is None:
-        # GPU: enough programs to fill ~2 waves of an H100; interpreter: one split
-        target = 1 if _device.INTERPRETED else 264
-        splits = triton.cdiv(target, programs)
+        if _device.INTERPRETED:
+            splits = 1
+        else:
+            top = max(1, min(WGRAD_MAX_SPLITS, chunks // WGRAD_MIN_TRIPS))
+            load = {s: triton.cdiv(programs * s, GPU_SMS) / s for s in range(1, top + 1)}
+            best = min(load.values())
+            splits = min(s for s, v in load.items() if v <= 1.1 * best)
     per = triton.cdiv(chunks, max(1, min(splits, chunks)))
     return triton.cdiv(chunks, per), per
+
+
+# A wgrad reduction chunk may be a box of TB images x TH rows x TW columns of output pixels
+# (offsets: a scalar plus loop-invariant vectors; ~3x fewer instructions per pixel than
+# stepping flat pixel indices) when the box grid wastes little: at least WGRAD_BOX_MIN of the
+# box's pixels are real, or WGRAD_BOX_MIN_NARROW for B tiles of at most 128 columns (whose
+# loops are issue-bound, so a few wasted MMAs cost less than the saved instructions).
+WGRAD_BOX_MIN = 0.97
+WGRAD_BOX_MIN_NARROW = 0.85
+
+
+def wgrad_box(N: int, Ho: int, Wo: int, block_p: int, block_n: int) -> tuple[int, int, int]:
+    """(TB, TH, TW) with TB*TH*TW = block_p for the wgrad's pixel boxes, or (0, 0, 0): flat chunks."""
+    tw = min(next_pow2(Wo), block_p)
+    th = min(next_pow2(Ho), block_p // tw)
+    tb = block_p // (tw * th)
+    real = N * Ho * Wo
+    boxed = triton.cdiv(N, tb) * tb * triton.cdiv(Ho, th) * th * triton.cdiv(Wo, tw) * tw
+    need = WGRAD_BOX_MIN_NARROW if block_n <= 128 else WGRAD_BOX_MIN
+    return (tb, th, tw) if real >= need * boxed else (0, 0, 0)
+
+
+def wgrad_tiles(C: int, N: int, P: int, taps: int) -> Config:
+    """The tile config of a wgrad in its GEMM view [taps*C, P] x [P, N]: block_m = channels of
+    one tap (BLOCK_K), block_n = output channels, block_k = the pixel chunk (BLOCK_P)."""
+    if _device.INTERPRETED:
+        # long reduction chunks: each loop trip costs a round of numpy calls
+        # (BLOCK_P 4096 ran 1.5-3x faster than 512 on digits' convs)
+        bk, bn, bp = next_pow2(C, 16, 256), next_pow2(N, 16, 256), next_pow2(P, 16, 4096)
+        while bp > 512 and bp * max(bk, bn) > (1 << 20):  # Triton's largest tile
+            bp //= 2
+        return Config(bk, bn, bp)
+    return wgrad_heuristic(C, N, P, taps)

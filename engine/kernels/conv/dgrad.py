@@ -1,0 +1,235 @@
+"""Convolution dgrad (dx) on NHWC tensors: one implicit-GEMM launch for every stride
+phase, and the direct depthwise variant.
+
+dx pixels with the same (hi mod sh, wi mod sw) -- a stride phase -- are reached
+by the same subset of kernel taps, so each phase is a dense GEMM over only
+those taps (no zero-insertion of dy, no masking of taps that can never
+contribute). The phase is the third grid axis (with the group): one launch,
+each program working out its phase's taps from the phase index (a few scalar
+operations, once). Stride 1 is the single-phase case, a conv of dy with the
+flipped, transposed weights, and its tap counts are compile-time constants.
+
+Within phase (ra, rb) the taps are r = r0 + jr*step_r (jr < nr; step_r =
+sh / gcd(sh, dh)), and the dx pixel hi = qh*sh + ra reads dy row
+ho = qh + c_r - jr*dstep_h: a forward-shaped loop (engine.kernels.conv.mainloop)
+over dy with "dilation" -dstep_h.
+
+The operand is dz = act'(z) * dy (* scale) when the forward fused an
+activation (ACT) or a folded batch-norm scale (HAS_SCALE); plain dy loads go
+through 16-byte async copies.
+
+Public API: conv2d_dgrad.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+import engine.kernels.conv.geometry as geometry
+from engine.kernels import autotune
+from engine.kernels.common import idx64, precision, upcast
+from engine.kernels.conv.geometry import (check_grad_inputs, conv_geometry, conv_key, dgrad_phases, dw_tiles,
+                                          operand_align)
+from engine.kernels.conv.mainloop import load_dz, tap_gemm
+from engine.kernels.conv.weights import pack_weight_depthwise, pack_weight_for_dgrad, use_tma, weight_descriptor
+from engine.kernels.launch import launch
+from engine.kernels.tune_config import Config, conv_candidates, epilogue_key, smem_limit
+
+
+@triton.jit
+def _phase_axis(ra, pad, dil, ST: tl.constexpr, K: tl.constexpr):
+    """Taps t < K of stride phase `ra` along one axis: those with (ra + pad - t*dil) % ST == 0.
+
+    Returns (t0 first tap, n taps, step between taps, c = (ra + pad - t0*dil) / ST,
+    dstep = step*dil / ST), scalars; n = 0 when no tap reaches the phase."""
+    n = ra * 0
+    t0 = ra * 0
+    t1 = ra * 0
+    for t in tl.static_range(K):
+        hit = ((ra + pad - t * dil) % ST) == 0
+        t0 = tl.where(hit & (n == 0), t, t0)
+        t1 = tl.where(hit & (n == 1), t, t1)
+        n += hit.to(tl.int32)
+    step = tl.where(n >= 2, t1 - t0, 1)
+    return t0, n, step, (ra + pad - t0 * dil) // ST, step * dil // ST
+
+
+@triton.jit(do_not_specialize=["K_ITERS"])
+def _conv_dgrad_kernel(
+    dy_ptr, z_ptr, scale_ptr, w_op, dx_ptr,
+    NB, H, W, Ho, Wo, DYC_A, COUT_G_A, DXC_A, CIN_G_A, pad_h, pad_w, dil_h, dil_w, K_ITERS, slope,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CHUNKS: tl.constexpr,
+    ALIGN: tl.constexpr, NALIGN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
+    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx of every stride phase. Grid: (M tiles of the largest phase, Cin/G tiles, G * SH*SW).
+
+    dy [NB, Ho, Wo, DYC] (DYC = G*Cout_g), dx [NB, H, W, DXC] (DXC = G*Cin_g); channel
+    counts in units of ALIGN (dy) and NALIGN (dx). w_op: a TMA descriptor of the
+    packed weights [KH*KW*Cout, Cin_g] (W_TMA), else their base pointer.
+    """
+    DYC = DYC_A * ALIGN
+    COUT_G = COUT_G_A * ALIGN
+    DXC = DXC_A * NALIGN
+    CIN_G = CIN_G_A * NALIGN
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    g = pid_z // (SH * SW)
+    phase = pid_z % (SH * SW)
+    ra = phase // SW
+    rb = phase % SW
+    if SH == 1 and SW == 1:  # one phase: every tap, compile-time counts
+        r0, nr, step_r, c_r, dstep_h = 0, KH, 1, pad_h, dil_h
+        s0, ns, step_s, c_s, dstep_w = 0, KW, 1, pad_w, dil_w
+        # the trip count as a runtime value (K_ITERS = KH*KW*CHUNKS): a compile-time one
+        # lets the compiler unroll the whole loop, a copy of its body per trip
+        n_iters = K_ITERS
+    else:
+        r0, nr, step_r, c_r, dstep_h = _phase_axis(ra, pad_h, dil_h, SH, KH)
+        s0, ns, step_s, c_s, dstep_w = _phase_axis(rb, pad_w, dil_w, SW, KW)
+        n_iters = nr * ns * CHUNKS
+    Hq = (H - ra + SH - 1) // SH  # dx rows of this phase (0 when ra >= H)
+    Wq = (W - rb + SW - 1) // SW
+    Mq = NB * Hq * Wq
+    if IDX64:
+        pid_m = pid_m.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] dx pixel within this phase
+    mask_m = offs_m < Mq
+    Wq1 = tl.maximum(Wq, 1)
+    Hq1 = tl.maximum(Hq, 1)
+    qw = offs_m % Wq1  # [BLOCK_M]
+    t = offs_m // Wq1  # [BLOCK_M]
+    qh = t % Hq1  # [BLOCK_M]
+    n = t // Hq1  # [BLOCK_M]
+    ho0 = qh + c_r  # [BLOCK_M] dy row read by tap jr = 0
+    wo0 = qw + c_s  # [BLOCK_M]
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K] output channel within a chunk
+    a_rows = ((n * Ho + ho0) * Wo + wo0) * DYC + g * COUT_G  # [BLOCK_M] dy offsets of tap 0, channel 0
+    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] input channel within group
+    mask_ci = offs_ci < CIN_G
+    Cout = DYC
+    if W_TMA:
+        b_op = w_op
+    else:
+        b_op = w_op + offs_k[:, None] * CIN_G + offs_ci[None, :]  # [BLOCK_K, BLOCK_N] pointers of row 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
+    acc = tap_gemm(acc, dy_ptr, a_rows, ho0, wo0, -dstep_h, -dstep_w, Ho, Wo, mask_m, b_op, offs_k, mask_ci,
+                   n_iters, nr, ns, COUT_G, -dstep_h * Wo * DYC, -dstep_w * DYC,
+                   (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G, pid_n * BLOCK_N,
+                   z_ptr, scale_ptr, g * COUT_G, slope,
+                   KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K)
+    if SH == 1 and SW == 1:
+        # dx pixel = offs_m: no (n, hi, wi), which the compiler would redo per element here
+        dx_off = (offs_m * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
+    else:
+        hi = qh * SH + ra  # [BLOCK_M]
+        wi = qw * SW + rb  # [BLOCK_M]
+        dx_off = (((n * H + hi) * W + wi) * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
+
+
+@triton.jit
+def _dwconv_dgrad_kernel(
+    dy_ptr, z_ptr, scale_ptr, w_ptr, dx_ptr,
+    Mq, H, W, Cin, Ho, Wo, Cout, MULT, KW, stride_h, stride_w,
+    ra, rb, Hq, Wq, r0, nr, step_r, c_r, dstep_h, s0, ns, step_s, c_s, dstep_w, slope,
+    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Depthwise dx for one stride phase, direct FMAs. Grid: (Mq tiles, Cin tiles).
+
+    Input channel ci gets dz from output channels ci*MULT .. ci*MULT + MULT-1.
+    Phase arguments as in geometry.dgrad_phases; w is [KH*KW, Cout].
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] dx pixel within this phase
+    mask_m = offs_m < Mq
+    qw = offs_m % Wq  # [BLOCK_M]
+    qh = (offs_m // Wq) % Hq  # [BLOCK_M]
+    n = offs_m // (Wq * Hq)  # [BLOCK_M]
+    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] input channel
+    mask_ci = offs_ci < Cin
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
+    for jr in range(0, nr):
+        ho = qh + c_r - jr * dstep_h  # [BLOCK_M] dy row read by tap r0 + jr*step_r
+        for js in range(0, ns):
+            wo = qw + c_s - js * dstep_w  # [BLOCK_M]
+            ok = mask_m & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)  # [BLOCK_M]
+            row = n * (Ho * Wo * Cout) + (ho * Wo + wo) * Cout  # [BLOCK_M]
+            tap = (r0 + jr * step_r) * KW + (s0 + js * step_s)  # scalar flattened (r, s)
+            for m in range(0, MULT):
+                co = offs_ci * MULT + m  # [BLOCK_N] output channel
+                dz = load_dz(dy_ptr, z_ptr, scale_ptr, row[:, None] + co[None, :],
+                             ok[:, None] & mask_ci[None, :], co, mask_ci, slope,
+                             ACT, HAS_SCALE)  # [BLOCK_M, BLOCK_N] fp32
+                wv = tl.load(w_ptr + tap * Cout + co, mask=mask_ci, other=0.0)  # [BLOCK_N]
+                acc += dz * wv.to(tl.float32)[None, :]
+    hi = qh * stride_h + ra  # [BLOCK_M]
+    wi = qw * stride_w + rb  # [BLOCK_M]
+    dx_off = (n * (H * W * Cin) + (hi * W + wi) * Cin)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ci[None, :])
+
+
+def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf32=False,
+                 z=None, act="none", slope=0.01, grad_scale=None) -> torch.Tensor:
+    """dx [N,H,W,Cin] (dy's dtype) of a conv with weights w, from dy [N,Ho,Wo,Cout].
+
+    With act != "none", dy is the gradient of act(z) and the kernel uses
+    act_grad(dy, z); grad_scale [Cout] (the forward's folded-BN scale) multiplies it.
+    """
+    stride, padding, dilation, Ho, Wo = conv_geometry(x_shape, w.shape, stride, padding, dilation, groups)
+    N, H, W, Cin = x_shape
+    Cout, Cin_g, KH, KW = w.shape
+    code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
+    if w.device != dy.device:
+        raise ValueError(f"conv2d_dgrad: w on {w.device}, dy on {dy.device}")
+    dy = dy.contiguous()
+    z = z.contiguous() if code != 0 else None
+    G, Cout_g = groups, Cout // groups
+    sh, sw = stride
+    dx = torch.empty((N, H, W, Cin), device=dy.device, dtype=dy.dtype)
+    flags = dict(ACT=code, HAS_SCALE=grad_scale is not None)
+    if Cin_g == 1 and G > 1:  # depthwise: direct kernel over channels, one launch per phase
+        phases = dgrad_phases(N, H, W, KH, KW, stride, padding, dilation)
+        wk = pack_weight_depthwise(w, dy.dtype)  # [KH*KW, Cout]
+        bm, bn, meta = dw_tiles(max(p[0] for p in phases), Cin)
+        for ph_args in phases:
+            grid = (triton.cdiv(ph_args[0], bm), triton.cdiv(Cin, bn))
+            launch(_dwconv_dgrad_kernel, grid, dy, z, grad_scale, wk, dx,
+                   ph_args[0], H, W, Cin, Ho, Wo, Cout, Cout // Cin, KW, sh, sw, *ph_args[1:], float(slope),
+                   **flags, BLOCK_M=bm, BLOCK_N=bn, **meta)
+        return dx
+    wt = pack_weight_for_dgrad(w, dy.dtype)  # [KH*KW*Cout, Cin_g]
+    m_max = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)  # dx pixels of the largest phase
+    taps = triton.cdiv(KH, sh) * triton.cdiv(KW, sw)  # taps of the largest phase (at most)
+    ya, xa = operand_align(Cout, Cout_g, dy.dtype), operand_align(Cin, Cin_g, dy.dtype)
+    big = idx64(dy, dx, *(t for t in (z,) if t is not None))
+
+    def run(cfg: Config) -> None:
+        """All phases with tile config `cfg`, one launch; it writes every dx pixel afresh."""
+        tma = use_tma(wt, xa, cfg.block_n)
+        wop = weight_descriptor(wt, cfg.block_k, cfg.block_n) if tma else wt
+        grid = (triton.cdiv(m_max, cfg.block_m), triton.cdiv(Cin_g, cfg.block_n), G * sh * sw)
+        launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wop, dx,
+               N, H, W, Ho, Wo, Cout // ya, Cout_g // ya, Cin // xa, Cin_g // xa, padding[0], padding[1],
+               dilation[0], dilation[1], KH * KW * triton.cdiv(Cout_g, cfg.block_k), float(slope),
+               KH=KH, KW=KW, SH=sh, SW=sw, CHUNKS=triton.cdiv(Cout_g, cfg.block_k), ALIGN=ya, NALIGN=xa,
+               EVEN_K=Cout_g % cfg.block_k == 0, EVEN_N=Cin_g % cfg.block_n == 0, W_TMA=tma,
+               **flags, PRECISION=precision(allow_tf32), UPCAST=upcast(dy.dtype), IDX64=big,
+               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
+
+    default = geometry.gemm_tiles(m_max, Cin_g, Cout_g, taps)  # through the module: tests patch it
+    shape = dict(M=m_max, N=Cin_g, K=taps * Cout_g, phases=sh * sw,
+                 **conv_key(KH, KW, stride, padding, dilation, G), epilogue=epilogue_key(flags),
+                 tf32=bool(allow_tf32))
+    cfg = autotune.pick(
+        "conv2d_dgrad", shape, dtype=dy.dtype, device=dy.device, default=default, run=run,
+        candidates=lambda: conv_candidates(m_max, Cin_g, Cout_g, taps, dy.dtype, smem_limit(dy.device), default))
+    run(cfg)
+    return dx
+
+
+__all__ = ["conv2d_dgrad"]

@@ -1,0 +1,350 @@
+"""Convolution wgrad (dw) on NHWC tensors: a deterministic split-K implicit GEMM,
+and the direct depthwise variant.
+
+dw is the GEMM [K_g, P] x [P, Cout/G] with K_g = KH*KW*Cs rows (tap, channel)
+and P = N*Ho*Wo output pixels. A program owns BLOCK_K channels of ONE tap, so
+the tap is a scalar and a pixel's validity a 1-D mask: its A tile is x^T
+[BLOCK_K channels, BLOCK_P pixels] (16-byte loads along the channels), its B
+tile dz [BLOCK_P, BLOCK_N] (dz = act'(z) * dy (* scale) when the forward fused
+an activation or a folded scale). The pixels' (n, ho, wo) are decomposed once
+per program and stepped per trip with carries (no per-element div/mod in the
+loop).
+
+P is cut into S fixed splits that write fp32 partials [S, K_g, Cout];
+common.sum_partials adds them in a fixed order, so results are bit-identical
+run to run (no atomics). S is sized from the work (geometry.wgrad_splits): a
+few waves of programs, each a long reduction, and at most WGRAD_MAX_SPLITS
+partial rows for the second pass. The bias gradient (column sums of dz) comes
+from the same pass.
+
+Public API: conv2d_wgrad.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine import device as _device
+from engine.kernels import autotune
+from engine.kernels.common import check_activation, dot, idx64, next_pow2, precision, sum_partials, upcast
+import engine.kernels.conv.geometry as geometry
+from engine.kernels.conv.geometry import (check_channels, check_grad_inputs, conv_geometry, conv_key, dw_tiles,
+                                          operand_align, split_plan)
+from engine.kernels.conv.mainloop import load_dz
+from engine.kernels.launch import launch
+from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
+from engine.kernels.tune_config import Config, epilogue_key, smem_limit, split_variants, wgrad_candidates
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    x_ptr, dy_ptr, z_ptr, scale_ptr, part_ptr, bpart_ptr,
+    P, P_PER_SPLIT, NB, H, W, Ho, Wo, XC_A, CS_A, DYC_A, COUT_G_A, N_TILES,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
+    KW: tl.constexpr, CCHUNKS: tl.constexpr, ALIGN: tl.constexpr, NALIGN: tl.constexpr,
+    TB: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_P: tl.constexpr,
+    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """dw partial of one P-split: part[split, tap*Cs + ci, co] = sum_p x[p @ tap, ci] * dz[p, co].
+
+    Grid: (KH*KW * CCHUNKS * N_TILES, S, G). x [N, H, W, XC] (XC = G*Cs), dy [N, Ho,
+    Wo, DYC] (DYC = G*Cout_g), channel counts in units of ALIGN (x) and NALIGN (dy).
+    The tap-0 programs also write bias partials (column sums of dz). EVEN_K / EVEN_N /
+    EVEN_P: Cs, Cout_g and every split's pixel count are multiples of the block (no masks).
+    """
+    XC = XC_A * ALIGN
+    CS = CS_A * ALIGN  # x channels per group as stored
+    DYC = DYC_A * NALIGN
+    COUT_G = COUT_G_A * NALIGN
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    pid_n = pid % N_TILES
+    pid_k = pid // N_TILES
+    tap = pid_k // CCHUNKS  # scalar: this program's kernel tap
+    c0 = (pid_k - tap * CCHUNKS) * BLOCK_K
+    r = tap // KW
+    s = tap - r * KW
+    ci = c0 + tl.arange(0, BLOCK_K)  # [BLOCK_K] input channel within group
+    mask_k = ci < CS
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output channel within group
+    mask_c = offs_cn < COUT_G
+    offs_c = g * COUT_G + offs_cn  # [BLOCK_N] global output channel
+    h_off = r * dil_h - pad_h  # scalar: input row of output row 0 at this tap
+    w_off = s * dil_w - pad_w
+    x_ch = g * CS + ci  # [BLOCK_K] x channel
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # [BLOCK_K, BLOCK_N] fp32 dw accumulator
+    bacc = tl.zeros((BLOCK_N,), dtype=tl.float32)  # [BLOCK_N] fp32 bias-grad accumulator
+    if TH > 0:
+        # a trip is a TB x TH x TW box of output pixels: its pixels' offsets are a
+        # scalar plus loop-invariant vectors (no per-pixel arithmetic but adds and
+        # compares); P_PER_SPLIT counts boxes here
+        jj = tl.arange(0, BLOCK_P)  # [BLOCK_P] pixel of the box (the A tile's columns)
+        dn = jj // (TH * TW)
+        dh = (jj // TW) % TH
+        dw = jj % TW
+        a_rel = ((dn * H + dh * stride_h) * W + dw * stride_w) * XC  # [BLOCK_P] offset from the box's first pixel
+        h_rel = dh * stride_h  # [BLOCK_P]
+        w_rel = dw * stride_w
+        jb = tl.arange(0, BLOCK_P)  # [BLOCK_P] the same pixels as the B tile's rows
+        dnb = jb // (TH * TW)
+        dhb = (jb // TW) % TH
+        dwb = jb % TW
+        b_rel = ((dnb * Ho + dhb) * Wo + dwb) * DYC  # [BLOCK_P]
+        boxes_w = (Wo + TW - 1) // TW
+        boxes_h = (Ho + TH - 1) // TH
+        t_lo = split * P_PER_SPLIT
+        t_hi = tl.minimum(P, t_lo + P_PER_SPLIT)
+        bw = t_lo % boxes_w  # scalar box coordinates, stepped per trip
+        bh = (t_lo // boxes_w) % boxes_h
+        bn = t_lo // (boxes_w * boxes_h)
+        for _ in range(t_lo, t_hi):
+            n0 = bn * TB
+            ho0 = bh * TH
+            wo0 = bw * TW
+            if IDX64:
+                n0 = n0.to(tl.int64)
+            hi0 = ho0 * stride_h + h_off  # scalar
+            wi0 = wo0 * stride_w + w_off
+            ok = ((dn < NB - n0) & (dh < Ho - ho0) & (dw < Wo - wo0) & ((hi0 + h_rel).to(tl.uint32) < H)
+                  & ((wi0 + w_rel).to(tl.uint32) < W))  # [BLOCK_P] real output pixel, real input pixel
+            a_base = ((n0 * H + hi0) * W + wi0) * XC  # scalar
+            if EVEN_K:
+                a_mask = ok[None, :]  # [1, BLOCK_P]
+            else:
+                a_mask = mask_k[:, None] & ok[None, :]  # [BLOCK_K, BLOCK_P]
+            a = tl.load(x_ptr + a_base + a_rel[None, :] + x_ch[:, None], mask=a_mask,
+                        other=0.0)  # [BLOCK_K, BLOCK_P] x^T tile
+            b_ok = (dnb < NB - n0) & (dhb < Ho - ho0) & (dwb < Wo - wo0)  # [BLOCK_P]
+            b_off = ((n0 * Ho + ho0) * Wo + wo0) * DYC + b_rel[:, None] + offs_c[None, :]  # [BLOCK_P, BLOCK_N]
+            if ACT != 0 or HAS_SCALE:
+                b = load_dz(dy_ptr, z_ptr, scale_ptr, b_off, b_ok[:, None] & mask_c[None, :], offs_c, mask_c, slope,
+                            ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
+            else:
+                b = tl.load(dy_ptr + b_off, mask=b_ok[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
+            if NEED_BIAS:
+                bacc += tl.sum(b.to(tl.float32), axis=0)
+            acc = dot(a, b.to(a.dtype), acc, PRECISION, UPCAST)
+            bw += 1
+            carry = bw >= boxes_w
+            bw = tl.where(carry, 0, bw)
+            bh = tl.where(carry, bh + 1, bh)
+            carry = bh >= boxes_h
+            bh = tl.where(carry, 0, bh)
+            bn = tl.where(carry, bn + 1, bn)
+    else:
+        p_lo = split * P_PER_SPLIT
+        p_hi = tl.minimum(P, p_lo + P_PER_SPLIT)
+        if IDX64:
+            p_lo = p_lo.to(tl.int64)
+        offs_p = p_lo + tl.arange(0, BLOCK_P)  # [BLOCK_P] output pixels of the first trip
+        wo = offs_p % Wo  # [BLOCK_P] decomposed once, then stepped with carries
+        t = offs_p // Wo
+        ho = t % Ho
+        n = t // Ho
+        d_wo = BLOCK_P % Wo  # scalar steps of (n, ho, wo) per trip of BLOCK_P pixels
+        d_ho = (BLOCK_P // Wo) % Ho
+        d_n = BLOCK_P // (Wo * Ho)
+        offs_pb = tl.arange(0, BLOCK_P)  # [BLOCK_P] pixel within a trip (the B tile's rows)
+        b_off = (p_lo + offs_pb)[:, None] * DYC + offs_c[None, :]  # [BLOCK_P, BLOCK_N] dz offsets of the first trip
+        for p0 in range(p_lo, p_hi, BLOCK_P):
+            hi = ho * stride_h + h_off  # [BLOCK_P]
+            wi = wo * stride_w + w_off  # [BLOCK_P]
+            # one unsigned compare per bound pair: a negative coordinate wraps to a huge one
+            ok = (hi.to(tl.uint32) < H) & (wi.to(tl.uint32) < W)  # [BLOCK_P] pixel valid at this tap
+            if not EVEN_P:
+                ok = ok & (offs_p < p_hi)
+            a_off = ((n * H + hi) * W + wi) * XC  # [BLOCK_P]
+            if EVEN_K:
+                a_mask = ok[None, :]  # [1, BLOCK_P]
+            else:
+                a_mask = mask_k[:, None] & ok[None, :]  # [BLOCK_K, BLOCK_P]
+            a = tl.load(x_ptr + a_off[None, :] + x_ch[:, None], mask=a_mask, other=0.0)  # [BLOCK_K, BLOCK_P] x^T tile
+            if EVEN_P:
+                b_mask = mask_c[None, :]  # [1, BLOCK_N]
+            else:
+                b_mask = ((p0 + offs_pb) < p_hi)[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_N]
+            if ACT != 0 or HAS_SCALE:
+                b = load_dz(dy_ptr, z_ptr, scale_ptr, b_off, b_mask, offs_c, mask_c, slope,
+                            ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
+            elif EVEN_N and EVEN_P:
+                b = tl.load(dy_ptr + b_off)  # [BLOCK_P, BLOCK_N]
+            else:
+                b = tl.load(dy_ptr + b_off, mask=b_mask, other=0.0)  # [BLOCK_P, BLOCK_N]
+            if NEED_BIAS:
+                bacc += tl.sum(b.to(tl.float32), axis=0)
+            acc = dot(a, b.to(a.dtype), acc, PRECISION, UPCAST)
+            # next trip: pointers advance, (n, ho, wo) step with one carry each
+            b_off += BLOCK_P * DYC
+            offs_p += BLOCK_P
+            wo += d_wo
+            carry = wo >= Wo
+            wo = tl.where(carry, wo - Wo, wo)
+            ho += d_ho + carry.to(ho.dtype)
+            carry = ho >= Ho
+            ho = tl.where(carry, ho - Ho, ho)
+            n += d_n + carry.to(n.dtype)
+    rows = tap * CS + ci  # [BLOCK_K] dw row (tap, ci)
+    K_ROWS = tl.num_programs(0) // N_TILES // CCHUNKS * CS  # KH*KW*Cs rows per split
+    part_off = (split * K_ROWS + rows).to(tl.int64)[:, None] * DYC + offs_c[None, :]  # [BLOCK_K, BLOCK_N]
+    tl.store(part_ptr + part_off, acc, mask=mask_k[:, None] & mask_c[None, :])
+    if NEED_BIAS:
+        if pid_k == 0:  # every row tile computed the same column sums; one writes them
+            tl.store(bpart_ptr + split * DYC + offs_c, bacc, mask=mask_c)
+
+
+@triton.jit
+def _dwconv_wgrad_kernel(
+    x_ptr, dy_ptr, z_ptr, scale_ptr, part_ptr, bpart_ptr,
+    P, P_PER_SPLIT, H, W, Cin, Ho, Wo, Cout, MULT, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
+    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Depthwise dw partials: part[split, tap, co] = sum_p x[p + tap, co // MULT] * dz[p, co].
+
+    Grid: (KH*KW taps, Cout tiles, S). Products accumulate elementwise in a 2-D
+    tile and are reduced once at the end (fixed order). Tap-0 programs also write
+    the bias partials.
+    """
+    tap = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    r = tap // KW
+    s = tap % KW
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output channel
+    mask_c = offs_c < Cout
+    ci = offs_c // MULT  # [BLOCK_N] its input channel
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # [BLOCK_P, BLOCK_N] fp32 products
+    bacc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # [BLOCK_P, BLOCK_N] fp32 dz (bias grad)
+    p_lo = split * P_PER_SPLIT
+    p_hi = tl.minimum(P, p_lo + P_PER_SPLIT)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)  # [BLOCK_P] output pixel
+        mask_p = offs_p < p_hi
+        wo = offs_p % Wo  # [BLOCK_P]
+        ho = (offs_p // Wo) % Ho  # [BLOCK_P]
+        n = offs_p // (Wo * Ho)  # [BLOCK_P]
+        hi = ho * stride_h - pad_h + r * dil_h  # [BLOCK_P]
+        wi = wo * stride_w - pad_w + s * dil_w  # [BLOCK_P]
+        ok = mask_p & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)  # [BLOCK_P]
+        xv = tl.load(x_ptr + (n * (H * W * Cin) + (hi * W + wi) * Cin)[:, None] + ci[None, :],
+                     mask=ok[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_P, BLOCK_N] x taps
+        dz = load_dz(dy_ptr, z_ptr, scale_ptr, offs_p[:, None] * Cout + offs_c[None, :],
+                     mask_p[:, None] & mask_c[None, :], offs_c, mask_c, slope,
+                     ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32
+        acc += xv.to(tl.float32) * dz
+        if NEED_BIAS:
+            bacc += dz
+    tl.store(part_ptr + (split * tl.num_programs(0) + tap) * Cout + offs_c, tl.sum(acc, axis=0), mask=mask_c)
+    if NEED_BIAS:
+        if tap == 0:
+            tl.store(bpart_ptr + split * Cout + offs_c, tl.sum(bacc, axis=0), mask=mask_c)
+
+
+def _sum_splits(part: torch.Tensor) -> torch.Tensor:
+    """Sum fp32 partials [S, ...] over S in a fixed order -> [...]."""
+    S, L = part.shape[0], part[0].numel()
+    block = next_pow2(L, 16, 1 << 16) if _device.INTERPRETED else 1024
+    return sum_partials(part.view(S, L), block=block).view(part.shape[1:])
+
+
+def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias=False, allow_tf32=False,
+                 z=None, act="none", slope=0.01, grad_scale=None, splits=None, channels=None):
+    """(dw fp32 [Cout,Cin/g,kh,kw], dbias fp32 [Cout] or None) from x [N,H,W,Cin] and dy [N,Ho,Wo,Cout].
+
+    The N*Ho*Wo reduction is cut into S splits (`splits` overrides the automatic
+    choice) whose fp32 partials are summed in a fixed order: deterministic.
+    act/z/grad_scale as in conv2d_dgrad. channels: x's real channel count when x
+    carries zero channels beyond it (groups=1), as in conv2d_forward.
+    """
+    check_activation(x, "conv2d: x")
+    if x.dim() != 4 or not x.is_contiguous() or x.device != dy.device:
+        raise ValueError("conv2d_wgrad: x must be a contiguous NHWC tensor on dy's device")
+    Cin = x.shape[3] if channels is None else check_channels(x, channels, groups)
+    if channels is None and groups == 1 and Cin % channel_multiple(x.dtype):
+        x = pad_channels(x, padded_channels(Cin, x.dtype))  # [N, H, W, Cs]: 16-byte pixel rows
+    N, H, W = x.shape[:3]
+    stride, padding, dilation, Ho, Wo = conv_geometry((N, H, W, Cin), w_shape, stride, padding, dilation, groups)
+    Cout, Cin_g, KH, KW = w_shape
+    code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
+    dy = dy.contiguous()
+    if dy.dtype != x.dtype:
+        raise ValueError(f"conv2d_wgrad: x is {x.dtype} but dy is {dy.dtype}")
+    z = z.contiguous() if code != 0 else None
+    G, Cout_g, P = groups, Cout // groups, N * Ho * Wo
+    Cs = x.shape[3] // G  # stored channels per group (>= Cin_g)
+    flags = dict(ACT=code, HAS_SCALE=grad_scale is not None, NEED_BIAS=need_bias)
+    geo = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(slope))
+
+    def finish(part: torch.Tensor, bpart):
+        """(dw [Cout, Cin_g, KH, KW], dbias [Cout] or None) from the [S, KH*KW*Cs, Cout] and [S, Cout] partials."""
+        # rows (r, s, ci) -> PyTorch's [Cout, Cin_g, KH, KW] (channels beyond Cin_g were padding)
+        dw = _sum_splits(part).view(KH, KW, Cs, Cout)[:, :, :Cin_g].permute(3, 2, 0, 1).contiguous()
+        return dw, (_sum_splits(bpart) if need_bias else None)
+
+    def partials(S: int, rows: int):
+        part = torch.empty((S, rows, Cout), device=x.device, dtype=torch.float32)  # [S, rows, Cout] partials
+        bpart = torch.empty((S, Cout), device=x.device, dtype=torch.float32) if need_bias else None  # [S, Cout]
+        return part, bpart
+
+    if Cin_g == 1 and G > 1:  # depthwise: direct kernel, one program per (tap, channel tile, split)
+        bp, bn, meta = dw_tiles(P, Cout)
+        c_tiles = triton.cdiv(Cout, bn)
+        S, per_split = split_plan(triton.cdiv(P, bp), KH * KW * c_tiles, splits)
+        part, bpart = partials(S, KH * KW)
+        launch(_dwconv_wgrad_kernel, (KH * KW, c_tiles, S), x, dy, z, grad_scale, part, bpart, P, per_split * bp,
+               H, W, Cin, Ho, Wo, Cout, Cout // Cin, KW, *geo, **flags, BLOCK_P=bp, BLOCK_N=bn, **meta)
+        return finish(part, bpart)
+
+    xa, na = operand_align(x.shape[3], Cs, x.dtype), operand_align(Cout, Cout_g, x.dtype)
+    big = idx64(x, dy, *(t for t in (z,) if t is not None))
+
+    # GEMM view [K_g, P] x [P, Cout_g]: config block_m -> BLOCK_K (channels of one tap), block_n ->
+    # BLOCK_N (output channels), block_k -> BLOCK_P (the reduction over output pixels), split -> S
+    def plan(cfg: Config):
+        """(channel chunks per tap, Cout tiles, programs per split, S, chunks per split, the pixel box
+        (TB, TH, TW) or (0, 0, 0), chunks) for a config: a chunk is a box of pixels, or BLOCK_P of them."""
+        cchunks = triton.cdiv(Cs, cfg.block_m)
+        n_tiles = triton.cdiv(Cout_g, cfg.block_n)
+        tiles = KH * KW * cchunks * n_tiles
+        box = geometry.wgrad_box(N, Ho, Wo, cfg.block_k, cfg.block_n)
+        chunks = (triton.cdiv(N, box[0]) * triton.cdiv(Ho, box[1]) * triton.cdiv(Wo, box[2]) if box[1]
+                  else triton.cdiv(P, cfg.block_k))
+        S, per_split = split_plan(chunks, tiles * G, splits if splits is not None else cfg.split)
+        return cchunks, n_tiles, tiles, S, per_split, box, chunks
+
+    def run(cfg: Config):
+        """dw, dbias with config `cfg`; partials are allocated per config (S follows it) and written, not added."""
+        cchunks, n_tiles, tiles, S, per_split, box, chunks = plan(cfg)
+        part, bpart = partials(S, KH * KW * Cs)
+        extent, per = (chunks, per_split) if box[1] else (P, per_split * cfg.block_k)
+        launch(_conv_wgrad_kernel, (tiles, S, G), x, dy, z, grad_scale, part, bpart, extent, per,
+               N, H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, n_tiles, *geo,
+               KW=KW, CCHUNKS=cchunks, ALIGN=xa, NALIGN=na, TB=box[0], TH=box[1], TW=box[2],
+               EVEN_K=Cs % cfg.block_m == 0,
+               EVEN_N=Cout_g % cfg.block_n == 0, EVEN_P=P % cfg.block_k == 0, **flags, PRECISION=precision(allow_tf32),
+               UPCAST=upcast(x.dtype), IDX64=big,
+               BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_P=cfg.block_k, **cfg.meta())
+        return finish(part, bpart)
+
+    default = geometry.wgrad_tiles(Cs, Cout_g, P, KH * KW * G)  # through the module: tests patch it
+
+    def candidates() -> list[Config]:
+        tiles = wgrad_candidates(Cs, Cout_g, P, x.dtype, smem_limit(x.device), default)
+        # and the default tiles with half / double the heuristic's split count
+        _, _, _, S, _, _, chunks = plan(default)
+        return tiles + [default.with_split(s) for s in split_variants(S, chunks) if s != S]
+
+    shape = dict(M=KH * KW * Cs, N=Cout_g, K=P, **conv_key(KH, KW, stride, padding, dilation, G),
+                 epilogue=epilogue_key(flags), tf32=bool(allow_tf32))
+    cfg = autotune.pick("conv2d_wgrad", shape, dtype=x.dtype, device=x.device, default=default, run=run,
+                        candidates=candidates, tunable=splits is None)  # an explicit split count is not tuned
+    return run(cfg)
+
+
+__all__ = ["conv2d_wgrad"]
