@@ -16,7 +16,8 @@
   `request_packed(p, Packing(perm, dtype))` before the optimizer is built; the
   optimizer kernel then writes that copy next to the fp32 master at every step
   (one flat buffer per group), and `packed(p, packing)` hands it to the layer, so
-  no step repacks or casts a weight. A copy goes stale only when `p` is changed
+  no step repacks or casts a weight. Each copy starts 128-byte aligned (vector
+  loads, TMA descriptors). A copy goes stale only when `p` is changed
   in place outside the optimizer (`load_state_dict`, init): `packed` sees it in
   `p._version` and refreshes it with one copy.
 - tables the kernel reads per block / per parameter (block table, has-grad and
@@ -40,6 +41,7 @@ import triton.language as tl
 from engine import device
 
 MAX_PACKS = 2  # packed copies per parameter (e.g. a conv's forward and dgrad operand layouts)
+PACK_ALIGN = 128  # bytes: where each packed copy starts in the packed buffer
 SEG_COLS = 4 + 8 * MAX_PACKS  # int64 row: start, numel, step offset, n packs, then per pack base, d1..d3, s0..s3
 
 _pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # uploads queued during a CUDA-graph capture
@@ -261,13 +263,16 @@ class FlatGroup:
             raise ValueError(f"packed copies of one parameter group must share a dtype, got {sorted(map(str, dtypes))}")
         self.pack_dtype = dtypes.pop() if dtypes else None
         self.pack_base: dict[tuple[int, Packing], int] = {}
+        # every copy starts PACK_ALIGN bytes aligned: kernels read them with 16-byte vector loads
+        # and TMA descriptors, which need an aligned base (Triton specializes aligned pointers)
+        unit = PACK_ALIGN // torch.empty((), dtype=self.pack_dtype).element_size() if self.pack_dtype else 1
         rows, used = [], 0
         for i, ks in enumerate(self.packings):
             row = [self.offsets[i], self.numels[i], 0, len(ks)]
             for k in ks:
                 self.pack_base[(i, k)] = used
                 row += _pack_row(self.shapes[i], k.perm, used)
-                used += self.numels[i]
+                used += -(-self.numels[i] // unit) * unit
             rows.append(row + [0] * (SEG_COLS - len(row)))
         self.int_rows = rows
         self.int_table = torch.tensor(rows, dtype=torch.int64).to(self.device)  # [n, SEG_COLS]

@@ -10,8 +10,9 @@ The training step (engine.training.step) calls `logits` instead of `forward`:
 the last group's output as the fused loss reads it (NHWC, compute dtype: no
 conversion back), with a trailing constant `scale` left to the loss kernel.
 While a step clock is attached (`step_clock`), dropout draws its seeds on the
-device (engine.kernels.dropout.ClockSeed). Linear weights get a packed copy in
-the compute dtype that the fused optimizer keeps (engine.kernels.params).
+device (engine.kernels.dropout.ClockSeed). Linear and conv weights get packed
+copies in the layouts and dtype their kernels read, which the fused optimizer
+keeps (engine.kernels.params).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from engine.passes.plan import KernelGroup, Plan
 from engine.precision import precision as precision_named
 from engine.kernels import linear as K_linear
 from engine.kernels import pointwise as K_pw
+from engine.kernels.conv import weights as K_conv_weights
 from engine.kernels.params import request_packed
 from engine.runtime.executors import EXECUTORS
 from engine.runtime.network import Network
@@ -55,11 +57,32 @@ class TritonNetwork(Network):
         # eval mode when no gradient is wanted (the fold treats BN as constants).
         self.plans = {fold: run_pipeline(spec.graph, training=not fold) for fold in (False, True)}
         self.step_clock: torch.Tensor | None = None  # the step clock's counters while a training step runs
-        packing = K_linear.weight_packing(self.dtype)
-        for group in self.plans[False]:
-            if group.family is Family.LINEAR and packing is not None:
-                request_packed(self.layer(self.graph.node(group.anchor)).weight, packing)
+        self._request_packed_weights()
         announce_interpreter()
+
+    def _apply(self, fn, *args, **kwargs):
+        # moving the network (`.to(device)`) may replace its parameters with new objects (the meta
+        # device does): the requests travel with the parameter objects, so make them again
+        out = super()._apply(fn, *args, **kwargs)
+        self._request_packed_weights()
+        return out
+
+    def _request_packed_weights(self) -> None:
+        """Ask the fused optimizer (built after the network) to keep each GEMM weight in the layout and
+        dtype its kernels read (engine.kernels.params), so no step repacks or casts one: a linear
+        weight in the compute dtype (fp32 reads the master), a conv weight in the forward's tap-major
+        layout and, when its input has a gradient, the dgrad's (engine.kernels.conv.weights)."""
+        linear = K_linear.weight_packing(self.dtype)
+        for group in self.plans[False]:
+            anchor = self.graph.node(group.anchor)
+            if group.family is Family.LINEAR and linear is not None:
+                request_packed(self.layer(anchor).weight, linear)
+            elif group.family is Family.CONV:
+                w = self.layer(anchor).weight
+                request_packed(w, K_conv_weights.forward_packing(self.dtype))
+                depthwise = w.shape[1] == 1 and anchor.attrs["groups"] > 1  # reads the forward's copy
+                if not depthwise and anchor.inputs[0] != 0:  # node 0, the network input, has no gradient
+                    request_packed(w, K_conv_weights.dgrad_packing(self.dtype))
 
     def kernel_plan(self, fold_bn: bool = False) -> Plan:
         return self.plans[fold_bn]

@@ -274,7 +274,9 @@ def test_launches_are_recorded():
         y = conv2d(nhwc(x), w, b, stride=2, padding=1, act="relu")
         y.backward(torch.ones_like(y))
     names = {s.name for s in specs}
-    assert {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel", "_sum_partials_kernel"} <= names
+    assert {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"} <= names
+    # a one-split wgrad writes dw and dbias itself: no partials to sum
+    assert "_sum_partials_kernel" not in names
 
 
 def test_errors():

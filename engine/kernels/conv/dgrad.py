@@ -32,7 +32,7 @@ from engine.kernels.common import idx64, precision, upcast
 from engine.kernels.conv.geometry import (check_grad_inputs, conv_geometry, conv_key, dgrad_phases, dw_tiles,
                                           operand_align)
 from engine.kernels.conv.mainloop import load_dz, tap_gemm
-from engine.kernels.conv.weights import pack_weight_depthwise, pack_weight_for_dgrad, use_tma, weight_descriptor
+from engine.kernels.conv.weights import depthwise_weight, dgrad_weight, use_tma, weight_descriptor
 from engine.kernels.launch import launch
 from engine.kernels.tune_config import Config, conv_candidates, epilogue_key, smem_limit
 
@@ -120,7 +120,7 @@ def _conv_dgrad_kernel(
                    n_iters, nr, ns, COUT_G, -dstep_h * Wo * DYC, -dstep_w * DYC,
                    (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G, pid_n * BLOCK_N,
                    z_ptr, scale_ptr, g * COUT_G, slope,
-                   KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K)
+                   KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K, False)
     if SH == 1 and SW == 1:
         # dx pixel = offs_m: no (n, hi, wi), which the compiler would redo per element here
         dx_off = (offs_m * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
@@ -194,7 +194,7 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
     flags = dict(ACT=code, HAS_SCALE=grad_scale is not None)
     if Cin_g == 1 and G > 1:  # depthwise: direct kernel over channels, one launch per phase
         phases = dgrad_phases(N, H, W, KH, KW, stride, padding, dilation)
-        wk = pack_weight_depthwise(w, dy.dtype)  # [KH*KW, Cout]
+        wk = depthwise_weight(w, dy.dtype)  # [KH*KW, Cout]: the optimizer's copy, or packed now
         bm, bn, meta = dw_tiles(max(p[0] for p in phases), Cin)
         for ph_args in phases:
             grid = (triton.cdiv(ph_args[0], bm), triton.cdiv(Cin, bn))
@@ -202,7 +202,7 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
                    ph_args[0], H, W, Cin, Ho, Wo, Cout, Cout // Cin, KW, sh, sw, *ph_args[1:], float(slope),
                    **flags, BLOCK_M=bm, BLOCK_N=bn, **meta)
         return dx
-    wt = pack_weight_for_dgrad(w, dy.dtype)  # [KH*KW*Cout, Cin_g]
+    wt = dgrad_weight(w, dy.dtype)  # [KH*KW*Cout, Cin_g]: the optimizer's copy, or packed now
     m_max = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)  # dx pixels of the largest phase
     taps = triton.cdiv(KH, sh) * triton.cdiv(KW, sw)  # taps of the largest phase (at most)
     ya, xa = operand_align(Cout, Cout_g, dy.dtype), operand_align(Cin, Cin_g, dy.dtype)

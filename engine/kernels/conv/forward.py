@@ -8,7 +8,8 @@ Layouts (see docs/KERNELS.md):
 Forward (per group g, G = groups):  y[m, co] = sum_k A[m, k] * B[k, co] with
     m = (n, ho, wo)   M = N*Ho*Wo           rows: output pixels
     k = (r, s, ci)    K = KH*KW*Cin/G       gathered from x on the fly (no im2col)
-    B = w repacked to [KH, KW, Cin/G, Cout] viewed as [K, Cout]
+    B = w repacked to [KH, KW, Cin/G, Cout] viewed as [K, Cout] (the fused
+        optimizer's packed copy, engine.kernels.conv.weights)
 followed by a fused epilogue: z = acc (+ bias) (* scale + shift) (+ residual);
 y = act(z). Depthwise convolutions (Cin/G == 1) use a direct, non-dot kernel
 since their per-group GEMM would be [M, KH*KW] x [KH*KW, Cout/G], far below the
@@ -31,7 +32,7 @@ from engine.kernels.common import FLOAT_DTYPES, check_activation, idx64, precisi
 from engine.kernels.conv.geometry import (check_channels, check_vec, conv_geometry, conv_key, dw_tiles,
                                           operand_align)
 from engine.kernels.conv.mainloop import tap_gemm
-from engine.kernels.conv.weights import pack_weight_depthwise, pack_weight_for_forward, use_tma, weight_descriptor
+from engine.kernels.conv.weights import depthwise_weight, forward_weight, use_tma, weight_descriptor
 from engine.kernels.dropout import dropout_mask_scale
 from engine.kernels.launch import launch
 from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
@@ -101,11 +102,11 @@ def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
 @triton.jit(do_not_specialize=["K_ITERS"])  # a one-trip reduction keeps its loop (and its SASS reading)
 def _conv_fwd_kernel(
     x_ptr, w_op, y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
-    M, H, W, Ho, Wo, XC_A, CIN_A, COUT_A, COUT_G_A,
+    M, H, W, Ho, Wo, XC_A, CIN_A, COUT_A, COUT_G_A, CIN_W,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K_ITERS,
     sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
     KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr, TPC: tl.constexpr, ALIGN: tl.constexpr,
-    NALIGN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
+    NALIGN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr, W_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, FLAT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
@@ -120,8 +121,11 @@ def _conv_fwd_kernel(
     compiler can prove every row 16-byte aligned and issue 16-byte async copies
     (Triton only knows divisibility by 16 of an integer argument). W_TMA: w_op is
     a TMA descriptor of the packed weights [KH*KW*Cs, Cout] (block [BLOCK_K,
-    BLOCK_N]), else their base pointer. IDX64: 64-bit offsets (a tensor of 2**31
-    or more elements).
+    BLOCK_N]), else their base pointer. The weights hold CIN_W channels per tap
+    (PyTorch's Cin/G: [KH*KW*CIN_W, Cout]); W_PAD: the input stores more (zero
+    channels appended for 16-byte rows), and the weight rows of channels >= CIN_W
+    are masked instead of stored as zeros, so the optimizer's plain permuted copy
+    serves. IDX64: 64-bit offsets (a tensor of 2**31 or more elements).
     """
     XC = XC_A * ALIGN  # x's channels as stored (pixel stride): G * Cs
     CIN_G = CIN_A * ALIGN  # input channels per group as stored, Cs (>= the weight's; zero weights beyond)
@@ -146,15 +150,23 @@ def _conv_fwd_kernel(
     offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] channel within group
     mask_c = offs_cn < Cout_g
     offs_c = g * Cout_g + offs_cn  # [BLOCK_N] global output channel
+    if W_PAD:
+        CIN_B = CIN_W  # weight rows per tap
+    else:
+        CIN_B = CIN_G
     if W_TMA:
         b_op = w_op
+    elif W_PAD and TPC > 1:
+        # lane k of a chunk of TPC taps reads weight row (k // CIN_G) * CIN_W + k % CIN_G
+        b_lane = (offs_k // (BLOCK_K // TPC)) * CIN_W + offs_k % (BLOCK_K // TPC)  # [BLOCK_K]
+        b_op = w_op + b_lane[:, None] * Cout + offs_c[None, :]  # [BLOCK_K, BLOCK_N] pointers of row 0
     else:
         b_op = w_op + offs_k[:, None] * Cout + offs_c[None, :]  # [BLOCK_K, BLOCK_N] pointers of row 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
     acc = tap_gemm(acc, x_ptr, a_rows, hi0, wi0, dil_h, dil_w, H, W, mask_m, b_op, offs_k, mask_c, K_ITERS, KH, KW,
-                   CIN_G, dil_h * W * XC, dil_w * XC, 0, KW * CIN_G, CIN_G, Cout, g * Cout_g + pid_n * BLOCK_N,
+                   CIN_G, dil_h * W * XC, dil_w * XC, 0, KW * CIN_B, CIN_B, Cout, g * Cout_g + pid_n * BLOCK_N,
                    x_ptr, x_ptr, 0, 0.0,
-                   KH, KW, CHUNKS, TPC, EVEN_K, EVEN_N, W_TMA, 0, False, PRECISION, UPCAST, BLOCK_K)
+                   KH, KW, CHUNKS, TPC, EVEN_K, EVEN_N, W_TMA, 0, False, PRECISION, UPCAST, BLOCK_K, W_PAD)
     _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
               y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
               Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
@@ -280,7 +292,7 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
 
     if Cin_g == 1 and G > 1:  # depthwise: direct kernel
         bm, bn, meta = dw_tiles(M, Cout)
-        wk = pack_weight_depthwise(w, x.dtype)  # [KH*KW, Cout]
+        wk = depthwise_weight(w, x.dtype)  # [KH*KW, Cout]: the optimizer's copy, or packed now
         psum, psumsq = stats_buffers(bm)
         launch(_dwconv_fwd_kernel, (triton.cdiv(M, bm), triton.cdiv(Cout, bn)),
                x, wk, y, z, bias, scale, shift, residual, psum, psumsq,
@@ -291,7 +303,8 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     if channels is None and G == 1 and Cin % channel_multiple(x.dtype):
         x = pad_channels(x, padded_channels(Cin, x.dtype))  # [N, H, W, Cs]: 16-byte pixel rows
     Cs = x.shape[3] // G  # stored input channels per group
-    wk = pack_weight_for_forward(w, x.dtype, Cs)  # [KH*KW*Cs, Cout]
+    wk = forward_weight(w, x.dtype)  # [KH*KW*Cin_g, Cout]: the optimizer's copy, or packed now
+    wpad = Cs != Cin_g  # the input's zero channels meet masked weight rows
     xa, na = operand_align(x.shape[3], Cs, x.dtype), operand_align(Cout, Cout_g, x.dtype)
 
     def run(cfg: Config):
@@ -302,13 +315,13 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
         tpc = cfg.block_k // Cs if Cs < cfg.block_k and Cs & (Cs - 1) == 0 and xa > 1 else 1
         iters = triton.cdiv(KH * KW, tpc) if tpc > 1 else KH * KW * triton.cdiv(Cs, cfg.block_k)
         grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(Cout_g, cfg.block_n), G)
-        tma = use_tma(wk, na, cfg.block_n)
+        tma = use_tma(wk, na, cfg.block_n) and not (wpad and tpc > 1)  # TMA reads whole rows
         wop = weight_descriptor(wk, cfg.block_k, cfg.block_n) if tma else wk
         launch(_conv_fwd_kernel, grid, x, wop, y, z, bias, scale, shift, residual, psum, psumsq,
-               M, H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, *tail,
+               M, H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, Cin_g, *tail,
                iters, *tail2,
                KH=KH, KW=KW, CHUNKS=1 if tpc > 1 else triton.cdiv(Cs, cfg.block_k), TPC=tpc, ALIGN=xa,
-               NALIGN=na, EVEN_K=tpc > 1 or Cs % cfg.block_k == 0,
+               NALIGN=na, EVEN_K=tpc > 1 or Cs % cfg.block_k == 0, W_PAD=wpad,
                EVEN_N=Cout_g % cfg.block_n == 0,
                **flags, FLAT=flat, PRECISION=precision(allow_tf32), UPCAST=upcast(x.dtype), IDX64=big, W_TMA=tma,
                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())

@@ -13,6 +13,7 @@ from engine.kernels.conv.backward import act_backward, conv2d_dgrad, conv2d_wgra
 from engine.kernels.conv.forward import conv2d_forward
 from engine.kernels.dropout import dropout_backward
 from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
+from engine.kernels.params import claim_grad_slot, slot_view
 
 
 class Conv2dFunction(torch.autograd.Function):
@@ -22,6 +23,9 @@ class Conv2dFunction(torch.autograd.Function):
     scale/shift are treated as constants (folded inference BN): no gradient.
     `out` (first, see forward): a view of a larger buffer written in place.
     Dropout's mask is regenerated from its seed in the backward.
+    The weights the kernels read are the fused optimizer's packed copies when it
+    keeps them (engine.kernels.conv.weights), and the weight and bias gradients
+    land in their slots of its flat gradient buffer when `conv2d` claimed them.
     stats=True also returns the per-tile partial sums of the pre-activation
     (psum, psumsq, fp32 [T, Cout]) for a training-mode batch norm that follows:
     statistics, not values, so they carry no gradient (the batch norm's own
@@ -30,7 +34,7 @@ class Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, x, w, bias, residual, stride, padding, dilation, groups, act, slope, allow_tf32,
-                scale=None, shift=None, dropout_p=0.0, dropout_seed=0, stats=False):
+                scale=None, shift=None, dropout_p=0.0, dropout_seed=0, stats=False, slots=(None, None)):
         # `out` comes first: autograd's handling of in-place writes into views
         # (CopySlices) expects the written tensor to be the first input
         code = act_code(act)
@@ -54,6 +58,7 @@ class Conv2dFunction(torch.autograd.Function):
         ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
         ctx.act, ctx.slope = act, slope
         ctx.has_res = residual is not None
+        ctx.slots = slots  # the flat-gradient slots `conv2d` claimed for w and bias (grad mode is off in here)
         if stats:
             ctx.mark_non_differentiable(res.psum, res.psumsq)
             return res.y, res.psum, res.psumsq
@@ -80,13 +85,17 @@ class Conv2dFunction(torch.autograd.Function):
         dx = conv2d_dgrad(g, w, ctx.x_shape, **bw) if need_x else None
         dw = db = None
         if need_w or need_b:
-            dw, db = conv2d_wgrad(x, g, w.shape, need_bias=need_b, channels=ctx.channels, **bw)
+            # straight into the optimizer's flat gradient buffer when the forward claimed the slots
+            out = slot_view(ctx.slots[0]) if need_w else None
+            bias_out = slot_view(ctx.slots[1]) if need_b else None
+            dw, db = conv2d_wgrad(x, g, w.shape, need_bias=need_b, channels=ctx.channels, out=out,
+                                  bias_out=bias_out, **bw)
         # `out`'s overwritten contents get a zero gradient; it must be a real tensor
         # (autograd's CopySlices drops the buffer's gradient when it is None), and a
         # stride-0 expanded scalar costs no memory
         dout = torch.zeros((), device=dy.device, dtype=dy.dtype).expand(dy.shape) if ctx.wrote_into else None
         return (dout, dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, groups=1, act="none",
@@ -99,8 +108,9 @@ def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, g
     stats=True returns (y, (psum, psumsq)): fp32 [T, Cout] per-tile partial sums
     of the pre-activation, for batch_norm_train(partials=...)."""
     geometry = pair(stride, "conv2d: stride"), pair(padding, "conv2d: padding"), pair(dilation, "conv2d: dilation")
+    slots = (claim_grad_slot(w), claim_grad_slot(bias) if bias is not None else None)
     result = Conv2dFunction.apply(out, x, w, bias, residual, *geometry, groups, act, slope, allow_tf32, scale, shift,
-                                  dropout_p, dropout_seed, stats)
+                                  dropout_p, dropout_seed, stats, slots)
     if stats:
         y, psum, psumsq = result
         return y, (psum, psumsq)

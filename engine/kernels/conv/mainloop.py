@@ -72,7 +72,7 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
              c_stored, a_rstep, a_sstep, b_row0, b_rstep, b_sstep, b_ld, col0, z_base, scale_ptr, ch0, slope,
              KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr, TPC: tl.constexpr, EVEN_K: tl.constexpr,
              EVEN_N: tl.constexpr, W_TMA: tl.constexpr, A_ACT: tl.constexpr, A_SCALE: tl.constexpr,
-             PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+             PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, W_PAD: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] fp32 += sum over n_iters trips of A(tap, chunk) @ B(tap, chunk).
 
     A: a_base + a_rows ([BLOCK_M] offsets of tap (0, 0), channel 0) + the channel
@@ -88,6 +88,11 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
     (a padded RGB stem: 8 channels, 16-byte vectors of one tap each); then CHUNKS is
     1, taps past NR*NS read zeros, and B's rows must run on linearly across taps
     (b_row0 + it*BLOCK_K + lane: the forward's packing).
+    W_PAD (the forward of an input with zero channels appended, c_stored > the weight's
+    b_sstep channels per tap): B holds b_sstep rows per tap, and its rows of channels
+    c >= b_sstep are masked (they meet A's zero channels). With TPC > 1 b_op's lane k
+    must point at row (k // c_stored) * b_sstep + k % c_stored and a trip advances
+    TPC * b_sstep rows; no TMA.
     """
     if KH * KW <= 64:
         bits = tap_bits(h0, w0, step_h, step_w, H, W, mask_m, NR, NS, KH, KW)  # [BLOCK_M]
@@ -123,7 +128,10 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
             lane = jr_k * a_rstep + js_k * a_sstep + offs_k % (BLOCK_K // TPC)  # [BLOCK_K]
             a_idx = a_rows[:, None] + lane[None, :]  # [BLOCK_M, BLOCK_K]
             c0 = 0
-            b_row = b_row0 + it * BLOCK_K  # scalar: rows run on linearly across taps
+            if W_PAD:
+                b_row = b_row0 + it * (TPC * b_sstep)  # scalar: b_sstep weight rows per tap
+            else:
+                b_row = b_row0 + it * BLOCK_K  # scalar: rows run on linearly across taps
         if A_ACT != 0 or A_SCALE:
             a = load_dz(a_base, z_base, scale_ptr, a_idx, a_mask, ch0 + c0 + offs_k,
                         (c0 + offs_k) < c_stored, slope, A_ACT, A_SCALE)  # [BLOCK_M, BLOCK_K] fp32 dz
@@ -133,9 +141,16 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
             # one TMA copy; past the edges it reads zeros, and rows of the next tap in a
             # partial chunk meet the zeroed A channels above
             b = b_op.load([b_row, col0])  # [BLOCK_K, BLOCK_N]
+        elif TPC > 1 and W_PAD:
+            # [BLOCK_K] lanes of real taps and of the weight's channels (loop-invariant but the taps)
+            in_rows = (tap_k < NR * NS) & ((offs_k % (BLOCK_K // TPC)) < b_sstep)
+            b = tl.load(b_op + b_row * b_ld, mask=in_rows[:, None] & mask_n[None, :], other=0.0)
         elif TPC > 1:
             in_rows = (b_row - b_row0 + offs_k) < NR * NS * c_stored  # [BLOCK_K] rows of real taps
             b = tl.load(b_op + b_row * b_ld, mask=in_rows[:, None] & mask_n[None, :], other=0.0)
+        elif W_PAD:
+            in_w = (c0 + offs_k) < b_sstep  # [BLOCK_K] the weight's channels of this chunk
+            b = tl.load(b_op + b_row * b_ld, mask=in_w[:, None] & mask_n[None, :], other=0.0)
         elif EVEN_K and EVEN_N:
             b = tl.load(b_op + b_row * b_ld)  # [BLOCK_K, BLOCK_N]
         elif EVEN_K:

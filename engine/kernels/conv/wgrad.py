@@ -10,9 +10,12 @@ an activation or a folded scale). The pixels' (n, ho, wo) are decomposed once
 per program and stepped per trip with carries (no per-element div/mod in the
 loop).
 
-P is cut into S fixed splits that write fp32 partials [S, K_g, Cout];
+P is cut into S fixed splits that write fp32 partials [S, Cout, Cin/G, KH, KW]
+(PyTorch's layout: the parameter's gradient as it is, no layout copy);
 common.sum_partials adds them in a fixed order, so results are bit-identical
-run to run (no atomics). S is sized from the work (geometry.wgrad_splits): a
+run to run (no atomics), into the parameter's slot of the fused optimizer's
+flat gradient buffer when the forward claimed it (one split: the kernel
+writes the slot itself). S is sized from the work (geometry.wgrad_splits): a
 few waves of programs, each a long reduction, and at most WGRAD_MAX_SPLITS
 partial rows for the second pass. The bias gradient (column sums of dz) comes
 from the same pass.
@@ -40,7 +43,7 @@ from engine.kernels.tune_config import Config, epilogue_key, smem_limit, split_v
 @triton.jit
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, z_ptr, scale_ptr, part_ptr, bpart_ptr,
-    P, P_PER_SPLIT, NB, H, W, Ho, Wo, XC_A, CS_A, DYC_A, COUT_G_A, N_TILES,
+    P, P_PER_SPLIT, NB, H, W, Ho, Wo, XC_A, CS_A, DYC_A, COUT_G_A, CIN_W, N_TILES,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
     KW: tl.constexpr, CCHUNKS: tl.constexpr, ALIGN: tl.constexpr, NALIGN: tl.constexpr,
     TB: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
@@ -49,7 +52,8 @@ def _conv_wgrad_kernel(
     UPCAST: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """dw partial of one P-split: part[split, tap*Cs + ci, co] = sum_p x[p @ tap, ci] * dz[p, co].
+    """dw partial of one P-split in PyTorch's layout: part[split, co, ci, tap] = sum_p x[p @ tap, ci] * dz[p, co]
+    for the CIN_W (= Cin/G) channels of the weight (x may store Cs >= CIN_W, zeros beyond).
 
     Grid: (KH*KW * CCHUNKS * N_TILES, S, G). x [N, H, W, XC] (XC = G*Cs), dy [N, Ho,
     Wo, DYC] (DYC = G*Cout_g), channel counts in units of ALIGN (x) and NALIGN (dy).
@@ -188,10 +192,10 @@ def _conv_wgrad_kernel(
             carry = ho >= Ho
             ho = tl.where(carry, ho - Ho, ho)
             n += d_n + carry.to(n.dtype)
-    rows = tap * CS + ci  # [BLOCK_K] dw row (tap, ci)
-    K_ROWS = tl.num_programs(0) // N_TILES // CCHUNKS * CS  # KH*KW*Cs rows per split
-    part_off = (split * K_ROWS + rows).to(tl.int64)[:, None] * DYC + offs_c[None, :]  # [BLOCK_K, BLOCK_N]
-    tl.store(part_ptr + part_off, acc, mask=mask_k[:, None] & mask_c[None, :])
+    # PyTorch's [Cout, Cin_g, KH, KW]: the optimizer's gradient slot takes it as it is (no layout copy)
+    KK = tl.num_programs(0) // N_TILES // CCHUNKS  # KH*KW taps
+    part_off = ((split * DYC + offs_c).to(tl.int64)[None, :] * CIN_W + ci[:, None]) * KK + tap  # [BLOCK_K, BLOCK_N]
+    tl.store(part_ptr + part_off, acc, mask=(ci < CIN_W)[:, None] & mask_c[None, :])
     if NEED_BIAS:
         if pid_k == 0:  # every row tile computed the same column sums; one writes them
             tl.store(bpart_ptr + split * DYC + offs_c, bacc, mask=mask_c)
@@ -205,7 +209,7 @@ def _dwconv_wgrad_kernel(
     ACT: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Depthwise dw partials: part[split, tap, co] = sum_p x[p + tap, co // MULT] * dz[p, co].
+    """Depthwise dw partials in PyTorch's layout: part[split, co, tap] = sum_p x[p + tap, co // MULT] * dz[p, co].
 
     Grid: (KH*KW taps, Cout tiles, S). Products accumulate elementwise in a 2-D
     tile and are reduced once at the end (fixed order). Tap-0 programs also write
@@ -240,27 +244,42 @@ def _dwconv_wgrad_kernel(
         acc += xv.to(tl.float32) * dz
         if NEED_BIAS:
             bacc += dz
-    tl.store(part_ptr + (split * tl.num_programs(0) + tap) * Cout + offs_c, tl.sum(acc, axis=0), mask=mask_c)
+    tl.store(part_ptr + (split * Cout + offs_c) * tl.num_programs(0) + tap, tl.sum(acc, axis=0), mask=mask_c)
     if NEED_BIAS:
         if tap == 0:
             tl.store(bpart_ptr + split * Cout + offs_c, tl.sum(bacc, axis=0), mask=mask_c)
 
 
-def _sum_splits(part: torch.Tensor) -> torch.Tensor:
-    """Sum fp32 partials [S, ...] over S in a fixed order -> [...]."""
-    S, L = part.shape[0], part[0].numel()
+def _sum_splits(part: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Sum fp32 partials [S, L] over S in a fixed order -> [L] (into `out` if given); one split is the sum."""
+    S, L = part.shape
+    if S == 1:
+        return part.view(L)
     block = next_pow2(L, 16, 1 << 16) if _device.INTERPRETED else 1024
-    return sum_partials(part.view(S, L), block=block).view(part.shape[1:])
+    return sum_partials(part, block=block, out=out)
+
+
+def _flat_out(t: torch.Tensor | None, numel: int, name: str) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != numel:
+        raise ValueError(f"conv2d_wgrad: {name} must be a contiguous fp32 tensor of {numel} elements, "
+                         f"got {t.dtype} {tuple(t.shape)}")
+    return t.view(numel)
 
 
 def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias=False, allow_tf32=False,
-                 z=None, act="none", slope=0.01, grad_scale=None, splits=None, channels=None):
+                 z=None, act="none", slope=0.01, grad_scale=None, splits=None, channels=None, out=None,
+                 bias_out=None):
     """(dw fp32 [Cout,Cin/g,kh,kw], dbias fp32 [Cout] or None) from x [N,H,W,Cin] and dy [N,Ho,Wo,Cout].
 
     The N*Ho*Wo reduction is cut into S splits (`splits` overrides the automatic
     choice) whose fp32 partials are summed in a fixed order: deterministic.
     act/z/grad_scale as in conv2d_dgrad. channels: x's real channel count when x
     carries zero channels beyond it (groups=1), as in conv2d_forward.
+    out / bias_out: contiguous fp32 tensors to write dw / dbias into (the parameters'
+    slots in the fused optimizer's flat gradient buffer): dw is produced in PyTorch's
+    layout, by the sum of the split partials or, with one split, by the kernel itself.
     """
     check_activation(x, "conv2d: x")
     if x.dim() != 4 or not x.is_contiguous() or x.device != dy.device:
@@ -278,25 +297,29 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
     z = z.contiguous() if code != 0 else None
     G, Cout_g, P = groups, Cout // groups, N * Ho * Wo
     Cs = x.shape[3] // G  # stored channels per group (>= Cin_g)
+    L = Cout * Cin_g * KH * KW
+    out, bias_out = _flat_out(out, L, "out"), _flat_out(bias_out, Cout, "bias_out") if need_bias else None
     flags = dict(ACT=code, HAS_SCALE=grad_scale is not None, NEED_BIAS=need_bias)
     geo = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(slope))
 
     def finish(part: torch.Tensor, bpart):
-        """(dw [Cout, Cin_g, KH, KW], dbias [Cout] or None) from the [S, KH*KW*Cs, Cout] and [S, Cout] partials."""
-        # rows (r, s, ci) -> PyTorch's [Cout, Cin_g, KH, KW] (channels beyond Cin_g were padding)
-        dw = _sum_splits(part).view(KH, KW, Cs, Cout)[:, :, :Cin_g].permute(3, 2, 0, 1).contiguous()
-        return dw, (_sum_splits(bpart) if need_bias else None)
+        """(dw [Cout, Cin_g, KH, KW], dbias [Cout] or None) from the [S, L] and [S, Cout] partials."""
+        dw = _sum_splits(part, out).view(Cout, Cin_g, KH, KW)
+        return dw, (_sum_splits(bpart, bias_out) if need_bias else None)
 
-    def partials(S: int, rows: int):
-        part = torch.empty((S, rows, Cout), device=x.device, dtype=torch.float32)  # [S, rows, Cout] partials
-        bpart = torch.empty((S, Cout), device=x.device, dtype=torch.float32) if need_bias else None  # [S, Cout]
-        return part, bpart
+    def partials(S: int):
+        """[S, L] and [S, Cout] fp32 partials (PyTorch's layout); one split writes the outputs themselves."""
+        def buf(n: int, dst):
+            if S == 1 and dst is not None:
+                return dst.view(1, n)
+            return torch.empty((S, n), device=x.device, dtype=torch.float32)
+        return buf(L, out), (buf(Cout, bias_out) if need_bias else None)
 
     if Cin_g == 1 and G > 1:  # depthwise: direct kernel, one program per (tap, channel tile, split)
         bp, bn, meta = dw_tiles(P, Cout)
         c_tiles = triton.cdiv(Cout, bn)
         S, per_split = split_plan(triton.cdiv(P, bp), KH * KW * c_tiles, splits)
-        part, bpart = partials(S, KH * KW)
+        part, bpart = partials(S)
         launch(_dwconv_wgrad_kernel, (KH * KW, c_tiles, S), x, dy, z, grad_scale, part, bpart, P, per_split * bp,
                H, W, Cin, Ho, Wo, Cout, Cout // Cin, KW, *geo, **flags, BLOCK_P=bp, BLOCK_N=bn, **meta)
         return finish(part, bpart)
@@ -321,10 +344,10 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
     def run(cfg: Config):
         """dw, dbias with config `cfg`; partials are allocated per config (S follows it) and written, not added."""
         cchunks, n_tiles, tiles, S, per_split, box, chunks = plan(cfg)
-        part, bpart = partials(S, KH * KW * Cs)
+        part, bpart = partials(S)
         extent, per = (chunks, per_split) if box[1] else (P, per_split * cfg.block_k)
         launch(_conv_wgrad_kernel, (tiles, S, G), x, dy, z, grad_scale, part, bpart, extent, per,
-               N, H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, n_tiles, *geo,
+               N, H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, Cin_g, n_tiles, *geo,
                KW=KW, CCHUNKS=cchunks, ALIGN=xa, NALIGN=na, TB=box[0], TH=box[1], TW=box[2],
                EVEN_K=Cs % cfg.block_m == 0,
                EVEN_N=Cout_g % cfg.block_n == 0, EVEN_P=P % cfg.block_k == 0, **flags, PRECISION=precision(allow_tf32),
