@@ -193,9 +193,11 @@ def _conv_wgrad_kernel(
             ho = tl.where(carry, ho - Ho, ho)
             n += d_n + carry.to(n.dtype)
     # PyTorch's [Cout, Cin_g, KH, KW]: the optimizer's gradient slot takes it as it is (no layout copy)
+    # (a weight has < 2**31 elements: 32-bit offsets within a split, one 64-bit scalar base)
     KK = tl.num_programs(0) // N_TILES // CCHUNKS  # KH*KW taps
-    part_off = ((split * DYC + offs_c).to(tl.int64)[None, :] * CIN_W + ci[:, None]) * KK + tap  # [BLOCK_K, BLOCK_N]
-    tl.store(part_ptr + part_off, acc, mask=(ci < CIN_W)[:, None] & mask_c[None, :])
+    w_off = (ci * KK + tap)[:, None] + (offs_c * (CIN_W * KK))[None, :]  # [BLOCK_K, BLOCK_N] int32
+    split_ptr = part_ptr + split.to(tl.int64) * (DYC * CIN_W * KK)  # scalar: this split's partial
+    tl.store(split_ptr + w_off, acc, mask=(ci < CIN_W)[:, None] & mask_c[None, :])
     if NEED_BIAS:
         if pid_k == 0:  # every row tile computed the same column sums; one writes them
             tl.store(bpart_ptr + split * DYC + offs_c, bacc, mask=mask_c)
