@@ -177,3 +177,40 @@ def test_every_kernel_function_compiles_for_sm80_and_sm90():
     missing = _kernel_functions() - {key[0] for key in chosen}
     assert not missing, f"kernels no compile test reaches: {sorted(missing)}"
     _assert_all_compile(compile_all(list(chosen.values()), TARGETS))
+
+
+def test_conv_under_the_fused_optimizer_compiles_in_bf16():
+    """The conv variants that read the optimizer's packed copies in bf16 (the interpreter runs
+    fp32/fp16 only): padded input channels against masked weight rows (W_PAD) with taps per
+    chunk (an RGB stem) and with one tap per chunk (20 channels stored as 24), and the wgrad
+    storing PyTorch's layout into the flat gradient slot, split and not."""
+    from engine.kernels import optim
+    from engine.kernels.conv import conv2d, conv2d_wgrad
+    from engine.kernels.conv import weights as conv_weights
+    from engine.kernels.params import request_packed
+
+    def run():
+        for cin, cout, hw in ((3, 64, 32), (20, 64, 16)):
+            w = torch.nn.Parameter(torch.zeros(cout, cin, 3, 3))
+            request_packed(w, conv_weights.forward_packing(torch.bfloat16))
+            request_packed(w, conv_weights.dgrad_packing(torch.bfloat16))
+            opt = optim.SGD([w], lr=0.1)
+            x = torch.zeros(8, hw, hw, cin, dtype=torch.bfloat16, requires_grad=True)
+            y = conv2d(x, w, padding=1, act="relu")
+            y.backward(torch.zeros_like(y))
+            opt.step()
+        xs, dy = torch.zeros(4, 8, 8, 64, dtype=torch.bfloat16), torch.zeros(4, 8, 8, 64, dtype=torch.bfloat16)
+        conv2d_wgrad(xs, dy, (64, 64, 3, 3), stride=1, padding=1, dilation=1, groups=1, splits=3,
+                     out=torch.zeros(64 * 64 * 9))
+
+    specs = record_network(run)
+    fwd = [dict(s.constexprs) for s in specs if s.name == "_conv_fwd_kernel"]
+    assert {c["TPC"] > 1 for c in fwd if c["W_PAD"]} == {True, False}, fwd
+    assert {s.name for s in specs} >= {"_conv_dgrad_kernel", "_conv_wgrad_kernel", "_sum_partials_kernel"}
+    reports = compile_all([s for s in specs if s.name in GEMM_KERNELS], TARGETS)
+    _assert_all_compile(reports)
+    assert all(r.mma_count for r in reports), [(r.name, r.tag, r.target) for r in reports if not r.mma_count]
+    # the W_PAD forwards do not spill (these stem-shaped wgrads spill on sm_80 as they did before
+    # they stored PyTorch's layout: 160 B then, 140 B now)
+    spills = [(r.name, r.tag, r.target, r.spills) for r in reports if r.spills and r.name != "_conv_wgrad_kernel"]
+    assert not spills, spills
