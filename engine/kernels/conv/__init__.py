@@ -3,6 +3,9 @@
     geometry.py   argument checks, output size, dgrad stride phases, split
                   plans, tile choices (`gemm_tiles`, the one patchable place)
                   and autotune keys, shared by forward and backward
+    weights.py    the packed weight layouts the kernels read: the fused
+                  optimizer's copies (their `Packing`s), else packed per call
+    mainloop.py   the (tap, channel chunk) main loop of forward and dgrad
     forward.py    implicit-GEMM and depthwise forward kernels with the fused
                   epilogue (bias, folded BN, residual, activation, dropout,
                   BN statistics): conv2d_forward, ConvOutput
