@@ -220,3 +220,25 @@ def test_the_network_asks_for_the_conv_copies_and_keeps_them_across_to():
         if node.inputs[0] != 0:
             wanted.append(conv_weights.dgrad_packing(torch.bfloat16))
         assert net.layer(node).weight._fusenet_packings == wanted, node.name
+
+
+@pytest.mark.parametrize("groups,cin,splits", [(1, 3, 3), (1, 12, 2), (3, 12, 3), (8, 8, 2), (1, 10, 1)])
+def test_wgrad_writes_pytorchs_layout_into_out_split_or_not(groups, cin, splits, monkeypatch):
+    """Split partials in PyTorch's layout summed into `out` (one split: the kernel writes `out`),
+    dbias into `bias_out`; padded input channels (3 -> 4, 10 -> 12) write only the weight's rows."""
+    from engine.kernels.conv import conv2d_wgrad
+
+    monkeypatch.setattr(engine.device, "INTERPRETED", False)  # GPU tiles: pixels enough for the splits
+    x, dy = torch.randn(2, 15, 14, cin), torch.randn(2, 8, 7, 24)
+    w_shape = (24, cin // groups, 3, 3)
+    flat = torch.full((24 * (cin // groups) * 9 + 24 + 5,), 7.0)  # a flat buffer with neighbours
+    out, bias_out = flat[:24 * (cin // groups) * 9].view(w_shape), flat[-29:-5]
+    with autotune.forced(Config(16, 32, 16), kernels=["conv2d_wgrad"]), recording() as specs:
+        dw, db = conv2d_wgrad(x, dy, w_shape, stride=2, padding=1, dilation=1, groups=groups, need_bias=True,
+                              splits=splits, out=out, bias_out=bias_out)
+    assert dw.data_ptr() == out.data_ptr() and db.data_ptr() == bias_out.data_ptr()
+    assert ("_sum_partials_kernel" in {s.name for s in specs}) == (splits > 1)
+    assert torch.equal(flat[-5:], torch.full((5,), 7.0))  # nothing written past the slots
+    _, _, rdw, rdb = _reference(x, torch.randn(w_shape), torch.zeros(24), dy, stride=2, padding=1, groups=groups)
+    assert_close(dw, rdw, what="dw")
+    assert_close(db, rdb, what="db")
