@@ -300,3 +300,17 @@ def test_parser_check_and_fmt_import_no_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_a_reader_that_goes_away_is_not_an_error():
+    """`fusenet check FILE... | head -1`: the pipe closes while fusenet still writes."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("FUSENET_DEBUG", None)
+    files = [str(p) for p in sorted((ROOT / "examples").glob("*.cnn"))] * 12  # more than a pipe buffer
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "check", *files], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader is gone
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "internal error" not in err and "Traceback" not in err and "BrokenPipe" not in err
