@@ -26,7 +26,7 @@ PINS = {
     "lenet5": (29, 12, 13694520),
     "resnet_small": (152, 60, 238154856),
     "unet_tiny": (47, 35, 182021132),
-    "airbench94": (90, 34, 3813368724),
+    "airbench94": (87, 34, 3755239316),
     "resnet9": (103, 39, 6008774160),
 }
 
@@ -78,10 +78,10 @@ def test_launches_between_the_plans_floor_and_the_pinned_ceiling(name):
 
 
 def test_the_ceiling_catches_a_fusion_that_stops_applying(monkeypatch):
-    """Without the conv -> batch-norm statistics fusion, the same step launches more."""
+    """Without the batch-norm statistics fusion (conv epilogues, max pools), the same step launches more."""
     from engine.passes import pipeline
 
-    monkeypatch.setattr(pipeline, "PLAN_PASSES", tuple(p for p in pipeline.PLAN_PASSES if p[0] != "plan_conv_stats"))
+    monkeypatch.setattr(pipeline, "PLAN_PASSES", tuple(p for p in pipeline.PLAN_PASSES if p[0] != "plan_bn_stats"))
     _, audit = _audit("digits")
     assert audit.launches > sum(PINS["digits"][:2])
 
