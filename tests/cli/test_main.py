@@ -18,7 +18,7 @@ import pytest
 
 from engine.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.cnn"))
 BAD = "network n {\n    input 3x8x8\n    cnov 16 kernel=3\n}\n"
 
@@ -82,7 +82,7 @@ def test_missing_file_is_status_1(cmd, tmp_path, capsys):
 
 
 def test_directory_is_status_1(tmp_path, capsys):
-    # a folder is searched for .cnn files (tests/test_cli_files.py); one without any is an error
+    # a folder is searched for .cnn files (tests/cli/test_files.py); one without any is an error
     assert main(["check", str(tmp_path)]) == 1
     assert "holds no .cnn files" in capsys.readouterr().err
 
