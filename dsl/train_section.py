@@ -11,8 +11,8 @@ from dsl.train_config import AugmentConfig, OptimizerConfig, ScheduleConfig, Tra
 from dsl.values import evaluate
 
 # Default learning rate and weight decay per optimizer when the spec names none.
-_DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
-_DEFAULT_WD = {"sgd": 0.0, "adam": 0.0, "adamw": 1e-2}
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
+DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adam": 0.0, "adamw": 1e-2}
 
 
 def _options(section: TrainSection, errors: Collector) -> list[Layer]:
@@ -58,10 +58,10 @@ def build_train_config(section: TrainSection | None, errors: Collector) -> Train
                 config,
                 optimizer=OptimizerConfig(
                     name=name,
-                    lr=v["lr"] if v["lr"] is not None else _DEFAULT_LR[name],
+                    lr=v["lr"] if v["lr"] is not None else DEFAULT_LR[name],
                     momentum=v["momentum"],
                     nesterov=v["nesterov"],
-                    weight_decay=v["weight_decay"] if v["weight_decay"] is not None else _DEFAULT_WD[name],
+                    weight_decay=v["weight_decay"] if v["weight_decay"] is not None else DEFAULT_WEIGHT_DECAY[name],
                     beta1=v["beta1"],
                     beta2=v["beta2"],
                     eps=v["eps"],

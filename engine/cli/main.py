@@ -23,6 +23,7 @@ the engine's kernels only inside their handlers, so building the parser is cheap
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -92,6 +93,12 @@ def run_command(args: argparse.Namespace) -> int:
     except FusenetUserError as e:
         print(f"fusenet {name}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        # the reader went away (`fusenet check ... | head`): what it read was all it wanted.
+        # Point stdout at devnull so the flush at interpreter exit does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         note = getattr(args, "interrupted", None)
         print(f"\nfusenet {name}: interrupted" + (f"; {note}" if note else ""), file=sys.stderr)

@@ -12,7 +12,11 @@ defaults); this module declares what each op *is* to the engine:
 - `layer`: for parametric ops, the PyTorch layer that holds its parameters (the
   state-dict contract: conv `[out, in/groups, kh, kw]`, ...);
 - `reference`: its meaning in PyTorch, the oracle the reference backend runs;
-- `backward_flops`: its backward FLOPs per forward FLOP, for the analytic model.
+- `backward_flops`: its backward FLOPs per forward FLOP, for the analytic model;
+- `emits_stats`: its kernel can write the batch statistics of its own output
+  (per-tile partial sums of y and y*y, fp32 [T, C]) for a training-mode batch
+  norm that reads only that output, which then skips its statistics pass
+  (engine.passes.fusion.plan_bn_stats; the family's executor passes them on).
 
 The registry imports neither torch nor triton (`fusenet check` runs on it):
 layer builders and references receive the torch module they compute with.
@@ -96,6 +100,7 @@ class OpDef:
     layer: Callable[[Any, Node, tuple[int, ...]], Any] | None = None  # (torch.nn, node, input shape) -> Module
     reference: Callable[[RefCall], Any] | None = None  # None for activations: see module docstring
     backward_flops: float = 1.0
+    emits_stats: bool = False  # can emit the next training-mode bn's partial sums (see the module docstring)
 
     def is_(self, group: Group) -> bool:
         return group in self.groups
@@ -148,12 +153,13 @@ def _call_layer(c: RefCall):
 
 _DEFS = [
     OpDef("input", Family.INPUT, rules.elementwise),
-    OpDef("conv", Family.CONV, rules.conv, _GEMM, layer=_conv_layer, reference=_call_layer, backward_flops=2.0),
+    OpDef("conv", Family.CONV, rules.conv, _GEMM, layer=_conv_layer, reference=_call_layer, backward_flops=2.0,
+          emits_stats=True),
     OpDef("linear", Family.LINEAR, rules.linear, _GEMM, reference=_call_layer, backward_flops=2.0,
           layer=lambda nn, node, in_shape: nn.Linear(in_shape[0], node.attrs["out"], node.attrs["bias"])),
     OpDef("bn", Family.BATCH_NORM, rules.batch_norm, _PARAMETRIC, layer=_bn_layer, reference=_call_layer),
     OpDef("softmax", Family.SOFTMAX, rules.softmax, reference=lambda c: c.F.softmax(c.x, dim=1)),
-    OpDef("maxpool", Family.POOL, rules.pool,
+    OpDef("maxpool", Family.POOL, rules.pool, emits_stats=True,
           reference=lambda c: c.F.max_pool2d(c.x, c.attrs["kernel"], c.attrs["stride"], c.attrs["pad"])),
     OpDef("avgpool", Family.POOL, rules.pool,
           reference=lambda c: c.F.avg_pool2d(c.x, c.attrs["kernel"], c.attrs["stride"], c.attrs["pad"])),
@@ -193,6 +199,12 @@ def is_(node_or_op: Node | str, group: Group) -> bool:
     """Whether a node's op (or an op name) belongs to `group`."""
     name = node_or_op if isinstance(node_or_op, str) else node_or_op.op
     return group in REGISTRY[name].groups
+
+
+def emits_stats(node_or_op: Node | str) -> bool:
+    """Whether a node's op (or an op name) can emit the batch statistics of its output."""
+    name = node_or_op if isinstance(node_or_op, str) else node_or_op.op
+    return REGISTRY[name].emits_stats
 
 
 def family(node_or_op: Node | str) -> Family:

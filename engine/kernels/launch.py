@@ -213,7 +213,7 @@ def _is_constexpr_annotation(annotation: Any) -> bool:
     return "constexpr" in str(text)
 
 
-def _kernel_params(kernel) -> list[tuple[_inspect.Parameter, bool, bool]]:
+def kernel_params(kernel) -> list[tuple[_inspect.Parameter, bool, bool]]:
     """(parameter, is_constexpr, do_not_specialize) per kernel parameter, cached on the kernel."""
     cached = getattr(kernel, "_fusenet_params", None)
     if cached is not None:
@@ -244,7 +244,7 @@ def _unwrap(value: Any) -> Any:
 
 
 def _make_spec(kernel, args, meta) -> Specialization:
-    params = _kernel_params(kernel)
+    params = kernel_params(kernel)
     kwargs = {k: v for k, v in meta.items() if k not in _LAUNCH_OPTIONS}
     fn = getattr(kernel, "fn", kernel)
     try:

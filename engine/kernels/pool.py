@@ -4,11 +4,20 @@ Ops (all tensors NHWC contiguous, compute dtype fp32/fp16/bf16, fp32 math):
 
 * max pool 2-D -- `max_pool2d(x, kernel_size, stride=None, padding=0)`.
   Dilation 1, floor mode, implicit -inf padding (`padding <= kernel // 2`, as
-  PyTorch requires). The forward saves, per output element, the int32 *tap
-  index* `i * KW + j` of the winning window position. Ties go to the first
+  PyTorch requires). The forward saves, per output element, the *tap index*
+  `i * KW + j` of the winning window position: one byte (uint8) when the
+  window has at most 256 taps (a 16x16 window), else int32 (the `IDX_WIDE`
+  constexpr; in bf16 training a byte is half the pooled output's size where
+  int32 was twice). Ties go to the first
   maximum in window scan order (row-major over taps), and a NaN wins over
   anything (the last NaN in scan order), which is exactly PyTorch's CPU rule,
   so gradients match `F.max_pool2d` bit-for-bit in where they are routed.
+  With `stats=True` (the `STATS` constexpr) the forward also writes the
+  per-tile partial sums of its output and of its square (fp32 [T, C], the
+  format of a conv epilogue's batch-norm statistics), for a training-mode
+  batch norm that reads only the pooled tensor (`batch_norm_train(partials=)`):
+  each program then walks `N_ITER` pixel tiles so that T stays at most
+  `common.FOLD_ROWS` on a GPU and the batch norm needs no fold launch.
   The backward is a gather: each program owns input pixels and, for every tap
   `(i, j)`, looks at the one output window that would read this pixel through
   that tap, adding its upstream gradient if the saved tap equals `(i, j)`.
@@ -30,12 +39,19 @@ much slower with them.
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.common import check_grad, check_nhwc, idx64, pair, pixel_grid, pixel_nhw, pixel_tile
+from engine import device as _device
+from engine.kernels.common import (FOLD_ROWS, check_grad, check_nhwc, idx64, pair, pixel_grid, pixel_nhw,
+                                   pixel_tile, pixel_tiles)
 from engine.kernels.launch import launch
+
+# The most taps a window may have for its winning tap to be saved in one byte (uint8 0..255).
+NARROW_TAPS = 256
 
 
 # ----------------------------------------------------------------------------
@@ -62,42 +78,64 @@ def _pool_window(H, W, kernel_size, stride, padding):
 # ----------------------------------------------------------------------------
 @triton.jit
 def _max_pool_fwd_kernel(
-    x_ptr, y_ptr, idx_ptr,  # x [N,H,W,C]; y, idx [N,OH,OW,C]
+    x_ptr, y_ptr, idx_ptr,  # x [N,H,W,C]; y, idx [N,OH,OW,C] (idx uint8, int32 if IDX_WIDE)
+    psum_ptr, psumsq_ptr,  # [T, C] fp32 out (if STATS): per-program sums of y and y*y
     P, C, H, W, OH, OW,  # P = N*OH*OW output pixels
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+    IDX_WIDE: tl.constexpr, STATS: tl.constexpr, N_ITER: tl.constexpr,  # program t: pixel tiles t*N_ITER ...
 ):
-    offs_p, offs_c, mask_p, mask_c = pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
-    n, oh, ow = pixel_nhw(offs_p, OH, OW)  # [BLOCK_P] each
-    best = tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32)  # [BLOCK_P, BLOCK_C] running max
-    arg = tl.full([BLOCK_P, BLOCK_C], -1, tl.int32)  # [BLOCK_P, BLOCK_C] winning tap, -1 = none yet
-    for i in tl.static_range(KH):
-        ih = oh * SH - PH + i  # [BLOCK_P]
-        vh = mask_p & (ih >= 0) & (ih < H)
-        for j in tl.static_range(KW):
-            iw = ow * SW - PW + j  # [BLOCK_P]
-            v = vh & (iw >= 0) & (iw < W)  # [BLOCK_P] tap inside the real input
-            base = ((n * H + ih) * W + iw) * C  # [BLOCK_P]
-            m2 = v[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
-            xv = tl.load(x_ptr + base[:, None] + offs_c[None, :], mask=m2, other=float("-inf")).to(tl.float32)
-            # PyTorch's rule: the first valid tap, then strictly greater, and any NaN.
-            take = m2 & ((xv > best) | (xv != xv) | (arg < 0))  # [BLOCK_P, BLOCK_C]
-            best = tl.where(take, xv, best)
-            arg = tl.where(take, i * KW + j, arg)
-    out = (offs_p * C)[:, None] + offs_c[None, :]  # [BLOCK_P, BLOCK_C]
-    m_out = mask_p[:, None] & mask_c[None, :]
-    tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=m_out)
-    tl.store(idx_ptr + out, arg, mask=m_out)
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    if STATS:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C] sum y
+        acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C] sum y^2
+    for it in range(N_ITER):
+        offs_p, offs_c, mask_p, mask_c = pixel_tile(pid_t * N_ITER + it, pid_c, P, C, BLOCK_P, BLOCK_C, IDX64)
+        n, oh, ow = pixel_nhw(offs_p, OH, OW)  # [BLOCK_P] each
+        best = tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32)  # [BLOCK_P, BLOCK_C] running max
+        arg = tl.full([BLOCK_P, BLOCK_C], -1, tl.int32)  # [BLOCK_P, BLOCK_C] winning tap, -1 = none yet
+        for i in tl.static_range(KH):
+            ih = oh * SH - PH + i  # [BLOCK_P]
+            vh = mask_p & (ih >= 0) & (ih < H)
+            for j in tl.static_range(KW):
+                iw = ow * SW - PW + j  # [BLOCK_P]
+                v = vh & (iw >= 0) & (iw < W)  # [BLOCK_P] tap inside the real input
+                base = ((n * H + ih) * W + iw) * C  # [BLOCK_P]
+                m2 = v[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
+                xv = tl.load(x_ptr + base[:, None] + offs_c[None, :], mask=m2, other=float("-inf")).to(tl.float32)
+                # PyTorch's rule: the first valid tap, then strictly greater, and any NaN.
+                take = m2 & ((xv > best) | (xv != xv) | (arg < 0))  # [BLOCK_P, BLOCK_C]
+                best = tl.where(take, xv, best)
+                arg = tl.where(take, i * KW + j, arg)
+        out = (offs_p * C)[:, None] + offs_c[None, :]  # [BLOCK_P, BLOCK_C]
+        m_out = mask_p[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_C]
+        tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=m_out)
+        # every stored element has a valid tap (padding <= kernel // 2), so arg is in 0..KH*KW-1
+        if IDX_WIDE:
+            tl.store(idx_ptr + out, arg, mask=m_out)
+        else:
+            tl.store(idx_ptr + out, arg.to(tl.uint8), mask=m_out)
+        if STATS:
+            # best is a loaded x value, exact in y's dtype: these are the stored y's sums
+            ym = tl.where(m_out, best, 0.0)  # [BLOCK_P, BLOCK_C] padded rows/channels count 0
+            acc += ym
+            acc2 += ym * ym
+    if STATS:
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+        prow = pid_t.to(tl.int64) * C + cols  # [BLOCK_C] row pid_t of the [T, C] partials
+        tl.store(psum_ptr + prow, tl.sum(acc, axis=0), mask=cols < C)
+        tl.store(psumsq_ptr + prow, tl.sum(acc2, axis=0), mask=cols < C)
 
 
 @triton.jit
 def _max_pool_bwd_kernel(
-    dy_ptr, idx_ptr, dx_ptr,  # dy, idx [N,OH,OW,C]; dx [N,H,W,C]
+    dy_ptr, idx_ptr, dx_ptr,  # dy, idx [N,OH,OW,C] (idx uint8, int32 if IDX_WIDE); dx [N,H,W,C]
     P, C, H, W, OH, OW,  # P = N*H*W input pixels
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr, IDX_WIDE: tl.constexpr,
 ):
     offs_p, offs_c, mask_p, mask_c = pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
     n, ih, iw = pixel_nhw(offs_p, H, W)  # [BLOCK_P] each
@@ -112,7 +150,11 @@ def _max_pool_bwd_kernel(
             v = vh & (tw >= 0) & (tw % SW == 0) & (ow < OW)  # [BLOCK_P]
             off = (((n * OH + oh) * OW + ow) * C)[:, None] + offs_c[None, :]  # [BLOCK_P, BLOCK_C]
             m2 = v[:, None] & mask_c[None, :]
-            won = tl.load(idx_ptr + off, mask=m2, other=-1) == i * KW + j  # [BLOCK_P, BLOCK_C]
+            if IDX_WIDE:
+                tap = tl.load(idx_ptr + off, mask=m2, other=0)  # [BLOCK_P, BLOCK_C] int32
+            else:
+                tap = tl.load(idx_ptr + off, mask=m2, other=0).to(tl.int32)  # [BLOCK_P, BLOCK_C] from uint8
+            won = m2 & (tap == i * KW + j)  # [BLOCK_P, BLOCK_C]
             g = tl.load(dy_ptr + off, mask=m2 & won, other=0.0).to(tl.float32)
             acc += g
     out = (offs_p * C)[:, None] + offs_c[None, :]
@@ -198,17 +240,66 @@ def _avg_pool_bwd_kernel(
 # ----------------------------------------------------------------------------
 # max / avg pool 2-D launchers
 # ----------------------------------------------------------------------------
-def max_pool2d_forward(x: torch.Tensor, kernel_size, stride=None, padding=0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max pool NHWC `x` -> (y [N,OH,OW,C] in x.dtype, idx [N,OH,OW,C] int32 winning tap i*KW+j)."""
+class MaxPoolOutput(NamedTuple):
+    """What the max-pool forward returns.
+
+    y:      [N, OH, OW, C] in x's dtype
+    idx:    [N, OH, OW, C] winning tap i*KW+j: uint8, or int32 for windows over NARROW_TAPS taps
+    psum:   [T, C] fp32 per-program sums of y, when stats=True
+    psumsq: [T, C] fp32 per-program sums of y*y, when stats=True
+    """
+
+    y: torch.Tensor
+    idx: torch.Tensor
+    psum: Optional[torch.Tensor] = None
+    psumsq: Optional[torch.Tensor] = None
+
+
+def _wide_idx(taps: int, wide_idx) -> bool:
+    """Whether the winning taps of a `taps`-tap window are saved as int32 (else uint8)."""
+    if wide_idx is None:
+        return taps > NARROW_TAPS
+    if not wide_idx and taps > NARROW_TAPS:
+        raise ValueError(f"a {taps}-tap window does not fit one-byte tap indices (at most {NARROW_TAPS} taps)")
+    return bool(wide_idx)
+
+
+def _stats_tiles(P: int, C: int) -> tuple[tuple[int, int], dict]:
+    """(grid, launch options) of the forward with statistics: pixel_grid's tiles, each program
+    walking N_ITER consecutive pixel tiles so that the [T, C] partials have T <= FOLD_ROWS on a
+    GPU (the batch norm reads them without a fold launch; one tile per program under the
+    interpreter, which never folds)."""
+    bp, bc, nw = pixel_tiles(P, C)
+    tiles = triton.cdiv(P, bp)
+    n_iter = 1 if _device.INTERPRETED else triton.cdiv(tiles, FOLD_ROWS)
+    return (triton.cdiv(tiles, n_iter), triton.cdiv(C, bc)), dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=nw, N_ITER=n_iter)
+
+
+def max_pool2d_forward(x: torch.Tensor, kernel_size, stride=None, padding=0, *, wide_idx=None,
+                       stats: bool = False) -> MaxPoolOutput:
+    """Max pool NHWC `x` -> MaxPoolOutput(y, idx[, psum, psumsq]).
+
+    `wide_idx`: None picks uint8 tap indices when the window has at most NARROW_TAPS taps,
+    int32 otherwise; True/False force int32/uint8 (tests). `stats=True` also returns the
+    per-program partial sums of y and y*y (fp32 [T, C]) for batch_norm_train(partials=...)."""
     check_nhwc(x)
     N, H, W, C = x.shape
     window, OH, OW = _pool_window(H, W, kernel_size, stride, padding)
+    wide = _wide_idx(window["KH"] * window["KW"], wide_idx)
     y = torch.empty((N, OH, OW, C), device=x.device, dtype=x.dtype)
-    idx = torch.empty((N, OH, OW, C), device=x.device, dtype=torch.int32)
-    grid, tiles = pixel_grid(N * OH * OW, C)
-    launch(_max_pool_fwd_kernel, grid, x, y, idx, N * OH * OW, C, H, W, OH, OW, **window,
-           IDX64=idx64(x, y), **tiles)
-    return y, idx
+    idx = torch.empty((N, OH, OW, C), device=x.device, dtype=torch.int32 if wide else torch.uint8)
+    P = N * OH * OW
+    if stats:
+        grid, tiles = _stats_tiles(P, C)
+        psum = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
+        psumsq = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
+    else:
+        grid, tiles = pixel_grid(P, C)
+        tiles["N_ITER"] = 1
+        psum = psumsq = None
+    launch(_max_pool_fwd_kernel, grid, x, y, idx, psum if stats else y, psumsq if stats else y,
+           P, C, H, W, OH, OW, **window, IDX64=idx64(x, y), IDX_WIDE=wide, STATS=stats, **tiles)
+    return MaxPoolOutput(y, idx, psum, psumsq)
 
 
 def max_pool2d_backward(dy: torch.Tensor, idx: torch.Tensor, x_shape, kernel_size, stride=None, padding=0) -> torch.Tensor:
@@ -218,12 +309,15 @@ def max_pool2d_backward(dy: torch.Tensor, idx: torch.Tensor, x_shape, kernel_siz
     dy = check_grad(dy, (N, OH, OW, C))
     if tuple(idx.shape) != (N, OH, OW, C):
         raise ValueError(f"idx {tuple(idx.shape)} does not match the output shape {(N, OH, OW, C)}")
-    if idx.dtype != torch.int32 or not idx.is_contiguous() or idx.device != dy.device:
-        raise ValueError("idx must be a contiguous int32 tensor on dy's device")
+    taps = window["KH"] * window["KW"]
+    if idx.dtype not in (torch.uint8, torch.int32) or not idx.is_contiguous() or idx.device != dy.device:
+        raise ValueError("idx must be a contiguous uint8 or int32 tensor on dy's device")
+    if idx.dtype == torch.uint8 and taps > NARROW_TAPS:
+        raise ValueError(f"uint8 idx cannot hold the taps of a {taps}-tap window")
     dx = torch.empty((N, H, W, C), device=dy.device, dtype=dy.dtype)
     grid, tiles = pixel_grid(N * H * W, C)
     launch(_max_pool_bwd_kernel, grid, dy, idx, dx, N * H * W, C, H, W, OH, OW, **window,
-           IDX64=idx64(dx, dy), **tiles)
+           IDX64=idx64(dx, dy), IDX_WIDE=idx.dtype == torch.int32, **tiles)
     return dx
 
 
@@ -252,18 +346,29 @@ def avg_pool2d_backward(dy: torch.Tensor, x_shape, kernel_size, stride=None, pad
 
 
 class MaxPool2dFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, kernel_size, stride=None, padding=0):
-        y, idx = max_pool2d_forward(x, kernel_size, stride, padding)
-        ctx.save_for_backward(idx)
-        ctx.geom = (tuple(x.shape), kernel_size, stride, padding)
-        return y
+    """y = max_pool2d(x); with stats=True also (psum, psumsq), the partial sums of y and y*y:
+    statistics for the batch norm that reads y, not values, so they carry no gradient (the
+    batch norm's backward accounts for its statistics' dependence on y)."""
 
     @staticmethod
-    def backward(ctx, dy):
+    def forward(ctx, x, kernel_size, stride=None, padding=0, wide_idx=None, stats=False):
+        res = max_pool2d_forward(x, kernel_size, stride, padding, wide_idx=wide_idx, stats=stats)
+        ctx.save_for_backward(res.idx)
+        ctx.geom = (tuple(x.shape), kernel_size, stride, padding)
+        if stats:
+            ctx.mark_non_differentiable(res.psum, res.psumsq)
+            # no zero-filled gradients for the statistics: their backward ignores them
+            ctx.set_materialize_grads(False)
+            return res.y, res.psum, res.psumsq
+        return res.y
+
+    @staticmethod
+    def backward(ctx, dy, *_stats_grads):  # the partial sums (stats=True) have no gradient
         (idx,) = ctx.saved_tensors
         x_shape, k, s, p = ctx.geom
-        return max_pool2d_backward(dy, idx, x_shape, k, s, p), None, None, None
+        if dy is None:  # y unused (stats only): no gradient reaches x
+            return None, None, None, None, None, None
+        return max_pool2d_backward(dy, idx, x_shape, k, s, p), None, None, None, None, None
 
 
 class AvgPool2dFn(torch.autograd.Function):
@@ -278,9 +383,16 @@ class AvgPool2dFn(torch.autograd.Function):
         return avg_pool2d_backward(dy, x_shape, k, s, p, cip), None, None, None, None
 
 
-def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0) -> torch.Tensor:
-    """Differentiable NHWC max pool (matches `F.max_pool2d` on the NCHW view)."""
-    return MaxPool2dFn.apply(x, kernel_size, stride, padding)
+def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, *, wide_idx=None, stats: bool = False):
+    """Differentiable NHWC max pool (matches `F.max_pool2d` on the NCHW view).
+
+    stats=True returns (y, (psum, psumsq)): fp32 [T, C] partial sums of y and y*y, for
+    batch_norm_train(partials=...). `wide_idx`: see max_pool2d_forward."""
+    result = MaxPool2dFn.apply(x, kernel_size, stride, padding, wide_idx, stats)
+    if stats:
+        y, psum, psumsq = result
+        return y, (psum, psumsq)
+    return result
 
 
 def avg_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, count_include_pad: bool = True) -> torch.Tensor:

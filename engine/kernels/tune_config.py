@@ -231,11 +231,11 @@ def wgrad_heuristic(C: int, N: int, P: int, taps: int) -> Config:
     block_n output channels, block_k the pixel chunk). Read from the sm_90 SASS: each
     pixel of a trip costs ~10-25 instructions per thread whatever the tile, paid once
     per BLOCK_N output channels, so BLOCK_N is as wide as Cout allows (128x256: 0.39
-    issue/tensor, 128x128: 0.65, 64x64: 1.4); narrow tiles take 256-pixel chunks to
-    amortise the per-trip overhead (64x64x128: 1.05, 64x64x256: 0.90)."""
+    issue/tensor, 128x128: 0.65, 64x64: 1.4); narrow tiles take 128-pixel chunks to
+    halve the per-trip overhead (64x64x128: 1.05; 256-pixel chunks read 0.90 but spill on sm_80)."""
     bm = 128 if C >= 128 else 64
     bn = min(max(16, next_pow2(N)), 256)
-    bp = 64 if bn >= 128 else 256
+    bp = 64 if bn >= 128 else 128
     warps = 8 if bm * bn >= 128 * 128 else 4
     stages = 4 if gemm_smem_bytes(bm, bn, bp, 4, 2, 2) <= 160 * 1024 else 3
     return Config(bm, bn, bp, num_warps=warps, num_stages=stages)

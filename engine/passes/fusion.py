@@ -1,6 +1,6 @@
 """Fusion planning: group IR nodes into the kernels that will run.
 
-`plan_fusion` makes the groups; `plan_concat_writes` and `plan_conv_stats`
+`plan_fusion` makes the groups; `plan_concat_writes` and `plan_bn_stats`
 refine them (each a pure function Plan -> Plan, listed in
 engine.passes.pipeline). Rules, with why in brackets:
 - A GEMM (conv, linear) absorbs what follows it while the value has one user:
@@ -18,8 +18,10 @@ engine.passes.pipeline). Rules, with why in brackets:
   group, so no value is lost.
 - A conv whose output only feeds a `concat` writes into its channel slice of
   the concat's buffer (plan_concat_writes) [concat without a copy].
-- In training, a conv whose output only feeds a `bn` computes the bn's batch
-  statistics in its epilogue (plan_conv_stats) [one read fewer].
+- In training, a group whose output only feeds a `bn` computes the bn's batch
+  statistics itself when its op can (`emits_stats` in the op registry: conv in
+  its epilogue, max pool in its forward) (plan_bn_stats) [one read fewer, and
+  the bn launches no statistics kernel].
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from dataclasses import replace
 from typing import Callable
 
 from engine.ir.graph import Graph, Node
-from engine.ir.ops import Family, Group, family, is_
+from engine.ir.ops import Family, Group, emits_stats, family, is_
 from engine.passes.plan import ConcatSlot, Epilogue, KernelGroup, Plan
 
 # The most unary ops one pointwise chain kernel runs back to back
@@ -81,7 +83,7 @@ def plan_fusion(graph: Graph, training: bool) -> Plan:
         if is_(node, Group.GEMM):
             conv = fam is Family.CONV
             # Training-mode bn needs the batch statistics of the conv output, so it
-            # stays a group of its own (plan_conv_stats feeds it those statistics).
+            # stays a group of its own (plan_bn_stats feeds it those statistics).
             folded = absorb(op_is("bn")) if conv and not training else None
             # the epilogue computes act(acc [+bias] [*scale+shift] [+residual]):
             # an activation either ends it or follows a residual add
@@ -135,29 +137,28 @@ def plan_concat_writes(plan: Plan) -> Plan:
     return replace(plan, groups=tuple(out))
 
 
-def plan_conv_stats(plan: Plan) -> Plan:
-    """In training, a conv whose output feeds only a batch norm emits that
-    batch norm's statistics: per-tile partial sums of its output from the
-    epilogue [the bn group then skips its statistics pass, one read of the conv
-    output fewer]. Only when the conv's output is its pre-activation (no
-    activation, residual or dropout in its epilogue), which in training is the
-    case whenever a bn follows."""
+def plan_bn_stats(plan: Plan) -> Plan:
+    """In training, a group whose output feeds only a batch norm emits that
+    batch norm's statistics, when its anchor's op can (`emits_stats` in the op
+    registry): per-tile partial sums of its output [the bn group then skips its
+    statistics pass, one read of that output fewer]. Only when the group's
+    output is its anchor's own (no activation, residual or dropout fused after
+    it), which in training is the case whenever a bn follows, and not written
+    into a concat's buffer."""
     if not plan.training:
         return plan
     graph = plan.graph
     users = _users(graph)
     out = list(plan.groups)
     for i, grp in enumerate(plan):
-        e = grp.epilogue
-        if grp.family is not Family.CONV or grp.writes_into is not None:
-            continue
-        if e.act is not None or e.residual is not None or e.dropout is not None:
+        anchor = graph.node(grp.anchor)
+        if not emits_stats(anchor) or grp.output != grp.anchor or grp.writes_into is not None:
             continue
         readers = users.get(grp.output, [])
         if len(readers) == 1:
             bn = graph.node(readers[0])
-            if bn.op == "bn" and bn.inputs[0] == grp.output:
-                out[i] = replace(grp, epilogue=replace(e, stats=bn.id))
+            if family(bn) is Family.BATCH_NORM and bn.inputs[0] == grp.output:
+                out[i] = replace(grp, epilogue=replace(grp.epilogue, stats=bn.id))
     return replace(plan, groups=tuple(out))
 
 

@@ -94,10 +94,10 @@ def constexpr_tag(constexprs: Iterable[tuple[str, Any]], max_len: int = 60) -> s
 def spec_tag(spec) -> str:
     """Tag of the kernel's declared `tl.constexpr` parameters (runtime args the JIT
     specialised, i.e. None pointers and integers equal to 1, are left out)."""
-    from engine.kernels.launch import _kernel_params
+    from engine.kernels.launch import kernel_params
 
     try:
-        declared = {p.name for p, is_constexpr, _ in _kernel_params(spec.kernel) if is_constexpr}
+        declared = {p.name for p, is_constexpr, _ in kernel_params(spec.kernel) if is_constexpr}
     except Exception:  # noqa: BLE001 - a kernel whose parameters cannot be read: tag every constexpr
         declared = None
     items = [(k, v) for k, v in spec.constexprs if declared is None or k in declared]

@@ -54,12 +54,11 @@ def _cdiv(a: int, b: int) -> int:
 # --------------------------------------------------------------------------- #
 # Loop trips per program, from a launch's arguments (by parameter name)
 # --------------------------------------------------------------------------- #
-# The conv forward passes its trip count as `K_ITERS`; dgrad's K_ITERS =
-# KH*KW*CHUNKS is spread over its stride phases (each tap reaches one phase:
-# K_ITERS / (SH*SW) trips per program on average); the others are read from
-# their sizes and block sizes.
+# The conv forward passes its trip count as `K_ITERS`; dgrad's depends on the
+# stride phase (each tap reaches one phase: KH*KW*CHUNKS trips over SH*SW phase
+# programs on average); the others are read from their sizes and block sizes.
 _TRIPS: dict[str, Callable[[dict], float]] = {
-    "_conv_dgrad_kernel": lambda a: a["K_ITERS"] / (a["SH"] * a["SW"]),
+    "_conv_dgrad_kernel": lambda a: a["KH"] * a["KW"] * a["CHUNKS"] / (a["SH"] * a["SW"]),
     # P_PER_SPLIT counts pixel boxes when the wgrad steps boxes (TH > 0), pixels otherwise
     "_conv_wgrad_kernel": lambda a: a["P_PER_SPLIT"] if a["TH"] else _cdiv(a["P_PER_SPLIT"], a["BLOCK_P"]),
     "_linear_fwd_kernel": lambda a: _cdiv(a["F"], a["BLOCK_K"]),
@@ -70,10 +69,10 @@ _TRIPS: dict[str, Callable[[dict], float]] = {
 
 def loop_trips(name: str, args: dict) -> float | None:
     """Main-loop trips of one program of a launch (None: unknown kernel)."""
+    if "K_ITERS" in args:
+        return int(args["K_ITERS"])
     fn = _TRIPS.get(name)
-    if fn is not None:
-        return fn(args)
-    return int(args["K_ITERS"]) if "K_ITERS" in args else None
+    return fn(args) if fn else None
 
 
 # --------------------------------------------------------------------------- #

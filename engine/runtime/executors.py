@@ -131,8 +131,13 @@ def scale(p, group: KernelGroup) -> torch.Tensor:
 def pool(p, group: KernelGroup) -> torch.Tensor:
     node = p.graph.node(group.anchor)
     a, x = node.attrs, p.values[node.inputs[0]]
-    launcher = K_pool.max_pool2d if node.op == "maxpool" else K_pool.avg_pool2d
-    return launcher(x, a["kernel"], a["stride"], a["pad"])
+    if node.op != "maxpool":
+        return K_pool.avg_pool2d(x, a["kernel"], a["stride"], a["pad"])
+    stats = group.epilogue.stats is not None and p.training
+    y = K_pool.max_pool2d(x, a["kernel"], a["stride"], a["pad"], stats=stats)
+    if stats:  # the batch statistics of the bn that reads this output
+        y, p.bn_partials[group.output] = y
+    return y
 
 
 def global_pool(p, group: KernelGroup) -> torch.Tensor:

@@ -158,7 +158,7 @@ def fused_train_step(net: TritonNetwork, opt, x: torch.Tensor, y: torch.Tensor, 
 class Pass:
     """The state of one forward pass that executors share: the values computed so
     far, concat buffers their producers write into, and batch-norm statistics
-    emitted by conv epilogues for the bn that follows."""
+    emitted by conv epilogues and max pools for the bn that follows."""
 
     # called with each group as it starts (engine.runtime.launches attributes launches with it)
     observer = None
@@ -173,7 +173,7 @@ class Pass:
             reads[plan.graph.taps[t]] = reads.get(plan.graph.taps[t], 0) + 1
         self.values = Values(reads, torch.is_grad_enabled())
         self.concat_buffers: dict[int, torch.Tensor] = {}
-        self.bn_partials: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # conv output id -> (psum, psumsq)
+        self.bn_partials: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # producer output id -> (psum, psumsq)
 
     def running(self, group: KernelGroup):
         observer = Pass.observer

@@ -54,10 +54,19 @@ SEED = _seed()
 # ---- the corpus: the examples and the programs of the other front-end tests ----------------------
 
 
+def _sibling(name: str):
+    """Another test module of this folder, loaded by path (pytest imports tests in importlib
+    mode, so test modules are not importable by name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"fuzz_corpus_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _corpus() -> list[str]:
-    import test_errors
-    import test_parser
-    import test_properties
+    test_errors, test_parser, test_properties = (_sibling(n) for n in ("test_errors", "test_parser", "test_properties"))
 
     programs = [p.read_text() for p in sorted((ROOT / "examples").glob("*.cnn"))]
     programs += list(test_parser.DESIGN_PROGRAMS.values())

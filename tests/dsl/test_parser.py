@@ -95,7 +95,7 @@ def test_design_program_compiles_as_written(name):
     spec = load(DESIGN_PROGRAMS[name])
     assert spec.graph.name == name
     example = load(ROOT / "examples" / f"{name}.cnn")
-    # the same network as the example of that name (whose parameters tests/engine/test_reference.py
+    # the same network as the example of that name (whose parameters tests/runtime/test_reference.py
     # checks against a hand-written PyTorch model)
     assert spec.program.network == example.program.network
     assert spec.program.blocks == example.program.blocks

@@ -6,7 +6,7 @@ import torch
 
 from dsl.schema import ACTIVATIONS as DSL_ACTIVATIONS
 from dsl.schema import LAYERS
-from engine.ir.ops import REGISTRY, Family, Group, RefCall, is_, op, ops_in
+from engine.ir.ops import REGISTRY, Family, Group, RefCall, emits_stats, is_, op, ops_in
 
 
 def test_every_language_layer_has_one_definition_and_back():
@@ -33,6 +33,13 @@ def test_groups_are_what_the_passes_expect():
     assert ops_in(Group.MERGE) == {"add", "concat"}
     assert ops_in(Group.UNARY_POINTWISE) == set(DSL_ACTIVATIONS) | {"scale"}
     assert is_("relu", Group.ACTIVATION) and not is_("scale", Group.ACTIVATION)
+
+
+def test_ops_that_emit_batch_statistics():
+    """The producers whose kernels can write the next training-mode bn's partial sums
+    (engine.passes.fusion.plan_bn_stats asks this, never op names)."""
+    assert {name for name, d in REGISTRY.items() if d.emits_stats} == {"conv", "maxpool"}
+    assert emits_stats("maxpool") and not emits_stats("avgpool")
 
 
 def test_every_op_has_what_its_layers_need():

@@ -388,6 +388,8 @@ def test_every_candidate_config_is_correct(monkeypatch):
 
     x, w, b = torch.randn(2, 9, 9, 8), torch.randn(40, 8, 3, 3) / 8, torch.randn(40)  # NHWC x, M = 162
     dy = torch.randn(2, 9, 9, 40)
+    # wgrad reduces over pixels: enough of them (P = 1152) for several chunks, so split counts are offered
+    xw, dyw = torch.randn(2, 24, 24, 8), torch.randn(2, 24, 24, 40)
     geo = dict(stride=1, padding=1, dilation=1, groups=1)
     xl, wl, dyl = torch.randn(150, 70), torch.randn(40, 70), torch.randn(150, 40)
     launchers = {
@@ -396,9 +398,9 @@ def test_every_candidate_config_is_correct(monkeypatch):
         "conv2d_dgrad": (lambda: conv2d_dgrad(dy, w, x.shape, **geo),
                          lambda: nhwc(torch.nn.grad.conv2d_input((2, 8, 9, 9), w.double(), nchw(dy).double(),
                                                                  padding=1))),
-        "conv2d_wgrad": (lambda: conv2d_wgrad(x, dy, w.shape, need_bias=True, **geo),
-                         lambda: (torch.nn.grad.conv2d_weight(nchw(x).double(), w.shape, nchw(dy).double(),
-                                                              padding=1), dy.double().sum((0, 1, 2)))),
+        "conv2d_wgrad": (lambda: conv2d_wgrad(xw, dyw, w.shape, need_bias=True, **geo),
+                         lambda: (torch.nn.grad.conv2d_weight(nchw(xw).double(), w.shape, nchw(dyw).double(),
+                                                              padding=1), dyw.double().sum((0, 1, 2)))),
         "linear_fwd": (lambda: linear_forward(xl, wl), lambda: xl.double() @ wl.double().t()),
         "linear_dgrad": (lambda: linear_dgrad(dyl, wl), lambda: dyl.double() @ wl.double()),
         "linear_wgrad": (lambda: linear_wgrad(dyl, xl),
@@ -409,8 +411,8 @@ def test_every_candidate_config_is_correct(monkeypatch):
         for ours, _ in launchers.values():
             ours()
     assert set(offered) == set(launchers)
-    assert any(c.split is not None for c in offered["conv2d_wgrad"])
-    assert any(c.split is not None for c in offered["linear_wgrad"])
+    assert any(c.split is not None for c in offered["conv2d_wgrad"]), offered["conv2d_wgrad"]
+    assert any(c.split is not None for c in offered["linear_wgrad"]), offered["linear_wgrad"]
     for kernel, (ours, ref) in launchers.items():
         expected = ref()
         for cfg in offered[kernel]:

@@ -36,7 +36,7 @@ LAUNCHES = {
     "lenet5": (29, 9),
     "resnet_small": (149, 29),
     "unet_tiny": (47, 13),
-    "airbench94": (90, 24),
+    "airbench94": (87, 24),
     "resnet9": (103, 25),
 }
 
@@ -82,3 +82,52 @@ def test_a_real_step_launches_exactly_what_the_plan_lists(name):
     model = _model(name)
     planned = record_launches(model, 1, training=True, gpu_tiles=False)
     assert Counter(_real_step(model, 1)) == Counter(planned.all())
+
+
+STATS_SPEC = """
+network stats_sources {
+    input 3x13x11
+    conv 8 kernel=3 pad=1 bias=false -> maxpool 3 stride=2 pad=1 -> bn -> relu
+    conv 8 kernel=3 pad=1 -> bn -> relu -> maxpool 2
+    t = maxpool 2 stride=1
+    bn -> add t
+    avgpool 2 -> bn
+    global_avgpool
+    linear 4
+}
+"""
+
+
+def _stats_of(plan) -> dict[str, str]:
+    """{producer op (first seen, numbered): op of the node whose statistics it emits}."""
+    out, seen = {}, Counter()
+    for grp in plan:
+        op = plan.graph.node(grp.anchor).op
+        seen[op] += 1
+        if grp.epilogue.stats is not None:
+            out[f"{op}{seen[op]}"] = plan.graph.node(grp.epilogue.stats).op
+    return out
+
+
+def test_bn_statistics_come_from_every_producer_that_can_emit_them():
+    """plan_bn_stats: a conv or a max pool whose output only a training-mode bn reads emits
+    that bn's statistics; a max pool feeding no bn, one whose value is also a tap,
+    an avg pool (its registry entry says it cannot) and inference plans do not."""
+    from engine.passes.pipeline import run_pipeline
+
+    graph = engine.load(STATS_SPEC).graph
+    assert _stats_of(run_pipeline(graph, training=True)) == {"maxpool1": "bn", "conv2": "bn"}
+    assert _stats_of(run_pipeline(graph, training=False)) == {}
+
+
+def test_the_statistics_pass_asks_the_op_registry(monkeypatch):
+    """Which ops emit statistics is the registry's fact, not names in the pass."""
+    from dataclasses import replace
+
+    from engine.ir import ops
+    from engine.passes.pipeline import run_pipeline
+
+    graph = engine.load(STATS_SPEC).graph
+    monkeypatch.setitem(ops.REGISTRY, "maxpool", replace(ops.REGISTRY["maxpool"], emits_stats=False))
+    monkeypatch.setitem(ops.REGISTRY, "avgpool", replace(ops.REGISTRY["avgpool"], emits_stats=True))
+    assert _stats_of(run_pipeline(graph, training=True)) == {"conv2": "bn", "avgpool1": "bn"}

@@ -55,10 +55,10 @@ def _phase_axis(ra, pad, dil, ST: tl.constexpr, K: tl.constexpr):
     return t0, n, step, (ra + pad - t0 * dil) // ST, step * dil // ST
 
 
-@triton.jit(do_not_specialize=["K_ITERS"])
+@triton.jit
 def _conv_dgrad_kernel(
     dy_ptr, z_ptr, scale_ptr, w_op, dx_ptr,
-    NB, H, W, Ho, Wo, DYC_A, COUT_G_A, DXC_A, CIN_G_A, pad_h, pad_w, dil_h, dil_w, K_ITERS, slope,
+    NB, H, W, Ho, Wo, DYC_A, COUT_G_A, DXC_A, CIN_G_A, pad_h, pad_w, dil_h, dil_w, slope,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CHUNKS: tl.constexpr,
     ALIGN: tl.constexpr, NALIGN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
     ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -84,13 +84,9 @@ def _conv_dgrad_kernel(
     if SH == 1 and SW == 1:  # one phase: every tap, compile-time counts
         r0, nr, step_r, c_r, dstep_h = 0, KH, 1, pad_h, dil_h
         s0, ns, step_s, c_s, dstep_w = 0, KW, 1, pad_w, dil_w
-        # the trip count as a runtime value (K_ITERS = KH*KW*CHUNKS): a compile-time one
-        # lets the compiler unroll the whole loop, a copy of its body per trip
-        n_iters = K_ITERS
     else:
         r0, nr, step_r, c_r, dstep_h = _phase_axis(ra, pad_h, dil_h, SH, KH)
         s0, ns, step_s, c_s, dstep_w = _phase_axis(rb, pad_w, dil_w, SW, KW)
-        n_iters = nr * ns * CHUNKS
     Hq = (H - ra + SH - 1) // SH  # dx rows of this phase (0 when ra >= H)
     Wq = (W - rb + SW - 1) // SW
     Mq = NB * Hq * Wq
@@ -117,7 +113,7 @@ def _conv_dgrad_kernel(
         b_op = w_op + offs_k[:, None] * CIN_G + offs_ci[None, :]  # [BLOCK_K, BLOCK_N] pointers of row 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
     acc = tap_gemm(acc, dy_ptr, a_rows, ho0, wo0, -dstep_h, -dstep_w, Ho, Wo, mask_m, b_op, offs_k, mask_ci,
-                   n_iters, nr, ns, COUT_G, -dstep_h * Wo * DYC, -dstep_w * DYC,
+                   nr * ns * CHUNKS, nr, ns, COUT_G, -dstep_h * Wo * DYC, -dstep_w * DYC,
                    (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G, pid_n * BLOCK_N,
                    z_ptr, scale_ptr, g * COUT_G, slope,
                    KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K, False)
@@ -215,7 +211,7 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
         grid = (triton.cdiv(m_max, cfg.block_m), triton.cdiv(Cin_g, cfg.block_n), G * sh * sw)
         launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wop, dx,
                N, H, W, Ho, Wo, Cout // ya, Cout_g // ya, Cin // xa, Cin_g // xa, padding[0], padding[1],
-               dilation[0], dilation[1], KH * KW * triton.cdiv(Cout_g, cfg.block_k), float(slope),
+               dilation[0], dilation[1], float(slope),
                KH=KH, KW=KW, SH=sh, SW=sw, CHUNKS=triton.cdiv(Cout_g, cfg.block_k), ALIGN=ya, NALIGN=xa,
                EVEN_K=Cout_g % cfg.block_k == 0, EVEN_N=Cin_g % cfg.block_n == 0, W_TMA=tma,
                **flags, PRECISION=precision(allow_tf32), UPCAST=upcast(dy.dtype), IDX64=big,

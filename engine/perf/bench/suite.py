@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if "tests" in steps:
         rc = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE",
                    "--continue-on-collection-errors", f"--junitxml={out / 'gpu_tests.xml'}",
-                   "tests/kernels", "tests/engine", "tests/test_gpu.py"],
+                   "tests"],
                   out / "gpu_tests.txt", args.step_timeout)
         summary["tests"] = {"exit": rc, "summary": _test_counts((out / "gpu_tests.txt").read_text())}
         if rc != 0:

@@ -18,7 +18,7 @@ import pytest
 
 from engine.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.cnn"))
 BAD = "network n {\n    input 3x8x8\n    cnov 16 kernel=3\n}\n"
 
@@ -82,7 +82,7 @@ def test_missing_file_is_status_1(cmd, tmp_path, capsys):
 
 
 def test_directory_is_status_1(tmp_path, capsys):
-    # a folder is searched for .cnn files (tests/test_cli_files.py); one without any is an error
+    # a folder is searched for .cnn files (tests/cli/test_files.py); one without any is an error
     assert main(["check", str(tmp_path)]) == 1
     assert "holds no .cnn files" in capsys.readouterr().err
 
@@ -300,3 +300,17 @@ def test_parser_check_and_fmt_import_no_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_a_reader_that_goes_away_is_not_an_error():
+    """`fusenet check FILE... | head -1`: the pipe closes while fusenet still writes."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("FUSENET_DEBUG", None)
+    files = [str(p) for p in sorted((ROOT / "examples").glob("*.cnn"))] * 12  # more than a pipe buffer
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "check", *files], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader is gone
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "internal error" not in err and "Traceback" not in err and "BrokenPipe" not in err

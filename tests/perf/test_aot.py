@@ -103,7 +103,8 @@ network all_ops {{
     add e1
     e2 = tanh
     conv 8 kernel=3 pad=1 -> add e2 -> relu -> dropout 0.1
-    avgpool 3 stride=2 pad=1 -> blurpool -> upsample 2 mode=bilinear
+    maxpool 3 stride=1 pad=1 -> bn
+    avgpool 3 stride=2 pad=1 -> bn -> blurpool -> upsample 2 mode=bilinear
     conv 16 kernel=1x3 pad=0x1 stride=2 -> silu -> softmax
     global_avgpool
     dropout 0.2
@@ -163,6 +164,15 @@ def _extra_runs(precision: str):
             step_loss_and_device_optimizers, tall_partials]
 
 
+def _wide_tap_max_pool():
+    """The max pool's int32 tap-index fallback (windows over 256 taps; forced here on a small
+    window, the same code): forward and backward."""
+    from engine.kernels.pool import max_pool2d
+
+    x = torch.zeros(2, 9, 7, 8, requires_grad=True)
+    max_pool2d(x, 3, 2, 1, wide_idx=True).backward(torch.zeros(2, 5, 4, 8))
+
+
 def test_every_kernel_function_compiles_for_sm80_and_sm90():
     chosen = {}
     for precision in ("fp32", "bf16"):
@@ -173,6 +183,8 @@ def test_every_kernel_function_compiles_for_sm80_and_sm90():
     # every variant of the all-ops training step too: it exists to reach the
     # rarer fusion flags (dropout and residual+activation epilogues, ...)
     for spec in record_network(_extra_runs("fp32")[0]):
+        chosen.setdefault((spec.name, spec.signature, spec.constexprs), spec)
+    for spec in record_network(_wide_tap_max_pool):
         chosen.setdefault((spec.name, spec.signature, spec.constexprs), spec)
     missing = _kernel_functions() - {key[0] for key in chosen}
     assert not missing, f"kernels no compile test reaches: {sorted(missing)}"

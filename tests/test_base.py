@@ -14,7 +14,7 @@ from engine import precision
 from engine.errors import (CheckpointError, DataError, FusenetError, FusenetTrainError, FusenetUserError,
                            InputFileError, UsageError)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- precision

@@ -11,7 +11,7 @@ import pytest
 from engine.cli import main
 from engine.cli.main import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS = (ROOT / "examples" / "digits.cnn").read_text()
 UGLY = "network n {\ninput 1x8x8\n  conv 4 kernel=3   pad=1\n}\n"
 BAD = "network n {\n    input 3x8x8\n    cnov 16 kernel=3\n}\n"

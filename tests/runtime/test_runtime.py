@@ -137,6 +137,72 @@ def test_training_bn_takes_its_statistics_from_the_conv_epilogue():
     assert any(dict(s.constexprs).get("STATS") for s in specs if s.name == "_conv_fwd_kernel")
 
 
+POOL_STATS_NET = """
+network pool_stats {
+    input 3x13x15
+    conv 5 kernel=3 pad=1 bias=false -> maxpool 3 stride=2 pad=1 -> bn -> relu
+    conv 7 kernel=3 pad=1 -> maxpool 2 -> bn
+    conv 3 kernel=1 -> maxpool 2x3 stride=1 -> bn momentum=0.3 -> gelu
+    global_avgpool
+    linear 4
+}
+"""
+
+
+def test_training_bn_takes_its_statistics_from_the_max_pool():
+    """conv -> maxpool -> bn -> act: in training each max pool emits the bn's partial sums,
+    no bn statistics pass runs, and the network matches the reference (output, every
+    gradient, the running statistics)."""
+    from engine.kernels.launch import recording
+
+    tri = engine.compile(POOL_STATS_NET)
+    ref = engine.compile(POOL_STATS_NET, backend="torch").double()
+    ref.load_state_dict(tri.state_dict())
+    plan = tri.kernel_plan()
+    pools = [g for g in plan if g.family is Family.POOL]
+    assert len(pools) == 3 and all(plan.graph.node(g.epilogue.stats).op == "bn" for g in pools)
+    tri.train()
+    ref.train()
+    with recording() as specs:
+        check_network_against_reference(tri, ref, torch.randn(6, 3, 13, 15), grad_floor=1e-2)
+    for (key, ours), (_, theirs) in zip(tri.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=1e-6, msg=key)
+    names = {s.name for s in specs}
+    assert "_bn_stats_kernel" not in names and "_bn_finalize_kernel" in names
+    assert sum(bool(dict(s.constexprs).get("STATS")) for s in specs if s.name == "_max_pool_fwd_kernel") == 3
+
+
+def test_max_pool_statistics_in_bf16_match_the_statistics_pass(monkeypatch):
+    """bf16: the same network with and without the pool's statistics (the bn's own pass),
+    same weights: outputs, gradients and running statistics agree to bf16 rounding (a bf16
+    network against the fp64 reference would route some max-pool gradients elsewhere on
+    ties that bf16 rounding makes)."""
+    from engine.passes import pipeline
+
+    fused = engine.compile(POOL_STATS_NET, precision="bf16")
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "PLAN_PASSES", tuple(p for p in pipeline.PLAN_PASSES if p[0] != "plan_bn_stats"))
+        plain = engine.compile(POOL_STATS_NET, precision="bf16")
+    assert not any(g.epilogue.stats is not None for g in plain.kernel_plan())
+    plain.load_state_dict(fused.state_dict())
+    fused.train()
+    plain.train()
+    x = torch.randn(6, 3, 13, 15)
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+    outs, grads = [], []
+    for net in (fused, plain):
+        xi = x.clone().requires_grad_()
+        y = net(xi)
+        y.backward(g.to(y.dtype))
+        outs.append(y.detach())
+        grads.append([xi.grad] + [p.grad for p in net.parameters()])
+    assert_close(outs[0], outs[1], torch.bfloat16, what="output")
+    for k, (a, b) in enumerate(zip(*grads)):
+        assert_close(a, b, torch.bfloat16, what=f"gradient {k}")
+    for (key, a), (_, b) in zip(fused.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-4, msg=key)
+
+
 DROPOUT_NET = """
 network fused_dropout {
     input 3x9x7
