@@ -226,18 +226,20 @@ def conv_candidates(M: int, N: int, C: int, taps: int, dtype: torch.dtype, smem_
     return out[:MAX_CANDIDATES]
 
 
-def wgrad_heuristic(C: int, N: int, P: int, taps: int) -> Config:
+def wgrad_heuristic(C: int, N: int, P: int, taps: int, elem_bytes: int = 2) -> Config:
     """The untuned GPU tile config of a conv wgrad (GEMM view: block_m channels of one tap,
     block_n output channels, block_k the pixel chunk). Read from the sm_90 SASS: each
     pixel of a trip costs ~10-25 instructions per thread whatever the tile, paid once
     per BLOCK_N output channels, so BLOCK_N is as wide as Cout allows (128x256: 0.39
     issue/tensor, 128x128: 0.65, 64x64: 1.4); narrow tiles take 128-pixel chunks to
-    halve the per-trip overhead (64x64x128: 1.05; 256-pixel chunks read 0.90 but spill on sm_80)."""
+    halve the per-trip overhead (64x64x128: 1.05; 256-pixel chunks read 0.90 but spill on sm_80).
+    fp32 operands (`elem_bytes` 4, no HGMMA) take 64-pixel chunks: at 128 the pixel-box
+    variant needs 255 registers and spills 376 B on sm_90 (digits, 64x16 tiles)."""
     bm = 128 if C >= 128 else 64
     bn = min(max(16, next_pow2(N)), 256)
-    bp = 64 if bn >= 128 else 128
+    bp = 64 if bn >= 128 or elem_bytes >= 4 else 128
     warps = 8 if bm * bn >= 128 * 128 else 4
-    stages = 4 if gemm_smem_bytes(bm, bn, bp, 4, 2, 2) <= 160 * 1024 else 3
+    stages = 4 if gemm_smem_bytes(bm, bn, bp, 4, elem_bytes, elem_bytes) <= 160 * 1024 else 3
     return Config(bm, bn, bp, num_warps=warps, num_stages=stages)
 
 

@@ -184,7 +184,7 @@ def wgrad_box(N: int, Ho: int, Wo: int, block_p: int, block_n: int) -> tuple[int
     return (tb, th, tw) if real >= need * boxed else (0, 0, 0)
 
 
-def wgrad_tiles(C: int, N: int, P: int, taps: int) -> Config:
+def wgrad_tiles(C: int, N: int, P: int, taps: int, elem_bytes: int = 2) -> Config:
     """The tile config of a wgrad in its GEMM view [taps*C, P] x [P, N]: block_m = channels of
     one tap (BLOCK_K), block_n = output channels, block_k = the pixel chunk (BLOCK_P)."""
     if _device.INTERPRETED:
@@ -194,4 +194,4 @@ def wgrad_tiles(C: int, N: int, P: int, taps: int) -> Config:
         while bp > 512 and bp * max(bk, bn) > (1 << 20):  # Triton's largest tile
             bp //= 2
         return Config(bk, bn, bp)
-    return wgrad_heuristic(C, N, P, taps)
+    return wgrad_heuristic(C, N, P, taps, elem_bytes)

@@ -357,7 +357,7 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
                BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_P=cfg.block_k, **cfg.meta())
         return finish(part, bpart)
 
-    default = geometry.wgrad_tiles(Cs, Cout_g, P, KH * KW * G)  # through the module: tests patch it
+    default = geometry.wgrad_tiles(Cs, Cout_g, P, KH * KW * G, x.element_size())  # via the module: tests patch it
 
     def candidates() -> list[Config]:
         tiles = wgrad_candidates(Cs, Cout_g, P, x.dtype, smem_limit(x.device), default)
