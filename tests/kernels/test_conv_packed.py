@@ -237,7 +237,12 @@ def test_wgrad_writes_pytorchs_layout_into_out_split_or_not(groups, cin, splits,
         dw, db = conv2d_wgrad(x, dy, w_shape, stride=2, padding=1, dilation=1, groups=groups, need_bias=True,
                               splits=splits, out=out, bias_out=bias_out)
     assert dw.data_ptr() == out.data_ptr() and db.data_ptr() == bias_out.data_ptr()
-    assert ("_sum_partials_kernel" in {s.name for s in specs}) == (splits > 1)
+    depthwise = groups == cin
+    folds = {s.name for s in specs if s.name in ("_sum_partials_kernel", "_sum_to_torch_kernel")}
+    # split: the dw partials are folded (depthwise: already in PyTorch's layout; GEMM: permuted
+    # by the fold), and the bias partials; one split: the kernels wrote dw and dbias themselves
+    assert folds == (set() if splits == 1 else {"_sum_partials_kernel"} if depthwise else
+                     {"_sum_to_torch_kernel", "_sum_partials_kernel"}), folds
     assert torch.equal(flat[-5:], torch.full((5,), 7.0))  # nothing written past the slots
     _, _, rdw, rdb = _reference(x, torch.randn(w_shape), torch.zeros(24), dy, stride=2, padding=1, groups=groups)
     assert_close(dw, rdw, what="dw")

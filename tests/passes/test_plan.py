@@ -34,7 +34,7 @@ EXAMPLES = ["digits", "lenet5", "resnet_small", "unet_tiny", "airbench94", "resn
 LAUNCHES = {
     "digits": (32, 8),
     "lenet5": (29, 9),
-    "resnet_small": (149, 29),
+    "resnet_small": (152, 29),
     "unet_tiny": (47, 13),
     "airbench94": (87, 24),
     "resnet9": (103, 25),

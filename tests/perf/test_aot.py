@@ -195,7 +195,7 @@ def test_conv_under_the_fused_optimizer_compiles_in_bf16():
     """The conv variants that read the optimizer's packed copies in bf16 (the interpreter runs
     fp32/fp16 only): padded input channels against masked weight rows (W_PAD) with taps per
     chunk (an RGB stem) and with one tap per chunk (20 channels stored as 24), and the wgrad
-    storing PyTorch's layout into the flat gradient slot, split and not."""
+    into the flat gradient slot in PyTorch's layout, split (folded by _sum_to_torch_kernel) and not."""
     from engine.kernels import optim
     from engine.kernels.conv import conv2d, conv2d_wgrad
     from engine.kernels.conv import weights as conv_weights
@@ -218,7 +218,9 @@ def test_conv_under_the_fused_optimizer_compiles_in_bf16():
     specs = record_network(run)
     fwd = [dict(s.constexprs) for s in specs if s.name == "_conv_fwd_kernel"]
     assert {c["TPC"] > 1 for c in fwd if c["W_PAD"]} == {True, False}, fwd
-    assert {s.name for s in specs} >= {"_conv_dgrad_kernel", "_conv_wgrad_kernel", "_sum_partials_kernel"}
+    assert {s.name for s in specs} >= {"_conv_dgrad_kernel", "_conv_wgrad_kernel", "_sum_to_torch_kernel"}
+    wgrads = {dict(s.constexprs)["TORCH_LAYOUT"] for s in specs if s.name == "_conv_wgrad_kernel"}
+    assert wgrads == {True, False}, wgrads  # one split stores PyTorch's layout, several are folded into it
     reports = compile_all([s for s in specs if s.name in GEMM_KERNELS], TARGETS)
     _assert_all_compile(reports)
     assert all(r.mma_count for r in reports), [(r.name, r.tag, r.target) for r in reports if not r.mma_count]
