@@ -42,6 +42,8 @@ PyTorch (engine.training.detection.decode).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -245,6 +247,32 @@ def _peaks_kernel(z_ptr, out_ptr, M, H, W, C, logit_scale, BLOCK_P: tl.constexpr
 
 
 # ----------------------------------------------------------------------------- host side
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The tensors the loss reads (engine.training.data.detection.CenterNetTargets has the same fields)."""
+
+    heatmap: torch.Tensor  # [B, Ho, Wo, C] fp32
+    index: torch.Tensor  # [B, K] int32
+    size: torch.Tensor  # [B, K, 2] fp32
+    offset: torch.Tensor  # [B, K, 2] fp32
+    mask: torch.Tensor  # [B, K] fp32
+
+
+def placeholder_targets(batch: int, output_shape, device=None, max_objects: int = 1) -> Targets:
+    """Targets of the right shapes and dtypes for a network whose per-image output is `[C+4, Ho, Wo]`:
+    one object of class 0 at cell 0 of every image (dry runs, compile checks, benchmarks: the values
+    do not matter, the shapes and the kernels launched do)."""
+    ct, ho, wo = (int(v) for v in output_shape)
+    heat = torch.zeros((batch, ho, wo, ct - REG), dtype=torch.float32, device=device)
+    mask = torch.zeros((batch, max_objects), dtype=torch.float32, device=device)
+    if heat.device.type != "meta":
+        heat[:, 0, 0, 0] = 1.0
+        mask[:, 0] = 1.0
+    return Targets(heat, torch.zeros((batch, max_objects), dtype=torch.int32, device=device),
+                   torch.ones((batch, max_objects, 2), dtype=torch.float32, device=device),
+                   torch.zeros((batch, max_objects, 2), dtype=torch.float32, device=device), mask)
 
 
 def _plan(B: int, P: int, C: int, K: int) -> tuple[int, int, int, int, int, int]:
