@@ -42,6 +42,7 @@ from engine.errors import FusenetTrainError
 from engine.training import checkpoint as ckpt
 from engine.training import data as D
 from engine.training import report
+from engine.training.detection.run import BACKEND_LINES as DETECTION_BACKEND_LINES
 from engine.training.detection.run import COLUMNS as DETECTION_COLUMNS
 from engine.training.detection.run import DetectionTask
 from engine.training.distributed import Dist
@@ -130,7 +131,8 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
     name = getattr(model, "name", "network")
     _check_request(cfg, resume, init, dist)
     data = _load_data(model, cfg, dataset, name, say)
-    say("backend: " + BACKEND_LINES["triton" if backend == "triton" else "torch"])
+    say("backend: " + (DETECTION_BACKEND_LINES if cfg.detection is not None else BACKEND_LINES)[
+        "triton" if backend == "triton" else "torch"])
     ck, frozen_buffers = _prepare_weights(model, cfg, out / CHECKPOINT if resume else None, init, name, say)
     m = _build_machinery(model, cfg, backend, dist, len(data.train), frozen_buffers, say)
     if m.task is not None:

@@ -40,6 +40,21 @@ def _batch(model, n: int, seed: int):
     return x, y
 
 
+def _detection_targets(model, n: int, seed: int = 0):
+    """CenterNet targets of n images: a few objects each at random cells (engine.kernels.centernet.Targets)."""
+    from engine.kernels.centernet import Targets
+
+    c, ho, wo = model.output_shape
+    gen = torch.Generator().manual_seed(seed)
+    heat = torch.rand(n, ho, wo, c - 4, generator=gen) * 0.5
+    index = torch.randint(0, ho * wo, (n, 3), generator=gen, dtype=torch.int32)
+    for b in range(n):
+        for k in range(3):
+            heat[b, int(index[b, k]) // wo, int(index[b, k]) % wo, k % (c - 4)] = 1.0
+    return Targets(heat, index, torch.rand(n, 3, 2, generator=gen) * 4, torch.rand(n, 3, 2, generator=gen),
+                   torch.ones(n, 3))
+
+
 def _step(model, opt, lrs, **kw) -> TrainStep:
     return TrainStep(model, opt, backend="triton", device=torch.device("cpu"), lr_of=lambda k: lrs[k],
                      total_steps=len(lrs), **kw)
@@ -140,10 +155,15 @@ def test_steady_state_steps_launch_the_same_arguments_and_sync_nothing(name, tmp
     assert not first[2], f"host syncs: {first[2]}"
 
 
-def test_a_whole_step_dispatches_no_pytorch_arithmetic():
-    tri = engine.compile(EXAMPLES / "lenet5.cnn", precision="bf16")
-    step = _step(tri, SGD(tri.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4), [0.1] * 3)
-    x, y = step.inputs(*_batch(tri, 2, 0))
+@pytest.mark.parametrize("name", ["lenet5", "detect_shapes"])
+def test_a_whole_step_dispatches_no_pytorch_arithmetic(name):
+    """detect_shapes: the CenterNet loss (engine.kernels.centernet) is fusenet's too."""
+    tri = engine.compile(EXAMPLES / f"{name}.cnn", precision="bf16")
+    det = tri.train_config.detection
+    step = _step(tri, SGD(tri.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4), [0.1] * 3,
+                 detection=det)
+    x, y = _batch(tri, 2, 0) if det is None else (torch.randn(2, *tri.input_shape), _detection_targets(tri, 2))
+    x, y = step.inputs(x, y)
     step(x, y)
     with OpRecorder() as rec:
         step.body(x, y)

@@ -32,6 +32,13 @@ TERMS = ("focal", "size", "offset")
 COLUMNS = ["epoch", "lr", "train_loss", "train_focal", "train_size", "train_offset", "val_loss", "val_focal",
            "val_size", "val_offset", "val_map50", "val_map", "seconds", "images_per_s"]
 
+BACKEND_LINES = {
+    "triton": "triton (fusenet's fused kernels: forward, backward, the CenterNet loss, optimizer and the decode "
+              "peaks; top-k, box assembly and mAP run on PyTorch/NumPy)",
+    "torch": "torch (plain PyTorch: torch.nn layers, the CenterNet reference loss, torch.optim; decoding and mAP "
+             "on PyTorch/NumPy)",
+}
+
 
 def _weights(det) -> dict:
     return dict(size_weight=det.size_weight, offset_weight=det.offset_weight, alpha=det.alpha, beta=det.beta)
