@@ -160,3 +160,17 @@ def test_duplicates_are_false_positives_and_best_iou_wins():
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="2 images of detections but 1"):
         detection_map([_det(), _det()], [_gt()], 1)
+
+
+def test_equal_ious_go_to_the_later_true_box_as_in_coco():
+    """The first detection overlaps A = (0,0,10,12) and B = (0,0,12,10) equally (IoU 100/120); COCO's
+    loop gives it the later box, B, leaving A to the second detection (IoU 120/130 = 0.92 with A,
+    100/150 with B). Thresholds 0.5 .. 0.8: both hit, AP 1; 0.85 and 0.9: only the second hits
+    (precision 1/2 up to recall 1/2: AP 51 * 0.5 / 101); 0.95: none. Had the first taken A, the
+    second would only reach B's 0.67, and mAP would be 0.602 instead of 0.7505."""
+    gts = [_gt([0, 0, 0, 10, 12], [0, 0, 0, 12, 10])]
+    dets = [_det([0, 0, 10, 10, 0.9, 0], [0, 0, 10, 13, 0.8, 0])]
+    r = detection_map(dets, gts, 1)
+    assert r["map"] == pytest.approx((7 + 2 * 51 * 0.5 / 101) / 10)
+    if __import__("importlib").util.find_spec("pycocotools"):
+        assert r["map"] == pytest.approx(_coco(dets, gts, 1)[0], abs=1e-12)

@@ -56,19 +56,20 @@ def _xywh(b: np.ndarray) -> np.ndarray:
 
 def _match(ious: np.ndarray, t: float) -> np.ndarray:
     """Greedy matching at IoU threshold `t` of score-sorted detections (rows) to true boxes (columns):
-    whether each detection is a true positive."""
+    whether each detection is a true positive. Each detection takes the free true box of the
+    highest IoU at or above `t`; among equal IoUs the last box, as COCO's loop (`if iou < best:
+    continue; best = iou`) ends up choosing."""
     n, m = ious.shape
-    taken = np.zeros(m, dtype=bool)
     tp = np.zeros(n, dtype=bool)
+    if not m:
+        return tp
+    free = np.ones(m, dtype=bool)
     floor = min(t, 1 - 1e-10)  # COCO's: an IoU of exactly 1 still passes a threshold of 1
     for i in range(n):
-        best, pick = floor, -1
-        for j in range(m):
-            if taken[j] or ious[i, j] < best:
-                continue
-            best, pick = ious[i, j], j
-        if pick >= 0:
-            taken[pick] = True
+        row = np.where(free, ious[i], -1.0)
+        best = row.max()
+        if best >= floor:
+            free[m - 1 - int(np.argmax(row[::-1] == best))] = False
             tp[i] = True
     return tp
 
