@@ -14,6 +14,7 @@ the (augmented) network input; m may be 0.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from engine.errors import DataError
 from engine.training.data.dataset import Dataset
 
 MIN_OVERLAP = 0.7  # CenterNet's: a corner-shifted box still has IoU >= 0.7 with the true one
+ONE_BELOW = float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))  # the largest float32 under 1
 KEEP_AREA = 0.5  # an augmented box keeping less than this part of its area (clipped by a crop) is dropped
 
 
@@ -78,13 +80,21 @@ def gaussian_radius(h: float, w: float, min_overlap: float = MIN_OVERLAP) -> flo
     return min(roots)
 
 
-def _splat(heat: torch.Tensor, cx: int, cy: int, radius: int) -> None:
-    """Max a Gaussian of `radius` cells (sigma = (2r+1)/6) centred on cell (cx, cy) into `heat` [Ho, Wo]."""
-    ho, wo = heat.shape
+@functools.lru_cache(maxsize=64)
+def _gaussian(radius: int) -> torch.Tensor:
+    """[2r+1, 2r+1] float32 Gaussian of sigma (2r+1)/6, exactly 1.0 in the middle (cached: a data
+    set has a handful of radii and the training loop asks for them every batch)."""
     sigma = (2 * radius + 1) / 6
     d = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    g = torch.exp(-(d[:, None] ** 2 + d[None, :] ** 2) / (2 * sigma * sigma))  # [2r+1, 2r+1], 1.0 in the middle
+    g = torch.exp(-(d[:, None] ** 2 + d[None, :] ** 2) / (2 * sigma * sigma))
     g[g < torch.finfo(torch.float32).eps] = 0  # the far corners of a large window are noise, not signal
+    return g
+
+
+def _splat(heat: torch.Tensor, cx: int, cy: int, radius: int) -> None:
+    """Max a Gaussian of `radius` cells centred on cell (cx, cy) into `heat` [Ho, Wo]."""
+    ho, wo = heat.shape
+    g = _gaussian(radius)
     y0, y1 = max(0, cy - radius), min(ho, cy + radius + 1)
     x0, x1 = max(0, cx - radius), min(wo, cx + radius + 1)
     patch = g[y0 - cy + radius:y1 - cy + radius, x0 - cx + radius:x1 - cx + radius]
@@ -109,10 +119,10 @@ def build_targets(boxes: Sequence[torch.Tensor], classes: int, out_hw: tuple[int
     ho, wo = int(out_hw[0]), int(out_hw[1])
     b, k = len(boxes), int(max_objects)
     heat = torch.zeros(b, classes, ho, wo)  # [B, classes, Ho, Wo]: one map per class, made channels-last at the end
-    index = torch.zeros(b, k, dtype=torch.int32)
-    size = torch.zeros(b, k, 2)
-    offset = torch.zeros(b, k, 2)
-    mask = torch.zeros(b, k)
+    index = [[0] * k for _ in range(b)]
+    size = [[[0.0, 0.0]] * k for _ in range(b)]
+    offset = [[[0.0, 0.0]] * k for _ in range(b)]
+    mask = [[0.0] * k for _ in range(b)]
     for i, bx in enumerate(boxes):
         bx = torch.as_tensor(bx, dtype=torch.float32).reshape(-1, 5)
         if bx.numel() and (bx[:, 0].min() < 0 or bx[:, 0].max() >= classes):
@@ -133,14 +143,17 @@ def build_targets(boxes: Sequence[torch.Tensor], classes: int, out_hw: tuple[int
             fx, fy = (x1 + x2) / 2 / stride, (y1 + y2) / 2 / stride
             cx, cy = min(max(int(math.floor(fx)), 0), wo - 1), min(max(int(math.floor(fy)), 0), ho - 1)
             _splat(heat[i, int(cls)], cx, cy, max(0, int(gaussian_radius(h, w))))
-            index[i, j] = cy * wo + cx
-            size[i, j] = torch.tensor([w, h])
+            index[i][j] = cy * wo + cx
+            size[i][j] = [w, h]
             # a center on the map's far edge (a box touching it) is kept in the last cell, just under 1
-            offset[i, j] = torch.tensor([fx - cx, fy - cy]).clamp(0.0, 1.0 - 1e-6)
-            mask[i, j] = 1.0
+            offset[i][j] = [min(max(fx - cx, 0.0), ONE_BELOW), min(max(fy - cy, 0.0), ONE_BELOW)]
+            mask[i][j] = 1.0
             j += 1
-    return CenterNetTargets(heatmap=heat.permute(0, 2, 3, 1).contiguous(), index=index, size=size, offset=offset,
-                            mask=mask)
+    return CenterNetTargets(heatmap=heat.permute(0, 2, 3, 1).contiguous(),
+                            index=torch.tensor(index, dtype=torch.int32).reshape(b, k),
+                            size=torch.tensor(size, dtype=torch.float32).reshape(b, k, 2),
+                            offset=torch.tensor(offset, dtype=torch.float32).reshape(b, k, 2),
+                            mask=torch.tensor(mask, dtype=torch.float32).reshape(b, k))
 
 
 def check_augment(cfg) -> None:

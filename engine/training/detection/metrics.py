@@ -54,23 +54,29 @@ def _xywh(b: np.ndarray) -> np.ndarray:
     return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
 
 
-def _match(ious: np.ndarray, t: float) -> np.ndarray:
-    """Greedy matching at IoU threshold `t` of score-sorted detections (rows) to true boxes (columns):
-    whether each detection is a true positive. Each detection takes the free true box of the
-    highest IoU at or above `t`; among equal IoUs the last box, as COCO's loop (`if iou < best:
-    continue; best = iou`) ends up choosing."""
+def _match(ious: np.ndarray, thresholds: np.ndarray = IOU_THRESHOLDS) -> np.ndarray:
+    """Greedy matching of score-sorted detections (rows of `ious`) to true boxes (columns), at every
+    IoU threshold at once: [n, T] whether detection i is a true positive at threshold t.
+
+    Each detection, best score first, takes the free true box of the highest IoU at or above the
+    threshold; among equal IoUs the last box, as COCO's loop (`if iou < best: continue;
+    best = iou`) ends up choosing. A box taken at one threshold stays free at the others."""
     n, m = ious.shape
-    tp = np.zeros(n, dtype=bool)
+    tp = np.zeros((n, len(thresholds)), dtype=bool)
     if not m:
         return tp
-    free = np.ones(m, dtype=bool)
-    floor = min(t, 1 - 1e-10)  # COCO's: an IoU of exactly 1 still passes a threshold of 1
+    free = np.ones((len(thresholds), m), dtype=bool)  # [T, m]
+    floor = np.minimum(thresholds, 1 - 1e-10)  # COCO's: an IoU of exactly 1 still passes a threshold of 1
+    cols = np.arange(m)
     for i in range(n):
-        row = np.where(free, ious[i], -1.0)
-        best = row.max()
-        if best >= floor:
-            free[m - 1 - int(np.argmax(row[::-1] == best))] = False
-            tp[i] = True
+        if ious[i].max() < floor[0]:
+            continue  # overlaps nothing enough at any threshold: a false positive everywhere
+        row = np.where(free, ious[i][None, :], -1.0)  # [T, m]
+        best = row.max(axis=1)  # [T]
+        last = np.where(row == best[:, None], cols[None, :], -1).max(axis=1)  # [T]: the last box at the max
+        hit = best >= floor
+        free[hit, last[hit]] = False
+        tp[i] = hit
     return tp
 
 
@@ -128,7 +134,7 @@ def detection_map(dets: Sequence[torch.Tensor], gts: Sequence[torch.Tensor], cla
             ious = box_iou(dxywh, _xywh(gk))
             area = dxywh[:, 2] * dxywh[:, 3]
             outside = ((area < AREA_RANGE[0]) | (area > AREA_RANGE[1]))[:, None]  # [n, 1]
-            tp = np.stack([_match(ious, t) for t in IOU_THRESHOLDS], axis=1)  # [n, T]
+            tp = _match(ious)  # [n, T]
             scores[k].append(dk[:, 4])
             hits[k].append(tp)
             misses[k].append(~tp & ~outside)
