@@ -143,3 +143,14 @@ def test_a_yolo_folder_under_a_classifier_is_refused_before_training(tmp_path):
     with pytest.raises(DataError, match=r"is a detection set \(boxes\) but network 'net' outputs 10"):
         D.check_compatible(ds, (3, 8, 8), (10,), "net")
     assert torch.isfinite(ds.x).all()
+
+
+def test_labels_that_match_no_image_and_sets_without_objects_are_refused(tmp_path):
+    root = _folder(tmp_path, {"a": None}, sizes={"a": (8, 8)})
+    (root / "labels" / "img_a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    with pytest.raises(DataError, match=r"no labels file matches an image \(e.g. .*img_a.txt has no images/img_a"):
+        D.load_dataset(str(root))
+    (root / "labels" / "img_a.txt").unlink()
+    ds = D.load_dataset(str(root))
+    with pytest.raises(DataError, match="has no objects in any of its 1 images"):
+        D.check_trainable(ds)

@@ -134,7 +134,12 @@ def _check_detection(ds: Dataset, want: tuple[int, ...], out: tuple[int, ...], n
 
 
 def check_trainable(ds: Dataset) -> None:
-    """Refuse a classification set with a single class: it trains to a meaningless 100%."""
+    """Refuse a classification set with a single class (it trains to a meaningless 100%) and a
+    detection set without a single object (nothing to find: every mAP would be undefined)."""
+    if ds.task == "detect" and len(ds) and not any(len(b) for b in ds.boxes or []):
+        raise DataError(f"data '{ds.name}' has no objects in any of its {len(ds)} images: a detector needs boxes "
+                        "(a YOLO folder needs labels/NAME.txt beside images/NAME.png, one 'class cx cy w h' line "
+                        "per object)")
     if ds.task != "classify" or not len(ds):
         return
     present = torch.unique(ds.y)

@@ -188,5 +188,11 @@ def load_yolo(path: Path, part: str = "train", *, input_shape: Sequence[int] | N
     if not xs:
         raise DataError(f"data '{path}': {images_dir} holds no image files "
                         f"({', '.join(sorted(IMAGE_EXTS))})")
+    stems = {f.stem for f in files}
+    orphans = sorted(f.name for f in labels_dir.glob("*.txt") if f.stem not in stems) if labels_dir.is_dir() else []
+    if orphans and not any(len(b) for b in boxes):
+        raise DataError(f"data '{path}': no labels file matches an image (e.g. {labels_dir / orphans[0]} has no "
+                        f"{images_dir.name}/{Path(orphans[0]).stem}.<png|jpg|...>); a labels file takes its image's "
+                        "name with .txt")
     classes = list(names) if names is not None else [str(k) for k in range(max(top + 1, 1))]
     return torch.stack(xs), boxes, classes
