@@ -160,6 +160,15 @@ def test_targets_skip_empty_boxes_and_refuse_unknown_classes():
         det.build_targets([_boxes([3, 0, 0, 8, 8])], 2, (12, 12), 4, 4)
 
 
+def test_the_radius_is_taken_of_the_size_rounded_up_to_whole_cells():
+    """CenterNet rounds the size in cells up before taking the radius: a 14-pixel box at stride 4 is
+    3.5 cells, whose radius 0.96 would be 0 (a single hot cell); rounded up to 4 cells it is 1.09,
+    radius 1, and the neighbouring cells get heat."""
+    assert int(det.gaussian_radius(3.5, 3.5)) == 0 and int(det.gaussian_radius(4, 4)) == 1
+    t = det.build_targets([_boxes([0, 0, 0, 14, 14])], 1, (12, 12), 4, 1)
+    assert t.heatmap[0, 1, 1, 0] == 1.0 and float(t.heatmap[0, 1, 2, 0]) > 0  # radius 1: the neighbour is warm
+
+
 def test_a_center_on_the_far_edge_stays_in_the_last_cell():
     t = det.build_targets([_boxes([0, 47.5, 0, 48.5, 8])], 1, (12, 12), 4, 1)
     assert t.index[0, 0] == 1 * 12 + 11 and 0 <= float(t.offset[0, 0, 0]) < 1

@@ -109,8 +109,8 @@ def build_targets(boxes: Sequence[torch.Tensor], classes: int, out_hw: tuple[int
     """CenterNet targets for a batch of true boxes (one float32 [m_i, 5] tensor per image).
 
     Each object's center (in output cells: pixels / stride) picks its cell (floor, kept inside
-    the map) and its offset; its Gaussian radius comes from its size in cells
-    (`gaussian_radius`, integer part, at least 0). Boxes of zero width or height are skipped.
+    the map) and its offset; its Gaussian radius comes from its size in cells rounded up
+    (`gaussian_radius(ceil(h), ceil(w))`, integer part, at least 0, as CenterNet computes it). Boxes of zero width or height are skipped.
     More than `max_objects` objects in one image: the first `max_objects` are kept (their
     heat and their regression targets) and the rest dropped, with a warning the first time.
     A class outside 0..classes-1 is a DataError.
@@ -142,7 +142,8 @@ def build_targets(boxes: Sequence[torch.Tensor], classes: int, out_hw: tuple[int
                 break
             fx, fy = (x1 + x2) / 2 / stride, (y1 + y2) / 2 / stride
             cx, cy = min(max(int(math.floor(fx)), 0), wo - 1), min(max(int(math.floor(fy)), 0), ho - 1)
-            _splat(heat[i, int(cls)], cx, cy, max(0, int(gaussian_radius(h, w))))
+            # CenterNet's: the radius of the box rounded up to whole cells, then its integer part
+            _splat(heat[i, int(cls)], cx, cy, max(0, int(gaussian_radius(math.ceil(h), math.ceil(w)))))
             index[i][j] = cy * wo + cx
             size[i][j] = [w, h]
             # a center on the map's far edge (a box touching it) is kept in the last cell, just under 1
