@@ -35,7 +35,7 @@ a fixed order (two launches). With a step clock (engine.kernels.clock) the
 finishing program adds the batch to the epoch's sums (total and each term, per
 image), records the first non-finite loss and advances the step: no host sync.
 
-`_peaks_kernel` is decoding's first half: sigmoid of the heatmap, a 3x3
+`_centernet_peaks_kernel` is decoding's first half: sigmoid of the heatmap, a 3x3
 max-pool equality test (zero padding is never a maximum: sigmoid > 0), the heat
 where a cell is a peak and 0 elsewhere. Top-k and the box assembly run on
 PyTorch (engine.training.detection.decode).
@@ -209,7 +209,7 @@ def _centernet_finish_kernel(part_ptr, mask_ptr, T, B, K, size_w, off_w, terms_p
 
 
 @triton.jit
-def _scale_kernel(grad_ptr, dterms_ptr, out_ptr, L, BLOCK: tl.constexpr):
+def _centernet_bwd_kernel(grad_ptr, dterms_ptr, out_ptr, L, BLOCK: tl.constexpr):
     """out = grad * dterms[3] (grad: the total loss's gradient; dterms: the terms' incoming gradient)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat indices
     m = offs < L
@@ -219,7 +219,7 @@ def _scale_kernel(grad_ptr, dterms_ptr, out_ptr, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _peaks_kernel(z_ptr, out_ptr, M, H, W, C, logit_scale, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _centernet_peaks_kernel(z_ptr, out_ptr, M, H, W, C, logit_scale, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[cell, c] = sigmoid(x) if it is the max of its 3x3 neighbourhood (same class), else 0."""
     pid = tl.program_id(0)
     CT = C + 4
@@ -344,7 +344,7 @@ def centernet_backward(grad: torch.Tensor, dterms: torch.Tensor) -> torch.Tensor
     L = grad.numel()
     if L:
         block = 1 << 16 if device.INTERPRETED else 1024
-        launch(_scale_kernel, (triton.cdiv(L, block),), grad, dterms.contiguous(), out, L, BLOCK=block,
+        launch(_centernet_bwd_kernel, (triton.cdiv(L, block),), grad, dterms.contiguous(), out, L, BLOCK=block,
                num_warps=4)
     return out
 
@@ -398,6 +398,6 @@ def heat_peaks(z: torch.Tensor, logit_scale: float = 1.0) -> torch.Tensor:
     if M:
         block_c = min(next_pow2(C), 64 if device.INTERPRETED else 32)
         block_p = max(16, min(next_pow2(M), (1 << 15) // block_c)) if device.INTERPRETED else 64
-        launch(_peaks_kernel, (triton.cdiv(M, block_p),), z, out, M, H, W, C, float(logit_scale),
+        launch(_centernet_peaks_kernel, (triton.cdiv(M, block_p),), z, out, M, H, W, C, float(logit_scale),
                BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
     return out

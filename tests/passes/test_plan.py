@@ -39,7 +39,7 @@ LAUNCHES = {
     "unet_tiny": (47, 13),
     "airbench94": (90, 24),
     "resnet9": (103, 25),
-    "detect_shapes": (72, 15),
+    "detect_shapes": (57, 12),
 }
 
 
