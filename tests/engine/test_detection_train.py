@@ -109,3 +109,15 @@ def test_eval_and_predict_commands(tmp_path, capsys, monkeypatch):
         assert lines[1].startswith("a.png: ") and "box" in lines[1]
         printed[backend] = [line for line in lines[1:] if not line.startswith("wrote")]
     assert len(printed["torch"]) > 2 and printed["torch"] == printed["triton"]
+
+
+def test_the_nan_guard_stops_a_detection_run_before_saving(tmp_path):
+    from engine.errors import FusenetTrainError
+
+    ds = _data(32)
+    ds.x[3, 0, 5, 5] = float("nan")  # one bad pixel in the first batches
+    model = engine.compile(SPEC, backend="torch")
+    with pytest.raises(FusenetTrainError, match="loss became nan"):
+        T.run_training(model, model.train_config, tmp_path, backend="torch", progress=False, log=lambda *_: None,
+                       dataset=ds)
+    assert not (tmp_path / "model.safetensors").exists()
