@@ -221,6 +221,8 @@ def _prepare_weights(model, cfg, resume_from: Path | None, init: str | None, nam
             say("note: the spec text differs from the checkpoint's; the network matches, so training continues")
     else:
         say(f"init: {init_weights(model, cfg.seed)}, seed {cfg.seed}")
+        if cfg.detection is not None and (note := DetectionTask.init_head(model)):
+            say(f"init: {note}")
         if init:
             src = ckpt.load_checkpoint(init)
             loaded, skipped = ckpt.init_from(src, model)

@@ -28,6 +28,7 @@ from engine.training.detection.loss import centernet_loss_reference
 
 MAX_OBJECTS = 128  # object slots per image at most (objects past them are dropped with a warning)
 TOP_K = 100  # detections per image (COCO's maxDets)
+HEAT_PRIOR = 0.1  # the initial heat the heatmap bias gives (CenterNet: bias -2.19)
 TERMS = ("focal", "size", "offset")
 COLUMNS = ["epoch", "lr", "train_loss", "train_focal", "train_size", "train_offset", "val_loss", "val_focal",
            "val_size", "val_offset", "val_map50", "val_map", "seconds", "images_per_s"]
@@ -61,6 +62,22 @@ class DetectionTask:
     @property
     def classes(self) -> int:
         return self.head.classes
+
+    @staticmethod
+    def init_head(model) -> str:
+        """CenterNet's heatmap prior: the last layer's bias of every class channel set to
+        -log((1 - PRIOR) / PRIOR) (-2.19: an initial heat of 0.1 everywhere, so the focal loss
+        starts small instead of at sigmoid(0) = 0.5 on every background cell). Returns a note
+        ("" when the last layer has no bias to set)."""
+        last = model.graph.output
+        params = dict(model.named_parameters())
+        bias = params.get(f"{last.name}.bias") if last.name else None
+        if bias is None or bias.dim() != 1:
+            return ""
+        classes = int(last.shape[0]) - 4
+        with torch.no_grad():
+            bias[:classes] = -math.log((1.0 - HEAT_PRIOR) / HEAT_PRIOR)
+        return f"heatmap bias of {last.name} set to {-math.log((1.0 - HEAT_PRIOR) / HEAT_PRIOR):.2f} (CenterNet's prior)"
 
     def fit(self, ds) -> None:
         """Object slots per image: the most boxes any image of the set holds (at least 1, at most
