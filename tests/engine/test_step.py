@@ -135,7 +135,7 @@ def _recorded_step(step, x, y):
     return launches, dict(audit.torch_ops), dict(audit.host_syncs)
 
 
-@pytest.mark.parametrize("name", ["resnet_small", "airbench94", "unet_tiny"])
+@pytest.mark.parametrize("name", ["resnet_small", "airbench94", "unet_tiny", "detect_shapes"])
 def test_steady_state_steps_launch_the_same_arguments_and_sync_nothing(name, tmp_path):
     """What a CUDA graph replays is what the capture recorded: two steady-state steps with different
     learning rates, step counts and dropout masks launch the same kernels with the same host
@@ -214,6 +214,37 @@ def test_capture_logic_warms_up_then_captures_once_and_replays_on_static_buffers
             s(*_batch(eager, 8, k))
     assert (fake.side, fake.captures, fake.replays) == (WARMUP_STEPS, 1, len(lrs) - WARMUP_STEPS)
     assert steps[1].static_x is not None and steps[1].host_step == len(lrs) == steps[1].clock.step()
+    for key, v in eager.state_dict().items():
+        assert torch.equal(v, graphed.state_dict()[key]), key
+    assert steps[1].clock.read() == steps[0].clock.read()
+
+
+DETECT_NET = """
+network det {
+    input 3x16x16
+    conv 8 kernel=3 stride=2 pad=1 -> bn -> relu
+    conv 7 kernel=3 stride=2 pad=1
+}
+train {
+    loss centernet
+}
+"""
+
+
+def test_a_captured_detection_step_replays_on_static_target_buffers():
+    """The CenterNet targets (a dataclass of tensors) get static copies too: replays read each batch's."""
+    eager, graphed = engine.compile(DETECT_NET), engine.compile(DETECT_NET)
+    graphed.load_state_dict(eager.state_dict())
+    det = eager.train_config.detection
+    lrs = [0.1, 0.05, 0.08, 0.02]
+    steps = [_step(m, SGD(m.parameters(), lr=1.0, momentum=0.9), lrs, capture=c, graphs=g, detection=det)
+             for m, c, g in ((eager, False, None), (graphed, True, FakeGraphs()))]
+    for k in range(len(lrs)):
+        x = torch.randn(2, *eager.input_shape, generator=torch.Generator().manual_seed(k))
+        for s in steps:
+            s(x, _detection_targets(eager, 2, seed=k))
+    assert steps[1].graphs.replays == len(lrs) - WARMUP_STEPS
+    assert steps[1].static_y.heatmap.shape == (2, 4, 4, 3)
     for key, v in eager.state_dict().items():
         assert torch.equal(v, graphed.state_dict()[key]), key
     assert steps[1].clock.read() == steps[0].clock.read()
