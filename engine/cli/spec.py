@@ -46,8 +46,8 @@ def summary_table(spec) -> str:
         from engine.ir.detection import detection_head
 
         head = detection_head(g.input_shape, g.output.shape)
-        out.insert(-1, f"detection head (loss centernet): {head.classes} classes, output stride {head.stride}, "
-                       f"{head.out_hw[0]}x{head.out_hw[1]} cells")
+        out[-1] += (f"; detection head (loss centernet): {head.classes} classes, output stride {head.stride}, "
+                    f"{head.out_hw[0]}x{head.out_hw[1]} cells")
     return "\n".join(out)
 
 
