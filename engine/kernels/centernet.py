@@ -73,10 +73,11 @@ def _count_objects(mask_ptr, BK, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _finish(focal, size, offset, n_obj, B, size_w, off_w, terms_ptr, counters_ptr, stats_ptr,
+def _finish(focal, size, offset, n_obj, B, size_w, off_w, terms_ptr, counters_ptr, stats_ptr, sums_ptr,
             CLOCK: tl.constexpr):
-    """Store the terms [focal, size, offset, total] / N; with a clock, add them (x B images) to the
-    epoch's sums, set the NaN guard and advance the step (layout: engine.kernels.clock)."""
+    """Store the terms [focal, size, offset, total] / N; with a clock, add the total (x B images) to the
+    epoch's sums (stats) and each term to the clock's term sums, set the NaN guard and advance the
+    step (layout: engine.kernels.clock)."""
     f = focal / n_obj
     s = size / n_obj
     o = offset / n_obj
@@ -90,9 +91,9 @@ def _finish(focal, size, offset, n_obj, B, size_w, off_w, terms_ptr, counters_pt
         t64 = total.to(tl.float64)
         tl.store(stats_ptr + 0, tl.load(stats_ptr + 0) + t64 * B)
         tl.store(stats_ptr + 2, tl.load(stats_ptr + 2) + B)
-        tl.store(stats_ptr + 6, tl.load(stats_ptr + 6) + f.to(tl.float64) * B)
-        tl.store(stats_ptr + 7, tl.load(stats_ptr + 7) + s.to(tl.float64) * B)
-        tl.store(stats_ptr + 8, tl.load(stats_ptr + 8) + o.to(tl.float64) * B)
+        tl.store(sums_ptr + 0, tl.load(sums_ptr + 0) + f.to(tl.float64) * B)
+        tl.store(sums_ptr + 1, tl.load(sums_ptr + 1) + s.to(tl.float64) * B)
+        tl.store(sums_ptr + 2, tl.load(sums_ptr + 2) + o.to(tl.float64) * B)
         bad = (total != total) | (tl.abs(total) == float("inf"))  # not finite
         first = bad & (tl.load(stats_ptr + 3) == 0.0)
         tl.store(stats_ptr + 3, 1.0, mask=first)
@@ -104,7 +105,7 @@ def _finish(focal, size, offset, n_obj, B, size_w, off_w, terms_ptr, counters_pt
 @triton.jit
 def _centernet_fwd_kernel(
     z_ptr, heat_ptr, index_ptr, size_ptr, offset_ptr, mask_ptr,
-    grad_ptr, part_ptr, terms_ptr, counters_ptr, stats_ptr,
+    grad_ptr, part_ptr, terms_ptr, counters_ptr, stats_ptr, sums_ptr,
     B, P, C, K, tiles_per_img, tiles_per_prog,
     logit_scale, size_w, off_w, alpha, beta,
     FINISH: tl.constexpr, CLOCK: tl.constexpr,
@@ -183,7 +184,7 @@ def _centernet_fwd_kernel(
     size = tl.sum(size_acc, axis=0)
     offset = tl.sum(off_acc, axis=0)
     if FINISH:
-        _finish(focal, size, offset, n_obj, B, size_w, off_w, terms_ptr, counters_ptr, stats_ptr, CLOCK)
+        _finish(focal, size, offset, n_obj, B, size_w, off_w, terms_ptr, counters_ptr, stats_ptr, sums_ptr, CLOCK)
     else:
         tl.store(part_ptr + pid * 3, focal)
         tl.store(part_ptr + pid * 3 + 1, size)
@@ -192,7 +193,7 @@ def _centernet_fwd_kernel(
 
 @triton.jit
 def _centernet_finish_kernel(part_ptr, mask_ptr, T, B, K, size_w, off_w, terms_ptr, counters_ptr, stats_ptr,
-                             CLOCK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+                             sums_ptr, CLOCK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: add the [T, 3] (focal, size, offset) partials in a fixed order, then `_finish`."""
     offs = tl.arange(0, BLOCK)  # [BLOCK]
     f = tl.zeros((BLOCK,), dtype=tl.float32)  # [BLOCK] lane sums
@@ -205,7 +206,7 @@ def _centernet_finish_kernel(part_ptr, mask_ptr, T, B, K, size_w, off_w, terms_p
         o += tl.load(part_ptr + (t0 + offs) * 3 + 2, mask=m, other=0.0)
     n_obj = _count_objects(mask_ptr, B * K, BLOCK_N)
     _finish(tl.sum(f, axis=0), tl.sum(s, axis=0), tl.sum(o, axis=0), n_obj, B, size_w, off_w,
-            terms_ptr, counters_ptr, stats_ptr, CLOCK)
+            terms_ptr, counters_ptr, stats_ptr, sums_ptr, CLOCK)
 
 
 @triton.jit
@@ -325,15 +326,15 @@ def centernet_forward(z: torch.Tensor, heat: torch.Tensor, index: torch.Tensor, 
     block_p, block_c, block_k, tiles, per_prog, warps = _plan(B, P, C, K)
     n_prog = triton.cdiv(B * tiles, per_prog)
     part = None if n_prog == 1 else torch.empty((n_prog, 3), device=z.device, dtype=torch.float32)
-    counters, stats = (clock.counters, clock.stats) if clock is not None else (None, None)
+    counters, stats, sums = (clock.counters, clock.stats, clock.terms) if clock is not None else (None, None, None)
     block_n = min(next_pow2(max(B * K, 1)), 1024)
     weights = (float(size_weight), float(offset_weight))
     launch(_centernet_fwd_kernel, (n_prog,), z, heat, index, size, offset, mask, grad, part, terms, counters,
-           stats, B, P, C, K, tiles, per_prog, float(logit_scale), *weights, float(alpha), float(beta),
+           stats, sums, B, P, C, K, tiles, per_prog, float(logit_scale), *weights, float(alpha), float(beta),
            FINISH=n_prog == 1, CLOCK=clock is not None, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
            BLOCK_N=block_n, num_warps=warps)
     if n_prog > 1:
-        launch(_centernet_finish_kernel, (1,), part, mask, n_prog, B, K, *weights, terms, counters, stats,
+        launch(_centernet_finish_kernel, (1,), part, mask, n_prog, B, K, *weights, terms, counters, stats, sums,
                CLOCK=clock is not None, BLOCK=1024, BLOCK_N=block_n, num_warps=4)
     return terms, grad
 

@@ -242,7 +242,7 @@ class TrainStep:
         s, t = self.clock.stats, terms.double()
         s[C.LOSS_SUM:C.LOSS_SUM + 1].add_(t[3:4] * images)
         s[C.COUNT:C.COUNT + 1].add_(images)
-        s[C.TERM0:C.TERM2 + 1].add_(t[:3] * images)
+        self.clock.terms.add_(t[:3] * images)
         loss = t[3]
         first = ~torch.isfinite(loss) & (s[C.BAD] == 0)
         s[C.BAD_STEP:C.BAD_STEP + 1].copy_(torch.where(first, float(self.host_step + 1), s[C.BAD_STEP]))
