@@ -360,7 +360,8 @@ def _validate(m: _Machinery, cfg, val_ds: D.Dataset | None, dist: Dist, row: dic
     validation split the training loss stands in. Returns the validation predictions
     (None under torchrun or without a split), which predictions.png shows."""
     if m.task is not None:
-        v = m.task.evaluate(m.net, val_ds, batch=max(256, cfg.batch), dist=dist, keep=dist.world == 1) if val_ds else None
+        v = None if val_ds is None else m.task.evaluate(m.net, val_ds, batch=max(256, cfg.batch), dist=dist,
+                                                        keep=dist.world == 1)
         row.update(m.task.validation_row(v) if v else m.task.no_validation_row(row))
         return v.get("dets") if v else None
     if val_ds is not None:

@@ -20,6 +20,13 @@ requires) and replayed for every later batch, after copying the batch into the
 graph's static input buffers. A network the capture cannot serve (a conv
 epilogue dropout still takes integer seeds) runs eagerly and says why.
 
+Detection (`loss centernet`, `detection=` a DetectionConfig): y is the batch's
+CenterNet targets (engine.training.data.detection; each tensor copied to the
+device, and to static buffers of their own for a capture) and the loss is
+`centernet_step` (engine.kernels.centernet: the loss terms and the gradient in
+one kernel, the term sums in the clock's `terms`); on the torch backend the
+PyTorch reference (engine.training.detection.loss).
+
 Backend torch (the PyTorch reference) runs the same structure eagerly with
 torch.optim and F.cross_entropy; its running sums and NaN guard are kept on the
 device with torch ops, so it too makes no host sync per step (except inside

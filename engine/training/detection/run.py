@@ -75,9 +75,10 @@ class DetectionTask:
         if bias is None or bias.dim() != 1:
             return ""
         classes = int(last.shape[0]) - 4
+        value = -math.log((1.0 - HEAT_PRIOR) / HEAT_PRIOR)
         with torch.no_grad():
-            bias[:classes] = -math.log((1.0 - HEAT_PRIOR) / HEAT_PRIOR)
-        return f"heatmap bias of {last.name} set to {-math.log((1.0 - HEAT_PRIOR) / HEAT_PRIOR):.2f} (CenterNet's prior)"
+            bias[:classes] = value
+        return f"heatmap bias of {last.name} set to {value:.2f} (CenterNet's prior)"
 
     def fit(self, ds) -> None:
         """Object slots per image: the most boxes any image of the set holds (at least 1, at most
