@@ -298,7 +298,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--epochs", type=positive_int, help="number of epochs (default: the spec's)")
     p.add_argument("--batch", type=positive_int, help="global batch (split over processes under torchrun)")
     p.add_argument("--lr", type=_learning_rate, help="peak learning rate (default: the spec's optimizer lr)")
-    p.add_argument("--data", help="digits | mnist5k | shapes | a path (image folder, .npz, IDX, CIFAR-10 batches)")
+    p.add_argument("--data", help="digits | mnist5k | shapes | shapes_boxes | a path (image folder, .npz, IDX, "
+                                  "CIFAR-10 batches, a YOLO folder)")
     p.add_argument("--precision", choices=PRECISIONS, help="default: the spec's")
     p.add_argument("--out", help="run folder (default runs/<network>, then runs/<network>-2, ...)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
