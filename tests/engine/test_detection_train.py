@@ -121,3 +121,22 @@ def test_the_nan_guard_stops_a_detection_run_before_saving(tmp_path):
         T.run_training(model, model.train_config, tmp_path, backend="torch", progress=False, log=lambda *_: None,
                        dataset=ds)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_resumed_detection_run_continues_where_it_stopped(tmp_path):
+    two = engine.compile(SPEC.replace("epochs 1", "epochs 2"), backend="torch")
+    T.run_training(two, two.train_config, tmp_path / "full", backend="torch", progress=False, log=lambda *_: None,
+                   dataset=_data(32))
+    one = engine.compile(SPEC.replace("epochs 1", "epochs 2"), backend="torch")
+    cfg = one.train_config
+    import dataclasses
+
+    T.run_training(one, dataclasses.replace(cfg, epochs=1), tmp_path / "r", backend="torch", progress=False,
+                   log=lambda *_: None, dataset=_data(32))
+    again = engine.compile(SPEC.replace("epochs 1", "epochs 2"), backend="torch")
+    T.run_training(again, cfg, tmp_path / "r", backend="torch", progress=False, log=lambda *_: None,
+                   dataset=_data(32), resume=True)
+    full, resumed = _metrics(tmp_path / "full"), _metrics(tmp_path / "r")
+    assert [r["epoch"] for r in resumed] == ["1", "2"]
+    for key in ("train_loss", "train_focal", "val_loss", "val_map50", "val_map"):
+        assert resumed[-1][key] == full[-1][key], key
