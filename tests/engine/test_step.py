@@ -296,6 +296,33 @@ def test_captured_steps_match_eager_steps_on_cuda():
 
 
 @pytest.mark.gpu
+def test_captured_detection_steps_match_eager_steps_on_cuda():
+    """detect_shapes: the CenterNet loss under the step clock, captured once and replayed on
+    static target buffers, against eager steps (and the loss terms' running sums)."""
+    torch.manual_seed(0)
+    eager = engine.compile(EXAMPLES / "detect_shapes.cnn", precision="bf16").cuda()
+    graphed = engine.compile(EXAMPLES / "detect_shapes.cnn", precision="bf16").cuda()
+    graphed.load_state_dict(eager.state_dict())
+    det = eager.train_config.detection
+    lrs = [0.01, 0.005, 0.008, 0.002, 0.006]
+    steps = [TrainStep(m, SGD(m.parameters(), lr=1.0, momentum=0.9), backend="triton",
+                       device=torch.device("cuda"), lr_of=lambda k: lrs[k], total_steps=len(lrs), capture=c,
+                       detection=det)
+             for m, c in ((eager, False), (graphed, True))]
+    for k in range(len(lrs)):
+        x = torch.randn(16, *eager.input_shape, generator=torch.Generator().manual_seed(k))
+        for s in steps:
+            s(x, _detection_targets(eager, 16, seed=k))
+    assert steps[1].graph is not None, steps[1].capture_error
+    torch.cuda.synchronize()
+    for key, v in eager.state_dict().items():
+        assert torch.allclose(v.float(), graphed.state_dict()[key].float(), rtol=1e-5, atol=1e-6), key
+    a, b = steps[0].clock.read(), steps[1].clock.read()
+    assert a["count"] == b["count"] == 16 * len(lrs)
+    assert a["terms"] == pytest.approx(b["terms"], rel=1e-5)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("capture", [False, True])
 def test_steady_state_steps_make_no_host_sync_on_cuda(capture):
     model, _ = _cuda_pair()

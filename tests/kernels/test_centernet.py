@@ -25,36 +25,42 @@ class Targets:
     mask: torch.Tensor
 
 
+def _dev() -> torch.device:
+    """Where the test's tensors go: the default device (CUDA when the kernel tests run on a GPU)."""
+    return torch.empty(0).device
+
+
 def make_targets(B: int, H: int, W: int, C: int, K_max: int, n_objects, seed: int = 0, share: bool = False):
     """Random targets: Gaussian-ish heat with exactly 1.0 at each centre; `share`: objects 0 and 1 of
-    each image (and their class) share a centre cell."""
+    each image (and their class) share a centre cell. Drawn on the CPU, then moved to _dev()."""
     g = torch.Generator().manual_seed(seed)
-    heat = torch.rand(B, H, W, C, generator=g) * 0.9
-    heat[torch.rand(B, H, W, C, generator=g) < 0.5] = 0.0
-    index = torch.zeros(B, K_max, dtype=torch.int32)
-    size = torch.zeros(B, K_max, 2)
-    offset = torch.zeros(B, K_max, 2)
-    mask = torch.zeros(B, K_max)
+    cpu = dict(device="cpu")
+    heat = torch.rand(B, H, W, C, generator=g, **cpu) * 0.9
+    heat[torch.rand(B, H, W, C, generator=g, **cpu) < 0.5] = 0.0
+    index = torch.zeros(B, K_max, dtype=torch.int32, **cpu)
+    size = torch.zeros(B, K_max, 2, **cpu)
+    offset = torch.zeros(B, K_max, 2, **cpu)
+    mask = torch.zeros(B, K_max, **cpu)
     for b in range(B):
         n = n_objects[b] if isinstance(n_objects, (list, tuple)) else n_objects
         for k in range(n):
-            cell = int(torch.randint(0, H * W, (1,), generator=g))
+            cell = int(torch.randint(0, H * W, (1,), generator=g, **cpu))
             if share and k == 1:
                 cell = int(index[b, 0])
-            cls = int(torch.randint(0, C, (1,), generator=g))
+            cls = int(torch.randint(0, C, (1,), generator=g, **cpu))
             heat[b, cell // W, cell % W, cls] = 1.0
             index[b, k] = cell
-            size[b, k] = torch.rand(2, generator=g) * 8 + 0.5
-            offset[b, k] = torch.rand(2, generator=g)
+            size[b, k] = torch.rand(2, generator=g, **cpu) * 8 + 0.5
+            offset[b, k] = torch.rand(2, generator=g, **cpu)
             mask[b, k] = 1.0
-    return Targets(heat, index, size, offset, mask)
+    return Targets(*(t.to(_dev()) for t in (heat, index, size, offset, mask)))
 
 
 def _logits(B, H, W, C, dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(B, H, W, C + 4, generator=g) * 2.0
-    z[..., C:] = torch.rand(B, H, W, 4, generator=g) * 6  # regression channels near their targets
-    return z.to(dtype)
+    z = torch.randn(B, H, W, C + 4, generator=g, device="cpu") * 2.0
+    z[..., C:] = torch.rand(B, H, W, 4, generator=g, device="cpu") * 6  # regression channels near their targets
+    return z.to(_dev(), dtype)
 
 
 def _check(B, H, W, C, K_max, n, dtype=torch.float32, share=False, weights=(0.1, 1.0), ab=(2.0, 4.0)):
@@ -127,7 +133,7 @@ def test_the_loss_is_bit_identical_run_to_run_and_one_launch():
 def test_the_clock_gets_the_sums_the_guard_and_the_step():
     t = make_targets(2, 5, 5, 2, 4, 2)
     z = _logits(2, 5, 5, 2, torch.float32)
-    clock = StepClock("cpu")
+    clock = StepClock(_dev())
     terms, _ = K.centernet_step(z, t, clock=clock)
     terms2, _ = K.centernet_step(z, t, clock=clock)
     st = clock.read()
