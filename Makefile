@@ -23,4 +23,11 @@ test: install
 wheel-check: install
 	bash .ci/wheel_check.sh
 
-.PHONY: install demo test wheel-check
+# the static reports of every example without a GPU (benchmarks/static/): the analytic model and
+# sm_90 report of `fusenet bench`, and the SASS-read step estimate of `fusenet inspect --perf`
+static: install
+	for f in examples/*.cnn; do n=$$(basename $$f .cnn); \
+	  $(BIN)/fusenet bench $$f --precision bf16 > benchmarks/static/$$n.txt && \
+	  $(BIN)/fusenet inspect $$f --perf > benchmarks/static/$$n.perf.txt || exit 1; done
+
+.PHONY: install demo test wheel-check static

@@ -132,7 +132,17 @@ TRAIN_OPTIONS: dict[str, Signature] = {
                 P("min_lr", "nonnegfloat", 0.0),
             ),
         ),
-        Signature("loss", (P("name", "choice", choices=("cross_entropy",)),), (P("label_smoothing", "prob", 0.0),)),
+        Signature(
+            "loss",
+            (P("name", "choice", choices=("cross_entropy", "centernet")),),
+            (
+                P("label_smoothing", "prob", 0.0),  # cross_entropy
+                P("size_weight", "nonnegfloat", 0.1),  # centernet: weight of the box-size L1 term
+                P("offset_weight", "nonnegfloat", 1.0),  # centernet: weight of the center-offset L1 term
+                P("alpha", "posfloat", 2.0),  # centernet: focal loss exponent
+                P("beta", "nonnegfloat", 4.0),  # centernet: penalty reduction near a center
+            ),
+        ),
         Signature("augment", (), (P("crop", "nonneg", 0, high=_S), P("flip", "bool", False), P("cutout", "nonneg", 0, high=_S))),
         Signature("precision", (P("dtype", "choice", choices=("fp32", "tf32", "fp16", "bf16")),)),
         Signature("clip_grad", (P("max_norm", "nonnegfloat"),)),

@@ -40,6 +40,18 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class DetectionConfig:
+    """`loss centernet`: the weights of the CenterNet loss (engine.training.detection.loss).
+    The class count and output stride come from the network's shapes
+    (engine.ir.detection.detection_head), not from here."""
+
+    size_weight: float = 0.1
+    offset_weight: float = 1.0
+    alpha: float = 2.0  # focal exponent
+    beta: float = 4.0  # penalty reduction exponent
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     data: str = "digits"  # built-in name (digits, mnist5k, shapes) or a path
     split: float = 0.2  # validation fraction
@@ -49,6 +61,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: str = "cross_entropy"
     label_smoothing: float = 0.0
+    detection: DetectionConfig | None = None  # loss centernet: the detection loss's weights
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     precision: str = "fp32"  # fp32 | tf32 | fp16 | bf16
     clip_grad: float = 0.0  # max global grad norm (0: off)

@@ -7,7 +7,7 @@ from dataclasses import replace
 from dsl.ast import Chain, Layer, TrainSection
 from dsl.errors import Collector, did_you_mean
 from dsl.schema import TRAIN_OPTIONS, bind
-from dsl.train_config import AugmentConfig, OptimizerConfig, ScheduleConfig, TrainConfig
+from dsl.train_config import AugmentConfig, DetectionConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 from dsl.values import evaluate
 
 # Default learning rate and weight decay per optimizer when the spec names none.
@@ -70,7 +70,7 @@ def build_train_config(section: TrainSection | None, errors: Collector) -> Train
         elif opt.name == "schedule":
             config = replace(config, schedule=ScheduleConfig(**v))
         elif opt.name == "loss":
-            config = replace(config, loss=v["name"], label_smoothing=v["label_smoothing"])
+            config = _loss(config, opt, v, errors)
         elif opt.name == "augment":
             config = replace(config, augment=AugmentConfig(**v))
         elif opt.name == "freeze":
@@ -80,3 +80,25 @@ def build_train_config(section: TrainSection | None, errors: Collector) -> Train
             field_name = {"sync_bn": "sync_bn"}.get(opt.name, opt.name)
             config = replace(config, **{field_name: value})
     return config
+
+
+_CENTERNET_ONLY = ("size_weight", "offset_weight", "alpha", "beta")
+
+
+def _loss(config: TrainConfig, opt: Layer, v: dict, errors: Collector) -> TrainConfig:
+    """`loss cross_entropy [label_smoothing=]` or `loss centernet [size_weight= offset_weight= alpha= beta=]`."""
+    name = v["name"]
+    if name == "centernet":
+        bad = opt.kwarg("label_smoothing")
+        if bad is not None:
+            errors.error("label_smoothing is a cross_entropy option, not centernet's", bad.pos,
+                         "centernet takes size_weight= offset_weight= alpha= beta=")
+        det = DetectionConfig(size_weight=v["size_weight"], offset_weight=v["offset_weight"],
+                              alpha=v["alpha"], beta=v["beta"])
+        return replace(config, loss=name, label_smoothing=0.0, detection=det)
+    for key in _CENTERNET_ONLY:
+        bad = opt.kwarg(key)
+        if bad is not None:
+            errors.error(f"'{key}' is a centernet option, not {name}'s", bad.pos,
+                         "cross_entropy takes label_smoothing=")
+    return replace(config, loss=name, label_smoothing=v["label_smoothing"], detection=None)

@@ -18,7 +18,7 @@ from helpers import assert_close
 pytestmark = pytest.mark.gpu
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NAMES = ["digits", "lenet5", "resnet_small", "unet_tiny", "airbench94", "resnet9"]
+NAMES = ["digits", "lenet5", "resnet_small", "unet_tiny", "airbench94", "resnet9", "detect_shapes"]
 # output tolerance per precision (tests/helpers.py names); gradients are compared
 # norm-wise: each must be within GRAD_NORM or within 1.5x the error PyTorch itself
 # makes at that precision (eager with autocast / tf32) on the same network, since

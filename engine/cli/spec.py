@@ -42,6 +42,12 @@ def summary_table(spec) -> str:
         f"network {g.name}: {len(g.nodes) - 1} layers, {total_p:,} parameters, "
         f"{_human(total_f)} FLOPs per sample (forward)"
     )
+    if spec.train.loss == "centernet":
+        from engine.ir.detection import detection_head
+
+        head = detection_head(g.input_shape, g.output.shape)
+        out[-1] += (f"; detection head (loss centernet): {head.classes} classes, output stride {head.stride}, "
+                    f"{head.out_hw[0]}x{head.out_hw[1]} cells")
     return "\n".join(out)
 
 

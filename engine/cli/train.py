@@ -125,8 +125,8 @@ def _eval_data(model, ck, args):
     meta = ck.meta.get("data", {})
     cfg = model.train_config
     name = args.data or cfg.data
-    ds = D.load_dataset(name, input_shape=model.input_shape, num_classes=int(model.output_shape[0]),
-                        seed=meta.get("seed", cfg.seed))
+    classes = int(model.output_shape[0]) - (4 if cfg.detection is not None else 0)  # centernet: heatmaps
+    ds = D.load_dataset(name, input_shape=model.input_shape, num_classes=classes, seed=meta.get("seed", cfg.seed))
     ds = D.renormalise(ds, meta.get("mean", ()), meta.get("std", ()))
     if meta.get("classes") and len(meta["classes"]) == len(ds.classes):
         ds = dataclasses.replace(ds, classes=list(meta["classes"]))
@@ -142,6 +142,8 @@ def _load(args):
 def cmd_eval(args) -> int:
     from engine.training import data as D
     from engine.training import report
+    from engine.training.detection.run import DetectionTask
+    from engine.training.detection.run import format_eval as format_detection_eval
     from engine.training.evaluate import evaluate
     from engine.training.optimizer_and_loss import loss_fn
 
@@ -154,6 +156,13 @@ def cmd_eval(args) -> int:
         if split > 0:
             _, ds = D.split(ds, split, int(meta.get("seed", model.train_config.seed)))
             what = f"the validation split of {ds.name} ({split:g}, seed {meta.get('seed', model.train_config.seed)})"
+    task = DetectionTask.of(model, model.train_config, args.backend)
+    if task is not None:  # loss centernet: loss terms, mAP, AP per class
+        task.fit(ds)
+        res = task.evaluate(model, ds, batch=args.batch)
+        print(f"{model.name}, checkpoint {args.checkpoint} (epoch {ck.epoch}), on {what}")
+        print(format_detection_eval(res, ds.classes))
+        return 0
     k = int(model.output_shape[0])
     res = evaluate(model, ds, loss_fn(args.backend), batch=args.batch, num_classes=k)
     print(f"{model.name}, checkpoint {args.checkpoint} (epoch {ck.epoch}), on {what}")
@@ -190,7 +199,9 @@ def cmd_predict(args) -> int:
             print(f"fusenet predict: warning: {path}: {note}", file=sys.stderr)
         images.append(img)
         paths.append(path)
-    if images:
+    if images and model.train_config.detection is not None:
+        _print_boxes(model, scaling.apply(torch.stack(images)), paths, classes, args, meta)
+    elif images:
         x = scaling.apply(torch.stack(images))
         prob = torch.softmax(predict(model, x, batch=args.batch).float(), dim=1)
         name = lambda i: classes[i] if i < len(classes) else str(i)  # noqa: E731
@@ -204,6 +215,35 @@ def cmd_predict(args) -> int:
     if failed:
         raise DataError(f"{failed} of {len(args.images)} image(s) could not be read (see above)")
     return 0
+
+
+def _print_boxes(model, x, paths, classes, args, meta) -> None:
+    """predict for a `loss centernet` network: each image's boxes (class, score, x1 y1 x2 y2 in
+    network-input pixels) scoring at least --threshold; --annotate DIR: the images with their boxes."""
+    from engine.ir.detection import detection_head
+    from engine.training.detection.decode import decode
+    from engine.training.evaluate import predict
+
+    head = detection_head(model.input_shape, model.output_shape)
+    classes = classes[:head.classes] if len(classes) >= head.classes else [str(i) for i in range(head.classes)]
+    dets = decode(predict(model, x, batch=args.batch), head.stride, backend=args.backend, threshold=args.threshold)
+    h, w = model.input_shape[1:]
+    where = "peaks: fusenet's kernel; top-k and boxes: PyTorch" if args.backend == "triton" else "PyTorch"
+    print(f"boxes in network-input pixels ({w}x{h}), score >= {args.threshold:g} (decoding: {where})")
+    for path, d in zip(paths, dets):
+        print(f"{path}: {len(d)} box{'es' if len(d) != 1 else ''}")
+        for x1, y1, x2, y2, score, k in d.tolist():
+            print(f"  {classes[int(k)]:<12} {score:.3f}  {x1:7.1f} {y1:7.1f} {x2:7.1f} {y2:7.1f}")
+    if args.annotate:
+        from engine.training.detection.draw import draw_detections
+
+        folder = Path(args.annotate)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, path in enumerate(paths):
+            target = folder / f"{Path(path).stem}.png"
+            draw_detections(x[i:i + 1], [dets[i]], None, classes, target, mean=meta.get("mean", ()),
+                            std=meta.get("std", ()), min_score=args.threshold, title=Path(path).name)
+            print(f"wrote {target}")
 
 
 def _features_path(out: str | None, default: str) -> Path:
@@ -258,7 +298,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--epochs", type=positive_int, help="number of epochs (default: the spec's)")
     p.add_argument("--batch", type=positive_int, help="global batch (split over processes under torchrun)")
     p.add_argument("--lr", type=_learning_rate, help="peak learning rate (default: the spec's optimizer lr)")
-    p.add_argument("--data", help="digits | mnist5k | shapes | a path (image folder, .npz, IDX, CIFAR-10 batches)")
+    p.add_argument("--data", help="digits | mnist5k | shapes | shapes_boxes | a path (image folder, .npz, IDX, "
+                                  "CIFAR-10 batches, a YOLO folder)")
     p.add_argument("--precision", choices=PRECISIONS, help="default: the spec's")
     p.add_argument("--out", help="run folder (default runs/<network>, then runs/<network>-2, ...)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -275,10 +316,13 @@ def add_commands(subparsers) -> None:
     p.add_argument("--all", action="store_true", help="evaluate on the whole data set, not the validation split")
     p.set_defaults(func=cmd_eval)
 
-    p = subparsers.add_parser("predict", help="top-k classes for image files")
+    p = subparsers.add_parser("predict", help="top-k classes (or boxes, for a detection network) for image files")
     common(p, True)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...), scaled as in training")
     p.add_argument("--top", type=positive_int, default=3, help="how many classes to print per image (default 3)")
+    p.add_argument("--threshold", type=float, default=0.3,
+                   help="detection networks: the lowest score of a box printed (default 0.3)")
+    p.add_argument("--annotate", metavar="DIR", help="detection networks: write each image with its boxes to DIR")
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("extract", help="write a named tap's features for a data set to .npz")

@@ -15,6 +15,7 @@ from dsl.limits import MAX_SOURCE_BYTES
 from dsl.parser import parse
 from dsl.train_config import TrainConfig
 from dsl.train_section import build_train_config
+from engine.ir.detection import check_detection_head
 from engine.ir.expand import expand_with_call_sites
 from engine.ir.graph import Graph
 from engine.ir.shapes import infer_shapes
@@ -85,5 +86,7 @@ def load(source: str | Path, filename: str | None = None) -> Spec:
                     if isinstance(arg, ast.Name) and arg.id not in graph.taps:
                         known = ", ".join(graph.taps) or "none defined"
                         errors.error(f"freeze: no tap named '{arg.id}'", arg.pos, f"taps: {known}")
+            if layer is not None and layer.name == "loss" and train.loss == "centernet":
+                check_detection_head(graph, layer.pos, errors)
     errors.raise_if_any()
     return Spec(program, graph, train, text, name)

@@ -12,6 +12,9 @@ read at run time:
                         sums (mean loss * rows, correct rows, rows);
                         BAD, BAD_STEP, BAD_LOSS: the NaN/inf guard (set once, at
                         the first non-finite loss: its 1-based global step and value)
+  terms     fp64 [3]    the epoch's running sums of a loss's terms (term * images;
+                        the CenterNet loss, engine.kernels.centernet: focal, size,
+                        offset; unused by the cross-entropy)
 
 Who touches what, in step order:
   forward dropout (dropout.py, linear epilogue)  reads SEED and STEP
@@ -30,6 +33,7 @@ import torch
 
 SEED, STEP = 0, 1  # counters
 LOSS_SUM, CORRECT, COUNT, BAD, BAD_STEP, BAD_LOSS = range(6)  # stats
+N_TERMS = 3  # terms
 
 
 class StepClock:
@@ -41,16 +45,18 @@ class StepClock:
         self.device = torch.device(device)
         self.counters = torch.tensor([int(base_seed), int(step)], dtype=torch.int64).to(self.device)  # [2]
         self.stats = torch.zeros(6, dtype=torch.float64, device=self.device)  # [6]
+        self.terms = torch.zeros(N_TERMS, dtype=torch.float64, device=self.device)  # [3]
 
     def reset_sums(self) -> None:
         """Zero the epoch's running sums (a fill: once per epoch, not per step)."""
         self.stats[LOSS_SUM:COUNT + 1].zero_()
+        self.terms.zero_()
 
     def read(self) -> dict:
         """The stats on the host (a device sync: call it every few steps, not every step)."""
         s = self.stats.tolist()
         return {"loss_sum": s[LOSS_SUM], "correct": s[CORRECT], "count": s[COUNT], "bad": s[BAD] != 0.0,
-                "bad_step": int(s[BAD_STEP]), "bad_loss": s[BAD_LOSS]}
+                "bad_step": int(s[BAD_STEP]), "bad_loss": s[BAD_LOSS], "terms": self.terms.tolist()}
 
     def step(self) -> int:
         """STEP on the host (a device sync)."""

@@ -120,11 +120,16 @@ def fusenet_step(spec, batch: int, precision: str | None = None, device: str = "
     model = TritonNetwork(spec, precision=precision or cfg.precision).to(device).train()
     opt, _ = build_optimizer(model.parameters(), cfg.optimizer, "triton")
     step = TrainStep(model, opt, backend="triton", device=torch.device(device), lr_of=lambda k: cfg.optimizer.lr,
-                     total_steps=4, seed=cfg.seed, label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad)
+                     total_steps=4, seed=cfg.seed, label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad,
+                     detection=cfg.detection)
     shape = (batch, *model.input_shape)
     fmt = torch.channels_last if len(shape) == 4 else torch.contiguous_format
     x = torch.empty(shape, device=device, dtype=model.dtype).contiguous(memory_format=fmt)
     out = model.output_shape
+    if cfg.detection is not None:  # loss centernet
+        from engine.kernels.centernet import placeholder_targets
+
+        return step, x, placeholder_targets(batch, out, device)
     y = torch.zeros((batch,) if len(out) == 1 else (batch, *out[1:]), dtype=torch.int64, device=device)
     return step, x, y
 
@@ -170,10 +175,21 @@ def audit_eager(spec, batch: int, precision: str | None = None) -> StepAudit:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                           foreach=True)
     out_shape = model.output_shape
-    target = torch.zeros((batch, *out_shape[1:]), dtype=torch.int64, device="meta")
+    det = spec.train.detection
+    if det is not None:  # loss centernet: the PyTorch reference loss
+        from engine.kernels.centernet import placeholder_targets
+        from engine.training.detection.loss import centernet_loss_reference
+
+        target = placeholder_targets(batch, out_shape, "meta")
+    else:
+        target = torch.zeros((batch, *out_shape[1:]), dtype=torch.int64, device="meta")
     with _DeviceOps(audit):
         out = model(x)
-        torch.nn.functional.cross_entropy(out.float(), target, label_smoothing=0.1).backward()
+        if det is not None:
+            centernet_loss_reference(out, target, size_weight=det.size_weight, offset_weight=det.offset_weight,
+                                     alpha=det.alpha, beta=det.beta)[3].backward()
+        else:
+            torch.nn.functional.cross_entropy(out.float(), target, label_smoothing=0.1).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return audit

@@ -4,7 +4,8 @@ The performance tools run a network without caring about its data: `fusenet
 inspect` and `fusenet bench` record the kernel variants a step launches (a dry
 run: no kernel executes), `fusenet tune` times them on the GPU, and the AOT
 tests compile them. They all need the same step, made here once: zero inputs of
-the network's shape and class-0 labels, then in training the step `fusenet
+the network's shape and class-0 labels (a detection network: placeholder
+CenterNet targets and the spec's `loss centernet`), then in training the step `fusenet
 train` runs (engine.training.step.TrainStep: logits, the fused loss under the
 step clock, backward, the fused optimizer in device mode) with a fused SGD
 (momentum, Nesterov, weight decay: the optimizer variant the examples train
@@ -35,10 +36,16 @@ def network_step(model, batch: int, training: bool) -> Callable[[], None]:
                 model(x)
             return
         out = model.output_shape
-        y = torch.zeros((batch,) if len(out) == 1 else (batch, *out[1:]), dtype=torch.int64)
+        det = getattr(getattr(model, "train_config", None), "detection", None)
+        if det is not None:  # loss centernet: targets of the right shapes
+            from engine.kernels.centernet import placeholder_targets
+
+            y = placeholder_targets(batch, out, x.device)
+        else:
+            y = torch.zeros((batch,) if len(out) == 1 else (batch, *out[1:]), dtype=torch.int64)
         opt = SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
         step = TrainStep(model, opt, backend="triton", device=x.device, lr_of=lambda k: 0.1, total_steps=1,
-                         label_smoothing=0.1)
+                         label_smoothing=0.0 if det is not None else 0.1, detection=det)
         try:
             step.body(x, y)
         finally:

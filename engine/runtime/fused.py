@@ -131,12 +131,14 @@ class TritonNetwork(Network):
 
 
 def fused_train_step(net: TritonNetwork, opt, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0,
-                     clock=None, clip_grad: float = 0.0, phase=None) -> torch.Tensor:
+                     clock=None, clip_grad: float = 0.0, phase=None, detection=None) -> torch.Tensor:
     """One training step on fusenet's kernels: the network's `logits`, the fused loss (whose
     gradient comes out of its forward kernel: the backward starts at the logits), the backward
     and the fused optimizer. `clock` (engine.kernels.clock.StepClock): the loss adds to its sums
     and advances it. `phase(name)` is called as "loss", "backward", "optimizer" and "done" begin
     (engine.runtime.launches attributes launches with it). engine.training.step runs this.
+    `detection` (dsl.train_config.DetectionConfig): the CenterNet loss (engine.kernels.centernet)
+    against y, the batch's CenterNetTargets on the device, instead of the cross-entropy.
     Returns the mean loss (a 0-dim device tensor)."""
     from engine.kernels.loss import cross_entropy_step
 
@@ -144,7 +146,14 @@ def fused_train_step(net: TritonNetwork, opt, x: torch.Tensor, y: torch.Tensor, 
     opt.zero_grad(set_to_none=True)
     z, scale = net.logits(x)
     note("loss")
-    loss, dz = cross_entropy_step(z, y, label_smoothing, logit_scale=scale, clock=clock)
+    if detection is not None:  # `loss centernet`: y holds the CenterNet targets
+        from engine.kernels.centernet import centernet_step
+
+        terms, dz = centernet_step(z, y, size_weight=detection.size_weight, offset_weight=detection.offset_weight,
+                                   alpha=detection.alpha, beta=detection.beta, logit_scale=scale, clock=clock)
+        loss = terms[3]
+    else:
+        loss, dz = cross_entropy_step(z, y, label_smoothing, logit_scale=scale, clock=clock)
     note("backward")
     torch.autograd.backward(z, dz)
     if clip_grad:

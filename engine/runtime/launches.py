@@ -124,13 +124,19 @@ def record_launches(model, batch: int, training: bool = True, gpu_tiles: bool = 
                     model(x)
                 return launches
             out = model.output_shape
-            y = torch.zeros((batch,) if len(out) == 1 else (batch, *out[1:]), dtype=torch.int64, device=x.device)
+            det = getattr(getattr(model, "train_config", None), "detection", None)
+            if det is not None:  # loss centernet: its kernels, on targets of the right shapes
+                from engine.kernels.centernet import placeholder_targets
+
+                y = placeholder_targets(batch, out, x.device)
+            else:
+                y = torch.zeros((batch,) if len(out) == 1 else (batch, *out[1:]), dtype=torch.int64, device=x.device)
             clock = StepClock(x.device)
             opt = SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
             opt.attach_clock(clock.counters, torch.full((1,), 0.1, device=x.device), 0)
             model.step_clock = clock.counters
             targets = {"loss": launches.loss, "optimizer": launches.optimizer}
-            fused_train_step(model, opt, x, y, label_smoothing=0.1, clock=clock,
+            fused_train_step(model, opt, x, y, label_smoothing=0.1, clock=clock, detection=det,
                              phase=lambda name: att.switch(targets.get(name, launches.unattributed)))
             model.zero_grad(set_to_none=True)
         return launches

@@ -42,6 +42,9 @@ from engine.errors import FusenetTrainError
 from engine.training import checkpoint as ckpt
 from engine.training import data as D
 from engine.training import report
+from engine.training.detection.run import BACKEND_LINES as DETECTION_BACKEND_LINES
+from engine.training.detection.run import COLUMNS as DETECTION_COLUMNS
+from engine.training.detection.run import DetectionTask
 from engine.training.distributed import Dist
 from engine.training.evaluate import evaluate, predict
 from engine.training.guard import check_finite, read_guard
@@ -97,6 +100,7 @@ class _Machinery:
     gen: torch.Generator  # data order and augmentation
     steps_per_epoch: int
     step: TrainStep | None = None  # made once the resumed progress is known
+    task: DetectionTask | None = None  # loss centernet: the detection pieces (engine.training.detection.run)
 
 
 @dataclass
@@ -127,9 +131,12 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
     name = getattr(model, "name", "network")
     _check_request(cfg, resume, init, dist)
     data = _load_data(model, cfg, dataset, name, say)
-    say("backend: " + BACKEND_LINES["triton" if backend == "triton" else "torch"])
+    say("backend: " + (DETECTION_BACKEND_LINES if cfg.detection is not None else BACKEND_LINES)[
+        "triton" if backend == "triton" else "torch"])
     ck, frozen_buffers = _prepare_weights(model, cfg, out / CHECKPOINT if resume else None, init, name, say)
     m = _build_machinery(model, cfg, backend, dist, len(data.train), frozen_buffers, say)
+    if m.task is not None:
+        m.task.fit(data.full)
     state = _Progress()
     if ck is not None and not _resume_progress(ck, m, cfg, state, out, say):
         return TrainResult(out, state.history, "already_complete", state.best_epoch)
@@ -147,15 +154,18 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
                 say(f"CUDA graphs: the capture failed, the step runs eagerly ({m.step.capture_error})")
                 m.step.capture_error = ""
             train_time = time.perf_counter() - t0
-            val_pred = _validate(m, cfg, data.val, dist, row, int(model.output_shape[0]))
+            val_pred = _validate(m, cfg, data.val, dist, row, _classes(model, cfg))
             check_finite(m.raw, cfg, row, epoch, out / CHECKPOINT, last_good)
             row.update(seconds=round(time.perf_counter() - t0, 3),
                        images_per_s=round(m.steps_per_epoch * cfg.batch / train_time, 1))
             early = _record_epoch(m, cfg, state, row)
-            _log_epoch(say, cfg, row, data.full.task)
+            say(m.task.epoch_line(cfg, row)) if m.task is not None else _log_epoch(say, cfg, row, data.full.task)
             if dist.main:
                 _save_checkpoint(out, model, m, name, epoch, state, early, data.meta(cfg))
-                _draw_plots(out, m.raw, data, dist, state.history, name, cfg, say, val_pred)
+                if m.task is not None:
+                    m.task.draw(out, m.raw, data, dist, state.history, name, say, val_pred)
+                else:
+                    _draw_plots(out, m.raw, data, dist, state.history, name, cfg, say, val_pred)
             dist.barrier()
             last_good = epoch
             if callback is not None:
@@ -167,12 +177,17 @@ def run_training(model: torch.nn.Module, cfg, out_dir: str | Path, *, backend: s
                 break
     finally:
         m.step.close()
-        if dist.main and state.history:
+        if dist.main and state.history and m.task is None:
             _draw_curves(out, state.history, name, say, cfg.label_smoothing)
     return TrainResult(out, state.history, stopped, state.best_epoch)
 
 
 # ----------------------------------------------------------------------------- setting up
+
+
+def _classes(model, cfg) -> int:
+    """The network's class count: its outputs, or for `loss centernet` its heatmaps (outputs - 4)."""
+    return int(model.output_shape[0]) - (4 if cfg.detection is not None else 0)
 
 
 def _check_request(cfg, resume: bool, init: str | None, dist: Dist) -> None:
@@ -185,7 +200,7 @@ def _check_request(cfg, resume: bool, init: str | None, dist: Dist) -> None:
 def _load_data(model, cfg, dataset: D.Dataset | None, name: str, say) -> _Data:
     """The data, checked against the network before anything else happens, and its split."""
     ds = dataset or D.load_dataset(cfg.data, input_shape=model.input_shape,
-                                   num_classes=int(model.output_shape[0]), seed=cfg.seed)
+                                   num_classes=_classes(model, cfg), seed=cfg.seed)
     D.check_compatible(ds, model.input_shape, model.output_shape, name)
     D.check_trainable(ds)
     train_ds, val_ds = D.split(ds, cfg.split, cfg.seed) if cfg.split > 0 else (ds, None)
@@ -206,6 +221,8 @@ def _prepare_weights(model, cfg, resume_from: Path | None, init: str | None, nam
             say("note: the spec text differs from the checkpoint's; the network matches, so training continues")
     else:
         say(f"init: {init_weights(model, cfg.seed)}, seed {cfg.seed}")
+        if cfg.detection is not None and (note := DetectionTask.init_head(model)):
+            say(f"init: {note}")
         if init:
             src = ckpt.load_checkpoint(init)
             loaded, skipped = ckpt.init_from(src, model)
@@ -253,7 +270,7 @@ def _build_machinery(raw, cfg, backend: str, dist: Dist, n_train: int, frozen_bu
     spe = n_train // cfg.batch
     return _Machinery(raw, net, trainable, frozen_buffers, opt, lossf, eval_lossf, autocast, scaler,
                       LRSchedule(cfg.schedule, cfg.optimizer.lr, cfg.epochs, spe),
-                      torch.Generator().manual_seed(cfg.seed), spe)
+                      torch.Generator().manual_seed(cfg.seed), spe, task=DetectionTask.of(raw, cfg, backend))
 
 
 def _make_step(m: _Machinery, cfg, backend: str, dist: Dist, state: "_Progress", cuda_graphs: bool,
@@ -270,7 +287,7 @@ def _make_step(m: _Machinery, cfg, backend: str, dist: Dist, state: "_Progress",
                      lr_of=lambda k: m.sched.lr(k // spe, k % spe), total_steps=cfg.epochs * spe,
                      start_step=(state.start - 1) * spe, seed=cfg.seed, label_smoothing=cfg.label_smoothing,
                      clip_grad=cfg.clip_grad, autocast=m.autocast, scaler=m.scaler if m.scaler.is_enabled() else None,
-                     frozen_buffers=m.frozen_buffers, capture=capture and not blockers)
+                     frozen_buffers=m.frozen_buffers, capture=capture and not blockers, detection=cfg.detection)
 
 
 def _resume_progress(ck, m: _Machinery, cfg, state: _Progress, out: Path, say) -> bool:
@@ -311,9 +328,9 @@ def _train_epoch(m: _Machinery, cfg, train_ds: D.Dataset, dist: Dist, epoch: int
     last_read = time.perf_counter()
     m.step.clock.reset_sums()
     first = m.step.host_step
-    for step, (x, y) in enumerate(D.batches(train_ds, cfg.batch, order=order, drop_last=True,
-                                            augment_cfg=cfg.augment, gen=m.gen, rank=dist.rank,
-                                            world=dist.world)):
+    batches = m.task.batches if m.task is not None else D.batches
+    for step, (x, y) in enumerate(batches(train_ds, cfg.batch, order=order, drop_last=True, augment_cfg=cfg.augment,
+                                          gen=m.gen, rank=dist.rank, world=dist.world)):
         m.step(x, y)
         if bar is not None:
             bar.update(1)
@@ -323,20 +340,30 @@ def _train_epoch(m: _Machinery, cfg, train_ds: D.Dataset, dist: Dist, epoch: int
             last_read = time.perf_counter()
             if bar is not None:
                 n = max(st["count"], 1.0)
-                bar.set_postfix(loss=f"{st['loss_sum'] / n:.4f}", acc=f"{st['correct'] / n:.3f}",
+                acc = {} if m.task is not None else {"acc": f"{st['correct'] / n:.3f}"}
+                bar.set_postfix(loss=f"{st['loss_sum'] / n:.4f}", **acc,
                                 img_s=f"{(step + 1) * cfg.batch / max(time.perf_counter() - t0, 1e-9):.0f}")
     if bar is not None:
         bar.close()
     st = read_guard(m.step, m.steps_per_epoch, cfg, dist, out / CHECKPOINT, last_good)
     sums = dist.all_sum(torch.tensor([st["loss_sum"], st["correct"], st["count"]], dtype=torch.float64))
-    return {"epoch": epoch, "lr": m.step.lr_at(max(m.step.host_step - 1, first)),
-            "train_loss": sums[0].item() / sums[2].item(), "train_acc": sums[1].item() / sums[2].item()}
+    row = {"epoch": epoch, "lr": m.step.lr_at(max(m.step.host_step - 1, first)),
+           "train_loss": sums[0].item() / sums[2].item(), "train_acc": sums[1].item() / sums[2].item()}
+    if m.task is not None:
+        terms = dist.all_sum(torch.tensor(st["terms"] + [st["count"]], dtype=torch.float64)).tolist()
+        row.update(m.task.train_terms({"terms": terms[:3], "count": terms[3]}), train_acc="")
+    return row
 
 
 def _validate(m: _Machinery, cfg, val_ds: D.Dataset | None, dist: Dist, row: dict, num_classes: int):
     """Add the validation loss, accuracy (and mean IoU) to the epoch's row; without a
     validation split the training loss stands in. Returns the validation predictions
     (None under torchrun or without a split), which predictions.png shows."""
+    if m.task is not None:
+        v = None if val_ds is None else m.task.evaluate(m.net, val_ds, batch=max(256, cfg.batch), dist=dist,
+                                                        keep=dist.world == 1)
+        row.update(m.task.validation_row(v) if v else m.task.no_validation_row(row))
+        return v.get("dets") if v else None
     if val_ds is not None:
         v = evaluate(m.net, val_ds, m.eval_lossf, batch=max(1024, cfg.batch), dist=dist, num_classes=num_classes,
                      keep_predictions=True)
@@ -378,7 +405,7 @@ def _save_checkpoint(out: Path, model, m: _Machinery, name: str, epoch: int, sta
                    "stopped": "early_stop" if early else ""}
     ckpt.save_checkpoint(out / CHECKPOINT, m.raw, network=name, spec=getattr(model, "source_text", ""),
                          epoch=epoch, optimizer=m.opt, rng=rng, train_state=train_state, data=data_meta)
-    report.write_metrics_csv(out / "metrics.csv", state.history)
+    report.write_metrics_csv(out / "metrics.csv", state.history, columns=m.task and DETECTION_COLUMNS)
 
 
 # ----------------------------------------------------------------------------- at the end

@@ -15,14 +15,16 @@ from engine.text import format_table
 COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_miou", "seconds", "images_per_s"]
 
 
-def write_metrics_csv(path: str | Path, rows: Sequence[dict]) -> None:
+def write_metrics_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str] | None = None) -> None:
+    """`columns`: default COLUMNS (detection runs: engine.training.detection.run.COLUMNS)."""
+    columns = list(columns or COLUMNS)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in COLUMNS})
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in columns})
     os.replace(tmp, path)
 
 

@@ -20,6 +20,13 @@ requires) and replayed for every later batch, after copying the batch into the
 graph's static input buffers. A network the capture cannot serve (a conv
 epilogue dropout still takes integer seeds) runs eagerly and says why.
 
+Detection (`loss centernet`, `detection=` a DetectionConfig): y is the batch's
+CenterNet targets (engine.training.data.detection; each tensor copied to the
+device, and to static buffers of their own for a capture) and the loss is
+`centernet_step` (engine.kernels.centernet: the loss terms and the gradient in
+one kernel, the term sums in the clock's `terms`); on the torch backend the
+PyTorch reference (engine.training.detection.loss).
+
 Backend torch (the PyTorch reference) runs the same structure eagerly with
 torch.optim and F.cross_entropy; its running sums and NaN guard are kept on the
 device with torch ops, so it too makes no host sync per step (except inside
@@ -31,6 +38,7 @@ bad step and loss.
 """
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from typing import Callable
 
 import torch
@@ -84,12 +92,13 @@ class TrainStep:
     def __init__(self, raw, opt, *, backend: str, device: torch.device, lr_of: Callable[[int], float],
                  total_steps: int, start_step: int = 0, seed: int = 0, label_smoothing: float = 0.0,
                  net=None, clip_grad: float = 0.0, autocast: torch.dtype | None = None, scaler=None,
-                 frozen_buffers: dict | None = None, capture: bool = False, graphs=None):
+                 frozen_buffers: dict | None = None, capture: bool = False, graphs=None, detection=None):
         self.raw, self.net, self.opt = raw, net if net is not None else raw, opt
         self.backend, self.device = backend, torch.device(device)
         self.lr_of, self.total_steps = lr_of, max(int(total_steps), 1)
         self.host_step = int(start_step)  # global index of the next step
         self.label_smoothing, self.clip_grad = float(label_smoothing), float(clip_grad or 0.0)
+        self.detection = detection  # dsl.train_config.DetectionConfig: the CenterNet loss (y: its targets)
         self.autocast, self.scaler, self.frozen = autocast, scaler, frozen_buffers or {}
         self.clock = C.StepClock(self.device, run_seed(seed), self.host_step)
         self.capture = bool(capture) and backend == "triton" and (graphs is not None or self.device.type == "cuda")
@@ -116,7 +125,7 @@ class TrainStep:
         """The batch on the device, as the step reads it: for the Triton backend in the compute
         dtype and channels-last, so the network's NHWC conversion is free (one copy, as any
         host-to-device transfer is)."""
-        y = y.to(self.device, non_blocking=True)
+        y = _to_device(y, self.device)
         if self.backend != "triton" or self.net is not self.raw:
             return x.to(self.device, non_blocking=True), y
         fmt = torch.channels_last if x.dim() == 4 else torch.contiguous_format
@@ -130,7 +139,7 @@ class TrainStep:
         if self.graph is not None:
             self.opt.refresh_packed()  # parameters changed in place (a load) since the last replay
             self.static_x.copy_(x, non_blocking=True)
-            self.static_y.copy_(y, non_blocking=True)
+            _copy_into(self.static_y, y)
             self.graph.replay()
         elif self.capture:  # warm-up before the capture, on a side stream as torch.cuda.graph wants
             self.graphs.on_side_stream(lambda: self.body(x, y))
@@ -143,7 +152,7 @@ class TrainStep:
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Capture `body` on static copies of the batch buffers (falls back to eager on failure)."""
-        self.static_x, self.static_y = torch.empty_like(x), torch.empty_like(y)
+        self.static_x, self.static_y = torch.empty_like(x), _empty_like(y)
         try:
             graph = self.graphs.capture(lambda: self.body(self.static_x, self.static_y))
         except Exception as e:  # noqa: BLE001 - a capture failure must not end the run: go on eagerly
@@ -169,13 +178,19 @@ class TrainStep:
 
         if self.net is self.raw:
             return fused_train_step(self.raw, self.opt, x, y, label_smoothing=self.label_smoothing,
-                                    clock=self.clock, clip_grad=self.clip_grad)
+                                    clock=self.clock, clip_grad=self.clip_grad, detection=self.detection)
         # data parallel: DDP's forward must run (it prepares the gradient all-reduce)
         self.opt.zero_grad(set_to_none=True)
         z = self.net(x)
         if z.dim() == 4:
             z = z.permute(0, 2, 3, 1).contiguous()
-        loss, dz = cross_entropy_step(z, y, self.label_smoothing, clock=self.clock)
+        if self.detection is not None:
+            from engine.kernels.centernet import centernet_step
+
+            terms, dz = centernet_step(z, y, **detection_kwargs(self.detection), clock=self.clock)
+            loss = terms[3]
+        else:
+            loss, dz = cross_entropy_step(z, y, self.label_smoothing, clock=self.clock)
         torch.autograd.backward(z, dz)
         if self.clip_grad:
             torch.nn.utils.clip_grad_norm_([p for p in self.raw.parameters() if p.grad is not None], self.clip_grad)
@@ -189,7 +204,13 @@ class TrainStep:
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             out = self.net(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
+            if self.detection is not None:
+                from engine.training.detection.loss import centernet_loss_reference
+
+                terms = centernet_loss_reference(out, y, **detection_kwargs(self.detection))
+                loss = terms[3]
+            else:
+                loss = F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
         scaler = self.scaler
         (scaler.scale(loss) if scaler is not None else loss).backward()
         if self.clip_grad:
@@ -201,7 +222,10 @@ class TrainStep:
             scaler.update()
         else:
             self.opt.step()
-        self._record(loss.detach(), out.detach(), y)
+        if self.detection is not None:
+            self._record_detection(terms.detach(), out.shape[0])
+        else:
+            self._record(loss.detach(), out.detach(), y)
         return loss.detach()
 
     @torch.no_grad()
@@ -218,7 +242,54 @@ class TrainStep:
         s[C.BAD:C.BAD + 1].copy_(torch.where(first, 1.0, s[C.BAD]))
         self.clock.counters[C.STEP:C.STEP + 1].add_(1)
 
+    @torch.no_grad()
+    def _record_detection(self, terms: torch.Tensor, images: int) -> None:
+        """What the fused CenterNet loss does in its kernel: the sums (total and terms, per image),
+        the NaN guard and the clock."""
+        s, t = self.clock.stats, terms.double()
+        s[C.LOSS_SUM:C.LOSS_SUM + 1].add_(t[3:4] * images)
+        s[C.COUNT:C.COUNT + 1].add_(images)
+        self.clock.terms.add_(t[:3] * images)
+        loss = t[3]
+        first = ~torch.isfinite(loss) & (s[C.BAD] == 0)
+        s[C.BAD_STEP:C.BAD_STEP + 1].copy_(torch.where(first, float(self.host_step + 1), s[C.BAD_STEP]))
+        s[C.BAD_LOSS:C.BAD_LOSS + 1].copy_(torch.where(first, loss, s[C.BAD_LOSS]))
+        s[C.BAD:C.BAD + 1].copy_(torch.where(first, 1.0, s[C.BAD]))
+        self.clock.counters[C.STEP:C.STEP + 1].add_(1)
+
     def close(self) -> None:
         """Detach the clock from the network (its eager forward goes back to host seeds)."""
         if getattr(self.raw, "step_clock", None) is self.clock.counters:
             self.raw.step_clock = None
+
+
+def detection_kwargs(det) -> dict:
+    """The CenterNet loss's keyword arguments from a DetectionConfig."""
+    return dict(size_weight=det.size_weight, offset_weight=det.offset_weight, alpha=det.alpha, beta=det.beta)
+
+
+# A batch's targets: a tensor (class labels) or a frozen dataclass of tensors (CenterNet targets,
+# engine.training.data.detection.CenterNetTargets, or a DetectionBatch holding them).
+def _targets(y):
+    return getattr(y, "targets", y)
+
+
+def _to_device(y, device: torch.device):
+    y = _targets(y)
+    if isinstance(y, torch.Tensor):
+        return y.to(device, non_blocking=True)
+    return replace(y, **{f.name: getattr(y, f.name).to(device, non_blocking=True) for f in fields(y)})
+
+
+def _empty_like(y):
+    if isinstance(y, torch.Tensor):
+        return torch.empty_like(y)
+    return replace(y, **{f.name: torch.empty_like(getattr(y, f.name)) for f in fields(y)})
+
+
+def _copy_into(static, y) -> None:
+    if isinstance(y, torch.Tensor):
+        static.copy_(y, non_blocking=True)
+        return
+    for f in fields(y):
+        getattr(static, f.name).copy_(getattr(y, f.name), non_blocking=True)

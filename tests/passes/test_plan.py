@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import engine
+from engine.kernels.centernet import placeholder_targets
 from engine.kernels.launch import launch_log
 from engine.kernels.optim import SGD
 from engine.runtime.launches import format_launches, record_launches
@@ -24,7 +25,7 @@ from engine.training.step import TrainStep
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("golden")
-EXAMPLES = ["digits", "lenet5", "resnet_small", "unet_tiny", "airbench94", "resnet9"]
+EXAMPLES = ["digits", "lenet5", "resnet_small", "unet_tiny", "airbench94", "resnet9", "detect_shapes"]
 
 # Kernel launches per training step and per inference forward, on a GPU at the
 # spec's batch (tinygrad's check_schedule in spirit): a fusion that silently
@@ -38,6 +39,7 @@ LAUNCHES = {
     "unet_tiny": (47, 13),
     "airbench94": (87, 24),
     "resnet9": (103, 25),
+    "detect_shapes": (57, 12),
 }
 
 
@@ -65,10 +67,14 @@ def _real_step(model, batch: int) -> list[str]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *model.input_shape, generator=gen)
     out = model.output_shape
-    y = torch.zeros((batch,) if len(out) == 1 else (batch, *out[1:]), dtype=torch.int64)
+    det = model.train_config.detection
+    if det is not None:  # loss centernet
+        y = placeholder_targets(batch, out)
+    else:
+        y = torch.zeros((batch,) if len(out) == 1 else (batch, *out[1:]), dtype=torch.int64)
     opt = SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     step = TrainStep(model, opt, backend="triton", device=x.device, lr_of=lambda k: 0.1, total_steps=1,
-                     label_smoothing=0.1)
+                     label_smoothing=0.1, detection=det)
     with launch_log() as log:
         step.body(x, y)
     step.close()

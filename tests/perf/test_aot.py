@@ -157,11 +157,22 @@ def _extra_runs(precision: str):
                 p.grad = torch.zeros_like(p)
             opt.step()
 
+    def centernet_paths():  # detection: a batch too large for one program (partials + finish), the autograd
+        # backward (the total's incoming gradient) and the decode peaks (examples/detect_shapes reaches the one-launch loss)
+        from engine.kernels.centernet import centernet_forward, centernet_loss, heat_peaks, placeholder_targets
+
+        z = torch.zeros(16, 40, 40, 7, dtype=model.dtype)
+        t = placeholder_targets(16, (7, 40, 40), max_objects=8)
+        centernet_forward(z, t.heatmap, t.index, t.size, t.offset, t.mask)
+        zg = torch.zeros(2, 12, 12, 7, dtype=model.dtype, requires_grad=True)
+        centernet_loss(zg, placeholder_targets(2, (7, 12, 12)))[3].backward()
+        heat_peaks(zg.detach())
+
     def tall_partials():  # more partial rows than one finalize program should walk: folded first
         sum_partials(torch.zeros(FOLD_ROWS + 1, 8), torch.zeros(FOLD_ROWS + 1, 8))
 
     return [network_step(model, 2, True), network_step(model, 2, False), optimizers, eval_backward, split_global_pool,
-            step_loss_and_device_optimizers, tall_partials]
+            step_loss_and_device_optimizers, centernet_paths, tall_partials]
 
 
 def _wide_tap_max_pool():

@@ -149,6 +149,21 @@ class ResNet9(nn.Module):
         return self.fc(x) * 0.125
 
 
+class DetectShapes(nn.Module):
+    """CenterNet-style: a stride-4 backbone, then 3 class heatmaps + width, height, offset x, y."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            *conv_bn_relu(3, 16, stride=2), *conv_bn_relu(16, 32), *conv_bn_relu(32, 32, stride=2),
+            *conv_bn_relu(32, 64), nn.Conv2d(64, 64, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(64),
+            nn.ReLU(), nn.Conv2d(64, 3 + 4, 1),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
 HAND_WRITTEN = {
     "digits": Digits,
     "lenet5": LeNet5,
@@ -156,6 +171,7 @@ HAND_WRITTEN = {
     "unet_tiny": UNetTiny,
     "airbench94": Airbench94,
     "resnet9": ResNet9,
+    "detect_shapes": DetectShapes,
 }
 OUTPUT_SHAPES = {
     "digits": (10,),
@@ -164,6 +180,7 @@ OUTPUT_SHAPES = {
     "unet_tiny": (2, 32, 32),
     "airbench94": (10,),
     "resnet9": (10,),
+    "detect_shapes": (7, 12, 12),
 }
 NAMES = sorted(HAND_WRITTEN)
 

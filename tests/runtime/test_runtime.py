@@ -17,7 +17,8 @@ from helpers import DATA_MOVEMENT_OPS, OpRecorder, assert_close, check_network_a
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # (example, batch): the wide networks run at batch 1 to keep the interpreter quick.
-CASES = [("digits", 3), ("lenet5", 2), ("unet_tiny", 2), ("resnet_small", 2), ("airbench94", 1), ("resnet9", 1)]
+CASES = [("digits", 3), ("lenet5", 2), ("unet_tiny", 2), ("resnet_small", 2), ("airbench94", 1), ("resnet9", 1),
+         ("detect_shapes", 1)]
 SLOW = {"airbench94", "resnet9"}
 NET = "network_fp32"  # tolerance for whole fp32 networks (tests/helpers.py)
 

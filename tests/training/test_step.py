@@ -40,6 +40,21 @@ def _batch(model, n: int, seed: int):
     return x, y
 
 
+def _detection_targets(model, n: int, seed: int = 0):
+    """CenterNet targets of n images: a few objects each at random cells (engine.kernels.centernet.Targets)."""
+    from engine.kernels.centernet import Targets
+
+    c, ho, wo = model.output_shape
+    gen = torch.Generator().manual_seed(seed)
+    heat = torch.rand(n, ho, wo, c - 4, generator=gen) * 0.5
+    index = torch.randint(0, ho * wo, (n, 3), generator=gen, dtype=torch.int32)
+    for b in range(n):
+        for k in range(3):
+            heat[b, int(index[b, k]) // wo, int(index[b, k]) % wo, k % (c - 4)] = 1.0
+    return Targets(heat, index, torch.rand(n, 3, 2, generator=gen) * 4, torch.rand(n, 3, 2, generator=gen),
+                   torch.ones(n, 3))
+
+
 def _step(model, opt, lrs, **kw) -> TrainStep:
     return TrainStep(model, opt, backend="triton", device=torch.device("cpu"), lr_of=lambda k: lrs[k],
                      total_steps=len(lrs), **kw)
@@ -120,7 +135,7 @@ def _recorded_step(step, x, y):
     return launches, dict(audit.torch_ops), dict(audit.host_syncs)
 
 
-@pytest.mark.parametrize("name", ["resnet_small", "airbench94", "unet_tiny"])
+@pytest.mark.parametrize("name", ["resnet_small", "airbench94", "unet_tiny", "detect_shapes"])
 def test_steady_state_steps_launch_the_same_arguments_and_sync_nothing(name, tmp_path):
     """What a CUDA graph replays is what the capture recorded: two steady-state steps with different
     learning rates, step counts and dropout masks launch the same kernels with the same host
@@ -140,10 +155,15 @@ def test_steady_state_steps_launch_the_same_arguments_and_sync_nothing(name, tmp
     assert not first[2], f"host syncs: {first[2]}"
 
 
-def test_a_whole_step_dispatches_no_pytorch_arithmetic():
-    tri = engine.compile(EXAMPLES / "lenet5.cnn", precision="bf16")
-    step = _step(tri, SGD(tri.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4), [0.1] * 3)
-    x, y = step.inputs(*_batch(tri, 2, 0))
+@pytest.mark.parametrize("name", ["lenet5", "detect_shapes"])
+def test_a_whole_step_dispatches_no_pytorch_arithmetic(name):
+    """detect_shapes: the CenterNet loss (engine.kernels.centernet) is fusenet's too."""
+    tri = engine.compile(EXAMPLES / f"{name}.cnn", precision="bf16")
+    det = tri.train_config.detection
+    step = _step(tri, SGD(tri.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4), [0.1] * 3,
+                 detection=det)
+    x, y = _batch(tri, 2, 0) if det is None else (torch.randn(2, *tri.input_shape), _detection_targets(tri, 2))
+    x, y = step.inputs(x, y)
     step(x, y)
     with OpRecorder() as rec:
         step.body(x, y)
@@ -199,6 +219,37 @@ def test_capture_logic_warms_up_then_captures_once_and_replays_on_static_buffers
     assert steps[1].clock.read() == steps[0].clock.read()
 
 
+DETECT_NET = """
+network det {
+    input 3x16x16
+    conv 8 kernel=3 stride=2 pad=1 -> bn -> relu
+    conv 7 kernel=3 stride=2 pad=1
+}
+train {
+    loss centernet
+}
+"""
+
+
+def test_a_captured_detection_step_replays_on_static_target_buffers():
+    """The CenterNet targets (a dataclass of tensors) get static copies too: replays read each batch's."""
+    eager, graphed = engine.compile(DETECT_NET), engine.compile(DETECT_NET)
+    graphed.load_state_dict(eager.state_dict())
+    det = eager.train_config.detection
+    lrs = [0.1, 0.05, 0.08, 0.02]
+    steps = [_step(m, SGD(m.parameters(), lr=1.0, momentum=0.9), lrs, capture=c, graphs=g, detection=det)
+             for m, c, g in ((eager, False, None), (graphed, True, FakeGraphs()))]
+    for k in range(len(lrs)):
+        x = torch.randn(2, *eager.input_shape, generator=torch.Generator().manual_seed(k))
+        for s in steps:
+            s(x, _detection_targets(eager, 2, seed=k))
+    assert steps[1].graphs.replays == len(lrs) - WARMUP_STEPS
+    assert steps[1].static_y.heatmap.shape == (2, 4, 4, 3)
+    for key, v in eager.state_dict().items():
+        assert torch.equal(v, graphed.state_dict()[key]), key
+    assert steps[1].clock.read() == steps[0].clock.read()
+
+
 def test_a_failed_capture_falls_back_to_eager_steps():
     torch.manual_seed(0)
     model = engine.compile(EXAMPLES / "digits.cnn")
@@ -242,6 +293,33 @@ def test_captured_steps_match_eager_steps_on_cuda():
     for key, v in eager.state_dict().items():
         assert torch.allclose(v.float(), graphed.state_dict()[key].float(), rtol=1e-5, atol=1e-6), key
     assert steps[0].clock.read()["count"] == steps[1].clock.read()["count"] == 64 * len(lrs)
+
+
+@pytest.mark.gpu
+def test_captured_detection_steps_match_eager_steps_on_cuda():
+    """detect_shapes: the CenterNet loss under the step clock, captured once and replayed on
+    static target buffers, against eager steps (and the loss terms' running sums)."""
+    torch.manual_seed(0)
+    eager = engine.compile(EXAMPLES / "detect_shapes.cnn", precision="bf16").cuda()
+    graphed = engine.compile(EXAMPLES / "detect_shapes.cnn", precision="bf16").cuda()
+    graphed.load_state_dict(eager.state_dict())
+    det = eager.train_config.detection
+    lrs = [0.01, 0.005, 0.008, 0.002, 0.006]
+    steps = [TrainStep(m, SGD(m.parameters(), lr=1.0, momentum=0.9), backend="triton",
+                       device=torch.device("cuda"), lr_of=lambda k: lrs[k], total_steps=len(lrs), capture=c,
+                       detection=det)
+             for m, c in ((eager, False), (graphed, True))]
+    for k in range(len(lrs)):
+        x = torch.randn(16, *eager.input_shape, generator=torch.Generator().manual_seed(k))
+        for s in steps:
+            s(x, _detection_targets(eager, 16, seed=k))
+    assert steps[1].graph is not None, steps[1].capture_error
+    torch.cuda.synchronize()
+    for key, v in eager.state_dict().items():
+        assert torch.allclose(v.float(), graphed.state_dict()[key].float(), rtol=1e-5, atol=1e-6), key
+    a, b = steps[0].clock.read(), steps[1].clock.read()
+    assert a["count"] == b["count"] == 16 * len(lrs)
+    assert a["terms"] == pytest.approx(b["terms"], rel=1e-5)
 
 
 @pytest.mark.gpu

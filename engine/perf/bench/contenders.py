@@ -76,7 +76,12 @@ class InputPool:
         x_shape, y_shape = InputPool.shapes(spec, batch)
         classes = spec.graph.output.shape[0]
         xs = [torch.randn(x_shape, generator=gen).to(device) for _ in range(slots)]
-        ys = [torch.randint(0, classes, y_shape, generator=gen).to(device) for _ in range(slots)]
+        if spec.train.detection is not None:  # loss centernet: CenterNet targets of the right shapes
+            from engine.kernels.centernet import placeholder_targets
+
+            ys = [placeholder_targets(batch, spec.graph.output.shape, device) for _ in range(slots)]
+        else:
+            ys = [torch.randint(0, classes, y_shape, generator=gen).to(device) for _ in range(slots)]
         return InputPool(xs, ys)
 
 
@@ -157,7 +162,8 @@ def build(name: str, source: str, state: dict, precision: str, pool: InputPool, 
         pool = InputPool([x.to(dtype=model.dtype, memory_format=fmt) for x in pool.x], pool.y)
         t = spec.train
         train_step = TrainStep(model, opt, backend="triton", device=device, lr_of=lambda k: t.optimizer.lr,
-                               total_steps=1, seed=t.seed, label_smoothing=t.label_smoothing, clip_grad=t.clip_grad)
+                               total_steps=1, seed=t.seed, label_smoothing=t.label_smoothing, clip_grad=t.clip_grad,
+                               detection=t.detection)
     if graphs and backend == "torch" and "capturable" in opt.defaults:
         for group in opt.param_groups:  # Adam's step counter must live on the GPU to be captured
             group["capturable"] = True
@@ -165,5 +171,12 @@ def build(name: str, source: str, state: dict, precision: str, pool: InputPool, 
         mode = "default" if name == "compile" else "max-autotune-no-cudagraphs"
         model = torch.compile(model, mode=mode)
         notes.append(f"torch.compile mode={mode}")
-    return Contender(name, model, opt, loss_fn(backend, spec.train.label_smoothing), precision, pool, notes,
-                     train_step)
+    loss = loss_fn(backend, spec.train.label_smoothing)
+    det = spec.train.detection
+    if det is not None:  # loss centernet: PyTorch contenders run the reference loss
+        from engine.training.detection.loss import centernet_loss_reference
+
+        def loss(out, y):
+            return centernet_loss_reference(out, y, size_weight=det.size_weight, offset_weight=det.offset_weight,
+                                            alpha=det.alpha, beta=det.beta)[3]
+    return Contender(name, model, opt, loss, precision, pool, notes, train_step)

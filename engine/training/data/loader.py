@@ -18,6 +18,7 @@ from engine.training.data import builtin
 from engine.training.data.dataset import Dataset
 from engine.training.data.formats import load_path
 from engine.training.data.transforms import augment, augments, normalised
+from engine.training.data.yolo import is_yolo_folder, load_yolo
 
 
 def load_dataset(spec: str, *, input_shape: Sequence[int] | None = None, num_classes: int | None = None,
@@ -29,6 +30,12 @@ def load_dataset(spec: str, *, input_shape: Sequence[int] | None = None, num_cla
     label at or past `num_classes` is refused while loading (one huge label must not
     make a list of 10^15 class names). `part` picks
     the training or test files of IDX and CIFAR folders ("train" | "test").
+
+    Detection sets (task "detect", with `boxes`): `shapes_boxes` (synthetic, drawn at the
+    network's input size, default 3x48x48) and a YOLO folder (`images/` + `labels/`, resized to
+    `input_shape` when given). For them `num_classes` is the network's class count (its heatmap
+    channels, i.e. output channels - 4): a label past it is refused, and the class names are
+    padded to it ("unused3", ...) so `len(ds.classes)` is what the targets need.
     """
     if spec == "digits":
         x, y, classes, name = *builtin.digits(), "digits"
@@ -38,6 +45,17 @@ def load_dataset(spec: str, *, input_shape: Sequence[int] | None = None, num_cla
         c, h, w = tuple(input_shape) if input_shape else (3, 32, 32)
         x, y, classes = builtin.shapes(c, h, w, num_classes or 2, seed=seed)
         return normalised(Dataset("shapes (synthetic)", x, y, classes, task="segment", synthetic=True))
+    elif spec == "shapes_boxes":
+        c, h, w = tuple(input_shape) if input_shape else builtin.SHAPES_BOXES_SIZE
+        x, boxes, classes = builtin.shapes_boxes(c, h, w, seed=seed)
+        if num_classes is not None and num_classes < len(classes):
+            raise DataError(f"the synthetic 'shapes_boxes' set has {len(classes)} classes ({', '.join(classes)}) but "
+                            f"the network detects {num_classes}; make its last layer output "
+                            f"{len(classes)} + 4 = {len(classes) + 4} channels")
+        return _detection_set("shapes_boxes (synthetic)", x, boxes, classes, num_classes, synthetic=True)
+    elif is_yolo_folder(Path(spec).expanduser()):
+        x, boxes, classes = load_yolo(Path(spec).expanduser(), part, input_shape=input_shape, max_classes=num_classes)
+        return _detection_set(str(Path(spec).expanduser()), x, boxes, classes, num_classes)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -47,6 +65,13 @@ def load_dataset(spec: str, *, input_shape: Sequence[int] | None = None, num_cla
         name = str(path)
     task = "segment" if y.ndim == 3 else "classify"
     return normalised(Dataset(name, x, y, classes, task=task))
+
+
+def _detection_set(name: str, x: torch.Tensor, boxes: list, classes: list[str], num_classes: int | None,
+                   synthetic: bool = False) -> Dataset:
+    classes = list(classes) + [f"unused{j}" for j in range(len(classes), num_classes or 0)]
+    counts = torch.tensor([len(b) for b in boxes], dtype=torch.int64)
+    return normalised(Dataset(name, x, counts, classes, task="detect", synthetic=synthetic, boxes=list(boxes)))
 
 
 def check_compatible(ds: Dataset, input_shape: Sequence[int], output_shape: Sequence[int], network: str = "network") -> None:
@@ -62,6 +87,8 @@ def check_compatible(ds: Dataset, input_shape: Sequence[int], output_shape: Sequ
         raise DataError(
             f"data '{ds.name}' has images of {fmt(got)} but network '{network}' takes input {fmt(want)}")
     out = tuple(int(s) for s in output_shape)
+    if ds.task == "detect":
+        return _check_detection(ds, want, out, network)
     k = out[0]
     if ds.task == "segment" and len(out) != 3:
         raise DataError(
@@ -81,8 +108,38 @@ def check_compatible(ds: Dataset, input_shape: Sequence[int], output_shape: Sequ
             f"{k} outputs; make its last layer output {top + 1} classes")
 
 
+def _check_detection(ds: Dataset, want: tuple[int, ...], out: tuple[int, ...], network: str) -> None:
+    """A detection set needs a [classes + 4, Ho, Wo] output at one integer stride, with a heatmap for
+    every class its boxes use."""
+    fmt = lambda s: "x".join(map(str, s))  # noqa: E731
+    if len(out) != 3:
+        raise DataError(
+            f"data '{ds.name}' is a detection set (boxes) but network '{network}' outputs {fmt(out)}, not a "
+            f"[classes + 4] x H x W map; end the network with a conv of {len(ds.classes)} + 4 channels")
+    k = out[0] - 4
+    if k < 1:
+        raise DataError(
+            f"network '{network}' outputs {out[0]} channels; a detection network needs classes + 4 "
+            f"(heatmaps, width, height, offset x, y): {len(ds.classes) + 4} for data '{ds.name}'")
+    h, w = want[1], want[2]
+    if h % out[1] or w % out[2] or h // out[1] != w // out[2]:
+        raise DataError(
+            f"network '{network}' maps its {h}x{w} input to a {out[1]}x{out[2]} output: not one integer stride "
+            f"for detection; make the output a whole fraction (1/2, 1/4, ...) of the input on both sides")
+    top = max((int(b[:, 0].max()) for b in ds.boxes or [] if len(b)), default=-1)
+    if top >= k:
+        raise DataError(
+            f"data '{ds.name}' has boxes of class {top} ({top + 1} classes) but network '{network}' detects {k} "
+            f"(outputs {out[0]} = {k} + 4 channels); make its last layer output {top + 1} + 4 = {top + 5} channels")
+
+
 def check_trainable(ds: Dataset) -> None:
-    """Refuse a classification set with a single class: it trains to a meaningless 100%."""
+    """Refuse a classification set with a single class (it trains to a meaningless 100%) and a
+    detection set without a single object (nothing to find: every mAP would be undefined)."""
+    if ds.task == "detect" and len(ds) and not any(len(b) for b in ds.boxes or []):
+        raise DataError(f"data '{ds.name}' has no objects in any of its {len(ds)} images: a detector needs boxes "
+                        "(a YOLO folder needs labels/NAME.txt beside images/NAME.png, one 'class cx cy w h' line "
+                        "per object)")
     if ds.task != "classify" or not len(ds):
         return
     present = torch.unique(ds.y)
