@@ -2,8 +2,6 @@
 text-table writer. None of them may import torch or triton when imported."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ from dsl.schema import TRAIN_OPTIONS
 from engine import precision
 from engine.errors import (CheckpointError, DataError, FusenetError, FusenetTrainError, FusenetUserError,
                            InputFileError, UsageError)
+from helpers import heavy_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,12 +54,8 @@ def test_error_hierarchy_and_exit_codes():
 
 
 def test_base_modules_import_neither_torch_nor_triton():
-    code = ("import sys\n"
-            "import engine.errors, engine.precision, engine.text, engine.resources, engine.version\n"
-            "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]"
+    code = "import engine.errors, engine.precision, engine.text, engine.resources, engine.version"
+    assert heavy_imports(code, ROOT, watch=("torch", "triton")) == []
 
 
 # ----------------------------------------------------------------------------- text tables

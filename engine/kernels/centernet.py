@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 
 from engine import device
-from engine.kernels.common import FLOAT_DTYPES, next_pow2
+from engine.kernels.clock import record_loss
+from engine.kernels.common import FLOAT_DTYPES, next_pow2, scale_by_device_scalar
 from engine.kernels.launch import launch
 
 REG = 4  # regression channels after the heatmaps: width, height, offset x, offset y
@@ -87,19 +88,10 @@ def _finish(focal, size, offset, n_obj, B, size_w, off_w, terms_ptr, counters_pt
     tl.store(terms_ptr + 2, o)
     tl.store(terms_ptr + 3, total)
     if CLOCK:
-        step = tl.load(counters_ptr + 1)  # int64 global index of this step
-        t64 = total.to(tl.float64)
-        tl.store(stats_ptr + 0, tl.load(stats_ptr + 0) + t64 * B)
-        tl.store(stats_ptr + 2, tl.load(stats_ptr + 2) + B)
-        tl.store(sums_ptr + 0, tl.load(sums_ptr + 0) + f.to(tl.float64) * B)
+        tl.store(sums_ptr + 0, tl.load(sums_ptr + 0) + f.to(tl.float64) * B)  # the clock's terms
         tl.store(sums_ptr + 1, tl.load(sums_ptr + 1) + s.to(tl.float64) * B)
         tl.store(sums_ptr + 2, tl.load(sums_ptr + 2) + o.to(tl.float64) * B)
-        bad = (total != total) | (tl.abs(total) == float("inf"))  # not finite
-        first = bad & (tl.load(stats_ptr + 3) == 0.0)
-        tl.store(stats_ptr + 3, 1.0, mask=first)
-        tl.store(stats_ptr + 4, (step + 1).to(tl.float64), mask=first)
-        tl.store(stats_ptr + 5, t64, mask=first)
-        tl.store(counters_ptr + 1, step + 1)
+        record_loss(total, B, counters_ptr, stats_ptr)
 
 
 @triton.jit
@@ -207,16 +199,6 @@ def _centernet_finish_kernel(part_ptr, mask_ptr, T, B, K, size_w, off_w, terms_p
     n_obj = _count_objects(mask_ptr, B * K, BLOCK_N)
     _finish(tl.sum(f, axis=0), tl.sum(s, axis=0), tl.sum(o, axis=0), n_obj, B, size_w, off_w,
             terms_ptr, counters_ptr, stats_ptr, sums_ptr, CLOCK)
-
-
-@triton.jit
-def _centernet_bwd_kernel(grad_ptr, dterms_ptr, out_ptr, L, BLOCK: tl.constexpr):
-    """out = grad * dterms[3] (grad: the total loss's gradient; dterms: the terms' incoming gradient)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat indices
-    m = offs < L
-    scale = tl.load(dterms_ptr + 3).to(tl.float32)  # scalar fp32
-    g = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32)  # [BLOCK] fp32
-    tl.store(out_ptr + offs, (g * scale).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -341,13 +323,7 @@ def centernet_forward(z: torch.Tensor, heat: torch.Tensor, index: torch.Tensor, 
 
 def centernet_backward(grad: torch.Tensor, dterms: torch.Tensor) -> torch.Tensor:
     """d logits = grad * dterms[3] (the total's incoming gradient; the terms are not differentiated)."""
-    out = torch.empty_like(grad)
-    L = grad.numel()
-    if L:
-        block = 1 << 16 if device.INTERPRETED else 1024
-        launch(_centernet_bwd_kernel, (triton.cdiv(L, block),), grad, dterms.contiguous(), out, L, BLOCK=block,
-               num_warps=4)
-    return out
+    return scale_by_device_scalar(grad, dterms.contiguous()[3:])
 
 
 class CenterNetFunction(torch.autograd.Function):

@@ -30,10 +30,29 @@ and at the end of an epoch (engine.training.step).
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 SEED, STEP = 0, 1  # counters
 LOSS_SUM, CORRECT, COUNT, BAD, BAD_STEP, BAD_LOSS = range(6)  # stats
 N_TERMS = 3  # terms
+
+
+@triton.jit
+def record_loss(loss, count, counters_ptr, stats_ptr):
+    """The loss kernels' side of the layout above, run by the one program that finishes a step's
+    loss: add `loss` (a scalar mean) x `count` rows to LOSS_SUM and `count` to COUNT, record the
+    first non-finite loss (BAD, BAD_STEP, BAD_LOSS), then advance STEP."""
+    step = tl.load(counters_ptr + 1)  # int64 global index of this step (STEP)
+    l64 = loss.to(tl.float64)
+    tl.store(stats_ptr + 0, tl.load(stats_ptr + 0) + l64 * count)  # LOSS_SUM
+    tl.store(stats_ptr + 2, tl.load(stats_ptr + 2) + count)  # COUNT
+    bad = (loss != loss) | (tl.abs(loss) == float("inf"))  # not finite
+    first = bad & (tl.load(stats_ptr + 3) == 0.0)  # BAD not yet set
+    tl.store(stats_ptr + 3, 1.0, mask=first)
+    tl.store(stats_ptr + 4, (step + 1).to(tl.float64), mask=first)  # BAD_STEP, 1-based
+    tl.store(stats_ptr + 5, l64, mask=first)  # BAD_LOSS
+    tl.store(counters_ptr + 1, step + 1)
 
 
 class StepClock:

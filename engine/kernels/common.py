@@ -2,7 +2,8 @@
 
 Whatever more than one kernel module needs lives here, under a public name: a
 kernel module imports from here (or from activations/launch/autotune), never a
-sibling's private names. Nothing here launches a kernel except `sum_partials`.
+sibling's private names. Nothing here launches a kernel except `sum_partials`, `fold_partials`
+and `scale_by_device_scalar`.
 
 Host:
     FLOAT_DTYPES, next_pow2, prev_pow2, pair, contiguous, act_code_checked
@@ -411,3 +412,26 @@ def sum_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, *, block: int
         HAS_B=pb is not None, BLOCK_T=bt, BLOCK_C=bc, num_warps=nw,
     )
     return oa if pb is None else (oa, ob)
+
+
+@triton.jit
+def _scale_by_scalar_kernel(x_ptr, s_ptr, out_ptr, L, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat indices
+    mask = offs < L
+    scale = tl.load(s_ptr).to(tl.float32)  # scalar fp32, read on the device
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK] fp32
+    tl.store(out_ptr + offs, (x * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_by_device_scalar(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x * s[0] as a new tensor like x, with s a device tensor (never read on the host): the
+    backward of a loss whose forward already wrote its gradient, scaled by the incoming one."""
+    if not x.is_contiguous() or s.numel() < 1 or s.device != x.device:
+        raise ValueError(f"scale_by_device_scalar: x must be contiguous and s a tensor on its device, "
+                         f"got {tuple(x.shape)} and {tuple(s.shape)} on {s.device}")
+    out = torch.empty_like(x)
+    L = x.numel()
+    if L:
+        block = 1 << 16 if _device.INTERPRETED else 1024
+        launch(_scale_by_scalar_kernel, (triton.cdiv(L, block),), x, s, out, L, BLOCK=block, num_warps=4)
+    return out

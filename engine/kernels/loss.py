@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from engine import device
-from engine.kernels.common import FLOAT_DTYPES, next_pow2
+from engine.kernels.clock import record_loss
+from engine.kernels.common import FLOAT_DTYPES, next_pow2, scale_by_device_scalar
 from engine.kernels.launch import launch
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for padding (keeps the interpreter free of inf - inf)
@@ -50,17 +51,8 @@ def _finish(loss_sum, correct, M, inv_m, loss_ptr, counters_ptr, stats_ptr, CLOC
     mean = loss_sum * inv_m  # scalar fp32
     tl.store(loss_ptr, mean)
     if CLOCK:
-        step = tl.load(counters_ptr + 1)  # int64 global index of this step
-        m64 = mean.to(tl.float64)
-        tl.store(stats_ptr + 0, tl.load(stats_ptr + 0) + m64 * M)
-        tl.store(stats_ptr + 1, tl.load(stats_ptr + 1) + correct.to(tl.float64))
-        tl.store(stats_ptr + 2, tl.load(stats_ptr + 2) + M)
-        bad = (mean != mean) | (tl.abs(mean) == float("inf"))  # not finite
-        first = bad & (tl.load(stats_ptr + 3) == 0.0)
-        tl.store(stats_ptr + 3, 1.0, mask=first)
-        tl.store(stats_ptr + 4, (step + 1).to(tl.float64), mask=first)
-        tl.store(stats_ptr + 5, m64, mask=first)
-        tl.store(counters_ptr + 1, step + 1)
+        tl.store(stats_ptr + 1, tl.load(stats_ptr + 1) + correct.to(tl.float64))  # CORRECT
+        record_loss(mean, M, counters_ptr, stats_ptr)
 
 
 @triton.jit
@@ -136,16 +128,6 @@ def _xent_finish_kernel(part_ptr, P, M, inv_m, loss_ptr, counters_ptr, stats_ptr
     _finish(tl.sum(acc, axis=0), tl.sum(hits, axis=0), M, inv_m, loss_ptr, counters_ptr, stats_ptr, CLOCK)
 
 
-@triton.jit
-def _xent_bwd_kernel(grad_ptr, dloss_ptr, out_ptr, L, BLOCK: tl.constexpr):
-    """out = grad * dloss (grad: the mean loss's gradient), dloss read from a 1-element tensor."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat indices
-    mask = offs < L
-    scale = tl.load(dloss_ptr).to(tl.float32)  # scalar fp32
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK] fp32
-    tl.store(out_ptr + offs, (g * scale).to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def _xent_plan(M: int, C: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_C, num_warps, rows per program)."""
     if device.INTERPRETED:
@@ -211,12 +193,7 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, label_smoo
 
 def cross_entropy_backward(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
     """dlogits = grad * dloss (grad: the mean loss's gradient, dloss: a 1-element tensor)."""
-    out = torch.empty_like(grad)
-    L = grad.numel()
-    if L:
-        block = 1 << 16 if device.INTERPRETED else 1024
-        launch(_xent_bwd_kernel, (triton.cdiv(L, block),), grad, dloss, out, L, BLOCK=block, num_warps=4)
-    return out
+    return scale_by_device_scalar(grad, dloss)
 
 
 class CrossEntropyFunction(torch.autograd.Function):

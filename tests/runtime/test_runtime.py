@@ -114,28 +114,35 @@ network conv_stats {
 """
 
 
-def test_training_bn_takes_its_statistics_from_the_conv_epilogue():
-    """In training, each conv that feeds only a bn emits the bn's per-channel
-    partial sums, so no bn statistics pass runs; the network still matches the
-    reference (output, every gradient, running statistics)."""
+def _bn_statistics_come_from(spec: str, family, kernel: str, x: torch.Tensor, producers: int) -> None:
+    """In training each `family` group of `spec` that feeds a bn emits the bn's partial sums (the
+    STATS variant of `kernel`), no bn statistics pass runs, and the network matches the fp64
+    reference: output, every gradient, the running statistics."""
     from engine.kernels.launch import recording
 
-    tri = engine.compile(STATS_NET)
-    ref = engine.compile(STATS_NET, backend="torch").double()
+    tri = engine.compile(spec)
+    ref = engine.compile(spec, backend="torch").double()
     ref.load_state_dict(tri.state_dict())
     plan = tri.kernel_plan()
-    convs = [g for g in plan if g.family is Family.CONV]
-    assert len(convs) == 3 and all(plan.graph.node(g.epilogue.stats).op == "bn" for g in convs)
+    groups = [g for g in plan if g.family is family]
+    assert len(groups) == producers and all(plan.graph.node(g.epilogue.stats).op == "bn" for g in groups)
     assert not any(g.epilogue.stats is not None for g in tri.kernel_plan(fold_bn=True))  # inference: bn folded
     tri.train()
     ref.train()
     with recording() as specs:
-        check_network_against_reference(tri, ref, torch.randn(5, 3, 9, 7), grad_floor=1e-2)
+        check_network_against_reference(tri, ref, x, grad_floor=1e-2)
     for (key, ours), (_, theirs) in zip(tri.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=1e-6, msg=key)
     names = {s.name for s in specs}
     assert "_bn_stats_kernel" not in names and "_bn_finalize_kernel" in names
-    assert any(dict(s.constexprs).get("STATS") for s in specs if s.name == "_conv_fwd_kernel")
+    assert sum(bool(dict(s.constexprs).get("STATS")) for s in specs if s.name == kernel) == producers
+
+
+def test_training_bn_takes_its_statistics_from_the_conv_epilogue():
+    """In training, each conv that feeds only a bn emits the bn's per-channel
+    partial sums, so no bn statistics pass runs; the network still matches the
+    reference (output, every gradient, running statistics)."""
+    _bn_statistics_come_from(STATS_NET, Family.CONV, "_conv_fwd_kernel", torch.randn(5, 3, 9, 7), 3)
 
 
 POOL_STATS_NET = """
@@ -154,23 +161,7 @@ def test_training_bn_takes_its_statistics_from_the_max_pool():
     """conv -> maxpool -> bn -> act: in training each max pool emits the bn's partial sums,
     no bn statistics pass runs, and the network matches the reference (output, every
     gradient, the running statistics)."""
-    from engine.kernels.launch import recording
-
-    tri = engine.compile(POOL_STATS_NET)
-    ref = engine.compile(POOL_STATS_NET, backend="torch").double()
-    ref.load_state_dict(tri.state_dict())
-    plan = tri.kernel_plan()
-    pools = [g for g in plan if g.family is Family.POOL]
-    assert len(pools) == 3 and all(plan.graph.node(g.epilogue.stats).op == "bn" for g in pools)
-    tri.train()
-    ref.train()
-    with recording() as specs:
-        check_network_against_reference(tri, ref, torch.randn(6, 3, 13, 15), grad_floor=1e-2)
-    for (key, ours), (_, theirs) in zip(tri.named_buffers(), ref.named_buffers()):
-        torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=1e-6, msg=key)
-    names = {s.name for s in specs}
-    assert "_bn_stats_kernel" not in names and "_bn_finalize_kernel" in names
-    assert sum(bool(dict(s.constexprs).get("STATS")) for s in specs if s.name == "_max_pool_fwd_kernel") == 3
+    _bn_statistics_come_from(POOL_STATS_NET, Family.POOL, "_max_pool_fwd_kernel", torch.randn(6, 3, 13, 15), 3)
 
 
 def test_max_pool_statistics_in_bf16_match_the_statistics_pass(monkeypatch):

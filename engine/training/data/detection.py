@@ -24,6 +24,7 @@ import torch
 
 from engine.errors import DataError
 from engine.training.data.dataset import Dataset
+from engine.training.data.transforms import random_crop
 
 MIN_OVERLAP = 0.7  # CenterNet's: a corner-shifted box still has IoU >= 0.7 with the true one
 ONE_BELOW = float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))  # the largest float32 under 1
@@ -194,12 +195,7 @@ def augment_detection(x: torch.Tensor, boxes: Sequence[torch.Tensor], cfg,
     boxes = [b.clone() for b in boxes]
     if cfg.crop:
         p = int(cfg.crop)
-        xp = torch.nn.functional.pad(x, (p, p, p, p))
-        oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
-        x = xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        x, oy, ox = random_crop(x, p, gen)
         for i, b in enumerate(boxes):
             b[:, 1::2] += p - int(ox[i])
             b[:, 2::2] += p - int(oy[i])

@@ -92,6 +92,19 @@ def renormalise(ds: Dataset, mean: Sequence[float], std: Sequence[float]) -> Dat
     return replace(ds, x=x, mean=tuple(mean), std=tuple(std))
 
 
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each image of x [N,C,H,W] zero-padded by `pad` and cropped back to HxW at a random offset:
+    (the crops, oy [N], ox [N]) — the offsets into the padded image, drawn from `gen` rows first,
+    so a label map or a box can follow (a box moves by (pad - ox, pad - oy))."""
+    n, c, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # [N, 1, H, 1]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # [N, 1, 1, W]
+    return xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols], oy, ox
+
+
 def augment(x: torch.Tensor, y: torch.Tensor, cfg, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crop after zero padding, horizontal flip and cutout, drawn from `gen`.
 
@@ -104,16 +117,11 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg, gen: torch.Generator) -> tupl
     seg = y.ndim == 3
     if cfg.crop:
         p = int(cfg.crop)
-        xp = torch.nn.functional.pad(x, (p, p, p, p))
-        oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
-        ni = torch.arange(n)[:, None, None, None]
-        x = xp[ni, torch.arange(c)[None, :, None, None], rows, cols]
+        x, oy, ox = random_crop(x, p, gen)
         if seg:
-            yp = torch.nn.functional.pad(y, (p, p, p, p))
-            y = yp[ni[:, 0], rows[:, 0], cols[:, 0]]
+            rows = (oy[:, None] + torch.arange(h))[:, :, None]  # [N, H, 1]
+            cols = (ox[:, None] + torch.arange(w))[:, None, :]  # [N, 1, W]
+            y = torch.nn.functional.pad(y, (p, p, p, p))[torch.arange(n)[:, None, None], rows, cols]
     if cfg.flip:
         m = torch.rand(n, generator=gen) < 0.5
         x = torch.where(m[:, None, None, None], x.flip(-1), x)
