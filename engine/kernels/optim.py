@@ -200,8 +200,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         scalar is the length of the learning-rate table)."""
         counters, lr_table = self._device if self._device is not None else (None, None)
         ptrs = (fg.packed_buf, fg.blk_table, fg.seg_table, fg.int_table, lr_table, counters)
-        meta = dict(DEVICE_LR=self._device is not None, PACK=fg.packed_buf is not None, SEG_COLS=SEG_COLS,
-                    MAX_PACKS=MAX_PACKS, BLOCK=fg.block, num_warps=4)
+        # packed copies: each element's destination in two permuted layouts is int64 index math;
+        # at 16 elements a thread (4 warps) the SGD kernel spilled 216 B on sm_90, 8 warps halve it
+        pack = fg.packed_buf is not None
+        meta = dict(DEVICE_LR=self._device is not None, PACK=pack, SEG_COLS=SEG_COLS,
+                    MAX_PACKS=MAX_PACKS, BLOCK=fg.block, num_warps=8 if pack else 4)
         return ptrs, meta
 
     # -- checkpoints ---------------------------------------------------------

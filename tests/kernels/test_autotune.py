@@ -319,19 +319,25 @@ def test_forced_wgrad_split_and_stats_buffers(monkeypatch):
     kw = dict(stride=1, padding=1, dilation=1, groups=1)
     ref_w = torch.nn.grad.conv2d_weight(nchw(x).double(), (13, 6, 3, 3), nchw(dy).double(), padding=1)
     splits_seen = []
-    sum_partials = conv_wgrad.sum_partials
+    sum_partials, sum_to_torch = conv_wgrad.sum_partials, conv_wgrad._sum_to_torch
 
-    def spy(part, **kw):
-        splits_seen.append(part.shape[0])
+    def spy_bias(part, **kw):
+        splits_seen.append(("db", part.shape[0]))
         return sum_partials(part, **kw)
 
-    monkeypatch.setattr(conv_wgrad, "sum_partials", spy)
+    def spy_weight(part, *args):
+        splits_seen.append(("dw", part.shape[0]))
+        return sum_to_torch(part, *args)
+
+    monkeypatch.setattr(conv_wgrad, "sum_partials", spy_bias)
+    monkeypatch.setattr(conv_wgrad, "_sum_to_torch", spy_weight)
     for split in (1, 3, 8):
         with autotune.forced(Config(64, 16, 32, split=split)):
             dw, db = conv2d_wgrad(x, dy, (13, 6, 3, 3), need_bias=True, **kw)
         assert_close(dw, ref_w, what=f"dw split {split}")
         assert_close(db, dy.double().sum((0, 1, 2)), what=f"db split {split}")
-    assert splits_seen == [1, 1, 3, 3, 8, 8]  # dw and db partials per split count
+    # one split writes dw and db itself; S splits leave S partial rows each, folded in a fixed order
+    assert splits_seen == [("dw", 3), ("db", 3), ("dw", 8), ("db", 8)]
     # dgrad alone, stride 3 (several phases), a forced config
     w = torch.randn(8, 5, 3, 3)
     dy3 = torch.randn(2, 4, 4, 8)
