@@ -177,13 +177,15 @@ def check_network_against_reference(
 def heavy_imports(code: str, cwd, watch: Sequence[str] = ("torch", "triton", "numpy")) -> list[str]:
     """Which of the `watch` modules a fresh interpreter has imported after running `code` in
     `cwd` (the tests that pin the DSL-only paths and the base modules as torch-free)."""
+    import json
     import subprocess
     import sys
 
-    probe = f"{code}\nimport sys as _sys\nprint(sorted(m for m in {tuple(watch)!r} if m in _sys.modules))\n"
+    probe = (f"{code}\nimport json as _json, sys as _sys\n"
+             f"print(_json.dumps(sorted(m for m in {tuple(watch)!r} if m in _sys.modules)))\n")
     r = subprocess.run([sys.executable, "-c", probe], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    return eval(r.stdout.strip().splitlines()[-1])  # the printed list
+    return json.loads(r.stdout.strip().splitlines()[-1])  # the printed list
 
 
 from engine.kernels.activations import ACTIVATIONS as _ACTIVATION_TABLE  # noqa: E402

@@ -319,8 +319,9 @@ def _resume_progress(ck, m: _Machinery, cfg, state: _Progress, out: Path, say) -
 def _train_epoch(m: _Machinery, cfg, train_ds: D.Dataset, dist: Dist, epoch: int, progress: bool, out: Path,
                  last_good: int) -> dict:
     """One pass over the training data; the epoch's row: epoch, lr, train loss and accuracy.
-    Reads the device's NaN flag every GUARD_EVERY steps and at the end (no other host sync):
-    a FusenetTrainError if a loss was not finite."""
+    Reads the device's stats (a host sync) every GUARD_EVERY steps, at the end, and, with a
+    progress bar, when the bar is due for new numbers (at most once per its refresh interval,
+    1 s for tqdm, PROGRESS_EVERY_S for plain lines): a FusenetTrainError if a loss was not finite."""
     t0 = time.perf_counter()
     order = D.epoch_order(len(train_ds), m.gen)
     bar = progress_bar(progress if dist.main else False, m.steps_per_epoch, epoch, cfg.epochs)
