@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from engine.cli.common import input_path, positive_int
+from engine.errors import UsageError
 from engine.perf.aot_report import TARGETS as TARGET_ARCHS
 from engine.precision import NAMES as PRECISIONS
 from engine.precision import PERFORMANCE_DEFAULT
@@ -31,8 +32,6 @@ def cmd_inspect(args) -> int:
     model = engine.compile(Path(input_path(args.file)), backend="triton", precision=args.precision)
     if not args.eval and not any(p.requires_grad for p in model.parameters()):
         if args.perf:
-            from engine.errors import UsageError
-
             raise UsageError(f"{model.name} has no parameters: --perf estimates a training step, which updates nothing")
         print(f"fusenet inspect: {model.name} has no parameters, so a training step would update nothing; "
               "inspecting its inference kernels (as --eval does)", file=sys.stderr)
@@ -63,8 +62,6 @@ def _perf(model, args) -> int:
     from engine.perf.gemm_perf import format_perf, step_perf
 
     if args.eval:
-        from engine.errors import UsageError
-
         raise UsageError("--perf estimates a training step; drop --eval")
     batch = args.batch or model.train_config.batch
     print(f"fusenet inspect: estimating one training step of {model.name} (batch {batch}, {model.precision}) "
