@@ -177,13 +177,37 @@ SMS = 132  # an H100 SXM's SMs: the heuristic sizes grids in waves of them
 ISSUE_PER_CLOCK, TENSOR_MACS_PER_CLOCK, SMEM_BYTES_PER_CLOCK = 4, 2048, 128  # per SM (engine.perf.sass)
 
 
-def conv_tile_cycles(M: int, N: int, C: int, taps: int, bm: int, bn: int, warps: int) -> float:
-    """Estimated SM clocks of a conv forward / dgrad on one GPU with (bm, bn, warps) tiles:
-    waves of programs x each program's max(issue, tensor, shared-memory) clocks per trip
-    (each 64-row wgmma reads the B tile again), plus its epilogue."""
-    bk = conv_chunk(C, taps)
+# Narrow tiles (BLOCK_N 64, issue-bound at BLOCK_K 64) take 128-channel chunks when the channels
+# divide into them: the per-trip cost outside the loads (barriers, wgmma descriptors, the tap and
+# mask arithmetic) is paid half as often. Read from the sm_90 SASS: a 128-channel trip costs
+# ~1.75x a 64-channel one (128x64 dgrad 161 -> 277 instructions, 0.63 -> 0.54 issue/tensor;
+# 64x64 forward 123 -> 198, 0.96 -> 0.77); sm_80 compiles them without spills (250 registers at
+# 128x64). Wider tiles are tensor-bound already, and their 128-channel stages would not fit.
+WIDE_CHUNK_TILES = {(128, 64, 4), (64, 64, 4)}
+WIDE_CHUNK = 128
+
+
+def _loop_scale(bk: int) -> float:
+    """A trip's instructions at chunk `bk` over those at 64 (CONV_TILES is read at 64)."""
+    return 0.55 + 0.45 * bk / 64 if bk <= 64 else 1.75 * bk / WIDE_CHUNK
+
+
+def conv_chunks(C: int, taps: int, tile: tuple[int, int, int]) -> list[int]:
+    """The chunks (BLOCK_K) a conv tile may take: conv_chunk's, and WIDE_CHUNK for the narrow
+    tiles of WIDE_CHUNK_TILES when C is a multiple of it."""
+    out = [conv_chunk(C, taps)]
+    if tile in WIDE_CHUNK_TILES and C >= 16 and C % WIDE_CHUNK == 0:
+        out.append(WIDE_CHUNK)
+    return out
+
+
+def conv_tile_cycles(M: int, N: int, C: int, taps: int, bm: int, bn: int, warps: int, bk: int | None = None) -> float:
+    """Estimated SM clocks of a conv forward / dgrad on one GPU with (bm, bn, warps) tiles and
+    chunk `bk` (default conv_chunk's): waves of programs x each program's max(issue, tensor,
+    shared-memory) clocks per trip (each 64-row wgmma reads the B tile again), plus its epilogue."""
+    bk = bk or conv_chunk(C, taps)
     loop, rest = CONV_TILES[(bm, bn, warps)]
-    loop *= 0.55 + 0.45 * bk / 64
+    loop *= _loop_scale(bk)
     trips = -(-taps * C // bk) if C < 16 else taps * -(-C // bk)
     smem = (bm * bk + bm // 64 * bk * bn) * 2
     per_trip = max(bm * bn * bk / TENSOR_MACS_PER_CLOCK, loop * warps / ISSUE_PER_CLOCK, smem / SMEM_BYTES_PER_CLOCK)
@@ -192,15 +216,17 @@ def conv_tile_cycles(M: int, N: int, C: int, taps: int, bm: int, bn: int, warps:
 
 
 def conv_heuristic(M: int, N: int, C: int, taps: int) -> Config:
-    """The untuned GPU tile config of a conv forward / dgrad: the CONV_TILES tile with the
-    fewest estimated clocks (conv_tile_cycles), the larger on a tie; 4 stages where they fit."""
+    """The untuned GPU tile config of a conv forward / dgrad: the CONV_TILES tile and chunk
+    (conv_chunks) with the fewest estimated clocks (conv_tile_cycles); within 5% of the
+    cheapest, the larger tile, then the longer chunk; 4 stages where they fit in 160 KB."""
     nmax = max(32, next_pow2(N))
-    tiles = [t for t in CONV_TILES if t[1] <= nmax]
-    cost = {t: conv_tile_cycles(M, N, C, taps, *t) for t in tiles}
+    opts = [(t, bk) for t in CONV_TILES if t[1] <= nmax for bk in conv_chunks(C, taps, t)]
+    cost = {o: conv_tile_cycles(M, N, C, taps, *o[0], bk=o[1]) for o in opts}
     best = min(cost.values())
-    # within 5% of the cheapest, the largest tile: it rereads its operands least (L2, HBM)
-    bm, bn, warps = max((t for t in tiles if cost[t] <= 1.05 * best), key=lambda t: (t[0] * t[1], -cost[t]))
-    bk = conv_chunk(C, taps)
+    # within 5% of the cheapest, the largest tile: it rereads its operands least (L2, HBM); then
+    # the longer chunk: fewer instructions per multiply-add
+    (bm, bn, warps), bk = max((o for o in opts if cost[o] <= 1.05 * best),
+                              key=lambda o: (o[0][0] * o[0][1], o[1], -cost[o]))
     stages = 4 if gemm_smem_bytes(bm, bn, bk, 4, 2, 2) <= 160 * 1024 else 3
     return Config(bm, bn, bk, num_warps=warps, num_stages=stages)
 
@@ -208,14 +234,16 @@ def conv_heuristic(M: int, N: int, C: int, taps: int) -> Config:
 def conv_candidates(M: int, N: int, C: int, taps: int, dtype: torch.dtype, smem_limit: int,
                     default: Config | None = None) -> list[Config]:
     """Tile configs worth timing for a conv forward / dgrad: every CONV_TILES tile up to N's width
-    with BLOCK_K 64 / 32 (up to C), at the deepest of 4 or 3 stages that fits; `default` first."""
+    with BLOCK_K 64 / 32 (up to C) and its conv_chunks, at the deepest of 4 or 3 stages that fits;
+    `default` first."""
     a_bytes = torch.empty((), dtype=dtype).element_size()
     out: list[Config] = [default] if default is not None else []
-    bks = sorted({conv_chunk(C, taps), min(64, max(16, next_pow2(C)))}, reverse=True)
     nmax = max(32, next_pow2(N))
-    for bm, bn, warps in CONV_TILES:
+    for tile in CONV_TILES:
+        bm, bn, warps = tile
         if bn > nmax:
             continue
+        bks = sorted({*conv_chunks(C, taps, tile), min(64, max(16, next_pow2(C)))}, reverse=True)
         for bk in bks:
             for stages in (4, 3):
                 if gemm_smem_bytes(bm, bn, bk, stages, a_bytes, a_bytes) <= smem_limit:
@@ -230,14 +258,20 @@ def wgrad_heuristic(C: int, N: int, P: int, taps: int, elem_bytes: int = 2) -> C
     """The untuned GPU tile config of a conv wgrad (GEMM view: block_m channels of one tap,
     block_n output channels, block_k the pixel chunk). Read from the sm_90 SASS: each
     pixel of a trip costs ~10-25 instructions per thread whatever the tile, paid once
-    per BLOCK_N output channels, so BLOCK_N is as wide as Cout allows (128x256: 0.39
-    issue/tensor, 128x128: 0.65, 64x64: 1.4); narrow tiles take 128-pixel chunks to
-    halve the per-trip overhead (64x64x128: 1.05; 256-pixel chunks read 0.90 but spill on sm_80).
+    per BLOCK_N output channels, so BLOCK_N is as wide as Cout allows, and the narrower
+    the tile the longer its pixel chunk, to spread the per-trip overhead (barriers, wgmma
+    descriptors, box stepping) over more multiply-adds: 64x64 tiles take 256 pixels
+    (64->64 @15x15: 1.05 issue/tensor at 128, 0.66 at 256; 24->64 @31x31: 1.00 -> 0.82),
+    128-wide take 128 (128x128: 0.64 -> 0.48; 64x128: 0.77 -> 0.54), 256-wide keep 64
+    (0.39; 64x256x128 would need 240 KB of shared memory at 3 stages). All compile without spills on sm_80 (at most 218 registers), pixel boxes or flat.
     fp32 operands (`elem_bytes` 4, no HGMMA) take 64-pixel chunks: at 128 the pixel-box
     variant needs 255 registers and spills 376 B on sm_90 (digits, 64x16 tiles)."""
     bm = 128 if C >= 128 else 64
     bn = min(max(16, next_pow2(N)), 256)
-    bp = 64 if bn >= 128 or elem_bytes >= 4 else 128
+    if elem_bytes >= 4:
+        bp = 64
+    else:
+        bp = 256 if bn <= 64 else 128 if bn <= 128 else 64  # 64x256x128 would need 240 KB at 3 stages
     warps = 8 if bm * bn >= 128 * 128 else 4
     stages = 4 if gemm_smem_bytes(bm, bn, bp, 4, elem_bytes, elem_bytes) <= 160 * 1024 else 3
     return Config(bm, bn, bp, num_warps=warps, num_stages=stages)
@@ -254,7 +288,7 @@ def wgrad_candidates(C: int, N: int, P: int, dtype: torch.dtype, smem_limit: int
         for bn in (128, 64, 256, 32):
             if bn > max(16, next_pow2(N)):
                 continue
-            for bp in (64, 128, 32):
+            for bp in (64, 128, 256, 32):
                 warps = 8 if bm * bn >= 128 * 128 else 4
                 for stages in (4, 3, 2):
                     if gemm_smem_bytes(bm, bn, bp, stages, a_bytes, a_bytes) <= smem_limit:
@@ -286,6 +320,6 @@ def smem_limit(device: torch.device) -> int:
 
 
 __all__ = ["Config", "epilogue_key", "gemm_smem_bytes", "gemm_candidates", "split_variants", "smem_limit",
-           "conv_chunk", "conv_heuristic", "conv_candidates", "conv_tile_cycles", "CONV_TILES", "wgrad_heuristic",
+           "conv_chunk", "conv_chunks", "conv_heuristic", "conv_candidates", "conv_tile_cycles", "CONV_TILES", "wgrad_heuristic",
            "wgrad_candidates",
            "DEFAULT_SMEM_LIMIT", "MAX_CANDIDATES"]

@@ -105,7 +105,13 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
             jr = tap // NS
             js = tap - jr * NS
             if KH * KW <= 64:
-                ok = ((bits >> (jr * KW + js)) & 1) != 0  # [BLOCK_M] rows with a real pixel at this tap
+                # [BLOCK_M] rows with a real pixel at this tap: one AND with the tap's (scalar) bit
+                # sets the predicate, where shifting each row's word took two instructions a row
+                if KH * KW > 32:
+                    bit = tl.full((), 1, tl.int64) << (jr * KW + js).to(tl.int64)
+                else:
+                    bit = 1 << (jr * KW + js)
+                ok = (bits & bit) != 0
             else:
                 h = h0 + jr * step_h  # [BLOCK_M]
                 w = w0 + js * step_w  # [BLOCK_M]
