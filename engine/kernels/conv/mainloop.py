@@ -98,12 +98,21 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
         bits = tap_bits(h0, w0, step_h, step_w, H, W, mask_m, NR, NS, KH, KW)  # [BLOCK_M]
     if TPC == 1:
         a_offs = a_rows[:, None] + offs_k[None, :]  # [BLOCK_M, BLOCK_K] offsets of tap (0, 0), chunk 0
+    else:
+        a_row_ptrs = a_base + a_rows  # [BLOCK_M] 64-bit row pointers: a lane adds a 32-bit offset
+    jr_next = 0  # the tap of a trip when a tap is one chunk: stepped, not divided
+    js_next = 0
     for it in range(0, n_iters):
         if TPC == 1:
-            tap = it // CHUNKS  # scalar: constexpr divisor
-            c0 = (it - tap * CHUNKS) * BLOCK_K
-            jr = tap // NS
-            js = tap - jr * NS
+            if CHUNKS == 1:
+                c0 = 0
+                jr = jr_next
+                js = js_next
+            else:
+                tap = it // CHUNKS  # scalar: constexpr divisor
+                c0 = (it - tap * CHUNKS) * BLOCK_K
+                jr = tap // NS
+                js = tap - jr * NS
             if KH * KW <= 64:
                 # [BLOCK_M] rows with a real pixel at this tap: one AND with the tap's (scalar) bit
                 # sets the predicate, where shifting each row's word took two instructions a row
@@ -129,8 +138,14 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
             tap_k = it * TPC + offs_k // (BLOCK_K // TPC)  # [BLOCK_K]
             jr_k = tap_k // NS
             js_k = tap_k - jr_k * NS
-            ok_k = ((bits[:, None] >> (jr_k * KW + js_k)[None, :]) & 1) != 0  # [BLOCK_M, BLOCK_K]
-            a_mask = ok_k & (tap_k < NR * NS)[None, :]
+            # each lane's tap bit, 0 past the last tap: one AND per element gives the mask (shifting
+            # every row's word and a separate tap check took three instructions a load on sm_90)
+            if KH * KW > 32:
+                bit_k = tl.full((BLOCK_K,), 1, tl.int64) << (jr_k * KW + js_k).to(tl.int64)  # [BLOCK_K]
+            else:
+                bit_k = 1 << (jr_k * KW + js_k)  # [BLOCK_K]
+            bit_k = tl.where(tap_k < NR * NS, bit_k, 0)
+            a_mask = (bits[:, None] & bit_k[None, :]) != 0  # [BLOCK_M, BLOCK_K]
             lane = jr_k * a_rstep + js_k * a_sstep + offs_k % (BLOCK_K // TPC)  # [BLOCK_K]
             a_idx = a_rows[:, None] + lane[None, :]  # [BLOCK_M, BLOCK_K]
             c0 = 0
@@ -142,7 +157,10 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
             a = load_dz(a_base, z_base, scale_ptr, a_idx, a_mask, ch0 + c0 + offs_k,
                         (c0 + offs_k) < c_stored, slope, A_ACT, A_SCALE)  # [BLOCK_M, BLOCK_K] fp32 dz
         else:
-            a = tl.load(a_base + a_idx, mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
+            if TPC == 1:
+                a = tl.load(a_base + a_idx, mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
+            else:
+                a = tl.load(a_row_ptrs[:, None] + lane[None, :], mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
         if W_TMA:
             # one TMA copy; past the edges it reads zeros, and rows of the next tap in a
             # partial chunk meet the zeroed A channels above
@@ -164,6 +182,11 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
         else:
             b = tl.load(b_op + b_row * b_ld, mask=in_k[:, None] & mask_n[None, :], other=0.0)
         acc = dot(a.to(b.dtype), b, acc, PRECISION, UPCAST)
+        if TPC == 1 and CHUNKS == 1:
+            js_next = js + 1
+            wrap = js_next >= NS
+            js_next = tl.where(wrap, 0, js_next)
+            jr_next = tl.where(wrap, jr + 1, jr)
     return acc
 
 
