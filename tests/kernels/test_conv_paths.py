@@ -162,3 +162,44 @@ def test_dgrad_is_one_launch_for_every_stride_phase(stride):
         dx = conv2d_dgrad(dy, w, x.shape, stride=stride, padding=1, dilation=1, groups=1)
     assert log.count("_conv_dgrad_kernel") == 1
     assert_close(dx, _ref_all(x, w, dy, stride=stride, padding=1)[1], what=f"dx stride {stride}")
+
+
+@pytest.mark.parametrize("shape,block_p,full", [
+    ((3, 7, 9, 16), 128, (True, True, True)),  # one box per image: every mask loop-invariant
+    ((3, 7, 9, 16), 256, (True, True, False)),  # two images a box, 3 images: the last box half real
+    ((2, 6, 20, 8), 16, (False, False, True)),  # boxes narrower than a row: stepped along it
+])
+def test_wgrad_box_masks_hoisted_when_a_box_spans_an_axis(shape, block_p, full, monkeypatch):
+    # GPU tiles, boxes forced: FULL_W / FULL_H / EVEN_B drop the checks a box's position cannot fail
+    monkeypatch.setattr(engine.device, "INTERPRETED", False)
+    monkeypatch.setattr(conv_geometry, "WGRAD_BOX_MIN", 0.0)
+    monkeypatch.setattr(conv_geometry, "WGRAD_BOX_MIN_NARROW", 0.0)
+    x = torch.randn(*shape)
+    dy = torch.randn(shape[0], shape[1], shape[2], 24)  # 3x3, stride 1, padding 1: same size
+    geo = dict(stride=1, padding=1, dilation=1, groups=1)
+    with autotune.forced(Config(16, 32, block_p, split=2)), recording() as specs:
+        dw, db = conv2d_wgrad(x, dy, (24, shape[3], 3, 3), need_bias=True, **geo)
+    (k,) = [dict(s.constexprs) for s in specs if s.name == "_conv_wgrad_kernel"]
+    assert (k["FULL_W"], k["FULL_H"], k["EVEN_B"]) == full and k["TH"] > 0
+    _, _, ref = _ref_all(x, torch.randn(24, shape[3], 3, 3), dy, stride=1, padding=1)
+    assert_close(dw, ref, what="dw")
+    assert_close(db, dy.double().sum((0, 1, 2)), what="db")
+
+
+@pytest.mark.parametrize("tile", [(128, 64, 4), (64, 64, 4)])
+def test_conv_128_channel_chunks(tile):
+    # the GPU heuristic's 128-channel chunks of 64-wide tiles (tune_config.WIDE_CHUNK_TILES): one
+    # chunk per tap (128 channels) and two (256), odd pixel counts, forward and dgrad
+    bm, bn, warps = tile
+    for cin, cout in ((128, 256), (256, 128)):
+        x, w = torch.randn(1, 5, 3, cin), torch.randn(cout, cin, 3, 3) / 24
+        dy = torch.randn(1, 5, 3, cout)
+        with autotune.forced(Config(bm, bn, 128, num_warps=warps, num_stages=3),
+                             kernels=["conv2d_fwd", "conv2d_dgrad"]), recording() as specs:
+            y = conv2d_forward(x, w, padding=1).y
+            dx = conv2d_dgrad(dy, w, x.shape, stride=1, padding=1, dilation=1, groups=1)
+        assert {dict(s.constexprs)["BLOCK_K"] for s in specs if s.name in ("_conv_fwd_kernel",
+                                                                         "_conv_dgrad_kernel")} == {128}
+        ref_y, ref_dx, _ = _ref_all(x, w, dy, padding=1)
+        assert_close(y, ref_y, what=f"y {cin}->{cout}")
+        assert_close(dx, ref_dx, what=f"dx {cin}->{cout}")

@@ -67,3 +67,30 @@ def test_epilogue_key_and_config_text():
         Config.from_json({"block_m": 64, "block_n": 32})
     with pytest.raises(ValueError):
         Config.from_json({"block_m": 64, "block_n": 32, "block_k": 16, "colour": 1})
+
+
+def test_conv_heuristic_wide_chunks_for_narrow_tiles():
+    # 64-wide tiles take 128-channel chunks when the channels divide into them (issue #11: the
+    # per-trip overhead is paid half as often); otherwise the channel chunk as before
+    for M, N, C in ((1024 * 225, 64, 256), (1024 * 9, 256, 256), (512 * 1024, 64, 128)):
+        cfg = tune_config.conv_heuristic(M, N, C, 9)
+        if cfg.block_n == 64:
+            assert cfg.block_k == 128, (M, N, C, cfg)
+    assert tune_config.conv_heuristic(1024 * 225, 64, 64, 9).block_k == 64  # 64 channels: one chunk per tap
+    assert tune_config.conv_heuristic(1024 * 961, 64, 24, 9).block_k == 32
+    assert tune_config.conv_heuristic(1024 * 49, 256, 256, 9).block_k == 64  # wide tiles keep 64
+    assert tune_config.conv_chunks(256, 9, (128, 128, 8)) == [64]
+    assert tune_config.conv_chunks(8, 4, (64, 64, 4)) == [32]  # the stem: several taps a chunk
+    cands = tune_config.conv_candidates(1024 * 225, 64, 256, 9, torch.bfloat16, 227 * 1024)
+    assert {c.block_k for c in cands if c.block_n == 64} == {128, 64}
+
+
+def test_wgrad_heuristic_pixel_chunks_by_width():
+    bf16 = [tune_config.wgrad_heuristic(C, N, 1 << 20, 9) for C, N in ((8, 24), (24, 64), (64, 64), (64, 128),
+                                                                           (128, 128), (64, 256), (256, 512))]
+    assert [(c.block_m, c.block_n, c.block_k) for c in bf16] == [
+        (64, 32, 256), (64, 64, 256), (64, 64, 256), (64, 128, 128), (128, 128, 128), (64, 256, 64),
+        (128, 256, 64)]
+    assert tune_config.wgrad_heuristic(64, 64, 1 << 20, 9, elem_bytes=4).block_k == 64  # fp32: no HGMMA
+    for c in bf16:  # every pipeline fits an H100's shared memory
+        assert tune_config.gemm_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages, 2, 2) <= 227 * 1024
