@@ -254,7 +254,7 @@ def conv_candidates(M: int, N: int, C: int, taps: int, dtype: torch.dtype, smem_
     return out[:MAX_CANDIDATES]
 
 
-def wgrad_heuristic(C: int, N: int, P: int, taps: int, elem_bytes: int = 2) -> Config:
+def wgrad_heuristic(C: int, N: int, P: int, taps: int, elem_bytes: int = 2, fused_dz: bool = False) -> Config:
     """The untuned GPU tile config of a conv wgrad (GEMM view: block_m channels of one tap,
     block_n output channels, block_k the pixel chunk). Read from the sm_90 SASS: each
     pixel of a trip costs ~10-25 instructions per thread whatever the tile, paid once
@@ -263,15 +263,21 @@ def wgrad_heuristic(C: int, N: int, P: int, taps: int, elem_bytes: int = 2) -> C
     descriptors, box stepping) over more multiply-adds: 64x64 tiles take 256 pixels
     (64->64 @15x15: 1.05 issue/tensor at 128, 0.66 at 256; 24->64 @31x31: 1.00 -> 0.82),
     128-wide take 128 (128x128: 0.64 -> 0.48; 64x128: 0.77 -> 0.54), 256-wide keep 64
-    (0.39; 64x256x128 would need 240 KB of shared memory at 3 stages). All compile without spills on sm_80 (at most 218 registers), pixel boxes or flat.
+    (0.39; 64x256x128 would need 240 KB of shared memory at 3 stages). All compile without spills
+    on sm_80 (at most 218 registers), pixel boxes or flat. Not at 256 pixels: 16-wide tiles, and
+    `fused_dz` (dz = act'(z) * dy (* scale) is an fp32 tile in registers): lenet5's 64x16x256
+    with a fused ReLU needed 255 registers on sm_80 and spilled 1,096 B; both keep the chunks
+    they had (128 pixels, 64 from 128 wide).
     fp32 operands (`elem_bytes` 4, no HGMMA) take 64-pixel chunks: at 128 the pixel-box
     variant needs 255 registers and spills 376 B on sm_90 (digits, 64x16 tiles)."""
     bm = 128 if C >= 128 else 64
     bn = min(max(16, next_pow2(N)), 256)
     if elem_bytes >= 4:
         bp = 64
+    elif fused_dz or bn < 32:
+        bp = 128 if bn < 128 else 64  # as before issue #11
     else:
-        bp = 256 if bn <= 64 else 128 if bn <= 128 else 64  # 64x256x128 would need 240 KB at 3 stages
+        bp = 256 if bn <= 64 else 128 if bn <= 128 else 64  # 64x256x128: 240 KB at 3 stages
     warps = 8 if bm * bn >= 128 * 128 else 4
     stages = 4 if gemm_smem_bytes(bm, bn, bp, 4, elem_bytes, elem_bytes) <= 160 * 1024 else 3
     return Config(bm, bn, bp, num_warps=warps, num_stages=stages)

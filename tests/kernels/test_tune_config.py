@@ -94,3 +94,7 @@ def test_wgrad_heuristic_pixel_chunks_by_width():
     assert tune_config.wgrad_heuristic(64, 64, 1 << 20, 9, elem_bytes=4).block_k == 64  # fp32: no HGMMA
     for c in bf16:  # every pipeline fits an H100's shared memory
         assert tune_config.gemm_smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages, 2, 2) <= 227 * 1024
+    # a dz computed in registers (fused activation gradient) and 16-wide tiles keep the shorter chunks
+    assert tune_config.wgrad_heuristic(64, 64, 1 << 20, 9, fused_dz=True).block_k == 128
+    assert tune_config.wgrad_heuristic(64, 128, 1 << 20, 9, fused_dz=True).block_k == 64
+    assert tune_config.wgrad_heuristic(8, 6, 1 << 20, 25).block_k == 128

@@ -184,9 +184,10 @@ def wgrad_box(N: int, Ho: int, Wo: int, block_p: int, block_n: int) -> tuple[int
     return (tb, th, tw) if real >= need * boxed else (0, 0, 0)
 
 
-def wgrad_tiles(C: int, N: int, P: int, taps: int, elem_bytes: int = 2) -> Config:
+def wgrad_tiles(C: int, N: int, P: int, taps: int, elem_bytes: int = 2, fused_dz: bool = False) -> Config:
     """The tile config of a wgrad in its GEMM view [taps*C, P] x [P, N]: block_m = channels of
-    one tap (BLOCK_K), block_n = output channels, block_k = the pixel chunk (BLOCK_P)."""
+    one tap (BLOCK_K), block_n = output channels, block_k = the pixel chunk (BLOCK_P). fused_dz:
+    the B operand is act'(z) * dy (* scale), computed in registers."""
     if _device.INTERPRETED:
         # long reduction chunks: each loop trip costs a round of numpy calls
         # (BLOCK_P 4096 ran 1.5-3x faster than 512 on digits' convs)
@@ -194,4 +195,4 @@ def wgrad_tiles(C: int, N: int, P: int, taps: int, elem_bytes: int = 2) -> Confi
         while bp > 512 and bp * max(bk, bn) > (1 << 20):  # Triton's largest tile
             bp //= 2
         return Config(bk, bn, bp)
-    return wgrad_heuristic(C, N, P, taps, elem_bytes)
+    return wgrad_heuristic(C, N, P, taps, elem_bytes, fused_dz)

@@ -435,7 +435,8 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
             return finish(part, bpart)
         return _sum_to_torch(part, out, w_shape, Cs), (_sum_splits(bpart, bias_out) if need_bias else None)
 
-    default = geometry.wgrad_tiles(Cs, Cout_g, P, KH * KW * G, x.element_size())  # via the module: tests patch it
+    default = geometry.wgrad_tiles(Cs, Cout_g, P, KH * KW * G, x.element_size(),  # via the module: tests patch it
+                                   fused_dz=code != 0 or grad_scale is not None)
 
     def candidates() -> list[Config]:
         tiles = wgrad_candidates(Cs, Cout_g, P, x.dtype, smem_limit(x.device), default)
