@@ -29,8 +29,8 @@ import triton.language as tl
 import engine.kernels.conv.geometry as geometry
 from engine.kernels import autotune
 from engine.kernels.common import idx64, precision, upcast
-from engine.kernels.conv.geometry import (check_grad_inputs, conv_geometry, conv_key, dgrad_phases, dw_tiles,
-                                          operand_align)
+from engine.kernels.conv.geometry import (check_grad_inputs, check_pool_grad, conv_geometry, conv_key,
+                                          dgrad_phases, dw_tiles, operand_align)
 from engine.kernels.conv.mainloop import load_dz, tap_gemm
 from engine.kernels.conv.weights import depthwise_weight, dgrad_weight, use_tma, weight_descriptor
 from engine.kernels.launch import launch
@@ -57,18 +57,22 @@ def _phase_axis(ra, pad, dil, ST: tl.constexpr, K: tl.constexpr):
 
 @triton.jit
 def _conv_dgrad_kernel(
-    dy_ptr, z_ptr, scale_ptr, w_op, dx_ptr,
+    dy_ptr, z_ptr, scale_ptr, w_op, dx_ptr, idx_ptr,
     NB, H, W, Ho, Wo, DYC_A, COUT_G_A, DXC_A, CIN_G_A, pad_h, pad_w, dil_h, dil_w, slope,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CHUNKS: tl.constexpr,
     ALIGN: tl.constexpr, NALIGN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
     ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IDX64: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """dx of every stride phase. Grid: (M tiles of the largest phase, Cin/G tiles, G * SH*SW).
 
     dy [NB, Ho, Wo, DYC] (DYC = G*Cout_g), dx [NB, H, W, DXC] (DXC = G*Cin_g); channel
     counts in units of ALIGN (dy) and NALIGN (dx). w_op: a TMA descriptor of the
     packed weights [KH*KW*Cout, Cin_g] (W_TMA), else their base pointer.
+    POOL > 0 (a fused POOL x POOL max pool): dy is the pooled gradient [NB, Ho/POOL, Wo/POOL,
+    DYC] with the argmax idx_ptr, expanded in the A load (mainloop.load_pooled); Ho, Wo are
+    then the pooled extent times POOL (the rows the pool read: the dropped ones get no gradient).
     """
     DYC = DYC_A * ALIGN
     COUT_G = COUT_G_A * ALIGN
@@ -111,12 +115,19 @@ def _conv_dgrad_kernel(
         b_op = w_op
     else:
         b_op = w_op + offs_k[:, None] * CIN_G + offs_ci[None, :]  # [BLOCK_K, BLOCK_N] pointers of row 0
+    if POOL > 0:
+        p_n = n * (Ho // POOL)  # [BLOCK_M] first pooled row of image n
+        p_w = Wo // POOL  # pooled columns
+    else:
+        p_n = n
+        p_w = Wo
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
     acc = tap_gemm(acc, dy_ptr, a_rows, ho0, wo0, -dstep_h, -dstep_w, Ho, Wo, mask_m, b_op, offs_k, mask_ci,
                    nr * ns * CHUNKS, nr, ns, COUT_G, -dstep_h * Wo * DYC, -dstep_w * DYC,
                    (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G, pid_n * BLOCK_N,
                    z_ptr, scale_ptr, g * COUT_G, slope,
-                   KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K, False)
+                   KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K, False,
+                   idx_ptr, p_n, p_w, DYC, g * COUT_G, POOL)
     if SH == 1 and SW == 1:
         # dx pixel = offs_m: no (n, hi, wi), which the compiler would redo per element here
         dx_off = (offs_m * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
@@ -170,16 +181,22 @@ def _dwconv_dgrad_kernel(
 
 
 def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf32=False,
-                 z=None, act="none", slope=0.01, grad_scale=None) -> torch.Tensor:
+                 z=None, act="none", slope=0.01, grad_scale=None, pool=0, pool_idx=None) -> torch.Tensor:
     """dx [N,H,W,Cin] (dy's dtype) of a conv with weights w, from dy [N,Ho,Wo,Cout].
 
     With act != "none", dy is the gradient of act(z) and the kernel uses
     act_grad(dy, z); grad_scale [Cout] (the forward's folded-BN scale) multiplies it.
+    pool=K: the forward fused a K x K max pool; dy is the pooled gradient [N,Ho//K,Wo//K,Cout]
+    and pool_idx its argmax (ConvOutput.idx), expanded inside the kernel's dy loads.
     """
     stride, padding, dilation, Ho, Wo = conv_geometry(x_shape, w.shape, stride, padding, dilation, groups)
     N, H, W, Cin = x_shape
     Cout, Cin_g, KH, KW = w.shape
-    code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
+    if pool:
+        check_pool_grad(dy, pool_idx, pool, act, grad_scale, (N, Ho // pool, Wo // pool, Cout),
+                        Cin_g == 1 and groups > 1)
+        Ho, Wo = Ho // pool * pool, Wo // pool * pool  # the rows the pool read
+    code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho // (pool or 1), Wo // (pool or 1), Cout))
     if w.device != dy.device:
         raise ValueError(f"conv2d_dgrad: w on {w.device}, dy on {dy.device}")
     dy = dy.contiguous()
@@ -202,25 +219,25 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
     m_max = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)  # dx pixels of the largest phase
     taps = triton.cdiv(KH, sh) * triton.cdiv(KW, sw)  # taps of the largest phase (at most)
     ya, xa = operand_align(Cout, Cout_g, dy.dtype), operand_align(Cin, Cin_g, dy.dtype)
-    big = idx64(dy, dx, *(t for t in (z,) if t is not None))
+    big = idx64(dy, dx, *(t for t in (z, pool_idx) if t is not None))
 
     def run(cfg: Config) -> None:
         """All phases with tile config `cfg`, one launch; it writes every dx pixel afresh."""
         tma = use_tma(wt, xa, cfg.block_n)
         wop = weight_descriptor(wt, cfg.block_k, cfg.block_n) if tma else wt
         grid = (triton.cdiv(m_max, cfg.block_m), triton.cdiv(Cin_g, cfg.block_n), G * sh * sw)
-        launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wop, dx,
+        launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wop, dx, pool_idx,
                N, H, W, Ho, Wo, Cout // ya, Cout_g // ya, Cin // xa, Cin_g // xa, padding[0], padding[1],
                dilation[0], dilation[1], float(slope),
                KH=KH, KW=KW, SH=sh, SW=sw, CHUNKS=triton.cdiv(Cout_g, cfg.block_k), ALIGN=ya, NALIGN=xa,
                EVEN_K=Cout_g % cfg.block_k == 0, EVEN_N=Cin_g % cfg.block_n == 0, W_TMA=tma,
-               **flags, PRECISION=precision(allow_tf32), UPCAST=upcast(dy.dtype), IDX64=big,
+               **flags, PRECISION=precision(allow_tf32), UPCAST=upcast(dy.dtype), IDX64=big, POOL=pool,
                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
 
     default = geometry.gemm_tiles(m_max, Cin_g, Cout_g, taps)  # through the module: tests patch it
     shape = dict(M=m_max, N=Cin_g, K=taps * Cout_g, phases=sh * sw,
                  **conv_key(KH, KW, stride, padding, dilation, G), epilogue=epilogue_key(flags),
-                 tf32=bool(allow_tf32))
+                 tf32=bool(allow_tf32), **({"pool": pool} if pool else {}))
     cfg = autotune.pick(
         "conv2d_dgrad", shape, dtype=dy.dtype, device=dy.device, default=default, run=run,
         candidates=lambda: conv_candidates(m_max, Cin_g, Cout_g, taps, dy.dtype, smem_limit(dy.device), default))

@@ -20,7 +20,8 @@ b_row0 + jr*b_rstep + js*b_sstep + c0. The forward has jr, js = r, s (all
 KH x KW taps); dgrad has the taps of one stride phase (NR x NS of them).
 
 Public (jit) API: tap_bits, load_dz (dy -> the operand dz of a fused
-activation's gradient), tap_gemm.
+activation's gradient), load_pooled (d(pooled) -> the full-res dy of a fused
+max pool, in the A load), tap_gemm.
 """
 from __future__ import annotations
 
@@ -68,11 +69,29 @@ def load_dz(dy_ptr, z_ptr, scale_ptr, off, mask, ch, mask_ch, slope, ACT: tl.con
 
 
 @triton.jit
+def load_pooled(dp_ptr, idx_ptr, h, w, p_n, P_W, p_ld, p_ch, ch, mask, POOL: tl.constexpr):
+    """The dy of a conv whose output a fused POOL x POOL / stride POOL max pool reads, at full-res
+    pixels (h, w) ([R] each, >= 0 where `mask` holds) and channels `ch` ([C]): dp[n, h//POOL,
+    w//POOL, ch] where the pool's saved argmax (engine.kernels.pool's tap code (h%POOL)*POOL +
+    w%POOL, one byte) picked this pixel, else 0. dp [N, PH, PW, *] has rows p_ld apart, the
+    channel base p_ch; p_n [R] = n*PH. Rows past PH*POOL / PW*POOL must be masked off by the caller.
+    Returns [R, C] in dp's dtype; masked lanes give 0."""
+    ph = h // POOL  # [R] pooled row (POOL constexpr: shifts for a power of two)
+    pw = w // POOL
+    tap = (h - ph * POOL) * POOL + (w - pw * POOL)  # [R] the window tap this pixel is
+    off = (((p_n + ph) * P_W + pw) * p_ld + p_ch)[:, None] + ch[None, :]  # [R, C]
+    g = tl.load(dp_ptr + off, mask=mask, other=0.0)  # [R, C] pooled gradient
+    win = tl.load(idx_ptr + off, mask=mask, other=0)  # [R, C] uint8 winning tap
+    return tl.where(win.to(tl.int32) == tap[:, None], g, tl.zeros_like(g))
+
+
+@triton.jit
 def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, offs_k, mask_n, n_iters, NR, NS,
              c_stored, a_rstep, a_sstep, b_row0, b_rstep, b_sstep, b_ld, col0, z_base, scale_ptr, ch0, slope,
              KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr, TPC: tl.constexpr, EVEN_K: tl.constexpr,
              EVEN_N: tl.constexpr, W_TMA: tl.constexpr, A_ACT: tl.constexpr, A_SCALE: tl.constexpr,
-             PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, W_PAD: tl.constexpr):
+             PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, W_PAD: tl.constexpr,
+             p_idx, p_n, P_W, p_ld, p_ch, A_POOL: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] fp32 += sum over n_iters trips of A(tap, chunk) @ B(tap, chunk).
 
     A: a_base + a_rows ([BLOCK_M] offsets of tap (0, 0), channel 0) + the channel
@@ -93,6 +112,10 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
     c >= b_sstep are masked (they meet A's zero channels). With TPC > 1 b_op's lane k
     must point at row (k // c_stored) * b_sstep + k % c_stored and a trip advances
     TPC * b_sstep rows; no TMA.
+    A_POOL (dgrad of a conv with a fused A_POOL x A_POOL max pool; TPC == 1, no A_ACT /
+    A_SCALE): A is the pooled gradient a_base [N, PH, PW, *] expanded in the load
+    (load_pooled, argmax p_idx; p_n [BLOCK_M] = n*PH, P_W, p_ld, p_ch as there); a_rows
+    is unused, and H, W must be PH*A_POOL, PW*A_POOL (dropped rows read as outside).
     """
     if KH * KW <= 64:
         bits = tap_bits(h0, w0, step_h, step_w, H, W, mask_m, NR, NS, KH, KW)  # [BLOCK_M]
@@ -132,7 +155,10 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
                 b_row = b_row0 + it * (TPC * b_sstep)  # scalar: b_sstep weight rows per tap
             else:
                 b_row = b_row0 + it * BLOCK_K  # scalar: rows run on linearly across taps
-        if A_ACT != 0 or A_SCALE:
+        if A_POOL > 0:
+            a = load_pooled(a_base, p_idx, h0 + jr * step_h, w0 + js * step_w, p_n, P_W, p_ld, p_ch,
+                            c0 + offs_k, a_mask, A_POOL)  # [BLOCK_M, BLOCK_K] expanded dy
+        elif A_ACT != 0 or A_SCALE:
             a = load_dz(a_base, z_base, scale_ptr, a_idx, a_mask, ch0 + c0 + offs_k,
                         (c0 + offs_k) < c_stored, slope, A_ACT, A_SCALE)  # [BLOCK_M, BLOCK_K] fp32 dz
         else:
@@ -161,4 +187,4 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
     return acc
 
 
-__all__ = ["tap_bits", "load_dz", "tap_gemm"]
+__all__ = ["tap_bits", "load_dz", "load_pooled", "tap_gemm"]
