@@ -139,3 +139,24 @@ def test_int64_offsets(monkeypatch):
     N, Cin, H, W, Cout, k, kw, pool = CASES["odd_hw_bias"]
     x, w, b = rand_inputs(N, Cin, H, W, Cout, k)
     check_against_torch(ours_fn(pool, **kw), ref_fn(pool, **kw), [x, w, b])
+
+
+@pytest.mark.parametrize("box", [True, False], ids=["boxed", "flat"])
+def test_wgrad_pixel_orders(box, monkeypatch):
+    # both reduction orders of the wgrad (pixel boxes of whole windows, flat window-major chunks),
+    # split in three, with the bias gradient
+    from engine.kernels.conv import conv2d_wgrad
+    boxes = conv_geometry.wgrad_box
+    monkeypatch.setattr(conv_geometry, "wgrad_box",
+                        lambda *a: boxes(*a) if box else (0, 0, 0))
+    monkeypatch.setattr(conv_geometry, "wgrad_tiles",
+                        lambda C, N, P, taps, e=2: conv_geometry.Config(16, 16, 16))
+    x, w, b = rand_inputs(3, 5, 11, 9, 10, 3)
+    o = conv2d_forward(nhwc(x.detach()), w.detach(), b.detach(), padding=1, pool=2)
+    dp = torch.randn(o.y.shape)
+    dw, db = conv2d_wgrad(nhwc(x.detach()), dp, tuple(w.shape), stride=1, padding=1, dilation=1, groups=1,
+                          need_bias=True, splits=3, pool=2, pool_idx=o.idx)
+    wd, bd = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    F.max_pool2d(F.conv2d(x.detach().double(), wd, bd, padding=1), 2).backward(nchw(dp).double())
+    assert_close(dw, wd.grad, what="dw")
+    assert_close(db, bd.grad, what="db")

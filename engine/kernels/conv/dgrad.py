@@ -65,14 +65,16 @@ def _conv_dgrad_kernel(
     IDX64: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """dx of every stride phase. Grid: (M tiles of the largest phase, Cin/G tiles, G * SH*SW).
+    """dx of every stride phase. Grid: (M tiles of the largest phase, Cin/G tiles, G * SH*SW [* POOL**2]).
 
     dy [NB, Ho, Wo, DYC] (DYC = G*Cout_g), dx [NB, H, W, DXC] (DXC = G*Cin_g); channel
     counts in units of ALIGN (dy) and NALIGN (dx). w_op: a TMA descriptor of the
     packed weights [KH*KW*Cout, Cin_g] (W_TMA), else their base pointer.
     POOL > 0 (a fused POOL x POOL max pool): dy is the pooled gradient [NB, Ho/POOL, Wo/POOL,
-    DYC] with the argmax idx_ptr, expanded in the A load (mainloop.load_pooled); Ho, Wo are
-    then the pooled extent times POOL (the rows the pool read: the dropped ones get no gradient).
+    DYC] with the argmax idx_ptr, expanded in the A load (mainloop.tap_gemm's A_POOL); Ho, Wo
+    are then the pooled extent times POOL (the rows the pool read: the dropped ones get no
+    gradient). Each stride phase splits into POOL**2 pool phases (its rows and columns mod
+    POOL), so every tap reads its pooled rows at a scalar offset with a scalar argmax code.
     """
     DYC = DYC_A * ALIGN
     COUT_G = COUT_G_A * ALIGN
@@ -81,6 +83,11 @@ def _conv_dgrad_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_z = tl.program_id(2)
+    if POOL > 0:  # pool phase (bh, bw) = (the stride phase's row, column) mod POOL
+        sub = pid_z % (POOL * POOL)
+        pid_z = pid_z // (POOL * POOL)
+        bh = sub // POOL
+        bw = sub % POOL
     g = pid_z // (SH * SW)
     phase = pid_z % (SH * SW)
     ra = phase // SW
@@ -93,21 +100,34 @@ def _conv_dgrad_kernel(
         s0, ns, step_s, c_s, dstep_w = _phase_axis(rb, pad_w, dil_w, SW, KW)
     Hq = (H - ra + SH - 1) // SH  # dx rows of this phase (0 when ra >= H)
     Wq = (W - rb + SW - 1) // SW
-    Mq = NB * Hq * Wq
+    if POOL > 0:
+        # the phase's rows qh = POOL*qq + bh: tap jr reads dy row qh + c_r - jr*dstep_h =
+        # POOL*qq + (bh + c_r - jr*dstep_h), a pooled row qq + scalar and a scalar argmax code
+        Hs = tl.maximum(Hq - bh + POOL - 1, 0) // POOL
+        Ws = tl.maximum(Wq - bw + POOL - 1, 0) // POOL
+    else:
+        Hs = Hq
+        Ws = Wq
+    Mq = NB * Hs * Ws
     if IDX64:
         pid_m = pid_m.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] dx pixel within this phase
     mask_m = offs_m < Mq
-    Wq1 = tl.maximum(Wq, 1)
-    Hq1 = tl.maximum(Hq, 1)
-    qw = offs_m % Wq1  # [BLOCK_M]
-    t = offs_m // Wq1  # [BLOCK_M]
-    qh = t % Hq1  # [BLOCK_M]
-    n = t // Hq1  # [BLOCK_M]
-    ho0 = qh + c_r  # [BLOCK_M] dy row read by tap jr = 0
+    Ws1 = tl.maximum(Ws, 1)
+    Hs1 = tl.maximum(Hs, 1)
+    qw = offs_m % Ws1  # [BLOCK_M]
+    t = offs_m // Ws1  # [BLOCK_M]
+    qh = t % Hs1  # [BLOCK_M]
+    n = t // Hs1  # [BLOCK_M]
+    ho0 = qh + c_r  # [BLOCK_M] dy row read by tap jr = 0 (without a pool)
     wo0 = qw + c_s  # [BLOCK_M]
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K] output channel within a chunk
-    a_rows = ((n * Ho + ho0) * Wo + wo0) * DYC + g * COUT_G  # [BLOCK_M] dy offsets of tap 0, channel 0
+    if POOL > 0:
+        PHo = Ho // POOL
+        PWo = Wo // POOL
+        a_rows = ((n * PHo + qh) * PWo + qw) * DYC + g * COUT_G  # [BLOCK_M] pooled dy offsets, channel 0
+    else:
+        a_rows = ((n * Ho + ho0) * Wo + wo0) * DYC + g * COUT_G  # [BLOCK_M] dy offsets of tap 0, channel 0
     offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] input channel within group
     mask_ci = offs_ci < CIN_G
     Cout = DYC
@@ -115,20 +135,24 @@ def _conv_dgrad_kernel(
         b_op = w_op
     else:
         b_op = w_op + offs_k[:, None] * CIN_G + offs_ci[None, :]  # [BLOCK_K, BLOCK_N] pointers of row 0
-    if POOL > 0:
-        p_n = n * (Ho // POOL)  # [BLOCK_M] first pooled row of image n
-        p_w = Wo // POOL  # pooled columns
-    else:
-        p_n = n
-        p_w = Wo
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
-    acc = tap_gemm(acc, dy_ptr, a_rows, ho0, wo0, -dstep_h, -dstep_w, Ho, Wo, mask_m, b_op, offs_k, mask_ci,
-                   nr * ns * CHUNKS, nr, ns, COUT_G, -dstep_h * Wo * DYC, -dstep_w * DYC,
-                   (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G, pid_n * BLOCK_N,
-                   z_ptr, scale_ptr, g * COUT_G, slope,
-                   KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K, False,
-                   idx_ptr, p_n, p_w, DYC, g * COUT_G, POOL)
-    if SH == 1 and SW == 1:
+    if POOL > 0:
+        acc = tap_gemm(acc, dy_ptr, a_rows, qh, qw, -dstep_h, -dstep_w, PHo, PWo, mask_m, b_op, offs_k, mask_ci,
+                       nr * ns * CHUNKS, nr, ns, COUT_G, PWo * DYC, DYC,
+                       (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G,
+                       pid_n * BLOCK_N, z_ptr, scale_ptr, g * COUT_G, slope,
+                       KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, 0, False, PRECISION, UPCAST, BLOCK_K, False,
+                       idx_ptr, bh + c_r, bw + c_s, POOL)
+        qh = qh * POOL + bh  # [BLOCK_M] the stride phase's row (for the store)
+        qw = qw * POOL + bw
+    else:
+        acc = tap_gemm(acc, dy_ptr, a_rows, ho0, wo0, -dstep_h, -dstep_w, Ho, Wo, mask_m, b_op, offs_k, mask_ci,
+                       nr * ns * CHUNKS, nr, ns, COUT_G, -dstep_h * Wo * DYC, -dstep_w * DYC,
+                       (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G,
+                       pid_n * BLOCK_N, z_ptr, scale_ptr, g * COUT_G, slope,
+                       KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K, False,
+                       dy_ptr, 0, 0, 0)
+    if SH == 1 and SW == 1 and POOL == 0:
         # dx pixel = offs_m: no (n, hi, wi), which the compiler would redo per element here
         dx_off = (offs_m * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
     else:
@@ -216,7 +240,8 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
                    **flags, BLOCK_M=bm, BLOCK_N=bn, **meta)
         return dx
     wt = dgrad_weight(w, dy.dtype)  # [KH*KW*Cout, Cin_g]: the optimizer's copy, or packed now
-    m_max = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)  # dx pixels of the largest phase
+    kp = pool or 1  # a fused pool splits every stride phase into kp*kp pool phases
+    m_max = N * triton.cdiv(triton.cdiv(H, sh), kp) * triton.cdiv(triton.cdiv(W, sw), kp)  # the largest phase
     taps = triton.cdiv(KH, sh) * triton.cdiv(KW, sw)  # taps of the largest phase (at most)
     ya, xa = operand_align(Cout, Cout_g, dy.dtype), operand_align(Cin, Cin_g, dy.dtype)
     big = idx64(dy, dx, *(t for t in (z, pool_idx) if t is not None))
@@ -225,7 +250,7 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
         """All phases with tile config `cfg`, one launch; it writes every dx pixel afresh."""
         tma = use_tma(wt, xa, cfg.block_n)
         wop = weight_descriptor(wt, cfg.block_k, cfg.block_n) if tma else wt
-        grid = (triton.cdiv(m_max, cfg.block_m), triton.cdiv(Cin_g, cfg.block_n), G * sh * sw)
+        grid = (triton.cdiv(m_max, cfg.block_m), triton.cdiv(Cin_g, cfg.block_n), G * sh * sw * kp * kp)
         launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wop, dx, pool_idx,
                N, H, W, Ho, Wo, Cout // ya, Cout_g // ya, Cin // xa, Cin_g // xa, padding[0], padding[1],
                dilation[0], dilation[1], float(slope),
@@ -235,7 +260,7 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
 
     default = geometry.gemm_tiles(m_max, Cin_g, Cout_g, taps)  # through the module: tests patch it
-    shape = dict(M=m_max, N=Cin_g, K=taps * Cout_g, phases=sh * sw,
+    shape = dict(M=m_max, N=Cin_g, K=taps * Cout_g, phases=sh * sw * kp * kp,
                  **conv_key(KH, KW, stride, padding, dilation, G), epilogue=epilogue_key(flags),
                  tf32=bool(allow_tf32), **({"pool": pool} if pool else {}))
     cfg = autotune.pick(

@@ -218,7 +218,7 @@ def _conv_fwd_kernel(
                    CIN_G, dil_h * W * XC, dil_w * XC, 0, KW * CIN_B, CIN_B, Cout, g * Cout_g + pid_n * BLOCK_N,
                    x_ptr, x_ptr, 0, 0.0,
                    KH, KW, CHUNKS, TPC, EVEN_K, EVEN_N, W_TMA, 0, False, PRECISION, UPCAST, BLOCK_K, W_PAD,
-                   x_ptr, n, 0, 0, 0, 0)
+                   x_ptr, 0, 0, 0)
     if POOL > 0:
         _pool_epilogue(acc, pid_m, offs_c, mask_c, y_ptr, idx_ptr, bias_ptr, scale_ptr, shift_ptr, psum_ptr,
                        psumsq_ptr, M // (POOL * POOL), Cout, slope, HAS_BIAS, HAS_SCALE, HAS_SHIFT, STATS, ACT,

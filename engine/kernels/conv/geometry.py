@@ -188,16 +188,12 @@ WGRAD_BOX_MIN_NARROW = 0.85
 
 def wgrad_box(N: int, Ho: int, Wo: int, block_p: int, block_n: int, pool: int = 0) -> tuple[int, int, int]:
     """(TB, TH, TW) with TB*TH*TW = block_p for the wgrad's pixel boxes, or (0, 0, 0): flat chunks.
-    pool=K (a fused K x K max pool, K a power of two, Ho and Wo multiples of K): always boxes,
-    with TH and TW multiples of K (whole windows; the kernel expands the pooled gradient there)."""
-    if pool:
-        if block_p < pool * pool:
-            raise ValueError(f"conv2d_wgrad: BLOCK_P {block_p} cannot hold a {pool}x{pool} window")
-        tw = max(pool, min(next_pow2(Wo), block_p // pool))
-        th = max(pool, min(next_pow2(Ho), block_p // tw))
-        return block_p // (tw * th), th, tw
-    tw = min(next_pow2(Wo), block_p)
-    th = min(next_pow2(Ho), block_p // tw)
+    pool=K (a fused K x K max pool, K a power of two, Ho and Wo multiples of K): TH and TW are
+    multiples of K (whole windows; the kernel expands the pooled gradient there)."""
+    if pool and block_p < pool * pool:
+        raise ValueError(f"conv2d_wgrad: BLOCK_P {block_p} cannot hold a {pool}x{pool} window")
+    tw = max(pool, min(next_pow2(Wo), block_p // max(pool, 1)))
+    th = max(pool, min(next_pow2(Ho), block_p // tw))
     tb = block_p // (tw * th)
     real = N * Ho * Wo
     boxed = triton.cdiv(N, tb) * tb * triton.cdiv(Ho, th) * th * triton.cdiv(Wo, tw) * tw

@@ -64,9 +64,10 @@ def _conv_wgrad_kernel(
     Wo, DYC] (DYC = G*Cout_g), channel counts in units of ALIGN (x) and NALIGN (dy).
     The tap-0 programs also write bias partials (column sums of dz). EVEN_K / EVEN_N /
     EVEN_P: Cs, Cout_g and every split's pixel count are multiples of the block (no masks).
-    POOL > 0 (a fused POOL x POOL max pool; boxes only, TH and TW multiples of POOL): dy is the
-    pooled gradient [NB, Ho/POOL, Wo/POOL, DYC] with the argmax idx_ptr, expanded in the B load;
-    Ho, Wo are the pooled extent times POOL (the dropped rows are no pixels of P).
+    POOL > 0 (a fused POOL x POOL max pool): dy is the pooled gradient [NB, Ho/POOL, Wo/POOL, DYC]
+    with the argmax idx_ptr, expanded in the B load; Ho, Wo are the pooled extent times POOL (the
+    dropped rows are no pixels of P). Boxes then have TH and TW multiples of POOL; flat chunks
+    take the pixels window-major (the forward's row order; BLOCK_P a multiple of POOL**2).
     """
     XC = XC_A * ALIGN
     CS = CS_A * ALIGN  # x channels per group as stored
@@ -169,18 +170,38 @@ def _conv_wgrad_kernel(
         if IDX64:
             p_lo = p_lo.to(tl.int64)
         offs_p = p_lo + tl.arange(0, BLOCK_P)  # [BLOCK_P] output pixels of the first trip
-        wo = offs_p % Wo  # [BLOCK_P] decomposed once, then stepped with carries
-        t = offs_p // Wo
-        ho = t % Ho
-        n = t // Ho
-        d_wo = BLOCK_P % Wo  # scalar steps of (n, ho, wo) per trip of BLOCK_P pixels
-        d_ho = (BLOCK_P // Wo) % Ho
-        d_n = BLOCK_P // (Wo * Ho)
         offs_pb = tl.arange(0, BLOCK_P)  # [BLOCK_P] pixel within a trip (the B tile's rows)
-        b_off = (p_lo + offs_pb)[:, None] * DYC + offs_c[None, :]  # [BLOCK_P, BLOCK_N] dz offsets of the first trip
+        if POOL > 0:
+            # window-major pixels p = window*POOL**2 + dy*POOL + dx (a trip holds whole windows): the
+            # stepped (n, ho, wo) are the window's, the tap (dy, dx) is loop-invariant
+            Wc = Wo // POOL
+            Hc = Ho // POOL
+            steps = BLOCK_P // (POOL * POOL)  # windows per trip
+            p_tap = offs_pb % (POOL * POOL)  # [BLOCK_P] the pixel's window tap
+            p_dy = p_tap // POOL  # [BLOCK_P]
+            p_dx = p_tap % POOL
+            cell = offs_p // (POOL * POOL)  # [BLOCK_P] window
+            b_off = ((p_lo + offs_pb) // (POOL * POOL))[:, None] * DYC + offs_c[None, :]  # [BLOCK_P, BLOCK_N]
+        else:
+            Wc = Wo
+            Hc = Ho
+            steps = BLOCK_P
+            cell = offs_p
+            b_off = (p_lo + offs_pb)[:, None] * DYC + offs_c[None, :]  # [BLOCK_P, BLOCK_N] dz offsets of the first trip
+        wo = cell % Wc  # [BLOCK_P] decomposed once, then stepped with carries
+        t = cell // Wc
+        ho = t % Hc
+        n = t // Hc
+        d_wo = steps % Wc  # scalar steps of (n, ho, wo) per trip of BLOCK_P pixels
+        d_ho = (steps // Wc) % Hc
+        d_n = steps // (Wc * Hc)
         for p0 in range(p_lo, p_hi, BLOCK_P):
-            hi = ho * stride_h + h_off  # [BLOCK_P]
-            wi = wo * stride_w + w_off  # [BLOCK_P]
+            if POOL > 0:
+                hi = (ho * POOL + p_dy) * stride_h + h_off  # [BLOCK_P]
+                wi = (wo * POOL + p_dx) * stride_w + w_off  # [BLOCK_P]
+            else:
+                hi = ho * stride_h + h_off  # [BLOCK_P]
+                wi = wo * stride_w + w_off  # [BLOCK_P]
             # one unsigned compare per bound pair: a negative coordinate wraps to a huge one
             ok = (hi.to(tl.uint32) < H) & (wi.to(tl.uint32) < W)  # [BLOCK_P] pixel valid at this tap
             if not EVEN_P:
@@ -195,7 +216,11 @@ def _conv_wgrad_kernel(
                 b_mask = mask_c[None, :]  # [1, BLOCK_N]
             else:
                 b_mask = ((p0 + offs_pb) < p_hi)[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_N]
-            if ACT != 0 or HAS_SCALE:
+            if POOL > 0:
+                b = tl.load(dy_ptr + b_off, mask=b_mask, other=0.0)  # [BLOCK_P, BLOCK_N] pooled gradient
+                b_win = tl.load(idx_ptr + b_off, mask=b_mask, other=0)  # [BLOCK_P, BLOCK_N] uint8 winning tap
+                b = tl.where(b_win.to(tl.int32) == p_tap[:, None], b, tl.zeros_like(b))  # expanded dy
+            elif ACT != 0 or HAS_SCALE:
                 b = load_dz(dy_ptr, z_ptr, scale_ptr, b_off, b_mask, offs_c, mask_c, slope,
                             ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
             elif EVEN_N and EVEN_P:
@@ -206,14 +231,14 @@ def _conv_wgrad_kernel(
                 bacc += tl.sum(b.to(tl.float32), axis=0)
             acc = dot(a, b.to(a.dtype), acc, PRECISION, UPCAST)
             # next trip: pointers advance, (n, ho, wo) step with one carry each
-            b_off += BLOCK_P * DYC
+            b_off += steps * DYC
             offs_p += BLOCK_P
             wo += d_wo
-            carry = wo >= Wo
-            wo = tl.where(carry, wo - Wo, wo)
+            carry = wo >= Wc
+            wo = tl.where(carry, wo - Wc, wo)
             ho += d_ho + carry.to(ho.dtype)
-            carry = ho >= Ho
-            ho = tl.where(carry, ho - Ho, ho)
+            carry = ho >= Hc
+            ho = tl.where(carry, ho - Hc, ho)
             n += d_n + carry.to(n.dtype)
     if TORCH_LAYOUT:
         # one split: dw itself in PyTorch's [Cout, Cin_g, KH, KW] (the optimizer's gradient slot as
