@@ -78,6 +78,20 @@ def test_argmax_is_the_pools_tap_code():
     assert_close(nchw(o.y), ref, what="pooled y")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pooled_values_and_taps_are_exact(dtype):
+    # the fused pool is exactly max_pool2d of the unfused conv's stored output (same GEMM, same
+    # rounding), winners and ties (the first tap) included; negative values and zeros too
+    x, w, b = rand_inputs(2, 8, 11, 13, 24, 3, dtype=dtype)
+    xs = torch.relu(nhwc(x.detach()))  # zero patches give exact zero outputs: ties
+    full = conv2d_forward(xs, w.detach(), padding=1).y.float()  # [2, 11, 13, 24]
+    o = conv2d_forward(xs, w.detach(), padding=1, pool=2)
+    ref, ind = F.max_pool2d(nchw(full), 2, return_indices=True)
+    tap = (ind // 13 % 2) * 2 + ind % 13 % 2
+    assert torch.equal(nchw(o.y.float()), ref)
+    assert torch.equal(nchw(o.idx).long(), tap)
+
+
 def test_stats_of_the_pooled_output(monkeypatch):
     # several M tiles (BLOCK_M 64), so the partials really are partial
     big_tiles = conv_geometry.gemm_tiles

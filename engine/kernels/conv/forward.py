@@ -116,11 +116,11 @@ def _pool_epilogue(acc, pid_m, offs_c, mask_c, y_ptr, idx_ptr, bias_ptr, scale_p
     # act before the max: inference only (the plan fuses no activation here in training)
     z = apply_act(z, ACT, slope)
     # the max of the values as stored (rounded to y's dtype), as a separate pool would see them:
-    # the same winner, ties included
+    # the same winner, ties included (the first tap; NaNs are not ranked as a pool kernel ranks them)
     z = z.to(y_ptr.dtype.element_ty).to(tl.float32)
     z3 = tl.reshape(z, [BLOCK_M // (POOL * POOL), POOL * POOL, BLOCK_N])  # [windows, taps, BLOCK_N]
     best, arg = tl.max(z3, axis=1, return_indices=True)  # [BLOCK_M // (POOL * POOL), BLOCK_N] each
-    win = pid_m * (BLOCK_M // (POOL * POOL)) + tl.arange(0, BLOCK_M // (POOL * POOL))  # [BLOCK_M // (POOL * POOL)] pooled pixel
+    win = pid_m * (BLOCK_M // (POOL * POOL)) + tl.arange(0, BLOCK_M // (POOL * POOL))  # [windows] pooled pixel
     mask = (win < NWIN)[:, None] & mask_c[None, :]  # [BLOCK_M // (POOL * POOL), BLOCK_N]
     off = win[:, None] * Cout + offs_c[None, :]  # [BLOCK_M // (POOL * POOL), BLOCK_N]
     tl.store(y_ptr + off, best.to(y_ptr.dtype.element_ty), mask=mask)

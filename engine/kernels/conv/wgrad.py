@@ -111,7 +111,7 @@ def _conv_wgrad_kernel(
             # the box holds whole windows: pixel jb reads pooled pixel (dhb, dwb) // POOL of the box
             # if the argmax is its tap
             b_rel = ((dnb * (Ho // POOL) + dhb // POOL) * (Wo // POOL) + dwb // POOL) * DYC  # [BLOCK_P]
-            b_tap = (dhb % POOL) * POOL + dwb % POOL  # [BLOCK_P]
+            b_tap = ((dhb % POOL) * POOL + dwb % POOL).to(tl.uint8)  # [BLOCK_P] compared as bytes
         else:
             b_rel = ((dnb * Ho + dhb) * Wo + dwb) * DYC  # [BLOCK_P]
         boxes_w = (Wo + TW - 1) // TW
@@ -148,7 +148,7 @@ def _conv_wgrad_kernel(
                 b_m = b_ok[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_N]
                 b = tl.load(dy_ptr + b_off, mask=b_m, other=0.0)  # [BLOCK_P, BLOCK_N] pooled gradient
                 b_win = tl.load(idx_ptr + b_off, mask=b_m, other=0)  # [BLOCK_P, BLOCK_N] uint8 winning tap
-                b = tl.where(b_win.to(tl.int32) == b_tap[:, None], b, tl.zeros_like(b))  # expanded dy
+                b = tl.where(b_win == b_tap[:, None], b, tl.zeros_like(b))  # expanded dy
             elif ACT != 0 or HAS_SCALE:
                 b = load_dz(dy_ptr, z_ptr, scale_ptr, b_off, b_ok[:, None] & mask_c[None, :], offs_c, mask_c, slope,
                             ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
@@ -180,6 +180,7 @@ def _conv_wgrad_kernel(
             p_tap = offs_pb % (POOL * POOL)  # [BLOCK_P] the pixel's window tap
             p_dy = p_tap // POOL  # [BLOCK_P]
             p_dx = p_tap % POOL
+            p_tap8 = p_tap.to(tl.uint8)  # compared as bytes
             cell = offs_p // (POOL * POOL)  # [BLOCK_P] window
             b_off = ((p_lo + offs_pb) // (POOL * POOL))[:, None] * DYC + offs_c[None, :]  # [BLOCK_P, BLOCK_N]
         else:
@@ -217,9 +218,13 @@ def _conv_wgrad_kernel(
             else:
                 b_mask = ((p0 + offs_pb) < p_hi)[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_N]
             if POOL > 0:
-                b = tl.load(dy_ptr + b_off, mask=b_mask, other=0.0)  # [BLOCK_P, BLOCK_N] pooled gradient
-                b_win = tl.load(idx_ptr + b_off, mask=b_mask, other=0)  # [BLOCK_P, BLOCK_N] uint8 winning tap
-                b = tl.where(b_win.to(tl.int32) == p_tap[:, None], b, tl.zeros_like(b))  # expanded dy
+                if EVEN_N and EVEN_P:
+                    b = tl.load(dy_ptr + b_off)  # [BLOCK_P, BLOCK_N] pooled gradient
+                    b_win = tl.load(idx_ptr + b_off)  # [BLOCK_P, BLOCK_N] uint8 winning tap
+                else:
+                    b = tl.load(dy_ptr + b_off, mask=b_mask, other=0.0)
+                    b_win = tl.load(idx_ptr + b_off, mask=b_mask, other=0)
+                b = tl.where(b_win == p_tap8[:, None], b, tl.zeros_like(b))  # [BLOCK_P, BLOCK_N] expanded dy
             elif ACT != 0 or HAS_SCALE:
                 b = load_dz(dy_ptr, z_ptr, scale_ptr, b_off, b_mask, offs_c, mask_c, slope,
                             ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
