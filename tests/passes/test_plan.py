@@ -33,12 +33,12 @@ EXAMPLES = ["digits", "lenet5", "resnet_small", "unet_tiny", "airbench94", "resn
 # The training step is the one `fusenet train` runs (its loss is one launch; a trailing
 # constant scale runs inside it).
 LAUNCHES = {
-    "digits": (32, 8),
-    "lenet5": (29, 9),
+    "digits": (32, 7),
+    "lenet5": (29, 7),
     "resnet_small": (152, 29),
     "unet_tiny": (47, 13),
-    "airbench94": (87, 24),
-    "resnet9": (103, 25),
+    "airbench94": (83, 21),
+    "resnet9": (103, 22),
     "detect_shapes": (57, 12),
 }
 
