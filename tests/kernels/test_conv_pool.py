@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from helpers import assert_close, check_against_torch
 
 import engine.device
+import engine.kernels.conv.function as conv_function
 import engine.kernels.conv.geometry as conv_geometry
 from engine.kernels.conv import conv2d, conv2d_forward
 from engine.kernels.launch import recording
@@ -54,16 +55,26 @@ def ref_fn(pool, stride=1, padding=0, **_):
     return f
 
 
+@pytest.fixture
+def operand_expansion(monkeypatch):
+    """The backward that expands the pooled gradient inside the dgrad/wgrad loads."""
+    monkeypatch.setattr(conv_function, "POOL_GRAD", "operand")
+
+
+@pytest.mark.parametrize("pool_grad", ["kernel", "operand"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_forward_backward_vs_torch(name):
+def test_forward_backward_vs_torch(name, pool_grad, monkeypatch):
+    monkeypatch.setattr(conv_function, "POOL_GRAD", pool_grad)
     N, Cin, H, W, Cout, k, kw, pool = CASES[name]
     x, w, b = rand_inputs(N, Cin, H, W, Cout, k, bias=name != "batch1_stride2")
     inputs = [x, w] + ([b] if b is not None else [])
     with recording() as rec:
         check_against_torch(ours_fn(pool, **kw), ref_fn(pool, **kw), inputs)
     names = [s.name for s in rec]
-    # the pool lives in the conv kernels, forward and backward: no pool kernel, no full-res dy
-    assert not any("pool" in n for n in names), names
+    # the forward pools in the conv epilogue; the backward expands the pooled gradient either in
+    # the dgrad/wgrad loads (no full-res dy) or with one gather kernel
+    assert "_max_pool_fwd_kernel" not in names
+    assert names.count("_max_pool_bwd_kernel") == (pool_grad == "kernel"), names
 
 
 def test_argmax_is_the_pools_tap_code():
@@ -115,7 +126,7 @@ def test_half_precision():
     check_against_torch(ours, ref_fn(pool, **kw), [x, w, b], tol=torch.float16)
 
 
-def test_gpu_tiles_under_interpreter(monkeypatch):
+def test_gpu_tiles_under_interpreter(monkeypatch, operand_expansion):
     # the GPU tile choices (small BLOCK_M windows, split-K boxed wgrad) must be correct too
     monkeypatch.setattr(engine.device, "INTERPRETED", False)
     x, w, b = rand_inputs(2, 16, 9, 17, 32, 3)  # 9x17 -> 4x8
@@ -143,7 +154,7 @@ def test_refusals():
         conv2d_forward(nhwc(x.detach()), w.detach(), padding=1, pool=2, residual=torch.zeros(1, 8, 8, 8))
 
 
-def test_int64_offsets(monkeypatch):
+def test_int64_offsets(monkeypatch, operand_expansion):
     # the IDX64 switch (a tensor of 2**31 elements or more) forced on small tensors
     import engine.kernels.conv.dgrad as dgrad
     import engine.kernels.conv.forward as forward

@@ -37,7 +37,7 @@ LAUNCHES = {
     "lenet5": (29, 7),
     "resnet_small": (152, 29),
     "unet_tiny": (47, 13),
-    "airbench94": (83, 21),
+    "airbench94": (86, 21),
     "resnet9": (103, 22),
     "detect_shapes": (57, 12),
 }

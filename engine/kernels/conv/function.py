@@ -5,15 +5,31 @@ Public API: Conv2dFunction, conv2d.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from engine.kernels.activations import act_code
 from engine.kernels.common import pair
 from engine.kernels.conv.backward import act_backward, conv2d_dgrad, conv2d_wgrad
 from engine.kernels.conv.forward import conv2d_forward
+from engine.kernels.conv.geometry import out_hw
 from engine.kernels.dropout import dropout_backward
 from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
 from engine.kernels.params import claim_grad_slot, slot_view
+from engine.kernels.pool import max_pool2d_backward
+
+# How the backward of a fused conv -> max pool gets the full-resolution gradient:
+# "kernel": one gather kernel (pool.max_pool2d_backward) expands the pooled gradient through
+#   the argmax, then the plain dgrad and wgrad read it;
+# "operand": dgrad and wgrad expand it inside their dy loads (no full-res dy in HBM: 1.24 GB
+#   less traffic per airbench94 step, but 4 instructions per expanded element per tap make
+#   those loops instruction-bound: sm_90 issue/tensor 0.46-1.05 -> 0.89-3.93, and the static
+#   step estimate 7% slower; docs/PERF_MODEL.md).
+# "kernel" is the default until a GPU says otherwise; FUSENET_POOL_GRAD=operand selects the other.
+POOL_GRAD = os.environ.get("FUSENET_POOL_GRAD", "kernel")
+if POOL_GRAD not in ("kernel", "operand"):
+    raise ValueError(f"FUSENET_POOL_GRAD must be 'kernel' or 'operand', got {POOL_GRAD!r}")
 
 
 class Conv2dFunction(torch.autograd.Function):
@@ -61,6 +77,10 @@ class Conv2dFunction(torch.autograd.Function):
             ctx.mark_dirty(out)
         ctx.save_for_backward(xs, w, res.z, scale, res.idx)
         ctx.pool = pool
+        if pool:  # the conv's own output extent (the pool dropped any rows past a whole window)
+            KH, KW = w.shape[2:]
+            ctx.full_hw = out_hw(xs.shape[1], xs.shape[2], KH, KW, *(pair(v, "conv2d") for v in (stride, padding,
+                                                                                             dilation)))
         ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
         ctx.act, ctx.slope = act, slope
         ctx.has_res = residual is not None
@@ -88,8 +108,11 @@ class Conv2dFunction(torch.autograd.Function):
             if need_r:
                 dres = dy
         bw = dict(z=z, act=act, slope=ctx.slope, grad_scale=scale, **ctx.conf)
-        if ctx.pool:  # dy is the pooled gradient, expanded in the kernels' loads through the argmax
+        if ctx.pool and POOL_GRAD == "operand":  # dy is the pooled gradient, expanded in the kernels' loads
             bw.update(pool=ctx.pool, pool_idx=idx)
+        elif ctx.pool:  # expanded once through the argmax (zeros where the pool dropped rows)
+            k = ctx.pool
+            g = max_pool2d_backward(g, idx, (g.shape[0], *ctx.full_hw, g.shape[3]), k, k, 0)
         dx = conv2d_dgrad(g, w, ctx.x_shape, **bw) if need_x else None
         dw = db = None
         if need_w or need_b:
