@@ -8,13 +8,15 @@ and `scale_by_device_scalar`.
 Host:
     FLOAT_DTYPES, next_pow2, prev_pow2, pair, contiguous, act_code_checked
     checks        check_activation, check_like, check_nhwc, check_grad, check_param
-    [M, C] rows   rows_of, block_1d (flat), tile_2d, reduce_plan, finalize_plan
+    [M, C] rows   rows_of, block_1d (flat), tile_2d, reduce_plan, finalize_plan, rows_block, fold_plan
     pixels        pixel_tiles, pixel_grid, idx64 (int64 index math switch)
     GEMMs         precision (tf32 / ieee), upcast (bf16 under the interpreter)
     sum_partials  the one deterministic reduction of fp32 partials
     fold_partials tall [T, C] partials folded in parallel to fewer rows
+    ticket_counters  int32 counters for `last_to_arrive` (a persistent per-device workspace)
 Device (@triton.jit):
-    channel_block, row_tile, reduce_rows, store_partial_row, pixel_tile, pixel_nhw, dot
+    channel_block, row_tile, reduce_rows, fold_rows, store_partial_row, pixel_tile, pixel_nhw, dot,
+    last_to_arrive (the program that finishes a split reduction inside the kernel that split it)
 
 Tile budgets are module constants (elements per program) so tests can shrink
 them to force several row/channel blocks on small tensors.
@@ -193,11 +195,14 @@ def finalize_plan(T: int, C: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_C, num_warps) for kernels that reduce [T, C] partials."""
     if _device.INTERPRETED:
         bc = min(next_pow2(C), INTERP_MAX_BLOCK_C, INTERP_TILE)
-        bt = max(1, min(next_pow2(T), INTERP_TILE // bc))
-        return bt, bc, 4
-    bc = max(4, min(next_pow2(C), 32))
-    bt = max(1, min(next_pow2(T), 2048 // bc))
-    return bt, bc, 4
+    else:
+        bc = max(4, min(next_pow2(C), 32))
+    return rows_block(T, bc), bc, 4
+
+
+def rows_block(T: int, block_c: int) -> int:
+    """BLOCK_T of a `reduce_rows` over T partial rows at block_c columns (a 2048-element tile on the GPU)."""
+    return max(1, min(next_pow2(T), (INTERP_TILE if _device.INTERPRETED else 2048) // block_c))
 
 
 # --------------------------------------------------------------------------- #
@@ -316,6 +321,46 @@ def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 # --------------------------------------------------------------------------- #
+# Ticket counters: the last program of a split reduction finishes it in place
+# --------------------------------------------------------------------------- #
+# A kernel that writes fp32 partials can reduce them itself instead of a second
+# launch: each program of a group stores its partial, then draws a ticket from the
+# group's int32 counter (`last_to_arrive`); the one drawing the last ticket has every
+# partial of its group visible, adds them in a FIXED order (deterministic: the
+# arrival order only decides who adds, never how), and resets the counter to 0.
+# The counters are one persistent zero-initialised workspace per device, shared by
+# every such kernel (launches on a stream are ordered and each leaves its counters
+# at 0): no fill per step, nothing allocated in a CUDA graph once it is warm.
+MIN_TICKETS = 4096
+_tickets: dict[torch.device, torch.Tensor] = {}
+
+
+def ticket_counters(device, n: int) -> torch.Tensor:
+    """int32 [n] counters on `device`, 0 between launches (see `last_to_arrive`)."""
+    key = torch.device(device)
+    buf = _tickets.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(next_pow2(max(n, MIN_TICKETS)), device=key, dtype=torch.int32)
+        _tickets[key] = buf
+    return buf[:n]
+
+
+@triton.jit
+def last_to_arrive(ctr_ptr, n):
+    """True in the one program of a group of `n` (sharing the int32 counter `ctr_ptr`) that arrives
+    last, after every program of the group stored its partial; that program then sees those
+    stores. The last one resets the counter to 0 for the next launch. Every program of the group
+    must call it exactly once."""
+    tl.debug_barrier()  # all threads of this program have issued their partial stores
+    # acq_rel at GPU scope: releases this program's stores (bar.sync above orders its other
+    # threads' ones before), acquires every earlier arrival's
+    ticket = tl.atomic_add(ctr_ptr, 1, sem="acq_rel", scope="gpu")  # scalar int32: tickets drawn before
+    last = ticket == n - 1
+    tl.atomic_xchg(ctr_ptr, 0, mask=last)
+    return last
+
+
+# --------------------------------------------------------------------------- #
 # Deterministic second-stage reduction: column sums of fp32 partials
 # --------------------------------------------------------------------------- #
 @triton.jit
@@ -337,18 +382,11 @@ def _sum_partials_kernel(
 
 
 @triton.jit
-def _fold_partials_kernel(
-    pa_ptr,  # [T, C] fp32 partials
-    pb_ptr,  # [T, C] fp32 partials (if HAS_B)
-    oa_ptr,  # [T2, C] fp32 out: sums of R consecutive rows
-    ob_ptr,  # [T2, C] fp32 out (if HAS_B)
-    T, C, R,
-    HAS_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Row block pid_t of the fold: rows pid_t*R .. pid_t*R + R - 1, in a fixed order."""
-    pid_t = tl.program_id(0)
-    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
-    lo = pid_t * R
+def fold_rows(pa_ptr, pb_ptr, oa_ptr, ob_ptr, row, T, C, R, cols, cmask,
+              HAS_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row `row` of the fold: oa[row] = sum of pa rows row*R .. row*R + R - 1 (< T) at columns `cols`, in a fixed
+    order (pb into ob alike if HAS_B); pa/pb [T, C], oa/ob [T2, C] fp32."""
+    lo = row * R
     hi = tl.minimum(T, lo + R)
     acc_a = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C]
     acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C]
@@ -359,22 +397,43 @@ def _fold_partials_kernel(
         acc_a += tl.load(pa_ptr + offs, mask=m, other=0.0)
         if HAS_B:
             acc_b += tl.load(pb_ptr + offs, mask=m, other=0.0)
-    out = pid_t.to(tl.int64) * C + cols  # [BLOCK_C]
+    out = row.to(tl.int64) * C + cols  # [BLOCK_C]
     tl.store(oa_ptr + out, tl.sum(acc_a, axis=0), mask=cmask)
     if HAS_B:
         tl.store(ob_ptr + out, tl.sum(acc_b, axis=0), mask=cmask)
 
 
-def fold_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, rows: int = GPU_TARGET_PARTIALS):
+@triton.jit
+def _fold_partials_kernel(
+    pa_ptr,  # [T, C] fp32 partials
+    pb_ptr,  # [T, C] fp32 partials (if HAS_B)
+    oa_ptr,  # [T2, C] fp32 out: sums of R consecutive rows
+    ob_ptr,  # [T2, C] fp32 out (if HAS_B)
+    T, C, R,
+    HAS_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Row block pid_t of the fold: rows pid_t*R .. pid_t*R + R - 1, in a fixed order."""
+    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
+    fold_rows(pa_ptr, pb_ptr, oa_ptr, ob_ptr, tl.program_id(0), T, C, R, cols, cmask, HAS_B, BLOCK_T, BLOCK_C)
+
+
+def fold_plan(T: int, C: int, rows: int | None = None) -> tuple[int, int, int, int]:
+    """(R, T2, BLOCK_T, BLOCK_C) of a fold of [T, C] partials to T2 <= `rows` (GPU_TARGET_PARTIALS) rows
+    of R input rows each."""
+    R = triton.cdiv(T, max(1, rows if rows is not None else GPU_TARGET_PARTIALS))
+    T2 = triton.cdiv(T, R)
+    bc = max(4, min(next_pow2(C), 64 if not _device.INTERPRETED else INTERP_MAX_BLOCK_C))
+    bt = max(1, min(next_pow2(R), 2048 // bc if not _device.INTERPRETED else INTERP_TILE // bc))
+    return R, T2, bt, bc
+
+
+def fold_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, rows: int | None = None):
     """fp32 [T, C] partials (and pb alike) -> [T2, C] with T2 <= `rows`: each output row the sum of
     consecutive input rows in a fixed order, programs in parallel over row blocks and channels."""
     T, C = pa.shape
-    R = triton.cdiv(T, max(1, rows))
-    T2 = triton.cdiv(T, R)
+    R, T2, bt, bc = fold_plan(T, C, rows)
     oa = torch.empty((T2, C), device=pa.device, dtype=torch.float32)
     ob = torch.empty((T2, C), device=pa.device, dtype=torch.float32) if pb is not None else None
-    bc = max(4, min(next_pow2(C), 64 if not _device.INTERPRETED else INTERP_MAX_BLOCK_C))
-    bt = max(1, min(next_pow2(R), 2048 // bc if not _device.INTERPRETED else INTERP_TILE // bc))
     launch(_fold_partials_kernel, (T2, triton.cdiv(C, bc)), pa, pb if pb is not None else pa, oa,
            ob if ob is not None else oa, T, C, R, HAS_B=pb is not None, BLOCK_T=bt, BLOCK_C=bc, num_warps=4)
     return oa if pb is None else (oa, ob)
