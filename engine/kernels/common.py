@@ -16,7 +16,7 @@ Host:
     ticket_counters  int32 counters for `last_to_arrive` (a persistent per-device workspace)
 Device (@triton.jit):
     channel_block, row_tile, reduce_rows, fold_rows, store_partial_row, pixel_tile, pixel_nhw, dot,
-    last_to_arrive (the program that finishes a split reduction inside the kernel that split it)
+    last_to_arrive (the program that finishes a split reduction inside the kernel that split it), sum_slices
 
 Tile budgets are module constants (elements per program) so tests can shrink
 them to force several row/channel blocks on small tensors.
@@ -358,6 +358,18 @@ def last_to_arrive(ctr_ptr, n):
     last = ticket == n - 1
     tl.atomic_xchg(ctr_ptr, 0, mask=last)
     return last
+
+
+@triton.jit
+def sum_slices(p_ptr, offs, mask, S, stride):
+    """sum over s = 0, 1, ..., S-1 in that order of p[s*stride + offs] (fp32, masked): a tile of the sum
+    of S split partials, the shape of `offs`."""
+    acc = tl.zeros(offs.shape, dtype=tl.float32)
+    ptrs = p_ptr + offs  # split 0; 64-bit pointers step by `stride` (S*stride may pass 2**31)
+    for _ in range(S):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += stride
+    return acc
 
 
 # --------------------------------------------------------------------------- #
