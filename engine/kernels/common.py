@@ -15,7 +15,7 @@ Host:
     fold_partials tall [T, C] partials folded in parallel to fewer rows
     ticket_counters  int32 counters for `last_to_arrive` (a persistent per-device workspace)
 Device (@triton.jit):
-    channel_block, row_tile, reduce_rows, fold_rows, store_partial_row, pixel_tile, pixel_nhw, dot,
+    channel_block, row_tile, reduce_rows, reduce_rows2, fold_rows, store_partial_row, pixel_tile, pixel_nhw, dot,
     last_to_arrive (the program that finishes a split reduction inside the kernel that split it), sum_slices
 
 Tile budgets are module constants (elements per program) so tests can shrink
@@ -200,9 +200,9 @@ def finalize_plan(T: int, C: int) -> tuple[int, int, int]:
     return rows_block(T, bc), bc, 4
 
 
-def rows_block(T: int, block_c: int) -> int:
-    """BLOCK_T of a `reduce_rows` over T partial rows at block_c columns (a 2048-element tile on the GPU)."""
-    return max(1, min(next_pow2(T), (INTERP_TILE if _device.INTERPRETED else 2048) // block_c))
+def rows_block(T: int, block_c: int, elems: int = 2048) -> int:
+    """BLOCK_T of a `reduce_rows` over T partial rows at block_c columns (an `elems`-element tile on the GPU)."""
+    return max(1, min(next_pow2(T), (INTERP_TILE if _device.INTERPRETED else elems) // block_c))
 
 
 # --------------------------------------------------------------------------- #
@@ -280,6 +280,21 @@ def reduce_rows(p_ptr, T, C, cols, cmask, BLOCK_T: tl.constexpr, BLOCK_C: tl.con
         m = (trows[:, None] < T) & cmask[None, :]
         acc += tl.load(p_ptr + offs, mask=m, other=0.0)
     return tl.sum(acc, axis=0)  # [BLOCK_C] fp32
+
+
+@triton.jit
+def reduce_rows2(pa_ptr, pb_ptr, T, C, cols, cmask, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """reduce_rows of two [T, C] arrays in one loop (both tiles' loads in flight together): (sa, sb),
+    each [BLOCK_C] fp32, the same fixed order as reduce_rows."""
+    acc_a = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C] fp32
+    acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C] fp32
+    for t0 in range(0, T, BLOCK_T):
+        trows = t0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+        offs = trows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_T, BLOCK_C]
+        m = (trows[:, None] < T) & cmask[None, :]
+        acc_a += tl.load(pa_ptr + offs, mask=m, other=0.0)
+        acc_b += tl.load(pb_ptr + offs, mask=m, other=0.0)
+    return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
 
 
 @triton.jit
@@ -366,7 +381,9 @@ def sum_slices(p_ptr, offs, mask, S, stride):
     of S split partials, the shape of `offs`."""
     acc = tl.zeros(offs.shape, dtype=tl.float32)
     ptrs = p_ptr + offs  # split 0; 64-bit pointers step by `stride` (S*stride may pass 2**31)
-    for _ in range(S):
+    # unrolled: several splits' loads in flight at once (one program reads them all, so its memory
+    # parallelism is the tail's speed); the adds stay in split order
+    for _ in tl.range(0, S, loop_unroll_factor=4):
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += stride
     return acc

@@ -39,9 +39,15 @@ from engine.kernels.activations import act_grad, apply_act
 from engine import device as _device
 from engine.kernels.common import (FOLD_ROWS, act_code_checked, channel_block, check_activation, check_param,
                                    contiguous, finalize_plan, fold_plan, fold_rows, last_to_arrive, reduce_plan,
-                                   reduce_rows, row_tile, rows_block, rows_of, store_partial_row, sum_partials,
-                                   ticket_counters, tile_2d)
+                                   reduce_rows, reduce_rows2, row_tile, rows_block, rows_of, store_partial_row,
+                                   sum_partials, ticket_counters, tile_2d)
 from engine.kernels.launch import launch
+
+
+# The last-arriving program's sum of a channel block's partial rows walks [BLOCK_T, BLOCK_C] tiles of
+# both arrays at once, this many elements each: a tail walks 2-4x the columns the separate sum kernel's
+# programs did, in as many dependent steps (its registers are the main loop's, free by then).
+TAIL_ELEMS = 2048
 
 
 # --------------------------------------------------------------------------- #
@@ -150,8 +156,7 @@ def _bn_fold_finalize_kernel(
               True, BLOCK_T, BLOCK_C)
     T2 = tl.num_programs(0)
     if last_to_arrive(ctr_ptr + pid_c, T2):
-        s = reduce_rows(fsum_ptr, T2, C, cols, cmask, BLOCK_T2, BLOCK_C)  # [BLOCK_C] fp32
-        ss = reduce_rows(fsumsq_ptr, T2, C, cols, cmask, BLOCK_T2, BLOCK_C)  # [BLOCK_C] fp32
+        s, ss = reduce_rows2(fsum_ptr, fsumsq_ptr, T2, C, cols, cmask, BLOCK_T2, BLOCK_C)  # [BLOCK_C] each
         _bn_finish_block(s, ss, cols, cmask, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
                          inv_m, unbias, eps, momentum, HAS_RUNNING, CMA)
         _bn_count(nbt_ptr, ctr_ptr + tl.num_programs(1), pid_c, tl.num_programs(1), COUNT, CMA)
@@ -254,8 +259,9 @@ def _bn_bwd_reduce_kernel(
     if TAIL:
         T = tl.num_programs(0)
         if last_to_arrive(ctr_ptr + tl.program_id(1), T):
-            tl.store(sdz_ptr + cols, reduce_rows(pdz_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C), mask=cmask)
-            tl.store(sdzx_ptr + cols, reduce_rows(pdzx_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C), mask=cmask)
+            sdz, sdzx = reduce_rows2(pdz_ptr, pdzx_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] each
+            tl.store(sdz_ptr + cols, sdz, mask=cmask)
+            tl.store(sdzx_ptr + cols, sdzx, mask=cmask)
 
 
 @triton.jit
@@ -360,7 +366,7 @@ def bn_train_forward(
         fsumsq = torch.empty((T2, C), device=dev, dtype=torch.float32)
         launch(_bn_fold_finalize_kernel, (T2, nb), psum, psumsq, fsum, fsumsq, *stats,
                ticket_counters(dev, nb + 1), T, C, R, *scalars, **flags,
-               BLOCK_T=bt, BLOCK_T2=rows_block(T2, bc), BLOCK_C=bc, num_warps=4)
+               BLOCK_T=bt, BLOCK_T2=rows_block(T2, bc, TAIL_ELEMS), BLOCK_C=bc, num_warps=4)
     else:
         bt, bcf, nwf = finalize_plan(T, C)
         launch(_bn_finalize_kernel, (triton.cdiv(C, bcf),), psum, psumsq, *stats, ticket_counters(dev, 1),
@@ -403,7 +409,7 @@ def bn_train_backward(dy, x, mean, rstd, weight, bias, act="none", slope=0.01, n
     launch(_bn_bwd_reduce_kernel, (T, nb),
            dy, x, mean, rstd, wp, bp, pdz, pdzx, dbias, dweight, ticket_counters(dev, nb), M, C, float(slope),
            HAS_W=has_w, HAS_B=has_b, ACT=code, BLOCK_M=bm, BLOCK_C=bc, N_ITER=n_iter, TAIL=tail,
-           BLOCK_T=rows_block(T, bc), num_warps=nw)
+           BLOCK_T=rows_block(T, bc, TAIL_ELEMS), num_warps=nw)
     if not tail:
         dbias, dweight = sum_partials(pdz, pdzx)
     dx = None

@@ -434,7 +434,7 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
                EVEN_K=Cs % cfg.block_m == 0, TORCH_LAYOUT=S == 1,
                EVEN_N=Cout_g % cfg.block_n == 0, EVEN_P=P % cfg.block_k == 0, **flags, PRECISION=precision(allow_tf32),
                UPCAST=upcast(x.dtype), IDX64=big,
-               TAIL=tail, TAIL_K=max(1, min(cfg.block_m, 4096 // cfg.block_n)) if tail else 0,
+               TAIL=tail, TAIL_K=max(1, min(cfg.block_m, 2048 // cfg.block_n)) if tail else 0,
                BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_P=cfg.block_k, **cfg.meta())
         if S == 1:
             return finish(part, bpart)
