@@ -2,21 +2,18 @@
 
 Whatever more than one kernel module needs lives here, under a public name: a
 kernel module imports from here (or from activations/launch/autotune), never a
-sibling's private names. Nothing here launches a kernel except `sum_partials`, `fold_partials`
-and `scale_by_device_scalar`.
+sibling's private names. Nothing here launches a kernel except `scale_by_device_scalar`; the
+deterministic split reductions (sum_partials, fold_partials, the ticket counters of last_to_arrive)
+are engine.kernels.reduction's.
 
 Host:
     FLOAT_DTYPES, next_pow2, prev_pow2, pair, contiguous, act_code_checked
     checks        check_activation, check_like, check_nhwc, check_grad, check_param
-    [M, C] rows   rows_of, block_1d (flat), tile_2d, reduce_plan, finalize_plan, rows_block, fold_plan
+    [M, C] rows   rows_of, block_1d (flat), tile_2d, reduce_plan, finalize_plan, rows_block
     pixels        pixel_tiles, pixel_grid, idx64 (int64 index math switch)
     GEMMs         precision (tf32 / ieee), upcast (bf16 under the interpreter)
-    sum_partials  the one deterministic reduction of fp32 partials
-    fold_partials tall [T, C] partials folded in parallel to fewer rows
-    ticket_counters  int32 counters for `last_to_arrive` (a persistent per-device workspace)
 Device (@triton.jit):
-    channel_block, row_tile, reduce_rows, reduce_rows2, fold_rows, store_partial_row, pixel_tile, pixel_nhw, dot,
-    last_to_arrive (the program that finishes a split reduction inside the kernel that split it), sum_slices
+    channel_block, row_tile, reduce_rows, store_partial_row, pixel_tile, pixel_nhw, dot
 
 Tile budgets are module constants (elements per program) so tests can shrink
 them to force several row/channel blocks on small tensors.
@@ -283,21 +280,6 @@ def reduce_rows(p_ptr, T, C, cols, cmask, BLOCK_T: tl.constexpr, BLOCK_C: tl.con
 
 
 @triton.jit
-def reduce_rows2(pa_ptr, pb_ptr, T, C, cols, cmask, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """reduce_rows of two [T, C] arrays in one loop (both tiles' loads in flight together): (sa, sb),
-    each [BLOCK_C] fp32, the same fixed order as reduce_rows."""
-    acc_a = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C] fp32
-    acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C] fp32
-    for t0 in range(0, T, BLOCK_T):
-        trows = t0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-        offs = trows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_T, BLOCK_C]
-        m = (trows[:, None] < T) & cmask[None, :]
-        acc_a += tl.load(pa_ptr + offs, mask=m, other=0.0)
-        acc_b += tl.load(pb_ptr + offs, mask=m, other=0.0)
-    return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
-
-
-@triton.jit
 def store_partial_row(pa_ptr, pb_ptr, acc_a, acc_b, row, C, cols, cmask):
     """Row `row` of two fp32 [T, C] partial arrays (for sum_partials): the column
     sums of the [BLOCK_M, BLOCK_C] accumulators acc_a and acc_b at columns `cols`."""
@@ -333,173 +315,6 @@ def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-# --------------------------------------------------------------------------- #
-# Ticket counters: the last program of a split reduction finishes it in place
-# --------------------------------------------------------------------------- #
-# A kernel that writes fp32 partials can reduce them itself instead of a second
-# launch: each program of a group stores its partial, then draws a ticket from the
-# group's int32 counter (`last_to_arrive`); the one drawing the last ticket has every
-# partial of its group visible, adds them in a FIXED order (deterministic: the
-# arrival order only decides who adds, never how), and resets the counter to 0.
-# The counters are one persistent zero-initialised workspace per device, shared by
-# every such kernel (launches on a stream are ordered and each leaves its counters
-# at 0): no fill per step, nothing allocated in a CUDA graph once it is warm.
-MIN_TICKETS = 4096
-_tickets: dict[torch.device, torch.Tensor] = {}
-
-
-def ticket_counters(device, n: int) -> torch.Tensor:
-    """int32 [n] counters on `device`, 0 between launches (see `last_to_arrive`)."""
-    key = torch.device(device)
-    buf = _tickets.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(next_pow2(max(n, MIN_TICKETS)), device=key, dtype=torch.int32)
-        _tickets[key] = buf
-    return buf[:n]
-
-
-@triton.jit
-def last_to_arrive(ctr_ptr, n):
-    """True in the one program of a group of `n` (sharing the int32 counter `ctr_ptr`) that arrives
-    last, after every program of the group stored its partial; that program then sees those
-    stores. The last one resets the counter to 0 for the next launch. Every program of the group
-    must call it exactly once."""
-    tl.debug_barrier()  # all threads of this program have issued their partial stores
-    # acq_rel at GPU scope: releases this program's stores (bar.sync above orders its other
-    # threads' ones before), acquires every earlier arrival's
-    ticket = tl.atomic_add(ctr_ptr, 1, sem="acq_rel", scope="gpu")  # scalar int32: tickets drawn before
-    last = ticket == n - 1
-    tl.atomic_xchg(ctr_ptr, 0, mask=last)
-    return last
-
-
-@triton.jit
-def sum_slices(p_ptr, offs, mask, S, stride):
-    """sum over s = 0, 1, ..., S-1 in that order of p[s*stride + offs] (fp32, masked): a tile of the sum
-    of S split partials, the shape of `offs`."""
-    acc = tl.zeros(offs.shape, dtype=tl.float32)
-    ptrs = p_ptr + offs  # split 0; 64-bit pointers step by `stride` (S*stride may pass 2**31)
-    # unrolled: several splits' loads in flight at once (one program reads them all, so its memory
-    # parallelism is the tail's speed); the adds stay in split order
-    for _ in tl.range(0, S, loop_unroll_factor=4):
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-        ptrs += stride
-    return acc
-
-
-# --------------------------------------------------------------------------- #
-# Deterministic second-stage reduction: column sums of fp32 partials
-# --------------------------------------------------------------------------- #
-@triton.jit
-def _sum_partials_kernel(
-    pa_ptr,  # [T, C] fp32 partials
-    pb_ptr,  # [T, C] fp32 partials (if HAS_B)
-    oa_ptr,  # [C] fp32 out
-    ob_ptr,  # [C] fp32 out (if HAS_B)
-    T, C,
-    HAS_B: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    cols, cmask = channel_block(tl.program_id(0), C, BLOCK_C)  # [BLOCK_C] each
-    sa = reduce_rows(pa_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] fp32
-    tl.store(oa_ptr + cols, sa, mask=cmask)
-    if HAS_B:
-        sb = reduce_rows(pb_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] fp32
-        tl.store(ob_ptr + cols, sb, mask=cmask)
-
-
-@triton.jit
-def fold_rows(pa_ptr, pb_ptr, oa_ptr, ob_ptr, row, T, C, R, cols, cmask,
-              HAS_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Row `row` of the fold: oa[row] = sum of pa rows row*R .. row*R + R - 1 (< T) at columns `cols`, in a fixed
-    order (pb into ob alike if HAS_B); pa/pb [T, C], oa/ob [T2, C] fp32."""
-    lo = row * R
-    hi = tl.minimum(T, lo + R)
-    acc_a = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C]
-    acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C]
-    for t0 in range(lo, hi, BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_T, BLOCK_C]
-        m = (rows[:, None] < hi) & cmask[None, :]
-        acc_a += tl.load(pa_ptr + offs, mask=m, other=0.0)
-        if HAS_B:
-            acc_b += tl.load(pb_ptr + offs, mask=m, other=0.0)
-    out = row.to(tl.int64) * C + cols  # [BLOCK_C]
-    tl.store(oa_ptr + out, tl.sum(acc_a, axis=0), mask=cmask)
-    if HAS_B:
-        tl.store(ob_ptr + out, tl.sum(acc_b, axis=0), mask=cmask)
-
-
-@triton.jit
-def _fold_partials_kernel(
-    pa_ptr,  # [T, C] fp32 partials
-    pb_ptr,  # [T, C] fp32 partials (if HAS_B)
-    oa_ptr,  # [T2, C] fp32 out: sums of R consecutive rows
-    ob_ptr,  # [T2, C] fp32 out (if HAS_B)
-    T, C, R,
-    HAS_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Row block pid_t of the fold: rows pid_t*R .. pid_t*R + R - 1, in a fixed order."""
-    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
-    fold_rows(pa_ptr, pb_ptr, oa_ptr, ob_ptr, tl.program_id(0), T, C, R, cols, cmask, HAS_B, BLOCK_T, BLOCK_C)
-
-
-def fold_plan(T: int, C: int, rows: int | None = None) -> tuple[int, int, int, int]:
-    """(R, T2, BLOCK_T, BLOCK_C) of a fold of [T, C] partials to T2 <= `rows` (GPU_TARGET_PARTIALS) rows
-    of R input rows each."""
-    R = triton.cdiv(T, max(1, rows if rows is not None else GPU_TARGET_PARTIALS))
-    T2 = triton.cdiv(T, R)
-    bc = max(4, min(next_pow2(C), 64 if not _device.INTERPRETED else INTERP_MAX_BLOCK_C))
-    bt = max(1, min(next_pow2(R), 2048 // bc if not _device.INTERPRETED else INTERP_TILE // bc))
-    return R, T2, bt, bc
-
-
-def fold_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, rows: int | None = None):
-    """fp32 [T, C] partials (and pb alike) -> [T2, C] with T2 <= `rows`: each output row the sum of
-    consecutive input rows in a fixed order, programs in parallel over row blocks and channels."""
-    T, C = pa.shape
-    R, T2, bt, bc = fold_plan(T, C, rows)
-    oa = torch.empty((T2, C), device=pa.device, dtype=torch.float32)
-    ob = torch.empty((T2, C), device=pa.device, dtype=torch.float32) if pb is not None else None
-    launch(_fold_partials_kernel, (T2, triton.cdiv(C, bc)), pa, pb if pb is not None else pa, oa,
-           ob if ob is not None else oa, T, C, R, HAS_B=pb is not None, BLOCK_T=bt, BLOCK_C=bc, num_warps=4)
-    return oa if pb is None else (oa, ob)
-
-
-def sum_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, *, block: int | None = None,
-                 out: torch.Tensor | None = None):
-    """Column sums of fp32 [T, C] partials in a fixed order -> [C] fp32 (or a pair).
-
-    By default a program folds [BLOCK_T, BLOCK_C] tiles of rows (finalize_plan)
-    and tree-sums the tile last: for tall partials (the row-tile sums of a
-    reduction over M rows). `block=B`: B columns per program taken one row at a
-    time, a plain running sum per column: for wide partials (the split-K slices
-    of a weight gradient, C = its size). `out`: a contiguous fp32 [C] tensor to
-    write pa's sums into (e.g. a gradient's slot in the optimizer's flat buffer)."""
-    for name, p in (("pa", pa), ("pb", pb)):
-        if p is None:
-            continue
-        if p.dtype != torch.float32 or p.dim() != 2 or not p.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous fp32 [T, C] tensor, got {p.dtype} {tuple(p.shape)}")
-    if pb is not None and pb.shape != pa.shape:
-        raise ValueError(f"partials differ in shape: {tuple(pa.shape)} vs {tuple(pb.shape)}")
-    if block is None and pa.shape[0] > FOLD_ROWS and not _device.INTERPRETED:
-        folded = fold_partials(pa, pb)
-        pa, pb = (folded, None) if pb is None else folded
-    T, C = pa.shape
-    if out is not None and (out.shape != (C,) or out.dtype != torch.float32 or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous fp32 [{C}] tensor, got {out.dtype} {tuple(out.shape)}")
-    oa = out if out is not None else torch.empty(C, device=pa.device, dtype=torch.float32)
-    ob = torch.empty(C, device=pa.device, dtype=torch.float32) if pb is not None else None
-    bt, bc, nw = finalize_plan(T, C) if block is None else (1, block, 4)
-    launch(
-        _sum_partials_kernel, (triton.cdiv(C, bc),),
-        pa, pb if pb is not None else pa, oa, ob if ob is not None else oa, T, C,
-        HAS_B=pb is not None, BLOCK_T=bt, BLOCK_C=bc, num_warps=nw,
-    )
-    return oa if pb is None else (oa, ob)
 
 
 @triton.jit

@@ -33,8 +33,8 @@ import triton.language as tl
 from engine import device
 from engine.kernels import autotune
 from engine.kernels.activations import act_code, act_grad, apply_act
-from engine.kernels.common import (FLOAT_DTYPES, dot, last_to_arrive, next_pow2, precision, sum_slices,
-                                   ticket_counters, upcast)
+from engine.kernels.common import FLOAT_DTYPES, dot, next_pow2, precision, upcast
+from engine.kernels.reduction import last_to_arrive, sum_slices, ticket_counters
 from engine.kernels.dropout import check_seed, dropout_backward, dropout_mask_scale, resolve_seed, seed_args
 from engine.kernels.launch import launch
 from engine.kernels.params import Packing, claim_grad_slot, packed, slot_region

@@ -11,7 +11,7 @@ from helpers import (ACTIVATIONS, DATA_MOVEMENT_OPS, SHAPE_OPS, OpRecorder, asse
 import engine.device
 from engine.kernels import batchnorm as bn
 from engine.kernels.batchnorm import training as bn_training
-from engine.kernels import common
+from engine.kernels import common, reduction
 from engine.kernels.launch import launch_log, recording
 
 
@@ -347,7 +347,7 @@ def test_many_conv_partial_rows_fold_and_finalize_in_one_launch(momentum, monkey
         ref = F.batch_norm(to_nchw(x.double()), rm_ref, rv_ref, w.double(), b.double(), training=True, momentum=m)
         assert_close(y, to_nhwc(F.relu(ref)), what=f"step {step} y")
         assert nbt.item() == nbt_ref
-        assert not common.ticket_counters(x.device, 8).any()
+        assert not reduction.ticket_counters(x.device, 8).any()
     assert_close(rm, rm_ref, what="running_mean")
     assert_close(rv, rv_ref, what="running_var")
     again = bn.bn_train_forward(x, w, b, None, None, partials=(psum, psumsq))
@@ -377,7 +377,7 @@ def test_count_once_with_many_finalize_programs(momentum, gpu_tiles):
 def test_backward_sums_in_the_reduce_launch(fold_rows, gpu_tiles, monkeypatch):
     # GPU tiles, 2 row tiles per program: C=300 is 3 channel blocks of 128, M=945 rows 15 row programs
     # racing for each block's ticket; the last sums the block's partial rows (no second launch). Partials
-    # taller than FOLD_ROWS take common.sum_partials instead.
+    # taller than FOLD_ROWS take reduction.sum_partials instead.
     monkeypatch.setattr(bn_training, "FOLD_ROWS", fold_rows)
     monkeypatch.setattr(common, "GPU_TARGET_PARTIALS", 16)
     x, w, b = inputs((3, 7, 45, 300))
@@ -398,4 +398,4 @@ def test_backward_sums_in_the_reduce_launch(fold_rows, gpu_tiles, monkeypatch):
     ref_train("leaky_relu")(xr, wr, br).backward(dy.double())
     for ours, ref, what in zip(grads[0], (xr.grad, wr.grad, br.grad), ("dx", "dweight", "dbias")):
         assert_close(ours, ref, what=what)
-    assert not common.ticket_counters(x.device, 8).any()
+    assert not reduction.ticket_counters(x.device, 8).any()

@@ -206,7 +206,7 @@ def test_wgrad_tail_sums_like_the_second_launch(monkeypatch):
     # GPU tiles, forced 16x16: 9 taps x 2 channel chunks x 3 Cout tiles = 54 output tiles, 5 splits racing
     # for each tile's ticket; the last sums the tile's partials in split order into PyTorch's layout (and
     # the bias). Same order as _sum_to_torch_kernel: bit-identical to it; twice: the counters reset.
-    from engine.kernels import autotune, common
+    from engine.kernels import autotune, reduction
     from engine.kernels.conv import wgrad as conv_wgrad
     from engine.kernels.launch import launch_log
     from engine.kernels.tune_config import Config
@@ -227,7 +227,7 @@ def test_wgrad_tail_sums_like_the_second_launch(monkeypatch):
                                       padding=1)
     assert_close(runs[0][0], ref, what="dw")
     assert_close(runs[0][1], dy.double().sum((0, 1, 2)), what="db")
-    assert not common.ticket_counters(x.device, 64).any()
+    assert not reduction.ticket_counters(x.device, 64).any()
 
 
 def test_dgrad_direct_stride_phases():

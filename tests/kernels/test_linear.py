@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import device
-from engine.kernels import common
+from engine.kernels import reduction
 from engine.kernels import launch as launch_mod
 from engine.kernels.launch import recording
 from engine.kernels.linear import linear, linear_forward, linear_wgrad, weight_packing
@@ -139,7 +139,7 @@ def test_linear_wgrad_tail_many_tiles_and_splits(monkeypatch, has_bias):
     assert_close(dw, dy.double().t() @ x.double(), what="dw")
     if has_bias:
         assert_close(db, dy.double().sum(0), what="db")
-    assert not common.ticket_counters(x.device, 16).any()
+    assert not reduction.ticket_counters(x.device, 16).any()
 
 
 def test_linear_tf32_flag_recorded():

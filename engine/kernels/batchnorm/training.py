@@ -38,9 +38,10 @@ import triton.language as tl
 from engine.kernels.activations import act_grad, apply_act
 from engine import device as _device
 from engine.kernels.common import (FOLD_ROWS, act_code_checked, channel_block, check_activation, check_param,
-                                   contiguous, finalize_plan, fold_plan, fold_rows, last_to_arrive, reduce_plan,
-                                   reduce_rows, reduce_rows2, row_tile, rows_block, rows_of, store_partial_row,
-                                   sum_partials, ticket_counters, tile_2d)
+                                   contiguous, finalize_plan, reduce_plan, reduce_rows, row_tile, rows_block, rows_of,
+                                   store_partial_row, tile_2d)
+from engine.kernels.reduction import (fold_plan, fold_rows, last_to_arrive, reduce_rows2, sum_partials,
+                                      ticket_counters)
 from engine.kernels.launch import launch
 
 

@@ -36,8 +36,8 @@ import triton.language as tl
 
 from engine import device as _device
 from engine.kernels import autotune
-from engine.kernels.common import (check_activation, dot, idx64, last_to_arrive, next_pow2, precision, sum_partials,
-                                   sum_slices, ticket_counters, upcast)
+from engine.kernels.common import check_activation, dot, idx64, next_pow2, precision, upcast
+from engine.kernels.reduction import last_to_arrive, sum_partials, sum_slices, ticket_counters
 import engine.kernels.conv.geometry as geometry
 from engine.kernels.conv.geometry import (check_channels, check_grad_inputs, conv_geometry, conv_key, dw_tiles,
                                           operand_align, split_plan)
