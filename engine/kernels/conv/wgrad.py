@@ -11,12 +11,14 @@ per program and stepped per trip with carries (no per-element div/mod in the
 loop).
 
 P is cut into S fixed splits that write fp32 partials [S, K_g, Cout] (rows
-(tap, ci), stores coalesced along Cout); _sum_to_torch_kernel adds them in a
-fixed order, so results are bit-identical run to run (no atomics), and writes
-the sum in PyTorch's [Cout, Cin/G, KH, KW] layout, into the parameter's slot of
-the fused optimizer's flat gradient buffer when the forward claimed it (no
-layout copy). One split: the kernel stores dw in PyTorch's layout itself
-(TORCH_LAYOUT). Measured on the sm_90 SASS (airbench94 bf16): storing every
+(tap, ci), stores coalesced along Cout), added in a fixed order (bit-identical
+run to run; no float atomics) into PyTorch's [Cout, Cin/G, KH, KW] layout, into
+the parameter's slot of the fused optimizer's flat gradient buffer when the
+forward claimed it (no layout copy): by the last split of each output tile to
+finish (TAIL: an int32 ticket, common.last_to_arrive; no second launch) when a
+tile's S partials are small (WGRAD_TAIL_BYTES: one program reads them all, at
+one SM's bandwidth), else by _sum_to_torch_kernel over the whole GPU. One
+split: the kernel stores dw in PyTorch's layout itself (TORCH_LAYOUT). Measured on the sm_90 SASS (airbench94 bf16): storing every
 split's partials in PyTorch's layout from the GEMM (scattered stores) costs the
 main loops registers, +13 instructions at 128x256 and +23 (issue-bound, +7 us)
 for the 24->64 wgrad; the permuting sum keeps them as they were. S is sized from the work (geometry.wgrad_splits): a
@@ -34,7 +36,8 @@ import triton.language as tl
 
 from engine import device as _device
 from engine.kernels import autotune
-from engine.kernels.common import check_activation, dot, idx64, next_pow2, precision, sum_partials, upcast
+from engine.kernels.common import check_activation, dot, idx64, next_pow2, precision, upcast
+from engine.kernels.reduction import last_to_arrive, sum_partials, sum_slices, ticket_counters
 import engine.kernels.conv.geometry as geometry
 from engine.kernels.conv.geometry import (check_channels, check_grad_inputs, check_pool_grad, conv_geometry,
                                           conv_key, dw_tiles, operand_align, split_plan)
@@ -44,16 +47,26 @@ from engine.kernels.layout import channel_multiple, pad_channels, padded_channel
 from engine.kernels.tune_config import Config, epilogue_key, smem_limit, split_variants, wgrad_candidates
 
 
+# The most bytes of split partials the last split of an output tile sums itself (TAIL): it reads
+# them at one SM's bandwidth (~100 GB/s from L2) where _sum_to_torch_kernel reads every tile's at
+# the whole GPU's, so above this a second launch costs less than the serial tail (airbench94's
+# 256-channel wgrads: 7 x 128 x 256 x 4 B = 0.9 MB per tile, ~8 us, against ~5 us for the launch).
+WGRAD_TAIL_BYTES = 256 * 1024
+
+
 @triton.jit
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, z_ptr, scale_ptr, part_ptr, bpart_ptr, idx_ptr,
+    dw_ptr,  # [Cout*Cin_g*KH*KW] fp32 out, PyTorch's layout (if TAIL)
+    db_ptr,  # [Cout] fp32 out (if TAIL and NEED_BIAS)
+    ctr_ptr,  # [G * tiles] int32 ticket counters, 0 between launches (if TAIL)
     P, P_PER_SPLIT, NB, H, W, Ho, Wo, XC_A, CS_A, DYC_A, COUT_G_A, CIN_W, N_TILES,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
     KW: tl.constexpr, CCHUNKS: tl.constexpr, ALIGN: tl.constexpr, NALIGN: tl.constexpr,
     TB: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_P: tl.constexpr, TORCH_LAYOUT: tl.constexpr,
     ACT: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, IDX64: tl.constexpr, POOL: tl.constexpr,
+    UPCAST: tl.constexpr, IDX64: tl.constexpr, POOL: tl.constexpr, TAIL: tl.constexpr, TAIL_K: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """dw partial of one P-split: part[split, tap*Cs + ci, co] = sum_p x[p @ tap, ci] * dz[p, co], or
@@ -63,7 +76,9 @@ def _conv_wgrad_kernel(
     Grid: (KH*KW * CCHUNKS * N_TILES, S, G). x [N, H, W, XC] (XC = G*Cs), dy [N, Ho,
     Wo, DYC] (DYC = G*Cout_g), channel counts in units of ALIGN (x) and NALIGN (dy).
     The tap-0 programs also write bias partials (column sums of dz). EVEN_K / EVEN_N /
-    EVEN_P: Cs, Cout_g and every split's pixel count are multiples of the block (no masks).
+    EVEN_P: Cs, Cout_g and every split's pixel count are multiples of the block (no masks). TAIL: the
+    last of the S splits of an output tile to finish sums the tile's S partials (split order, TAIL_K
+    rows at a time) into dw (and the bias partials into db) in PyTorch's layout.
     POOL > 0 (a fused POOL x POOL max pool): dy is the pooled gradient [NB, Ho/POOL, Wo/POOL, DYC]
     with the argmax idx_ptr, expanded in the B load; Ho, Wo are the pooled extent times POOL (the
     dropped rows are no pixels of P). Boxes then have TH and TW multiples of POOL; flat chunks
@@ -261,6 +276,20 @@ def _conv_wgrad_kernel(
     if NEED_BIAS:
         if pid_k == 0:  # every row tile computed the same column sums; one writes them
             tl.store(bpart_ptr + split * DYC + offs_c, bacc, mask=mask_c)
+    if TAIL:
+        S = tl.num_programs(1)
+        if last_to_arrive(ctr_ptr + g * tl.num_programs(0) + pid, S):
+            KK = tl.num_programs(0) // N_TILES // CCHUNKS  # KH*KW taps
+            split_stride = KK * CS * DYC  # elements per split's partials
+            for k0 in range(0, BLOCK_K, TAIL_K):
+                ct = c0 + k0 + tl.arange(0, TAIL_K)  # [TAIL_K] input channels of this slice of the tile
+                m = (ct < CIN_W)[:, None] & mask_c[None, :]  # [TAIL_K, BLOCK_N] the weight's real rows
+                src = (tap * CS + ct).to(tl.int64)[:, None] * DYC + offs_c[None, :]  # [TAIL_K, BLOCK_N] split 0
+                dst = (ct * KK + tap)[:, None] + (offs_c * (CIN_W * KK))[None, :]  # [TAIL_K, BLOCK_N] int32
+                tl.store(dw_ptr + dst, sum_slices(part_ptr, src, m, S, split_stride), mask=m)
+            if NEED_BIAS:
+                if pid_k == 0:
+                    tl.store(db_ptr + offs_c, sum_slices(bpart_ptr, offs_c, mask_c, S, DYC), mask=mask_c)
 
 
 @triton.jit
@@ -444,18 +473,29 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
         """dw, dbias with config `cfg`; partials are allocated per config (S follows it) and written, not added."""
         cchunks, n_tiles, tiles, S, per_split, box, chunks = plan(cfg)
         part, bpart = partials(S)
-        if S > 1:  # tap-major partials, summed into PyTorch's layout by _sum_to_torch
+        tail = S > 1 and S * cfg.block_m * cfg.block_n * 4 <= WGRAD_TAIL_BYTES
+        dw = db = ctr = None
+        if S > 1:  # tap-major partials, summed into PyTorch's layout by the kernel's tail or _sum_to_torch
             part = torch.empty((S, KH * KW * Cs * Cout), device=x.device, dtype=torch.float32)
+        if tail:
+            dw = out if out is not None else torch.empty((L,), device=x.device, dtype=torch.float32)
+            db = (bias_out if bias_out is not None else torch.empty((Cout,), device=x.device,
+                                                                    dtype=torch.float32)) if need_bias else None
+            ctr = ticket_counters(x.device, tiles * G)
         extent, per = (chunks, per_split) if box[1] else (P, per_split * cfg.block_k)
-        launch(_conv_wgrad_kernel, (tiles, S, G), x, dy, z, grad_scale, part, bpart, pool_idx, extent, per,
+        launch(_conv_wgrad_kernel, (tiles, S, G), x, dy, z, grad_scale, part, bpart, pool_idx, dw, db, ctr,
+               extent, per,
                N, H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, Cin_g, n_tiles, *geo,
                KW=KW, CCHUNKS=cchunks, ALIGN=xa, NALIGN=na, TB=box[0], TH=box[1], TW=box[2],
                EVEN_K=Cs % cfg.block_m == 0, TORCH_LAYOUT=S == 1,
                EVEN_N=Cout_g % cfg.block_n == 0, EVEN_P=P % cfg.block_k == 0, **flags, PRECISION=precision(allow_tf32),
                UPCAST=upcast(x.dtype), IDX64=big, POOL=pool,
+               TAIL=tail, TAIL_K=max(1, min(cfg.block_m, 2048 // cfg.block_n)) if tail else 0,
                BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_P=cfg.block_k, **cfg.meta())
         if S == 1:
             return finish(part, bpart)
+        if tail:
+            return dw.view(Cout, Cin_g, KH, KW), db
         return _sum_to_torch(part, out, w_shape, Cs), (_sum_splits(bpart, bias_out) if need_bias else None)
 
     default = geometry.wgrad_tiles(Cs, Cout_g, P, KH * KW * G, x.element_size())  # via the module: tests patch it
