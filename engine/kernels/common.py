@@ -2,17 +2,16 @@
 
 Whatever more than one kernel module needs lives here, under a public name: a
 kernel module imports from here (or from activations/launch/autotune), never a
-sibling's private names. Nothing here launches a kernel except `sum_partials`, `fold_partials`
-and `scale_by_device_scalar`.
+sibling's private names. Nothing here launches a kernel except `scale_by_device_scalar`; the
+deterministic split reductions (sum_partials, fold_partials, the ticket counters of last_to_arrive)
+are engine.kernels.reduction's.
 
 Host:
     FLOAT_DTYPES, next_pow2, prev_pow2, pair, contiguous, act_code_checked
     checks        check_activation, check_like, check_nhwc, check_grad, check_param
-    [M, C] rows   rows_of, block_1d (flat), tile_2d, reduce_plan, finalize_plan
+    [M, C] rows   rows_of, block_1d (flat), tile_2d, reduce_plan, finalize_plan, rows_block
     pixels        pixel_tiles, pixel_grid, idx64 (int64 index math switch)
     GEMMs         precision (tf32 / ieee), upcast (bf16 under the interpreter)
-    sum_partials  the one deterministic reduction of fp32 partials
-    fold_partials tall [T, C] partials folded in parallel to fewer rows
 Device (@triton.jit):
     channel_block, row_tile, reduce_rows, store_partial_row, pixel_tile, pixel_nhw, dot
 
@@ -193,11 +192,14 @@ def finalize_plan(T: int, C: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_C, num_warps) for kernels that reduce [T, C] partials."""
     if _device.INTERPRETED:
         bc = min(next_pow2(C), INTERP_MAX_BLOCK_C, INTERP_TILE)
-        bt = max(1, min(next_pow2(T), INTERP_TILE // bc))
-        return bt, bc, 4
-    bc = max(4, min(next_pow2(C), 32))
-    bt = max(1, min(next_pow2(T), 2048 // bc))
-    return bt, bc, 4
+    else:
+        bc = max(4, min(next_pow2(C), 32))
+    return rows_block(T, bc), bc, 4
+
+
+def rows_block(T: int, block_c: int, elems: int = 2048) -> int:
+    """BLOCK_T of a `reduce_rows` over T partial rows at block_c columns (an `elems`-element tile on the GPU)."""
+    return max(1, min(next_pow2(T), (INTERP_TILE if _device.INTERPRETED else elems) // block_c))
 
 
 # --------------------------------------------------------------------------- #
@@ -313,105 +315,6 @@ def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-# --------------------------------------------------------------------------- #
-# Deterministic second-stage reduction: column sums of fp32 partials
-# --------------------------------------------------------------------------- #
-@triton.jit
-def _sum_partials_kernel(
-    pa_ptr,  # [T, C] fp32 partials
-    pb_ptr,  # [T, C] fp32 partials (if HAS_B)
-    oa_ptr,  # [C] fp32 out
-    ob_ptr,  # [C] fp32 out (if HAS_B)
-    T, C,
-    HAS_B: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    cols, cmask = channel_block(tl.program_id(0), C, BLOCK_C)  # [BLOCK_C] each
-    sa = reduce_rows(pa_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] fp32
-    tl.store(oa_ptr + cols, sa, mask=cmask)
-    if HAS_B:
-        sb = reduce_rows(pb_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] fp32
-        tl.store(ob_ptr + cols, sb, mask=cmask)
-
-
-@triton.jit
-def _fold_partials_kernel(
-    pa_ptr,  # [T, C] fp32 partials
-    pb_ptr,  # [T, C] fp32 partials (if HAS_B)
-    oa_ptr,  # [T2, C] fp32 out: sums of R consecutive rows
-    ob_ptr,  # [T2, C] fp32 out (if HAS_B)
-    T, C, R,
-    HAS_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Row block pid_t of the fold: rows pid_t*R .. pid_t*R + R - 1, in a fixed order."""
-    pid_t = tl.program_id(0)
-    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
-    lo = pid_t * R
-    hi = tl.minimum(T, lo + R)
-    acc_a = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C]
-    acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C]
-    for t0 in range(lo, hi, BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_T, BLOCK_C]
-        m = (rows[:, None] < hi) & cmask[None, :]
-        acc_a += tl.load(pa_ptr + offs, mask=m, other=0.0)
-        if HAS_B:
-            acc_b += tl.load(pb_ptr + offs, mask=m, other=0.0)
-    out = pid_t.to(tl.int64) * C + cols  # [BLOCK_C]
-    tl.store(oa_ptr + out, tl.sum(acc_a, axis=0), mask=cmask)
-    if HAS_B:
-        tl.store(ob_ptr + out, tl.sum(acc_b, axis=0), mask=cmask)
-
-
-def fold_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, rows: int = GPU_TARGET_PARTIALS):
-    """fp32 [T, C] partials (and pb alike) -> [T2, C] with T2 <= `rows`: each output row the sum of
-    consecutive input rows in a fixed order, programs in parallel over row blocks and channels."""
-    T, C = pa.shape
-    R = triton.cdiv(T, max(1, rows))
-    T2 = triton.cdiv(T, R)
-    oa = torch.empty((T2, C), device=pa.device, dtype=torch.float32)
-    ob = torch.empty((T2, C), device=pa.device, dtype=torch.float32) if pb is not None else None
-    bc = max(4, min(next_pow2(C), 64 if not _device.INTERPRETED else INTERP_MAX_BLOCK_C))
-    bt = max(1, min(next_pow2(R), 2048 // bc if not _device.INTERPRETED else INTERP_TILE // bc))
-    launch(_fold_partials_kernel, (T2, triton.cdiv(C, bc)), pa, pb if pb is not None else pa, oa,
-           ob if ob is not None else oa, T, C, R, HAS_B=pb is not None, BLOCK_T=bt, BLOCK_C=bc, num_warps=4)
-    return oa if pb is None else (oa, ob)
-
-
-def sum_partials(pa: torch.Tensor, pb: torch.Tensor | None = None, *, block: int | None = None,
-                 out: torch.Tensor | None = None):
-    """Column sums of fp32 [T, C] partials in a fixed order -> [C] fp32 (or a pair).
-
-    By default a program folds [BLOCK_T, BLOCK_C] tiles of rows (finalize_plan)
-    and tree-sums the tile last: for tall partials (the row-tile sums of a
-    reduction over M rows). `block=B`: B columns per program taken one row at a
-    time, a plain running sum per column: for wide partials (the split-K slices
-    of a weight gradient, C = its size). `out`: a contiguous fp32 [C] tensor to
-    write pa's sums into (e.g. a gradient's slot in the optimizer's flat buffer)."""
-    for name, p in (("pa", pa), ("pb", pb)):
-        if p is None:
-            continue
-        if p.dtype != torch.float32 or p.dim() != 2 or not p.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous fp32 [T, C] tensor, got {p.dtype} {tuple(p.shape)}")
-    if pb is not None and pb.shape != pa.shape:
-        raise ValueError(f"partials differ in shape: {tuple(pa.shape)} vs {tuple(pb.shape)}")
-    if block is None and pa.shape[0] > FOLD_ROWS and not _device.INTERPRETED:
-        folded = fold_partials(pa, pb)
-        pa, pb = (folded, None) if pb is None else folded
-    T, C = pa.shape
-    if out is not None and (out.shape != (C,) or out.dtype != torch.float32 or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous fp32 [{C}] tensor, got {out.dtype} {tuple(out.shape)}")
-    oa = out if out is not None else torch.empty(C, device=pa.device, dtype=torch.float32)
-    ob = torch.empty(C, device=pa.device, dtype=torch.float32) if pb is not None else None
-    bt, bc, nw = finalize_plan(T, C) if block is None else (1, block, 4)
-    launch(
-        _sum_partials_kernel, (triton.cdiv(C, bc),),
-        pa, pb if pb is not None else pa, oa, ob if ob is not None else oa, T, C,
-        HAS_B=pb is not None, BLOCK_T=bt, BLOCK_C=bc, num_warps=nw,
-    )
-    return oa if pb is None else (oa, ob)
 
 
 @triton.jit

@@ -14,10 +14,12 @@ pre-activation z in every kernel that reads dy):
   * dgrad  dx = dz @ w                       one kernel, tiles over [N, F]
   * wgrad  dw = dz^T @ x, dbias = sum_n dz   split-K over N: each split writes
     fp32 partials `[SPLIT, O*F + O]` (dbias in the tail, written by the column-0
-    tiles of the same pass), then `common.sum_partials` adds the splits in a
-    fixed order. No atomics, so results are bit-identical run to run. The sums
-    land in the weight's and bias's slots of the optimizer's flat gradient buffer
-    when the forward claimed them (engine.kernels.params.claim_grad_slot).
+    tiles of the same pass); the last split of each tile to finish (an int32
+    ticket, common.last_to_arrive) adds the tile's SPLIT partials in a fixed
+    order, in the same launch. The float sums never depend on arrival order, so
+    results are bit-identical run to run. The sums land in the weight's and
+    bias's slots of the optimizer's flat gradient buffer when the forward
+    claimed them (engine.kernels.params.claim_grad_slot).
 
 Dropout in the forward epilogue takes an int seed or a ClockSeed (drawn on the
 device from the step clock; engine.kernels.dropout).
@@ -31,7 +33,8 @@ import triton.language as tl
 from engine import device
 from engine.kernels import autotune
 from engine.kernels.activations import act_code, act_grad, apply_act
-from engine.kernels.common import FLOAT_DTYPES, dot, next_pow2, precision, sum_partials, upcast
+from engine.kernels.common import FLOAT_DTYPES, dot, next_pow2, precision, upcast
+from engine.kernels.reduction import last_to_arrive, sum_slices, ticket_counters
 from engine.kernels.dropout import check_seed, dropout_backward, dropout_mask_scale, resolve_seed, seed_args
 from engine.kernels.launch import launch
 from engine.kernels.params import Packing, claim_grad_slot, packed, slot_region
@@ -122,15 +125,21 @@ def _linear_dgrad_kernel(
 
 @triton.jit
 def _linear_wgrad_kernel(
-    dy_ptr, z_ptr, x_ptr, part_ptr,
+    dy_ptr, z_ptr, x_ptr,
+    part_ptr,  # [SPLIT, O*F (+ O)] fp32 partials (the output itself when SPLIT = 1)
+    out_ptr,  # [O*F (+ O)] fp32 out: dw then dbias (if TAIL)
+    ctr_ptr,  # [tiles] int32 ticket counters, 0 between launches (if TAIL)
     N, F, O,
     stride_dyn, stride_dyo, stride_zn, stride_xn, stride_xf,
     rows_per_split, split_stride,
     slope,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TAIL: tl.constexpr, TAIL_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """partial[s, :O*F] = dz[n in split s]^T @ x[n in split s]; partial[s, O*F:] = sum_n dz."""
+    """partial[s, :O*F] = dz[n in split s]^T @ x[n in split s]; partial[s, O*F:] = sum_n dz. Grid (O tiles,
+    F tiles, SPLIT). TAIL: the last split of a tile to finish adds the tile's SPLIT partials (split order) into
+    out, TAIL_M rows at a time (a small register tile after the GEMM's)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -163,6 +172,18 @@ def _linear_wgrad_kernel(
     if HAS_BIAS:
         if pid_n == 0:
             tl.store(base + O * F + offs_m, dbias, mask=m_mask)
+    if TAIL:
+        S = tl.num_programs(2)
+        if last_to_arrive(ctr_ptr + pid_m * tl.num_programs(1) + pid_n, S):
+            for r0 in range(0, BLOCK_M, TAIL_M):
+                rows = pid_m * BLOCK_M + r0 + tl.arange(0, TAIL_M)  # [TAIL_M] rows of dw
+                offs = rows[:, None] * F + offs_n[None, :]  # [TAIL_M, BLOCK_N]
+                mask = (rows < O)[:, None] & n_mask[None, :]
+                tl.store(out_ptr + offs, sum_slices(part_ptr, offs, mask, S, split_stride), mask=mask)
+            if HAS_BIAS:
+                if pid_n == 0:
+                    tl.store(out_ptr + O * F + offs_m,
+                             sum_slices(part_ptr, O * F + offs_m, m_mask, S, split_stride), mask=m_mask)
 
 
 # ----------------------------------------------------------------------------
@@ -340,20 +361,20 @@ def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_
                                                                                  dtype=torch.float32)
         if F == 0:
             part.zero_()  # only dbias matters; keep the kernel path simple
+        flat = part.view(L) if split == 1 else (out if out is not None else torch.empty((L,), device=x.device,
+                                                                                           dtype=torch.float32))
+        grid = (triton.cdiv(O, cfg.block_m), triton.cdiv(max(F, 1), cfg.block_n), split)
         launch(
-            _linear_wgrad_kernel, (triton.cdiv(O, cfg.block_m), triton.cdiv(max(F, 1), cfg.block_n), split),
-            dy, z, x, part,
+            _linear_wgrad_kernel, grid,
+            dy, z, x, part, flat, ticket_counters(x.device, grid[0] * grid[1]),
             N, F, O,
             dy.stride(0), dy.stride(1), O, x.stride(0), x.stride(1),
             rows, L,
             float(slope),
             HAS_BIAS=bool(has_bias), ACT=act_code(act), **_dot_flags(x.dtype, allow_tf32),
+            TAIL=split > 1, TAIL_M=max(1, min(cfg.block_m, 2048 // cfg.block_n)),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta(),
         )
-        if split == 1:
-            flat = part.view(L)
-        else:
-            flat = sum_partials(part, block=4096 if device.INTERPRETED else 1024, out=out)
         return flat[: O * F].view(O, F), (flat[O * F:] if has_bias else None)
 
     bm, bn, bk, warps = _gemm_tiles(O, F, N, x.dtype)

@@ -265,9 +265,9 @@ def wgrad_heuristic(C: int, N: int, P: int, taps: int, elem_bytes: int = 2, fuse
     128-wide take 128 (128x128: 0.64 -> 0.48; 64x128: 0.77 -> 0.54), 256-wide keep 64
     (0.39; 64x256x128 would need 240 KB of shared memory at 3 stages). All compile without spills
     on sm_80 (at most 218 registers), pixel boxes or flat. Not at 256 pixels: 16-wide tiles, and
-    `fused_dz` (dz = act'(z) * dy (* scale) is an fp32 tile in registers): lenet5's 64x16x256
-    with a fused ReLU needed 255 registers on sm_80 and spilled 1,096 B; both keep the chunks
-    they had (128 pixels, 64 from 128 wide).
+    `fused_dz` (dz = act'(z) * dy (* scale), or a pooled dy expanded, is a tile in registers):
+    lenet5's 64x16x256 with a fused ReLU needed 255 registers on sm_80 and spilled 1,096 B; both
+    keep the chunks they had (128 pixels, 64 from 128 wide).
     fp32 operands (`elem_bytes` 4, no HGMMA) take 64-pixel chunks: at 128 the pixel-box
     variant needs 255 registers and spills 376 B on sm_90 (digits, 64x16 tiles)."""
     bm = 128 if C >= 128 else 64

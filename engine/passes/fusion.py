@@ -14,6 +14,14 @@ engine.passes.pipeline). Rules, with why in brackets:
 - `add` absorbs one following activation; a run of unary pointwise ops
   (activations, `scale`) becomes one chain kernel; everything else is a group
   of its own.
+- A conv then absorbs a `maxpool` with kernel == stride (a power of two, at most
+  4), no padding, when the conv's output has it as its sole user: the epilogue
+  pools whole windows and saves a one-byte argmax, dgrad/wgrad expand the pooled
+  gradient in their loads [no full-res output, no pool kernels, no full-res dy].
+  In training only straight after the conv (+bias): nothing with a backward
+  through the full-res value (act, residual, dropout) may sit between; in
+  inference after the folded bn and activation too (max after act needs no
+  backward there).
 - A node whose value has several users, or is a tap or the output, ends its
   group, so no value is lost.
 - A conv whose output only feeds a `concat` writes into its channel slice of
@@ -51,6 +59,20 @@ def _sole_user(graph: Graph, node: Node, users: dict[int, list[int]]) -> Node | 
         return None
     us = users.get(node.id, [])
     return graph.node(us[0]) if len(us) == 1 else None
+
+
+# The largest fused pool window side: K*K rows of a window must divide the conv's BLOCK_M
+# (a power of two, 16 at the least), so K is a power of two up to 4
+POOL_MAX = 4
+
+
+def _fusable_pool(n: Node) -> bool:
+    """A max pool a conv epilogue can run: K x K, stride K (whole disjoint windows), K a power of
+    two up to POOL_MAX, no padding (engine.kernels.conv's pool=K)."""
+    if n.op != "maxpool":
+        return False
+    (kh, kw), (sh, sw), (ph, pw) = n.attr("kernel"), n.attr("stride") or n.attr("kernel"), n.attr("pad")
+    return kh == kw == sh == sw and 2 <= kh <= POOL_MAX and kh & (kh - 1) == 0 and ph == pw == 0
 
 
 def plan_fusion(graph: Graph, training: bool) -> Plan:
@@ -92,8 +114,10 @@ def plan_fusion(graph: Graph, training: bool) -> Plan:
             # training-mode dropout is the last step: its mask comes from a seed,
             # so the backward regenerates it instead of storing it
             dropout = absorb(op_is("dropout")) if training else None
+            plain = residual is None and act is None and dropout is None
+            pool = absorb(_fusable_pool) if conv and node.attr("groups") == 1 and (plain or not training) else None
             epi = Epilogue(bias=bool(node.attr("bias")), folded_bn=folded, residual=residual, act=act,
-                           dropout=dropout)
+                           dropout=dropout, pool=pool)
         elif fam in (Family.BATCH_NORM, Family.ADD):
             epi = Epilogue(act=absorb(activation))
         elif is_(node, Group.UNARY_POINTWISE):
@@ -128,7 +152,8 @@ def plan_concat_writes(plan: Plan) -> Plan:
         for src in node.inputs:
             p = producer.get(src)
             single = readers.get(src) == 1 and src not in graph.taps.values()
-            if p is not None and out[p].family is Family.CONV and out[p].writes_into is None and single:
+            if (p is not None and out[p].family is Family.CONV and out[p].writes_into is None and single
+                    and out[p].epilogue.pool is None):  # a fused pool stores its own pooled layout
                 out[p] = replace(out[p], writes_into=ConcatSlot(node.id, offset))
                 in_place.append(src)
             offset += graph.node(src).shape[0]
@@ -143,8 +168,9 @@ def plan_bn_stats(plan: Plan) -> Plan:
     registry): per-tile partial sums of its output [the bn group then skips its
     statistics pass, one read of that output fewer]. Only when the group's
     output is its anchor's own (no activation, residual or dropout fused after
-    it), which in training is the case whenever a bn follows, and not written
-    into a concat's buffer."""
+    it), which in training is the case whenever a bn follows, or the pooled
+    output of a max pool its conv fused (the statistics are then the pooled
+    output's), and not written into a concat's buffer."""
     if not plan.training:
         return plan
     graph = plan.graph
@@ -152,7 +178,8 @@ def plan_bn_stats(plan: Plan) -> Plan:
     out = list(plan.groups)
     for i, grp in enumerate(plan):
         anchor = graph.node(grp.anchor)
-        if not emits_stats(anchor) or grp.output != grp.anchor or grp.writes_into is not None:
+        own = grp.output == grp.anchor or grp.output == grp.epilogue.pool
+        if not emits_stats(anchor) or not own or grp.writes_into is not None:
             continue
         readers = users.get(grp.output, [])
         if len(readers) == 1:

@@ -25,7 +25,8 @@ from engine.ir.ops import Family
 class Epilogue:
     """What a group's kernel computes after its anchor op, in this order:
     z = anchor (+ bias) (folded bn: * scale + shift) (+ residual); statistics of z;
-    y = dropout(act(z)). Each field is the IR node of that step (None: not fused)."""
+    y = dropout(act(z)); with a fused max pool, y = maxpool(act(z)) and the statistics are
+    those of the pooled y. Each field is the IR node of that step (None: not fused)."""
 
     bias: bool = False  # the anchor layer's own bias
     folded_bn: int | None = None  # an eval-mode batch norm folded into a per-channel scale and shift
@@ -33,6 +34,7 @@ class Epilogue:
     stats: int | None = None  # a training-mode batch norm whose batch statistics are emitted as partial sums of z
     act: int | None = None  # an activation applied to z
     dropout: int | None = None  # a training-mode dropout (mask regenerated from its seed in the backward)
+    pool: int | None = None  # a K x K / stride K `maxpool` of the conv's output (argmax saved for the backward)
 
     def steps(self, graph: Graph) -> list[str]:
         """The fused steps as words, for the printer: bias, bn (folded), add, bn statistics, relu, dropout."""
@@ -41,12 +43,16 @@ class Epilogue:
             out.append("bn (folded)")
         if self.residual is not None:
             out.append("add")
-        if self.stats is not None:
+        if self.stats is not None and self.pool is None:
             out.append("bn statistics")
         if self.act is not None:
             out.append(graph.node(self.act).op)
         if self.dropout is not None:
             out.append("dropout")
+        if self.pool is not None:
+            out.append("maxpool")
+            if self.stats is not None:
+                out.append("bn statistics")
         return out
 
     def __bool__(self) -> bool:

@@ -70,10 +70,12 @@ def conv(p, group: KernelGroup) -> torch.Tensor:
         residual = p.values[p.graph.node(e.residual).inputs[1]]
     act, slope = activation(p.node_or_none(e.act))
     stats = e.stats is not None and p.training
+    pool = p.graph.node(e.pool).attrs["kernel"][0] if e.pool is not None else 0
     y = K_conv.conv2d(x, layer.weight, layer.bias, residual=residual, stride=a["stride"], padding=a["pad"],
                       dilation=a["dilation"], groups=a["groups"], act=act, slope=slope,
                       allow_tf32=p.net.allow_tf32, scale=scale, shift=shift, out=p.concat_slice(group, x.shape[0]),
-                      stats=stats, **_dropout(p, e.dropout, on_device=False))  # conv takes int seeds (for now)
+                      stats=stats, pool=pool,
+                      **_dropout(p, e.dropout, on_device=False))  # conv takes int seeds (for now)
     if stats:  # the batch statistics of the bn that reads this output
         y, p.bn_partials[group.output] = y
         if y.grad_fn is not None:

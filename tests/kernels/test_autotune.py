@@ -331,6 +331,7 @@ def test_forced_wgrad_split_and_stats_buffers(monkeypatch):
 
     monkeypatch.setattr(conv_wgrad, "sum_partials", spy_bias)
     monkeypatch.setattr(conv_wgrad, "_sum_to_torch", spy_weight)
+    monkeypatch.setattr(conv_wgrad, "WGRAD_TAIL_BYTES", 0)  # the second-launch fold, not the kernel's tail
     for split in (1, 3, 8):
         with autotune.forced(Config(64, 16, 32, split=split)):
             dw, db = conv2d_wgrad(x, dy, (13, 6, 3, 3), need_bias=True, **kw)
@@ -369,7 +370,8 @@ def test_forced_config_linear_forward_backward(dtype):
         used = _used(specs, kernel)
         assert used and all((c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"]) == (32, 16, 16, 4)
                             for c in used), kernel
-    assert "_sum_partials_kernel" in {s.name for s in specs}  # 3 splits were summed
+    wgrad = _used(specs, "_linear_wgrad_kernel")
+    assert all(c["TAIL"] for c in wgrad)  # 3 splits were summed, by the last of them to finish
 
 
 def test_forced_linear_backward_launchers_alone():

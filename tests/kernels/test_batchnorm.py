@@ -11,8 +11,8 @@ from helpers import (ACTIVATIONS, DATA_MOVEMENT_OPS, SHAPE_OPS, OpRecorder, asse
 import engine.device
 from engine.kernels import batchnorm as bn
 from engine.kernels.batchnorm import training as bn_training
-from engine.kernels import common
-from engine.kernels.launch import recording
+from engine.kernels import common, reduction
+from engine.kernels.launch import launch_log, recording
 
 
 SLOPE = 0.2
@@ -322,14 +322,80 @@ def test_no_torch_compute_ops_forward_backward():
     assert nbt.item() == 1
 
 
-def test_many_conv_partial_rows_fold_before_the_finalize(monkeypatch):
-    # a conv epilogue's per-tile sums: more rows than FOLD_ROWS go through common.fold_partials
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_many_conv_partial_rows_fold_and_finalize_in_one_launch(momentum, monkeypatch):
+    # a conv epilogue's per-tile sums: more rows than FOLD_ROWS are folded in parallel (T2 row programs per
+    # channel block) and the last fold program of each channel block finalises it; num_batches_tracked
+    # counts once per launch. Two launches: the ticket counters are back at 0 after each.
     monkeypatch.setattr(engine.device, "INTERPRETED", False)
-    x, w, b = inputs((4, 9, 13, 6))
-    rows = x.detach().reshape(-1, 6)
-    psum, psumsq = rows.contiguous(), (rows * rows).contiguous()  # one partial row per pixel: 468 rows
+    monkeypatch.setattr(common, "GPU_TARGET_PARTIALS", 5)  # 468 rows -> 5 folded rows of 94
     monkeypatch.setattr(bn_training, "FOLD_ROWS", 100)
-    with recording() as specs:
-        check_against_torch(lambda v, ww, bb: bn.batch_norm_train(v, ww, bb, None, None, partials=(psum, psumsq)),
-                            ref_train("none"), [x, w, b])
-    assert "_fold_partials_kernel" in {s.name for s in specs}
+    C = 150  # 3 channel blocks of 64
+    rm, rv, nbt = torch.randn(C), torch.rand(C) + 0.5, torch.tensor(4, dtype=torch.int64)
+    rm_ref, rv_ref, nbt_ref = rm.double(), rv.double(), 4
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    for step in range(2):
+        x = torch.randn(4, 9, 13, C) * 1.5 + 0.5
+        rows = x.reshape(-1, C)
+        psum, psumsq = rows.contiguous(), (rows * rows).contiguous()  # one partial row per pixel: 468 rows
+        with launch_log() as log:
+            y, mean, rstd = bn.bn_train_forward(x, w, b, rm, rv, momentum=momentum, num_batches_tracked=nbt,
+                                                act="relu", partials=(psum, psumsq))
+        assert log == ["_bn_fold_finalize_kernel", "_bn_apply_kernel"]
+        nbt_ref += 1
+        m = momentum if momentum is not None else 1.0 / nbt_ref
+        ref = F.batch_norm(to_nchw(x.double()), rm_ref, rv_ref, w.double(), b.double(), training=True, momentum=m)
+        assert_close(y, to_nhwc(F.relu(ref)), what=f"step {step} y")
+        assert nbt.item() == nbt_ref
+        assert not reduction.ticket_counters(x.device, 8).any()
+    assert_close(rm, rm_ref, what="running_mean")
+    assert_close(rv, rv_ref, what="running_var")
+    again = bn.bn_train_forward(x, w, b, None, None, partials=(psum, psumsq))
+    assert torch.equal(again[1], bn.bn_train_forward(x, w, b, None, None, partials=(psum, psumsq))[1])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_count_once_with_many_finalize_programs(momentum, gpu_tiles):
+    # GPU tiles: C=70 is 3 finalize programs; num_batches_tracked += 1 by exactly one of them (the
+    # cumulative average reads it in all three first), in the finalize launch itself
+    C = 70
+    rm, rv, nbt = torch.zeros(C), torch.ones(C), torch.tensor(0, dtype=torch.int64)
+    rm_ref, rv_ref = rm.double(), rv.double()
+    for step in range(2):
+        x = torch.randn(2, 5, 3, C) + 0.25
+        with launch_log() as log:
+            bn.bn_train_forward(x, None, None, rm, rv, momentum=momentum, num_batches_tracked=nbt)
+        assert log == ["_bn_stats_kernel", "_bn_finalize_kernel", "_bn_apply_kernel"]
+        F.batch_norm(to_nchw(x.double()), rm_ref, rv_ref, training=True,
+                     momentum=momentum if momentum is not None else 1.0 / (step + 1))
+        assert nbt.item() == step + 1
+    assert_close(rm, rm_ref)
+    assert_close(rv, rv_ref)
+
+
+@pytest.mark.parametrize("fold_rows", [512, 3])
+def test_backward_sums_in_the_reduce_launch(fold_rows, gpu_tiles, monkeypatch):
+    # GPU tiles, 2 row tiles per program: C=300 is 3 channel blocks of 128, M=945 rows 15 row programs
+    # racing for each block's ticket; the last sums the block's partial rows (no second launch). Partials
+    # taller than FOLD_ROWS take reduction.sum_partials instead.
+    monkeypatch.setattr(bn_training, "FOLD_ROWS", fold_rows)
+    monkeypatch.setattr(common, "GPU_TARGET_PARTIALS", 16)
+    x, w, b = inputs((3, 7, 45, 300))
+    dy = torch.randn(3, 7, 45, 300)
+    grads = []
+    for _ in range(2):
+        xx, ww, bb = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        y = bn.batch_norm_train(xx, ww, bb, None, None, act="leaky_relu", slope=SLOPE)
+        with launch_log() as log:
+            y.backward(dy)
+        grads.append((xx.grad, ww.grad, bb.grad))
+    tail = ["_bn_bwd_reduce_kernel", "_bn_bwd_apply_kernel"]
+    assert log == (tail if fold_rows == 512 else ["_bn_bwd_reduce_kernel", "_sum_partials_kernel",
+                                                  "_bn_bwd_apply_kernel"])
+    for g1, g2 in zip(*grads):
+        assert torch.equal(g1, g2)
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref_train("leaky_relu")(xr, wr, br).backward(dy.double())
+    for ours, ref, what in zip(grads[0], (xr.grad, wr.grad, br.grad), ("dx", "dweight", "dbias")):
+        assert_close(ours, ref, what=what)
+    assert not reduction.ticket_counters(x.device, 8).any()

@@ -1,5 +1,5 @@
 """engine/kernels/common.py: the shared helpers (powers of two, pairs, checks,
-tile plans) and the one deterministic partial-sum reduction."""
+tile plans), and engine/kernels/reduction.py: the deterministic partial-sum reductions."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close
 
 import engine.device
-from engine.kernels import common
+from engine.kernels import common, reduction
 from engine.kernels.launch import recording
 
 
@@ -45,8 +45,8 @@ def test_checks():
 def test_sum_partials_deterministic_fixed_order():
     p = torch.randn(300, 70)
     q = torch.randn(300, 70)
-    a1, b1 = common.sum_partials(p, q)
-    a2, b2 = common.sum_partials(p, q)
+    a1, b1 = reduction.sum_partials(p, q)
+    a2, b2 = reduction.sum_partials(p, q)
     assert torch.equal(a1, a2) and torch.equal(b1, b2)
     assert_close(a1, p.double().sum(0))
     assert_close(b1, q.double().sum(0))
@@ -58,7 +58,7 @@ def test_sum_partials_one_row_at_a_time_is_a_running_sum(interpreted, monkeypatc
     monkeypatch.setattr(engine.device, "INTERPRETED", interpreted)
     p = torch.randn(5, 1000) * torch.logspace(-3, 3, 5)[:, None]
     with recording() as specs:
-        out = common.sum_partials(p, block=256)
+        out = reduction.sum_partials(p, block=256)
     running = p[0].clone()
     for row in p[1:]:
         running += row
@@ -72,15 +72,15 @@ def test_tall_partials_fold_in_parallel(interpreted, monkeypatch):
     # on a GPU, sum_partials folds more than FOLD_ROWS rows first (many programs), then sums the rest
     monkeypatch.setattr(engine.device, "INTERPRETED", interpreted)
     pa, pb = torch.randn(common.FOLD_ROWS * 3 + 7, 19), torch.randn(common.FOLD_ROWS * 3 + 7, 19)
-    folded_a, folded_b = common.fold_partials(pa, pb, rows=40)
+    folded_a, folded_b = reduction.fold_partials(pa, pb, rows=40)
     assert folded_a.shape[0] <= 40 and folded_a.shape == folded_b.shape
     assert_close(folded_a.sum(0), pa.double().sum(0), what="fold keeps the sum")
     with recording() as specs:
-        a, b = common.sum_partials(pa, pb)
+        a, b = reduction.sum_partials(pa, pb)
     assert ("_fold_partials_kernel" in {s.name for s in specs}) == (not interpreted)
     assert_close(a, pa.double().sum(0), what="a")
     assert_close(b, pb.double().sum(0), what="b")
-    again = common.sum_partials(pa, pb)
+    again = reduction.sum_partials(pa, pb)
     assert torch.equal(again[0], a) and torch.equal(again[1], b)  # fixed order: bit-identical
 
 
@@ -94,3 +94,24 @@ def test_pad_channels():
     assert y.shape == (2, 5, 3, 8) and torch.equal(y[..., :3], x) and not y[..., 3:].any()
     with pytest.raises(ValueError, match="cannot pad"):
         pad_channels(x, 2)
+
+
+def test_ticket_counters_are_one_zeroed_int32_workspace_per_device():
+    # last_to_arrive's counters: allocated (zeroed) once, then the same memory every launch (CUDA-graph
+    # safe: no fill per step); a larger request replaces it with a larger zeroed one
+    a = reduction.ticket_counters("cpu", 5)
+    b = reduction.ticket_counters(torch.device("cpu"), 7)
+    assert a.dtype == torch.int32 and a.shape == (5,) and b.shape == (7,)
+    assert a.data_ptr() == b.data_ptr() and not b.any()
+    big = reduction.ticket_counters("cpu", reduction.MIN_TICKETS + 1)
+    assert big.numel() == reduction.MIN_TICKETS + 1 and not big.any()
+    assert reduction.ticket_counters("cpu", 3).data_ptr() == big.data_ptr()
+    meta = reduction.ticket_counters("meta", 4)  # the dry run's launches allocate theirs on the meta device
+    assert meta.device.type == "meta" and meta.shape == (4,)
+
+
+def test_fold_plan_reads_the_partials_target_at_call_time(monkeypatch):
+    monkeypatch.setattr(engine.device, "INTERPRETED", False)
+    monkeypatch.setattr(common, "GPU_TARGET_PARTIALS", 10)
+    R, T2, bt, bc = reduction.fold_plan(1000, 70)
+    assert (R, T2, bc) == (100, 10, 64) and bt == 32 and T2 * R >= 1000

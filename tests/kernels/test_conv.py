@@ -202,6 +202,34 @@ def test_wgrad_split_k_deterministic(x_shape, w_shape, dy_shape, groups, stride,
     assert_close(one[0], wd.grad, what="dw split 1")
 
 
+def test_wgrad_tail_sums_like_the_second_launch(monkeypatch):
+    # GPU tiles, forced 16x16: 9 taps x 2 channel chunks x 3 Cout tiles = 54 output tiles, 5 splits racing
+    # for each tile's ticket; the last sums the tile's partials in split order into PyTorch's layout (and
+    # the bias). Same order as _sum_to_torch_kernel: bit-identical to it; twice: the counters reset.
+    from engine.kernels import autotune, reduction
+    from engine.kernels.conv import wgrad as conv_wgrad
+    from engine.kernels.launch import launch_log
+    from engine.kernels.tune_config import Config
+
+    monkeypatch.setattr(engine.device, "INTERPRETED", False)
+    x, dy = torch.randn(2, 11, 9, 20), torch.randn(2, 11, 9, 40)
+    w_shape, kw = (40, 20, 3, 3), dict(stride=1, padding=1, dilation=1, groups=1)
+    runs = []
+    for tail_bytes in (conv_wgrad.WGRAD_TAIL_BYTES, conv_wgrad.WGRAD_TAIL_BYTES, 0):
+        monkeypatch.setattr(conv_wgrad, "WGRAD_TAIL_BYTES", tail_bytes)
+        with autotune.forced(Config(16, 16, 16), kernels=["conv2d_wgrad"]), launch_log() as log:
+            runs.append(conv2d_wgrad(x, dy, w_shape, need_bias=True, splits=5, **kw))
+        assert log == (["_conv_wgrad_kernel"] if tail_bytes else
+                       ["_conv_wgrad_kernel", "_sum_to_torch_kernel", "_sum_partials_kernel"])
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
+    ref = torch.nn.grad.conv2d_weight(x.double().permute(0, 3, 1, 2), w_shape, dy.double().permute(0, 3, 1, 2),
+                                      padding=1)
+    assert_close(runs[0][0], ref, what="dw")
+    assert_close(runs[0][1], dy.double().sum((0, 1, 2)), what="db")
+    assert not reduction.ticket_counters(x.device, 64).any()
+
+
 def test_dgrad_direct_stride_phases():
     # 1x1 stride 2: three of four phases get no tap, so dx must be exactly 0 there
     dy = torch.randn(2, 4, 4, 6)

@@ -222,13 +222,19 @@ def test_the_network_asks_for_the_conv_copies_and_keeps_them_across_to():
         assert net.layer(node).weight._fusenet_packings == wanted, node.name
 
 
-@pytest.mark.parametrize("groups,cin,splits", [(1, 3, 3), (1, 12, 2), (3, 12, 3), (8, 8, 2), (1, 10, 1)])
-def test_wgrad_writes_pytorchs_layout_into_out_split_or_not(groups, cin, splits, monkeypatch):
+@pytest.mark.parametrize("groups,cin,splits,tail", [(1, 3, 3, True), (1, 12, 2, False), (3, 12, 3, True),
+                                                   (3, 12, 3, False), (8, 8, 2, True), (1, 10, 1, True)])
+def test_wgrad_writes_pytorchs_layout_into_out_split_or_not(groups, cin, splits, tail, monkeypatch):
     """Split partials in PyTorch's layout summed into `out` (one split: the kernel writes `out`),
-    dbias into `bias_out`; padded input channels (3 -> 4, 10 -> 12) write only the weight's rows."""
+    dbias into `bias_out`; padded input channels (3 -> 4, 10 -> 12) write only the weight's rows.
+    Split GEMM wgrads sum their partials in the kernel's tail (the last split of each tile) or, when a
+    tile's partials pass WGRAD_TAIL_BYTES, in _sum_to_torch_kernel."""
     from engine.kernels.conv import conv2d_wgrad
+    from engine.kernels.conv import wgrad as conv_wgrad
 
     monkeypatch.setattr(engine.device, "INTERPRETED", False)  # GPU tiles: pixels enough for the splits
+    if not tail:
+        monkeypatch.setattr(conv_wgrad, "WGRAD_TAIL_BYTES", 0)
     x, dy = torch.randn(2, 15, 14, cin), torch.randn(2, 8, 7, 24)
     w_shape = (24, cin // groups, 3, 3)
     flat = torch.full((24 * (cin // groups) * 9 + 24 + 5,), 7.0)  # a flat buffer with neighbours
@@ -240,9 +246,11 @@ def test_wgrad_writes_pytorchs_layout_into_out_split_or_not(groups, cin, splits,
     depthwise = groups == cin
     folds = {s.name for s in specs if s.name in ("_sum_partials_kernel", "_sum_to_torch_kernel")}
     # split: the dw partials are folded (depthwise: already in PyTorch's layout; GEMM: permuted
-    # by the fold), and the bias partials; one split: the kernels wrote dw and dbias themselves
+    # by the tail or the fold), and the bias partials; one split: the kernels wrote dw and dbias themselves
     assert folds == (set() if splits == 1 else {"_sum_partials_kernel"} if depthwise else
-                     {"_sum_to_torch_kernel", "_sum_partials_kernel"}), folds
+                     set() if tail else {"_sum_to_torch_kernel", "_sum_partials_kernel"}), folds
+    if splits > 1 and not depthwise:
+        assert {dict(s.constexprs)["TAIL"] for s in specs if s.name == "_conv_wgrad_kernel"} == {tail}
     assert torch.equal(flat[-5:], torch.full((5,), 7.0))  # nothing written past the slots
     _, _, rdw, rdb = _reference(x, torch.randn(w_shape), torch.zeros(24), dy, stride=2, padding=1, groups=groups)
     assert_close(dw, rdw, what="dw")

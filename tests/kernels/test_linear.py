@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import device
+from engine.kernels import reduction
 from engine.kernels import launch as launch_mod
 from engine.kernels.launch import recording
 from engine.kernels.linear import linear, linear_forward, linear_wgrad, weight_packing
@@ -84,13 +85,14 @@ def test_linear_save_pre_and_non_contiguous_x():
 
 
 def test_linear_split_k_wgrad_deterministic():
-    # N = 1100 > the interpreter's K block (512): wgrad runs 3 splits + the reduction kernel.
+    # N = 1100 > the interpreter's K block (512): wgrad runs 3 splits, the last of which to finish sums them
+    # (one launch)
     x, w, b = _inputs(1100, 7, 3)
     check_against_torch(lambda x, w, b: linear(x, w, b, act="relu"), lambda x, w, b: F.relu(F.linear(x, w, b)), [x, w, b])
     dy = torch.randn(1100, 3)
-    with launch_mod.recording() as specs:
+    with launch_mod.launch_log() as log:
         dw1, db1 = linear_wgrad(dy, x.detach(), has_bias=True)
-    assert "_sum_partials_kernel" in {s.name for s in specs}
+    assert log == ["_linear_wgrad_kernel"]
     dw2, db2 = linear_wgrad(dy, x.detach(), has_bias=True)
     assert torch.equal(dw1, dw2) and torch.equal(db1, db2)
     assert_close(dw1, dy.double().t() @ x.detach().double(), what="dw")
@@ -107,11 +109,37 @@ def test_linear_gpu_tiles(monkeypatch, dtype):
             lambda x, w, b: linear(x, w, b, act="silu"), lambda x, w, b: F.silu(F.linear(x, w, b)), [x, w, b]
         )
     names = {s.name for s in specs}
-    assert {"_linear_fwd_kernel", "_linear_dgrad_kernel", "_linear_wgrad_kernel", "_sum_partials_kernel"} <= names
+    assert {"_linear_fwd_kernel", "_linear_dgrad_kernel", "_linear_wgrad_kernel"} == names
+    assert dict(next(s for s in specs if s.name == "_linear_wgrad_kernel").constexprs)["TAIL"]
     for s in specs:
         c = dict(s.constexprs)
         if "BLOCK_K" in c:
             assert min(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) >= 16
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_linear_wgrad_tail_many_tiles_and_splits(monkeypatch, has_bias):
+    # GPU tiles, forced: O=150 x F=70 is 3 x 2 tiles (64 x 64), N=700 is 22 splits of 32 rows racing for
+    # each tile's ticket; the last adds them in split order (TAIL_M rows at a time) into `out`. Twice:
+    # the counters are back at 0 after each launch, and the sums are bit-identical.
+    monkeypatch.setattr(device, "INTERPRETED", False)
+    x, dy = torch.randn(700, 70), torch.randn(700, 150)
+    L = 150 * 70 + (150 if has_bias else 0)
+    outs = []
+    for _ in range(2):
+        out = torch.full((L,), float("nan"))
+        with launch_mod.recording() as specs:
+            dw, db = linear_wgrad(dy, x, has_bias=has_bias, out=out, act="none")
+        (spec,) = specs
+        c = dict(spec.constexprs)
+        assert c["TAIL"] and c["TAIL_M"] < c["BLOCK_M"] and dw.data_ptr() == out.data_ptr()
+        outs.append(out)
+        assert not torch.isnan(out).any()
+    assert torch.equal(outs[0], outs[1])
+    assert_close(dw, dy.double().t() @ x.double(), what="dw")
+    if has_bias:
+        assert_close(db, dy.double().sum(0), what="db")
+    assert not reduction.ticket_counters(x.device, 16).any()
 
 
 def test_linear_tf32_flag_recorded():

@@ -33,13 +33,13 @@ EXAMPLES = ["digits", "lenet5", "resnet_small", "unet_tiny", "airbench94", "resn
 # The training step is the one `fusenet train` runs (its loss is one launch; a trailing
 # constant scale runs inside it).
 LAUNCHES = {
-    "digits": (32, 8),
-    "lenet5": (29, 9),
-    "resnet_small": (152, 29),
-    "unet_tiny": (47, 13),
-    "airbench94": (87, 24),
-    "resnet9": (103, 25),
-    "detect_shapes": (57, 12),
+    "digits": (23, 7),
+    "lenet5": (22, 7),
+    "resnet_small": (112, 29),
+    "unet_tiny": (35, 13),
+    "airbench94": (63, 21),
+    "resnet9": (80, 22),
+    "detect_shapes": (40, 12),
 }
 
 

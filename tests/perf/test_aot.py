@@ -25,7 +25,8 @@ import engine.kernels
 from engine.kernels.activations import ACTIVATIONS
 from engine.kernels.loss import cross_entropy
 from engine.kernels.optim import Adam, AdamW
-from engine.kernels.common import FOLD_ROWS, sum_partials
+from engine.kernels.common import FOLD_ROWS
+from engine.kernels.reduction import sum_partials
 from engine.kernels.global_pool import global_avg_pool
 from engine.perf.aot import compile_all, record_network
 from engine.perf.step import network_step
@@ -168,11 +169,29 @@ def _extra_runs(precision: str):
         centernet_loss(zg, placeholder_targets(2, (7, 12, 12)))[3].backward()
         heat_peaks(zg.detach())
 
-    def tall_partials():  # more partial rows than one finalize program should walk: folded first
+    def tall_partials():  # more partial rows than one finalize program should walk: folded first (batch norm:
+        # the fold's last program per channel block finalises, counting the batch under a cumulative average)
+        from engine.kernels.batchnorm import bn_train_forward
+
         sum_partials(torch.zeros(FOLD_ROWS + 1, 8), torch.zeros(FOLD_ROWS + 1, 8))
+        x = torch.zeros(FOLD_ROWS + 1, 8, dtype=model.dtype)
+        bn_train_forward(x, None, None, torch.zeros(8), torch.ones(8), momentum=None,
+                         num_batches_tracked=torch.zeros((), dtype=torch.int64),
+                         partials=(torch.zeros(FOLD_ROWS + 1, 8), torch.zeros(FOLD_ROWS + 1, 8)))
+
+    def wide_wgrad_tiles():  # split wgrad partials too large for the kernel's own tail: summed by a second launch
+        from engine.kernels.conv import conv2d_wgrad
+        from engine.kernels.conv import wgrad as conv_wgrad
+
+        tail_bytes, conv_wgrad.WGRAD_TAIL_BYTES = conv_wgrad.WGRAD_TAIL_BYTES, 0
+        try:
+            conv2d_wgrad(torch.zeros(4, 8, 8, 16, dtype=model.dtype), torch.zeros(4, 8, 8, 16, dtype=model.dtype),
+                         (16, 16, 3, 3), stride=1, padding=1, dilation=1, groups=1, splits=3)
+        finally:
+            conv_wgrad.WGRAD_TAIL_BYTES = tail_bytes
 
     return [network_step(model, 2, True), network_step(model, 2, False), optimizers, eval_backward, split_global_pool,
-            step_loss_and_device_optimizers, centernet_paths, tall_partials]
+            step_loss_and_device_optimizers, centernet_paths, tall_partials, wide_wgrad_tiles]
 
 
 def _wide_tap_max_pool():
@@ -206,10 +225,12 @@ def test_conv_under_the_fused_optimizer_compiles_in_bf16():
     """The conv variants that read the optimizer's packed copies in bf16 (the interpreter runs
     fp32/fp16 only): padded input channels against masked weight rows (W_PAD) with taps per
     chunk (an RGB stem) and with one tap per chunk (20 channels stored as 24), and the wgrad
-    into the flat gradient slot in PyTorch's layout, split (folded by _sum_to_torch_kernel) and not."""
+    into the flat gradient slot in PyTorch's layout, split (summed by the kernel's tail or by
+    _sum_to_torch_kernel) and not."""
     from engine.kernels import optim
     from engine.kernels.conv import conv2d, conv2d_wgrad
     from engine.kernels.conv import weights as conv_weights
+    from engine.kernels.conv import wgrad as conv_wgrad
     from engine.kernels.params import request_packed
 
     def run():
@@ -223,16 +244,23 @@ def test_conv_under_the_fused_optimizer_compiles_in_bf16():
             y.backward(torch.zeros_like(y))
             opt.step()
         xs, dy = torch.zeros(4, 8, 8, 64, dtype=torch.bfloat16), torch.zeros(4, 8, 8, 64, dtype=torch.bfloat16)
-        for splits in (1, 3):
-            conv2d_wgrad(xs, dy, (64, 64, 3, 3), stride=1, padding=1, dilation=1, groups=1, splits=splits,
-                         out=torch.zeros(64 * 64 * 9))
+        for splits, tail_bytes in ((1, None), (3, None), (3, 0)):
+            saved = conv_wgrad.WGRAD_TAIL_BYTES
+            conv_wgrad.WGRAD_TAIL_BYTES = saved if tail_bytes is None else tail_bytes
+            try:
+                conv2d_wgrad(xs, dy, (64, 64, 3, 3), stride=1, padding=1, dilation=1, groups=1, splits=splits,
+                             out=torch.zeros(64 * 64 * 9))
+            finally:
+                conv_wgrad.WGRAD_TAIL_BYTES = saved
 
     specs = record_network(run)
     fwd = [dict(s.constexprs) for s in specs if s.name == "_conv_fwd_kernel"]
     assert {c["TPC"] > 1 for c in fwd if c["W_PAD"]} == {True, False}, fwd
     assert {s.name for s in specs} >= {"_conv_dgrad_kernel", "_conv_wgrad_kernel", "_sum_to_torch_kernel"}
-    wgrads = {dict(s.constexprs)["TORCH_LAYOUT"] for s in specs if s.name == "_conv_wgrad_kernel"}
-    assert wgrads == {True, False}, wgrads  # one split stores PyTorch's layout, several are folded into it
+    wgrads = {(dict(s.constexprs)["TORCH_LAYOUT"], dict(s.constexprs)["TAIL"])
+              for s in specs if s.name == "_conv_wgrad_kernel"}
+    # one split stores PyTorch's layout; several are summed into it by the last split of a tile or a second launch
+    assert {(True, False), (False, True), (False, False)} <= wgrads, wgrads
     reports = compile_all([s for s in specs if s.name in GEMM_KERNELS], TARGETS)
     _assert_all_compile(reports)
     assert all(r.mma_count for r in reports), [(r.name, r.tag, r.target) for r in reports if not r.mma_count]

@@ -23,13 +23,13 @@ ROOT = Path(__file__).resolve().parents[2]
 # left: lenet5's flatten (an NHWC -> NCHW copy) and its max-pool backward's gradient clone;
 # in unet_tiny, autograd's handling of the concat producers' in-place writes.
 PINS = {
-    "digits": (32, 0, 5673428),
-    "lenet5": (29, 2, 13548624),
-    "resnet_small": (149, 0, 235396776),
-    "unet_tiny": (47, 7, 182018316),
-    "airbench94": (87, 0, 3708002452),
-    "resnet9": (103, 0, 5851226768),
-    "detect_shapes": (54, 0, 25470836),
+    "digits": (23, 0, 5527952),
+    "lenet5": (22, 2, 12514320),
+    "resnet_small": (112, 0, 232236924),
+    "unet_tiny": (35, 7, 179931004),
+    "airbench94": (63, 0, 3182499504),
+    "resnet9": (80, 0, 5844284264),
+    "detect_shapes": (40, 0, 25287600),
 }
 
 

@@ -149,7 +149,7 @@ POOL_STATS_NET = """
 network pool_stats {
     input 3x13x15
     conv 5 kernel=3 pad=1 bias=false -> maxpool 3 stride=2 pad=1 -> bn -> relu
-    conv 7 kernel=3 pad=1 -> maxpool 2 -> bn
+    conv 7 kernel=3 pad=1 -> relu -> maxpool 2 -> bn
     conv 3 kernel=1 -> maxpool 2x3 stride=1 -> bn momentum=0.3 -> gelu
     global_avgpool
     linear 4
@@ -162,6 +162,36 @@ def test_training_bn_takes_its_statistics_from_the_max_pool():
     no bn statistics pass runs, and the network matches the reference (output, every
     gradient, the running statistics)."""
     _bn_statistics_come_from(POOL_STATS_NET, Family.POOL, "_max_pool_fwd_kernel", torch.randn(6, 3, 13, 15), 3)
+
+
+# conv(+bias) -> maxpool K (stride K, no pad) -> bn: the conv runs the pool in its epilogue
+# (odd sizes: the floor-mode pools drop a row and a column)
+CONV_POOL_NET = """
+network conv_pool_stats {
+    input 3x13x15
+    conv 5 kernel=3 pad=1 bias=false -> maxpool 2 -> bn -> relu
+    conv 7 kernel=3 pad=1 -> maxpool 2 -> bn
+    global_avgpool
+    linear 4
+}
+"""
+
+
+def test_training_bn_takes_its_statistics_from_a_conv_with_a_fused_pool():
+    """conv -> maxpool 2 -> bn in training: the conv fuses the pool (no pool kernel forward; the
+    backward's one gather kernel expands the pooled gradient, engine.kernels.conv.function.POOL_GRAD),
+    emits the pooled output's partial sums for the bn, and the network matches the reference
+    (output, every gradient, the running statistics)."""
+    from engine.kernels.launch import recording
+
+    tri = engine.compile(CONV_POOL_NET)
+    assert all(g.epilogue.pool is not None for g in tri.kernel_plan() if g.family is Family.CONV)
+    _bn_statistics_come_from(CONV_POOL_NET, Family.CONV, "_conv_fwd_kernel", torch.randn(3, 3, 13, 15), 2)
+    with recording() as specs:
+        tri.train()
+        tri(torch.randn(2, 3, 13, 15)).sum().backward()
+    names = [s.name for s in specs]
+    assert "_max_pool_fwd_kernel" not in names and names.count("_max_pool_bwd_kernel") == 2, names  # one per fused pool
 
 
 def test_max_pool_statistics_in_bf16_match_the_statistics_pass(monkeypatch):

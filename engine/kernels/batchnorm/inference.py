@@ -17,8 +17,8 @@ import triton.language as tl
 
 from engine.kernels.activations import act_grad, apply_act
 from engine.kernels.common import (act_code_checked, channel_block, check_activation, check_param,
-                                   contiguous, next_pow2, reduce_plan, row_tile, rows_of, store_partial_row,
-                                   sum_partials, tile_2d)
+                                   contiguous, next_pow2, reduce_plan, row_tile, rows_of, store_partial_row, tile_2d)
+from engine.kernels.reduction import sum_partials
 from engine.kernels.launch import launch
 
 

@@ -6,17 +6,24 @@ fused with the following activation. Forward and backward side by side.
                                      (skipped when a producer, e.g. a conv
                                      epilogue, supplies `partials=(psum, psumsq)`)
            2. `_bn_finalize_kernel`  grid (C-blocks): reduces the T partials in a
-                                     fixed order -> mean, rstd [C] (more than
-                                     common.FOLD_ROWS partial rows are first
-                                     folded in parallel: common.fold_partials); updates
+                                     fixed order -> mean, rstd [C]; updates
                                      running_mean/running_var in place like PyTorch
-           3. `_bn_count_kernel`     num_batches_tracked += 1 (when given)
-           4. `_bn_apply_kernel`     y = act((x - mean) * rstd * weight + bias)
+                                     and num_batches_tracked += 1 (one program).
+              More than common.FOLD_ROWS partial rows (a conv epilogue's per-tile
+              sums) take `_bn_fold_finalize_kernel` instead, grid (T2, C-blocks):
+              the rows are folded in parallel to T2 ~ GPU_TARGET_PARTIALS rows and
+              the last program of each channel block to finish its fold (ticket
+              counter, common.last_to_arrive) finalises that block: one launch
+           3. `_bn_apply_kernel`     y = act((x - mean) * rstd * weight + bias)
   backward 1. `_bn_bwd_reduce_kernel` partials of sum(dz), sum(dz * xhat) with
-                                     dz = act'(z) * dy (z recomputed from x)
-           2. common.sum_partials     fixed-order reduction -> dbias, dweight [C]
-           3. `_bn_bwd_apply_kernel`  dx = weight*rstd*(dz - dbias/M - xhat*dweight/M)
-Everything is deterministic (no atomics). Statistics use fp32 sum / sum of
+                                     dz = act'(z) * dy (z recomputed from x); the
+                                     last program of each channel block sums the
+                                     T partial rows in a fixed order -> dbias,
+                                     dweight [C] (common.sum_partials instead when
+                                     T > FOLD_ROWS)
+           2. `_bn_bwd_apply_kernel`  dx = weight*rstd*(dz - dbias/M - xhat*dweight/M)
+Everything is deterministic (the only atomics are the int32 tickets that pick
+which program adds the partials, never the order they are added in). Statistics use fp32 sum / sum of
 squares (var = E[x^2] - mean^2, clamped at 0): fine for normalised activations,
 less accurate than Welford when |mean| >> std.
 
@@ -31,9 +38,17 @@ import triton.language as tl
 from engine.kernels.activations import act_grad, apply_act
 from engine import device as _device
 from engine.kernels.common import (FOLD_ROWS, act_code_checked, channel_block, check_activation, check_param,
-                                   contiguous, finalize_plan, fold_partials, reduce_plan, reduce_rows, row_tile,
-                                   rows_of, store_partial_row, sum_partials, tile_2d)
+                                   contiguous, finalize_plan, reduce_plan, reduce_rows, row_tile, rows_block, rows_of,
+                                   store_partial_row, tile_2d)
+from engine.kernels.reduction import (fold_plan, fold_rows, last_to_arrive, reduce_rows2, sum_partials,
+                                      ticket_counters)
 from engine.kernels.launch import launch
+
+
+# The last-arriving program's sum of a channel block's partial rows walks [BLOCK_T, BLOCK_C] tiles of
+# both arrays at once, this many elements each: a tail walks 2-4x the columns the separate sum kernel's
+# programs did, in as many dependent steps (its registers are the main loop's, free by then).
+TAIL_ELEMS = 2048
 
 
 # --------------------------------------------------------------------------- #
@@ -60,25 +75,10 @@ def _bn_stats_kernel(
 
 
 @triton.jit
-def _bn_finalize_kernel(
-    psum_ptr,  # [T, C] fp32 partial sums
-    psumsq_ptr,  # [T, C] fp32 partial sums of squares
-    mean_ptr,  # [C] fp32 out: batch mean
-    rstd_ptr,  # [C] fp32 out: 1/sqrt(biased var + eps)
-    rmean_ptr,  # [C] fp32 running mean, updated in place (if HAS_RUNNING)
-    rvar_ptr,  # [C] fp32 running var, updated in place (if HAS_RUNNING)
-    nbt_ptr,  # [] int64 num_batches_tracked before this step (if CMA)
-    T, C,
-    inv_m,  # 1/M
-    unbias,  # M/(M-1)
-    eps, momentum,
-    HAS_RUNNING: tl.constexpr,
-    CMA: tl.constexpr,  # momentum=None: cumulative moving average, factor 1/(nbt+1)
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    cols, cmask = channel_block(tl.program_id(0), C, BLOCK_C)  # [BLOCK_C] each
-    s = reduce_rows(psum_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] fp32
-    ss = reduce_rows(psumsq_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] fp32
+def _bn_finish_block(s, ss, cols, cmask, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                     inv_m, unbias, eps, momentum, HAS_RUNNING: tl.constexpr, CMA: tl.constexpr):
+    """mean, rstd and the running statistics of channels `cols` from their sums s and sums of squares ss
+    ([BLOCK_C] fp32 each)."""
     mean = s * inv_m
     var = tl.maximum(ss * inv_m - mean * mean, 0.0)  # [BLOCK_C] biased variance
     rstd = 1.0 / tl.sqrt(var + eps)
@@ -97,8 +97,70 @@ def _bn_finalize_kernel(
 
 
 @triton.jit
-def _bn_count_kernel(nbt_ptr):  # [] int64 num_batches_tracked, += 1
-    tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+def _bn_count(nbt_ptr, ctr_ptr, block, n_blocks, COUNT: tl.constexpr, CMA: tl.constexpr):
+    """num_batches_tracked += 1, once per launch, by one of the n_blocks programs finalising channel
+    blocks (`block` is this one's): block 0; with CMA, where every one reads the count first, the last of
+    them to arrive at the counter ctr_ptr."""
+    if COUNT:
+        if CMA:
+            if last_to_arrive(ctr_ptr, n_blocks):
+                tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+        else:
+            if block == 0:
+                tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    psum_ptr,  # [T, C] fp32 partial sums
+    psumsq_ptr,  # [T, C] fp32 partial sums of squares
+    mean_ptr,  # [C] fp32 out: batch mean
+    rstd_ptr,  # [C] fp32 out: 1/sqrt(biased var + eps)
+    rmean_ptr,  # [C] fp32 running mean, updated in place (if HAS_RUNNING)
+    rvar_ptr,  # [C] fp32 running var, updated in place (if HAS_RUNNING)
+    nbt_ptr,  # [] int64 num_batches_tracked, read (if CMA) and += 1 (if COUNT)
+    ctr_ptr,  # [1] int32 ticket counter, 0 between launches (if COUNT and CMA)
+    T, C,
+    inv_m,  # 1/M
+    unbias,  # M/(M-1)
+    eps, momentum,
+    HAS_RUNNING: tl.constexpr,
+    CMA: tl.constexpr,  # momentum=None: cumulative moving average, factor 1/(nbt+1)
+    COUNT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols, cmask = channel_block(tl.program_id(0), C, BLOCK_C)  # [BLOCK_C] each
+    s = reduce_rows(psum_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] fp32
+    ss = reduce_rows(psumsq_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] fp32
+    _bn_finish_block(s, ss, cols, cmask, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                     inv_m, unbias, eps, momentum, HAS_RUNNING, CMA)
+    _bn_count(nbt_ptr, ctr_ptr, tl.program_id(0), tl.num_programs(0), COUNT, CMA)
+
+
+@triton.jit
+def _bn_fold_finalize_kernel(
+    psum_ptr,  # [T, C] fp32 partial sums (many rows: a conv epilogue's per-tile sums)
+    psumsq_ptr,  # [T, C] fp32 partial sums of squares
+    fsum_ptr,  # [T2, C] fp32 scratch: the fold's rows (R input rows each)
+    fsumsq_ptr,  # [T2, C] fp32 scratch
+    mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,  # as in _bn_finalize_kernel
+    ctr_ptr,  # [C-blocks + 1] int32 ticket counters, 0 between launches: one per channel block, one for CMA
+    T, C, R, inv_m, unbias, eps, momentum,
+    HAS_RUNNING: tl.constexpr, CMA: tl.constexpr, COUNT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_T2: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid (T2, C-blocks): program (r, c) folds rows r*R ... of channel block c in parallel with the
+    others; the last of the T2 to finish block c reduces its T2 folded rows (fixed order) and finalises it."""
+    pid_c = tl.program_id(1)
+    cols, cmask = channel_block(pid_c, C, BLOCK_C)  # [BLOCK_C] each
+    fold_rows(psum_ptr, psumsq_ptr, fsum_ptr, fsumsq_ptr, tl.program_id(0), T, C, R, cols, cmask,
+              True, BLOCK_T, BLOCK_C)
+    T2 = tl.num_programs(0)
+    if last_to_arrive(ctr_ptr + pid_c, T2):
+        s, ss = reduce_rows2(fsum_ptr, fsumsq_ptr, T2, C, cols, cmask, BLOCK_T2, BLOCK_C)  # [BLOCK_C] each
+        _bn_finish_block(s, ss, cols, cmask, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                         inv_m, unbias, eps, momentum, HAS_RUNNING, CMA)
+        _bn_count(nbt_ptr, ctr_ptr + tl.num_programs(1), pid_c, tl.num_programs(1), COUNT, CMA)
 
 
 @triton.jit
@@ -172,9 +234,14 @@ def _bn_bwd_reduce_kernel(
     b_ptr,  # [C] fp32 (if HAS_B)
     pdz_ptr,  # [T, C] fp32 out: partial sum(dz)
     pdzx_ptr,  # [T, C] fp32 out: partial sum(dz * xhat)
+    sdz_ptr,  # [C] fp32 out: sum(dz) = dbias (if TAIL)
+    sdzx_ptr,  # [C] fp32 out: sum(dz * xhat) = dweight (if TAIL)
+    ctr_ptr,  # [C-blocks] int32 ticket counters, 0 between launches (if TAIL)
     M, C, slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, N_ITER: tl.constexpr,
+    TAIL: tl.constexpr,  # the last of the T programs of a channel block sums its partial rows
+    BLOCK_T: tl.constexpr,  # rows per step of that sum
 ):
     pid_t = tl.program_id(0)
     cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
@@ -190,6 +257,12 @@ def _bn_bwd_reduce_kernel(
         acc += dz
         accx += dz * xhat
     store_partial_row(pdz_ptr, pdzx_ptr, acc, accx, pid_t, C, cols, cmask)
+    if TAIL:
+        T = tl.num_programs(0)
+        if last_to_arrive(ctr_ptr + tl.program_id(1), T):
+            sdz, sdzx = reduce_rows2(pdz_ptr, pdzx_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] each
+            tl.store(sdz_ptr + cols, sdz, mask=cmask)
+            tl.store(sdzx_ptr + cols, sdzx, mask=cmask)
 
 
 @triton.jit
@@ -275,24 +348,30 @@ def bn_train_forward(
                 raise ValueError(f"partials: {name} must be a contiguous fp32 [T, {C}] tensor on {dev}")
         if psum.shape != psumsq.shape:
             raise ValueError(f"partials: psum {tuple(psum.shape)} and psumsq {tuple(psumsq.shape)} differ")
-        if psum.shape[0] > FOLD_ROWS and not _device.INTERPRETED:
-            # a conv epilogue's per-tile sums (thousands of rows): folded in parallel first,
-            # so the finalize below walks ~GPU_TARGET_PARTIALS rows, not all of them
-            psum, psumsq = fold_partials(psum, psumsq)
         T = psum.shape[0]
 
     mean = torch.empty(C, device=dev, dtype=torch.float32)
     rstd = torch.empty(C, device=dev, dtype=torch.float32)
-    bt, bcf, nwf = finalize_plan(T, C)
     cma = has_running and momentum is None
-    launch(_bn_finalize_kernel, (triton.cdiv(C, bcf),),
-           psum, psumsq, mean, rstd,
-           running_mean if has_running else mean, running_var if has_running else rstd,
-           num_batches_tracked if cma else psum,
-           T, C, 1.0 / M, M / (M - 1), float(eps), float(momentum) if momentum is not None else 0.0,
-           HAS_RUNNING=has_running, CMA=cma, BLOCK_T=bt, BLOCK_C=bcf, num_warps=nwf)
-    if num_batches_tracked is not None:
-        launch(_bn_count_kernel, (1,), num_batches_tracked, num_warps=1)
+    count = num_batches_tracked is not None
+    stats = (mean, rstd, running_mean if has_running else mean, running_var if has_running else rstd,
+             num_batches_tracked if count else psum)
+    scalars = (1.0 / M, M / (M - 1), float(eps), float(momentum) if momentum is not None else 0.0)
+    flags = dict(HAS_RUNNING=has_running, CMA=cma, COUNT=count)
+    if T > FOLD_ROWS and not _device.INTERPRETED:
+        # a conv epilogue's per-tile sums (thousands of rows): folded in parallel, the last program of
+        # each channel block to finish folding walks the ~GPU_TARGET_PARTIALS folded rows
+        R, T2, bt, bc = fold_plan(T, C)
+        nb = triton.cdiv(C, bc)
+        fsum = torch.empty((T2, C), device=dev, dtype=torch.float32)
+        fsumsq = torch.empty((T2, C), device=dev, dtype=torch.float32)
+        launch(_bn_fold_finalize_kernel, (T2, nb), psum, psumsq, fsum, fsumsq, *stats,
+               ticket_counters(dev, nb + 1), T, C, R, *scalars, **flags,
+               BLOCK_T=bt, BLOCK_T2=rows_block(T2, bc, TAIL_ELEMS), BLOCK_C=bc, num_warps=4)
+    else:
+        bt, bcf, nwf = finalize_plan(T, C)
+        launch(_bn_finalize_kernel, (triton.cdiv(C, bcf),), psum, psumsq, *stats, ticket_counters(dev, 1),
+               T, C, *scalars, **flags, BLOCK_T=bt, BLOCK_C=bcf, num_warps=nwf)
 
     y = torch.empty_like(x)
     bm, bc, nw = tile_2d(M, C)
@@ -324,10 +403,16 @@ def bn_train_backward(dy, x, mean, rstd, weight, bias, act="none", slope=0.01, n
     bm, bc, n_iter, T, nw = reduce_plan(M, C)
     pdz = torch.empty((T, C), device=dev, dtype=torch.float32)
     pdzx = torch.empty((T, C), device=dev, dtype=torch.float32)
-    launch(_bn_bwd_reduce_kernel, (T, triton.cdiv(C, bc)),
-           dy, x, mean, rstd, wp, bp, pdz, pdzx, M, C, float(slope),
-           HAS_W=has_w, HAS_B=has_b, ACT=code, BLOCK_M=bm, BLOCK_C=bc, N_ITER=n_iter, num_warps=nw)
-    dbias, dweight = sum_partials(pdz, pdzx)
+    dbias = torch.empty(C, device=dev, dtype=torch.float32)
+    dweight = torch.empty(C, device=dev, dtype=torch.float32)
+    nb = triton.cdiv(C, bc)
+    tail = T <= FOLD_ROWS  # taller partials are folded in parallel by sum_partials (no long serial sum)
+    launch(_bn_bwd_reduce_kernel, (T, nb),
+           dy, x, mean, rstd, wp, bp, pdz, pdzx, dbias, dweight, ticket_counters(dev, nb), M, C, float(slope),
+           HAS_W=has_w, HAS_B=has_b, ACT=code, BLOCK_M=bm, BLOCK_C=bc, N_ITER=n_iter, TAIL=tail,
+           BLOCK_T=rows_block(T, bc, TAIL_ELEMS), num_warps=nw)
+    if not tail:
+        dbias, dweight = sum_partials(pdz, pdzx)
     dx = None
     if need_dx:
         dx = torch.empty_like(x)

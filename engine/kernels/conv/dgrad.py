@@ -29,8 +29,8 @@ import triton.language as tl
 import engine.kernels.conv.geometry as geometry
 from engine.kernels import autotune
 from engine.kernels.common import idx64, precision, upcast
-from engine.kernels.conv.geometry import (check_grad_inputs, conv_geometry, conv_key, dgrad_phases, dw_tiles,
-                                          operand_align)
+from engine.kernels.conv.geometry import (check_grad_inputs, check_pool_grad, conv_geometry, conv_key,
+                                          dgrad_phases, dw_tiles, operand_align)
 from engine.kernels.conv.mainloop import load_dz, tap_gemm
 from engine.kernels.conv.weights import depthwise_weight, dgrad_weight, use_tma, weight_descriptor
 from engine.kernels.launch import launch
@@ -57,18 +57,24 @@ def _phase_axis(ra, pad, dil, ST: tl.constexpr, K: tl.constexpr):
 
 @triton.jit
 def _conv_dgrad_kernel(
-    dy_ptr, z_ptr, scale_ptr, w_op, dx_ptr,
+    dy_ptr, z_ptr, scale_ptr, w_op, dx_ptr, idx_ptr,
     NB, H, W, Ho, Wo, DYC_A, COUT_G_A, DXC_A, CIN_G_A, pad_h, pad_w, dil_h, dil_w, slope,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CHUNKS: tl.constexpr,
     ALIGN: tl.constexpr, NALIGN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
     ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IDX64: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """dx of every stride phase. Grid: (M tiles of the largest phase, Cin/G tiles, G * SH*SW).
+    """dx of every stride phase. Grid: (M tiles of the largest phase, Cin/G tiles, G * SH*SW [* POOL**2]).
 
     dy [NB, Ho, Wo, DYC] (DYC = G*Cout_g), dx [NB, H, W, DXC] (DXC = G*Cin_g); channel
     counts in units of ALIGN (dy) and NALIGN (dx). w_op: a TMA descriptor of the
     packed weights [KH*KW*Cout, Cin_g] (W_TMA), else their base pointer.
+    POOL > 0 (a fused POOL x POOL max pool): dy is the pooled gradient [NB, Ho/POOL, Wo/POOL,
+    DYC] with the argmax idx_ptr, expanded in the A load (mainloop.tap_gemm's A_POOL); Ho, Wo
+    are then the pooled extent times POOL (the rows the pool read: the dropped ones get no
+    gradient). Each stride phase splits into POOL**2 pool phases (its rows and columns mod
+    POOL), so every tap reads its pooled rows at a scalar offset with a scalar argmax code.
     """
     DYC = DYC_A * ALIGN
     COUT_G = COUT_G_A * ALIGN
@@ -77,6 +83,11 @@ def _conv_dgrad_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_z = tl.program_id(2)
+    if POOL > 0:  # pool phase (bh, bw) = (the stride phase's row, column) mod POOL
+        sub = pid_z % (POOL * POOL)
+        pid_z = pid_z // (POOL * POOL)
+        bh = sub // POOL
+        bw = sub % POOL
     g = pid_z // (SH * SW)
     phase = pid_z % (SH * SW)
     ra = phase // SW
@@ -89,21 +100,34 @@ def _conv_dgrad_kernel(
         s0, ns, step_s, c_s, dstep_w = _phase_axis(rb, pad_w, dil_w, SW, KW)
     Hq = (H - ra + SH - 1) // SH  # dx rows of this phase (0 when ra >= H)
     Wq = (W - rb + SW - 1) // SW
-    Mq = NB * Hq * Wq
+    if POOL > 0:
+        # the phase's rows qh = POOL*qq + bh: tap jr reads dy row qh + c_r - jr*dstep_h =
+        # POOL*qq + (bh + c_r - jr*dstep_h), a pooled row qq + scalar and a scalar argmax code
+        Hs = tl.maximum(Hq - bh + POOL - 1, 0) // POOL
+        Ws = tl.maximum(Wq - bw + POOL - 1, 0) // POOL
+    else:
+        Hs = Hq
+        Ws = Wq
+    Mq = NB * Hs * Ws
     if IDX64:
         pid_m = pid_m.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] dx pixel within this phase
     mask_m = offs_m < Mq
-    Wq1 = tl.maximum(Wq, 1)
-    Hq1 = tl.maximum(Hq, 1)
-    qw = offs_m % Wq1  # [BLOCK_M]
-    t = offs_m // Wq1  # [BLOCK_M]
-    qh = t % Hq1  # [BLOCK_M]
-    n = t // Hq1  # [BLOCK_M]
-    ho0 = qh + c_r  # [BLOCK_M] dy row read by tap jr = 0
+    Ws1 = tl.maximum(Ws, 1)
+    Hs1 = tl.maximum(Hs, 1)
+    qw = offs_m % Ws1  # [BLOCK_M]
+    t = offs_m // Ws1  # [BLOCK_M]
+    qh = t % Hs1  # [BLOCK_M]
+    n = t // Hs1  # [BLOCK_M]
+    ho0 = qh + c_r  # [BLOCK_M] dy row read by tap jr = 0 (without a pool)
     wo0 = qw + c_s  # [BLOCK_M]
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K] output channel within a chunk
-    a_rows = ((n * Ho + ho0) * Wo + wo0) * DYC + g * COUT_G  # [BLOCK_M] dy offsets of tap 0, channel 0
+    if POOL > 0:
+        PHo = Ho // POOL
+        PWo = Wo // POOL
+        a_rows = ((n * PHo + qh) * PWo + qw) * DYC + g * COUT_G  # [BLOCK_M] pooled dy offsets, channel 0
+    else:
+        a_rows = ((n * Ho + ho0) * Wo + wo0) * DYC + g * COUT_G  # [BLOCK_M] dy offsets of tap 0, channel 0
     offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] input channel within group
     mask_ci = offs_ci < CIN_G
     Cout = DYC
@@ -112,12 +136,23 @@ def _conv_dgrad_kernel(
     else:
         b_op = w_op + offs_k[:, None] * CIN_G + offs_ci[None, :]  # [BLOCK_K, BLOCK_N] pointers of row 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N] fp32 accumulator
-    acc = tap_gemm(acc, dy_ptr, a_rows, ho0, wo0, -dstep_h, -dstep_w, Ho, Wo, mask_m, b_op, offs_k, mask_ci,
-                   nr * ns * CHUNKS, nr, ns, COUT_G, -dstep_h * Wo * DYC, -dstep_w * DYC,
-                   (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G, pid_n * BLOCK_N,
-                   z_ptr, scale_ptr, g * COUT_G, slope,
-                   KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K, False)
-    if SH == 1 and SW == 1:
+    if POOL > 0:
+        acc = tap_gemm(acc, dy_ptr, a_rows, qh, qw, -dstep_h, -dstep_w, PHo, PWo, mask_m, b_op, offs_k, mask_ci,
+                       nr * ns * CHUNKS, nr, ns, COUT_G, PWo * DYC, DYC,
+                       (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G,
+                       pid_n * BLOCK_N, z_ptr, scale_ptr, g * COUT_G, slope,
+                       KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, 0, False, PRECISION, UPCAST, BLOCK_K, False,
+                       idx_ptr, bh + c_r, bw + c_s, POOL)
+        qh = qh * POOL + bh  # [BLOCK_M] the stride phase's row (for the store)
+        qw = qw * POOL + bw
+    else:
+        acc = tap_gemm(acc, dy_ptr, a_rows, ho0, wo0, -dstep_h, -dstep_w, Ho, Wo, mask_m, b_op, offs_k, mask_ci,
+                       nr * ns * CHUNKS, nr, ns, COUT_G, -dstep_h * Wo * DYC, -dstep_w * DYC,
+                       (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G,
+                       pid_n * BLOCK_N, z_ptr, scale_ptr, g * COUT_G, slope,
+                       KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K, False,
+                       dy_ptr, 0, 0, 0)
+    if SH == 1 and SW == 1 and POOL == 0:
         # dx pixel = offs_m: no (n, hi, wi), which the compiler would redo per element here
         dx_off = (offs_m * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
     else:
@@ -170,16 +205,22 @@ def _dwconv_dgrad_kernel(
 
 
 def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf32=False,
-                 z=None, act="none", slope=0.01, grad_scale=None) -> torch.Tensor:
+                 z=None, act="none", slope=0.01, grad_scale=None, pool=0, pool_idx=None) -> torch.Tensor:
     """dx [N,H,W,Cin] (dy's dtype) of a conv with weights w, from dy [N,Ho,Wo,Cout].
 
     With act != "none", dy is the gradient of act(z) and the kernel uses
     act_grad(dy, z); grad_scale [Cout] (the forward's folded-BN scale) multiplies it.
+    pool=K: the forward fused a K x K max pool; dy is the pooled gradient [N,Ho//K,Wo//K,Cout]
+    and pool_idx its argmax (ConvOutput.idx), expanded inside the kernel's dy loads.
     """
     stride, padding, dilation, Ho, Wo = conv_geometry(x_shape, w.shape, stride, padding, dilation, groups)
     N, H, W, Cin = x_shape
     Cout, Cin_g, KH, KW = w.shape
-    code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
+    if pool:
+        check_pool_grad(dy, pool_idx, pool, act, grad_scale, (N, Ho // pool, Wo // pool, Cout),
+                        Cin_g == 1 and groups > 1)
+        Ho, Wo = Ho // pool * pool, Wo // pool * pool  # the rows the pool read
+    code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho // (pool or 1), Wo // (pool or 1), Cout))
     if w.device != dy.device:
         raise ValueError(f"conv2d_dgrad: w on {w.device}, dy on {dy.device}")
     dy = dy.contiguous()
@@ -199,28 +240,29 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
                    **flags, BLOCK_M=bm, BLOCK_N=bn, **meta)
         return dx
     wt = dgrad_weight(w, dy.dtype)  # [KH*KW*Cout, Cin_g]: the optimizer's copy, or packed now
-    m_max = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)  # dx pixels of the largest phase
+    kp = pool or 1  # a fused pool splits every stride phase into kp*kp pool phases
+    m_max = N * triton.cdiv(triton.cdiv(H, sh), kp) * triton.cdiv(triton.cdiv(W, sw), kp)  # the largest phase
     taps = triton.cdiv(KH, sh) * triton.cdiv(KW, sw)  # taps of the largest phase (at most)
     ya, xa = operand_align(Cout, Cout_g, dy.dtype), operand_align(Cin, Cin_g, dy.dtype)
-    big = idx64(dy, dx, *(t for t in (z,) if t is not None))
+    big = idx64(dy, dx, *(t for t in (z, pool_idx) if t is not None))
 
     def run(cfg: Config) -> None:
         """All phases with tile config `cfg`, one launch; it writes every dx pixel afresh."""
         tma = use_tma(wt, xa, cfg.block_n)
         wop = weight_descriptor(wt, cfg.block_k, cfg.block_n) if tma else wt
-        grid = (triton.cdiv(m_max, cfg.block_m), triton.cdiv(Cin_g, cfg.block_n), G * sh * sw)
-        launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wop, dx,
+        grid = (triton.cdiv(m_max, cfg.block_m), triton.cdiv(Cin_g, cfg.block_n), G * sh * sw * kp * kp)
+        launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wop, dx, pool_idx,
                N, H, W, Ho, Wo, Cout // ya, Cout_g // ya, Cin // xa, Cin_g // xa, padding[0], padding[1],
                dilation[0], dilation[1], float(slope),
                KH=KH, KW=KW, SH=sh, SW=sw, CHUNKS=triton.cdiv(Cout_g, cfg.block_k), ALIGN=ya, NALIGN=xa,
                EVEN_K=Cout_g % cfg.block_k == 0, EVEN_N=Cin_g % cfg.block_n == 0, W_TMA=tma,
-               **flags, PRECISION=precision(allow_tf32), UPCAST=upcast(dy.dtype), IDX64=big,
+               **flags, PRECISION=precision(allow_tf32), UPCAST=upcast(dy.dtype), IDX64=big, POOL=pool,
                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
 
     default = geometry.gemm_tiles(m_max, Cin_g, Cout_g, taps)  # through the module: tests patch it
-    shape = dict(M=m_max, N=Cin_g, K=taps * Cout_g, phases=sh * sw,
+    shape = dict(M=m_max, N=Cin_g, K=taps * Cout_g, phases=sh * sw * kp * kp,
                  **conv_key(KH, KW, stride, padding, dilation, G), epilogue=epilogue_key(flags),
-                 tf32=bool(allow_tf32))
+                 tf32=bool(allow_tf32), **({"pool": pool} if pool else {}))
     cfg = autotune.pick(
         "conv2d_dgrad", shape, dtype=dy.dtype, device=dy.device, default=default, run=run,
         candidates=lambda: conv_candidates(m_max, Cin_g, Cout_g, taps, dy.dtype, smem_limit(dy.device), default))

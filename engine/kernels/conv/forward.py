@@ -96,12 +96,47 @@ def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
     tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _pool_epilogue(acc, pid_m, offs_c, mask_c, y_ptr, idx_ptr, bias_ptr, scale_ptr, shift_ptr, psum_ptr,
+                   psumsq_ptr, NWIN, Cout, slope, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   HAS_SHIFT: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A fused POOL x POOL / stride POOL max pool: the tile's rows are whole windows, window-major
+    (row m = window m // POOL**2, tap m % POOL**2 = dy*POOL + dx). Stores the pooled
+    y = max over the window of act((acc + bias) * scale + shift) into y [NWIN, Cout] (contiguous),
+    the winning tap into idx (one byte, engine.kernels.pool's code: the first maximum in tap
+    order) and, with STATS, the per-tile sums of the pooled y and y*y (psum/psumsq row pid_m)."""
+    z = acc  # [BLOCK_M, BLOCK_N] fp32
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        z *= tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        z += tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    # act before the max: inference only (the plan fuses no activation here in training)
+    z = apply_act(z, ACT, slope)
+    # the max of the values as stored (rounded to y's dtype), as a separate pool would see them:
+    # the same winner, ties included (the first tap; NaNs are not ranked as a pool kernel ranks them)
+    z = z.to(y_ptr.dtype.element_ty).to(tl.float32)
+    z3 = tl.reshape(z, [BLOCK_M // (POOL * POOL), POOL * POOL, BLOCK_N])  # [windows, taps, BLOCK_N]
+    best, arg = tl.max(z3, axis=1, return_indices=True)  # [BLOCK_M // (POOL * POOL), BLOCK_N] each
+    win = pid_m * (BLOCK_M // (POOL * POOL)) + tl.arange(0, BLOCK_M // (POOL * POOL))  # [windows] pooled pixel
+    mask = (win < NWIN)[:, None] & mask_c[None, :]  # [BLOCK_M // (POOL * POOL), BLOCK_N]
+    off = win[:, None] * Cout + offs_c[None, :]  # [BLOCK_M // (POOL * POOL), BLOCK_N]
+    tl.store(y_ptr + off, best.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(idx_ptr + off, arg.to(tl.uint8), mask=mask)
+    if STATS:
+        bm = tl.where(mask, best, 0.0)  # [BLOCK_M // (POOL * POOL), BLOCK_N]: padded windows/channels count 0
+        tl.store(psum_ptr + pid_m * Cout + offs_c, tl.sum(bm, axis=0), mask=mask_c)
+        tl.store(psumsq_ptr + pid_m * Cout + offs_c, tl.sum(bm * bm, axis=0), mask=mask_c)
+
+
 # --------------------------------------------------------------------------- #
 # Kernels
 # --------------------------------------------------------------------------- #
 @triton.jit(do_not_specialize=["K_ITERS"])  # a one-trip reduction keeps its loop (and its SASS reading)
 def _conv_fwd_kernel(
-    x_ptr, w_op, y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
+    x_ptr, w_op, y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, idx_ptr,
     M, H, W, Ho, Wo, XC_A, CIN_A, COUT_A, COUT_G_A, CIN_W,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K_ITERS,
     sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
@@ -109,7 +144,7 @@ def _conv_fwd_kernel(
     NALIGN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr, W_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, FLAT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, POOL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Implicit-GEMM conv forward. Grid: (M tiles, Cout/G tiles, G).
@@ -126,6 +161,9 @@ def _conv_fwd_kernel(
     channels appended for 16-byte rows), and the weight rows of channels >= CIN_W
     are masked instead of stored as zeros, so the optimizer's plain permuted copy
     serves. IDX64: 64-bit offsets (a tensor of 2**31 or more elements).
+    POOL > 0: a fused POOL x POOL / stride POOL max pool (no padding, floor mode; POOL**2
+    divides BLOCK_M): M = N*PH*PW*POOL**2 rows in window-major order (rows a floor-mode pool
+    drops are not computed), stored by _pool_epilogue into y [N, PH, PW, Cout] and idx.
     """
     XC = XC_A * ALIGN  # x's channels as stored (pixel stride): G * Cs
     CIN_G = CIN_A * ALIGN  # input channels per group as stored, Cs (>= the weight's; zero weights beyond)
@@ -138,10 +176,23 @@ def _conv_fwd_kernel(
         pid_m = pid_m.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output pixel index
     mask_m = offs_m < M
-    wo = offs_m % Wo  # [BLOCK_M]
-    t = offs_m // Wo  # [BLOCK_M]
-    ho = t % Ho  # [BLOCK_M]
-    n = t // Ho  # [BLOCK_M]
+    if POOL > 0:
+        # window-major rows: m = ((n*PH + ph)*PW + pw)*POOL**2 + dy*POOL + dx (constexpr divisors
+        # for the tap), so a tile holds whole windows
+        PWo = Wo // POOL
+        PHo = Ho // POOL
+        tap = offs_m % (POOL * POOL)  # [BLOCK_M]
+        win = offs_m // (POOL * POOL)  # [BLOCK_M]
+        pw = win % PWo
+        t = win // PWo
+        ho = (t % PHo) * POOL + tap // POOL  # [BLOCK_M]
+        wo = pw * POOL + tap % POOL  # [BLOCK_M]
+        n = t // PHo  # [BLOCK_M]
+    else:
+        wo = offs_m % Wo  # [BLOCK_M]
+        t = offs_m // Wo  # [BLOCK_M]
+        ho = t % Ho  # [BLOCK_M]
+        n = t // Ho  # [BLOCK_M]
     hi0 = ho * stride_h - pad_h  # [BLOCK_M] input row of tap (0, 0)
     wi0 = wo * stride_w - pad_w  # [BLOCK_M]
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K] channel within a chunk
@@ -166,11 +217,17 @@ def _conv_fwd_kernel(
     acc = tap_gemm(acc, x_ptr, a_rows, hi0, wi0, dil_h, dil_w, H, W, mask_m, b_op, offs_k, mask_c, K_ITERS, KH, KW,
                    CIN_G, dil_h * W * XC, dil_w * XC, 0, KW * CIN_B, CIN_B, Cout, g * Cout_g + pid_n * BLOCK_N,
                    x_ptr, x_ptr, 0, 0.0,
-                   KH, KW, CHUNKS, TPC, EVEN_K, EVEN_N, W_TMA, 0, False, PRECISION, UPCAST, BLOCK_K, W_PAD)
-    _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
-              y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
-              Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
-              HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT, FLAT)
+                   KH, KW, CHUNKS, TPC, EVEN_K, EVEN_N, W_TMA, 0, False, PRECISION, UPCAST, BLOCK_K, W_PAD,
+                   x_ptr, 0, 0, 0)
+    if POOL > 0:
+        _pool_epilogue(acc, pid_m, offs_c, mask_c, y_ptr, idx_ptr, bias_ptr, scale_ptr, shift_ptr, psum_ptr,
+                       psumsq_ptr, M // (POOL * POOL), Cout, slope, HAS_BIAS, HAS_SCALE, HAS_SHIFT, STATS, ACT,
+                       POOL, BLOCK_M, BLOCK_N)
+    else:
+        _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
+                  y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
+                  Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
+                  HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT, FLAT)
 
 
 @triton.jit
@@ -225,18 +282,21 @@ class ConvOutput(NamedTuple):
     z:      [N, Ho, Wo, Cout] pre-activation, when save_pre=True (x's dtype)
     psum:   [T, Cout] fp32 per-M-tile sums of z, when stats=True (T = M tiles)
     psumsq: [T, Cout] fp32 per-M-tile sums of z*z, when stats=True
+    idx:    [N, Ho//K, Wo//K, Cout] uint8 winning window tap of a fused K x K max pool (pool=K);
+            then y is the pooled output and the sums are those of y
     """
 
     y: torch.Tensor
     z: Optional[torch.Tensor] = None
     psum: Optional[torch.Tensor] = None
     psumsq: Optional[torch.Tensor] = None
+    idx: Optional[torch.Tensor] = None
 
 
 def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
                    scale=None, shift=None, residual=None, act="none", slope=0.01, save_pre=False,
                    stats=False, allow_tf32=False, out=None, dropout_p=0.0, dropout_seed=0,
-                   channels=None) -> ConvOutput:
+                   channels=None, pool=0) -> ConvOutput:
     """y = dropout(act(((conv(x, w) + bias) * scale + shift) + residual)) on NHWC x; see ConvOutput.
 
     x [N,H,W,Cin] contiguous fp32/fp16/bf16; w [Cout,Cin/groups,kh,kw] (cast to
@@ -249,6 +309,9 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     (groups=1; engine.kernels.layout.pad_channels); by default all of x's
     channels are real, and a count that is not a multiple of 16 bytes is padded
     here (a copy) so the kernel's loads stay 16-byte aligned.
+    pool=K (a power of two, K*K <= 16): a fused K x K / stride K max pool (no padding, floor
+    mode) after act: y is [N, Ho//K, Wo//K, Cout] and ConvOutput.idx its winning taps (the
+    statistics are the pooled y's); no residual, out, dropout or save_pre, and not depthwise.
     """
     check_activation(x, "conv2d: x")
     if x.dim() != 4 or not x.is_contiguous():
@@ -270,6 +333,13 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"conv2d: dropout_p must be in [0, 1), got {dropout_p}")
     M, G, Cout_g = N * Ho * Wo, groups, Cout // groups
+    idx = None
+    if pool:
+        _check_pool(pool, Ho, Wo, Cin_g, G, residual, out, dropout_p, save_pre)
+        PH, PW = Ho // pool, Wo // pool
+        M = N * PH * PW * pool * pool  # the rows a floor-mode pool reads; the dropped ones are not computed
+        idx = torch.empty((N, PH, PW, Cout), device=x.device, dtype=torch.uint8)
+        out = torch.empty((N, PH, PW, Cout), device=x.device, dtype=x.dtype)
     y = torch.empty((N, Ho, Wo, Cout), device=x.device, dtype=x.dtype) if out is None else out
     z = torch.empty((N, Ho, Wo, Cout), device=x.device, dtype=x.dtype) if save_pre else None
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
@@ -278,8 +348,8 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     tail2 = (*y.stride(), *res_strides, float(slope), float(dropout_p), int(dropout_seed))
     flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
                  HAS_RES=residual is not None, SAVE_PRE=save_pre, STATS=stats, ACT=code, DROPOUT=dropout_p > 0)
-    flat = all(t is None or (t.stride(0) == Ho * Wo * t.stride(2) and t.stride(1) == Wo * t.stride(2))
-               for t in (y, residual))
+    flat = pool > 0 or all(t is None or (t.stride(0) == Ho * Wo * t.stride(2) and t.stride(1) == Wo * t.stride(2))
+                           for t in (y, residual))
     big = idx64(x, y, *(t for t in (z, residual) if t is not None))
 
     def stats_buffers(bm: int):
@@ -317,24 +387,39 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
         grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(Cout_g, cfg.block_n), G)
         tma = use_tma(wk, na, cfg.block_n) and not (wpad and tpc > 1)  # TMA reads whole rows
         wop = weight_descriptor(wk, cfg.block_k, cfg.block_n) if tma else wk
-        launch(_conv_fwd_kernel, grid, x, wop, y, z, bias, scale, shift, residual, psum, psumsq,
+        if cfg.block_m % (pool * pool or 1):
+            raise ValueError(f"conv2d: BLOCK_M {cfg.block_m} must hold whole {pool}x{pool} pool windows")
+        launch(_conv_fwd_kernel, grid, x, wop, y, z, bias, scale, shift, residual, psum, psumsq, idx,
                M, H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, Cin_g, *tail,
                iters, *tail2,
                KH=KH, KW=KW, CHUNKS=1 if tpc > 1 else triton.cdiv(Cs, cfg.block_k), TPC=tpc, ALIGN=xa,
                NALIGN=na, EVEN_K=tpc > 1 or Cs % cfg.block_k == 0, W_PAD=wpad,
                EVEN_N=Cout_g % cfg.block_n == 0,
                **flags, FLAT=flat, PRECISION=precision(allow_tf32), UPCAST=upcast(x.dtype), IDX64=big, W_TMA=tma,
-               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
+               POOL=pool, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
         return psum, psumsq
 
     default = geometry.gemm_tiles(M, Cout_g, Cs, KH * KW)  # through the module: tests patch it
     shape = dict(M=M, N=Cout_g, K=KH * KW * Cs, **conv_key(KH, KW, stride, padding, dilation, G),
-                 epilogue=epilogue_key(flags), tf32=bool(allow_tf32))
+                 epilogue=epilogue_key(flags), tf32=bool(allow_tf32), **({"pool": pool} if pool else {}))
     cfg = autotune.pick(
         "conv2d_fwd", shape, dtype=x.dtype, device=x.device, default=default, run=run,
-        candidates=lambda: conv_candidates(M, Cout_g, Cs, KH * KW, x.dtype, smem_limit(x.device), default),
+        candidates=lambda: [c for c in conv_candidates(M, Cout_g, Cs, KH * KW, x.dtype, smem_limit(x.device),
+                                                       default) if c.block_m % (pool * pool or 1) == 0],
         # re-running is only harmless when the output does not overwrite an input
         tunable=not any(t is not None and _same_memory(y, t) for t in (x, residual)))
     psum, psumsq = run(cfg)
-    return ConvOutput(y, z, psum, psumsq)
+    return ConvOutput(y, z, psum, psumsq, idx)
+
+
+def _check_pool(pool, Ho, Wo, Cin_g, G, residual, out, dropout_p, save_pre) -> None:
+    """A fused max pool's preconditions (conv2d_forward's pool=)."""
+    if not isinstance(pool, int) or pool < 2 or pool & (pool - 1) or pool > 4:
+        raise ValueError(f"conv2d: pool must be 0 or a power of two in 2..4 (whole windows per tile), got {pool!r}")
+    if Ho < pool or Wo < pool:
+        raise ValueError(f"conv2d: a {pool}x{pool} pool needs an output of at least {pool}x{pool}, got {Ho}x{Wo}")
+    if Cin_g == 1 and G > 1:
+        raise ValueError("conv2d: a fused pool needs the GEMM kernel (not a depthwise conv)")
+    if residual is not None or out is not None or dropout_p > 0 or save_pre:
+        raise ValueError("conv2d: a fused pool takes no residual, out, dropout or save_pre")
 

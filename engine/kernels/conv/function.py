@@ -5,15 +5,31 @@ Public API: Conv2dFunction, conv2d.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from engine.kernels.activations import act_code
 from engine.kernels.common import pair
 from engine.kernels.conv.backward import act_backward, conv2d_dgrad, conv2d_wgrad
 from engine.kernels.conv.forward import conv2d_forward
+from engine.kernels.conv.geometry import out_hw
 from engine.kernels.dropout import dropout_backward
 from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
 from engine.kernels.params import claim_grad_slot, slot_view
+from engine.kernels.pool import max_pool2d_backward
+
+# How the backward of a fused conv -> max pool gets the full-resolution gradient:
+# "kernel": one gather kernel (pool.max_pool2d_backward) expands the pooled gradient through
+#   the argmax, then the plain dgrad and wgrad read it;
+# "operand": dgrad and wgrad expand it inside their dy loads (no full-res dy in HBM: 1.24 GB
+#   less traffic per airbench94 step, but 4 instructions per expanded element per tap make
+#   those loops instruction-bound: sm_90 issue/tensor 0.46-1.05 -> 0.89-3.93, and the static
+#   step estimate 7% slower; docs/PERF_MODEL.md).
+# "kernel" is the default until a GPU says otherwise; FUSENET_POOL_GRAD=operand selects the other.
+POOL_GRAD = os.environ.get("FUSENET_POOL_GRAD", "kernel")
+if POOL_GRAD not in ("kernel", "operand"):
+    raise ValueError(f"FUSENET_POOL_GRAD must be 'kernel' or 'operand', got {POOL_GRAD!r}")
 
 
 class Conv2dFunction(torch.autograd.Function):
@@ -30,11 +46,16 @@ class Conv2dFunction(torch.autograd.Function):
     (psum, psumsq, fp32 [T, Cout]) for a training-mode batch norm that follows:
     statistics, not values, so they carry no gradient (the batch norm's own
     backward accounts for its statistics' dependence on its input).
+    pool=K: a K x K / stride K max pool (no padding, floor mode) fused after the conv: the
+    output is the pooled [N, Ho//K, Wo//K, Cout] (its statistics too), the forward saves the
+    one-byte argmax, and dgrad/wgrad expand the pooled gradient inside their dy loads (no
+    full-res dy). Differentiable only without act, scale/shift, residual and dropout (none of
+    them has a backward through the pool here).
     """
 
     @staticmethod
     def forward(ctx, out, x, w, bias, residual, stride, padding, dilation, groups, act, slope, allow_tf32,
-                scale=None, shift=None, dropout_p=0.0, dropout_seed=0, stats=False, slots=(None, None)):
+                scale=None, shift=None, dropout_p=0.0, dropout_seed=0, stats=False, slots=(None, None), pool=0):
         # `out` comes first: autograd's handling of in-place writes into views
         # (CopySlices) expects the written tensor to be the first input
         code = act_code(act)
@@ -45,8 +66,8 @@ class Conv2dFunction(torch.autograd.Function):
             xs, channels = pad_channels(x, padded_channels(x.shape[3], x.dtype)), x.shape[3]
         res = conv2d_forward(xs, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
                              scale=scale, shift=shift, residual=residual, act=act, slope=slope,
-                             save_pre=code != 0, allow_tf32=allow_tf32, dropout_p=dropout_p,
-                             dropout_seed=dropout_seed, out=out, stats=stats, channels=channels)
+                             save_pre=code != 0 and not pool, allow_tf32=allow_tf32, dropout_p=dropout_p,
+                             dropout_seed=dropout_seed, out=out, stats=stats, channels=channels, pool=pool)
         ctx.x_shape, ctx.channels = tuple(x.shape), channels
         ctx.dropout = (dropout_p, dropout_seed)
         ctx.wrote_into = out is not None
@@ -54,7 +75,12 @@ class Conv2dFunction(torch.autograd.Function):
             # written in place into a slice of a larger buffer (a concat): autograd
             # routes that slice of the buffer's gradient back here
             ctx.mark_dirty(out)
-        ctx.save_for_backward(xs, w, res.z, scale)
+        ctx.save_for_backward(xs, w, res.z, scale, res.idx)
+        ctx.pool = pool
+        if pool:  # the conv's own output extent (the pool dropped any rows past a whole window)
+            KH, KW = w.shape[2:]
+            ctx.full_hw = out_hw(xs.shape[1], xs.shape[2], KH, KW, *(pair(v, "conv2d") for v in (stride, padding,
+                                                                                             dilation)))
         ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
         ctx.act, ctx.slope = act, slope
         ctx.has_res = residual is not None
@@ -66,7 +92,7 @@ class Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *_stats_grads):  # the partial sums (stats=True) have no gradient
-        x, w, z, scale = ctx.saved_tensors
+        x, w, z, scale, idx = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[1:5]
         dy = dy.contiguous()
         if ctx.dropout[0] > 0:  # the forward's mask, regenerated from its seed
@@ -82,6 +108,11 @@ class Conv2dFunction(torch.autograd.Function):
             if need_r:
                 dres = dy
         bw = dict(z=z, act=act, slope=ctx.slope, grad_scale=scale, **ctx.conf)
+        if ctx.pool and POOL_GRAD == "operand":  # dy is the pooled gradient, expanded in the kernels' loads
+            bw.update(pool=ctx.pool, pool_idx=idx)
+        elif ctx.pool:  # expanded once through the argmax (zeros where the pool dropped rows)
+            k = ctx.pool
+            g = max_pool2d_backward(g, idx, (g.shape[0], *ctx.full_hw, g.shape[3]), k, k, 0)
         dx = conv2d_dgrad(g, w, ctx.x_shape, **bw) if need_x else None
         dw = db = None
         if need_w or need_b:
@@ -95,22 +126,27 @@ class Conv2dFunction(torch.autograd.Function):
         # stride-0 expanded scalar costs no memory
         dout = torch.zeros((), device=dy.device, dtype=dy.dtype).expand(dy.shape) if ctx.wrote_into else None
         return (dout, dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, groups=1, act="none",
            slope=0.01, allow_tf32=False, scale=None, shift=None, dropout_p=0.0, dropout_seed=0,
-           out=None, stats=False):
-    """Differentiable fused NHWC conv: dropout(act(conv(x, w) + bias [*scale + shift] + residual)).
+           out=None, stats=False, pool=0):
+    """Differentiable fused NHWC conv: dropout(act(conv(x, w) + bias [*scale + shift] + residual)),
+    then a fused pool x pool max pool when pool > 0 (see Conv2dFunction).
 
     `out`: a view (e.g. `buf[..., c0:c1]` of a concat buffer) to write the result
     into, in place; it is returned, and gradients flow through the buffer.
     stats=True returns (y, (psum, psumsq)): fp32 [T, Cout] per-tile partial sums
     of the pre-activation, for batch_norm_train(partials=...)."""
     geometry = pair(stride, "conv2d: stride"), pair(padding, "conv2d: padding"), pair(dilation, "conv2d: dilation")
+    if pool and (act != "none" or scale is not None or shift is not None) and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, w, bias)):
+        raise ValueError("conv2d: an activation or folded scale before a fused pool has no backward; "
+                         "fuse them with the pool only without gradients (inference)")
     slots = (claim_grad_slot(w), claim_grad_slot(bias) if bias is not None else None)
     result = Conv2dFunction.apply(out, x, w, bias, residual, *geometry, groups, act, slope, allow_tf32, scale, shift,
-                                  dropout_p, dropout_seed, stats, slots)
+                                  dropout_p, dropout_seed, stats, slots, pool)
     if stats:
         y, psum, psumsq = result
         return y, (psum, psumsq)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import triton
 
 from engine import device as _device
@@ -65,6 +66,18 @@ def check_grad_inputs(dy, z, act, grad_scale, shape):
         raise ValueError(f"conv2d backward: act={act!r} needs the pre-activation z of shape {tuple(shape)}")
     check_vec(grad_scale, shape[3], dy.device, "grad_scale")
     return code
+
+
+def check_pool_grad(dy, idx, pool, act, grad_scale, shape, depthwise) -> None:
+    """The pooled gradient dy and argmax idx of a conv with a fused pool x pool max pool (dgrad, wgrad)."""
+    if not isinstance(pool, int) or pool < 2 or pool & (pool - 1) or depthwise:
+        raise ValueError(f"conv2d backward: pool={pool!r} must be a power of two >= 2, and not on a depthwise conv")
+    if idx is None or idx.dtype != torch.uint8 or tuple(idx.shape) != tuple(shape) or not idx.is_contiguous():
+        raise ValueError(f"conv2d backward: a fused pool needs its contiguous uint8 argmax of shape {tuple(shape)}")
+    if act_code(act) != 0 or grad_scale is not None:
+        raise ValueError("conv2d backward: no activation or scale between a conv and its fused pool has a backward")
+    if idx.device != dy.device:
+        raise ValueError(f"conv2d backward: the pool's argmax is on {idx.device}, dy on {dy.device}")
 
 
 def gemm_tiles(M: int, N: int, C: int, taps: int) -> Config:
@@ -173,10 +186,14 @@ WGRAD_BOX_MIN = 0.97
 WGRAD_BOX_MIN_NARROW = 0.85
 
 
-def wgrad_box(N: int, Ho: int, Wo: int, block_p: int, block_n: int) -> tuple[int, int, int]:
-    """(TB, TH, TW) with TB*TH*TW = block_p for the wgrad's pixel boxes, or (0, 0, 0): flat chunks."""
-    tw = min(next_pow2(Wo), block_p)
-    th = min(next_pow2(Ho), block_p // tw)
+def wgrad_box(N: int, Ho: int, Wo: int, block_p: int, block_n: int, pool: int = 0) -> tuple[int, int, int]:
+    """(TB, TH, TW) with TB*TH*TW = block_p for the wgrad's pixel boxes, or (0, 0, 0): flat chunks.
+    pool=K (a fused K x K max pool, K a power of two, Ho and Wo multiples of K): TH and TW are
+    multiples of K (whole windows; the kernel expands the pooled gradient there)."""
+    if pool and block_p < pool * pool:
+        raise ValueError(f"conv2d_wgrad: BLOCK_P {block_p} cannot hold a {pool}x{pool} window")
+    tw = max(pool, min(next_pow2(Wo), block_p // max(pool, 1)))
+    th = max(pool, min(next_pow2(Ho), block_p // tw))
     tb = block_p // (tw * th)
     real = N * Ho * Wo
     boxed = triton.cdiv(N, tb) * tb * triton.cdiv(Ho, th) * th * triton.cdiv(Wo, tw) * tw

@@ -19,8 +19,8 @@ Tap (jr, js) reads A at row offset jr*a_rstep + js*a_sstep + c0 and B at row
 b_row0 + jr*b_rstep + js*b_sstep + c0. The forward has jr, js = r, s (all
 KH x KW taps); dgrad has the taps of one stride phase (NR x NS of them).
 
-Public (jit) API: tap_bits, load_dz (dy -> the operand dz of a fused
-activation's gradient), tap_gemm.
+Public (jit) API: tap_bits, pool_tap_bits (the taps of a fused max pool's
+dgrad), load_dz (dy -> the operand dz of a fused activation's gradient), tap_gemm.
 """
 from __future__ import annotations
 
@@ -68,11 +68,39 @@ def load_dz(dy_ptr, z_ptr, scale_ptr, off, mask, ch, mask_ch, slope, ACT: tl.con
 
 
 @triton.jit
+def _floor_div(e, K: tl.constexpr):
+    """floor(e / K) of a scalar that may be negative (K a positive constexpr, e > -1024*K)."""
+    return (e + 1024 * K) // K - 1024
+
+
+@triton.jit
+def pool_tap_bits(q_h, q_w, e0_h, e0_w, step_h, step_w, PH, PW, mask_m, NR, NS, KH: tl.constexpr,
+                  KW: tl.constexpr, POOL: tl.constexpr):
+    """tap_bits for a dgrad that reads the pooled gradient of a fused POOL x POOL max pool: tap
+    (jr, js) reads the full-res dy row K*q_h + e_h (e_h = e0_h + jr*step_h, a scalar), i.e. pooled
+    row q_h + floor(e_h / POOL); bit jr*KW + js is set when that pooled pixel is inside [PH, PW]
+    (the rows a floor-mode pool dropped are outside). q_h, q_w, mask_m [BLOCK_M]."""
+    if KH * KW > 32:
+        bits = tl.zeros_like(q_h).to(tl.int64)  # [BLOCK_M]
+    else:
+        bits = tl.zeros_like(q_h).to(tl.int32)  # [BLOCK_M]
+    for jr in tl.static_range(KH):
+        h = q_h + _floor_div(e0_h + jr * step_h, POOL)  # [BLOCK_M] pooled row
+        h_ok = mask_m & (h >= 0) & (h < PH) & (jr < NR)  # [BLOCK_M]
+        for js in tl.static_range(KW):
+            w = q_w + _floor_div(e0_w + js * step_w, POOL)  # [BLOCK_M]
+            ok = h_ok & (w >= 0) & (w < PW) & (js < NS)  # [BLOCK_M]
+            bits |= ok.to(bits.dtype) << (jr * KW + js)
+    return bits
+
+
+@triton.jit
 def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, offs_k, mask_n, n_iters, NR, NS,
              c_stored, a_rstep, a_sstep, b_row0, b_rstep, b_sstep, b_ld, col0, z_base, scale_ptr, ch0, slope,
              KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr, TPC: tl.constexpr, EVEN_K: tl.constexpr,
              EVEN_N: tl.constexpr, W_TMA: tl.constexpr, A_ACT: tl.constexpr, A_SCALE: tl.constexpr,
-             PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, W_PAD: tl.constexpr):
+             PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, W_PAD: tl.constexpr,
+             p_idx, p_e0h, p_e0w, A_POOL: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] fp32 += sum over n_iters trips of A(tap, chunk) @ B(tap, chunk).
 
     A: a_base + a_rows ([BLOCK_M] offsets of tap (0, 0), channel 0) + the channel
@@ -93,8 +121,19 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
     c >= b_sstep are masked (they meet A's zero channels). With TPC > 1 b_op's lane k
     must point at row (k // c_stored) * b_sstep + k % c_stored and a trip advances
     TPC * b_sstep rows; no TMA.
+    A_POOL (dgrad of a conv with a fused A_POOL x A_POOL max pool; TPC == 1, no A_ACT /
+    A_SCALE, KH*KW <= 64): A is the pooled gradient [N, PH, PW, *] with the forward's argmax
+    p_idx (one byte, tap code dy*A_POOL + dx) at the same offsets, expanded in the load. The
+    rows are dx pixels of one (stride phase, pool phase): tap (jr, js) reads full-res dy row
+    A_POOL*h0 + e_h (e_h = p_e0h + jr*step_h, scalar), i.e. pooled row h0 + floor(e_h/A_POOL)
+    where the argmax equals (e_h mod A_POOL)*A_POOL + (e_w mod A_POOL): a scalar offset
+    (a_rstep, a_sstep: per pooled row / column) and a scalar tap code per trip, as in the
+    plain loop. H, W are PH, PW.
     """
-    if KH * KW <= 64:
+    if A_POOL > 0:
+        bits = pool_tap_bits(h0, w0, p_e0h, p_e0w, step_h, step_w, H, W, mask_m, NR, NS, KH, KW,
+                             A_POOL)  # [BLOCK_M]
+    elif KH * KW <= 64:
         bits = tap_bits(h0, w0, step_h, step_w, H, W, mask_m, NR, NS, KH, KW)  # [BLOCK_M]
     if TPC == 1:
         a_offs = a_rows[:, None] + offs_k[None, :]  # [BLOCK_M, BLOCK_K] offsets of tap (0, 0), chunk 0
@@ -125,7 +164,15 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
                 h = h0 + jr * step_h  # [BLOCK_M]
                 w = w0 + js * step_w  # [BLOCK_M]
                 ok = mask_m & (h >= 0) & (h < H) & (w >= 0) & (w < W)  # [BLOCK_M]
-            a_off = jr * a_rstep + js * a_sstep + c0  # scalar
+            if A_POOL > 0:
+                e_h = p_e0h + jr * step_h  # scalar: full-res dy row of this tap, minus A_POOL*h0
+                e_w = p_e0w + js * step_w
+                f_h = _floor_div(e_h, A_POOL)  # scalar pooled row offset
+                f_w = _floor_div(e_w, A_POOL)
+                win_tap = (e_h - f_h * A_POOL) * A_POOL + (e_w - f_w * A_POOL)  # scalar argmax code read here
+                a_off = f_h * a_rstep + f_w * a_sstep + c0  # scalar
+            else:
+                a_off = jr * a_rstep + js * a_sstep + c0  # scalar
             b_row = b_row0 + jr * b_rstep + js * b_sstep + c0  # scalar
             if EVEN_K:
                 a_mask = ok[:, None]  # [BLOCK_M, 1]
@@ -153,7 +200,11 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
                 b_row = b_row0 + it * (TPC * b_sstep)  # scalar: b_sstep weight rows per tap
             else:
                 b_row = b_row0 + it * BLOCK_K  # scalar: rows run on linearly across taps
-        if A_ACT != 0 or A_SCALE:
+        if A_POOL > 0:
+            a = tl.load(a_base + a_idx, mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K] pooled gradient
+            won = tl.load(p_idx + a_idx, mask=a_mask, other=0)  # [BLOCK_M, BLOCK_K] uint8 argmax
+            a = tl.where(won == win_tap.to(tl.uint8), a, tl.zeros_like(a))  # the full-res dy
+        elif A_ACT != 0 or A_SCALE:
             a = load_dz(a_base, z_base, scale_ptr, a_idx, a_mask, ch0 + c0 + offs_k,
                         (c0 + offs_k) < c_stored, slope, A_ACT, A_SCALE)  # [BLOCK_M, BLOCK_K] fp32 dz
         else:
@@ -190,4 +241,4 @@ def tap_gemm(acc, a_base, a_rows, h0, w0, step_h, step_w, H, W, mask_m, b_op, of
     return acc
 
 
-__all__ = ["tap_bits", "load_dz", "tap_gemm"]
+__all__ = ["tap_bits", "pool_tap_bits", "load_dz", "tap_gemm"]

@@ -11,12 +11,14 @@ per program and stepped per trip with carries (no per-element div/mod in the
 loop).
 
 P is cut into S fixed splits that write fp32 partials [S, K_g, Cout] (rows
-(tap, ci), stores coalesced along Cout); _sum_to_torch_kernel adds them in a
-fixed order, so results are bit-identical run to run (no atomics), and writes
-the sum in PyTorch's [Cout, Cin/G, KH, KW] layout, into the parameter's slot of
-the fused optimizer's flat gradient buffer when the forward claimed it (no
-layout copy). One split: the kernel stores dw in PyTorch's layout itself
-(TORCH_LAYOUT). Measured on the sm_90 SASS (airbench94 bf16): storing every
+(tap, ci), stores coalesced along Cout), added in a fixed order (bit-identical
+run to run; no float atomics) into PyTorch's [Cout, Cin/G, KH, KW] layout, into
+the parameter's slot of the fused optimizer's flat gradient buffer when the
+forward claimed it (no layout copy): by the last split of each output tile to
+finish (TAIL: an int32 ticket, common.last_to_arrive; no second launch) when a
+tile's S partials are small (WGRAD_TAIL_BYTES: one program reads them all, at
+one SM's bandwidth), else by _sum_to_torch_kernel over the whole GPU. One
+split: the kernel stores dw in PyTorch's layout itself (TORCH_LAYOUT). Measured on the sm_90 SASS (airbench94 bf16): storing every
 split's partials in PyTorch's layout from the GEMM (scattered stores) costs the
 main loops registers, +13 instructions at 128x256 and +23 (issue-bound, +7 us)
 for the 24->64 wgrad; the permuting sum keeps them as they were. S is sized from the work (geometry.wgrad_splits): a
@@ -34,19 +36,30 @@ import triton.language as tl
 
 from engine import device as _device
 from engine.kernels import autotune
-from engine.kernels.common import check_activation, dot, idx64, next_pow2, precision, sum_partials, upcast
+from engine.kernels.common import check_activation, dot, idx64, next_pow2, precision, upcast
+from engine.kernels.reduction import last_to_arrive, sum_partials, sum_slices, ticket_counters
 import engine.kernels.conv.geometry as geometry
-from engine.kernels.conv.geometry import (check_channels, check_grad_inputs, conv_geometry, conv_key, dw_tiles,
-                                          operand_align, split_plan)
+from engine.kernels.conv.geometry import (check_channels, check_grad_inputs, check_pool_grad, conv_geometry,
+                                          conv_key, dw_tiles, operand_align, split_plan)
 from engine.kernels.conv.mainloop import load_dz
 from engine.kernels.launch import launch
 from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
 from engine.kernels.tune_config import Config, epilogue_key, smem_limit, split_variants, wgrad_candidates
 
 
+# The most bytes of split partials the last split of an output tile sums itself (TAIL): it reads
+# them at one SM's bandwidth (~100 GB/s from L2) where _sum_to_torch_kernel reads every tile's at
+# the whole GPU's, so above this a second launch costs less than the serial tail (airbench94's
+# 256-channel wgrads: 7 x 128 x 256 x 4 B = 0.9 MB per tile, ~8 us, against ~5 us for the launch).
+WGRAD_TAIL_BYTES = 256 * 1024
+
+
 @triton.jit
 def _conv_wgrad_kernel(
-    x_ptr, dy_ptr, z_ptr, scale_ptr, part_ptr, bpart_ptr,
+    x_ptr, dy_ptr, z_ptr, scale_ptr, part_ptr, bpart_ptr, idx_ptr,
+    dw_ptr,  # [Cout*Cin_g*KH*KW] fp32 out, PyTorch's layout (if TAIL)
+    db_ptr,  # [Cout] fp32 out (if TAIL and NEED_BIAS)
+    ctr_ptr,  # [G * tiles] int32 ticket counters, 0 between launches (if TAIL)
     P, P_PER_SPLIT, NB, H, W, Ho, Wo, XC_A, CS_A, DYC_A, COUT_G_A, CIN_W, N_TILES,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
     KW: tl.constexpr, CCHUNKS: tl.constexpr, ALIGN: tl.constexpr, NALIGN: tl.constexpr,
@@ -54,7 +67,7 @@ def _conv_wgrad_kernel(
     EVEN_B: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_P: tl.constexpr, TORCH_LAYOUT: tl.constexpr,
     ACT: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, IDX64: tl.constexpr,
+    UPCAST: tl.constexpr, IDX64: tl.constexpr, POOL: tl.constexpr, TAIL: tl.constexpr, TAIL_K: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """dw partial of one P-split: part[split, tap*Cs + ci, co] = sum_p x[p @ tap, ci] * dz[p, co], or
@@ -64,7 +77,13 @@ def _conv_wgrad_kernel(
     Grid: (KH*KW * CCHUNKS * N_TILES, S, G). x [N, H, W, XC] (XC = G*Cs), dy [N, Ho,
     Wo, DYC] (DYC = G*Cout_g), channel counts in units of ALIGN (x) and NALIGN (dy).
     The tap-0 programs also write bias partials (column sums of dz). EVEN_K / EVEN_N /
-    EVEN_P: Cs, Cout_g and every split's pixel count are multiples of the block (no masks).
+    EVEN_P: Cs, Cout_g and every split's pixel count are multiples of the block (no masks). TAIL: the
+    last of the S splits of an output tile to finish sums the tile's S partials (split order, TAIL_K
+    rows at a time) into dw (and the bias partials into db) in PyTorch's layout.
+    POOL > 0 (a fused POOL x POOL max pool): dy is the pooled gradient [NB, Ho/POOL, Wo/POOL, DYC]
+    with the argmax idx_ptr, expanded in the B load; Ho, Wo are the pooled extent times POOL (the
+    dropped rows are no pixels of P). Boxes then have TH and TW multiples of POOL; flat chunks
+    take the pixels window-major (the forward's row order; BLOCK_P a multiple of POOL**2).
     """
     XC = XC_A * ALIGN
     CS = CS_A * ALIGN  # x channels per group as stored
@@ -104,7 +123,13 @@ def _conv_wgrad_kernel(
         dnb = jb // (TH * TW)
         dhb = (jb // TW) % TH
         dwb = jb % TW
-        b_rel = ((dnb * Ho + dhb) * Wo + dwb) * DYC  # [BLOCK_P]
+        if POOL > 0:
+            # the box holds whole windows: pixel jb reads pooled pixel (dhb, dwb) // POOL of the box
+            # if the argmax is its tap
+            b_rel = ((dnb * (Ho // POOL) + dhb // POOL) * (Wo // POOL) + dwb // POOL) * DYC  # [BLOCK_P]
+            b_tap = ((dhb % POOL) * POOL + dwb % POOL).to(tl.uint8)  # [BLOCK_P] compared as bytes
+        else:
+            b_rel = ((dnb * Ho + dhb) * Wo + dwb) * DYC  # [BLOCK_P]
         boxes_w = (Wo + TW - 1) // TW
         boxes_h = (Ho + TH - 1) // TH
         # the masks' loop-invariant parts: a box as wide (FULL_W) or as tall (FULL_H) as the output
@@ -150,8 +175,17 @@ def _conv_wgrad_kernel(
                 a_mask = mask_k[:, None] & ok[None, :]  # [BLOCK_K, BLOCK_P]
             a = tl.load(x_ptr + a_base + a_rel[None, :] + x_ch[:, None], mask=a_mask,
                         other=0.0)  # [BLOCK_K, BLOCK_P] x^T tile
-            b_off = ((n0 * Ho + ho0) * Wo + wo0) * DYC + b_rel[:, None] + offs_c[None, :]  # [BLOCK_P, BLOCK_N]
-            if ACT != 0 or HAS_SCALE:
+            if POOL > 0:
+                b_base = ((n0 * (Ho // POOL) + bh * (TH // POOL)) * (Wo // POOL) + bw * (TW // POOL)) * DYC  # scalar
+            else:
+                b_base = ((n0 * Ho + ho0) * Wo + wo0) * DYC  # scalar
+            b_off = b_base + b_rel[:, None] + offs_c[None, :]  # [BLOCK_P, BLOCK_N]
+            if POOL > 0:
+                b_m = b_ok[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_N]
+                b = tl.load(dy_ptr + b_off, mask=b_m, other=0.0)  # [BLOCK_P, BLOCK_N] pooled gradient
+                b_win = tl.load(idx_ptr + b_off, mask=b_m, other=0)  # [BLOCK_P, BLOCK_N] uint8 winning tap
+                b = tl.where(b_win == b_tap[:, None], b, tl.zeros_like(b))  # expanded dy
+            elif ACT != 0 or HAS_SCALE:
                 b = load_dz(dy_ptr, z_ptr, scale_ptr, b_off, b_ok[:, None] & mask_c[None, :], offs_c, mask_c, slope,
                             ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
             else:
@@ -181,18 +215,39 @@ def _conv_wgrad_kernel(
         if IDX64:
             p_lo = p_lo.to(tl.int64)
         offs_p = p_lo + tl.arange(0, BLOCK_P)  # [BLOCK_P] output pixels of the first trip
-        wo = offs_p % Wo  # [BLOCK_P] decomposed once, then stepped with carries
-        t = offs_p // Wo
-        ho = t % Ho
-        n = t // Ho
-        d_wo = BLOCK_P % Wo  # scalar steps of (n, ho, wo) per trip of BLOCK_P pixels
-        d_ho = (BLOCK_P // Wo) % Ho
-        d_n = BLOCK_P // (Wo * Ho)
         offs_pb = tl.arange(0, BLOCK_P)  # [BLOCK_P] pixel within a trip (the B tile's rows)
-        b_off = (p_lo + offs_pb)[:, None] * DYC + offs_c[None, :]  # [BLOCK_P, BLOCK_N] dz offsets of the first trip
+        if POOL > 0:
+            # window-major pixels p = window*POOL**2 + dy*POOL + dx (a trip holds whole windows): the
+            # stepped (n, ho, wo) are the window's, the tap (dy, dx) is loop-invariant
+            Wc = Wo // POOL
+            Hc = Ho // POOL
+            steps = BLOCK_P // (POOL * POOL)  # windows per trip
+            p_tap = offs_pb % (POOL * POOL)  # [BLOCK_P] the pixel's window tap
+            p_dy = p_tap // POOL  # [BLOCK_P]
+            p_dx = p_tap % POOL
+            p_tap8 = p_tap.to(tl.uint8)  # compared as bytes
+            cell = offs_p // (POOL * POOL)  # [BLOCK_P] window
+            b_off = ((p_lo + offs_pb) // (POOL * POOL))[:, None] * DYC + offs_c[None, :]  # [BLOCK_P, BLOCK_N]
+        else:
+            Wc = Wo
+            Hc = Ho
+            steps = BLOCK_P
+            cell = offs_p
+            b_off = (p_lo + offs_pb)[:, None] * DYC + offs_c[None, :]  # [BLOCK_P, BLOCK_N] dz offsets of the first trip
+        wo = cell % Wc  # [BLOCK_P] decomposed once, then stepped with carries
+        t = cell // Wc
+        ho = t % Hc
+        n = t // Hc
+        d_wo = steps % Wc  # scalar steps of (n, ho, wo) per trip of BLOCK_P pixels
+        d_ho = (steps // Wc) % Hc
+        d_n = steps // (Wc * Hc)
         for p0 in range(p_lo, p_hi, BLOCK_P):
-            hi = ho * stride_h + h_off  # [BLOCK_P]
-            wi = wo * stride_w + w_off  # [BLOCK_P]
+            if POOL > 0:
+                hi = (ho * POOL + p_dy) * stride_h + h_off  # [BLOCK_P]
+                wi = (wo * POOL + p_dx) * stride_w + w_off  # [BLOCK_P]
+            else:
+                hi = ho * stride_h + h_off  # [BLOCK_P]
+                wi = wo * stride_w + w_off  # [BLOCK_P]
             # one unsigned compare per bound pair: a negative coordinate wraps to a huge one
             ok = (hi.to(tl.uint32) < H) & (wi.to(tl.uint32) < W)  # [BLOCK_P] pixel valid at this tap
             if not EVEN_P:
@@ -207,7 +262,15 @@ def _conv_wgrad_kernel(
                 b_mask = mask_c[None, :]  # [1, BLOCK_N]
             else:
                 b_mask = ((p0 + offs_pb) < p_hi)[:, None] & mask_c[None, :]  # [BLOCK_P, BLOCK_N]
-            if ACT != 0 or HAS_SCALE:
+            if POOL > 0:
+                if EVEN_N and EVEN_P:
+                    b = tl.load(dy_ptr + b_off)  # [BLOCK_P, BLOCK_N] pooled gradient
+                    b_win = tl.load(idx_ptr + b_off)  # [BLOCK_P, BLOCK_N] uint8 winning tap
+                else:
+                    b = tl.load(dy_ptr + b_off, mask=b_mask, other=0.0)
+                    b_win = tl.load(idx_ptr + b_off, mask=b_mask, other=0)
+                b = tl.where(b_win == p_tap8[:, None], b, tl.zeros_like(b))  # [BLOCK_P, BLOCK_N] expanded dy
+            elif ACT != 0 or HAS_SCALE:
                 b = load_dz(dy_ptr, z_ptr, scale_ptr, b_off, b_mask, offs_c, mask_c, slope,
                             ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32 dz tile
             elif EVEN_N and EVEN_P:
@@ -218,14 +281,14 @@ def _conv_wgrad_kernel(
                 bacc += tl.sum(b.to(tl.float32), axis=0)
             acc = dot(a, b.to(a.dtype), acc, PRECISION, UPCAST)
             # next trip: pointers advance, (n, ho, wo) step with one carry each
-            b_off += BLOCK_P * DYC
+            b_off += steps * DYC
             offs_p += BLOCK_P
             wo += d_wo
-            carry = wo >= Wo
-            wo = tl.where(carry, wo - Wo, wo)
+            carry = wo >= Wc
+            wo = tl.where(carry, wo - Wc, wo)
             ho += d_ho + carry.to(ho.dtype)
-            carry = ho >= Ho
-            ho = tl.where(carry, ho - Ho, ho)
+            carry = ho >= Hc
+            ho = tl.where(carry, ho - Hc, ho)
             n += d_n + carry.to(n.dtype)
     if TORCH_LAYOUT:
         # one split: dw itself in PyTorch's [Cout, Cin_g, KH, KW] (the optimizer's gradient slot as
@@ -243,6 +306,20 @@ def _conv_wgrad_kernel(
     if NEED_BIAS:
         if pid_k == 0:  # every row tile computed the same column sums; one writes them
             tl.store(bpart_ptr + split * DYC + offs_c, bacc, mask=mask_c)
+    if TAIL:
+        S = tl.num_programs(1)
+        if last_to_arrive(ctr_ptr + g * tl.num_programs(0) + pid, S):
+            KK = tl.num_programs(0) // N_TILES // CCHUNKS  # KH*KW taps
+            split_stride = KK * CS * DYC  # elements per split's partials
+            for k0 in range(0, BLOCK_K, TAIL_K):
+                ct = c0 + k0 + tl.arange(0, TAIL_K)  # [TAIL_K] input channels of this slice of the tile
+                m = (ct < CIN_W)[:, None] & mask_c[None, :]  # [TAIL_K, BLOCK_N] the weight's real rows
+                src = (tap * CS + ct).to(tl.int64)[:, None] * DYC + offs_c[None, :]  # [TAIL_K, BLOCK_N] split 0
+                dst = (ct * KK + tap)[:, None] + (offs_c * (CIN_W * KK))[None, :]  # [TAIL_K, BLOCK_N] int32
+                tl.store(dw_ptr + dst, sum_slices(part_ptr, src, m, S, split_stride), mask=m)
+            if NEED_BIAS:
+                if pid_k == 0:
+                    tl.store(db_ptr + offs_c, sum_slices(bpart_ptr, offs_c, mask_c, S, DYC), mask=mask_c)
 
 
 @triton.jit
@@ -344,7 +421,7 @@ def _flat_out(t: torch.Tensor | None, numel: int, name: str) -> torch.Tensor | N
 
 def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias=False, allow_tf32=False,
                  z=None, act="none", slope=0.01, grad_scale=None, splits=None, channels=None, out=None,
-                 bias_out=None):
+                 bias_out=None, pool=0, pool_idx=None):
     """(dw fp32 [Cout,Cin/g,kh,kw], dbias fp32 [Cout] or None) from x [N,H,W,Cin] and dy [N,Ho,Wo,Cout].
 
     The N*Ho*Wo reduction is cut into S splits (`splits` overrides the automatic
@@ -354,6 +431,9 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
     out / bias_out: contiguous fp32 tensors to write dw / dbias into (the parameters'
     slots in the fused optimizer's flat gradient buffer): dw is produced in PyTorch's
     layout, by the sum of the split partials or, with one split, by the kernel itself.
+    pool=K: the forward fused a K x K max pool; dy is the pooled gradient [N,Ho//K,Wo//K,Cout]
+    and pool_idx its argmax (ConvOutput.idx), expanded inside the kernel's dy loads; the pixels
+    of the reduction are those the pool read.
     """
     check_activation(x, "conv2d: x")
     if x.dim() != 4 or not x.is_contiguous() or x.device != dy.device:
@@ -364,7 +444,11 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
     N, H, W = x.shape[:3]
     stride, padding, dilation, Ho, Wo = conv_geometry((N, H, W, Cin), w_shape, stride, padding, dilation, groups)
     Cout, Cin_g, KH, KW = w_shape
-    code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho, Wo, Cout))
+    if pool:
+        check_pool_grad(dy, pool_idx, pool, act, grad_scale, (N, Ho // pool, Wo // pool, Cout),
+                        Cin_g == 1 and groups > 1)
+        Ho, Wo = Ho // pool * pool, Wo // pool * pool  # the pixels the pool read
+    code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho // (pool or 1), Wo // (pool or 1), Cout))
     dy = dy.contiguous()
     if dy.dtype != x.dtype:
         raise ValueError(f"conv2d_wgrad: x is {x.dtype} but dy is {dy.dtype}")
@@ -399,7 +483,7 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
         return finish(part, bpart)
 
     xa, na = operand_align(x.shape[3], Cs, x.dtype), operand_align(Cout, Cout_g, x.dtype)
-    big = idx64(x, dy, *(t for t in (z,) if t is not None))
+    big = idx64(x, dy, *(t for t in (z, pool_idx) if t is not None))
 
     # GEMM view [K_g, P] x [P, Cout_g]: config block_m -> BLOCK_K (channels of one tap), block_n ->
     # BLOCK_N (output channels), block_k -> BLOCK_P (the reduction over output pixels), split -> S
@@ -409,7 +493,7 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
         cchunks = triton.cdiv(Cs, cfg.block_m)
         n_tiles = triton.cdiv(Cout_g, cfg.block_n)
         tiles = KH * KW * cchunks * n_tiles
-        box = geometry.wgrad_box(N, Ho, Wo, cfg.block_k, cfg.block_n)
+        box = geometry.wgrad_box(N, Ho, Wo, cfg.block_k, cfg.block_n, pool)
         chunks = (triton.cdiv(N, box[0]) * triton.cdiv(Ho, box[1]) * triton.cdiv(Wo, box[2]) if box[1]
                   else triton.cdiv(P, cfg.block_k))
         S, per_split = split_plan(chunks, tiles * G, splits if splits is not None else cfg.split)
@@ -419,24 +503,35 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
         """dw, dbias with config `cfg`; partials are allocated per config (S follows it) and written, not added."""
         cchunks, n_tiles, tiles, S, per_split, box, chunks = plan(cfg)
         part, bpart = partials(S)
-        if S > 1:  # tap-major partials, summed into PyTorch's layout by _sum_to_torch
+        tail = S > 1 and S * cfg.block_m * cfg.block_n * 4 <= WGRAD_TAIL_BYTES
+        dw = db = ctr = None
+        if S > 1:  # tap-major partials, summed into PyTorch's layout by the kernel's tail or _sum_to_torch
             part = torch.empty((S, KH * KW * Cs * Cout), device=x.device, dtype=torch.float32)
+        if tail:
+            dw = out if out is not None else torch.empty((L,), device=x.device, dtype=torch.float32)
+            db = (bias_out if bias_out is not None else torch.empty((Cout,), device=x.device,
+                                                                    dtype=torch.float32)) if need_bias else None
+            ctr = ticket_counters(x.device, tiles * G)
         extent, per = (chunks, per_split) if box[1] else (P, per_split * cfg.block_k)
-        launch(_conv_wgrad_kernel, (tiles, S, G), x, dy, z, grad_scale, part, bpart, extent, per,
+        launch(_conv_wgrad_kernel, (tiles, S, G), x, dy, z, grad_scale, part, bpart, pool_idx, dw, db, ctr,
+               extent, per,
                N, H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, Cin_g, n_tiles, *geo,
                KW=KW, CCHUNKS=cchunks, ALIGN=xa, NALIGN=na, TB=box[0], TH=box[1], TW=box[2],
                FULL_W=bool(box[1]) and box[2] >= Wo, FULL_H=bool(box[1]) and box[2] >= Wo and box[1] >= Ho,
                EVEN_B=bool(box[1]) and N % box[0] == 0,
                EVEN_K=Cs % cfg.block_m == 0, TORCH_LAYOUT=S == 1,
                EVEN_N=Cout_g % cfg.block_n == 0, EVEN_P=P % cfg.block_k == 0, **flags, PRECISION=precision(allow_tf32),
-               UPCAST=upcast(x.dtype), IDX64=big,
+               UPCAST=upcast(x.dtype), IDX64=big, POOL=pool,
+               TAIL=tail, TAIL_K=max(1, min(cfg.block_m, 2048 // cfg.block_n)) if tail else 0,
                BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_P=cfg.block_k, **cfg.meta())
         if S == 1:
             return finish(part, bpart)
+        if tail:
+            return dw.view(Cout, Cin_g, KH, KW), db
         return _sum_to_torch(part, out, w_shape, Cs), (_sum_splits(bpart, bias_out) if need_bias else None)
 
     default = geometry.wgrad_tiles(Cs, Cout_g, P, KH * KW * G, x.element_size(),  # via the module: tests patch it
-                                   fused_dz=code != 0 or grad_scale is not None)
+                                   fused_dz=code != 0 or grad_scale is not None or pool > 0)
 
     def candidates() -> list[Config]:
         tiles = wgrad_candidates(Cs, Cout_g, P, x.dtype, smem_limit(x.device), default)
@@ -445,7 +540,7 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
         return tiles + [default.with_split(s) for s in split_variants(S, chunks) if s != S]
 
     shape = dict(M=KH * KW * Cs, N=Cout_g, K=P, **conv_key(KH, KW, stride, padding, dilation, G),
-                 epilogue=epilogue_key(flags), tf32=bool(allow_tf32))
+                 epilogue=epilogue_key(flags), tf32=bool(allow_tf32), **({"pool": pool} if pool else {}))
     cfg = autotune.pick("conv2d_wgrad", shape, dtype=x.dtype, device=x.device, default=default, run=run,
                         candidates=candidates, tunable=splits is None)  # an explicit split count is not tuned
     return run(cfg)
