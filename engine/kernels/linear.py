@@ -15,7 +15,7 @@ pre-activation z in every kernel that reads dy):
   * wgrad  dw = dz^T @ x, dbias = sum_n dz   split-K over N: each split writes
     fp32 partials `[SPLIT, O*F + O]` (dbias in the tail, written by the column-0
     tiles of the same pass); the last split of each tile to finish (an int32
-    ticket, common.last_to_arrive) adds the tile's SPLIT partials in a fixed
+    ticket, reduction.last_to_arrive) adds the tile's SPLIT partials in a fixed
     order, in the same launch. The float sums never depend on arrival order, so
     results are bit-identical run to run. The sums land in the weight's and
     bias's slots of the optimizer's flat gradient buffer when the forward
@@ -34,10 +34,10 @@ from engine import device
 from engine.kernels import autotune
 from engine.kernels.activations import act_code, act_grad, apply_act
 from engine.kernels.common import FLOAT_DTYPES, dot, next_pow2, precision, upcast
-from engine.kernels.reduction import last_to_arrive, sum_slices, ticket_counters
 from engine.kernels.dropout import check_seed, dropout_backward, dropout_mask_scale, resolve_seed, seed_args
 from engine.kernels.launch import launch
 from engine.kernels.params import Packing, claim_grad_slot, packed, slot_region
+from engine.kernels.reduction import last_to_arrive, sum_slices, ticket_counters
 from engine.kernels.tune_config import Config, epilogue_key, gemm_candidates, smem_limit, split_variants
 
 
@@ -366,13 +366,13 @@ def linear_wgrad(dy, x, z=None, *, has_bias=True, act="none", slope=0.01, allow_
         grid = (triton.cdiv(O, cfg.block_m), triton.cdiv(max(F, 1), cfg.block_n), split)
         launch(
             _linear_wgrad_kernel, grid,
-            dy, z, x, part, flat, ticket_counters(x.device, grid[0] * grid[1]),
+            dy, z, x, part, flat, ticket_counters(x.device, grid[0] * grid[1]) if split > 1 else None,
             N, F, O,
             dy.stride(0), dy.stride(1), O, x.stride(0), x.stride(1),
             rows, L,
             float(slope),
             HAS_BIAS=bool(has_bias), ACT=act_code(act), **_dot_flags(x.dtype, allow_tf32),
-            TAIL=split > 1, TAIL_M=max(1, min(cfg.block_m, 2048 // cfg.block_n)),
+            TAIL=split > 1, TAIL_M=max(1, min(cfg.block_m, 2048 // cfg.block_n)) if split > 1 else 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta(),
         )
         return flat[: O * F].view(O, F), (flat[O * F:] if has_bias else None)

@@ -61,6 +61,14 @@ def test_record_launches_of_a_conv_on_meta():
     assert dgrad.programs == triton.cdiv(M, 64) * triton.cdiv(64, 64) and dgrad.trips == 9 * 3
     assert wgrad.trips >= 1 and wgrad.programs % (9 * 1 * 2) == 0  # taps x channel chunks x Cout tiles, x S
     assert fwd.bytes >= (x.numel() + M * 96) * 2  # x read, y written at least
+    # split: the last split of each tile sums them into PyTorch's layout (small tiles), no second launch
+    assert wgrad.programs > 9 * 1 * 2 and dict(wgrad.spec.constexprs)["TAIL"] and "_sum_to_torch_kernel" not in by
+    from engine.kernels.conv import wgrad as conv_wgrad
+
+    with autotune.forced(Config(64, 64, 32, num_warps=4, num_stages=3)), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conv_wgrad, "WGRAD_TAIL_BYTES", 0)
+        by = {la.spec.name: la for la in record_launches(run)}
     assert by["_sum_to_torch_kernel"].trips is None  # the split fold into PyTorch's layout: not a GEMM
 
 

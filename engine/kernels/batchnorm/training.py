@@ -13,17 +13,18 @@ fused with the following activation. Forward and backward side by side.
               sums) take `_bn_fold_finalize_kernel` instead, grid (T2, C-blocks):
               the rows are folded in parallel to T2 ~ GPU_TARGET_PARTIALS rows and
               the last program of each channel block to finish its fold (ticket
-              counter, common.last_to_arrive) finalises that block: one launch
+              counter, reduction.last_to_arrive) finalises that block: one launch
            3. `_bn_apply_kernel`     y = act((x - mean) * rstd * weight + bias)
   backward 1. `_bn_bwd_reduce_kernel` partials of sum(dz), sum(dz * xhat) with
                                      dz = act'(z) * dy (z recomputed from x); the
                                      last program of each channel block sums the
                                      T partial rows in a fixed order -> dbias,
-                                     dweight [C] (common.sum_partials instead when
+                                     dweight [C] (reduction.sum_partials instead when
                                      T > FOLD_ROWS)
            2. `_bn_bwd_apply_kernel`  dx = weight*rstd*(dz - dbias/M - xhat*dweight/M)
 Everything is deterministic (the only atomics are the int32 tickets that pick
-which program adds the partials, never the order they are added in). Statistics use fp32 sum / sum of
+which program adds the partials, never the order they are added in).
+Statistics use fp32 sum / sum of
 squares (var = E[x^2] - mean^2, clamped at 0): fine for normalised activations,
 less accurate than Welford when |mean| >> std.
 
@@ -46,8 +47,8 @@ from engine.kernels.launch import launch
 
 
 # The last-arriving program's sum of a channel block's partial rows walks [BLOCK_T, BLOCK_C] tiles of
-# both arrays at once, this many elements each: a tail walks 2-4x the columns the separate sum kernel's
-# programs did, in as many dependent steps (its registers are the main loop's, free by then).
+# both arrays at once (their loads in flight together), this many elements each: within the main
+# loop's registers on sm_90 (4096 spilled the 128x32 reduce variant: 255 registers, 8 B).
 TAIL_ELEMS = 2048
 
 

@@ -15,16 +15,18 @@ P is cut into S fixed splits that write fp32 partials [S, K_g, Cout] (rows
 run to run; no float atomics) into PyTorch's [Cout, Cin/G, KH, KW] layout, into
 the parameter's slot of the fused optimizer's flat gradient buffer when the
 forward claimed it (no layout copy): by the last split of each output tile to
-finish (TAIL: an int32 ticket, common.last_to_arrive; no second launch) when a
-tile's S partials are small (WGRAD_TAIL_BYTES: one program reads them all, at
+finish (TAIL: an int32 ticket, reduction.last_to_arrive; no second launch) when
+a tile's S partials are small (WGRAD_TAIL_BYTES: one program reads them all, at
 one SM's bandwidth), else by _sum_to_torch_kernel over the whole GPU. One
-split: the kernel stores dw in PyTorch's layout itself (TORCH_LAYOUT). Measured on the sm_90 SASS (airbench94 bf16): storing every
-split's partials in PyTorch's layout from the GEMM (scattered stores) costs the
-main loops registers, +13 instructions at 128x256 and +23 (issue-bound, +7 us)
-for the 24->64 wgrad; the permuting sum keeps them as they were. S is sized from the work (geometry.wgrad_splits): a
-few waves of programs, each a long reduction, and at most WGRAD_MAX_SPLITS
-partial rows for the second pass. The bias gradient (column sums of dz) comes
-from the same pass.
+split: the kernel stores dw in PyTorch's layout itself (TORCH_LAYOUT). Measured
+on the sm_90 SASS (airbench94 bf16): storing every split's partials in
+PyTorch's layout from the GEMM (scattered stores) costs the main loops
+registers, +13 instructions at 128x256 and +23 (issue-bound, +7 us) for the
+24->64 wgrad; the permuting sum keeps them as they were (the tail's sum comes
+after the loop: no main-loop instructions). S is sized from the work
+(geometry.wgrad_splits): a few waves of programs, each a long reduction, and at
+most WGRAD_MAX_SPLITS partial rows for the second pass. The bias gradient
+(column sums of dz) comes from the same pass.
 
 Public API: conv2d_wgrad.
 """
