@@ -175,7 +175,7 @@ def test_wgrad_pixel_orders(box, monkeypatch):
     monkeypatch.setattr(conv_geometry, "wgrad_box",
                         lambda *a: boxes(*a) if box else (0, 0, 0))
     monkeypatch.setattr(conv_geometry, "wgrad_tiles",
-                        lambda C, N, P, taps, e=2: conv_geometry.Config(16, 16, 16))
+                        lambda C, N, P, taps, e=2, **_: conv_geometry.Config(16, 16, 16))
     x, w, b = rand_inputs(3, 5, 11, 9, 10, 3)
     o = conv2d_forward(nhwc(x.detach()), w.detach(), b.detach(), padding=1, pool=2)
     dp = torch.randn(o.y.shape)
