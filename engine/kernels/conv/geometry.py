@@ -56,6 +56,16 @@ def check_vec(v, C, device, name):
                          f"got {tuple(v.shape)} {v.dtype} on {v.device}")
 
 
+def flat_grad_out(t, numel: int, name: str):
+    """`t` (a parameter's slot in the fused optimizer's flat fp32 gradient buffer) viewed flat, or None."""
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != numel:
+        raise ValueError(f"conv2d_wgrad: {name} must be a contiguous fp32 tensor of {numel} elements, "
+                         f"got {t.dtype} {tuple(t.shape)}")
+    return t.view(numel)
+
+
 def check_grad_inputs(dy, z, act, grad_scale, shape):
     """The incoming gradient dy (and z, grad_scale) of a conv backward; returns act's code."""
     check_activation(dy, "conv2d: dy")

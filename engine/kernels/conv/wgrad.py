@@ -42,7 +42,8 @@ from engine.kernels.common import check_activation, dot, idx64, next_pow2, preci
 from engine.kernels.reduction import last_to_arrive, sum_partials, sum_slices, ticket_counters
 import engine.kernels.conv.geometry as geometry
 from engine.kernels.conv.geometry import (check_channels, check_grad_inputs, check_pool_grad, conv_geometry,
-                                          conv_key, dw_tiles, operand_align, split_plan)
+                                          conv_key, dw_tiles, flat_grad_out, operand_align, split_plan)
+from engine.kernels.conv.depthwise_wgrad import depthwise_wgrad_partials
 from engine.kernels.conv.mainloop import load_dz
 from engine.kernels.launch import launch
 from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
@@ -325,55 +326,6 @@ def _conv_wgrad_kernel(
 
 
 @triton.jit
-def _dwconv_wgrad_kernel(
-    x_ptr, dy_ptr, z_ptr, scale_ptr, part_ptr, bpart_ptr,
-    P, P_PER_SPLIT, H, W, Cin, Ho, Wo, Cout, MULT, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
-    ACT: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Depthwise dw partials in PyTorch's layout: part[split, co, tap] = sum_p x[p + tap, co // MULT] * dz[p, co].
-
-    Grid: (KH*KW taps, Cout tiles, S). Products accumulate elementwise in a 2-D
-    tile and are reduced once at the end (fixed order). Tap-0 programs also write
-    the bias partials.
-    """
-    tap = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    split = tl.program_id(2)
-    r = tap // KW
-    s = tap % KW
-    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output channel
-    mask_c = offs_c < Cout
-    ci = offs_c // MULT  # [BLOCK_N] its input channel
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # [BLOCK_P, BLOCK_N] fp32 products
-    bacc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # [BLOCK_P, BLOCK_N] fp32 dz (bias grad)
-    p_lo = split * P_PER_SPLIT
-    p_hi = tl.minimum(P, p_lo + P_PER_SPLIT)
-    for p0 in range(p_lo, p_hi, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)  # [BLOCK_P] output pixel
-        mask_p = offs_p < p_hi
-        wo = offs_p % Wo  # [BLOCK_P]
-        ho = (offs_p // Wo) % Ho  # [BLOCK_P]
-        n = offs_p // (Wo * Ho)  # [BLOCK_P]
-        hi = ho * stride_h - pad_h + r * dil_h  # [BLOCK_P]
-        wi = wo * stride_w - pad_w + s * dil_w  # [BLOCK_P]
-        ok = mask_p & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)  # [BLOCK_P]
-        xv = tl.load(x_ptr + (n * (H * W * Cin) + (hi * W + wi) * Cin)[:, None] + ci[None, :],
-                     mask=ok[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_P, BLOCK_N] x taps
-        dz = load_dz(dy_ptr, z_ptr, scale_ptr, offs_p[:, None] * Cout + offs_c[None, :],
-                     mask_p[:, None] & mask_c[None, :], offs_c, mask_c, slope,
-                     ACT, HAS_SCALE)  # [BLOCK_P, BLOCK_N] fp32
-        acc += xv.to(tl.float32) * dz
-        if NEED_BIAS:
-            bacc += dz
-    tl.store(part_ptr + (split * Cout + offs_c) * tl.num_programs(0) + tap, tl.sum(acc, axis=0), mask=mask_c)
-    if NEED_BIAS:
-        if tap == 0:
-            tl.store(bpart_ptr + split * Cout + offs_c, tl.sum(bacc, axis=0), mask=mask_c)
-
-
-@triton.jit
 def _sum_to_torch_kernel(part_ptr, out_ptr, S, R, COUT, CIN_W, CS, KK,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[co, ci, tap] = sum over s in order of part[s, tap*CS + ci, co], for ci < CIN_W: the split
@@ -410,15 +362,6 @@ def _sum_splits(part: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         return part.view(L)
     block = next_pow2(L, 16, 1 << 16) if _device.INTERPRETED else 1024
     return sum_partials(part, block=block, out=out)
-
-
-def _flat_out(t: torch.Tensor | None, numel: int, name: str) -> torch.Tensor | None:
-    if t is None:
-        return None
-    if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != numel:
-        raise ValueError(f"conv2d_wgrad: {name} must be a contiguous fp32 tensor of {numel} elements, "
-                         f"got {t.dtype} {tuple(t.shape)}")
-    return t.view(numel)
 
 
 def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias=False, allow_tf32=False,
@@ -458,7 +401,7 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
     G, Cout_g, P = groups, Cout // groups, N * Ho * Wo
     Cs = x.shape[3] // G  # stored channels per group (>= Cin_g)
     L = Cout * Cin_g * KH * KW
-    out, bias_out = _flat_out(out, L, "out"), _flat_out(bias_out, Cout, "bias_out") if need_bias else None
+    out, bias_out = flat_grad_out(out, L, "out"), flat_grad_out(bias_out, Cout, "bias_out") if need_bias else None
     flags = dict(ACT=code, HAS_SCALE=grad_scale is not None, NEED_BIAS=need_bias)
     geo = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(slope))
 
@@ -480,8 +423,8 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
         c_tiles = triton.cdiv(Cout, bn)
         S, per_split = split_plan(triton.cdiv(P, bp), KH * KW * c_tiles, splits)
         part, bpart = partials(S)
-        launch(_dwconv_wgrad_kernel, (KH * KW, c_tiles, S), x, dy, z, grad_scale, part, bpart, P, per_split * bp,
-               H, W, Cin, Ho, Wo, Cout, Cout // Cin, KW, *geo, **flags, BLOCK_P=bp, BLOCK_N=bn, **meta)
+        depthwise_wgrad_partials(x, dy, z, grad_scale, part, bpart, (KH, KW), geo, per_split * bp, flags,
+                                 BLOCK_P=bp, BLOCK_N=bn, **meta)
         return finish(part, bpart)
 
     xa, na = operand_align(x.shape[3], Cs, x.dtype), operand_align(Cout, Cout_g, x.dtype)
