@@ -243,7 +243,8 @@ def test_conv_under_the_fused_optimizer_compiles_in_bf16():
             y = conv2d(x, w, padding=1, act="relu")
             y.backward(torch.zeros_like(y))
             opt.step()
-        xs, dy = torch.zeros(4, 8, 8, 64, dtype=torch.bfloat16), torch.zeros(4, 8, 8, 64, dtype=torch.bfloat16)
+        # 1,024 pixels: enough 256-pixel chunks for three splits
+        xs, dy = torch.zeros(4, 16, 16, 64, dtype=torch.bfloat16), torch.zeros(4, 16, 16, 64, dtype=torch.bfloat16)
         for splits, tail_bytes in ((1, None), (3, None), (3, 0)):
             saved = conv_wgrad.WGRAD_TAIL_BYTES
             conv_wgrad.WGRAD_TAIL_BYTES = saved if tail_bytes is None else tail_bytes
