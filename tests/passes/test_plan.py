@@ -37,8 +37,8 @@ LAUNCHES = {
     "lenet5": (22, 7),
     "resnet_small": (112, 29),
     "unet_tiny": (35, 13),
-    "airbench94": (63, 21),
-    "resnet9": (80, 22),
+    "airbench94": (59, 21),
+    "resnet9": (74, 22),
     "detect_shapes": (40, 12),
 }
 

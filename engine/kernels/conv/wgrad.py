@@ -50,11 +50,13 @@ from engine.kernels.layout import channel_multiple, pad_channels, padded_channel
 from engine.kernels.tune_config import Config, epilogue_key, smem_limit, split_variants, wgrad_candidates
 
 
-# The most bytes of split partials the last split of an output tile sums itself (TAIL): it reads
-# them at one SM's bandwidth (~100 GB/s from L2) where _sum_to_torch_kernel reads every tile's at
-# the whole GPU's, so above this a second launch costs less than the serial tail (airbench94's
-# 256-channel wgrads: 7 x 128 x 256 x 4 B = 0.9 MB per tile, ~8 us, against ~5 us for the launch).
-WGRAD_TAIL_BYTES = 256 * 1024
+# The most bytes of split partials the last split of an output tile sums itself (TAIL). It reads
+# them from L2 at one SM's bandwidth (~100-200 GB/s) where _sum_to_torch_kernel reads every tile's
+# over the whole GPU, so for large partials the tail is the slower of the two; at airbench94's
+# 256-channel wgrads (7 x 128 x 256 x 4 B = 0.9 MB per tile: ~5-9 us of tail against ~4-6 us of
+# sum kernel plus its launch gap) they are within this estimate's error, and the tail saves a
+# launch per wgrad. Above 1 MiB the second launch wins. A GPU timing should settle the bound.
+WGRAD_TAIL_BYTES = 1024 * 1024
 
 
 @triton.jit
