@@ -135,8 +135,10 @@ def _xent_plan(M: int, C: int) -> tuple[int, int, int, int]:
         block_m = max(2, min(next_pow2(M), (1 << 18) // block_c))
         return block_m, block_c, 4, (M if M * block_c <= (1 << 22) else block_m)
     block_c = min(next_pow2(C), 1024)
-    block_m = max(2, min(next_pow2(M), 4096 // block_c))
-    warps = 8 if block_m * block_c >= 4096 else 4
+    # at most 1024 rows: each row carries six running values, and 2048 rows of 2 classes (a
+    # two-class segmentation) left 8 rows a thread, 255 registers and a spill on sm_90
+    block_m = max(2, min(next_pow2(M), 4096 // block_c, 1024))
+    warps = 8 if block_m * block_c >= 2048 else 4
     return block_m, block_c, warps, (M if M * block_c <= ONE_PROGRAM_ELEMENTS else block_m)
 
 
