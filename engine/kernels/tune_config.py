@@ -218,15 +218,18 @@ def conv_tile_cycles(M: int, N: int, C: int, taps: int, bm: int, bn: int, warps:
 def conv_heuristic(M: int, N: int, C: int, taps: int) -> Config:
     """The untuned GPU tile config of a conv forward / dgrad: the CONV_TILES tile and chunk
     (conv_chunks) with the fewest estimated clocks (conv_tile_cycles); within 5% of the
-    cheapest, the larger tile, then the longer chunk; 4 stages where they fit in 160 KB."""
+    cheapest, the larger tile, then the wider, then the longer chunk; 4 stages where they fit in
+    160 KB."""
     nmax = max(32, next_pow2(N))
     opts = [(t, bk) for t in CONV_TILES if t[1] <= nmax for bk in conv_chunks(C, taps, t)]
     cost = {o: conv_tile_cycles(M, N, C, taps, *o[0], bk=o[1]) for o in opts}
     best = min(cost.values())
     # within 5% of the cheapest, the largest tile: it rereads its operands least (L2, HBM); then
-    # the longer chunk: fewer instructions per multiply-add
+    # the wider one (issue #11: a wider wgmma issues fewer instructions per multiply-add; the
+    # pooled 256->256 @7x7 forward read 0.62 issue/tensor at 128x64x128, 0.53 at 64x128x64,
+    # whose estimate is within 2%); then the longer chunk: fewer instructions per multiply-add
     (bm, bn, warps), bk = max((o for o in opts if cost[o] <= 1.05 * best),
-                              key=lambda o: (o[0][0] * o[0][1], o[1], -cost[o]))
+                              key=lambda o: (o[0][0] * o[0][1], o[0][1], o[1], -cost[o]))
     stages = 4 if gemm_smem_bytes(bm, bn, bk, 4, 2, 2) <= 160 * 1024 else 3
     return Config(bm, bn, bk, num_warps=warps, num_stages=stages)
 

@@ -85,6 +85,19 @@ def test_conv_heuristic_wide_chunks_for_narrow_tiles():
     assert {c.block_k for c in cands if c.block_n == 64} == {128, 64}
 
 
+def test_conv_heuristic_prefers_the_wider_tile_at_equal_area():
+    # issue #11: among near-equal estimates of one area, 64x128 over 128x64 (a 64x128 wgmma issues
+    # fewer instructions per multiply-add than two 64x64 ones). Pinned from the sm_90 SASS: the
+    # pooled 256->256 @7x7 forward (36,864 pre-pool pixels at batch 1024) 128x64x128 0.62 ->
+    # 64x128x64 0.53 issue/tensor; resnet9's 64->128 @32x32 forward 128x64x64 0.59 -> 0.46
+    cfg = tune_config.conv_heuristic(1024 * 36, 256, 256, 9)
+    assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (64, 128, 64, 4, 4)
+    cfg = tune_config.conv_heuristic(512 * 1024, 128, 64, 9)
+    assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps) == (64, 128, 64, 4)
+    # a 64-wide output keeps the 128-row tile (the only one of its area that fits N)
+    assert tune_config.conv_heuristic(1024 * 225, 64, 64, 9).block_m == 128
+
+
 def test_wgrad_heuristic_pixel_chunks_by_width():
     bf16 = [tune_config.wgrad_heuristic(C, N, 1 << 20, 9) for C, N in ((8, 24), (24, 64), (64, 64), (64, 128),
                                                                            (128, 128), (64, 256), (256, 512))]
