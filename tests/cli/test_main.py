@@ -150,6 +150,22 @@ def test_subprocess_exit_status_and_no_traceback(bad_file):
     assert "Traceback" not in r.stderr
 
 
+
+def test_a_bad_kernel_switch_in_the_environment_is_a_usage_error():
+    # FUSENET_POOL_GRAD (engine.kernels.conv.function) is read when the kernels are imported
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "FUSENET_POOL_GRAD": "bogus"}
+    env.pop("FUSENET_DEBUG", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "train", str(ROOT / "examples" / "digits.cnn"), "--epochs", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2
+    assert "FUSENET_POOL_GRAD='bogus' is not a choice" in r.stderr
+    assert "hint: set it to 'kernel'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 # ----------------------------------------------------------------------------- one handler, one exit status each
 
 

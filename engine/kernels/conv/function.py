@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from engine.errors import UsageError
 from engine.kernels.activations import act_code
 from engine.kernels.common import pair
 from engine.kernels.conv.backward import act_backward, conv2d_dgrad, conv2d_wgrad
@@ -22,14 +23,15 @@ from engine.kernels.pool import max_pool2d_backward
 # How the backward of a fused conv -> max pool gets the full-resolution gradient:
 # "kernel": one gather kernel (pool.max_pool2d_backward) expands the pooled gradient through
 #   the argmax, then the plain dgrad and wgrad read it;
-# "operand": dgrad and wgrad expand it inside their dy loads (no full-res dy in HBM: 1.24 GB
+# "operand": dgrad and wgrad expand it inside their dy loads (no full-res dy in HBM: 0.72 GB
 #   less traffic per airbench94 step, but 4 instructions per expanded element per tap make
 #   those loops instruction-bound: sm_90 issue/tensor 0.46-1.05 -> 0.89-3.93, and the static
-#   step estimate 7% slower; docs/PERF_MODEL.md).
+#   step estimate 1,695 us against ~1,390 us; docs/PERF_MODEL.md).
 # "kernel" is the default until a GPU says otherwise; FUSENET_POOL_GRAD=operand selects the other.
 POOL_GRAD = os.environ.get("FUSENET_POOL_GRAD", "kernel")
 if POOL_GRAD not in ("kernel", "operand"):
-    raise ValueError(f"FUSENET_POOL_GRAD must be 'kernel' or 'operand', got {POOL_GRAD!r}")
+    raise UsageError(f"environment variable FUSENET_POOL_GRAD={POOL_GRAD!r} is not a choice\n"
+                     "hint: set it to 'kernel' (the default) or 'operand', or unset it")
 
 
 class Conv2dFunction(torch.autograd.Function):
@@ -48,9 +50,9 @@ class Conv2dFunction(torch.autograd.Function):
     backward accounts for its statistics' dependence on its input).
     pool=K: a K x K / stride K max pool (no padding, floor mode) fused after the conv: the
     output is the pooled [N, Ho//K, Wo//K, Cout] (its statistics too), the forward saves the
-    one-byte argmax, and dgrad/wgrad expand the pooled gradient inside their dy loads (no
-    full-res dy). Differentiable only without act, scale/shift, residual and dropout (none of
-    them has a backward through the pool here).
+    one-byte argmax, and the backward expands the pooled gradient through it (POOL_GRAD: one
+    gather kernel, or inside the dgrad/wgrad dy loads). Differentiable only without act,
+    scale/shift, residual and dropout (none of them has a backward through the pool here).
     """
 
     @staticmethod
@@ -79,8 +81,7 @@ class Conv2dFunction(torch.autograd.Function):
         ctx.pool = pool
         if pool:  # the conv's own output extent (the pool dropped any rows past a whole window)
             KH, KW = w.shape[2:]
-            ctx.full_hw = out_hw(xs.shape[1], xs.shape[2], KH, KW, *(pair(v, "conv2d") for v in (stride, padding,
-                                                                                             dilation)))
+            ctx.full_hw = out_hw(xs.shape[1], xs.shape[2], KH, KW, stride, padding, dilation)
         ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
         ctx.act, ctx.slope = act, slope
         ctx.has_res = residual is not None
