@@ -5,7 +5,7 @@ their sum is taken in a FIXED order, so results are bit-identical run to run:
 
 * in the kernel itself, by the last of a group of programs to finish (`last_to_arrive` on an
   int32 ticket counter from `ticket_counters`; the arrival order decides which program adds,
-  never the order of the additions): `reduce_rows2` (partial rows), `sum_slices` (splits),
+  never the order of the additions): `sum_row_range` (partial rows), `sum_slices` (splits),
   `fold_rows` (a fold's row block);
 * or by a second launch: `sum_partials` (column sums), after `fold_partials` for tall
   partials (more than common.FOLD_ROWS rows, folded in parallel first).
@@ -14,7 +14,7 @@ Tunables (GPU_TARGET_PARTIALS, FOLD_ROWS, the interpreter's tiles) are common's,
 time so tests can shrink them.
 
 Public API: ticket_counters, MIN_TICKETS, fold_plan, fold_partials, sum_partials; device:
-last_to_arrive, sum_slices, reduce_rows2, fold_rows.
+last_to_arrive, sum_slices, sum_row_range, fold_rows.
 """
 from __future__ import annotations
 
@@ -29,17 +29,21 @@ from engine.kernels.launch import launch
 
 
 @triton.jit
-def reduce_rows2(pa_ptr, pb_ptr, T, C, cols, cmask, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """reduce_rows of two [T, C] arrays in one loop (both tiles' loads in flight together): (sa, sb),
-    each [BLOCK_C] fp32, the same fixed order as reduce_rows."""
+def sum_row_range(pa_ptr, pb_ptr, lo, hi, C, cols, cmask, HAS_B: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """Column sums of rows lo .. hi-1 of the contiguous fp32 [*, C] arrays pa (and pb if HAS_B; zeros
+    otherwise) at columns `cols` ([BLOCK_C], masked by `cmask`): (sa, sb), each [BLOCK_C] fp32, in
+    common.reduce_rows' fixed order. Both arrays' tiles are loaded in the same trip, so their loads
+    are in flight together."""
     acc_a = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C] fp32
     acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C] fp32
-    for t0 in range(0, T, BLOCK_T):
-        trows = t0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-        offs = trows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_T, BLOCK_C]
-        m = (trows[:, None] < T) & cmask[None, :]
+    for t0 in range(lo, hi, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+        offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_T, BLOCK_C]
+        m = (rows[:, None] < hi) & cmask[None, :]
         acc_a += tl.load(pa_ptr + offs, mask=m, other=0.0)
-        acc_b += tl.load(pb_ptr + offs, mask=m, other=0.0)
+        if HAS_B:
+            acc_b += tl.load(pb_ptr + offs, mask=m, other=0.0)
     return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
 
 
@@ -126,20 +130,12 @@ def fold_rows(pa_ptr, pb_ptr, oa_ptr, ob_ptr, row, T, C, R, cols, cmask,
     """Row `row` of the fold: oa[row] = sum of pa rows row*R .. row*R + R - 1 (< T) at columns `cols`, in a fixed
     order (pb into ob alike if HAS_B); pa/pb [T, C], oa/ob [T2, C] fp32."""
     lo = row * R
-    hi = tl.minimum(T, lo + R)
-    acc_a = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C]
-    acc_b = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)  # [BLOCK_T, BLOCK_C]
-    for t0 in range(lo, hi, BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # [BLOCK_T, BLOCK_C]
-        m = (rows[:, None] < hi) & cmask[None, :]
-        acc_a += tl.load(pa_ptr + offs, mask=m, other=0.0)
-        if HAS_B:
-            acc_b += tl.load(pb_ptr + offs, mask=m, other=0.0)
+    sa, sb = sum_row_range(pa_ptr, pb_ptr, lo, tl.minimum(T, lo + R), C, cols, cmask, HAS_B, BLOCK_T,
+                           BLOCK_C)  # [BLOCK_C] each
     out = row.to(tl.int64) * C + cols  # [BLOCK_C]
-    tl.store(oa_ptr + out, tl.sum(acc_a, axis=0), mask=cmask)
+    tl.store(oa_ptr + out, sa, mask=cmask)
     if HAS_B:
-        tl.store(ob_ptr + out, tl.sum(acc_b, axis=0), mask=cmask)
+        tl.store(ob_ptr + out, sb, mask=cmask)
 
 
 @triton.jit

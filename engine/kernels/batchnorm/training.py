@@ -41,7 +41,7 @@ from engine import device as _device
 from engine.kernels.common import (FOLD_ROWS, act_code_checked, channel_block, check_activation, check_param,
                                    contiguous, finalize_plan, reduce_plan, reduce_rows, row_tile, rows_block, rows_of,
                                    store_partial_row, tile_2d)
-from engine.kernels.reduction import (fold_plan, fold_rows, last_to_arrive, reduce_rows2, sum_partials,
+from engine.kernels.reduction import (fold_plan, fold_rows, last_to_arrive, sum_partials, sum_row_range,
                                       ticket_counters)
 from engine.kernels.launch import launch
 
@@ -158,7 +158,7 @@ def _bn_fold_finalize_kernel(
               True, BLOCK_T, BLOCK_C)
     T2 = tl.num_programs(0)
     if last_to_arrive(ctr_ptr + pid_c, T2):
-        s, ss = reduce_rows2(fsum_ptr, fsumsq_ptr, T2, C, cols, cmask, BLOCK_T2, BLOCK_C)  # [BLOCK_C] each
+        s, ss = sum_row_range(fsum_ptr, fsumsq_ptr, 0, T2, C, cols, cmask, True, BLOCK_T2, BLOCK_C)  # [BLOCK_C] each
         _bn_finish_block(s, ss, cols, cmask, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
                          inv_m, unbias, eps, momentum, HAS_RUNNING, CMA)
         _bn_count(nbt_ptr, ctr_ptr + tl.num_programs(1), pid_c, tl.num_programs(1), COUNT, CMA)
@@ -261,7 +261,7 @@ def _bn_bwd_reduce_kernel(
     if TAIL:
         T = tl.num_programs(0)
         if last_to_arrive(ctr_ptr + tl.program_id(1), T):
-            sdz, sdzx = reduce_rows2(pdz_ptr, pdzx_ptr, T, C, cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] each
+            sdz, sdzx = sum_row_range(pdz_ptr, pdzx_ptr, 0, T, C, cols, cmask, True, BLOCK_T, BLOCK_C)  # [BLOCK_C] each
             tl.store(sdz_ptr + cols, sdz, mask=cmask)
             tl.store(sdzx_ptr + cols, sdzx, mask=cmask)
 
