@@ -269,3 +269,28 @@ def test_conv_under_the_fused_optimizer_compiles_in_bf16():
     # they stored PyTorch's layout: 160 B then, 140 B now)
     spills = [(r.name, r.tag, r.target, r.spills) for r in reports if r.spills and r.name != "_conv_wgrad_kernel"]
     assert not spills, spills
+
+
+@pytest.mark.parametrize("pool_grad", ["kernel", "operand"])
+def test_conv_with_a_fused_max_pool_compiles_in_bf16(pool_grad, monkeypatch):
+    """The conv -> max pool kernels under the GPU tiles, bf16: the pooling epilogue (window-major
+    rows, one-byte argmax, pooled statistics) and both backwards: the gather kernel, or the pooled
+    gradient expanded in dgrad's and wgrad's operand loads (POOL > 0)."""
+    import engine.kernels.conv.function as conv_function
+    from engine.kernels.conv import conv2d
+
+    monkeypatch.setattr(conv_function, "POOL_GRAD", pool_grad)
+
+    def run():
+        # airbench94's first pooled conv (24 -> 64 at 31x31: the pool drops a row and a column)
+        w = torch.zeros(64, 24, 3, 3, requires_grad=True)
+        x = torch.zeros(8, 31, 31, 24, dtype=torch.bfloat16, requires_grad=True)
+        y, _ = conv2d(x, w, padding=1, pool=2, stats=True)
+        y.backward(torch.zeros_like(y))
+
+    specs = record_network(run)
+    pooled = {s.name for s in specs if dict(s.constexprs).get("POOL", 0) > 0}
+    assert pooled == ({"_conv_fwd_kernel"} if pool_grad == "kernel" else set(GEMM_KERNELS[:3])), pooled
+    reports = compile_all([s for s in specs if s.name in GEMM_KERNELS], TARGETS)
+    _assert_all_compile(reports)
+    assert all(r.mma_count for r in reports), [(r.name, r.tag, r.target) for r in reports if not r.mma_count]
