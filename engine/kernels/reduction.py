@@ -13,7 +13,7 @@ their sum is taken in a FIXED order, so results are bit-identical run to run:
 Tunables (GPU_TARGET_PARTIALS, FOLD_ROWS, the interpreter's tiles) are common's, read at call
 time so tests can shrink them.
 
-Public API: ticket_counters, MIN_TICKETS, fold_plan, fold_partials, sum_partials; device:
+Public API: ticket_counters, MIN_TICKETS, TAIL_ELEMS, fold_plan, fold_partials, sum_partials; device:
 last_to_arrive, sum_slices, sum_row_range, fold_rows.
 """
 from __future__ import annotations
@@ -61,6 +61,10 @@ def sum_row_range(pa_ptr, pb_ptr, lo, hi, C, cols, cmask, HAS_B: tl.constexpr, B
 # every such kernel (launches on a stream are ordered and each leaves its counters
 # at 0): no fill per step, nothing allocated in a CUDA graph once it is warm.
 MIN_TICKETS = 4096
+# The last-arriving program's sum of a channel block's partial rows walks [BLOCK_T, BLOCK_C] tiles of
+# both arrays at once (their loads in flight together), this many elements each: within the main
+# loop's registers on sm_90 (4096 spilled the 128x32 bn backward reduce variant: 255 registers, 8 B).
+TAIL_ELEMS = 2048
 _tickets: dict[torch.device, torch.Tensor] = {}
 
 

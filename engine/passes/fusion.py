@@ -1,7 +1,7 @@
 """Fusion planning: group IR nodes into the kernels that will run.
 
-`plan_fusion` makes the groups; `plan_concat_writes` and `plan_bn_stats`
-refine them (each a pure function Plan -> Plan, listed in
+`plan_fusion` makes the groups; `plan_concat_writes`, `plan_bn_stats` and
+`plan_backward_links` refine them (each a pure function Plan -> Plan, listed in
 engine.passes.pipeline). Rules, with why in brackets:
 - A GEMM (conv, linear) absorbs what follows it while the value has one user:
   in eval mode a conv absorbs a `bn` (folded into a per-channel scale and
@@ -30,6 +30,12 @@ engine.passes.pipeline). Rules, with why in brackets:
   statistics itself when its op can (`emits_stats` in the op registry: conv in
   its epilogue, max pool in its forward) (plan_bn_stats) [one read fewer, and
   the bn launches no statistics kernel].
+- In training, backward work moves to the kernel next to it (plan_backward_links):
+  a bn (+ act) whose output only a conv (one group) reads gets dz and its
+  gradient sums from that conv's dgrad epilogue [no reduce pass over x and dy];
+  a conv whose fused pool's output only a bn reads gets its full-resolution
+  gradient from the bn's backward, which gathers through the argmax [no pool
+  backward kernel, no pooled dx round trip].
 """
 from __future__ import annotations
 
@@ -198,3 +204,27 @@ def _check_order(graph: Graph, groups: list[KernelGroup]) -> None:
                 if i not in grp.nodes and i not in done:
                     raise AssertionError(f"fusion plan out of order: node %{nid} needs %{i}")
         done.update(grp.nodes)
+
+
+def plan_backward_links(plan: Plan) -> Plan:
+    """In training: `sums_by` on a bn group whose output's one reader is a plain conv (groups 1), the
+    conv whose dgrad epilogue will make the bn's dz and gradient sums; `pool_grad_by` on a conv group
+    whose fused pool's output feeds only a bn (the bn it emits statistics for), the bn whose backward
+    will write the conv's full-resolution gradient [engine.kernels.batchnorm.backward]."""
+    if not plan.training:
+        return plan
+    graph = plan.graph
+    users = _users(graph)
+    out = list(plan.groups)
+    for i, grp in enumerate(plan):
+        anchor = graph.node(grp.anchor)
+        if grp.family is Family.BATCH_NORM:
+            reader = _sole_user(graph, graph.node(grp.output), users)
+            if (reader is not None and family(reader) is Family.CONV and reader.attr("groups") == 1
+                    and reader.inputs[0] == grp.output):
+                out[i] = replace(grp, epilogue=replace(grp.epilogue, sums_by=reader.id))
+        elif grp.family is Family.CONV and grp.epilogue.pool is not None and grp.epilogue.stats is not None:
+            bn = graph.node(grp.epilogue.stats)
+            if family(bn) is Family.BATCH_NORM and anchor.attr("groups") == 1:
+                out[i] = replace(grp, epilogue=replace(grp.epilogue, pool_grad_by=bn.id))
+    return replace(plan, groups=tuple(out))

@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Callable
 
 from engine.ir.graph import Graph
-from engine.passes.fusion import plan_bn_stats, plan_concat_writes, plan_fusion
+from engine.passes.fusion import plan_backward_links, plan_bn_stats, plan_concat_writes, plan_fusion
 from engine.passes.plan import Plan, format_plan
 
 
@@ -43,6 +43,7 @@ GRAPH_PASSES: tuple[tuple[str, Callable[[Graph, bool], Graph]], ...] = (
 PLAN_PASSES: tuple[tuple[str, Callable[[Plan], Plan]], ...] = (
     ("plan_concat_writes", plan_concat_writes),
     ("plan_bn_stats", plan_bn_stats),
+    ("plan_backward_links", plan_backward_links),
 )
 
 

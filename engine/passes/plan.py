@@ -26,7 +26,8 @@ class Epilogue:
     """What a group's kernel computes after its anchor op, in this order:
     z = anchor (+ bias) (folded bn: * scale + shift) (+ residual); statistics of z;
     y = dropout(act(z)); with a fused max pool, y = maxpool(act(z)) and the statistics are
-    those of the pooled y. Each field is the IR node of that step (None: not fused)."""
+    those of the pooled y. Each field is the IR node of that step (None: not fused).
+    Then the backward work a neighbour's kernel does for the group (`pool_grad_by`, `sums_by`)."""
 
     bias: bool = False  # the anchor layer's own bias
     folded_bn: int | None = None  # an eval-mode batch norm folded into a per-channel scale and shift
@@ -35,6 +36,11 @@ class Epilogue:
     act: int | None = None  # an activation applied to z
     dropout: int | None = None  # a training-mode dropout (mask regenerated from its seed in the backward)
     pool: int | None = None  # a K x K / stride K `maxpool` of the conv's output (argmax saved for the backward)
+    # backward hand-offs (engine.kernels.batchnorm.backward), each on the group that runs first:
+    pool_grad_by: int | None = None  # conv: the training bn reading the pooled output, whose backward
+    #                                  writes this conv's full-resolution gradient through the argmax
+    sums_by: int | None = None  # bn: the conv reading this bn's output alone, whose dgrad epilogue
+    #                             makes the bn's dz and its per-channel gradient sums
 
     def steps(self, graph: Graph) -> list[str]:
         """The fused steps as words, for the printer: bias, bn (folded), add, bn statistics, relu, dropout."""
@@ -53,6 +59,10 @@ class Epilogue:
             out.append("maxpool")
             if self.stats is not None:
                 out.append("bn statistics")
+        if self.pool_grad_by is not None:
+            out.append("bwd: pool grad from bn")
+        if self.sums_by is not None:
+            out.append("bwd: sums from dgrad")
         return out
 
     def __bool__(self) -> bool:

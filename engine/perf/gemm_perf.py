@@ -185,6 +185,17 @@ def estimate_launch(loop: MainLoop, instructions: int, num_warps: int, programs:
                     hbm_s=nbytes / dev.hbm_bytes_per_s)
 
 
+def estimate_other(instructions: int, num_warps: int, programs: int, repeats: int, nbytes: int,
+                   dev: DeviceModel = H100_SXM) -> Estimate:
+    """max(issue, HBM) time of a launch without a main loop (normalisation, pooling, pointwise, the loss,
+    the optimizer, the split-sum tails): every program issues its whole listing `repeats` times (a row
+    reduction's constexpr N_ITER; other loops once, a lower bound), times warps, over the SM's issue
+    rate, for ceil(programs / SMs) programs; HBM: the tensors' bytes once."""
+    waves = _cdiv(programs, dev.sms)
+    return Estimate(issue_s=waves * instructions * max(1, repeats) * num_warps / dev.issue_per_clock / dev.clock_hz,
+                    tensor_s=0.0, hbm_s=nbytes / dev.hbm_bytes_per_s)
+
+
 @dataclass
 class VariantPerf:
     """A GEMM variant of the step: its compile report, main loop and launches' estimates."""
@@ -230,6 +241,7 @@ class StepPerf:
     non_gemm_launch_bytes: int  # what the non-GEMM launches touch as recorded (for comparison)
     floor_s: float  # the analytic floor of the fused step
     failed: list = field(default_factory=list)  # KernelReports of variants that did not compile
+    others: list = field(default_factory=list)  # Estimates of the non-GEMM launches as recorded (estimate_other)
 
     @property
     def gemm_s(self) -> float:
@@ -238,6 +250,11 @@ class StepPerf:
     @property
     def step_s(self) -> float:
         return self.gemm_s + self.non_gemm_s
+
+    @property
+    def recorded_s(self) -> float:
+        """The non-GEMM launches as recorded: each at the larger of its SASS issue time and its bytes."""
+        return sum(e.seconds for e in self.others)
 
     def conv_variants(self) -> list[VariantPerf]:
         return [v for v in self.variants if v.report.name.startswith("_conv_")]
@@ -256,6 +273,8 @@ class StepPerf:
             "gemm_us": 1e6 * self.gemm_s, "non_gemm_us": 1e6 * self.non_gemm_s,
             "step_us": 1e6 * self.step_s, "floor_us": 1e6 * self.floor_s,
             "step_over_floor": self.step_s / self.floor_s if self.floor_s else float("inf"),
+            "recorded_us": 1e6 * self.recorded_s, "recorded_step_us": 1e6 * (self.gemm_s + self.recorded_s),
+            "recorded_launches": len(self.others),
         }
 
 
@@ -273,20 +292,24 @@ def _non_gemm_s(spec, batch: int, precision: str, dev: DeviceModel) -> tuple[flo
 
 
 def gemm_variants(launches: list[GemmLaunch], jobs: int = 2, dev: DeviceModel = H100_SXM
-                  ) -> tuple[list[VariantPerf], int, int, list]:
-    """Compile the launches' variants for `dev.target` and estimate the GEMM launches:
-    (GEMM variants, GEMM launches with unknown trips, bytes of the other launches, failed reports)."""
+                  ) -> tuple[list[VariantPerf], int, int, list, list[Estimate]]:
+    """Compile the launches' variants for `dev.target` and estimate every launch: (GEMM variants, GEMM
+    launches with unknown trips, bytes of the other launches, failed reports, the other launches'
+    estimates)."""
     from engine.perf.aot import compile_all
 
     specs = list(dict.fromkeys(la.spec for la in launches))
     reports = dict(zip(specs, compile_all(specs, (dev.target,), jobs=jobs)))
     variants: dict[Any, VariantPerf] = {}
-    unknown, other_bytes = 0, 0
+    unknown, other_bytes, others = 0, 0, []
     for la in launches:
         rep = reports[la.spec]
         loop = MainLoop.from_dict(rep.loop) if rep.ok else None
         if loop is None:
             other_bytes += la.bytes
+            if rep.ok:
+                others.append(estimate_other(rep.instructions, rep.num_warps, la.programs,
+                                             int(la.args.get("N_ITER", 1)), la.bytes, dev))
             continue
         if la.trips is None:
             unknown += 1
@@ -295,15 +318,15 @@ def gemm_variants(launches: list[GemmLaunch], jobs: int = 2, dev: DeviceModel = 
         v.estimates.append(estimate_launch(loop, rep.instructions, rep.num_warps, la.programs, la.trips, la.bytes,
                                            dev))
         v.tile_macs += la.programs * la.trips * loop.macs_per_warp * rep.num_warps
-    return list(variants.values()), unknown, other_bytes, [r for r in reports.values() if not r.ok]
+    return list(variants.values()), unknown, other_bytes, [r for r in reports.values() if not r.ok], others
 
 
 def step_perf(model, batch: int, jobs: int = 2, dev: DeviceModel = H100_SXM) -> StepPerf:
     """Record a training step of `model`, compile its variants for `dev.target`, estimate it."""
-    variants, unknown, other_bytes, failed = gemm_variants(record_step(model, batch), jobs, dev)
+    variants, unknown, other_bytes, failed, others = gemm_variants(record_step(model, batch), jobs, dev)
     non_gemm, floor = _non_gemm_s(model.spec, batch, model.precision, dev)
     return StepPerf(model.name, batch, model.precision, dev, variants, unknown, non_gemm, other_bytes, floor,
-                    failed)
+                    failed, others)
 
 
 # --------------------------------------------------------------------------- #
@@ -373,11 +396,14 @@ def format_perf(perf: StepPerf) -> str:
                f"{1e6 * perf.non_gemm_launch_bytes / dev.hbm_bytes_per_s:.1f} us at full bandwidth)")
     out.append(f"estimated step                 {s['step_us']:9.1f} us  = {s['step_over_floor']:.2f}x the analytic "
                f"floor ({s['floor_us']:.1f} us)")
+    out.append(f"non-GEMM as recorded           {s['recorded_us']:9.1f} us  ({s['recorded_launches']} launches, each at "
+               f"the larger of its SASS issue time and its bytes): the step {s['recorded_step_us']:.1f} us")
     out.append(f"conv main loops: issue/tensor median {s['ratio_median']:.2f}, worst {s['ratio_worst']:.2f}; "
                f"{s['fast']}/{s['conv_variants']} on HGMMA with TMA or 16-byte async loads; "
                f"{s['spills']} variants spill; largest shared memory {s['smem_max'] / 1024:.0f} KB")
     return "\n".join(out)
 
 
-__all__ = ["DeviceModel", "H100_SXM", "GemmLaunch", "record_launches", "record_step", "gemm_variants", "loop_trips", "estimate_launch", "Estimate",
+__all__ = ["DeviceModel", "H100_SXM", "GemmLaunch", "record_launches", "record_step", "gemm_variants", "loop_trips", "estimate_launch", "estimate_other",
+           "Estimate",
            "VariantPerf", "StepPerf", "step_perf", "format_perf"]

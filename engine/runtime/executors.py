@@ -71,10 +71,16 @@ def conv(p, group: KernelGroup) -> torch.Tensor:
     act, slope = activation(p.node_or_none(e.act))
     stats = e.stats is not None and p.training
     pool = p.graph.node(e.pool).attrs["kernel"][0] if e.pool is not None else 0
+    # backward hand-offs: the bn that made x takes dz and its sums from this dgrad; the bn reading the
+    # pooled output writes this conv's full-resolution gradient
+    grad_link = p.grad_links.pop(anchor.inputs[0], None)
+    pool_link = None
+    if e.pool_grad_by is not None and p.training:
+        pool_link = p.pool_links[group.output] = K_bn.PoolGradLink()
     y = K_conv.conv2d(x, layer.weight, layer.bias, residual=residual, stride=a["stride"], padding=a["pad"],
                       dilation=a["dilation"], groups=a["groups"], act=act, slope=slope,
                       allow_tf32=p.net.allow_tf32, scale=scale, shift=shift, out=p.concat_slice(group, x.shape[0]),
-                      stats=stats, pool=pool,
+                      stats=stats, pool=pool, grad_link=grad_link, pool_link=pool_link,
                       **_dropout(p, e.dropout, on_device=False))  # conv takes int seeds (for now)
     if stats:  # the batch statistics of the bn that reads this output
         y, p.bn_partials[group.output] = y
@@ -100,9 +106,13 @@ def batch_norm(p, group: KernelGroup) -> torch.Tensor:
     x, bn = p.values[anchor.inputs[0]], p.net.layer(anchor)
     act, slope = activation(p.node_or_none(group.epilogue.act))
     if p.training:
+        grad_link = None
+        if group.epilogue.sums_by is not None:  # the conv reading the output makes dz and the sums
+            grad_link = p.grad_links[group.output] = K_bn.BnGradLink()
         return K_bn.batch_norm_train(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum=bn.momentum,
                                      eps=bn.eps, num_batches_tracked=bn.num_batches_tracked, act=act, slope=slope,
-                                     partials=p.bn_partials.pop(anchor.inputs[0], None))
+                                     partials=p.bn_partials.pop(anchor.inputs[0], None), grad_link=grad_link,
+                                     pool_link=p.pool_links.pop(anchor.inputs[0], None))
     return K_bn.batch_norm_eval(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, act, slope)
 
 

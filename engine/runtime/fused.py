@@ -26,6 +26,7 @@ from engine.ir.ops import Family
 from engine.passes.pipeline import run_pipeline
 from engine.passes.plan import KernelGroup, Plan
 from engine.precision import precision as precision_named
+from engine.kernels import batchnorm as K_bn
 from engine.kernels import linear as K_linear
 from engine.kernels import pointwise as K_pw
 from engine.kernels.conv import weights as K_conv_weights
@@ -166,8 +167,9 @@ def fused_train_step(net: TritonNetwork, opt, x: torch.Tensor, y: torch.Tensor, 
 
 class Pass:
     """The state of one forward pass that executors share: the values computed so
-    far, concat buffers their producers write into, and batch-norm statistics
-    emitted by conv epilogues and max pools for the bn that follows."""
+    far, concat buffers their producers write into, batch-norm statistics
+    emitted by conv epilogues and max pools for the bn that follows, and the
+    backward hand-offs between a bn and its neighbouring conv."""
 
     # called with each group as it starts (engine.runtime.launches attributes launches with it)
     observer = None
@@ -183,6 +185,9 @@ class Pass:
         self.values = Values(reads, torch.is_grad_enabled())
         self.concat_buffers: dict[int, torch.Tensor] = {}
         self.bn_partials: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # producer output id -> (psum, psumsq)
+        # backward hand-offs (engine.kernels.batchnorm.backward), by the id of the value between the two groups
+        self.grad_links: dict[int, K_bn.BnGradLink] = {}  # a bn's output -> its link with the conv reading it
+        self.pool_links: dict[int, K_bn.PoolGradLink] = {}  # a conv's pooled output -> its link with the bn
 
     def running(self, group: KernelGroup):
         observer = Pass.observer

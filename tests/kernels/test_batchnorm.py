@@ -10,6 +10,7 @@ from helpers import (ACTIVATIONS, DATA_MOVEMENT_OPS, SHAPE_OPS, OpRecorder, asse
 
 import engine.device
 from engine.kernels import batchnorm as bn
+from engine.kernels.batchnorm import backward as bn_backward
 from engine.kernels.batchnorm import training as bn_training
 from engine.kernels import common, reduction
 from engine.kernels.launch import launch_log, recording
@@ -378,7 +379,7 @@ def test_backward_sums_in_the_reduce_launch(fold_rows, gpu_tiles, monkeypatch):
     # GPU tiles, 2 row tiles per program: C=300 is 3 channel blocks of 128, M=945 rows 15 row programs
     # racing for each block's ticket; the last sums the block's partial rows (no second launch). Partials
     # taller than FOLD_ROWS take reduction.sum_partials instead.
-    monkeypatch.setattr(bn_training, "FOLD_ROWS", fold_rows)
+    monkeypatch.setattr(bn_backward, "FOLD_ROWS", fold_rows)
     monkeypatch.setattr(common, "GPU_TARGET_PARTIALS", 16)
     x, w, b = inputs((3, 7, 45, 300))
     dy = torch.randn(3, 7, 45, 300)

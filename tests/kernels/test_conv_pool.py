@@ -91,16 +91,25 @@ def test_argmax_is_the_pools_tap_code():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_pooled_values_and_taps_are_exact(dtype):
-    # the fused pool is exactly max_pool2d of the unfused conv's stored output (same GEMM, same
-    # rounding), winners and ties (the first tap) included; negative values and zeros too
+    # the fused pool is max_pool2d of the unfused conv's output, winners and ties (the first tap)
+    # included; negative values and zeros too. The two launches tile M differently, so their GEMMs
+    # may round an output 1 ulp apart (the interpreter's numpy matmul blocks by shape): values are
+    # compared to that, and taps wherever a window's winner stands clear of that rounding, or is an
+    # exact tie of zeros (zero patches give exact zero outputs in both)
     x, w, b = rand_inputs(2, 8, 11, 13, 24, 3, dtype=dtype)
-    xs = torch.relu(nhwc(x.detach()))  # zero patches give exact zero outputs: ties
+    xs = torch.relu(nhwc(x.detach()))
     full = conv2d_forward(xs, w.detach(), padding=1).y.float()  # [2, 11, 13, 24]
     o = conv2d_forward(xs, w.detach(), padding=1, pool=2)
     ref, ind = F.max_pool2d(nchw(full), 2, return_indices=True)
     tap = (ind // 13 % 2) * 2 + ind % 13 % 2
-    assert torch.equal(nchw(o.y.float()), ref)
-    assert torch.equal(nchw(o.idx).long(), tap)
+    assert_close(nchw(o.y.float()), ref, dtype, what="pooled y")
+    windows = F.unfold(nchw(full).reshape(-1, 1, 11, 13)[..., :10, :12], 2, stride=2)  # [B*C, 4, 5*6]
+    top2 = windows.topk(2, dim=1).values  # [B*C, 2, 30]
+    gap = (top2[:, 0] - top2[:, 1]).reshape(ref.shape)
+    zero_tie = (top2[:, 0] == 0).reshape(ref.shape) & (gap == 0)
+    clear = (gap > 1e-2 * ref.abs().max()) | zero_tie
+    assert clear.float().mean() > 0.9
+    assert torch.equal(nchw(o.idx).long()[clear], tap[clear])
 
 
 def test_stats_of_the_pooled_output(monkeypatch):

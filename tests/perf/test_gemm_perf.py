@@ -12,7 +12,8 @@ from engine.cli.main import main
 from engine.kernels import autotune
 from engine.kernels.conv import conv2d_dgrad, conv2d_forward, conv2d_wgrad
 from engine.kernels.tune_config import Config
-from engine.perf.gemm_perf import (H100_SXM, Estimate, StepPerf, VariantPerf, estimate_launch, format_perf,
+from engine.perf.gemm_perf import (H100_SXM, Estimate, StepPerf, VariantPerf, estimate_launch, estimate_other,
+                                   format_perf,
                                    record_launches)
 from engine.perf.sass import MainLoop
 
@@ -85,13 +86,23 @@ def test_summary_and_table():
     perf = StepPerf("toy", 1024, "bf16", H100_SXM,
                     [_variant("_conv_fwd_kernel", 0.5), _variant("_conv_wgrad_kernel", 2.0, fast=False, launches=2),
                      _variant("_conv_dgrad_kernel", 0.25), _variant("_linear_fwd_kernel", 9.0)],
-                    other_gemm_launches=0, non_gemm_s=2e-6, non_gemm_launch_bytes=10**6, floor_s=5e-6)
+                    other_gemm_launches=0, non_gemm_s=2e-6, non_gemm_launch_bytes=10**6, floor_s=5e-6,
+                    others=[Estimate(3e-6, 0, 1e-6), Estimate(0, 0, 1e-6)])
     s = perf.summary()
+    assert s["recorded_us"] == pytest.approx(4) and s["recorded_step_us"] == pytest.approx(5 + 4)
     assert s["conv_variants"] == 3 and s["ratio_median"] == pytest.approx(0.5) and s["ratio_worst"] == 2.0
     assert s["fast"] == 2 and s["step_us"] == pytest.approx(5 + 2) and s["step_over_floor"] == pytest.approx(7 / 5)
     text = format_perf(perf)
     assert "issue/tensor" in text and "conv wgrad" in text and "linear fwd" in text
     assert "1.40x the analytic floor" in text and "median 0.50, worst 2.00; 2/3 on HGMMA" in text
+    assert "non-GEMM as recorded" in text and "(2 launches" in text
+
+
+def test_a_launch_without_a_main_loop_at_its_issue_or_bytes():
+    # 264 programs on 132 SMs: 2 waves of 1,000 instructions x 4 warps x N_ITER 3 over 4 issue slots
+    e = estimate_other(1000, 4, 264, 3, 0)
+    assert e.issue_s == pytest.approx(2 * 1000 * 3 * 4 / 4 / H100_SXM.clock_hz) and e.bound == "issue"
+    assert estimate_other(1000, 4, 1, 1, 10**9).bound == "hbm"
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """Batch normalisation fused with the following activation, on channels-last
 `[M, C]` rows: training mode (batch statistics, split deterministic reductions)
-in `training`, eval mode (the fold into a per-channel affine, and that affine +
+in `training` (forward, autograd Function) and `backward`, eval mode (the fold into a per-channel affine, and that affine +
 activation) in `inference`."""
 from engine.kernels.batchnorm.inference import (
     AffineActFunction,
@@ -12,15 +12,12 @@ from engine.kernels.batchnorm.inference import (
     bn_eval_fold,
     bn_eval_scale_shift,
 )
-from engine.kernels.batchnorm.training import (
-    BatchNormTrainFunction,
-    batch_norm_train,
-    bn_train_backward,
-    bn_train_forward,
-)
+from engine.kernels.batchnorm.backward import BnGradLink, PoolGradLink, bn_train_backward
+from engine.kernels.batchnorm.training import BatchNormTrainFunction, batch_norm_train, bn_train_forward
 
 __all__ = [
-    "AffineActFunction", "BNEvalScaleShiftFunction", "BatchNormTrainFunction", "affine_act",
+    "AffineActFunction", "BNEvalScaleShiftFunction", "BatchNormTrainFunction", "BnGradLink", "PoolGradLink",
+    "affine_act",
     "affine_act_backward", "affine_act_forward", "batch_norm_eval", "batch_norm_train", "bn_eval_fold",
     "bn_eval_scale_shift", "bn_train_backward", "bn_train_forward",
 ]

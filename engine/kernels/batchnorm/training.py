@@ -1,5 +1,6 @@
 """Training-mode batch normalisation over channels-last `[M, C]` rows (M = N*H*W),
-fused with the following activation. Forward and backward side by side.
+fused with the following activation: the forward kernels, and the autograd Function
+that pairs them with the backward's.
 
   forward  1. `_bn_stats_kernel`     grid (T, C-blocks): fp32 partial sums and sums
                                      of squares per row-block -> psum/psumsq [T, C]
@@ -15,20 +16,16 @@ fused with the following activation. Forward and backward side by side.
               the last program of each channel block to finish its fold (ticket
               counter, reduction.last_to_arrive) finalises that block: one launch
            3. `_bn_apply_kernel`     y = act((x - mean) * rstd * weight + bias)
-  backward 1. `_bn_bwd_reduce_kernel` partials of sum(dz), sum(dz * xhat) with
-                                     dz = act'(z) * dy (z recomputed from x); the
-                                     last program of each channel block sums the
-                                     T partial rows in a fixed order -> dbias,
-                                     dweight [C] (reduction.sum_partials instead when
-                                     T > FOLD_ROWS)
-           2. `_bn_bwd_apply_kernel`  dx = weight*rstd*(dz - dbias/M - xhat*dweight/M)
+  backward   engine.kernels.batchnorm.backward: the sums of dz and dz*xhat (its own pass, or
+             the epilogue of the conv dgrad that makes dy), then dx (through a fused pool's argmax
+             when x is a conv's pooled output)
 Everything is deterministic (the only atomics are the int32 tickets that pick
 which program adds the partials, never the order they are added in).
 Statistics use fp32 sum / sum of
 squares (var = E[x^2] - mean^2, clamped at 0): fine for normalised activations,
 less accurate than Welford when |mean| >> std.
 
-Public API: bn_train_forward, bn_train_backward, BatchNormTrainFunction, batch_norm_train.
+Public API: bn_train_forward, BatchNormTrainFunction, batch_norm_train.
 """
 from __future__ import annotations
 
@@ -36,20 +33,17 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.activations import act_grad, apply_act
+from engine.kernels.activations import apply_act
+from engine.kernels.batchnorm.backward import BnGradLink, PoolGradLink, bn_train_backward
 from engine import device as _device
 from engine.kernels.common import (FOLD_ROWS, act_code_checked, channel_block, check_activation, check_param,
                                    contiguous, finalize_plan, reduce_plan, reduce_rows, row_tile, rows_block, rows_of,
                                    store_partial_row, tile_2d)
-from engine.kernels.reduction import (fold_plan, fold_rows, last_to_arrive, sum_partials, sum_row_range,
+from engine.kernels.reduction import (TAIL_ELEMS, fold_plan, fold_rows, last_to_arrive, sum_row_range,
                                       ticket_counters)
 from engine.kernels.launch import launch
 
 
-# The last-arriving program's sum of a channel block's partial rows walks [BLOCK_T, BLOCK_C] tiles of
-# both arrays at once (their loads in flight together), this many elements each: within the main
-# loop's registers on sm_90 (4096 spilled the 128x32 reduce variant: 255 registers, 8 B).
-TAIL_ELEMS = 2048
 
 
 # --------------------------------------------------------------------------- #
@@ -190,110 +184,6 @@ def _bn_apply_kernel(
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(mean, rstd, weight, bias), each [BLOCK_C] fp32 at channels `cols`; weight 1 and
-    bias 0 where the batch norm has none."""
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
-    rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
-    else:
-        w = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
-    if HAS_B:
-        b = tl.load(b_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
-    else:
-        b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    return mean, rstd, w, b
-
-
-@triton.jit
-def _bn_dz(dy, x, mean, rstd, w, b, slope, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr):
-    """(dz, xhat) for a [BLOCK_M, BLOCK_C] tile: xhat = (x-mean)*rstd, z = xhat*w + b,
-    dz = act'(z) * dy. mean/rstd/w/b are [BLOCK_C]."""
-    xhat = (x - mean[None, :]) * rstd[None, :]
-    if ACT == 0:
-        dz = dy
-    else:
-        z = xhat
-        if HAS_W:
-            z = z * w[None, :]
-        if HAS_B:
-            z = z + b[None, :]
-        dz = act_grad(dy, z, ACT, slope)
-    return dz, xhat
-
-
-@triton.jit
-def _bn_bwd_reduce_kernel(
-    dy_ptr,  # [M, C] upstream gradient
-    x_ptr,  # [M, C] saved input
-    mean_ptr,  # [C] fp32
-    rstd_ptr,  # [C] fp32
-    w_ptr,  # [C] fp32 (if HAS_W)
-    b_ptr,  # [C] fp32 (if HAS_B)
-    pdz_ptr,  # [T, C] fp32 out: partial sum(dz)
-    pdzx_ptr,  # [T, C] fp32 out: partial sum(dz * xhat)
-    sdz_ptr,  # [C] fp32 out: sum(dz) = dbias (if TAIL)
-    sdzx_ptr,  # [C] fp32 out: sum(dz * xhat) = dweight (if TAIL)
-    ctr_ptr,  # [C-blocks] int32 ticket counters, 0 between launches (if TAIL)
-    M, C, slope,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, N_ITER: tl.constexpr,
-    TAIL: tl.constexpr,  # the last of the T programs of a channel block sums its partial rows
-    BLOCK_T: tl.constexpr,  # rows per step of that sum
-):
-    pid_t = tl.program_id(0)
-    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
-    mean, rstd, w, b = _bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_W, HAS_B, BLOCK_C)
-    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum dz
-    accx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum dz*xhat
-    for i in range(N_ITER):
-        mask, offs = row_tile(pid_t * N_ITER + i, M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
-        dz, xhat = _bn_dz(dy, x, mean, rstd, w, b, slope, HAS_W, HAS_B, ACT)
-        dz = tl.where(mask, dz, 0.0)
-        acc += dz
-        accx += dz * xhat
-    store_partial_row(pdz_ptr, pdzx_ptr, acc, accx, pid_t, C, cols, cmask)
-    if TAIL:
-        T = tl.num_programs(0)
-        if last_to_arrive(ctr_ptr + tl.program_id(1), T):
-            sdz, sdzx = sum_row_range(pdz_ptr, pdzx_ptr, 0, T, C, cols, cmask, True, BLOCK_T, BLOCK_C)  # [BLOCK_C] each
-            tl.store(sdz_ptr + cols, sdz, mask=cmask)
-            tl.store(sdzx_ptr + cols, sdzx, mask=cmask)
-
-
-@triton.jit
-def _bn_bwd_apply_kernel(
-    dy_ptr,  # [M, C] upstream gradient
-    x_ptr,  # [M, C] saved input
-    mean_ptr,  # [C] fp32
-    rstd_ptr,  # [C] fp32
-    w_ptr,  # [C] fp32 (if HAS_W)
-    b_ptr,  # [C] fp32 (if HAS_B)
-    sdz_ptr,  # [C] fp32 sum(dz)        (= dbias)
-    sdzx_ptr,  # [C] fp32 sum(dz*xhat)  (= dweight)
-    dx_ptr,  # [M, C] out, x's dtype
-    M, C, inv_m, slope,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
-    mask, offs = row_tile(tl.program_id(0), M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
-    mean, rstd, w, b = _bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_W, HAS_B, BLOCK_C)
-    mdz = tl.load(sdz_ptr + cols, mask=cmask, other=0.0) * inv_m  # [BLOCK_C] mean(dz)
-    mdzx = tl.load(sdzx_ptr + cols, mask=cmask, other=0.0) * inv_m  # [BLOCK_C] mean(dz*xhat)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
-    dz, xhat = _bn_dz(dy, x, mean, rstd, w, b, slope, HAS_W, HAS_B, ACT)
-    k = w * rstd  # [BLOCK_C]
-    dx = k[None, :] * (dz - mdz[None, :] - xhat * mdzx[None, :])  # [BLOCK_M, BLOCK_C] fp32
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
 # --------------------------------------------------------------------------- #
 # Host launchers (training mode)
 # --------------------------------------------------------------------------- #
@@ -383,79 +273,55 @@ def bn_train_forward(
     return y, mean, rstd
 
 
-def bn_train_backward(dy, x, mean, rstd, weight, bias, act="none", slope=0.01, need_dx=True):
-    """Backward of bn_train_forward. Returns (dx or None, dweight [C] fp32,
-    dbias [C] fp32); dweight = sum(dz*xhat), dbias = sum(dz), dz = act'(z)*dy."""
-    check_activation(x)
-    M, C = rows_of(x)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy shape {tuple(dy.shape)} != x shape {tuple(x.shape)}")
-    check_param(mean, C, x, "mean")
-    check_param(rstd, C, x, "rstd")
-    check_param(weight, C, x, "weight", optional=True)
-    check_param(bias, C, x, "bias", optional=True)
-    code = act_code_checked(act)
-    dy, x = contiguous(dy), contiguous(x)
-    dev = x.device
-    has_w, has_b = weight is not None, bias is not None
-    wp = weight if has_w else mean
-    bp = bias if has_b else mean
-
-    bm, bc, n_iter, T, nw = reduce_plan(M, C)
-    pdz = torch.empty((T, C), device=dev, dtype=torch.float32)
-    pdzx = torch.empty((T, C), device=dev, dtype=torch.float32)
-    dbias = torch.empty(C, device=dev, dtype=torch.float32)
-    dweight = torch.empty(C, device=dev, dtype=torch.float32)
-    nb = triton.cdiv(C, bc)
-    tail = T <= FOLD_ROWS  # taller partials are folded in parallel by sum_partials (no long serial sum)
-    launch(_bn_bwd_reduce_kernel, (T, nb),
-           dy, x, mean, rstd, wp, bp, pdz, pdzx, dbias, dweight, ticket_counters(dev, nb), M, C, float(slope),
-           HAS_W=has_w, HAS_B=has_b, ACT=code, BLOCK_M=bm, BLOCK_C=bc, N_ITER=n_iter, TAIL=tail,
-           BLOCK_T=rows_block(T, bc, TAIL_ELEMS), num_warps=nw)
-    if not tail:
-        dbias, dweight = sum_partials(pdz, pdzx)
-    dx = None
-    if need_dx:
-        dx = torch.empty_like(x)
-        bm, bc, nw = tile_2d(M, C)
-        launch(_bn_bwd_apply_kernel, (triton.cdiv(M, bm), triton.cdiv(C, bc)),
-               dy, x, mean, rstd, wp, bp, dbias, dweight, dx, M, C, 1.0 / M, float(slope),
-               HAS_W=has_w, HAS_B=has_b, ACT=code, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
-    return dx, dweight, dbias
-
-
 class BatchNormTrainFunction(torch.autograd.Function):
     """y = act(batchnorm_train(x)). Inputs: (x, weight, bias, running_mean,
-    running_var, num_batches_tracked, momentum, eps, act, slope, psum, psumsq).
+    running_var, num_batches_tracked, momentum, eps, act, slope, psum, psumsq, grad_link, pool_link).
     Saves x, weight, bias, mean [C] and rstd [C] (fp32); the pre-activation and
     xhat are recomputed from x in the backward kernels. Gradients for x, weight,
-    bias; none for the running statistics or partials."""
+    bias; none for the running statistics or partials.
+
+    grad_link (a BnGradLink): y's one reader is a conv whose dgrad makes dz and the sums; the
+    backward then receives dz. pool_link (a PoolGradLink): x is a conv's fused-pool output; the
+    backward hands the conv its full-resolution gradient through the link and returns an
+    unmaterialised placeholder for x's (the conv's backward takes the link's instead)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, act, slope, psum, psumsq):
+                momentum, eps, act, slope, psum, psumsq, grad_link=None, pool_link=None):
         partials = (psum, psumsq) if psum is not None else None
         y, mean, rstd = bn_train_forward(
             x, weight, bias, running_mean, running_var, momentum=momentum, eps=eps,
             num_batches_tracked=num_batches_tracked, act=act, slope=slope, partials=partials)
         ctx.act, ctx.slope = act, slope
+        ctx.links = grad_link, pool_link
+        if grad_link is not None:
+            grad_link.saved = (x, mean, rstd, weight, bias, act_code_checked(act), float(slope))
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = bn_train_backward(dy, x, mean, rstd, weight, bias, ctx.act, ctx.slope,
-                                       need_dx=ctx.needs_input_grad[0])
+        grad_link, pool_link = ctx.links
+        sums = grad_link.take_sums() if grad_link is not None else None
+        pool = pool_link.pool if pool_link is not None and pool_link.pool is not None else None
+        need_dx = ctx.needs_input_grad[0]
+        dx, dw, db = bn_train_backward(dy, x, mean, rstd, weight, bias, ctx.act, ctx.slope, need_dx=need_dx,
+                                       sums=sums, pool=pool)
+        if pool is not None and need_dx:
+            pool_link.grad = dx
+            dx = torch.empty((), device=x.device, dtype=x.dtype).expand(x.shape)  # no memory, no launch
         return (dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 def batch_norm_train(
     x, weight, bias, running_mean, running_var, *, momentum=0.1, eps=1e-5,
-    num_batches_tracked=None, act="none", slope=0.01, partials=None,
+    num_batches_tracked=None, act="none", slope=0.01, partials=None, grad_link: BnGradLink | None = None,
+    pool_link: PoolGradLink | None = None,
 ):
-    """Autograd-aware training-mode batch norm + activation (see bn_train_forward)."""
+    """Autograd-aware training-mode batch norm + activation (see bn_train_forward; the links:
+    BatchNormTrainFunction)."""
     psum, psumsq = partials if partials is not None else (None, None)
     return BatchNormTrainFunction.apply(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                                        momentum, eps, act, slope, psum, psumsq)
+                                        momentum, eps, act, slope, psum, psumsq, grad_link, pool_link)

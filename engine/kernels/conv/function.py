@@ -53,11 +53,17 @@ class Conv2dFunction(torch.autograd.Function):
     one-byte argmax, and the backward expands the pooled gradient through it (POOL_GRAD: one
     gather kernel, or inside the dgrad/wgrad dy loads). Differentiable only without act,
     scale/shift, residual and dropout (none of them has a backward through the pool here).
+    Backward hand-offs (engine.kernels.batchnorm.backward): grad_link (a BnGradLink) when x is
+    act(bn(.)) of a training batch norm read only here: the dgrad epilogue returns that batch
+    norm's dz and leaves its gradient sums on the link. pool_link (a PoolGradLink) when the pooled
+    output feeds only a training batch norm: its backward writes the full-resolution gradient
+    (POOL_GRAD "kernel"), which the backward here takes from the link.
     """
 
     @staticmethod
     def forward(ctx, out, x, w, bias, residual, stride, padding, dilation, groups, act, slope, allow_tf32,
-                scale=None, shift=None, dropout_p=0.0, dropout_seed=0, stats=False, slots=(None, None), pool=0):
+                scale=None, shift=None, dropout_p=0.0, dropout_seed=0, stats=False, slots=(None, None), pool=0,
+                grad_link=None, pool_link=None):
         # `out` comes first: autograd's handling of in-place writes into views
         # (CopySlices) expects the written tensor to be the first input
         code = act_code(act)
@@ -82,6 +88,9 @@ class Conv2dFunction(torch.autograd.Function):
         if pool:  # the conv's own output extent (the pool dropped any rows past a whole window)
             KH, KW = w.shape[2:]
             ctx.full_hw = out_hw(xs.shape[1], xs.shape[2], KH, KW, stride, padding, dilation)
+        ctx.links = grad_link, (pool_link if pool and POOL_GRAD == "kernel" else None)
+        if ctx.links[1] is not None:
+            pool_link.pool = (res.idx, pool, (x.shape[0], *ctx.full_hw, w.shape[0]))
         ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
         ctx.act, ctx.slope = act, slope
         ctx.has_res = residual is not None
@@ -95,7 +104,10 @@ class Conv2dFunction(torch.autograd.Function):
     def backward(ctx, dy, *_stats_grads):  # the partial sums (stats=True) have no gradient
         x, w, z, scale, idx = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[1:5]
-        dy = dy.contiguous()
+        if ctx.links[1] is not None:  # dy is the batch norm's placeholder: the real one is on the link
+            dy = ctx.links[1].take_grad()  # full resolution (no act, residual or dropout before a pool)
+        else:
+            dy = dy.contiguous()
         if ctx.dropout[0] > 0:  # the forward's mask, regenerated from its seed
             dy = dropout_backward(dy, *ctx.dropout)
         act, dres = ctx.act, None
@@ -111,10 +123,15 @@ class Conv2dFunction(torch.autograd.Function):
         bw = dict(z=z, act=act, slope=ctx.slope, grad_scale=scale, **ctx.conf)
         if ctx.pool and POOL_GRAD == "operand":  # dy is the pooled gradient, expanded in the kernels' loads
             bw.update(pool=ctx.pool, pool_idx=idx)
-        elif ctx.pool:  # expanded once through the argmax (zeros where the pool dropped rows)
+        elif ctx.pool and ctx.links[1] is None:
+            # expanded once through the argmax (zeros where the pool dropped rows)
             k = ctx.pool
             g = max_pool2d_backward(g, idx, (g.shape[0], *ctx.full_hw, g.shape[3]), k, k, 0)
-        dx = conv2d_dgrad(g, w, ctx.x_shape, **bw) if need_x else None
+        dx, bn_link = None, ctx.links[0]
+        if need_x and bn_link is not None and bn_link.saved is not None:  # dz of the bn that made x, and its sums
+            dx, bn_link.sums = conv2d_dgrad(g, w, ctx.x_shape, bn_grad=bn_link.saved, **bw)
+        elif need_x:
+            dx = conv2d_dgrad(g, w, ctx.x_shape, **bw)
         dw = db = None
         if need_w or need_b:
             # straight into the optimizer's flat gradient buffer when the forward claimed the slots
@@ -127,19 +144,20 @@ class Conv2dFunction(torch.autograd.Function):
         # stride-0 expanded scalar costs no memory
         dout = torch.zeros((), device=dy.device, dtype=dy.dtype).expand(dy.shape) if ctx.wrote_into else None
         return (dout, dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, groups=1, act="none",
            slope=0.01, allow_tf32=False, scale=None, shift=None, dropout_p=0.0, dropout_seed=0,
-           out=None, stats=False, pool=0):
+           out=None, stats=False, pool=0, grad_link=None, pool_link=None):
     """Differentiable fused NHWC conv: dropout(act(conv(x, w) + bias [*scale + shift] + residual)),
     then a fused pool x pool max pool when pool > 0 (see Conv2dFunction).
 
     `out`: a view (e.g. `buf[..., c0:c1]` of a concat buffer) to write the result
     into, in place; it is returned, and gradients flow through the buffer.
     stats=True returns (y, (psum, psumsq)): fp32 [T, Cout] per-tile partial sums
-    of the pre-activation, for batch_norm_train(partials=...)."""
+    of the pre-activation, for batch_norm_train(partials=...). grad_link, pool_link: the backward
+    hand-offs with the batch norms before and after (Conv2dFunction)."""
     geometry = pair(stride, "conv2d: stride"), pair(padding, "conv2d: padding"), pair(dilation, "conv2d: dilation")
     if pool and (act != "none" or scale is not None or shift is not None) and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, w, bias)):
@@ -147,7 +165,7 @@ def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, g
                          "fuse them with the pool only without gradients (inference)")
     slots = (claim_grad_slot(w), claim_grad_slot(bias) if bias is not None else None)
     result = Conv2dFunction.apply(out, x, w, bias, residual, *geometry, groups, act, slope, allow_tf32, scale, shift,
-                                  dropout_p, dropout_seed, stats, slots, pool)
+                                  dropout_p, dropout_seed, stats, slots, pool, grad_link, pool_link)
     if stats:
         y, psum, psumsq = result
         return y, (psum, psumsq)

@@ -1,0 +1,341 @@
+"""Training-mode batch norm (+ activation) backward over channels-last `[M, C]` rows, and the
+two hand-offs that let its neighbours' kernels do part of it.
+
+  1. the per-channel sums  sdz = sum(dz), sdzx = sum(dz * xhat), dz = act'(z) * dy
+     (z = xhat * weight + bias recomputed from the saved input x), either
+     - `_bn_bwd_reduce_kernel`: a pass over x and dy, partial rows per row block, the last
+       program of each channel block summing them (reduction.sum_partials for tall partials); or
+     - `bn_grad_epilogue`, run by the kernel that makes dy -- the dgrad epilogue of the conv that
+       alone reads the batch norm's output (engine.kernels.conv.dgrad): it forms dz from its fp32
+       accumulator and one read of x, stores dz instead of dy, and emits the sums (two-level
+       ticket tail, no second launch). `BnGradLink` carries the saved tensors there and the sums
+       back (the runtime pairs the two Functions: engine.passes.fusion.plan_backward_links);
+  2. `_bn_bwd_apply_kernel`: dx = weight*rstd*(dz - sdz/M - xhat*sdzx/M). When x is the pooled
+     output of a conv with a fused max pool (POOL), it writes the conv's full-resolution gradient
+     directly, gathered through the pool's one-byte argmax (zeros off the argmax and on rows the
+     pool dropped): the pool backward and the pooled dx round trip disappear. `PoolGradLink`
+     hands that gradient to the conv's backward.
+
+Everything is deterministic (fixed-order sums; int32 tickets only pick who adds).
+
+Public API: bn_train_backward, BnGradLink, PoolGradLink, bn_grad_buffers; device: bn_channel_params,
+bn_dz, bn_grad_epilogue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.activations import act_grad
+from engine.kernels.common import (FOLD_ROWS, act_code_checked, channel_block, check_activation, check_param,
+                                   contiguous, reduce_plan, row_tile, rows_block, rows_of, store_partial_row,
+                                   tile_2d)
+from engine.kernels.launch import launch
+from engine.kernels.reduction import (TAIL_ELEMS, fold_plan, fold_rows, last_to_arrive, sum_partials,
+                                      sum_row_range, ticket_counters)
+
+
+# --------------------------------------------------------------------------- #
+# Device helpers
+# --------------------------------------------------------------------------- #
+@triton.jit
+def bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(mean, rstd, weight, bias), each [BLOCK_C] fp32 at channels `cols`; weight 1 and
+    bias 0 where the batch norm has none."""
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
+    rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
+    else:
+        w = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
+    else:
+        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    return mean, rstd, w, b
+
+
+@triton.jit
+def bn_dz(dy, x, mean, rstd, w, b, slope, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr):
+    """(dz, xhat) for a [BLOCK_M, BLOCK_C] tile: xhat = (x-mean)*rstd, z = xhat*w + b,
+    dz = act'(z) * dy. mean/rstd/w/b are [BLOCK_C]."""
+    xhat = (x - mean[None, :]) * rstd[None, :]
+    if ACT == 0:
+        dz = dy
+    else:
+        z = xhat
+        if HAS_W:
+            z = z * w[None, :]
+        if HAS_B:
+            z = z + b[None, :]
+        dz = act_grad(dy, z, ACT, slope)
+    return dz, xhat
+
+
+@triton.jit
+def _bn_grad_rows(g, dz_ptr, offs, mask, x_ptr, mean, rstd, w, b, slope,
+                  ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Stores dz = act'(z) * g for a row block; returns its column sums of dz and dz*xhat ([BLOCK_C] each)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [rows, BLOCK_C] fp32
+    dz, xhat = bn_dz(g, x, mean, rstd, w, b, slope, HAS_W, HAS_B, ACT)  # [rows, BLOCK_C] each
+    dz = tl.where(mask, dz, 0.0)
+    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    return tl.sum(dz, axis=0), tl.sum(dz * xhat, axis=0)
+
+
+@triton.jit
+def _halves(t, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A [BLOCK_M, BLOCK_C] tile as its first and second halves of rows."""
+    return tl.split(tl.permute(tl.reshape(t, (2, BLOCK_M // 2, BLOCK_C)), (1, 2, 0)))
+
+
+@triton.jit
+def bn_grad_epilogue(g, dz_ptr, offs, mask, row, cblock, n_cblocks, cols, cmask,
+                     x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pdz_ptr, pdzx_ptr, fdz_ptr, fdzx_ptr,
+                     sdz_ptr, sdzx_ptr, ctr_ptr, T, R, C, slope,
+                     ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HALVES: tl.constexpr):
+    """In the kernel that makes dy = g ([BLOCK_M, BLOCK_C] fp32, at offsets `offs` of the batch
+    norm's saved input x [M, C], masked by `mask`): stores dz = act'(z) * g at dz_ptr + offs (dz_ptr's
+    dtype), and writes partial row `row` (of T) of sum(dz), sum(dz*xhat) for channel block `cblock`
+    (of n_cblocks; channels `cols`). Rows fold in groups of R: the last program of a fold to arrive
+    sums its rows into fold row row//R (fdz/fdzx, [cdiv(T, R), C]), and the last fold to finish sums
+    those into sdz/sdzx [C], in a fixed order. ctr: int32 [(cdiv(T, R) + 1) * n_cblocks] tickets at 0.
+    HALVES: the tile is worked in two row halves, so a thread holding many elements (64 fp32 of g)
+    keeps the activation's temporaries of half of them live at a time (no spills on sm_90)."""
+    mean, rstd, w, b = bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_W, HAS_B, BLOCK_C)
+    if HALVES:
+        g0, g1 = _halves(g, BLOCK_M, BLOCK_C)
+        o0, o1 = _halves(offs, BLOCK_M, BLOCK_C)
+        m0, m1 = _halves(mask, BLOCK_M, BLOCK_C)
+        s, sx = _bn_grad_rows(g0, dz_ptr, o0, m0, x_ptr, mean, rstd, w, b, slope, ACT, HAS_W, HAS_B)
+        s1, sx1 = _bn_grad_rows(g1, dz_ptr, o1, m1, x_ptr, mean, rstd, w, b, slope, ACT, HAS_W, HAS_B)
+        s += s1
+        sx += sx1
+    else:
+        s, sx = _bn_grad_rows(g, dz_ptr, offs, mask, x_ptr, mean, rstd, w, b, slope, ACT, HAS_W, HAS_B)
+    part = row.to(tl.int64) * C + cols  # [BLOCK_C]
+    tl.store(pdz_ptr + part, s, mask=cmask)
+    tl.store(pdzx_ptr + part, sx, mask=cmask)
+    # the tail runs with no tile live: the fold and the final sum have the registers to themselves
+    fold = row // R
+    T2 = (T + R - 1) // R
+    if last_to_arrive(ctr_ptr + fold * n_cblocks + cblock, tl.minimum(T - fold * R, R)):
+        fold_rows(pdz_ptr, pdzx_ptr, fdz_ptr, fdzx_ptr, fold, T, C, R, cols, cmask, True, BLOCK_T, BLOCK_C)
+        if last_to_arrive(ctr_ptr + T2 * n_cblocks + cblock, T2):
+            sdz, sdzx = sum_row_range(fdz_ptr, fdzx_ptr, 0, T2, C, cols, cmask, True, BLOCK_T,
+                                      BLOCK_C)  # [BLOCK_C] each
+            tl.store(sdz_ptr + cols, sdz, mask=cmask)
+            tl.store(sdzx_ptr + cols, sdzx, mask=cmask)
+
+
+# --------------------------------------------------------------------------- #
+# Kernels
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    dy_ptr,  # [M, C] upstream gradient
+    x_ptr,  # [M, C] saved input
+    mean_ptr,  # [C] fp32
+    rstd_ptr,  # [C] fp32
+    w_ptr,  # [C] fp32 (if HAS_W)
+    b_ptr,  # [C] fp32 (if HAS_B)
+    pdz_ptr,  # [T, C] fp32 out: partial sum(dz)
+    pdzx_ptr,  # [T, C] fp32 out: partial sum(dz * xhat)
+    sdz_ptr,  # [C] fp32 out: sum(dz) = dbias (if TAIL)
+    sdzx_ptr,  # [C] fp32 out: sum(dz * xhat) = dweight (if TAIL)
+    ctr_ptr,  # [C-blocks] int32 ticket counters, 0 between launches (if TAIL)
+    M, C, slope,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, N_ITER: tl.constexpr,
+    TAIL: tl.constexpr,  # the last of the T programs of a channel block sums its partial rows
+    BLOCK_T: tl.constexpr,  # rows per step of that sum
+):
+    pid_t = tl.program_id(0)
+    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
+    mean, rstd, w, b = bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_W, HAS_B, BLOCK_C)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum dz
+    accx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # [BLOCK_M, BLOCK_C] sum dz*xhat
+    for i in range(N_ITER):
+        mask, offs = row_tile(pid_t * N_ITER + i, M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
+        dz, xhat = bn_dz(dy, x, mean, rstd, w, b, slope, HAS_W, HAS_B, ACT)
+        dz = tl.where(mask, dz, 0.0)
+        acc += dz
+        accx += dz * xhat
+    store_partial_row(pdz_ptr, pdzx_ptr, acc, accx, pid_t, C, cols, cmask)
+    if TAIL:
+        T = tl.num_programs(0)
+        if last_to_arrive(ctr_ptr + tl.program_id(1), T):
+            sdz, sdzx = sum_row_range(pdz_ptr, pdzx_ptr, 0, T, C, cols, cmask, True, BLOCK_T, BLOCK_C)  # [BLOCK_C] each
+            tl.store(sdz_ptr + cols, sdz, mask=cmask)
+            tl.store(sdzx_ptr + cols, sdzx, mask=cmask)
+
+
+@triton.jit
+def _bn_bwd_apply_kernel(
+    dy_ptr,  # [M, C] upstream gradient (dz itself when ACT == 0)
+    x_ptr,  # [M, C] saved input
+    mean_ptr,  # [C] fp32
+    rstd_ptr,  # [C] fp32
+    w_ptr,  # [C] fp32 (if HAS_W)
+    b_ptr,  # [C] fp32 (if HAS_B)
+    sdz_ptr,  # [C] fp32 sum(dz)        (= dbias)
+    sdzx_ptr,  # [C] fp32 sum(dz*xhat)  (= dweight)
+    idx_ptr,  # [M, C] uint8 argmax of the fused pool that made x (if POOL)
+    dx_ptr,  # [M, C] out, x's dtype; POOL: the pool's input gradient [MF, C], MF = NB*H*W
+    M, C, inv_m, slope,
+    MF, H, W, OH, OW,  # POOL: dx rows and extent; x is [NB, OH, OW, C] (OH = H // POOL)
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
+    mean, rstd, w, b = bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_W, HAS_B, BLOCK_C)
+    mdz = tl.load(sdz_ptr + cols, mask=cmask, other=0.0) * inv_m  # [BLOCK_C] mean(dz)
+    mdzx = tl.load(sdzx_ptr + cols, mask=cmask, other=0.0) * inv_m  # [BLOCK_C] mean(dz*xhat)
+    if POOL > 0:
+        # a program per [BLOCK_M, BLOCK_C] tile of dx's full-resolution rows, each gathering the pooled
+        # element whose window holds it (re-read from cache by the POOL*POOL rows of a window)
+        out_mask, out_offs = row_tile(tl.program_id(0), MF, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] dx pixel
+        wi = rows % W
+        t = rows // W
+        hi = t % H
+        oh = hi // POOL  # [BLOCK_M] the window's pooled row
+        ow = wi // POOL
+        kept = (rows < MF) & (oh < OH) & (ow < OW)  # [BLOCK_M] rows a window read (not dropped)
+        mask = kept[:, None] & cmask[None, :]  # [BLOCK_M, BLOCK_C]
+        offs = (((t // H) * OH + oh) * OW + ow)[:, None] * C + cols[None, :]  # [BLOCK_M, BLOCK_C] pooled
+        code = (hi % POOL) * POOL + wi % POOL  # [BLOCK_M] this pixel's place in its window
+        won = mask & (tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int32) == code[:, None])
+    else:
+        mask, offs = row_tile(tl.program_id(0), M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
+        out_mask, out_offs = mask, offs
+        won = mask
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_C] fp32
+    dz, xhat = bn_dz(dy, x, mean, rstd, w, b, slope, HAS_W, HAS_B, ACT)
+    k = w * rstd  # [BLOCK_C]
+    dx = k[None, :] * (dz - mdz[None, :] - xhat * mdzx[None, :])  # [BLOCK_M, BLOCK_C] fp32
+    dx = tl.where(won, dx, 0.0)
+    tl.store(dx_ptr + out_offs, dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
+
+
+# --------------------------------------------------------------------------- #
+# Hand-offs between the batch norm's Function and its neighbours'
+# --------------------------------------------------------------------------- #
+@dataclass(eq=False)
+class BnGradLink:
+    """Between a training batch norm (+ act) and the one conv that reads its output: the batch
+    norm's forward leaves what `bn_grad_epilogue` needs (`saved`); the conv's dgrad then makes dz
+    and the sums (`sums`), and the batch norm's backward takes dz as its incoming gradient."""
+
+    saved: tuple | None = None  # (x, mean, rstd, weight, bias, act code, slope)
+    sums: tuple | None = None  # (sdz, sdzx) [C] fp32, set by the conv's backward, taken by the bn's
+
+    def take_sums(self):
+        sums, self.sums = self.sums, None
+        return sums
+
+
+@dataclass(eq=False)
+class PoolGradLink:
+    """Between a conv with a fused max pool (and the pooled output's statistics) and the batch norm
+    that reads it: the conv's forward leaves `pool` = (argmax, K, full-resolution shape); the batch
+    norm's backward writes the conv's full-resolution gradient (`grad`), which the conv's backward
+    takes instead of expanding the pooled one."""
+
+    pool: tuple | None = None
+    grad: torch.Tensor | None = None
+
+    def take_grad(self) -> torch.Tensor:
+        g, self.grad = self.grad, None
+        if g is None:
+            raise RuntimeError("PoolGradLink: the batch norm's backward left no full-resolution gradient "
+                               "(its output's gradient was taken by something other than its backward)")
+        return g
+
+
+def bn_grad_buffers(T: int, C: int, block_c: int, device) -> tuple:
+    """Scratch of `bn_grad_epilogue` for T partial rows of C channels in blocks of block_c:
+    (pdz, pdzx [T, C], fdz, fdzx [T2, C], tickets, R, BLOCK_T); T2 = cdiv(T, R) <= GPU_TARGET_PARTIALS
+    (one fold of every row when T <= FOLD_ROWS)."""
+    R = T if T <= FOLD_ROWS else fold_plan(T, C)[0]
+    T2 = triton.cdiv(T, R)
+    f32 = dict(device=device, dtype=torch.float32)
+    nb = triton.cdiv(C, block_c)
+    return (torch.empty((T, C), **f32), torch.empty((T, C), **f32), torch.empty((T2, C), **f32),
+            torch.empty((T2, C), **f32), ticket_counters(device, (T2 + 1) * nb), R,
+            rows_block(max(R, T2), block_c, TAIL_ELEMS))
+
+
+# --------------------------------------------------------------------------- #
+# Host launcher
+# --------------------------------------------------------------------------- #
+def bn_train_backward(dy, x, mean, rstd, weight, bias, act="none", slope=0.01, need_dx=True, *, sums=None,
+                      pool=None):
+    """Backward of bn_train_forward. Returns (dx or None, dweight [C] fp32, dbias [C] fp32);
+    dweight = sum(dz*xhat), dbias = sum(dz), dz = act'(z)*dy.
+
+    sums=(sdz, sdzx): made by the kernel that made dy (bn_grad_epilogue), and dy is then dz itself:
+    no reduce pass. pool=(idx, K, full_shape): x is the pooled output of a fused K x K max pool with
+    argmax idx; dx is then the pool's input gradient, full_shape [N, H, W, C]."""
+    check_activation(x)
+    M, C = rows_of(x)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy shape {tuple(dy.shape)} != x shape {tuple(x.shape)}")
+    check_param(mean, C, x, "mean")
+    check_param(rstd, C, x, "rstd")
+    check_param(weight, C, x, "weight", optional=True)
+    check_param(bias, C, x, "bias", optional=True)
+    code = act_code_checked(act)
+    dy, x = contiguous(dy), contiguous(x)
+    dev = x.device
+    has_w, has_b = weight is not None, bias is not None
+    wp = weight if has_w else mean
+    bp = bias if has_b else mean
+
+    if sums is not None:  # dy is dz; the sums came with it
+        dbias, dweight = sums
+        code = 0
+    else:
+        bm, bc, n_iter, T, nw = reduce_plan(M, C)
+        pdz = torch.empty((T, C), device=dev, dtype=torch.float32)
+        pdzx = torch.empty((T, C), device=dev, dtype=torch.float32)
+        dbias = torch.empty(C, device=dev, dtype=torch.float32)
+        dweight = torch.empty(C, device=dev, dtype=torch.float32)
+        nb = triton.cdiv(C, bc)
+        tail = T <= FOLD_ROWS  # taller partials are folded in parallel by sum_partials (no long serial sum)
+        launch(_bn_bwd_reduce_kernel, (T, nb),
+               dy, x, mean, rstd, wp, bp, pdz, pdzx, dbias, dweight, ticket_counters(dev, nb), M, C, float(slope),
+               HAS_W=has_w, HAS_B=has_b, ACT=code, BLOCK_M=bm, BLOCK_C=bc, N_ITER=n_iter, TAIL=tail,
+               BLOCK_T=rows_block(T, bc, TAIL_ELEMS), num_warps=nw)
+        if not tail:
+            dbias, dweight = sum_partials(pdz, pdzx)
+    dx = None
+    if need_dx:
+        if pool is not None:
+            idx, k, full_shape = pool
+            NB, H, W, _ = full_shape
+            if tuple(idx.shape) != tuple(x.shape) or idx.dtype != torch.uint8 or x.shape[1:3] != (H // k, W // k):
+                raise ValueError(f"pool: argmax {tuple(idx.shape)} {idx.dtype} and full shape {tuple(full_shape)} "
+                                 f"do not match x {tuple(x.shape)} under a {k}x{k} pool")
+            dx = torch.empty(tuple(full_shape), device=dev, dtype=x.dtype)
+            MF, geo = NB * H * W, (H, W, H // k, W // k)
+        else:
+            idx, k, dx = x, 0, torch.empty_like(x)
+            MF, geo = M, (1, 1, 1, 1)
+        bm, bc, nw = tile_2d(MF, C)
+        launch(_bn_bwd_apply_kernel, (triton.cdiv(MF, bm), triton.cdiv(C, bc)),
+               dy, x, mean, rstd, wp, bp, dbias, dweight, idx, dx, M, C, 1.0 / M, float(slope), MF, *geo,
+               HAS_W=has_w, HAS_B=has_b, ACT=code, POOL=k, BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
+    return dx, dweight, dbias
+
+
+__all__ = ["BnGradLink", "PoolGradLink", "bn_channel_params", "bn_dz", "bn_grad_buffers", "bn_grad_epilogue",
+           "bn_train_backward"]
