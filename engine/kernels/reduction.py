@@ -13,8 +13,8 @@ their sum is taken in a FIXED order, so results are bit-identical run to run:
 Tunables (GPU_TARGET_PARTIALS, FOLD_ROWS, the interpreter's tiles) are common's, read at call
 time so tests can shrink them.
 
-Public API: ticket_counters, MIN_TICKETS, TAIL_ELEMS, fold_plan, fold_partials, sum_partials; device:
-last_to_arrive, sum_slices, sum_row_range, fold_rows.
+Public API: ticket_counters, MIN_TICKETS, TAIL_ELEMS, fold_tail_buffers, fold_plan, fold_partials,
+sum_partials; device: last_to_arrive, fold_tail, sum_slices, sum_row_range, fold_rows.
 """
 from __future__ import annotations
 
@@ -91,6 +91,42 @@ def last_to_arrive(ctr_ptr, n):
     last = ticket == n - 1
     tl.atomic_xchg(ctr_ptr, 0, mask=last)
     return last
+
+
+@triton.jit
+def fold_tail(pa_ptr, pb_ptr, fa_ptr, fb_ptr, ctr_ptr, row, T, R, C, cblock, n_cblocks, cols, cmask,
+              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The column sums of two fp32 [T, C] partial arrays, finished in place by the programs that wrote
+    them: call after storing row `row` of channel block `cblock` (of n_cblocks; columns `cols`). Rows
+    fold in groups of R: the last program of a group to arrive sums its rows into fold row row // R
+    (fa/fb, [cdiv(T, R), C]), and the last group to finish sums the fold rows, all in a fixed order.
+    Returns (done, sa, sb): done in that one program per channel block, with the sums ([BLOCK_C] fp32
+    each; zeros elsewhere). ctr: int32 [(cdiv(T, R) + 1) * n_cblocks] tickets at 0 (ticket_counters).
+    Every program of the launch must call it once."""
+    done = row < 0  # a scalar False
+    sa = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sb = tl.zeros([BLOCK_C], dtype=tl.float32)
+    fold = row // R
+    T2 = (T + R - 1) // R
+    if last_to_arrive(ctr_ptr + fold * n_cblocks + cblock, tl.minimum(T - fold * R, R)):
+        fold_rows(pa_ptr, pb_ptr, fa_ptr, fb_ptr, fold, T, C, R, cols, cmask, True, BLOCK_T, BLOCK_C)
+        if last_to_arrive(ctr_ptr + T2 * n_cblocks + cblock, T2):
+            sa, sb = sum_row_range(fa_ptr, fb_ptr, 0, T2, C, cols, cmask, True, BLOCK_T, BLOCK_C)
+            done = row >= 0
+    return done, sa, sb
+
+
+def fold_tail_buffers(T: int, C: int, block_c: int, device, extra_tickets: int = 0) -> tuple:
+    """Scratch of `fold_tail` for T partial rows of C channels in blocks of block_c: (fa, fb [T2, C],
+    tickets (+ `extra_tickets` after fold_tail's), R, BLOCK_T); T2 = cdiv(T, R) <= GPU_TARGET_PARTIALS
+    (one fold of every row when T <= FOLD_ROWS)."""
+    R = T if T <= common.FOLD_ROWS else fold_plan(T, C)[0]
+    T2 = triton.cdiv(T, R)
+    nb = triton.cdiv(C, block_c)
+    f32 = dict(device=device, dtype=torch.float32)
+    return (torch.empty((T2, C), **f32), torch.empty((T2, C), **f32),
+            ticket_counters(device, (T2 + 1) * nb + extra_tickets), R,
+            common.rows_block(max(R, T2), block_c, TAIL_ELEMS))
 
 
 @triton.jit

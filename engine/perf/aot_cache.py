@@ -120,7 +120,9 @@ def disk_key(spec, target: str) -> str:
         "stages": spec.num_stages,
         "target": target,
         "triton": triton_version(),
-        "format": 5,  # 2: the result carries the main loop ("loop"); 3: natural loops; 4: smem_per_warp; 5: loop-less MMA kernels
+        # 2: the result carries the main loop ("loop"); 3: natural loops; 4: smem_per_warp; 5: loop-less MMA
+        # kernels; 6: tail_instructions
+        "format": 6,
     }
     h.update(json.dumps(key, sort_keys=True, default=str).encode())
     return h.hexdigest()[:40]

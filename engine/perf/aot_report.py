@@ -15,8 +15,8 @@ from engine.text import format_table
 TARGETS = {"sm_80": 80, "sm_90": 90}  # name -> compute capability: A100 and H100
 MMA_ORDER = ("HGMMA", "HMMA", "IGMMA", "IMMA", "QGMMA", "QMMA", "BGMMA", "BMMA", "DMMA", "OMMA")
 # what a compile measures (the worker's result keys; what the disk cache stores)
-REPORT_FIELDS = ("regs", "spill_stores", "spill_loads", "stack", "smem", "mma", "instructions", "opcodes",
-                 "loop", "compile_s")
+REPORT_FIELDS = ("regs", "spill_stores", "spill_loads", "stack", "smem", "mma", "instructions",
+                 "tail_instructions", "opcodes", "loop", "compile_s")
 
 
 @dataclass
@@ -35,6 +35,7 @@ class KernelReport:
     smem: int = 0  # shared memory bytes per block
     mma: dict = field(default_factory=dict)  # opcode -> count, e.g. {"HGMMA": 8}
     instructions: int = 0  # SASS instructions, trailing NOP padding excluded
+    tail_instructions: int = 0  # of those, the ones only a ticketed reduction's last program runs (sass.ticket_tail)
     opcodes: dict = field(default_factory=dict)  # opcode (before the first '.') -> count
     loop: dict | None = None  # the main loop's per-trip figures (engine.perf.sass.MainLoop.as_dict), if any
     compile_s: float = 0.0

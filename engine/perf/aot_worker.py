@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.perf.sass import main_loop
+from engine.perf.sass import main_loop, parse_sass, ticket_tail
 
 # ----------------------------------------------------------------------------- the parent's side
 
@@ -237,6 +237,7 @@ def compile_job(job: dict) -> dict:
         "smem": int(getattr(ck.metadata, "shared", 0) or 0),
         "mma": mma,
         "instructions": n,
+        "tail_instructions": ticket_tail(parse_sass(sass)),
         "opcodes": hist,
         "loop": loop.as_dict() if loop is not None else None,
         "compile_s": round(dt, 3),

@@ -166,7 +166,7 @@ class Estimate:
 
 
 def estimate_launch(loop: MainLoop, instructions: int, num_warps: int, programs: int, trips: float, nbytes: int,
-                    dev: DeviceModel = H100_SXM) -> Estimate:
+                    dev: DeviceModel = H100_SXM, tail: int = 0) -> Estimate:
     """max(issue, tensor, HBM) time of a GEMM launch.
 
     Per program: the loop's instructions x trips plus the rest of the kernel once
@@ -174,25 +174,29 @@ def estimate_launch(loop: MainLoop, instructions: int, num_warps: int, programs:
     the loop's multiply-adds x trips over the SM's tensor rate, or its HGMMAs'
     shared-memory reads over 128 bytes per clock if longer. The busiest SM
     runs ceil(programs / SMs) programs (waves). HBM: the tensors' bytes once.
+    `tail`: instructions of the listing only a ticketed reduction's last program runs
+    (sass.ticket_tail): once per launch, not per program.
     """
     if not loop.loops:  # no loop: the whole kernel is one trip
-        trips, instructions = 1, loop.instructions
+        trips, instructions, tail = 1, loop.instructions, 0
     loop_instrs = loop.instructions * max(1, loop.loops)
-    per_program_issue = (loop.instructions * trips + max(0.0, instructions - loop_instrs)) * num_warps
+    per_program_issue = (loop.instructions * trips + max(0.0, instructions - tail - loop_instrs)) * num_warps
     waves = _cdiv(programs, dev.sms)
-    return Estimate(issue_s=waves * per_program_issue / dev.issue_per_clock / dev.clock_hz,
+    return Estimate(issue_s=(waves * per_program_issue + tail * num_warps) / dev.issue_per_clock / dev.clock_hz,
                     tensor_s=waves * trips * loop.tensor_clocks(num_warps, dev.target) / dev.clock_hz,
                     hbm_s=nbytes / dev.hbm_bytes_per_s)
 
 
 def estimate_other(instructions: int, num_warps: int, programs: int, repeats: int, nbytes: int,
-                   dev: DeviceModel = H100_SXM) -> Estimate:
+                   dev: DeviceModel = H100_SXM, tail: int = 0) -> Estimate:
     """max(issue, HBM) time of a launch without a main loop (normalisation, pooling, pointwise, the loss,
-    the optimizer, the split-sum tails): every program issues its whole listing `repeats` times (a row
-    reduction's constexpr N_ITER; other loops once, a lower bound), times warps, over the SM's issue
-    rate, for ceil(programs / SMs) programs; HBM: the tensors' bytes once."""
+    the optimizer, the split-sum tails): every program issues its listing but the ticket tail (`tail`,
+    once per launch) `repeats` times (a row reduction's constexpr N_ITER; other loops once, a lower
+    bound), times warps, over the SM's issue rate, for ceil(programs / SMs) programs; HBM: the
+    tensors' bytes once."""
     waves = _cdiv(programs, dev.sms)
-    return Estimate(issue_s=waves * instructions * max(1, repeats) * num_warps / dev.issue_per_clock / dev.clock_hz,
+    per_program = (instructions - tail) * max(1, repeats)
+    return Estimate(issue_s=(waves * per_program + tail) * num_warps / dev.issue_per_clock / dev.clock_hz,
                     tensor_s=0.0, hbm_s=nbytes / dev.hbm_bytes_per_s)
 
 
@@ -309,14 +313,14 @@ def gemm_variants(launches: list[GemmLaunch], jobs: int = 2, dev: DeviceModel = 
             other_bytes += la.bytes
             if rep.ok:
                 others.append(estimate_other(rep.instructions, rep.num_warps, la.programs,
-                                             int(la.args.get("N_ITER", 1)), la.bytes, dev))
+                                             int(la.args.get("N_ITER", 1)), la.bytes, dev, rep.tail_instructions))
             continue
         if la.trips is None:
             unknown += 1
             continue
         v = variants.setdefault(la.spec, VariantPerf(rep, loop, args=la.args))
         v.estimates.append(estimate_launch(loop, rep.instructions, rep.num_warps, la.programs, la.trips, la.bytes,
-                                           dev))
+                                           dev, rep.tail_instructions))
         v.tile_macs += la.programs * la.trips * loop.macs_per_warp * rep.num_warps
     return list(variants.values()), unknown, other_bytes, [r for r in reports.values() if not r.ok], others
 

@@ -109,6 +109,19 @@ def parse_sass(text: str) -> list[Instruction]:
     return out
 
 
+def ticket_tail(instrs: list[Instruction]) -> int:
+    """Instructions only the last program of a ticketed reduction runs (engine.kernels.reduction's
+    last_to_arrive): those after the first predicated EXIT that follows a ticket (an atomic add),
+    which every other program takes. 0 when the listing has no such exit."""
+    ticket = False
+    for k, ins in enumerate(instrs):
+        if ins.base in ("ATOMG", "ATOM", "RED", "REDG") and ".ADD" in ins.opcode:
+            ticket = True
+        elif ticket and ins.base == "EXIT" and ins.predicate:
+            return len(instrs) - (k + 1)
+    return 0
+
+
 @dataclass(frozen=True)
 class Loop:
     start: int  # address of the header (the back edge's target)

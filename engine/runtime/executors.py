@@ -74,15 +74,18 @@ def conv(p, group: KernelGroup) -> torch.Tensor:
     # backward hand-offs: the bn that made x takes dz and its sums from this dgrad; the bn reading the
     # pooled output writes this conv's full-resolution gradient
     grad_link = p.grad_links.pop(anchor.inputs[0], None)
-    pool_link = None
+    pool_link = stats_tail = None
     if e.pool_grad_by is not None and p.training:
         pool_link = p.pool_links[group.output] = K_bn.PoolGradLink()
+    if stats:  # the kernel's last programs finish the bn's statistics (running ones included)
+        bn = p.net.layer(p.graph.node(e.stats))
+        stats_tail = K_bn.StatsTail(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps)
     y = K_conv.conv2d(x, layer.weight, layer.bias, residual=residual, stride=a["stride"], padding=a["pad"],
                       dilation=a["dilation"], groups=a["groups"], act=act, slope=slope,
                       allow_tf32=p.net.allow_tf32, scale=scale, shift=shift, out=p.concat_slice(group, x.shape[0]),
-                      stats=stats, pool=pool, grad_link=grad_link, pool_link=pool_link,
+                      stats=stats, pool=pool, grad_link=grad_link, pool_link=pool_link, stats_tail=stats_tail,
                       **_dropout(p, e.dropout, on_device=False))  # conv takes int seeds (for now)
-    if stats:  # the batch statistics of the bn that reads this output
+    if stats:  # the batch statistics of the bn that reads this output (partial sums, or finished)
         y, p.bn_partials[group.output] = y
         if y.grad_fn is not None:
             # the statistics are marked non-differentiable and their backward ignores
@@ -147,7 +150,7 @@ def pool(p, group: KernelGroup) -> torch.Tensor:
         return K_pool.avg_pool2d(x, a["kernel"], a["stride"], a["pad"])
     stats = group.epilogue.stats is not None and p.training
     y = K_pool.max_pool2d(x, a["kernel"], a["stride"], a["pad"], stats=stats)
-    if stats:  # the batch statistics of the bn that reads this output
+    if stats:  # the batch statistics of the bn that reads this output (partial sums, or finished)
         y, p.bn_partials[group.output] = y
     return y
 

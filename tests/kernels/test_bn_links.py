@@ -194,3 +194,39 @@ def test_a_missing_gradient_is_an_error():
     link = PoolGradLink()
     with pytest.raises(RuntimeError, match="left no full-resolution gradient"):
         link.take_grad()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("pool", [0, 2])
+def test_conv_kernel_finishes_the_bn_statistics(momentum, pool, monkeypatch):
+    # the conv's last programs fold its per-tile sums (several folds: tiny tiles and limits) and finish
+    # the bn's statistics: mean, rstd, the running statistics, num_batches_tracked once per launch;
+    # twice in a row (the ticket counters are back at 0 after each)
+    from engine.kernels import reduction
+    from engine.kernels.batchnorm import StatsTail
+
+    monkeypatch.setattr(common, "FOLD_ROWS", 4)
+    monkeypatch.setattr(common, "GPU_TARGET_PARTIALS", 3)
+    tiles = conv_geometry.gemm_tiles
+    monkeypatch.setattr(conv_geometry, "gemm_tiles",
+                        lambda M, N, K, taps: replace(tiles(M, N, K, taps), block_m=16, block_n=16))
+    C = 20  # two channel blocks of 16
+    rm, rv, nbt = torch.randn(C), torch.rand(C) + 0.5, torch.tensor(3, dtype=torch.int64)
+    rm_ref, rv_ref = rm.double().clone(), rv.double().clone()
+    w = conv_weight(C, 6, 3).detach()
+    for step in range(2):
+        x = torch.randn(3, 6, 11, 9)
+        y, stats = conv2d(nhwc(x), w, padding=1, stats=True, pool=pool,
+                          stats_tail=StatsTail(rm, rv, nbt, momentum, 1e-5))
+        ref = F.conv2d(x.double(), w.double(), padding=1)
+        ref = F.max_pool2d(ref, pool) if pool else ref
+        mean, var = ref.mean((0, 2, 3)), ref.var((0, 2, 3), unbiased=False)
+        n = ref.numel() // C
+        f = momentum if momentum is not None else 1 / (4 + step)
+        rm_ref, rv_ref = (1 - f) * rm_ref + f * mean, (1 - f) * rv_ref + f * var * n / (n - 1)
+        torch.testing.assert_close(stats.mean.double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.rstd.double(), 1 / torch.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(rm.double(), rm_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rv.double(), rv_ref, rtol=1e-5, atol=1e-5)
+        assert int(nbt) == 4 + step
+    assert not reduction.ticket_counters(x.device, 64).any()

@@ -33,13 +33,13 @@ EXAMPLES = ["digits", "lenet5", "resnet_small", "unet_tiny", "airbench94", "resn
 # The training step is the one `fusenet train` runs (its loss is one launch; a trailing
 # constant scale runs inside it).
 LAUNCHES = {
-    "digits": (22, 7),
+    "digits": (20, 7),
     "lenet5": (22, 7),
-    "resnet_small": (108, 29),
+    "resnet_small": (95, 29),
     "unet_tiny": (35, 13),
-    "airbench94": (50, 21),
-    "resnet9": (71, 22),
-    "detect_shapes": (35, 12),
+    "airbench94": (43, 21),
+    "resnet9": (63, 22),
+    "detect_shapes": (30, 12),
 }
 
 

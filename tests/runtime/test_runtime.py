@@ -114,10 +114,13 @@ network conv_stats {
 """
 
 
-def _bn_statistics_come_from(spec: str, family, kernel: str, x: torch.Tensor, producers: int) -> None:
+def _bn_statistics_come_from(spec: str, family, kernel: str, x: torch.Tensor, producers: int,
+                             finished: bool = False) -> None:
     """In training each `family` group of `spec` that feeds a bn emits the bn's partial sums (the
     STATS variant of `kernel`), no bn statistics pass runs, and the network matches the fp64
-    reference: output, every gradient, the running statistics."""
+    reference: output, every gradient, the running statistics. `finished`: the producer's kernel
+    also finishes them (FINALIZE: its last programs fold the sums, update the running statistics),
+    so no bn finalize kernel runs either."""
     from engine.kernels.launch import recording
 
     tri = engine.compile(spec)
@@ -134,15 +137,16 @@ def _bn_statistics_come_from(spec: str, family, kernel: str, x: torch.Tensor, pr
     for (key, ours), (_, theirs) in zip(tri.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=1e-6, msg=key)
     names = {s.name for s in specs}
-    assert "_bn_stats_kernel" not in names and "_bn_finalize_kernel" in names
+    assert "_bn_stats_kernel" not in names and ("_bn_finalize_kernel" in names) != finished
     assert sum(bool(dict(s.constexprs).get("STATS")) for s in specs if s.name == kernel) == producers
+    assert sum(bool(dict(s.constexprs).get("FINALIZE")) for s in specs if s.name == kernel) == producers * finished
 
 
 def test_training_bn_takes_its_statistics_from_the_conv_epilogue():
     """In training, each conv that feeds only a bn emits the bn's per-channel
     partial sums, so no bn statistics pass runs; the network still matches the
     reference (output, every gradient, running statistics)."""
-    _bn_statistics_come_from(STATS_NET, Family.CONV, "_conv_fwd_kernel", torch.randn(5, 3, 9, 7), 3)
+    _bn_statistics_come_from(STATS_NET, Family.CONV, "_conv_fwd_kernel", torch.randn(5, 3, 9, 7), 3, finished=True)
 
 
 POOL_STATS_NET = """
@@ -186,7 +190,8 @@ def test_training_bn_takes_its_statistics_from_a_conv_with_a_fused_pool():
 
     tri = engine.compile(CONV_POOL_NET)
     assert all(g.epilogue.pool is not None for g in tri.kernel_plan() if g.family is Family.CONV)
-    _bn_statistics_come_from(CONV_POOL_NET, Family.CONV, "_conv_fwd_kernel", torch.randn(3, 3, 13, 15), 2)
+    _bn_statistics_come_from(CONV_POOL_NET, Family.CONV, "_conv_fwd_kernel", torch.randn(3, 3, 13, 15), 2,
+                             finished=True)
     with recording() as specs:
         tri.train()
         tri(torch.randn(2, 3, 13, 15)).sum().backward()

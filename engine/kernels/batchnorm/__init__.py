@@ -13,10 +13,12 @@ from engine.kernels.batchnorm.inference import (
     bn_eval_scale_shift,
 )
 from engine.kernels.batchnorm.backward import BnGradLink, PoolGradLink, bn_train_backward
-from engine.kernels.batchnorm.training import BatchNormTrainFunction, batch_norm_train, bn_train_forward
+from engine.kernels.batchnorm.training import (BatchNormTrainFunction, BatchStats, StatsTail, batch_norm_train,
+                                               bn_train_forward)
 
 __all__ = [
-    "AffineActFunction", "BNEvalScaleShiftFunction", "BatchNormTrainFunction", "BnGradLink", "PoolGradLink",
+    "AffineActFunction", "BNEvalScaleShiftFunction", "BatchNormTrainFunction", "BatchStats", "BnGradLink",
+    "PoolGradLink", "StatsTail",
     "affine_act",
     "affine_act_backward", "affine_act_forward", "batch_norm_eval", "batch_norm_train", "bn_eval_fold",
     "bn_eval_scale_shift", "bn_train_backward", "bn_train_forward",

@@ -34,7 +34,7 @@ from engine.kernels.common import (FOLD_ROWS, act_code_checked, channel_block, c
                                    contiguous, reduce_plan, row_tile, rows_block, rows_of, store_partial_row,
                                    tile_2d)
 from engine.kernels.launch import launch
-from engine.kernels.reduction import (TAIL_ELEMS, fold_plan, fold_rows, last_to_arrive, sum_partials,
+from engine.kernels.reduction import (TAIL_ELEMS, fold_tail, fold_tail_buffers, last_to_arrive, sum_partials,
                                       sum_row_range, ticket_counters)
 
 
@@ -102,10 +102,8 @@ def bn_grad_epilogue(g, dz_ptr, offs, mask, row, cblock, n_cblocks, cols, cmask,
     """In the kernel that makes dy = g ([BLOCK_M, BLOCK_C] fp32, at offsets `offs` of the batch
     norm's saved input x [M, C], masked by `mask`): stores dz = act'(z) * g at dz_ptr + offs (dz_ptr's
     dtype), and writes partial row `row` (of T) of sum(dz), sum(dz*xhat) for channel block `cblock`
-    (of n_cblocks; channels `cols`). Rows fold in groups of R: the last program of a fold to arrive
-    sums its rows into fold row row//R (fdz/fdzx, [cdiv(T, R), C]), and the last fold to finish sums
-    those into sdz/sdzx [C], in a fixed order. ctr: int32 [(cdiv(T, R) + 1) * n_cblocks] tickets at 0.
-    HALVES: the tile is worked in two row halves, so a thread holding many elements (64 fp32 of g)
+    (of n_cblocks; channels `cols`); the last programs to arrive sum the T rows into sdz/sdzx [C]
+    (reduction.fold_tail: fold rows fdz/fdzx, tickets ctr, R rows a fold). HALVES: the tile is worked in two row halves, so a thread holding many elements (64 fp32 of g)
     keeps the activation's temporaries of half of them live at a time (no spills on sm_90)."""
     mean, rstd, w, b = bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_W, HAS_B, BLOCK_C)
     if HALVES:
@@ -122,15 +120,11 @@ def bn_grad_epilogue(g, dz_ptr, offs, mask, row, cblock, n_cblocks, cols, cmask,
     tl.store(pdz_ptr + part, s, mask=cmask)
     tl.store(pdzx_ptr + part, sx, mask=cmask)
     # the tail runs with no tile live: the fold and the final sum have the registers to themselves
-    fold = row // R
-    T2 = (T + R - 1) // R
-    if last_to_arrive(ctr_ptr + fold * n_cblocks + cblock, tl.minimum(T - fold * R, R)):
-        fold_rows(pdz_ptr, pdzx_ptr, fdz_ptr, fdzx_ptr, fold, T, C, R, cols, cmask, True, BLOCK_T, BLOCK_C)
-        if last_to_arrive(ctr_ptr + T2 * n_cblocks + cblock, T2):
-            sdz, sdzx = sum_row_range(fdz_ptr, fdzx_ptr, 0, T2, C, cols, cmask, True, BLOCK_T,
-                                      BLOCK_C)  # [BLOCK_C] each
-            tl.store(sdz_ptr + cols, sdz, mask=cmask)
-            tl.store(sdzx_ptr + cols, sdzx, mask=cmask)
+    done, sdz, sdzx = fold_tail(pdz_ptr, pdzx_ptr, fdz_ptr, fdzx_ptr, ctr_ptr, row, T, R, C, cblock, n_cblocks,
+                                cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] each
+    if done:
+        tl.store(sdz_ptr + cols, sdz, mask=cmask)
+        tl.store(sdzx_ptr + cols, sdzx, mask=cmask)
 
 
 # --------------------------------------------------------------------------- #
@@ -263,15 +257,9 @@ class PoolGradLink:
 
 def bn_grad_buffers(T: int, C: int, block_c: int, device) -> tuple:
     """Scratch of `bn_grad_epilogue` for T partial rows of C channels in blocks of block_c:
-    (pdz, pdzx [T, C], fdz, fdzx [T2, C], tickets, R, BLOCK_T); T2 = cdiv(T, R) <= GPU_TARGET_PARTIALS
-    (one fold of every row when T <= FOLD_ROWS)."""
-    R = T if T <= FOLD_ROWS else fold_plan(T, C)[0]
-    T2 = triton.cdiv(T, R)
+    (pdz, pdzx [T, C], fdz, fdzx, tickets, R, BLOCK_T) (the last five: reduction.fold_tail_buffers)."""
     f32 = dict(device=device, dtype=torch.float32)
-    nb = triton.cdiv(C, block_c)
-    return (torch.empty((T, C), **f32), torch.empty((T, C), **f32), torch.empty((T2, C), **f32),
-            torch.empty((T2, C), **f32), ticket_counters(device, (T2 + 1) * nb), R,
-            rows_block(max(R, T2), block_c, TAIL_ELEMS))
+    return (torch.empty((T, C), **f32), torch.empty((T, C), **f32), *fold_tail_buffers(T, C, block_c, device))
 
 
 # --------------------------------------------------------------------------- #

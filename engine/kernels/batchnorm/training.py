@@ -14,7 +14,9 @@ that pairs them with the backward's.
               sums) take `_bn_fold_finalize_kernel` instead, grid (T2, C-blocks):
               the rows are folded in parallel to T2 ~ GPU_TARGET_PARTIALS rows and
               the last program of each channel block to finish its fold (ticket
-              counter, reduction.last_to_arrive) finalises that block: one launch
+              counter, reduction.last_to_arrive) finalises that block: one launch.
+              A conv producer finishes them itself instead (`bn_stats_tail` in its
+              epilogue, the same fold and finalise without a launch: a BatchStats)
            3. `_bn_apply_kernel`     y = act((x - mean) * rstd * weight + bias)
   backward   engine.kernels.batchnorm.backward: the sums of dz and dz*xhat (its own pass, or
              the epilogue of the conv dgrad that makes dy), then dx (through a fused pool's argmax
@@ -25,9 +27,13 @@ Statistics use fp32 sum / sum of
 squares (var = E[x^2] - mean^2, clamped at 0): fine for normalised activations,
 less accurate than Welford when |mean| >> std.
 
-Public API: bn_train_forward, BatchNormTrainFunction, batch_norm_train.
+Public API: bn_train_forward, BatchNormTrainFunction, batch_norm_train, BatchStats, StatsTail; device:
+bn_stats_tail.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -39,11 +45,51 @@ from engine import device as _device
 from engine.kernels.common import (FOLD_ROWS, act_code_checked, channel_block, check_activation, check_param,
                                    contiguous, finalize_plan, reduce_plan, reduce_rows, row_tile, rows_block, rows_of,
                                    store_partial_row, tile_2d)
-from engine.kernels.reduction import (TAIL_ELEMS, fold_plan, fold_rows, last_to_arrive, sum_row_range,
-                                      ticket_counters)
+from engine.kernels.reduction import (TAIL_ELEMS, fold_plan, fold_rows, fold_tail, fold_tail_buffers,
+                                      last_to_arrive, sum_row_range, ticket_counters)
 from engine.kernels.launch import launch
 
 
+
+
+class BatchStats(NamedTuple):
+    """A training batch norm's batch statistics, finished by the kernel that made its input
+    (bn_stats_tail): mean and rstd, fp32 [C]; the running statistics are already updated."""
+
+    mean: torch.Tensor
+    rstd: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StatsTail:
+    """What a producer's kernel needs to finish a training batch norm's statistics itself
+    (bn_stats_tail): the batch norm's running statistics (or None), num_batches_tracked (or None),
+    momentum (None: cumulative average) and eps."""
+
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
+    momentum: float | None
+    eps: float
+
+    def launch_args(self, T: int, M: int, C: int, block_c: int, device) -> tuple[tuple, tuple, dict, BatchStats]:
+        """(tensors, scalars, constexprs, the BatchStats they fill) of bn_stats_tail for T partial rows
+        of M values per channel, C channels in blocks of block_c: tensors fsum, fsumsq, tickets, mean,
+        rstd, running mean, running var, num_batches_tracked; scalars T, R, 1/M, M/(M-1), eps, momentum."""
+        has_running = self.running_mean is not None
+        count = self.num_batches_tracked is not None
+        if self.momentum is None and has_running and not count:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        fsum, fsumsq, tickets, R, bt = fold_tail_buffers(T, C, block_c, device, extra_tickets=1)
+        mean = torch.empty(C, device=device, dtype=torch.float32)
+        rstd = torch.empty(C, device=device, dtype=torch.float32)
+        tensors = (fsum, fsumsq, tickets, mean, rstd, self.running_mean if has_running else mean,
+                   self.running_var if has_running else rstd, self.num_batches_tracked if count else tickets)
+        scalars = (T, R, 1.0 / M, M / max(M - 1, 1), float(self.eps),
+                   float(self.momentum) if self.momentum is not None else 0.0)
+        flags = dict(HAS_RUNNING=has_running, CMA=has_running and self.momentum is None, COUNT=count,
+                     ST_BLOCK_T=bt)
+        return tensors, scalars, flags, BatchStats(mean, rstd)
 
 
 # --------------------------------------------------------------------------- #
@@ -159,6 +205,24 @@ def _bn_fold_finalize_kernel(
 
 
 @triton.jit
+def bn_stats_tail(psum_ptr, psumsq_ptr, fsum_ptr, fsumsq_ptr, ctr_ptr, row, T, R, C, cblock, n_cblocks, cols, cmask,
+                  mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr, inv_m, unbias, eps, momentum,
+                  HAS_RUNNING: tl.constexpr, CMA: tl.constexpr, COUNT: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """`_bn_fold_finalize_kernel` without its launch, in the kernel that writes the partial sums (a conv
+    epilogue): called by every program after it stored row `row` (of T) of psum/psumsq for channel
+    block `cblock` (of n_cblocks; channels `cols`), the last programs to arrive fold and sum the rows
+    (reduction.fold_tail) and finalise the block: mean, rstd, the running statistics, and
+    num_batches_tracked once per launch. ctr: int32 [(cdiv(T, R) + 1) * n_cblocks + 1] tickets at 0."""
+    done, s, ss = fold_tail(psum_ptr, psumsq_ptr, fsum_ptr, fsumsq_ptr, ctr_ptr, row, T, R, C, cblock, n_cblocks,
+                            cols, cmask, BLOCK_T, BLOCK_C)  # [BLOCK_C] each
+    if done:
+        _bn_finish_block(s, ss, cols, cmask, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                         inv_m, unbias, eps, momentum, HAS_RUNNING, CMA)
+        _bn_count(nbt_ptr, ctr_ptr + ((T + R - 1) // R + 1) * n_cblocks, cblock, n_cblocks, COUNT, CMA)
+
+
+@triton.jit
 def _bn_apply_kernel(
     x_ptr,  # [M, C] input
     mean_ptr,  # [C] fp32
@@ -200,7 +264,8 @@ def bn_train_forward(
     cumulative moving average with factor 1/num_batches_tracked (after the
     increment) and requires num_batches_tracked. `partials=(psum, psumsq)`
     (fp32 [T, C] partial sums of x and x*x over disjoint row sets covering all
-    rows) skips the statistics pass. No autograd: see batch_norm_train.
+    rows) skips the statistics pass; a BatchStats (the producer's kernel finished them and updated
+    the running statistics, bn_stats_tail) skips the finalize too. No autograd: see batch_norm_train.
     """
     check_activation(x)
     M, C = rows_of(x)
@@ -225,6 +290,11 @@ def bn_train_forward(
     x = contiguous(x)
     dev = x.device
 
+    if isinstance(partials, BatchStats):  # finished by the producer: only the apply pass is left
+        mean, rstd = partials
+        check_param(mean, C, x, "mean")
+        check_param(rstd, C, x, "rstd")
+        return _apply(x, mean, rstd, weight, bias, code, slope), mean, rstd
     if partials is None:
         bm, bc, n_iter, T, nw = reduce_plan(M, C)
         psum = torch.empty((T, C), device=dev, dtype=torch.float32)
@@ -264,18 +334,25 @@ def bn_train_forward(
         launch(_bn_finalize_kernel, (triton.cdiv(C, bcf),), psum, psumsq, *stats, ticket_counters(dev, 1),
                T, C, *scalars, **flags, BLOCK_T=bt, BLOCK_C=bcf, num_warps=nwf)
 
+    return _apply(x, mean, rstd, weight, bias, code, slope), mean, rstd
+
+
+def _apply(x, mean, rstd, weight, bias, code: int, slope) -> torch.Tensor:
+    """y = act((x - mean) * rstd * weight + bias), one launch."""
+    M, C = rows_of(x)
     y = torch.empty_like(x)
     bm, bc, nw = tile_2d(M, C)
     launch(_bn_apply_kernel, (triton.cdiv(M, bm), triton.cdiv(C, bc)),
            x, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean, y,
            M, C, float(slope), HAS_W=weight is not None, HAS_B=bias is not None, ACT=code,
            BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
-    return y, mean, rstd
+    return y
 
 
 class BatchNormTrainFunction(torch.autograd.Function):
     """y = act(batchnorm_train(x)). Inputs: (x, weight, bias, running_mean,
-    running_var, num_batches_tracked, momentum, eps, act, slope, psum, psumsq, grad_link, pool_link).
+    running_var, num_batches_tracked, momentum, eps, act, slope, partials, grad_link, pool_link); partials:
+    bn_train_forward's (statistics, not values: no gradient).
     Saves x, weight, bias, mean [C] and rstd [C] (fp32); the pre-activation and
     xhat are recomputed from x in the backward kernels. Gradients for x, weight,
     bias; none for the running statistics or partials.
@@ -287,8 +364,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, act, slope, psum, psumsq, grad_link=None, pool_link=None):
-        partials = (psum, psumsq) if psum is not None else None
+                momentum, eps, act, slope, partials, grad_link=None, pool_link=None):
         y, mean, rstd = bn_train_forward(
             x, weight, bias, running_mean, running_var, momentum=momentum, eps=eps,
             num_batches_tracked=num_batches_tracked, act=act, slope=slope, partials=partials)
@@ -312,7 +388,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
             pool_link.grad = dx
             dx = torch.empty((), device=x.device, dtype=x.dtype).expand(x.shape)  # no memory, no launch
         return (dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None,
-                None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def batch_norm_train(
@@ -322,6 +398,5 @@ def batch_norm_train(
 ):
     """Autograd-aware training-mode batch norm + activation (see bn_train_forward; the links:
     BatchNormTrainFunction)."""
-    psum, psumsq = partials if partials is not None else (None, None)
     return BatchNormTrainFunction.apply(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                                        momentum, eps, act, slope, psum, psumsq, grad_link, pool_link)
+                                        momentum, eps, act, slope, partials, grad_link, pool_link)

@@ -28,6 +28,7 @@ import triton.language as tl
 import engine.kernels.conv.geometry as geometry
 from engine.kernels import autotune
 from engine.kernels.activations import act_code, apply_act
+from engine.kernels.batchnorm.training import BatchStats, StatsTail, bn_stats_tail
 from engine.kernels.common import FLOAT_DTYPES, check_activation, idx64, precision, upcast
 from engine.kernels.conv.geometry import (check_channels, check_vec, conv_geometry, conv_key, dw_tiles,
                                           operand_align)
@@ -137,15 +138,18 @@ def _pool_epilogue(acc, pid_m, offs_c, mask_c, y_ptr, idx_ptr, bias_ptr, scale_p
 @triton.jit(do_not_specialize=["K_ITERS"])  # a one-trip reduction keeps its loop (and its SASS reading)
 def _conv_fwd_kernel(
     x_ptr, w_op, y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr, idx_ptr,
+    fsum_ptr, fsumsq_ptr, st_ctr_ptr, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,  # FINALIZE: the bn's
     M, H, W, Ho, Wo, XC_A, CIN_A, COUT_A, COUT_G_A, CIN_W,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K_ITERS,
     sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
+    ST_T, ST_R, inv_m, unbias, bn_eps, bn_momentum,
     KH: tl.constexpr, KW: tl.constexpr, CHUNKS: tl.constexpr, TPC: tl.constexpr, ALIGN: tl.constexpr,
     NALIGN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr, W_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, FLAT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, POOL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, CMA: tl.constexpr, COUNT: tl.constexpr,
+    ST_BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Implicit-GEMM conv forward. Grid: (M tiles, Cout/G tiles, G).
 
@@ -228,6 +232,10 @@ def _conv_fwd_kernel(
                   y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
                   Cout, sy_n, sy_h, sy_w, sy_c, sr_n, sr_h, sr_w, sr_c, slope, drop_p, seed,
                   HAS_BIAS, HAS_SCALE, HAS_SHIFT, HAS_RES, SAVE_PRE, STATS, ACT, DROPOUT, FLAT)
+    if FINALIZE:  # (groups 1) every program, after its statistics row: the last ones finish the bn's statistics
+        bn_stats_tail(psum_ptr, psumsq_ptr, fsum_ptr, fsumsq_ptr, st_ctr_ptr, tl.program_id(0), ST_T, ST_R, Cout,
+                      pid_n, tl.num_programs(1), offs_c, mask_c, mean_ptr, rstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                      inv_m, unbias, bn_eps, bn_momentum, HAS_RUNNING, CMA, COUNT, ST_BLOCK_T, BLOCK_N)
 
 
 @triton.jit
@@ -284,6 +292,8 @@ class ConvOutput(NamedTuple):
     psumsq: [T, Cout] fp32 per-M-tile sums of z*z, when stats=True
     idx:    [N, Ho//K, Wo//K, Cout] uint8 winning window tap of a fused K x K max pool (pool=K);
             then y is the pooled output and the sums are those of y
+    stats:  the batch norm's finished BatchStats, when stats_tail was given and the GEMM kernel ran
+            (its last programs folded the sums: batchnorm.training.bn_stats_tail)
     """
 
     y: torch.Tensor
@@ -291,12 +301,13 @@ class ConvOutput(NamedTuple):
     psum: Optional[torch.Tensor] = None
     psumsq: Optional[torch.Tensor] = None
     idx: Optional[torch.Tensor] = None
+    stats: Optional[BatchStats] = None
 
 
 def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
                    scale=None, shift=None, residual=None, act="none", slope=0.01, save_pre=False,
                    stats=False, allow_tf32=False, out=None, dropout_p=0.0, dropout_seed=0,
-                   channels=None, pool=0) -> ConvOutput:
+                   channels=None, pool=0, stats_tail: StatsTail | None = None) -> ConvOutput:
     """y = dropout(act(((conv(x, w) + bias) * scale + shift) + residual)) on NHWC x; see ConvOutput.
 
     x [N,H,W,Cin] contiguous fp32/fp16/bf16; w [Cout,Cin/groups,kh,kw] (cast to
@@ -312,6 +323,9 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     pool=K (a power of two, K*K <= 16): a fused K x K / stride K max pool (no padding, floor
     mode) after act: y is [N, Ho//K, Wo//K, Cout] and ConvOutput.idx its winning taps (the
     statistics are the pooled y's); no residual, out, dropout or save_pre, and not depthwise.
+    stats_tail (with stats, groups 1): the training batch norm that reads the output; the kernel's
+    last programs finish its statistics (ConvOutput.stats; running statistics updated), so the
+    batch norm launches no finalize. Depthwise and grouped convs return the partial sums instead.
     """
     check_activation(x, "conv2d: x")
     if x.dim() != 4 or not x.is_contiguous():
@@ -377,8 +391,9 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
     wpad = Cs != Cin_g  # the input's zero channels meet masked weight rows
     xa, na = operand_align(x.shape[3], Cs, x.dtype), operand_align(Cout, Cout_g, x.dtype)
 
-    def run(cfg: Config):
-        """Launch with tile config `cfg`; writes y (z, stats) afresh, so it can run repeatedly."""
+    def run(cfg: Config, final: bool = False):
+        """Launch with tile config `cfg`; writes y (z, stats) afresh, so it can run repeatedly; `final`:
+        the one launch that also finishes the batch norm's statistics (it updates the running ones)."""
         psum, psumsq = stats_buffers(cfg.block_m)
         # a chunk of several whole taps when a tap has fewer channels than the chunk (a power
         # of two, 16 bytes or more: 8 or 16 bf16 channels, 4 fp32): the padded RGB stem
@@ -389,15 +404,22 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
         wop = weight_descriptor(wk, cfg.block_k, cfg.block_n) if tma else wk
         if cfg.block_m % (pool * pool or 1):
             raise ValueError(f"conv2d: BLOCK_M {cfg.block_m} must hold whole {pool}x{pool} pool windows")
-        launch(_conv_fwd_kernel, grid, x, wop, y, z, bias, scale, shift, residual, psum, psumsq, idx,
+        finished = None
+        if final and stats and stats_tail is not None and G == 1:
+            st_tensors, st_scalars, st_flags, finished = stats_tail.launch_args(
+                grid[0], M // (pool * pool or 1), Cout, cfg.block_n, x.device)
+        else:
+            st_tensors, st_scalars = (y,) * 8, (1, 1, 0.0, 0.0, 0.0, 0.0)
+            st_flags = dict(HAS_RUNNING=False, CMA=False, COUNT=False, ST_BLOCK_T=1)
+        launch(_conv_fwd_kernel, grid, x, wop, y, z, bias, scale, shift, residual, psum, psumsq, idx, *st_tensors,
                M, H, W, Ho, Wo, x.shape[3] // xa, Cs // xa, Cout // na, Cout_g // na, Cin_g, *tail,
-               iters, *tail2,
+               iters, *tail2, *st_scalars, FINALIZE=finished is not None, **st_flags,
                KH=KH, KW=KW, CHUNKS=1 if tpc > 1 else triton.cdiv(Cs, cfg.block_k), TPC=tpc, ALIGN=xa,
                NALIGN=na, EVEN_K=tpc > 1 or Cs % cfg.block_k == 0, W_PAD=wpad,
                EVEN_N=Cout_g % cfg.block_n == 0,
                **flags, FLAT=flat, PRECISION=precision(allow_tf32), UPCAST=upcast(x.dtype), IDX64=big, W_TMA=tma,
                POOL=pool, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
-        return psum, psumsq
+        return psum, psumsq, finished
 
     default = geometry.gemm_tiles(M, Cout_g, Cs, KH * KW)  # through the module: tests patch it
     shape = dict(M=M, N=Cout_g, K=KH * KW * Cs, **conv_key(KH, KW, stride, padding, dilation, G),
@@ -408,8 +430,8 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
                                                        default) if c.block_m % (pool * pool or 1) == 0],
         # re-running is only harmless when the output does not overwrite an input
         tunable=not any(t is not None and _same_memory(y, t) for t in (x, residual)))
-    psum, psumsq = run(cfg)
-    return ConvOutput(y, z, psum, psumsq, idx)
+    psum, psumsq, finished = run(cfg, final=True)
+    return ConvOutput(y, z, psum, psumsq, idx, finished)
 
 
 def _check_pool(pool, Ho, Wo, Cin_g, G, residual, out, dropout_p, save_pre) -> None:

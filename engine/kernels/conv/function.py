@@ -11,6 +11,7 @@ import torch
 
 from engine.errors import UsageError
 from engine.kernels.activations import act_code
+from engine.kernels.batchnorm.training import BatchStats
 from engine.kernels.common import pair
 from engine.kernels.conv.backward import act_backward, conv2d_dgrad, conv2d_wgrad
 from engine.kernels.conv.forward import conv2d_forward
@@ -63,7 +64,7 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, x, w, bias, residual, stride, padding, dilation, groups, act, slope, allow_tf32,
                 scale=None, shift=None, dropout_p=0.0, dropout_seed=0, stats=False, slots=(None, None), pool=0,
-                grad_link=None, pool_link=None):
+                grad_link=None, pool_link=None, stats_tail=None):
         # `out` comes first: autograd's handling of in-place writes into views
         # (CopySlices) expects the written tensor to be the first input
         code = act_code(act)
@@ -75,7 +76,8 @@ class Conv2dFunction(torch.autograd.Function):
         res = conv2d_forward(xs, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
                              scale=scale, shift=shift, residual=residual, act=act, slope=slope,
                              save_pre=code != 0 and not pool, allow_tf32=allow_tf32, dropout_p=dropout_p,
-                             dropout_seed=dropout_seed, out=out, stats=stats, channels=channels, pool=pool)
+                             dropout_seed=dropout_seed, out=out, stats=stats, channels=channels, pool=pool,
+                             stats_tail=stats_tail)
         ctx.x_shape, ctx.channels = tuple(x.shape), channels
         ctx.dropout = (dropout_p, dropout_seed)
         ctx.wrote_into = out is not None
@@ -95,9 +97,10 @@ class Conv2dFunction(torch.autograd.Function):
         ctx.act, ctx.slope = act, slope
         ctx.has_res = residual is not None
         ctx.slots = slots  # the flat-gradient slots `conv2d` claimed for w and bias (grad mode is off in here)
-        if stats:
-            ctx.mark_non_differentiable(res.psum, res.psumsq)
-            return res.y, res.psum, res.psumsq
+        if stats:  # the partial sums, or the statistics the kernel finished (stats_tail)
+            a, b = res.stats if res.stats is not None else (res.psum, res.psumsq)
+            ctx.mark_non_differentiable(a, b)
+            return res.y, a, b
         return res.y
 
     @staticmethod
@@ -144,20 +147,22 @@ class Conv2dFunction(torch.autograd.Function):
         # stride-0 expanded scalar costs no memory
         dout = torch.zeros((), device=dy.device, dtype=dy.dtype).expand(dy.shape) if ctx.wrote_into else None
         return (dout, dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, groups=1, act="none",
            slope=0.01, allow_tf32=False, scale=None, shift=None, dropout_p=0.0, dropout_seed=0,
-           out=None, stats=False, pool=0, grad_link=None, pool_link=None):
+           out=None, stats=False, pool=0, grad_link=None, pool_link=None, stats_tail=None):
     """Differentiable fused NHWC conv: dropout(act(conv(x, w) + bias [*scale + shift] + residual)),
     then a fused pool x pool max pool when pool > 0 (see Conv2dFunction).
 
     `out`: a view (e.g. `buf[..., c0:c1]` of a concat buffer) to write the result
     into, in place; it is returned, and gradients flow through the buffer.
     stats=True returns (y, (psum, psumsq)): fp32 [T, Cout] per-tile partial sums
-    of the pre-activation, for batch_norm_train(partials=...). grad_link, pool_link: the backward
-    hand-offs with the batch norms before and after (Conv2dFunction)."""
+    of the pre-activation, for batch_norm_train(partials=...); with stats_tail (a StatsTail: the
+    batch norm's running statistics) and groups 1, (y, BatchStats) instead: the kernel's last
+    programs finished the statistics. grad_link, pool_link: the backward hand-offs with the batch
+    norms before and after (Conv2dFunction)."""
     geometry = pair(stride, "conv2d: stride"), pair(padding, "conv2d: padding"), pair(dilation, "conv2d: dilation")
     if pool and (act != "none" or scale is not None or shift is not None) and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, w, bias)):
@@ -165,8 +170,10 @@ def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, g
                          "fuse them with the pool only without gradients (inference)")
     slots = (claim_grad_slot(w), claim_grad_slot(bias) if bias is not None else None)
     result = Conv2dFunction.apply(out, x, w, bias, residual, *geometry, groups, act, slope, allow_tf32, scale, shift,
-                                  dropout_p, dropout_seed, stats, slots, pool, grad_link, pool_link)
+                                  dropout_p, dropout_seed, stats, slots, pool, grad_link, pool_link,
+                                  stats_tail)
     if stats:
-        y, psum, psumsq = result
-        return y, (psum, psumsq)
+        y, a, b = result
+        # conv2d_forward finishes the statistics in the GEMM kernel, which runs for every groups-1 conv
+        return y, (BatchStats(a, b) if stats_tail is not None and groups == 1 else (a, b))
     return result
