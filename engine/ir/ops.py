@@ -17,6 +17,10 @@ defaults); this module declares what each op *is* to the engine:
   (per-tile partial sums of y and y*y, fp32 [T, C]) for a training-mode batch
   norm that reads only that output, which then skips its statistics pass
   (engine.passes.fusion.plan_bn_stats; the family's executor passes them on).
+- `makes_bn_grad`: its backward kernel can form the gradient of a training-mode
+  batch norm (+ activation) whose output only it reads -- dz and the batch
+  norm's per-channel gradient sums, in its epilogue -- so that batch norm skips
+  its reduce pass (engine.passes.fusion.plan_backward_links; conv: with groups 1).
 
 The registry imports neither torch nor triton (`fusenet check` runs on it):
 layer builders and references receive the torch module they compute with.
@@ -101,6 +105,7 @@ class OpDef:
     reference: Callable[[RefCall], Any] | None = None  # None for activations: see module docstring
     backward_flops: float = 1.0
     emits_stats: bool = False  # can emit the next training-mode bn's partial sums (see the module docstring)
+    makes_bn_grad: bool = False  # its backward can make the previous training-mode bn's dz and sums (ditto)
 
     def is_(self, group: Group) -> bool:
         return group in self.groups
@@ -154,12 +159,12 @@ def _call_layer(c: RefCall):
 _DEFS = [
     OpDef("input", Family.INPUT, rules.elementwise),
     OpDef("conv", Family.CONV, rules.conv, _GEMM, layer=_conv_layer, reference=_call_layer, backward_flops=2.0,
-          emits_stats=True),
+          emits_stats=True, makes_bn_grad=True),
     OpDef("linear", Family.LINEAR, rules.linear, _GEMM, reference=_call_layer, backward_flops=2.0,
           layer=lambda nn, node, in_shape: nn.Linear(in_shape[0], node.attrs["out"], node.attrs["bias"])),
     OpDef("bn", Family.BATCH_NORM, rules.batch_norm, _PARAMETRIC, layer=_bn_layer, reference=_call_layer),
     OpDef("softmax", Family.SOFTMAX, rules.softmax, reference=lambda c: c.F.softmax(c.x, dim=1)),
-    OpDef("maxpool", Family.POOL, rules.pool, emits_stats=True,
+    OpDef("maxpool", Family.POOL, rules.pool, emits_stats=True, makes_bn_grad=True,
           reference=lambda c: c.F.max_pool2d(c.x, c.attrs["kernel"], c.attrs["stride"], c.attrs["pad"])),
     OpDef("avgpool", Family.POOL, rules.pool,
           reference=lambda c: c.F.avg_pool2d(c.x, c.attrs["kernel"], c.attrs["stride"], c.attrs["pad"])),
@@ -205,6 +210,12 @@ def emits_stats(node_or_op: Node | str) -> bool:
     """Whether a node's op (or an op name) can emit the batch statistics of its output."""
     name = node_or_op if isinstance(node_or_op, str) else node_or_op.op
     return REGISTRY[name].emits_stats
+
+
+def makes_bn_grad(node: Node) -> bool:
+    """Whether a node's backward kernel can make the dz and gradient sums of a training bn before it
+    (a conv only with groups 1: the depthwise dgrad is a kernel of its own)."""
+    return REGISTRY[node.op].makes_bn_grad and (family(node) is not Family.CONV or node.attr("groups") == 1)
 
 
 def family(node_or_op: Node | str) -> Family:

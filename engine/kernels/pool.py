@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from engine import device as _device
+from engine.kernels.batchnorm.backward import bn_grad_buffers, bn_grad_epilogue
 from engine.kernels.common import (FOLD_ROWS, check_grad, check_nhwc, idx64, pair, pixel_grid, pixel_nhw,
                                    pixel_tile, pixel_tiles)
 from engine.kernels.launch import launch
@@ -132,11 +133,18 @@ def _max_pool_fwd_kernel(
 @triton.jit
 def _max_pool_bwd_kernel(
     dy_ptr, idx_ptr, dx_ptr,  # dy, idx [N,OH,OW,C] (idx uint8, int32 if IDX_WIDE); dx [N,H,W,C]
+    bnx_ptr, bn_mean_ptr, bn_rstd_ptr, bn_w_ptr, bn_b_ptr,  # BN_GRAD: the batch norm that made x, and
+    pdz_ptr, pdzx_ptr, fdz_ptr, fdzx_ptr, sdz_ptr, sdzx_ptr, bn_ctr_ptr,  # its sums' scratch and output
     P, C, H, W, OH, OW,  # P = N*H*W input pixels
+    BN_R, bn_slope,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr, IDX_WIDE: tl.constexpr,
+    BN_GRAD: tl.constexpr, BN_ACT: tl.constexpr, BN_HAS_W: tl.constexpr, BN_HAS_B: tl.constexpr,
+    BN_BLOCK_T: tl.constexpr,
 ):
+    """dx by gather. BN_GRAD: x = act(bn(bnx)) of a training batch norm this pool alone reads; dz =
+    act'(z) * dx is stored instead and the batch norm's gradient sums emitted (batchnorm.backward)."""
     offs_p, offs_c, mask_p, mask_c = pixel_tile(tl.program_id(0), tl.program_id(1), P, C, BLOCK_P, BLOCK_C, IDX64)
     n, ih, iw = pixel_nhw(offs_p, H, W)  # [BLOCK_P] each
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # [BLOCK_P, BLOCK_C] dx accumulator
@@ -158,7 +166,13 @@ def _max_pool_bwd_kernel(
             g = tl.load(dy_ptr + off, mask=m2 & won, other=0.0).to(tl.float32)
             acc += g
     out = (offs_p * C)[:, None] + offs_c[None, :]
-    tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+    if BN_GRAD:  # every program, empty tiles too: each writes its partial row and draws its tickets
+        bn_grad_epilogue(acc, dx_ptr, out, mask_p[:, None] & mask_c[None, :], tl.program_id(0), tl.program_id(1),
+                         tl.num_programs(1), offs_c, mask_c, bnx_ptr, bn_mean_ptr, bn_rstd_ptr, bn_w_ptr, bn_b_ptr,
+                         pdz_ptr, pdzx_ptr, fdz_ptr, fdzx_ptr, sdz_ptr, sdzx_ptr, bn_ctr_ptr, tl.num_programs(0), BN_R,
+                         C, bn_slope, BN_ACT, BN_HAS_W, BN_HAS_B, BN_BLOCK_T, BLOCK_P, BLOCK_C, False)
+    else:
+        tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -302,8 +316,12 @@ def max_pool2d_forward(x: torch.Tensor, kernel_size, stride=None, padding=0, *, 
     return MaxPoolOutput(y, idx, psum, psumsq)
 
 
-def max_pool2d_backward(dy: torch.Tensor, idx: torch.Tensor, x_shape, kernel_size, stride=None, padding=0) -> torch.Tensor:
-    """dx [N,H,W,C] (dy's dtype) from dy and the forward's tap indices, by gather (no atomics)."""
+def max_pool2d_backward(dy: torch.Tensor, idx: torch.Tensor, x_shape, kernel_size, stride=None, padding=0,
+                        bn_grad=None):
+    """dx [N,H,W,C] (dy's dtype) from dy and the forward's tap indices, by gather (no atomics).
+    bn_grad=(x, mean, rstd, weight, bias, act code, slope) (batchnorm.BnGradLink.saved): the pool's
+    input is act(bn(x)) of a training batch norm only this pool reads; returns (dz, (sdz, sdzx)) instead,
+    dz = act'(z) * dx and the batch norm's gradient sums ([C] fp32)."""
     N, H, W, C = (int(s) for s in x_shape)
     window, OH, OW = _pool_window(H, W, kernel_size, stride, padding)
     dy = check_grad(dy, (N, OH, OW, C))
@@ -316,9 +334,22 @@ def max_pool2d_backward(dy: torch.Tensor, idx: torch.Tensor, x_shape, kernel_siz
         raise ValueError(f"uint8 idx cannot hold the taps of a {taps}-tap window")
     dx = torch.empty((N, H, W, C), device=dy.device, dtype=dy.dtype)
     grid, tiles = pixel_grid(N * H * W, C)
-    launch(_max_pool_bwd_kernel, grid, dy, idx, dx, N * H * W, C, H, W, OH, OW, **window,
-           IDX64=idx64(dx, dy), IDX_WIDE=idx.dtype == torch.int32, **tiles)
-    return dx
+    bn_args, bn_flags, sums = (dx,) * 12 + (1, 0.0), dict(BN_GRAD=False, BN_ACT=0, BN_HAS_W=False,
+                                                          BN_HAS_B=False, BN_BLOCK_T=1), None
+    if bn_grad is not None:
+        bnx, mean, rstd, w, b, code, slope = bn_grad
+        if tuple(bnx.shape) != (N, H, W, C) or bnx.dtype != dy.dtype:
+            raise ValueError(f"max_pool2d_backward: the batch norm's input {tuple(bnx.shape)} {bnx.dtype} is not the "
+                             f"pool's input {(N, H, W, C)} {dy.dtype}")
+        sums = (torch.empty(C, device=dy.device, dtype=torch.float32),
+                torch.empty(C, device=dy.device, dtype=torch.float32))
+        pdz, pdzx, fdz, fdzx, tickets, R, bt = bn_grad_buffers(grid[0], C, tiles["BLOCK_C"], dy.device)
+        bn_args = (bnx.contiguous(), mean, rstd, w if w is not None else mean, b if b is not None else mean, pdz,
+                   pdzx, fdz, fdzx, *sums, tickets, R, float(slope))
+        bn_flags = dict(BN_GRAD=True, BN_ACT=code, BN_HAS_W=w is not None, BN_HAS_B=b is not None, BN_BLOCK_T=bt)
+    launch(_max_pool_bwd_kernel, grid, dy, idx, dx, *bn_args[:12], N * H * W, C, H, W, OH, OW, *bn_args[12:],
+           **window, IDX64=idx64(dx, dy), IDX_WIDE=idx.dtype == torch.int32, **bn_flags, **tiles)
+    return dx if bn_grad is None else (dx, sums)
 
 
 def avg_pool2d_forward(x: torch.Tensor, kernel_size, stride=None, padding=0, count_include_pad: bool = True) -> torch.Tensor:
@@ -351,10 +382,11 @@ class MaxPool2dFn(torch.autograd.Function):
     batch norm's backward accounts for its statistics' dependence on y)."""
 
     @staticmethod
-    def forward(ctx, x, kernel_size, stride=None, padding=0, wide_idx=None, stats=False):
+    def forward(ctx, x, kernel_size, stride=None, padding=0, wide_idx=None, stats=False, grad_link=None):
         res = max_pool2d_forward(x, kernel_size, stride, padding, wide_idx=wide_idx, stats=stats)
         ctx.save_for_backward(res.idx)
         ctx.geom = (tuple(x.shape), kernel_size, stride, padding)
+        ctx.grad_link = grad_link  # batchnorm.BnGradLink: x is act(bn(.)) read only here
         if stats:
             ctx.mark_non_differentiable(res.psum, res.psumsq)
             # no zero-filled gradients for the statistics: their backward ignores them
@@ -367,8 +399,13 @@ class MaxPool2dFn(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         x_shape, k, s, p = ctx.geom
         if dy is None:  # y unused (stats only): no gradient reaches x
-            return None, None, None, None, None, None
-        return max_pool2d_backward(dy, idx, x_shape, k, s, p), None, None, None, None, None
+            return None, None, None, None, None, None, None
+        link = ctx.grad_link
+        if link is not None and link.saved is not None:  # dz of the batch norm that made x, and its sums
+            dx, link.sums = max_pool2d_backward(dy, idx, x_shape, k, s, p, bn_grad=link.saved)
+        else:
+            dx = max_pool2d_backward(dy, idx, x_shape, k, s, p)
+        return dx, None, None, None, None, None, None
 
 
 class AvgPool2dFn(torch.autograd.Function):
@@ -383,12 +420,15 @@ class AvgPool2dFn(torch.autograd.Function):
         return avg_pool2d_backward(dy, x_shape, k, s, p, cip), None, None, None, None
 
 
-def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, *, wide_idx=None, stats: bool = False):
+def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, *, wide_idx=None, stats: bool = False,
+               grad_link=None):
     """Differentiable NHWC max pool (matches `F.max_pool2d` on the NCHW view).
 
     stats=True returns (y, (psum, psumsq)): fp32 [T, C] partial sums of y and y*y, for
-    batch_norm_train(partials=...). `wide_idx`: see max_pool2d_forward."""
-    result = MaxPool2dFn.apply(x, kernel_size, stride, padding, wide_idx, stats)
+    batch_norm_train(partials=...). `wide_idx`: see max_pool2d_forward. grad_link (a
+    batchnorm.BnGradLink): x is act(bn(.)) of a training batch norm only this pool reads; the
+    backward's gather kernel makes that batch norm's dz and gradient sums."""
+    result = MaxPool2dFn.apply(x, kernel_size, stride, padding, wide_idx, stats, grad_link)
     if stats:
         y, psum, psumsq = result
         return y, (psum, psumsq)

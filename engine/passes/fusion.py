@@ -31,8 +31,9 @@ engine.passes.pipeline). Rules, with why in brackets:
   its epilogue, max pool in its forward) (plan_bn_stats) [one read fewer, and
   the bn launches no statistics kernel].
 - In training, backward work moves to the kernel next to it (plan_backward_links):
-  a bn (+ act) whose output only a conv (one group) reads gets dz and its
-  gradient sums from that conv's dgrad epilogue [no reduce pass over x and dy];
+  a bn (+ act) whose output only a conv or a max pool reads gets dz and its
+  gradient sums from that conv's dgrad epilogue or the pool's backward gather
+  [no reduce pass over x and dy];
   a conv whose fused pool's output only a bn reads gets its full-resolution
   gradient from the bn's backward, which gathers through the argmax [no pool
   backward kernel, no pooled dx round trip].
@@ -43,7 +44,7 @@ from dataclasses import replace
 from typing import Callable
 
 from engine.ir.graph import Graph, Node
-from engine.ir.ops import Family, Group, emits_stats, family, is_
+from engine.ir.ops import Family, Group, emits_stats, family, is_, makes_bn_grad
 from engine.passes.plan import ConcatSlot, Epilogue, KernelGroup, Plan
 
 # The most unary ops one pointwise chain kernel runs back to back
@@ -207,8 +208,9 @@ def _check_order(graph: Graph, groups: list[KernelGroup]) -> None:
 
 
 def plan_backward_links(plan: Plan) -> Plan:
-    """In training: `sums_by` on a bn group whose output's one reader is a plain conv (groups 1), the
-    conv whose dgrad epilogue will make the bn's dz and gradient sums; `pool_grad_by` on a conv group
+    """In training: `sums_by` on a bn group whose output's one reader can make its gradient
+    (`makes_bn_grad` in the op registry: a plain conv's dgrad epilogue, a max pool's backward gather):
+    that node's backward kernel will make the bn's dz and gradient sums; `pool_grad_by` on a conv group
     whose fused pool's output feeds only a bn (the bn it emits statistics for), the bn whose backward
     will write the conv's full-resolution gradient [engine.kernels.batchnorm.backward]."""
     if not plan.training:
@@ -220,8 +222,7 @@ def plan_backward_links(plan: Plan) -> Plan:
         anchor = graph.node(grp.anchor)
         if grp.family is Family.BATCH_NORM:
             reader = _sole_user(graph, graph.node(grp.output), users)
-            if (reader is not None and family(reader) is Family.CONV and reader.attr("groups") == 1
-                    and reader.inputs[0] == grp.output):
+            if reader is not None and makes_bn_grad(reader) and reader.inputs[0] == grp.output:
                 out[i] = replace(grp, epilogue=replace(grp.epilogue, sums_by=reader.id))
         elif grp.family is Family.CONV and grp.epilogue.pool is not None and grp.epilogue.stats is not None:
             bn = graph.node(grp.epilogue.stats)

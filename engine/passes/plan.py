@@ -39,8 +39,8 @@ class Epilogue:
     # backward hand-offs (engine.kernels.batchnorm.backward), each on the group that runs first:
     pool_grad_by: int | None = None  # conv: the training bn reading the pooled output, whose backward
     #                                  writes this conv's full-resolution gradient through the argmax
-    sums_by: int | None = None  # bn: the conv reading this bn's output alone, whose dgrad epilogue
-    #                             makes the bn's dz and its per-channel gradient sums
+    sums_by: int | None = None  # bn: the node reading this bn's output alone (a conv, a max pool) whose
+    #                             backward kernel makes the bn's dz and its per-channel gradient sums
 
     def steps(self, graph: Graph) -> list[str]:
         """The fused steps as words, for the printer: bias, bn (folded), add, bn statistics, relu, dropout."""
@@ -61,8 +61,8 @@ class Epilogue:
                 out.append("bn statistics")
         if self.pool_grad_by is not None:
             out.append("bwd: pool grad from bn")
-        if self.sums_by is not None:
-            out.append("bwd: sums from dgrad")
+        if self.sums_by is not None:  # the conv's dgrad, or the max pool's backward gather
+            out.append(f"bwd: sums from {graph.node(self.sums_by).op}")
         return out
 
     def __bool__(self) -> bool:

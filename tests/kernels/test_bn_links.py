@@ -230,3 +230,27 @@ def test_conv_kernel_finishes_the_bn_statistics(momentum, pool, monkeypatch):
         torch.testing.assert_close(rv.double(), rv_ref, rtol=1e-5, atol=1e-5)
         assert int(nbt) == 4 + step
     assert not reduction.ticket_counters(x.device, 64).any()
+
+
+@pytest.mark.parametrize("window", [(3, 2, 1), (2, 2, 0), (3, 3, 0)], ids=["overlap_pad", "2x2", "3x3_drops"])
+def test_pool_backward_makes_the_bn_gradient(window):
+    # act(bn(x)) -> max pool: the pool's backward gather forms the bn's dz and its sums (no reduce pass)
+    from engine.kernels.pool import max_pool2d
+
+    k, s, pad = window
+    x = torch.randn(3, 12, 7, 8).mul(1.5).add(0.3).requires_grad_()
+    g, b = bn_params(12)
+
+    def ours(x, g, b):
+        link = BnGradLink()
+        h = batch_norm_train(nhwc(x), g, b, torch.zeros(12), torch.ones(12), act="gelu", grad_link=link)
+        return nchw(max_pool2d(h, k, s, pad, grad_link=link))
+
+    def ref(x, g, b):
+        h = torch_act(F.batch_norm(x, None, None, g, b, training=True, eps=1e-5), "gelu", 0.01)
+        return F.max_pool2d(h, k, s, pad)
+
+    with recording() as rec:
+        check_against_torch(ours, ref, [x, g, b])
+    names = [r.name for r in rec]
+    assert "_bn_bwd_reduce_kernel" not in names and names.count("_max_pool_bwd_kernel") == 1, names

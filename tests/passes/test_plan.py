@@ -33,12 +33,12 @@ EXAMPLES = ["digits", "lenet5", "resnet_small", "unet_tiny", "airbench94", "resn
 # The training step is the one `fusenet train` runs (its loss is one launch; a trailing
 # constant scale runs inside it).
 LAUNCHES = {
-    "digits": (20, 7),
+    "digits": (19, 7),
     "lenet5": (22, 7),
     "resnet_small": (95, 29),
     "unet_tiny": (35, 13),
-    "airbench94": (43, 21),
-    "resnet9": (63, 22),
+    "airbench94": (42, 21),
+    "resnet9": (60, 22),
     "detect_shapes": (30, 12),
 }
 
