@@ -427,7 +427,7 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
 
     xa, na = operand_align(x.shape[3], Cs, x.dtype), operand_align(Cout, Cout_g, x.dtype)
     fold = None if pool else fold_config(Cs, Cout, KH, KW, padding, G, code == 0 and grad_scale is None,
-                                         aligned=min(xa, na) == channel_multiple(x.dtype))
+                                         min(xa, na) == channel_multiple(x.dtype), x.element_size())
     if fold is not None:  # few channels, no padding (an RGB stem): every tap in one tile's rows
         return conv2d_wgrad_folded(x, dy, w_shape, fold, stride=stride, dilation=dilation, cin=Cin_g,
                                    splits=splits, need_bias=need_bias, allow_tf32=allow_tf32, out=out,

@@ -186,19 +186,21 @@ def _conv_wgrad_folded_kernel(
                 tl.store(db_ptr + cn, sum_slices(bpart_ptr, cn, cn < DYC, S, DYC), mask=cn < DYC)
 
 
-def fold_config(Cs: int, Cout: int, KH: int, KW: int, padding, groups: int, plain_dy: bool, aligned: bool = True):
+def fold_config(Cs: int, Cout: int, KH: int, KW: int, padding, groups: int, plain_dy: bool, aligned: bool = True,
+                elem_bytes: int = 2):
     """(R, SLICES, CB) of the folded wgrad: rows and columns a slab, and slabs (as many as the 64
     rows hold, fewer if their columns would pass 128: the slab's rows then end in padding). None
     when the conv does not qualify: one group, no padding, dy as it comes (no fused activation,
     scale or pool), x and dy in 16-byte pixel rows (`aligned`: else the loads are scalar and the
     tile spills), fewer than 64 stored input channels, all their taps within 64 rows, and at most
-    128 output channels."""
+    128 output channels; 16-bit operands (`elem_bytes` 2: fp32's FMA or tf32 dots on this tile
+    spilled on sm_80, 9.7 KB for airbench94's stem at 64x64x64, where conv2d_wgrad's spilled 5.5)."""
     taps = KH * KW
     if (groups != 1 or tuple(padding) != (0, 0) or not plain_dy or not aligned or Cs >= FOLD_ROWS
             or taps * Cs > FOLD_ROWS):
         return None
     cb = max(16, next_pow2(Cout))
-    if cb > FOLD_MAX_COLS:
+    if cb > FOLD_MAX_COLS or elem_bytes != 2:
         return None
     slices = min(FOLD_ROWS // next_pow2(taps * Cs, 16), FOLD_MAX_COLS // cb)
     return FOLD_ROWS // slices, slices, cb
