@@ -86,14 +86,20 @@ def _conv_wgrad_folded_kernel(
     ci0 = grp * ALIGN - tap * XC  # first channel of the group
     r = tap // KW
     s = tap - r * KW
-    row_off = (((m // R) * TB * H + r * dil_h) * W + s * dil_w) * XC + ci0 + m % ALIGN  # [BLOCK_M]
+    slab = (m // R) * TB  # [BLOCK_M] the slab's first image, from the box's
+    if IDX64:
+        slab = slab.to(tl.int64)
+    row_off = ((slab * H + r * dil_h) * W + s * dil_w) * XC + ci0 + m % ALIGN  # [BLOCK_M]
     # runs of ALIGN contiguous offsets from a multiple of ALIGN (the division by XC hides it)
     row_off = tl.max_contiguous(tl.multiple_of(row_off, ALIGN), ALIGN)
     row_ok = m % R < KK * XC  # [BLOCK_M] a real (tap, channel) (all true if EVEN_R), in runs of ALIGN
     # columns c = (slab h, output channel)
     c = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     co = c % CB
-    col_off = (c // CB) * (TB * Ho * Wo * DYC) + co  # [BLOCK_N]
+    cslab = (c // CB) * TB  # [BLOCK_N]
+    if IDX64:
+        cslab = cslab.to(tl.int64)
+    col_off = cslab * (Ho * Wo * DYC) + co  # [BLOCK_N]
     co_ok = co < DYC
     # the box's pixels j = (dn, dh, dw): a GEMM K index, the same pixel in every slab
     j = tl.arange(0, BLOCK_P)  # [BLOCK_P]
