@@ -61,6 +61,7 @@ _TRIPS: dict[str, Callable[[dict], float]] = {
     "_conv_dgrad_kernel": lambda a: a["KH"] * a["KW"] * a["CHUNKS"] / (a["SH"] * a["SW"]),
     # P_PER_SPLIT counts pixel boxes when the wgrad steps boxes (TH > 0), pixels otherwise
     "_conv_wgrad_kernel": lambda a: a["P_PER_SPLIT"] if a["TH"] else _cdiv(a["P_PER_SPLIT"], a["BLOCK_P"]),
+    "_conv_wgrad_folded_kernel": lambda a: a["PER_SPLIT"],  # boxes of pixels
     "_linear_fwd_kernel": lambda a: _cdiv(a["F"], a["BLOCK_K"]),
     "_linear_dgrad_kernel": lambda a: _cdiv(a["O"], a["BLOCK_K"]),
     "_linear_wgrad_kernel": lambda a: _cdiv(a["rows_per_split"], a["BLOCK_K"]),
@@ -349,7 +350,7 @@ def _shape(name: str, a: dict) -> str:
             cin, cout = a["XC_A"] * a["ALIGN"], a["COUT_A"] * a["NALIGN"]
         elif name == "_conv_dgrad_kernel":
             cin, cout = a["DXC_A"] * a["NALIGN"], a["DYC_A"] * a["ALIGN"]
-        elif name == "_conv_wgrad_kernel":
+        elif name in ("_conv_wgrad_kernel", "_conv_wgrad_folded_kernel"):
             cin, cout = a["XC_A"] * a["ALIGN"], a["DYC_A"] * a["NALIGN"]
         elif "F" in a and "O" in a:
             return f"{a['F']}->{a['O']}"

@@ -88,17 +88,22 @@ def test_channels_argument_takes_a_padded_input():
         conv2d_forward(xp, torch.randn(8, 1, 3, 3), padding=1, channels=3, groups=3)
 
 
-@pytest.mark.parametrize("k,block_k,dtype", [(3, 64, torch.float32), (2, 32, torch.float32), (3, 16, torch.float32),
-                                             (3, 64, torch.bfloat16)])
-def test_stem_taps_per_chunk(k, block_k, dtype):
-    # 3 channels stored as 16 bytes (4 fp32, 8 bf16): a chunk of block_k lanes holds whole taps
-    x, dy = torch.randn(2, 9, 10, 3, dtype=dtype), torch.randn(2, 9 - k + 1, 10 - k + 1, 24)
+@pytest.mark.parametrize("k,block_k,dtype,pad", [(3, 64, torch.float32, 0), (2, 32, torch.float32, 0),
+                                                 (3, 16, torch.float32, 0), (3, 64, torch.bfloat16, 0),
+                                                 (3, 64, torch.float32, 1), (2, 32, torch.bfloat16, 1)])
+def test_stem_taps_per_chunk(k, block_k, dtype, pad):
+    # 3 channels stored as 16 bytes (4 fp32, 8 bf16): a chunk of block_k lanes holds whole taps;
+    # unpadded, every tap of a real pixel is real (IN_BOUNDS: the mask is the row's); 144 or more
+    # output pixels, so the last 32-row tile is partial
+    ho, wo = 9 - k + 1 + 2 * pad, 10 - k + 1 + 2 * pad
+    x, dy = torch.randn(2, 9, 10, 3, dtype=dtype), torch.randn(2, ho, wo, 24)
     w = torch.randn(24, 3, k, k) / 3
     with autotune.forced(Config(32, 32, block_k), kernels=["conv2d_fwd"]), recording() as specs:
-        y = conv2d_forward(x, w).y
+        y = conv2d_forward(x, w, padding=pad).y
     (fwd,) = [s for s in specs if s.name == "_conv_fwd_kernel"]
     assert dict(fwd.constexprs)["TPC"] == block_k // (16 // x.element_size())
-    ref = _ref_all(x.float(), w.to(dtype).float(), dy)[0]
+    assert dict(fwd.constexprs)["IN_BOUNDS"] == (pad == 0)
+    ref = _ref_all(x.float(), w.to(dtype).float(), dy, padding=pad)[0]
     assert_close(y.float(), ref, tol=dtype, what=f"stem {k}x{k} chunks of {block_k}")
 
 

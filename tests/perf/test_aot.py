@@ -33,7 +33,8 @@ from engine.perf.step import network_step
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.cnn"))
 TARGETS = ("sm_80", "sm_90")
-GEMM_KERNELS = ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel", "_linear_fwd_kernel", "_linear_dgrad_kernel", "_linear_wgrad_kernel")
+GEMM_KERNELS = ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel", "_linear_fwd_kernel", "_linear_dgrad_kernel", "_linear_wgrad_kernel",
+                "_conv_wgrad_folded_kernel")
 
 
 def _variants(paths, precisions, training_modes=(True, False), only=None):

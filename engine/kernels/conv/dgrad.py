@@ -150,7 +150,7 @@ def _conv_dgrad_kernel(
                        (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G,
                        pid_n * BLOCK_N, z_ptr, scale_ptr, g * COUT_G, slope,
                        KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, 0, False, PRECISION, UPCAST, BLOCK_K, False,
-                       idx_ptr, bh + c_r, bw + c_s, POOL)
+                       idx_ptr, bh + c_r, bw + c_s, POOL, False)
         qh = qh * POOL + bh  # [BLOCK_M] the stride phase's row (for the store)
         qw = qw * POOL + bw
     else:
@@ -159,7 +159,7 @@ def _conv_dgrad_kernel(
                        (r0 * KW + s0) * Cout + g * COUT_G, step_r * KW * Cout, step_s * Cout, CIN_G,
                        pid_n * BLOCK_N, z_ptr, scale_ptr, g * COUT_G, slope,
                        KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K, False,
-                       dy_ptr, 0, 0, 0)
+                       dy_ptr, 0, 0, 0, False)
     if SH == 1 and SW == 1 and POOL == 0:
         # dx pixel = offs_m: no (n, hi, wi), which the compiler would redo per element here
         dx_off = (offs_m * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]

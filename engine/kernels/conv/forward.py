@@ -149,7 +149,8 @@ def _conv_fwd_kernel(
     SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, FLAT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, POOL: tl.constexpr,
     FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, CMA: tl.constexpr, COUNT: tl.constexpr,
-    ST_BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ST_BLOCK_T: tl.constexpr, IN_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Implicit-GEMM conv forward. Grid: (M tiles, Cout/G tiles, G).
 
@@ -164,7 +165,9 @@ def _conv_fwd_kernel(
     (PyTorch's Cin/G: [KH*KW*CIN_W, Cout]); W_PAD: the input stores more (zero
     channels appended for 16-byte rows), and the weight rows of channels >= CIN_W
     are masked instead of stored as zeros, so the optimizer's plain permuted copy
-    serves. IDX64: 64-bit offsets (a tensor of 2**31 or more elements).
+    serves. IDX64: 64-bit offsets (a tensor of 2**31 or more elements). IN_BOUNDS (TPC > 1, no
+    padding): every tap of a real output pixel reads a real input pixel (tap_gemm's mask is the
+    row's).
     POOL > 0: a fused POOL x POOL / stride POOL max pool (no padding, floor mode; POOL**2
     divides BLOCK_M): M = N*PH*PW*POOL**2 rows in window-major order (rows a floor-mode pool
     drops are not computed), stored by _pool_epilogue into y [N, PH, PW, Cout] and idx.
@@ -222,7 +225,7 @@ def _conv_fwd_kernel(
                    CIN_G, dil_h * W * XC, dil_w * XC, 0, KW * CIN_B, CIN_B, Cout, g * Cout_g + pid_n * BLOCK_N,
                    x_ptr, x_ptr, 0, 0.0,
                    KH, KW, CHUNKS, TPC, EVEN_K, EVEN_N, W_TMA, 0, False, PRECISION, UPCAST, BLOCK_K, W_PAD,
-                   x_ptr, 0, 0, 0)
+                   x_ptr, 0, 0, 0, IN_BOUNDS)
     if POOL > 0:
         _pool_epilogue(acc, pid_m, offs_c, mask_c, y_ptr, idx_ptr, bias_ptr, scale_ptr, shift_ptr, psum_ptr,
                        psumsq_ptr, M // (POOL * POOL), Cout, slope, HAS_BIAS, HAS_SCALE, HAS_SHIFT, STATS, ACT,
@@ -418,7 +421,8 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
                NALIGN=na, EVEN_K=tpc > 1 or Cs % cfg.block_k == 0, W_PAD=wpad,
                EVEN_N=Cout_g % cfg.block_n == 0,
                **flags, FLAT=flat, PRECISION=precision(allow_tf32), UPCAST=upcast(x.dtype), IDX64=big, W_TMA=tma,
-               POOL=pool, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
+               POOL=pool, IN_BOUNDS=tpc > 1 and tuple(padding) == (0, 0), BLOCK_M=cfg.block_m,
+               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
         return psum, psumsq, finished
 
     default = geometry.gemm_tiles(M, Cout_g, Cs, KH * KW)  # through the module: tests patch it

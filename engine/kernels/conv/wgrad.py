@@ -1,32 +1,28 @@
-"""Convolution wgrad (dw) on NHWC tensors: a deterministic split-K implicit GEMM,
-and the direct depthwise variant.
+"""Convolution wgrad (dw) on NHWC tensors: a deterministic split-K implicit GEMM, and the direct
+depthwise variant.
 
-dw is the GEMM [K_g, P] x [P, Cout/G] with K_g = KH*KW*Cs rows (tap, channel)
-and P = N*Ho*Wo output pixels. A program owns BLOCK_K channels of ONE tap, so
-the tap is a scalar and a pixel's validity a 1-D mask: its A tile is x^T
-[BLOCK_K channels, BLOCK_P pixels] (16-byte loads along the channels), its B
-tile dz [BLOCK_P, BLOCK_N] (dz = act'(z) * dy (* scale) when the forward fused
-an activation or a folded scale). The pixels' (n, ho, wo) are decomposed once
-per program and stepped per trip with carries (no per-element div/mod in the
-loop).
+dw is the GEMM [K_g, P] x [P, Cout/G] with K_g = KH*KW*Cs rows (tap, channel) and P = N*Ho*Wo output
+pixels. A program owns BLOCK_K channels of ONE tap, so the tap is a scalar and a pixel's validity a
+1-D mask: its A tile is x^T [BLOCK_K channels, BLOCK_P pixels] (16-byte loads along the channels),
+its B tile dz [BLOCK_P, BLOCK_N] (dz = act'(z) * dy (* scale) when the forward fused an activation
+or a folded scale). The pixels' (n, ho, wo) are decomposed once per program and stepped per trip
+with carries (no per-element div/mod in the loop).
 
-P is cut into S fixed splits that write fp32 partials [S, K_g, Cout] (rows
-(tap, ci), stores coalesced along Cout), added in a fixed order (bit-identical
-run to run; no float atomics) into PyTorch's [Cout, Cin/G, KH, KW] layout, into
-the parameter's slot of the fused optimizer's flat gradient buffer when the
-forward claimed it (no layout copy): by the last split of each output tile to
-finish (TAIL: an int32 ticket, reduction.last_to_arrive; no second launch) when
-a tile's S partials are small (WGRAD_TAIL_BYTES: one program reads them all, at
-one SM's bandwidth), else by _sum_to_torch_kernel over the whole GPU. One
-split: the kernel stores dw in PyTorch's layout itself (TORCH_LAYOUT). Measured
-on the sm_90 SASS (airbench94 bf16): storing every split's partials in
-PyTorch's layout from the GEMM (scattered stores) costs the main loops
-registers, +13 instructions at 128x256 and +23 (issue-bound, +7 us) for the
-24->64 wgrad; the permuting sum keeps them as they were (the tail's sum comes
-after the loop: no main-loop instructions). S is sized from the work
-(geometry.wgrad_splits): a few waves of programs, each a long reduction, and at
-most WGRAD_MAX_SPLITS partial rows for the second pass. The bias gradient
-(column sums of dz) comes from the same pass.
+P is cut into S fixed splits that write fp32 partials [S, K_g, Cout] (rows (tap, ci), stores
+coalesced along Cout), added in a fixed order (bit-identical run to run; no float atomics) into
+PyTorch's [Cout, Cin/G, KH, KW] layout, into the parameter's slot of the fused optimizer's flat
+gradient buffer when the forward claimed it (no layout copy): by the last split of each output tile
+to finish (TAIL: an int32 ticket, reduction.last_to_arrive; no second launch) when a tile's S
+partials are small (WGRAD_TAIL_BYTES: one program reads them all, at one SM's bandwidth), else by
+_sum_to_torch_kernel over the whole GPU. One split: the kernel stores dw in PyTorch's layout itself
+(TORCH_LAYOUT). Measured on the sm_90 SASS (airbench94 bf16): storing every split's partials in
+PyTorch's layout from the GEMM (scattered stores) costs the main loops registers, +13 instructions
+at 128x256 and +23 (issue-bound, +7 us) for the 24->64 wgrad; the permuting sum keeps them as they
+were (the tail's sum comes after the loop: no main-loop instructions). S is sized from the work
+(geometry.wgrad_splits): a few waves of programs, each a long reduction, and at most
+WGRAD_MAX_SPLITS partial rows for the second pass. The bias gradient (column sums of dz) comes from
+the same pass. A conv with few channels and no padding (an RGB stem) takes wgrad_folded's kernel:
+every tap in one tile's rows.
 
 Public API: conv2d_wgrad.
 """
@@ -44,6 +40,7 @@ import engine.kernels.conv.geometry as geometry
 from engine.kernels.conv.geometry import (check_channels, check_grad_inputs, check_pool_grad, conv_geometry,
                                           conv_key, dw_tiles, flat_grad_out, operand_align, split_plan)
 from engine.kernels.conv.depthwise_wgrad import depthwise_wgrad_partials
+from engine.kernels.conv.wgrad_folded import conv2d_wgrad_folded, fold_config
 from engine.kernels.conv.mainloop import load_dz
 from engine.kernels.launch import launch
 from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
@@ -415,9 +412,8 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
     def partials(S: int):
         """[S, L] and [S, Cout] fp32 partials (PyTorch's layout); one split writes the outputs themselves."""
         def buf(n: int, dst):
-            if S == 1 and dst is not None:
-                return dst.view(1, n)
-            return torch.empty((S, n), device=x.device, dtype=torch.float32)
+            return dst.view(1, n) if S == 1 and dst is not None else torch.empty((S, n), device=x.device,
+                                                                                dtype=torch.float32)
         return buf(L, out), (buf(Cout, bias_out) if need_bias else None)
 
     if Cin_g == 1 and G > 1:  # depthwise: direct kernel, one program per (tap, channel tile, split)
@@ -430,6 +426,12 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
         return finish(part, bpart)
 
     xa, na = operand_align(x.shape[3], Cs, x.dtype), operand_align(Cout, Cout_g, x.dtype)
+    fold = None if pool else fold_config(Cs, Cout, KH, KW, padding, G, code == 0 and grad_scale is None,
+                                         min(xa, na) == channel_multiple(x.dtype), x.element_size())
+    if fold is not None:  # few channels, no padding (an RGB stem): every tap in one tile's rows
+        return conv2d_wgrad_folded(x, dy, w_shape, fold, stride=stride, dilation=dilation, cin=Cin_g,
+                                   splits=splits, need_bias=need_bias, allow_tf32=allow_tf32, out=out,
+                                   bias_out=bias_out, aligns=(xa, na))
     big = idx64(x, dy, *(t for t in (z, pool_idx) if t is not None))
 
     # GEMM view [K_g, P] x [P, Cout_g]: config block_m -> BLOCK_K (channels of one tap), block_n ->
