@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from engine import device as _device
-from engine.kernels.batchnorm.backward import bn_grad_buffers, bn_grad_epilogue
+from engine.kernels.batchnorm.backward import bn_grad_args, bn_grad_epilogue
 from engine.kernels.common import (FOLD_ROWS, check_grad, check_nhwc, idx64, pair, pixel_grid, pixel_nhw,
                                    pixel_tile, pixel_tiles)
 from engine.kernels.launch import launch
@@ -334,19 +334,7 @@ def max_pool2d_backward(dy: torch.Tensor, idx: torch.Tensor, x_shape, kernel_siz
         raise ValueError(f"uint8 idx cannot hold the taps of a {taps}-tap window")
     dx = torch.empty((N, H, W, C), device=dy.device, dtype=dy.dtype)
     grid, tiles = pixel_grid(N * H * W, C)
-    bn_args, bn_flags, sums = (dx,) * 12 + (1, 0.0), dict(BN_GRAD=False, BN_ACT=0, BN_HAS_W=False,
-                                                          BN_HAS_B=False, BN_BLOCK_T=1), None
-    if bn_grad is not None:
-        bnx, mean, rstd, w, b, code, slope = bn_grad
-        if tuple(bnx.shape) != (N, H, W, C) or bnx.dtype != dy.dtype:
-            raise ValueError(f"max_pool2d_backward: the batch norm's input {tuple(bnx.shape)} {bnx.dtype} is not the "
-                             f"pool's input {(N, H, W, C)} {dy.dtype}")
-        sums = (torch.empty(C, device=dy.device, dtype=torch.float32),
-                torch.empty(C, device=dy.device, dtype=torch.float32))
-        pdz, pdzx, fdz, fdzx, tickets, R, bt = bn_grad_buffers(grid[0], C, tiles["BLOCK_C"], dy.device)
-        bn_args = (bnx.contiguous(), mean, rstd, w if w is not None else mean, b if b is not None else mean, pdz,
-                   pdzx, fdz, fdzx, *sums, tickets, R, float(slope))
-        bn_flags = dict(BN_GRAD=True, BN_ACT=code, BN_HAS_W=w is not None, BN_HAS_B=b is not None, BN_BLOCK_T=bt)
+    bn_args, bn_flags, sums = bn_grad_args(bn_grad, dx, grid[0], tiles["BLOCK_C"])  # a partial row per P tile
     launch(_max_pool_bwd_kernel, grid, dy, idx, dx, *bn_args[:12], N * H * W, C, H, W, OH, OW, *bn_args[12:],
            **window, IDX64=idx64(dx, dy), IDX_WIDE=idx.dtype == torch.int32, **bn_flags, **tiles)
     return dx if bn_grad is None else (dx, sums)

@@ -219,13 +219,12 @@ def plan_backward_links(plan: Plan) -> Plan:
     users = _users(graph)
     out = list(plan.groups)
     for i, grp in enumerate(plan):
-        anchor = graph.node(grp.anchor)
         if grp.family is Family.BATCH_NORM:
             reader = _sole_user(graph, graph.node(grp.output), users)
             if reader is not None and makes_bn_grad(reader) and reader.inputs[0] == grp.output:
                 out[i] = replace(grp, epilogue=replace(grp.epilogue, sums_by=reader.id))
         elif grp.family is Family.CONV and grp.epilogue.pool is not None and grp.epilogue.stats is not None:
-            bn = graph.node(grp.epilogue.stats)
-            if family(bn) is Family.BATCH_NORM and anchor.attr("groups") == 1:
-                out[i] = replace(grp, epilogue=replace(grp.epilogue, pool_grad_by=bn.id))
+            # plan_bn_stats set `stats` only for the bn alone reading the output; plan_fusion fuses a
+            # pool only into a groups-1 conv
+            out[i] = replace(grp, epilogue=replace(grp.epilogue, pool_grad_by=grp.epilogue.stats))
     return replace(plan, groups=tuple(out))

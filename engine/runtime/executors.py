@@ -151,7 +151,7 @@ def pool(p, group: KernelGroup) -> torch.Tensor:
     stats = group.epilogue.stats is not None and p.training
     y = K_pool.max_pool2d(x, a["kernel"], a["stride"], a["pad"], stats=stats,
                           grad_link=p.grad_links.pop(node.inputs[0], None))  # the bn before makes its sums here
-    if stats:  # the batch statistics of the bn that reads this output (partial sums, or finished)
+    if stats:  # the partial sums of the bn that reads this output
         y, p.bn_partials[group.output] = y
     return y
 

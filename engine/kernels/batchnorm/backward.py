@@ -8,8 +8,9 @@ two hand-offs that let its neighbours' kernels do part of it.
      - `bn_grad_epilogue`, run by the kernel that makes dy -- the dgrad epilogue of the conv that
        alone reads the batch norm's output (engine.kernels.conv.dgrad): it forms dz from its fp32
        accumulator and one read of x, stores dz instead of dy, and emits the sums (two-level
-       ticket tail, no second launch). `BnGradLink` carries the saved tensors there and the sums
-       back (the runtime pairs the two Functions: engine.passes.fusion.plan_backward_links);
+       ticket tail, no second launch; a max pool's backward gather does the same). `BnGradLink`
+       carries the saved tensors there and the sums back (the runtime pairs the two Functions:
+       engine.passes.fusion.plan_backward_links);
   2. `_bn_bwd_apply_kernel`: dx = weight*rstd*(dz - sdz/M - xhat*sdzx/M). When x is the pooled
      output of a conv with a fused max pool (POOL), it writes the conv's full-resolution gradient
      directly, gathered through the pool's one-byte argmax (zeros off the argmax and on rows the
@@ -18,7 +19,7 @@ two hand-offs that let its neighbours' kernels do part of it.
 
 Everything is deterministic (fixed-order sums; int32 tickets only pick who adds).
 
-Public API: bn_train_backward, BnGradLink, PoolGradLink, bn_grad_buffers; device: bn_channel_params,
+Public API: bn_train_backward, BnGradLink, PoolGradLink, bn_grad_args; device: bn_channel_params,
 bn_dz, bn_grad_epilogue.
 """
 from __future__ import annotations
@@ -103,8 +104,9 @@ def bn_grad_epilogue(g, dz_ptr, offs, mask, row, cblock, n_cblocks, cols, cmask,
     norm's saved input x [M, C], masked by `mask`): stores dz = act'(z) * g at dz_ptr + offs (dz_ptr's
     dtype), and writes partial row `row` (of T) of sum(dz), sum(dz*xhat) for channel block `cblock`
     (of n_cblocks; channels `cols`); the last programs to arrive sum the T rows into sdz/sdzx [C]
-    (reduction.fold_tail: fold rows fdz/fdzx, tickets ctr, R rows a fold). HALVES: the tile is worked in two row halves, so a thread holding many elements (64 fp32 of g)
-    keeps the activation's temporaries of half of them live at a time (no spills on sm_90)."""
+    (reduction.fold_tail: fold rows fdz/fdzx, tickets ctr, R rows a fold). HALVES: the tile is worked
+    in two row halves, so a thread holding many elements (64 fp32 of g) keeps the activation's
+    temporaries of half of them live at a time (no spills on sm_90)."""
     mean, rstd, w, b = bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_W, HAS_B, BLOCK_C)
     if HALVES:
         g0, g1 = _halves(g, BLOCK_M, BLOCK_C)
@@ -225,9 +227,10 @@ def _bn_bwd_apply_kernel(
 # --------------------------------------------------------------------------- #
 @dataclass(eq=False)
 class BnGradLink:
-    """Between a training batch norm (+ act) and the one conv that reads its output: the batch
-    norm's forward leaves what `bn_grad_epilogue` needs (`saved`); the conv's dgrad then makes dz
-    and the sums (`sums`), and the batch norm's backward takes dz as its incoming gradient."""
+    """Between a training batch norm (+ act) and the one node reading its output whose backward makes
+    its gradient (a conv's dgrad, a max pool's backward gather): the batch norm's forward leaves what
+    `bn_grad_epilogue` needs (`saved`); that backward then makes dz and the sums (`sums`), and the
+    batch norm's backward takes dz as its incoming gradient."""
 
     saved: tuple | None = None  # (x, mean, rstd, weight, bias, act code, slope)
     sums: tuple | None = None  # (sdz, sdzx) [C] fp32, set by the conv's backward, taken by the bn's
@@ -255,11 +258,27 @@ class PoolGradLink:
         return g
 
 
-def bn_grad_buffers(T: int, C: int, block_c: int, device) -> tuple:
-    """Scratch of `bn_grad_epilogue` for T partial rows of C channels in blocks of block_c:
-    (pdz, pdzx [T, C], fdz, fdzx, tickets, R, BLOCK_T) (the last five: reduction.fold_tail_buffers)."""
-    f32 = dict(device=device, dtype=torch.float32)
-    return (torch.empty((T, C), **f32), torch.empty((T, C), **f32), *fold_tail_buffers(T, C, block_c, device))
+def bn_grad_args(bn_grad, dx: torch.Tensor, T: int, block_c: int) -> tuple[tuple, dict, tuple | None]:
+    """The BN_GRAD arguments of a kernel that makes dx in [T row blocks] x [channel blocks of block_c]
+    programs and runs `bn_grad_epilogue` (the conv dgrad, the max pool's backward gather): (fourteen
+    arguments in the kernels' order -- bnx, mean, rstd, weight, bias, pdz, pdzx, fdz, fdzx, sdz, sdzx,
+    tickets, R, slope --, the constexprs BN_GRAD, BN_ACT, BN_HAS_W, BN_HAS_B, BN_BLOCK_T, the sums
+    (sdz, sdzx) the launch fills). bn_grad: BnGradLink.saved, whose x must be dx's shape and dtype;
+    None: placeholders and BN_GRAD off (sums None)."""
+    if bn_grad is None:
+        return (dx,) * 12 + (1, 0.0), dict(BN_GRAD=False, BN_ACT=0, BN_HAS_W=False, BN_HAS_B=False,
+                                           BN_BLOCK_T=1), None
+    x, mean, rstd, w, b, code, slope = bn_grad
+    if x.shape != dx.shape or x.dtype != dx.dtype:
+        raise ValueError(f"the batch norm's input {tuple(x.shape)} {x.dtype} is not the shape and dtype of the "
+                         f"gradient its reader makes, {tuple(dx.shape)} {dx.dtype}")
+    C = dx.shape[-1]
+    f32 = dict(device=dx.device, dtype=torch.float32)
+    sums = (torch.empty(C, **f32), torch.empty(C, **f32))
+    fdz, fdzx, tickets, R, bt = fold_tail_buffers(T, C, block_c, dx.device)
+    args = (x.contiguous(), mean, rstd, w if w is not None else mean, b if b is not None else mean,
+            torch.empty((T, C), **f32), torch.empty((T, C), **f32), fdz, fdzx, *sums, tickets, R, float(slope))
+    return args, dict(BN_GRAD=True, BN_ACT=code, BN_HAS_W=w is not None, BN_HAS_B=b is not None, BN_BLOCK_T=bt), sums
 
 
 # --------------------------------------------------------------------------- #
@@ -325,5 +344,5 @@ def bn_train_backward(dy, x, mean, rstd, weight, bias, act="none", slope=0.01, n
     return dx, dweight, dbias
 
 
-__all__ = ["BnGradLink", "PoolGradLink", "bn_channel_params", "bn_dz", "bn_grad_buffers", "bn_grad_epilogue",
+__all__ = ["BnGradLink", "PoolGradLink", "bn_channel_params", "bn_dz", "bn_grad_args", "bn_grad_epilogue",
            "bn_train_backward"]

@@ -50,8 +50,6 @@ from engine.kernels.reduction import (TAIL_ELEMS, fold_plan, fold_rows, fold_tai
 from engine.kernels.launch import launch
 
 
-
-
 class BatchStats(NamedTuple):
     """A training batch norm's batch statistics, finished by the kernel that made its input
     (bn_stats_tail): mean and rstd, fp32 [C]; the running statistics are already updated."""
@@ -72,24 +70,31 @@ class StatsTail:
     momentum: float | None
     eps: float
 
-    def launch_args(self, T: int, M: int, C: int, block_c: int, device) -> tuple[tuple, tuple, dict, BatchStats]:
-        """(tensors, scalars, constexprs, the BatchStats they fill) of bn_stats_tail for T partial rows
-        of M values per channel, C channels in blocks of block_c: tensors fsum, fsumsq, tickets, mean,
-        rstd, running mean, running var, num_batches_tracked; scalars T, R, 1/M, M/(M-1), eps, momentum."""
+    def finalize_args(self, M: int, C: int, device) -> tuple[tuple, tuple, dict]:
+        """The arguments every finalize of M values per channel and C channels takes (the finalize
+        kernels', bn_stats_tail's): tensors mean, rstd (new), running mean, running var,
+        num_batches_tracked (placeholders where absent); scalars 1/M, M/(M-1), eps, momentum;
+        constexprs HAS_RUNNING, CMA, COUNT."""
         has_running = self.running_mean is not None
         count = self.num_batches_tracked is not None
         if self.momentum is None and has_running and not count:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        fsum, fsumsq, tickets, R, bt = fold_tail_buffers(T, C, block_c, device, extra_tickets=1)
         mean = torch.empty(C, device=device, dtype=torch.float32)
         rstd = torch.empty(C, device=device, dtype=torch.float32)
-        tensors = (fsum, fsumsq, tickets, mean, rstd, self.running_mean if has_running else mean,
-                   self.running_var if has_running else rstd, self.num_batches_tracked if count else tickets)
-        scalars = (T, R, 1.0 / M, M / max(M - 1, 1), float(self.eps),
-                   float(self.momentum) if self.momentum is not None else 0.0)
-        flags = dict(HAS_RUNNING=has_running, CMA=has_running and self.momentum is None, COUNT=count,
-                     ST_BLOCK_T=bt)
-        return tensors, scalars, flags, BatchStats(mean, rstd)
+        tensors = (mean, rstd, self.running_mean if has_running else mean,
+                   self.running_var if has_running else rstd, self.num_batches_tracked if count else mean)
+        momentum = float(self.momentum) if self.momentum is not None else 0.0
+        scalars = (1.0 / M, M / max(M - 1, 1), float(self.eps), momentum)
+        return tensors, scalars, dict(HAS_RUNNING=has_running, CMA=has_running and self.momentum is None,
+                                      COUNT=count)
+
+    def launch_args(self, T: int, M: int, C: int, block_c: int, device) -> tuple[tuple, tuple, dict, BatchStats]:
+        """(tensors, scalars, constexprs, the BatchStats they fill) of bn_stats_tail for T partial rows
+        of M values per channel, C channels in blocks of block_c: tensors fsum, fsumsq, tickets, then
+        finalize_args'; scalars T, R, then finalize_args'."""
+        fsum, fsumsq, tickets, R, bt = fold_tail_buffers(T, C, block_c, device, extra_tickets=1)
+        stats, scalars, flags = self.finalize_args(M, C, device)
+        return (fsum, fsumsq, tickets, *stats), (T, R, *scalars), dict(flags, ST_BLOCK_T=bt), BatchStats(*stats[:2])
 
 
 # --------------------------------------------------------------------------- #
@@ -281,8 +286,6 @@ def bn_train_forward(
         if (not isinstance(num_batches_tracked, torch.Tensor) or num_batches_tracked.dtype != torch.int64
                 or num_batches_tracked.numel() != 1 or num_batches_tracked.device != x.device):
             raise ValueError("num_batches_tracked must be a one-element int64 tensor on x's device")
-    if momentum is None and has_running and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     if M <= 1:
         raise ValueError(f"batch norm in training mode needs more than 1 value per channel, got M={M} rows "
                          f"for input shape {tuple(x.shape)}")
@@ -295,6 +298,9 @@ def bn_train_forward(
         check_param(mean, C, x, "mean")
         check_param(rstd, C, x, "rstd")
         return _apply(x, mean, rstd, weight, bias, code, slope), mean, rstd
+    stats, scalars, flags = StatsTail(running_mean, running_var, num_batches_tracked, momentum,
+                                      eps).finalize_args(M, C, dev)
+    mean, rstd = stats[:2]
     if partials is None:
         bm, bc, n_iter, T, nw = reduce_plan(M, C)
         psum = torch.empty((T, C), device=dev, dtype=torch.float32)
@@ -311,14 +317,6 @@ def bn_train_forward(
             raise ValueError(f"partials: psum {tuple(psum.shape)} and psumsq {tuple(psumsq.shape)} differ")
         T = psum.shape[0]
 
-    mean = torch.empty(C, device=dev, dtype=torch.float32)
-    rstd = torch.empty(C, device=dev, dtype=torch.float32)
-    cma = has_running and momentum is None
-    count = num_batches_tracked is not None
-    stats = (mean, rstd, running_mean if has_running else mean, running_var if has_running else rstd,
-             num_batches_tracked if count else psum)
-    scalars = (1.0 / M, M / (M - 1), float(eps), float(momentum) if momentum is not None else 0.0)
-    flags = dict(HAS_RUNNING=has_running, CMA=cma, COUNT=count)
     if T > FOLD_ROWS and not _device.INTERPRETED:
         # a conv epilogue's per-tile sums (thousands of rows): folded in parallel, the last program of
         # each channel block to finish folding walks the ~GPU_TARGET_PARTIALS folded rows

@@ -28,7 +28,7 @@ import triton.language as tl
 
 import engine.kernels.conv.geometry as geometry
 from engine.kernels import autotune
-from engine.kernels.batchnorm.backward import bn_grad_buffers, bn_grad_epilogue
+from engine.kernels.batchnorm.backward import bn_grad_args, bn_grad_epilogue
 from engine.kernels.common import idx64, precision, upcast
 from engine.kernels.conv.geometry import (check_grad_inputs, check_pool_grad, conv_geometry, conv_key,
                                           dgrad_phases, dw_tiles, operand_align)
@@ -62,7 +62,7 @@ def _conv_dgrad_kernel(
     bnx_ptr, bn_mean_ptr, bn_rstd_ptr, bn_w_ptr, bn_b_ptr,  # BN_GRAD: the batch norm that made x, and
     pdz_ptr, pdzx_ptr, fdz_ptr, fdzx_ptr, sdz_ptr, sdzx_ptr, bn_ctr_ptr,  # its sums' scratch and output
     NB, H, W, Ho, Wo, DYC_A, COUT_G_A, DXC_A, CIN_G_A, pad_h, pad_w, dil_h, dil_w, slope,
-    BN_T, BN_R, bn_slope,
+    BN_R, bn_slope,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CHUNKS: tl.constexpr,
     ALIGN: tl.constexpr, NALIGN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, W_TMA: tl.constexpr,
     ACT: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -82,7 +82,7 @@ def _conv_dgrad_kernel(
     POOL), so every tap reads its pooled rows at a scalar offset with a scalar argmax code.
     BN_GRAD (groups 1): x = act(bn(bnx)) of a training batch norm whose output only this conv reads;
     the epilogue stores dz = act'(z) * dx instead of dx and emits the batch norm's gradient sums
-    (batchnorm.backward.bn_grad_epilogue; partial row = the program's (M tile, phase), BN_T rows).
+    (batchnorm.backward.bn_grad_epilogue; a partial row per program row: (M tile, phase)).
     """
     DYC = DYC_A * ALIGN
     COUT_G = COUT_G_A * ALIGN
@@ -172,7 +172,8 @@ def _conv_dgrad_kernel(
         row = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
         bn_grad_epilogue(acc, dx_ptr, dx_off, out_mask, row, tl.program_id(1), tl.num_programs(1), offs_ci, mask_ci,
                          bnx_ptr, bn_mean_ptr, bn_rstd_ptr, bn_w_ptr, bn_b_ptr, pdz_ptr, pdzx_ptr, fdz_ptr,
-                         fdzx_ptr, sdz_ptr, sdzx_ptr, bn_ctr_ptr, BN_T, BN_R, DXC, bn_slope,
+                         fdzx_ptr, sdz_ptr, sdzx_ptr, bn_ctr_ptr, tl.num_programs(2) * tl.num_programs(0), BN_R,
+                         DXC, bn_slope,
                          BN_ACT, BN_HAS_W, BN_HAS_B, BN_BLOCK_T, BLOCK_M, BLOCK_N, BN_HALVES)  # dz in dx's place
     else:
         tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
@@ -249,14 +250,9 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
     dx = torch.empty((N, H, W, Cin), device=dy.device, dtype=dy.dtype)
     flags = dict(ACT=code, HAS_SCALE=grad_scale is not None)
     if bn_grad is not None:
-        if G != 1 or tuple(bn_grad[0].shape) != (N, H, W, Cin) or bn_grad[0].dtype != dy.dtype:
-            raise ValueError(f"conv2d_dgrad: the batch norm's input {tuple(bn_grad[0].shape)} {bn_grad[0].dtype} "
-                             f"is not this conv's input {(N, H, W, Cin)} {dy.dtype} in one group")
-        bnx, bn_mean, bn_rstd, bn_w, bn_b, bn_code, bn_slope = bn_grad
-        bnx = bnx.contiguous()
-        sdz = torch.empty(Cin, device=dy.device, dtype=torch.float32)
-        sdzx = torch.empty(Cin, device=dy.device, dtype=torch.float32)
-        flags.update(BN_GRAD=True, BN_ACT=bn_code)
+        if G != 1:
+            raise ValueError(f"conv2d_dgrad: a batch norm's gradient sums need one group, got {G}")
+        flags.update(BN_GRAD=True, BN_ACT=bn_grad[5])  # the autotune key's epilogue
     if Cin_g == 1 and G > 1:  # depthwise: direct kernel over channels, one launch per phase
         phases = dgrad_phases(N, H, W, KH, KW, stride, padding, dilation)
         wk = depthwise_weight(w, dy.dtype)  # [KH*KW, Cout]: the optimizer's copy, or packed now
@@ -274,24 +270,17 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
     ya, xa = operand_align(Cout, Cout_g, dy.dtype), operand_align(Cin, Cin_g, dy.dtype)
     big = idx64(dy, dx, *(t for t in (z, pool_idx) if t is not None))
 
-    def run(cfg: Config) -> None:
-        """All phases with tile config `cfg`, one launch; it writes every dx pixel afresh."""
+    def run(cfg: Config):
+        """All phases with tile config `cfg`, one launch; it writes every dx pixel afresh. Returns the batch
+        norm's sums it made (bn_grad), else None."""
         tma = use_tma(wt, xa, cfg.block_n)
         wop = weight_descriptor(wt, cfg.block_k, cfg.block_n) if tma else wt
         grid = (triton.cdiv(m_max, cfg.block_m), triton.cdiv(Cin_g, cfg.block_n), G * sh * sw * kp * kp)
-        if bn_grad is None:
-            bn_args, bn_flags = (dx,) * 12 + (0, 1, 0.0), dict(BN_GRAD=False, BN_ACT=0, BN_HAS_W=False,
-                                                               BN_HAS_B=False, BN_BLOCK_T=1, BN_HALVES=False)
-        else:  # a partial row per (M tile, phase) program row, folded and summed by the last arrivals
-            T = grid[0] * grid[2]
-            pdz, pdzx, fdz, fdzx, tickets, R, bt = bn_grad_buffers(T, Cin, cfg.block_n, dy.device)
-            bn_args = (bnx, bn_mean, bn_rstd, bn_w if bn_w is not None else bn_mean,
-                       bn_b if bn_b is not None else bn_mean, pdz, pdzx, fdz, fdzx, sdz, sdzx, tickets,
-                       T, R, float(bn_slope))
-            # more than 32 fp32 of the tile per thread: the epilogue works it in halves (registers)
-            halves = cfg.block_m * cfg.block_n > 32 * 32 * (cfg.num_warps or 4) and cfg.block_m >= 32
-            bn_flags = dict(BN_GRAD=True, BN_ACT=bn_code, BN_HAS_W=bn_w is not None, BN_HAS_B=bn_b is not None,
-                            BN_BLOCK_T=bt, BN_HALVES=halves)
+        # bn_grad: a partial row per (M tile, phase) program row, folded and summed by the last arrivals
+        bn_args, bn_flags, sums = bn_grad_args(bn_grad, dx, grid[0] * grid[2], cfg.block_n)
+        # more than 32 fp32 of the tile per thread: the bn epilogue works it in halves (registers)
+        bn_flags["BN_HALVES"] = (bn_grad is not None and cfg.block_m >= 32
+                                 and cfg.block_m * cfg.block_n > 32 * 32 * (cfg.num_warps or 4))
         launch(_conv_dgrad_kernel, grid, dy, z, grad_scale, wop, dx, pool_idx, *bn_args[:12],
                N, H, W, Ho, Wo, Cout // ya, Cout_g // ya, Cin // xa, Cin_g // xa, padding[0], padding[1],
                dilation[0], dilation[1], float(slope), *bn_args[12:],
@@ -300,6 +289,7 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
                ACT=code, HAS_SCALE=grad_scale is not None, **bn_flags, PRECISION=precision(allow_tf32),
                UPCAST=upcast(dy.dtype), IDX64=big, POOL=pool,  # bnx is dx's shape: `big` covers it
                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
+        return sums
 
     default = geometry.gemm_tiles(m_max, Cin_g, Cout_g, taps)  # through the module: tests patch it
     shape = dict(M=m_max, N=Cin_g, K=taps * Cout_g, phases=sh * sw * kp * kp,
@@ -308,8 +298,8 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
     cfg = autotune.pick(
         "conv2d_dgrad", shape, dtype=dy.dtype, device=dy.device, default=default, run=run,
         candidates=lambda: conv_candidates(m_max, Cin_g, Cout_g, taps, dy.dtype, smem_limit(dy.device), default))
-    run(cfg)
-    return dx if bn_grad is None else (dx, (sdz, sdzx))
+    sums = run(cfg)
+    return dx if bn_grad is None else (dx, sums)
 
 
 __all__ = ["conv2d_dgrad"]

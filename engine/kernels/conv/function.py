@@ -174,6 +174,6 @@ def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, g
                                   stats_tail)
     if stats:
         y, a, b = result
-        # conv2d_forward finishes the statistics in the GEMM kernel, which runs for every groups-1 conv
-        return y, (BatchStats(a, b) if stats_tail is not None and groups == 1 else (a, b))
+        # finished statistics are [Cout] vectors, partial sums [T, Cout] rows (ConvOutput)
+        return y, (BatchStats(a, b) if a.dim() == 1 else (a, b))
     return result
