@@ -167,7 +167,7 @@ def _max_pool_bwd_kernel(
             acc += g
     out = (offs_p * C)[:, None] + offs_c[None, :]
     if BN_GRAD:  # every program, empty tiles too: each writes its partial row and draws its tickets
-        bn_grad_epilogue(acc, dx_ptr, out, mask_p[:, None] & mask_c[None, :], tl.program_id(0), tl.program_id(1),
+        bn_grad_epilogue(acc, dx_ptr, offs_p, mask_p, tl.program_id(0), tl.program_id(1),
                          tl.num_programs(1), offs_c, mask_c, bnx_ptr, bn_mean_ptr, bn_rstd_ptr, bn_w_ptr, bn_b_ptr,
                          pdz_ptr, pdzx_ptr, fdz_ptr, fdzx_ptr, sdz_ptr, sdzx_ptr, bn_ctr_ptr, tl.num_programs(0), BN_R,
                          C, bn_slope, BN_ACT, BN_HAS_W, BN_HAS_B, BN_BLOCK_T, BLOCK_P, BLOCK_C, False)

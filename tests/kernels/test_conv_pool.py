@@ -142,6 +142,20 @@ def test_gpu_tiles_under_interpreter(monkeypatch, operand_expansion):
     check_against_torch(ours_fn(2, padding=1), ref_fn(2, padding=1), [x, w, b])
 
 
+@pytest.mark.parametrize("block_m,num_warps,order", [(16, 4, (8, 4)), (64, 4, (8, 4)), (64, 8, (8, 4)),
+                                                     (128, 4, (64, 8)), (256, 4, (128, 8)), (128, 8, (8, 4))])
+def test_window_row_orders(block_m, num_warps, order, monkeypatch):
+    # each order in which the forward lays a tile's 2x2 windows out over its rows (forward.window_rows:
+    # the taps of a window in as few lanes of the MMA accumulator as the tile allows), partial last tile
+    monkeypatch.setattr(conv_geometry, "gemm_tiles",
+                        lambda M, N, C, taps: conv_geometry.Config(block_m, 16, 16, num_warps=num_warps))
+    x, w, b = rand_inputs(2, 5, 11, 19, 10, 3)  # 11x19 -> 5x9: 90 windows, 360 rows
+    with recording() as rec:
+        check_against_torch(ours_fn(2, padding=1), ref_fn(2, padding=1), [x, w, b])
+    fwd = [dict(s.constexprs) for s in rec if s.name == "_conv_fwd_kernel"]
+    assert fwd and all((c["TAP_S1"], c["TAP_S0"]) == order for c in fwd)
+
+
 def test_inference_epilogue_before_the_pool():
     # folded bn and an activation precede the max (inference: no backward through them)
     x, w, b = rand_inputs(2, 6, 9, 7, 10, 3)

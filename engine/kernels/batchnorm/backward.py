@@ -78,46 +78,59 @@ def bn_dz(dy, x, mean, rstd, w, b, slope, HAS_W: tl.constexpr, HAS_B: tl.constex
 
 
 @triton.jit
-def _bn_grad_rows(g, dz_ptr, offs, mask, x_ptr, mean, rstd, w, b, slope,
+def _bn_grad_rows(g, dz_ptr, pix, pix_ok, cols, cmask, C, x_ptr, mean, rstd, w, b, slope,
                   ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """Stores dz = act'(z) * g for a row block; returns its column sums of dz and dz*xhat ([BLOCK_C] each)."""
+    """Stores dz = act'(z) * g for rows `pix` ([rows] of x [*, C]); returns its column sums of dz and
+    dz*xhat ([BLOCK_C] each). g is 0 in masked lanes, so dz is too (act_grad is linear in dy)."""
+    # offsets built here, from row indices and channels, not split from a 2-D tile: the compiler then
+    # knows the channels are contiguous and C's alignment, and loads x / stores dz in 16-byte vectors
+    offs = (pix * C)[:, None] + cols[None, :]  # [rows, BLOCK_C]
+    mask = pix_ok[:, None] & cmask[None, :]  # [rows, BLOCK_C]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [rows, BLOCK_C] fp32
     dz, xhat = bn_dz(g, x, mean, rstd, w, b, slope, HAS_W, HAS_B, ACT)  # [rows, BLOCK_C] each
-    dz = tl.where(mask, dz, 0.0)
     tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
     return tl.sum(dz, axis=0), tl.sum(dz * xhat, axis=0)
 
 
 @triton.jit
-def _halves(t, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _row_halves(v, BLOCK_M: tl.constexpr):
+    """A [BLOCK_M] vector as its first and second halves."""
+    return tl.split(tl.permute(tl.reshape(v, (2, BLOCK_M // 2)), (1, 0)))
+
+
+@triton.jit
+def _tile_halves(t, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """A [BLOCK_M, BLOCK_C] tile as its first and second halves of rows."""
     return tl.split(tl.permute(tl.reshape(t, (2, BLOCK_M // 2, BLOCK_C)), (1, 2, 0)))
 
 
 @triton.jit
-def bn_grad_epilogue(g, dz_ptr, offs, mask, row, cblock, n_cblocks, cols, cmask,
+def bn_grad_epilogue(g, dz_ptr, pix, pix_ok, row, cblock, n_cblocks, cols, cmask,
                      x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pdz_ptr, pdzx_ptr, fdz_ptr, fdzx_ptr,
                      sdz_ptr, sdzx_ptr, ctr_ptr, T, R, C, slope,
                      ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HALVES: tl.constexpr):
-    """In the kernel that makes dy = g ([BLOCK_M, BLOCK_C] fp32, at offsets `offs` of the batch
-    norm's saved input x [M, C], masked by `mask`): stores dz = act'(z) * g at dz_ptr + offs (dz_ptr's
-    dtype), and writes partial row `row` (of T) of sum(dz), sum(dz*xhat) for channel block `cblock`
-    (of n_cblocks; channels `cols`); the last programs to arrive sum the T rows into sdz/sdzx [C]
-    (reduction.fold_tail: fold rows fdz/fdzx, tickets ctr, R rows a fold). HALVES: the tile is worked
-    in two row halves, so a thread holding many elements (64 fp32 of g) keeps the activation's
-    temporaries of half of them live at a time (no spills on sm_90)."""
+    """In the kernel that makes dy = g ([BLOCK_M, BLOCK_C] fp32, 0 in masked lanes) for rows `pix`
+    ([BLOCK_M] row indices of the batch norm's saved input x [M, C], real where pix_ok) and channels
+    `cols` (real where cmask): stores dz = act'(z) * g at the same places of dz_ptr (its dtype), and
+    writes partial row `row` (of T) of sum(dz), sum(dz*xhat) for channel block `cblock` (of n_cblocks);
+    the last programs to arrive sum the T rows into sdz/sdzx [C] (reduction.fold_tail: fold rows
+    fdz/fdzx, tickets ctr, R rows a fold). HALVES: the tile is worked in two row halves, so a thread
+    holding many elements (64 fp32 of g) keeps the activation's temporaries of half of them live at a
+    time (no spills on sm_90)."""
     mean, rstd, w, b = bn_channel_params(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, cmask, HAS_W, HAS_B, BLOCK_C)
     if HALVES:
-        g0, g1 = _halves(g, BLOCK_M, BLOCK_C)
-        o0, o1 = _halves(offs, BLOCK_M, BLOCK_C)
-        m0, m1 = _halves(mask, BLOCK_M, BLOCK_C)
-        s, sx = _bn_grad_rows(g0, dz_ptr, o0, m0, x_ptr, mean, rstd, w, b, slope, ACT, HAS_W, HAS_B)
-        s1, sx1 = _bn_grad_rows(g1, dz_ptr, o1, m1, x_ptr, mean, rstd, w, b, slope, ACT, HAS_W, HAS_B)
+        g0, g1 = _tile_halves(g, BLOCK_M, BLOCK_C)
+        p0, p1 = _row_halves(pix, BLOCK_M)
+        k0, k1 = _row_halves(pix_ok, BLOCK_M)
+        s, sx = _bn_grad_rows(g0, dz_ptr, p0, k0, cols, cmask, C, x_ptr, mean, rstd, w, b, slope, ACT, HAS_W, HAS_B)
+        s1, sx1 = _bn_grad_rows(g1, dz_ptr, p1, k1, cols, cmask, C, x_ptr, mean, rstd, w, b, slope, ACT, HAS_W,
+                                HAS_B)
         s += s1
         sx += sx1
     else:
-        s, sx = _bn_grad_rows(g, dz_ptr, offs, mask, x_ptr, mean, rstd, w, b, slope, ACT, HAS_W, HAS_B)
+        s, sx = _bn_grad_rows(g, dz_ptr, pix, pix_ok, cols, cmask, C, x_ptr, mean, rstd, w, b, slope, ACT, HAS_W,
+                              HAS_B)
     part = row.to(tl.int64) * C + cols  # [BLOCK_C]
     tl.store(pdz_ptr + part, s, mask=cmask)
     tl.store(pdzx_ptr + part, sx, mask=cmask)

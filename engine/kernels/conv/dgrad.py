@@ -161,21 +161,19 @@ def _conv_dgrad_kernel(
                        KH, KW, CHUNKS, 1, EVEN_K, EVEN_N, W_TMA, ACT, HAS_SCALE, PRECISION, UPCAST, BLOCK_K, False,
                        dy_ptr, 0, 0, 0, False)
     if SH == 1 and SW == 1 and POOL == 0:
-        # dx pixel = offs_m: no (n, hi, wi), which the compiler would redo per element here
-        dx_off = (offs_m * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
+        pix = offs_m  # [BLOCK_M] the dx pixel: no (n, hi, wi), which the compiler would redo per element here
     else:
-        hi = qh * SH + ra  # [BLOCK_M]
-        wi = qw * SW + rb  # [BLOCK_M]
-        dx_off = (((n * H + hi) * W + wi) * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
-    out_mask = mask_m[:, None] & mask_ci[None, :]  # [BLOCK_M, BLOCK_N]
+        pix = (n * H + qh * SH + ra) * W + qw * SW + rb  # [BLOCK_M]
     if BN_GRAD:  # every program, empty tiles too: each must write its partial row and draw its tickets
-        row = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
-        bn_grad_epilogue(acc, dx_ptr, dx_off, out_mask, row, tl.program_id(1), tl.num_programs(1), offs_ci, mask_ci,
+        row = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)  # (one group: g * CIN_G = 0)
+        bn_grad_epilogue(acc, dx_ptr, pix, mask_m, row, tl.program_id(1), tl.num_programs(1), offs_ci, mask_ci,
                          bnx_ptr, bn_mean_ptr, bn_rstd_ptr, bn_w_ptr, bn_b_ptr, pdz_ptr, pdzx_ptr, fdz_ptr,
                          fdzx_ptr, sdz_ptr, sdzx_ptr, bn_ctr_ptr, tl.num_programs(2) * tl.num_programs(0), BN_R,
                          DXC, bn_slope,
                          BN_ACT, BN_HAS_W, BN_HAS_B, BN_BLOCK_T, BLOCK_M, BLOCK_N, BN_HALVES)  # dz in dx's place
     else:
+        dx_off = (pix * DXC + g * CIN_G)[:, None] + offs_ci[None, :]  # [BLOCK_M, BLOCK_N]
+        out_mask = mask_m[:, None] & mask_ci[None, :]  # [BLOCK_M, BLOCK_N]
         tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 

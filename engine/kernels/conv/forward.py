@@ -98,12 +98,45 @@ def _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
 
 
 @triton.jit
+def window_rows(pid_m, POOL: tl.constexpr, TAP_S1: tl.constexpr, TAP_S0: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(window, tap) of each row of M tile pid_m of a conv with a fused POOL x POOL pool ([BLOCK_M] each;
+    tap = dy*POOL + dx; the tile holds windows pid_m*BLOCK_M/POOL**2 onwards).
+
+    POOL 2: tile row r holds tap 2*(r // TAP_S1 % 2) + r // TAP_S0 % 2 (powers of two, TAP_S1 > TAP_S0)
+    and the window its other bits make. (2, 1): a window's taps are consecutive rows. (8, 4), (BLOCK_M/2,
+    8): rows 8 apart are in one thread of Hopper's warpgroup MMA accumulator (a warp's 16 rows as lane/4
+    and lane/4 + 8), as are the two 64-row halves of a 4-warp 128+ row tile, so the window max takes
+    one shuffle level or none instead of two (pool_row_order picks; `_pool_epilogue` undoes it)."""
+    r = tl.arange(0, BLOCK_M)  # [BLOCK_M] row in the tile
+    if POOL == 2:
+        tap = (r // TAP_S1 % 2) * 2 + r // TAP_S0 % 2  # [BLOCK_M]
+        low = r % TAP_S0  # [BLOCK_M] the window's bits below, between and above the tap bits
+        mid = (r // (2 * TAP_S0)) % (TAP_S1 // (2 * TAP_S0))
+        high = r // (2 * TAP_S1)
+        win = pid_m * (BLOCK_M // 4) + low + TAP_S0 * (mid + (TAP_S1 // (2 * TAP_S0)) * high)  # [BLOCK_M]
+    else:
+        tap = r % (POOL * POOL)  # [BLOCK_M]
+        win = pid_m * (BLOCK_M // (POOL * POOL)) + r // (POOL * POOL)  # [BLOCK_M]
+    return win, tap
+
+
+def pool_row_order(pool: int, block_m: int, num_warps: int | None) -> tuple[int, int]:
+    """window_rows' (TAP_S1, TAP_S0) for a tile: a 2x2 window's taps in as few lanes as the MMA layout allows
+    (4 warps and 128+ rows: all four in one thread; else two in a thread), consecutive rows otherwise."""
+    if pool != 2 or block_m < 16:
+        return 2, 1
+    if block_m >= 128 and (num_warps or 4) == 4:
+        return block_m // 2, 8
+    return 8, 4
+
+
+@triton.jit
 def _pool_epilogue(acc, pid_m, offs_c, mask_c, y_ptr, idx_ptr, bias_ptr, scale_ptr, shift_ptr, psum_ptr,
                    psumsq_ptr, NWIN, Cout, slope, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                    HAS_SHIFT: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   TAP_S1: tl.constexpr, TAP_S0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """A fused POOL x POOL / stride POOL max pool: the tile's rows are whole windows, window-major
-    (row m = window m // POOL**2, tap m % POOL**2 = dy*POOL + dx). Stores the pooled
+    in window_rows' order (tap = dy*POOL + dx). Stores the pooled
     y = max over the window of act((acc + bias) * scale + shift) into y [NWIN, Cout] (contiguous),
     the winning tap into idx (one byte, engine.kernels.pool's code: the first maximum in tap
     order) and, with STATS, the per-tile sums of the pooled y and y*y (psum/psumsq row pid_m)."""
@@ -119,7 +152,13 @@ def _pool_epilogue(acc, pid_m, offs_c, mask_c, y_ptr, idx_ptr, bias_ptr, scale_p
     # the max of the values as stored (rounded to y's dtype), as a separate pool would see them:
     # the same winner, ties included (the first tap; NaNs are not ranked as a pool kernel ranks them)
     z = z.to(y_ptr.dtype.element_ty).to(tl.float32)
-    z3 = tl.reshape(z, [BLOCK_M // (POOL * POOL), POOL * POOL, BLOCK_N])  # [windows, taps, BLOCK_N]
+    if POOL == 2:
+        # window_rows' order: row r = ((high*2 + s1)*MID + mid)*2*TAP_S0 + s0*TAP_S0 + low holds tap 2*s1 + s0
+        # of window (high*MID + mid)*TAP_S0 + low (MID = TAP_S1 / (2*TAP_S0))
+        z6 = tl.reshape(z, [BLOCK_M // (2 * TAP_S1), 2, TAP_S1 // (2 * TAP_S0), 2, TAP_S0, BLOCK_N])
+        z3 = tl.reshape(tl.permute(z6, (0, 2, 4, 1, 3, 5)), [BLOCK_M // 4, 4, BLOCK_N])  # [windows, taps, BLOCK_N]
+    else:
+        z3 = tl.reshape(z, [BLOCK_M // (POOL * POOL), POOL * POOL, BLOCK_N])  # [windows, taps, BLOCK_N]
     best, arg = tl.max(z3, axis=1, return_indices=True)  # [BLOCK_M // (POOL * POOL), BLOCK_N] each
     win = pid_m * (BLOCK_M // (POOL * POOL)) + tl.arange(0, BLOCK_M // (POOL * POOL))  # [windows] pooled pixel
     mask = (win < NWIN)[:, None] & mask_c[None, :]  # [BLOCK_M // (POOL * POOL), BLOCK_N]
@@ -148,7 +187,7 @@ def _conv_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, FLAT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, POOL: tl.constexpr,
-    FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, CMA: tl.constexpr, COUNT: tl.constexpr,
+    TAP_S1: tl.constexpr, TAP_S0: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, CMA: tl.constexpr, COUNT: tl.constexpr,
     ST_BLOCK_T: tl.constexpr, IN_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -170,7 +209,8 @@ def _conv_fwd_kernel(
     row's).
     POOL > 0: a fused POOL x POOL / stride POOL max pool (no padding, floor mode; POOL**2
     divides BLOCK_M): M = N*PH*PW*POOL**2 rows in window-major order (rows a floor-mode pool
-    drops are not computed), stored by _pool_epilogue into y [N, PH, PW, Cout] and idx.
+    drops are not computed; window_rows orders a tile's rows), stored by _pool_epilogue into
+    y [N, PH, PW, Cout] and idx.
     """
     XC = XC_A * ALIGN  # x's channels as stored (pixel stride): G * Cs
     CIN_G = CIN_A * ALIGN  # input channels per group as stored, Cs (>= the weight's; zero weights beyond)
@@ -184,12 +224,11 @@ def _conv_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output pixel index
     mask_m = offs_m < M
     if POOL > 0:
-        # window-major rows: m = ((n*PH + ph)*PW + pw)*POOL**2 + dy*POOL + dx (constexpr divisors
-        # for the tap), so a tile holds whole windows
+        # window-major rows, so a tile holds whole windows (constexpr divisors for the tap)
         PWo = Wo // POOL
         PHo = Ho // POOL
-        tap = offs_m % (POOL * POOL)  # [BLOCK_M]
-        win = offs_m // (POOL * POOL)  # [BLOCK_M]
+        win, tap = window_rows(pid_m, POOL, TAP_S1, TAP_S0, BLOCK_M)  # [BLOCK_M] each
+        mask_m = win < M // (POOL * POOL)
         pw = win % PWo
         t = win // PWo
         ho = (t % PHo) * POOL + tap // POOL  # [BLOCK_M]
@@ -229,7 +268,7 @@ def _conv_fwd_kernel(
     if POOL > 0:
         _pool_epilogue(acc, pid_m, offs_c, mask_c, y_ptr, idx_ptr, bias_ptr, scale_ptr, shift_ptr, psum_ptr,
                        psumsq_ptr, M // (POOL * POOL), Cout, slope, HAS_BIAS, HAS_SCALE, HAS_SHIFT, STATS, ACT,
-                       POOL, BLOCK_M, BLOCK_N)
+                       POOL, TAP_S1, TAP_S0, BLOCK_M, BLOCK_N)
     else:
         _epilogue(acc, pid_m, offs_m, n, ho, wo, mask_m, offs_c, mask_c,
                   y_ptr, z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, psum_ptr, psumsq_ptr,
@@ -421,7 +460,8 @@ def conv2d_forward(x, w, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(
                NALIGN=na, EVEN_K=tpc > 1 or Cs % cfg.block_k == 0, W_PAD=wpad,
                EVEN_N=Cout_g % cfg.block_n == 0,
                **flags, FLAT=flat, PRECISION=precision(allow_tf32), UPCAST=upcast(x.dtype), IDX64=big, W_TMA=tma,
-               POOL=pool, IN_BOUNDS=tpc > 1 and tuple(padding) == (0, 0), BLOCK_M=cfg.block_m,
+               POOL=pool, **dict(zip(("TAP_S1", "TAP_S0"), pool_row_order(pool, cfg.block_m, cfg.num_warps))),
+               IN_BOUNDS=tpc > 1 and tuple(padding) == (0, 0), BLOCK_M=cfg.block_m,
                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **cfg.meta())
         return psum, psumsq, finished
 
