@@ -57,7 +57,8 @@ def _sgd_kernel(
     param_ptr, gtab_ptr, mom_ptr, pk_ptr, blk_ptr, seg_ptr, int_ptr, lr_ptr, counters_ptr,
     lr, weight_decay, momentum, buf_scale, grad_scale, lr_len,
     HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, PER_SEG: tl.constexpr,
-    DEVICE_LR: tl.constexpr, PACK: tl.constexpr, SEG_COLS: tl.constexpr, MAX_PACKS: tl.constexpr,
+    DEVICE_LR: tl.constexpr, PACK: tl.constexpr, PACK_WIDE: tl.constexpr, SEG_COLS: tl.constexpr,
+    MAX_PACKS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """torch.optim.SGD on one block of one parameter.
@@ -94,7 +95,7 @@ def _sgd_kernel(
         p = p - lr * g
         tl.store(param_ptr + offs, p, mask=mask)
         if PACK:
-            store_packed(p, pk_ptr, int_ptr + seg * SEG_COLS + 3, offs - seg_start, mask, MAX_PACKS)
+            store_packed(p, pk_ptr, int_ptr + seg * SEG_COLS + 3, offs - seg_start, mask, MAX_PACKS, PACK_WIDE)
 
 
 @triton.jit
@@ -103,7 +104,7 @@ def _adam_kernel(
     weight_decay, decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, log_beta1, log_beta2,
     lr_len,
     HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, PER_SEG: tl.constexpr, DEVICE_LR: tl.constexpr,
-    PACK: tl.constexpr, SEG_COLS: tl.constexpr, MAX_PACKS: tl.constexpr, BLOCK: tl.constexpr,
+    PACK: tl.constexpr, PACK_WIDE: tl.constexpr, SEG_COLS: tl.constexpr, MAX_PACKS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """torch.optim.Adam (L2 into the grad) or AdamW (DECOUPLED: p *= 1 - lr*wd) on one block.
 
@@ -146,7 +147,7 @@ def _adam_kernel(
         tl.store(v_ptr + offs, v, mask=mask)
         tl.store(param_ptr + offs, p, mask=mask)
         if PACK:
-            store_packed(p, pk_ptr, int_ptr + seg * SEG_COLS + 3, offs - seg_start, mask, MAX_PACKS)
+            store_packed(p, pk_ptr, int_ptr + seg * SEG_COLS + 3, offs - seg_start, mask, MAX_PACKS, PACK_WIDE)
 
 
 # ----------------------------------------------------------------------------
@@ -203,7 +204,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         # packed copies: each element's destination in two permuted layouts is int64 index math;
         # at 16 elements a thread (4 warps) the SGD kernel spilled 216 B on sm_90, 8 warps halve it
         pack = fg.packed_buf is not None
-        meta = dict(DEVICE_LR=self._device is not None, PACK=pack, SEG_COLS=SEG_COLS,
+        meta = dict(DEVICE_LR=self._device is not None, PACK=pack, PACK_WIDE=pack and fg.pack_wide, SEG_COLS=SEG_COLS,
                     MAX_PACKS=MAX_PACKS, BLOCK=fg.block, num_warps=8 if pack else 4)
         return ptrs, meta
 

@@ -161,16 +161,20 @@ def _to_packed_dtype(p, pk_ptr):
 
 
 @triton.jit
-def store_packed(p, pk_ptr, row_ptr, i, mask, MAX_PACKS: tl.constexpr):
+def store_packed(p, pk_ptr, row_ptr, i, mask, MAX_PACKS: tl.constexpr, WIDE: tl.constexpr):
     """Write p ([BLOCK] fp32 values at flat indices i of one parameter) into its packed copies:
     row_ptr -> (n packs, then per pack base, d1, d2, d3, s0..s3); the destination of i is
-    base + sum_k coord_k(i) * s_k (a permuted layout), in the packed buffer's dtype."""
+    base + sum_k coord_k(i) * s_k (a permuted layout), in the packed buffer's dtype. WIDE: a packed
+    parameter has 2**31 elements or more; else the coordinates are 32-bit division (a 64-bit one
+    is a called subroutine, about 4x the instructions)."""
     n = tl.load(row_ptr)
     v = _to_packed_dtype(p, pk_ptr)  # [BLOCK] packed dtype
+    if not WIDE:
+        i = i.to(tl.int32)
     for k in tl.static_range(MAX_PACKS):
         if k < n:
             r = row_ptr + 1 + k * 8
-            d1, d2, d3 = tl.load(r + 1), tl.load(r + 2), tl.load(r + 3)
+            d1, d2, d3 = tl.load(r + 1).to(i.dtype), tl.load(r + 2).to(i.dtype), tl.load(r + 3).to(i.dtype)
             rest = i // d3
             i2, rest = rest % d2, rest // d2
             dst = tl.load(r) + (i % d3) * tl.load(r + 7) + i2 * tl.load(r + 6) + (rest % d1) * tl.load(r + 5) \
@@ -275,6 +279,7 @@ class FlatGroup:
                 used += -(-self.numels[i] // unit) * unit
             rows.append(row + [0] * (SEG_COLS - len(row)))
         self.int_rows = rows
+        self.pack_wide = any(self.numels[i] >= 2 ** 31 for i, ks in enumerate(self.packings) if ks)
         self.int_table = torch.tensor(rows, dtype=torch.int64).to(self.device)  # [n, SEG_COLS]
         self.packed_buf = (torch.empty((max(used, 1),), device=self.device, dtype=self.pack_dtype)
                            if self.pack_dtype is not None else None)

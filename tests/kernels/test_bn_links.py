@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from helpers import check_against_torch, torch_act
 
 import engine.device
+import engine.kernels.batchnorm.backward as bn_backward
 import engine.kernels.common as common
 import engine.kernels.conv.function as conv_function
 import engine.kernels.conv.geometry as conv_geometry
@@ -155,6 +156,22 @@ def test_bn_backward_expands_the_pool(name, chained):
     names = [s.name for s in rec]
     assert "_max_pool_bwd_kernel" not in names and "_max_pool_fwd_kernel" not in names, names
     assert ("_bn_bwd_reduce_kernel" in names) != chained, names  # the second conv's dgrad made the sums
+
+
+@pytest.mark.parametrize("block_m", [4, 64, 256])
+def test_pool_expansion_tiles(block_m, monkeypatch):
+    # the bn's backward writes the full-resolution gradient in tiles of image rows: a row's pixels in
+    # several tiles (4), several rows a tile wrapping into the next image (64: 4 of 11 rows), whole images
+    monkeypatch.setattr(bn_backward, "tile_2d", lambda M, C: (block_m, 16, 4))
+    N, Cin, H, W, Cout, k, kw, pool, act = CONV_POOL_BN["odd_hw_gelu"]
+    x = torch.randn(N, Cin, H, W).requires_grad_()
+    w, cb = conv_weight(Cout, Cin, k), torch.randn(Cout)  # its gradient is 0 before a bn
+    g, b = bn_params(Cout)
+    with recording() as rec:
+        check_against_torch(ours_conv_pool_bn(act, pool, True, **kw), ref_conv_pool_bn(act, pool, **kw),
+                            [x, w, cb, g, b])
+    apply = [dict(s.constexprs) for s in rec if s.name == "_bn_bwd_apply_kernel"]
+    assert apply and all(c["POOL"] == 2 and c["BLOCK_M"] <= block_m for c in apply), apply
 
 
 def test_operand_expansion_ignores_the_pool_link(monkeypatch):

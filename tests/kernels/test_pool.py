@@ -42,6 +42,7 @@ POOL_CASES = [
     (2, 10, 7, 9, 3, None, 0),
     (1, 3, 8, 11, (2, 3), (1, 2), (1, 0)),
     (5, 3, 15, 15, 3, 1, 1),
+    (2, 5, 10, 11, 2, 3, 1),  # disjoint windows with gaps and padding (the backward's one-gather path)
 ]
 
 

@@ -45,6 +45,7 @@ from engine import device as _device
 from engine.kernels.common import (FOLD_ROWS, act_code_checked, channel_block, check_activation, check_param,
                                    contiguous, finalize_plan, reduce_plan, reduce_rows, row_tile, rows_block, rows_of,
                                    store_partial_row, tile_2d)
+from engine.kernels.layout import channel_multiple
 from engine.kernels.reduction import (TAIL_ELEMS, fold_plan, fold_rows, fold_tail, fold_tail_buffers,
                                       last_to_arrive, sum_row_range, ticket_counters)
 from engine.kernels.launch import launch
@@ -235,10 +236,14 @@ def _bn_apply_kernel(
     w_ptr,  # [C] fp32 weight (if HAS_W)
     b_ptr,  # [C] fp32 bias (if HAS_B)
     y_ptr,  # [M, C] out, x's dtype
-    M, C, slope,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    M, C_A, slope,  # C = C_A * ALIGN channels
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # C in units of ALIGN (channels per 16 bytes): the compiler then proves each row's channels 16-byte
+    # aligned and moves them in vectors (a 24-channel bf16 tensor took 2-byte loads: 1,614 instructions
+    # a program, issue-bound at 52 us against 28 us of HBM in airbench94)
+    C = C_A * ALIGN
     cols, cmask = channel_block(tl.program_id(1), C, BLOCK_C)  # [BLOCK_C] each
     mask, offs = row_tile(tl.program_id(0), M, C, cols, cmask, BLOCK_M)  # [BLOCK_M, BLOCK_C] each
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)  # [BLOCK_C] fp32
@@ -340,9 +345,11 @@ def _apply(x, mean, rstd, weight, bias, code: int, slope) -> torch.Tensor:
     M, C = rows_of(x)
     y = torch.empty_like(x)
     bm, bc, nw = tile_2d(M, C)
+    m = channel_multiple(x.dtype)
+    align = m if C % m == 0 else 1
     launch(_bn_apply_kernel, (triton.cdiv(M, bm), triton.cdiv(C, bc)),
            x, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean, y,
-           M, C, float(slope), HAS_W=weight is not None, HAS_B=bias is not None, ACT=code,
+           M, C // align, float(slope), HAS_W=weight is not None, HAS_B=bias is not None, ACT=code, ALIGN=align,
            BLOCK_M=bm, BLOCK_C=bc, num_warps=nw)
     return y
 

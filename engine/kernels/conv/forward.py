@@ -187,7 +187,8 @@ def _conv_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     SAVE_PRE: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr, FLAT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr, POOL: tl.constexpr,
-    TAP_S1: tl.constexpr, TAP_S0: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, CMA: tl.constexpr, COUNT: tl.constexpr,
+    TAP_S1: tl.constexpr, TAP_S0: tl.constexpr,
+    FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, CMA: tl.constexpr, COUNT: tl.constexpr,
     ST_BLOCK_T: tl.constexpr, IN_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
