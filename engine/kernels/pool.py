@@ -131,6 +131,19 @@ def _max_pool_fwd_kernel(
 
 
 @triton.jit
+def _gather_won(dy_ptr, idx_ptr, n, oh, ow, v, code, OH, OW, C, offs_c, mask_c, IDX_WIDE: tl.constexpr):
+    """[BLOCK_P, BLOCK_C] fp32: dy at pooled pixels (n, oh, ow) ([BLOCK_P] each, real where v) where that
+    window's saved winning tap is `code` (this pixel's place in it), else 0."""
+    off = (((n * OH + oh) * OW + ow) * C)[:, None] + offs_c[None, :]  # [BLOCK_P, BLOCK_C]
+    m2 = v[:, None] & mask_c[None, :]
+    if IDX_WIDE:
+        tap = tl.load(idx_ptr + off, mask=m2, other=0)  # [BLOCK_P, BLOCK_C] int32
+    else:
+        tap = tl.load(idx_ptr + off, mask=m2, other=0).to(tl.int32)  # [BLOCK_P, BLOCK_C] from uint8
+    return tl.load(dy_ptr + off, mask=m2 & (tap == code), other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _max_pool_bwd_kernel(
     dy_ptr, idx_ptr, dx_ptr,  # dy, idx [N,OH,OW,C] (idx uint8, int32 if IDX_WIDE); dx [N,H,W,C]
     bnx_ptr, bn_mean_ptr, bn_rstd_ptr, bn_w_ptr, bn_b_ptr,  # BN_GRAD: the batch norm that made x, and
@@ -156,14 +169,7 @@ def _max_pool_bwd_kernel(
         i = ih + PH - oh * SH  # [BLOCK_P] the pixel's tap in that window
         j = iw + PW - ow * SW
         v = mask_p & (i < KH) & (j < KW) & (oh < OH) & (ow < OW)  # [BLOCK_P]
-        off = (((n * OH + oh) * OW + ow) * C)[:, None] + offs_c[None, :]  # [BLOCK_P, BLOCK_C]
-        m2 = v[:, None] & mask_c[None, :]
-        if IDX_WIDE:
-            tap = tl.load(idx_ptr + off, mask=m2, other=0)  # [BLOCK_P, BLOCK_C] int32
-        else:
-            tap = tl.load(idx_ptr + off, mask=m2, other=0).to(tl.int32)  # [BLOCK_P, BLOCK_C] from uint8
-        won = m2 & (tap == (i * KW + j)[:, None])  # [BLOCK_P, BLOCK_C]
-        acc += tl.load(dy_ptr + off, mask=won, other=0.0).to(tl.float32)
+        acc += _gather_won(dy_ptr, idx_ptr, n, oh, ow, v, (i * KW + j)[:, None], OH, OW, C, offs_c, mask_c, IDX_WIDE)
     else:
         for i in tl.static_range(KH):
             th = ih + PH - i  # [BLOCK_P] oh * SH if tap i of window oh lands here
@@ -173,15 +179,7 @@ def _max_pool_bwd_kernel(
                 tw = iw + PW - j
                 ow = tw // SW
                 v = vh & (tw >= 0) & (tw % SW == 0) & (ow < OW)  # [BLOCK_P]
-                off = (((n * OH + oh) * OW + ow) * C)[:, None] + offs_c[None, :]  # [BLOCK_P, BLOCK_C]
-                m2 = v[:, None] & mask_c[None, :]
-                if IDX_WIDE:
-                    tap = tl.load(idx_ptr + off, mask=m2, other=0)  # [BLOCK_P, BLOCK_C] int32
-                else:
-                    tap = tl.load(idx_ptr + off, mask=m2, other=0).to(tl.int32)  # [BLOCK_P, BLOCK_C] from uint8
-                won = m2 & (tap == i * KW + j)  # [BLOCK_P, BLOCK_C]
-                g = tl.load(dy_ptr + off, mask=m2 & won, other=0.0).to(tl.float32)
-                acc += g
+                acc += _gather_won(dy_ptr, idx_ptr, n, oh, ow, v, i * KW + j, OH, OW, C, offs_c, mask_c, IDX_WIDE)
     out = (offs_p * C)[:, None] + offs_c[None, :]
     if BN_GRAD:  # every program, empty tiles too: each writes its partial row and draws its tickets
         bn_grad_epilogue(acc, dx_ptr, offs_p, mask_p, tl.program_id(0), tl.program_id(1),

@@ -16,7 +16,7 @@ from helpers import assert_close, check_against_torch
 import engine.device
 import engine.kernels.conv.function as conv_function
 import engine.kernels.conv.geometry as conv_geometry
-from engine.kernels.conv import conv2d, conv2d_forward
+from engine.kernels.conv import conv2d, conv2d_dgrad, conv2d_forward, conv2d_wgrad
 from engine.kernels.launch import recording
 
 
@@ -154,6 +154,33 @@ def test_window_row_orders(block_m, num_warps, order, monkeypatch):
         check_against_torch(ours_fn(2, padding=1), ref_fn(2, padding=1), [x, w, b])
     fwd = [dict(s.constexprs) for s in rec if s.name == "_conv_fwd_kernel"]
     assert fwd and all((c["TAP_S1"], c["TAP_S0"]) == order for c in fwd)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_backward_of_a_cropped_gradient(stride):
+    # dgrad/wgrad given only the output rows a floor-mode pool read (extent): the same as the full
+    # gradient with zeros past them, in torch's reference
+    N, Cin, H, W, Cout = 2, 6, 11, 9, 10
+    x = torch.randn(N, Cin, H, W, dtype=torch.float64)
+    w = torch.randn(Cout, Cin, 3, 3, dtype=torch.float64) / 7
+    kw = dict(stride=(stride, stride), padding=(1, 1), dilation=(1, 1), groups=1)
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    Hd, Wd = Ho // 2 * 2, Wo // 2 * 2
+    assert (Hd, Wd) != (Ho, Wo)
+    dy = torch.randn(N, Cout, Hd, Wd, dtype=torch.float64)
+    full = F.pad(dy, (0, Wo - Wd, 0, Ho - Hd))
+    x32, w32, dy32 = nhwc(x).float(), w.float(), nhwc(dy).float()
+    dx = conv2d_dgrad(dy32, w32, tuple(x32.shape), extent=(Hd, Wd), **kw)
+    dw, db = conv2d_wgrad(x32, dy32, tuple(w.shape), need_bias=True, extent=(Hd, Wd), **kw)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F.conv2d(xr, wr, None, stride, 1).backward(full)
+    assert_close(nchw(dx), xr.grad, what="dx")
+    assert_close(dw, wr.grad, what="dw")
+    assert_close(db, full.sum((0, 2, 3)), what="db")
+    with pytest.raises(ValueError, match="within"):
+        conv2d_dgrad(dy32, w32, tuple(x32.shape), extent=(Ho + 1, Wd), **kw)
+    with pytest.raises(ValueError, match="cropped"):
+        conv2d_wgrad(x32, dy32, tuple(w.shape), extent=(Hd, Wd), act="relu", z=dy32, **kw)
 
 
 def test_inference_epilogue_before_the_pool():

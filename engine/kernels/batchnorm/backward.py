@@ -265,9 +265,10 @@ class BnGradLink:
 @dataclass(eq=False)
 class PoolGradLink:
     """Between a conv with a fused max pool (and the pooled output's statistics) and the batch norm
-    that reads it: the conv's forward leaves `pool` = (argmax, K, full-resolution shape); the batch
-    norm's backward writes the conv's full-resolution gradient (`grad`), which the conv's backward
-    takes instead of expanding the pooled one."""
+    that reads it: the conv's forward leaves `pool` = (argmax, K, full-resolution shape: the output
+    rows and columns the pool read, without any it dropped); the batch norm's backward writes the
+    conv's full-resolution gradient (`grad`) over them, which the conv's backward takes instead of
+    expanding the pooled one (its dgrad and wgrad take the dropped rows as zeros: no bytes for them)."""
 
     pool: tuple | None = None
     grad: torch.Tensor | None = None
@@ -313,7 +314,8 @@ def bn_train_backward(dy, x, mean, rstd, weight, bias, act="none", slope=0.01, n
 
     sums=(sdz, sdzx): made by the kernel that made dy (bn_grad_epilogue), and dy is then dz itself:
     no reduce pass. pool=(idx, K, full_shape): x is the pooled output of a fused K x K max pool with
-    argmax idx; dx is then the pool's input gradient, full_shape [N, H, W, C]."""
+    argmax idx; dx is then the pool's input gradient, full_shape [N, H, W, C] (H // K = x's height; rows
+    past the last whole window, if H has any, get zeros)."""
     check_activation(x)
     M, C = rows_of(x)
     if dy.shape != x.shape:

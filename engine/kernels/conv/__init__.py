@@ -6,6 +6,8 @@
     weights.py    the packed weight layouts the kernels read: the fused
                   optimizer's copies (their `Packing`s), else packed per call
     mainloop.py   the (tap, channel chunk) main loop of forward and dgrad
+    pooling.py    the max pool a forward fuses: the order of a tile's rows over
+                  the pool windows, the pooling epilogue, the preconditions
     forward.py    implicit-GEMM and depthwise forward kernels with the fused
                   epilogue (bias, folded BN, residual, activation, dropout,
                   BN statistics): conv2d_forward, ConvOutput

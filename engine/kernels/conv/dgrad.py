@@ -31,7 +31,7 @@ from engine.kernels import autotune
 from engine.kernels.batchnorm.backward import bn_grad_args, bn_grad_epilogue
 from engine.kernels.common import idx64, precision, upcast
 from engine.kernels.conv.geometry import (check_grad_inputs, check_pool_grad, conv_geometry, conv_key,
-                                          dgrad_phases, dw_tiles, operand_align)
+                                          dgrad_phases, dw_tiles, dy_extent, operand_align)
 from engine.kernels.conv.mainloop import load_dz, tap_gemm
 from engine.kernels.conv.weights import depthwise_weight, dgrad_weight, use_tma, weight_descriptor
 from engine.kernels.launch import launch
@@ -220,7 +220,7 @@ def _dwconv_dgrad_kernel(
 
 
 def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf32=False,
-                 z=None, act="none", slope=0.01, grad_scale=None, pool=0, pool_idx=None, bn_grad=None):
+                 z=None, act="none", slope=0.01, grad_scale=None, pool=0, pool_idx=None, bn_grad=None, extent=None):
     """dx [N,H,W,Cin] (dy's dtype) of a conv with weights w, from dy [N,Ho,Wo,Cout].
 
     With act != "none", dy is the gradient of act(z) and the kernel uses
@@ -230,6 +230,8 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
     bn_grad=(x, mean, rstd, weight, bias, act code, slope) (BnGradLink.saved): the conv's input is
     act(bn(x)) of a training batch norm only this conv reads; returns (dz, (sdz, sdzx)) instead:
     dz = act'(z) * dx in dx's place and that batch norm's per-channel gradient sums ([Cin] fp32).
+    extent=(Hd, Wd): dy [N, Hd, Wd, Cout] holds only the output's first Hd rows and Wd columns, the
+    gradient past them being zero (geometry.dy_extent).
     """
     stride, padding, dilation, Ho, Wo = conv_geometry(x_shape, w.shape, stride, padding, dilation, groups)
     N, H, W, Cin = x_shape
@@ -238,6 +240,7 @@ def conv2d_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups, allow_tf3
         check_pool_grad(dy, pool_idx, pool, act, grad_scale, (N, Ho // pool, Wo // pool, Cout),
                         Cin_g == 1 and groups > 1)
         Ho, Wo = Ho // pool * pool, Wo // pool * pool  # the rows the pool read
+    Ho, Wo = dy_extent(extent, Ho, Wo, pool, act, grad_scale, Cin_g == 1 and groups > 1)  # dy's rows
     code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho // (pool or 1), Wo // (pool or 1), Cout))
     if w.device != dy.device:
         raise ValueError(f"conv2d_dgrad: w on {w.device}, dy on {dy.device}")

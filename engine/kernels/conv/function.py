@@ -87,12 +87,12 @@ class Conv2dFunction(torch.autograd.Function):
             ctx.mark_dirty(out)
         ctx.save_for_backward(xs, w, res.z, scale, res.idx)
         ctx.pool = pool
-        if pool:  # the conv's own output extent (the pool dropped any rows past a whole window)
-            KH, KW = w.shape[2:]
-            ctx.full_hw = out_hw(xs.shape[1], xs.shape[2], KH, KW, stride, padding, dilation)
+        if pool:  # the output rows and columns the pool read (it dropped any past a whole window)
+            Ho, Wo = out_hw(xs.shape[1], xs.shape[2], *w.shape[2:], stride, padding, dilation)
+            ctx.pool_hw = (Ho // pool * pool, Wo // pool * pool)
         ctx.links = grad_link, (pool_link if pool and POOL_GRAD == "kernel" else None)
         if ctx.links[1] is not None:
-            pool_link.pool = (res.idx, pool, (x.shape[0], *ctx.full_hw, w.shape[0]))
+            pool_link.pool = (res.idx, pool, (x.shape[0], *ctx.pool_hw, w.shape[0]))
         ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
         ctx.act, ctx.slope = act, slope
         ctx.has_res = residual is not None
@@ -126,10 +126,12 @@ class Conv2dFunction(torch.autograd.Function):
         bw = dict(z=z, act=act, slope=ctx.slope, grad_scale=scale, **ctx.conf)
         if ctx.pool and POOL_GRAD == "operand":  # dy is the pooled gradient, expanded in the kernels' loads
             bw.update(pool=ctx.pool, pool_idx=idx)
-        elif ctx.pool and ctx.links[1] is None:
-            # expanded once through the argmax (zeros where the pool dropped rows)
-            k = ctx.pool
-            g = max_pool2d_backward(g, idx, (g.shape[0], *ctx.full_hw, g.shape[3]), k, k, 0)
+        elif ctx.pool:
+            # the full-resolution gradient, expanded once through the argmax (by the batch norm's
+            # backward, or here), stops at the rows the pool read: dgrad and wgrad take the rest as zeros
+            if ctx.links[1] is None:
+                g = max_pool2d_backward(g, idx, (g.shape[0], *ctx.pool_hw, g.shape[3]), ctx.pool, ctx.pool, 0)
+            bw.update(extent=ctx.pool_hw)
         dx, bn_link = None, ctx.links[0]
         if need_x and bn_link is not None and bn_link.saved is not None:  # dz of the bn that made x, and its sums
             dx, bn_link.sums = conv2d_dgrad(g, w, ctx.x_shape, bn_grad=bn_link.saved, **bw)

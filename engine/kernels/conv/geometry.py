@@ -78,6 +78,20 @@ def check_grad_inputs(dy, z, act, grad_scale, shape):
     return code
 
 
+def dy_extent(extent, Ho, Wo, pool, act, grad_scale, depthwise) -> tuple[int, int]:
+    """The output rows and columns a conv backward's dy holds: (Ho, Wo), or `extent` = (Hd, Wd) <= (Ho, Wo)
+    when dy stops there and the gradient past it is zero (the rows a floor-mode max pool after the
+    conv dropped: its full-resolution gradient is stored without them)."""
+    if extent is None:
+        return Ho, Wo
+    Hd, Wd = (int(e) for e in extent)
+    if not (0 < Hd <= Ho and 0 < Wd <= Wo):
+        raise ValueError(f"conv2d backward: dy extent {Hd}x{Wd} must be within the output's {Ho}x{Wo}")
+    if pool or act_code(act) != 0 or grad_scale is not None or depthwise:
+        raise ValueError("conv2d backward: a cropped dy takes no pool, activation, scale or depthwise conv")
+    return Hd, Wd
+
+
 def check_pool_grad(dy, idx, pool, act, grad_scale, shape, depthwise) -> None:
     """The pooled gradient dy and argmax idx of a conv with a fused pool x pool max pool (dgrad, wgrad)."""
     if not isinstance(pool, int) or pool < 2 or pool & (pool - 1) or depthwise:

@@ -38,7 +38,7 @@ from engine.kernels.common import check_activation, dot, idx64, next_pow2, preci
 from engine.kernels.reduction import last_to_arrive, sum_partials, sum_slices, ticket_counters
 import engine.kernels.conv.geometry as geometry
 from engine.kernels.conv.geometry import (check_channels, check_grad_inputs, check_pool_grad, conv_geometry,
-                                          conv_key, dw_tiles, flat_grad_out, operand_align, split_plan)
+                                          conv_key, dw_tiles, dy_extent, flat_grad_out, operand_align, split_plan)
 from engine.kernels.conv.depthwise_wgrad import depthwise_wgrad_partials
 from engine.kernels.conv.wgrad_folded import conv2d_wgrad_folded, fold_config
 from engine.kernels.conv.mainloop import load_dz
@@ -365,7 +365,7 @@ def _sum_splits(part: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias=False, allow_tf32=False,
                  z=None, act="none", slope=0.01, grad_scale=None, splits=None, channels=None, out=None,
-                 bias_out=None, pool=0, pool_idx=None):
+                 bias_out=None, pool=0, pool_idx=None, extent=None):
     """(dw fp32 [Cout,Cin/g,kh,kw], dbias fp32 [Cout] or None) from x [N,H,W,Cin] and dy [N,Ho,Wo,Cout].
 
     The N*Ho*Wo reduction is cut into S splits (`splits` overrides the automatic
@@ -377,7 +377,8 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
     layout, by the sum of the split partials or, with one split, by the kernel itself.
     pool=K: the forward fused a K x K max pool; dy is the pooled gradient [N,Ho//K,Wo//K,Cout]
     and pool_idx its argmax (ConvOutput.idx), expanded inside the kernel's dy loads; the pixels
-    of the reduction are those the pool read.
+    of the reduction are those the pool read. extent=(Hd, Wd): dy holds only the output's first Hd
+    rows and Wd columns, the gradient past them being zero (geometry.dy_extent): they are the pixels.
     """
     check_activation(x, "conv2d: x")
     if x.dim() != 4 or not x.is_contiguous() or x.device != dy.device:
@@ -392,6 +393,7 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
         check_pool_grad(dy, pool_idx, pool, act, grad_scale, (N, Ho // pool, Wo // pool, Cout),
                         Cin_g == 1 and groups > 1)
         Ho, Wo = Ho // pool * pool, Wo // pool * pool  # the pixels the pool read
+    Ho, Wo = dy_extent(extent, Ho, Wo, pool, act, grad_scale, Cin_g == 1 and groups > 1)  # dy's pixels
     code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho // (pool or 1), Wo // (pool or 1), Cout))
     dy = dy.contiguous()
     if dy.dtype != x.dtype:
@@ -426,7 +428,7 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
         return finish(part, bpart)
 
     xa, na = operand_align(x.shape[3], Cs, x.dtype), operand_align(Cout, Cout_g, x.dtype)
-    fold = None if pool else fold_config(Cs, Cout, KH, KW, padding, G, code == 0 and grad_scale is None,
+    fold = None if pool or extent else fold_config(Cs, Cout, KH, KW, padding, G, code == 0 and grad_scale is None,
                                          min(xa, na) == channel_multiple(x.dtype), x.element_size())
     if fold is not None:  # few channels, no padding (an RGB stem): every tap in one tile's rows
         return conv2d_wgrad_folded(x, dy, w_shape, fold, stride=stride, dilation=dilation, cin=Cin_g,
