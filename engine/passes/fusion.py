@@ -212,19 +212,30 @@ def plan_backward_links(plan: Plan) -> Plan:
     (`makes_bn_grad` in the op registry: a plain conv's dgrad epilogue, a max pool's backward gather):
     that node's backward kernel will make the bn's dz and gradient sums; `pool_grad_by` on a conv group
     whose fused pool's output feeds only a bn (the bn it emits statistics for), the bn whose backward
-    will write the conv's full-resolution gradient [engine.kernels.batchnorm.backward]."""
+    will write the conv's full-resolution gradient; `apply_by` on a conv group whose input is the
+    network's (no gradient) and whose plain output (no bias) feeds only a bn with `sums_by`: that bn's dx
+    has one reader, this conv's wgrad, which takes it from dz [engine.kernels.batchnorm.backward]."""
     if not plan.training:
         return plan
     graph = plan.graph
     users = _users(graph)
     out = list(plan.groups)
+    sums = {}  # bn node -> the node making its dz and sums
     for i, grp in enumerate(plan):
         if grp.family is Family.BATCH_NORM:
             reader = _sole_user(graph, graph.node(grp.output), users)
             if reader is not None and makes_bn_grad(reader) and reader.inputs[0] == grp.output:
                 out[i] = replace(grp, epilogue=replace(grp.epilogue, sums_by=reader.id))
-        elif grp.family is Family.CONV and grp.epilogue.pool is not None and grp.epilogue.stats is not None:
+                sums[grp.anchor] = reader.id
+    for i, grp in enumerate(out):
+        if grp.family is not Family.CONV or grp.epilogue.stats is None:
+            continue
+        e = grp.epilogue
+        if e.pool is not None:
             # plan_bn_stats set `stats` only for the bn alone reading the output; plan_fusion fuses a
             # pool only into a groups-1 conv
-            out[i] = replace(grp, epilogue=replace(grp.epilogue, pool_grad_by=grp.epilogue.stats))
+            out[i] = replace(grp, epilogue=replace(e, pool_grad_by=e.stats))
+        elif (e.stats in sums and graph.node(graph.node(grp.anchor).inputs[0]).op == "input"
+              and (e.bias, e.folded_bn, e.residual, e.act, e.dropout) == (False,) + (None,) * 4):
+            out[i] = replace(grp, epilogue=replace(e, apply_by=e.stats))
     return replace(plan, groups=tuple(out))

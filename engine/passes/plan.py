@@ -27,7 +27,8 @@ class Epilogue:
     z = anchor (+ bias) (folded bn: * scale + shift) (+ residual); statistics of z;
     y = dropout(act(z)); with a fused max pool, y = maxpool(act(z)) and the statistics are
     those of the pooled y. Each field is the IR node of that step (None: not fused).
-    Then the backward work a neighbour's kernel does for the group (`pool_grad_by`, `sums_by`)."""
+    Then the backward work a neighbour's kernel does for the group (`pool_grad_by`, `sums_by`,
+    `apply_by`)."""
 
     bias: bool = False  # the anchor layer's own bias
     folded_bn: int | None = None  # an eval-mode batch norm folded into a per-channel scale and shift
@@ -41,6 +42,8 @@ class Epilogue:
     #                                  writes this conv's full-resolution gradient through the argmax
     sums_by: int | None = None  # bn: the node reading this bn's output alone (a conv, a max pool) whose
     #                             backward kernel makes the bn's dz and its per-channel gradient sums
+    apply_by: int | None = None  # conv (its input takes no gradient: a stem): the training bn alone reading
+    #                              its output (with `sums_by`), whose dx this conv's wgrad takes from its dz
 
     def steps(self, graph: Graph) -> list[str]:
         """The fused steps as words, for the printer: bias, bn (folded), add, bn statistics, relu, dropout."""
@@ -61,6 +64,8 @@ class Epilogue:
                 out.append("bn statistics")
         if self.pool_grad_by is not None:
             out.append("bwd: pool grad from bn")
+        if self.apply_by is not None:
+            out.append("bwd: bn dx in wgrad")
         if self.sums_by is not None:  # the conv's dgrad, or the max pool's backward gather
             out.append(f"bwd: sums from {graph.node(self.sums_by).op}")
         return out

@@ -74,9 +74,11 @@ def conv(p, group: KernelGroup) -> torch.Tensor:
     # backward hand-offs: the bn that made x takes dz and its sums from this dgrad; the bn reading the
     # pooled output writes this conv's full-resolution gradient
     grad_link = p.grad_links.pop(anchor.inputs[0], None)
-    pool_link = stats_tail = None
+    pool_link = stats_tail = apply_link = None
     if e.pool_grad_by is not None and p.training:
         pool_link = p.pool_links[group.output] = K_bn.PoolGradLink()
+    if e.apply_by is not None and p.training:  # the bn reading the output leaves its dx to the wgrad
+        apply_link = p.apply_links[group.output] = K_bn.BnApplyLink()
     if stats:  # the kernel's last programs finish the bn's statistics (running ones included)
         bn = p.net.layer(p.graph.node(e.stats))
         stats_tail = K_bn.StatsTail(bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps)
@@ -84,6 +86,7 @@ def conv(p, group: KernelGroup) -> torch.Tensor:
                       dilation=a["dilation"], groups=a["groups"], act=act, slope=slope,
                       allow_tf32=p.net.allow_tf32, scale=scale, shift=shift, out=p.concat_slice(group, x.shape[0]),
                       stats=stats, pool=pool, grad_link=grad_link, pool_link=pool_link, stats_tail=stats_tail,
+                      apply_link=apply_link,
                       **_dropout(p, e.dropout, on_device=False))  # conv takes int seeds (for now)
     if stats:  # the batch statistics of the bn that reads this output (partial sums, or finished)
         y, p.bn_partials[group.output] = y
@@ -115,7 +118,8 @@ def batch_norm(p, group: KernelGroup) -> torch.Tensor:
         return K_bn.batch_norm_train(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum=bn.momentum,
                                      eps=bn.eps, num_batches_tracked=bn.num_batches_tracked, act=act, slope=slope,
                                      partials=p.bn_partials.pop(anchor.inputs[0], None), grad_link=grad_link,
-                                     pool_link=p.pool_links.pop(anchor.inputs[0], None))
+                                     pool_link=p.pool_links.pop(anchor.inputs[0], None),
+                                     apply_link=p.apply_links.pop(anchor.inputs[0], None))
     return K_bn.batch_norm_eval(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, act, slope)
 
 

@@ -188,6 +188,7 @@ class Pass:
         # backward hand-offs (engine.kernels.batchnorm.backward), by the id of the value between the two groups
         self.grad_links: dict[int, K_bn.BnGradLink] = {}  # a bn's output -> its link with the conv reading it
         self.pool_links: dict[int, K_bn.PoolGradLink] = {}  # a conv's pooled output -> its link with the bn
+        self.apply_links: dict[int, K_bn.BnApplyLink] = {}  # a stem conv's output -> its link with the bn
 
     def running(self, group: KernelGroup):
         observer = Pass.observer

@@ -18,7 +18,7 @@ import engine.kernels.batchnorm.backward as bn_backward
 import engine.kernels.common as common
 import engine.kernels.conv.function as conv_function
 import engine.kernels.conv.geometry as conv_geometry
-from engine.kernels.batchnorm import BnGradLink, PoolGradLink, batch_norm_train
+from engine.kernels.batchnorm import BnApplyLink, BnGradLink, PoolGradLink, batch_norm_train
 from engine.kernels.conv import conv2d
 from engine.kernels.launch import recording
 
@@ -271,3 +271,57 @@ def test_pool_backward_makes_the_bn_gradient(window):
         check_against_torch(ours, ref, [x, g, b])
     names = [r.name for r in rec]
     assert "_bn_bwd_reduce_kernel" not in names and names.count("_max_pool_bwd_kernel") == 1, names
+
+
+def ours_stem_bn(act, **conv_kw):
+    """conv -> training bn + act -> conv (padding 1), the bn's apply left to the first conv's wgrad."""
+    def f(x, w, g, b, w2):
+        apply_link, grad_link = BnApplyLink(), BnGradLink()
+        y, partials = conv2d(nhwc(x), w, stats=True, apply_link=apply_link, **conv_kw)
+        C = y.shape[-1]
+        h = batch_norm_train(y, g, b, torch.zeros(C), torch.ones(C), act=act, partials=partials,
+                             grad_link=grad_link, apply_link=apply_link)
+        return nchw(conv2d(h, w2, padding=1, grad_link=grad_link))
+    return f
+
+
+def ref_stem_bn(act, stride=1, padding=0):
+    def f(x, w, g, b, w2):
+        h = torch_act(F.batch_norm(F.conv2d(x, w, None, stride, padding), None, None, g, b, training=True,
+                                   eps=1e-5), act, 0.01)
+        return F.conv2d(h, w2, None, 1, 1)
+    return f
+
+
+# (dtype, input needs a gradient, conv kwargs, kernel): fp16 2x2 unpadded RGB: the folded wgrad takes the
+# bn's dx from dz, X^T X and X^T 1; fp32 / padded: one apply launch first; x's gradient: the dgrad reads dx too
+STEM_CASES = {
+    "folded_fp16": (torch.float16, False, dict(), 2),
+    "folded_stride2": (torch.float16, False, dict(stride=2), 2),
+    "padded_fp16": (torch.float16, False, dict(padding=1), 3),
+    "fp32": (torch.float32, False, dict(), 2),
+    "x_grad": (torch.float16, True, dict(), 2),
+}
+
+
+@pytest.mark.parametrize("name", list(STEM_CASES))
+def test_stem_wgrad_forms_the_bn_dx(name):
+    dtype, x_grad, kw, k = STEM_CASES[name]
+    x = torch.randn(3, 3, 11, 10).to(dtype).requires_grad_(x_grad)
+    w, g, b, w2 = conv_weight(16, 3, k), *bn_params(16), conv_weight(8, 16, 3)
+    with recording() as rec:
+        check_against_torch(ours_stem_bn("gelu", **kw), ref_stem_bn("gelu", **kw), [x, w, g, b, w2], tol=dtype)
+    folded = [dict(s.constexprs) for s in rec if s.name == "_conv_wgrad_folded_kernel"]
+    applies = [s for s in rec if s.name == "_bn_bwd_apply_kernel"]
+    fused = name.startswith("folded")
+    assert bool(folded) == (name not in ("padded_fp16", "fp32")), [s.name for s in rec]
+    assert all(c["BN_APPLY"] == fused for c in folded), folded
+    assert len(applies) == (0 if fused else 1), [s.name for s in rec]
+
+
+def test_stem_apply_link_refuses_a_conv_bias():
+    # the wgrad's formula takes the conv's output as X W: a bias before the bn is not in it
+    x, w = torch.randn(2, 3, 6, 6), conv_weight(16, 3, 2)
+    with pytest.raises(ValueError, match="apply_link needs the plain conv output"):
+        conv2d(nhwc(x), w, torch.randn(16), stats=True, apply_link=BnApplyLink())
+

@@ -12,12 +12,13 @@ from engine.kernels.batchnorm.inference import (
     bn_eval_fold,
     bn_eval_scale_shift,
 )
-from engine.kernels.batchnorm.backward import BnGradLink, PoolGradLink, bn_train_backward
+from engine.kernels.batchnorm.backward import BnApplyLink, BnGradLink, PoolGradLink, bn_apply_dx, bn_train_backward
 from engine.kernels.batchnorm.training import (BatchNormTrainFunction, BatchStats, StatsTail, batch_norm_train,
                                                bn_train_forward)
 
 __all__ = [
-    "AffineActFunction", "BNEvalScaleShiftFunction", "BatchNormTrainFunction", "BatchStats", "BnGradLink",
+    "AffineActFunction", "BNEvalScaleShiftFunction", "BatchNormTrainFunction", "BatchStats", "BnApplyLink",
+    "BnGradLink", "bn_apply_dx",
     "PoolGradLink", "StatsTail",
     "affine_act",
     "affine_act_backward", "affine_act_forward", "batch_norm_eval", "batch_norm_train", "bn_eval_fold",

@@ -19,8 +19,11 @@ two hand-offs that let its neighbours' kernels do part of it.
 
 Everything is deterministic (fixed-order sums; int32 tickets only pick who adds).
 
-Public API: bn_train_backward, BnGradLink, PoolGradLink, bn_grad_args; device: bn_channel_params,
-bn_dz, bn_grad_epilogue.
+  3. `BnApplyLink`: when the batch norm's input is a stem conv's output (its dx's one reader is that
+     conv's wgrad), the apply is left to the wgrad, which needs no dx (engine.kernels.conv.wgrad_folded).
+
+Public API: bn_train_backward, BnApplyLink, BnGradLink, PoolGradLink, bn_apply_dx, bn_grad_args; device:
+bn_channel_params, bn_dz, bn_grad_epilogue.
 """
 from __future__ import annotations
 
@@ -281,6 +284,28 @@ class PoolGradLink:
         return g
 
 
+@dataclass(eq=False)
+class BnApplyLink:
+    """Between a conv whose input takes no gradient (a network's stem) and the training batch norm alone
+    reading its output, whose dx then has one reader, the conv's wgrad: the batch norm's backward leaves
+    the apply's operands (`apply` = (dz, x, mean, rstd, weight, (sdz, sdzx)), when its dz and sums came
+    from the kernel after it) instead of launching `_bn_bwd_apply_kernel`, and the conv's wgrad takes
+    the weight gradient of dx = weight*rstd*(dz - sdz/M - xhat*sdzx/M) from dz, x being the conv's
+    own output (engine.kernels.conv.wgrad_folded's BN_APPLY; `bn_apply_dx` where it cannot)."""
+
+    apply: tuple | None = None
+
+    def take(self) -> tuple | None:
+        a, self.apply = self.apply, None
+        return a
+
+
+def bn_apply_dx(dz: torch.Tensor, apply: tuple) -> torch.Tensor:
+    """dx of a batch norm from BnApplyLink.apply's operands (dz is apply[0]): one apply launch."""
+    _, x, mean, rstd, weight, sums = apply
+    return bn_train_backward(dz, x, mean, rstd, weight, None, sums=sums)[0]
+
+
 def bn_grad_args(bn_grad, dx: torch.Tensor, T: int, block_c: int) -> tuple[tuple, dict, tuple | None]:
     """The BN_GRAD arguments of a kernel that makes dx in [T row blocks] x [channel blocks of block_c]
     programs and runs `bn_grad_epilogue` (the conv dgrad, the max pool's backward gather): (fourteen
@@ -375,5 +400,5 @@ def bn_train_backward(dy, x, mean, rstd, weight, bias, act="none", slope=0.01, n
     return dx, dweight, dbias
 
 
-__all__ = ["BnGradLink", "PoolGradLink", "bn_channel_params", "bn_dz", "bn_grad_args", "bn_grad_epilogue",
-           "bn_train_backward"]
+__all__ = ["BnApplyLink", "BnGradLink", "PoolGradLink", "bn_apply_dx", "bn_channel_params", "bn_dz", "bn_grad_args",
+           "bn_grad_epilogue", "bn_train_backward"]

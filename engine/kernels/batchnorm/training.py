@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.activations import apply_act
-from engine.kernels.batchnorm.backward import BnGradLink, PoolGradLink, bn_train_backward
+from engine.kernels.batchnorm.backward import BnApplyLink, BnGradLink, PoolGradLink, bn_train_backward
 from engine import device as _device
 from engine.kernels.common import (FOLD_ROWS, act_code_checked, channel_block, check_activation, check_param,
                                    contiguous, finalize_plan, reduce_plan, reduce_rows, row_tile, rows_block, rows_of,
@@ -365,16 +365,18 @@ class BatchNormTrainFunction(torch.autograd.Function):
     grad_link (a BnGradLink): y's one reader is a conv whose dgrad makes dz and the sums; the
     backward then receives dz. pool_link (a PoolGradLink): x is a conv's fused-pool output; the
     backward hands the conv its full-resolution gradient through the link and returns an
-    unmaterialised placeholder for x's (the conv's backward takes the link's instead)."""
+    unmaterialised placeholder for x's (the conv's backward takes the link's instead). apply_link (a
+    BnApplyLink): x is the output of a conv whose input takes no gradient; with dz and the sums from
+    grad_link, the backward leaves the apply to that conv's wgrad and returns a placeholder likewise."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, act, slope, partials, grad_link=None, pool_link=None):
+                momentum, eps, act, slope, partials, grad_link=None, pool_link=None, apply_link=None):
         y, mean, rstd = bn_train_forward(
             x, weight, bias, running_mean, running_var, momentum=momentum, eps=eps,
             num_batches_tracked=num_batches_tracked, act=act, slope=slope, partials=partials)
         ctx.act, ctx.slope = act, slope
-        ctx.links = grad_link, pool_link
+        ctx.links = grad_link, pool_link, apply_link
         if grad_link is not None:
             grad_link.saved = (x, mean, rstd, weight, bias, act_code_checked(act), float(slope))
         ctx.save_for_backward(x, weight, bias, mean, rstd)
@@ -383,25 +385,32 @@ class BatchNormTrainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        grad_link, pool_link = ctx.links
+        grad_link, pool_link, apply_link = ctx.links
         sums = grad_link.take_sums() if grad_link is not None else None
         pool = pool_link.pool if pool_link is not None and pool_link.pool is not None else None
         need_dx = ctx.needs_input_grad[0]
-        dx, dw, db = bn_train_backward(dy, x, mean, rstd, weight, bias, ctx.act, ctx.slope, need_dx=need_dx,
-                                       sums=sums, pool=pool)
-        if pool is not None and need_dx:
-            pool_link.grad = dx
+        defer = need_dx and apply_link is not None and sums is not None and pool is None  # dy is dz
+        dx, dw, db = bn_train_backward(dy, x, mean, rstd, weight, bias, ctx.act, ctx.slope,
+                                       need_dx=need_dx and not defer, sums=sums, pool=pool)
+        if defer:
+            apply_link.apply = (dy, x, mean, rstd, weight, sums)
+            # the sums are dbias and dweight: hand autograd views of them, which it can take as the
+            # parameters' gradients without the copy the link's reference to the sums would force
+            dw, db = dw.view_as(dw), db.view_as(db)
+        if (pool is not None or defer) and need_dx:
+            if pool is not None:
+                pool_link.grad = dx
             dx = torch.empty((), device=x.device, dtype=x.dtype).expand(x.shape)  # no memory, no launch
         return (dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None,
-                None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 def batch_norm_train(
     x, weight, bias, running_mean, running_var, *, momentum=0.1, eps=1e-5,
     num_batches_tracked=None, act="none", slope=0.01, partials=None, grad_link: BnGradLink | None = None,
-    pool_link: PoolGradLink | None = None,
+    pool_link: PoolGradLink | None = None, apply_link: BnApplyLink | None = None,
 ):
     """Autograd-aware training-mode batch norm + activation (see bn_train_forward; the links:
     BatchNormTrainFunction)."""
     return BatchNormTrainFunction.apply(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                                        momentum, eps, act, slope, partials, grad_link, pool_link)
+                                        momentum, eps, act, slope, partials, grad_link, pool_link, apply_link)

@@ -11,6 +11,7 @@ import torch
 
 from engine.errors import UsageError
 from engine.kernels.activations import act_code
+from engine.kernels.batchnorm.backward import bn_apply_dx
 from engine.kernels.batchnorm.training import BatchStats
 from engine.kernels.common import pair
 from engine.kernels.conv.backward import act_backward, conv2d_dgrad, conv2d_wgrad
@@ -58,13 +59,15 @@ class Conv2dFunction(torch.autograd.Function):
     act(bn(.)) of a training batch norm read only here: the dgrad epilogue returns that batch
     norm's dz and leaves its gradient sums on the link. pool_link (a PoolGradLink) when the pooled
     output feeds only a training batch norm: its backward writes the full-resolution gradient
-    (POOL_GRAD "kernel"), which the backward here takes from the link.
+    (POOL_GRAD "kernel"), which the backward here takes from the link. apply_link (a BnApplyLink) when
+    the output feeds only a training batch norm and no activation, scale, residual, dropout or pool
+    comes between: that batch norm's backward may leave its apply to the wgrad here.
     """
 
     @staticmethod
     def forward(ctx, out, x, w, bias, residual, stride, padding, dilation, groups, act, slope, allow_tf32,
                 scale=None, shift=None, dropout_p=0.0, dropout_seed=0, stats=False, slots=(None, None), pool=0,
-                grad_link=None, pool_link=None, stats_tail=None):
+                grad_link=None, pool_link=None, stats_tail=None, apply_link=None):
         # `out` comes first: autograd's handling of in-place writes into views
         # (CopySlices) expects the written tensor to be the first input
         code = act_code(act)
@@ -90,7 +93,11 @@ class Conv2dFunction(torch.autograd.Function):
         if pool:  # the output rows and columns the pool read (it dropped any past a whole window)
             Ho, Wo = out_hw(xs.shape[1], xs.shape[2], *w.shape[2:], stride, padding, dilation)
             ctx.pool_hw = (Ho // pool * pool, Wo // pool * pool)
-        ctx.links = grad_link, (pool_link if pool and POOL_GRAD == "kernel" else None)
+        if apply_link is not None and (code != 0 or pool or bias is not None or scale is not None
+                                       or residual is not None or dropout_p > 0 or out is not None):
+            raise ValueError("conv2d: apply_link needs the plain conv output (no activation, bias, scale, "
+                             "residual, dropout, pool or out)")
+        ctx.links = grad_link, (pool_link if pool and POOL_GRAD == "kernel" else None), apply_link
         if ctx.links[1] is not None:
             pool_link.pool = (res.idx, pool, (x.shape[0], *ctx.pool_hw, w.shape[0]))
         ctx.conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, allow_tf32=allow_tf32)
@@ -107,8 +114,13 @@ class Conv2dFunction(torch.autograd.Function):
     def backward(ctx, dy, *_stats_grads):  # the partial sums (stats=True) have no gradient
         x, w, z, scale, idx = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[1:5]
+        bn_apply = ctx.links[2].take() if ctx.links[2] is not None else None
         if ctx.links[1] is not None:  # dy is the batch norm's placeholder: the real one is on the link
             dy = ctx.links[1].take_grad()  # full resolution (no act, residual or dropout before a pool)
+        elif bn_apply is not None:  # a placeholder too: the batch norm after left its dz and apply here
+            dy = bn_apply[0]
+            if need_x:  # dgrad reads dy too: the batch norm's dx, once
+                dy, bn_apply = bn_apply_dx(dy, bn_apply), None
         else:
             dy = dy.contiguous()
         if ctx.dropout[0] > 0:  # the forward's mask, regenerated from its seed
@@ -143,18 +155,18 @@ class Conv2dFunction(torch.autograd.Function):
             out = slot_view(ctx.slots[0]) if need_w else None
             bias_out = slot_view(ctx.slots[1]) if need_b else None
             dw, db = conv2d_wgrad(x, g, w.shape, need_bias=need_b, channels=ctx.channels, out=out,
-                                  bias_out=bias_out, **bw)
+                                  bias_out=bias_out, bn_apply=bn_apply, weight=w, **bw)
         # `out`'s overwritten contents get a zero gradient; it must be a real tensor
         # (autograd's CopySlices drops the buffer's gradient when it is None), and a
         # stride-0 expanded scalar costs no memory
         dout = torch.zeros((), device=dy.device, dtype=dy.dtype).expand(dy.shape) if ctx.wrote_into else None
         return (dout, dx, (dw if need_w else None), db, dres, None, None, None, None, None, None, None, None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, groups=1, act="none",
            slope=0.01, allow_tf32=False, scale=None, shift=None, dropout_p=0.0, dropout_seed=0,
-           out=None, stats=False, pool=0, grad_link=None, pool_link=None, stats_tail=None):
+           out=None, stats=False, pool=0, grad_link=None, pool_link=None, stats_tail=None, apply_link=None):
     """Differentiable fused NHWC conv: dropout(act(conv(x, w) + bias [*scale + shift] + residual)),
     then a fused pool x pool max pool when pool > 0 (see Conv2dFunction).
 
@@ -163,8 +175,8 @@ def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, g
     stats=True returns (y, (psum, psumsq)): fp32 [T, Cout] per-tile partial sums
     of the pre-activation, for batch_norm_train(partials=...); with stats_tail (a StatsTail: the
     batch norm's running statistics) and groups 1, (y, BatchStats) instead: the kernel's last
-    programs finished the statistics. grad_link, pool_link: the backward hand-offs with the batch
-    norms before and after (Conv2dFunction)."""
+    programs finished the statistics. grad_link, pool_link, apply_link: the backward hand-offs with the
+    batch norms before and after (Conv2dFunction)."""
     geometry = pair(stride, "conv2d: stride"), pair(padding, "conv2d: padding"), pair(dilation, "conv2d: dilation")
     if pool and (act != "none" or scale is not None or shift is not None) and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, w, bias)):
@@ -173,7 +185,7 @@ def conv2d(x, w, bias=None, *, residual=None, stride=1, padding=0, dilation=1, g
     slots = (claim_grad_slot(w), claim_grad_slot(bias) if bias is not None else None)
     result = Conv2dFunction.apply(out, x, w, bias, residual, *geometry, groups, act, slope, allow_tf32, scale, shift,
                                   dropout_p, dropout_seed, stats, slots, pool, grad_link, pool_link,
-                                  stats_tail)
+                                  stats_tail, apply_link)
     if stats:
         y, a, b = result
         # finished statistics are [Cout] vectors, partial sums [T, Cout] rows (ConvOutput)

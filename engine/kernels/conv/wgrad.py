@@ -15,14 +15,12 @@ gradient buffer when the forward claimed it (no layout copy): by the last split 
 to finish (TAIL: an int32 ticket, reduction.last_to_arrive; no second launch) when a tile's S
 partials are small (WGRAD_TAIL_BYTES: one program reads them all, at one SM's bandwidth), else by
 _sum_to_torch_kernel over the whole GPU. One split: the kernel stores dw in PyTorch's layout itself
-(TORCH_LAYOUT). Measured on the sm_90 SASS (airbench94 bf16): storing every split's partials in
-PyTorch's layout from the GEMM (scattered stores) costs the main loops registers, +13 instructions
-at 128x256 and +23 (issue-bound, +7 us) for the 24->64 wgrad; the permuting sum keeps them as they
-were (the tail's sum comes after the loop: no main-loop instructions). S is sized from the work
+(TORCH_LAYOUT; every split's partials in PyTorch's layout from the GEMM cost the 24->64 wgrad's
+loop 23 instructions on sm_90, the permuting sum after the loop none). S is sized from the work
 (geometry.wgrad_splits): a few waves of programs, each a long reduction, and at most
 WGRAD_MAX_SPLITS partial rows for the second pass. The bias gradient (column sums of dz) comes from
 the same pass. A conv with few channels and no padding (an RGB stem) takes wgrad_folded's kernel:
-every tap in one tile's rows.
+every tap in one tile's rows (and a following batch norm's dx formed in its loads: bn_apply).
 
 Public API: conv2d_wgrad.
 """
@@ -34,6 +32,7 @@ import triton.language as tl
 
 from engine import device as _device
 from engine.kernels import autotune
+from engine.kernels.batchnorm.backward import bn_apply_dx
 from engine.kernels.common import check_activation, dot, idx64, next_pow2, precision, upcast
 from engine.kernels.reduction import last_to_arrive, sum_partials, sum_slices, ticket_counters
 import engine.kernels.conv.geometry as geometry
@@ -365,20 +364,20 @@ def _sum_splits(part: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias=False, allow_tf32=False,
                  z=None, act="none", slope=0.01, grad_scale=None, splits=None, channels=None, out=None,
-                 bias_out=None, pool=0, pool_idx=None, extent=None):
+                 bias_out=None, pool=0, pool_idx=None, extent=None, bn_apply=None, weight=None):
     """(dw fp32 [Cout,Cin/g,kh,kw], dbias fp32 [Cout] or None) from x [N,H,W,Cin] and dy [N,Ho,Wo,Cout].
 
-    The N*Ho*Wo reduction is cut into S splits (`splits` overrides the automatic
-    choice) whose fp32 partials are summed in a fixed order: deterministic.
-    act/z/grad_scale as in conv2d_dgrad. channels: x's real channel count when x
-    carries zero channels beyond it (groups=1), as in conv2d_forward.
-    out / bias_out: contiguous fp32 tensors to write dw / dbias into (the parameters'
-    slots in the fused optimizer's flat gradient buffer): dw is produced in PyTorch's
-    layout, by the sum of the split partials or, with one split, by the kernel itself.
-    pool=K: the forward fused a K x K max pool; dy is the pooled gradient [N,Ho//K,Wo//K,Cout]
-    and pool_idx its argmax (ConvOutput.idx), expanded inside the kernel's dy loads; the pixels
-    of the reduction are those the pool read. extent=(Hd, Wd): dy holds only the output's first Hd
-    rows and Wd columns, the gradient past them being zero (geometry.dy_extent): they are the pixels.
+    The N*Ho*Wo reduction is cut into S splits (`splits` overrides the automatic choice) whose fp32
+    partials are summed in a fixed order: deterministic. act/z/grad_scale as in conv2d_dgrad. channels:
+    x's real channel count when x carries zero channels beyond it (groups=1), as in conv2d_forward.
+    out / bias_out: contiguous fp32 tensors to write dw / dbias into (the parameters' slots in the fused
+    optimizer's flat gradient buffer): dw is produced in PyTorch's layout, by the sum of the split
+    partials or, with one split, by the kernel itself. pool=K: the forward fused a K x K max pool; dy is
+    the pooled gradient [N,Ho//K,Wo//K,Cout] and pool_idx its argmax (ConvOutput.idx), expanded inside the
+    kernel's dy loads; the pixels of the reduction are those the pool read. extent=(Hd, Wd): dy holds
+    only the output's first Hd rows and Wd columns, the gradient past them zero (geometry.dy_extent).
+    bn_apply: BnApplyLink.apply of the training bn alone reading the conv's output; dy is its dz, and the
+    folded kernel takes its dx from X^T dz and X^T X with the conv's `weight` (else one apply launch first).
     """
     check_activation(x, "conv2d: x")
     if x.dim() != 4 or not x.is_contiguous() or x.device != dy.device:
@@ -395,8 +394,7 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
         Ho, Wo = Ho // pool * pool, Wo // pool * pool  # the pixels the pool read
     Ho, Wo = dy_extent(extent, Ho, Wo, pool, act, grad_scale, Cin_g == 1 and groups > 1)  # dy's pixels
     code = check_grad_inputs(dy, z, act, grad_scale, (N, Ho // (pool or 1), Wo // (pool or 1), Cout))
-    dy = dy.contiguous()
-    if dy.dtype != x.dtype:
+    if (dy := dy.contiguous()).dtype != x.dtype:
         raise ValueError(f"conv2d_wgrad: x is {x.dtype} but dy is {dy.dtype}")
     z = z.contiguous() if code != 0 else None
     G, Cout_g, P = groups, Cout // groups, N * Ho * Wo
@@ -418,6 +416,11 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
                                                                                 dtype=torch.float32)
         return buf(L, out), (buf(Cout, bias_out) if need_bias else None)
 
+    xa, na = operand_align(x.shape[3], Cs, x.dtype), operand_align(Cout, Cout_g, x.dtype)
+    fold = None if pool or extent else fold_config(Cs, Cout, KH, KW, padding, G, code == 0 and grad_scale is None,
+                                                   min(xa, na) == channel_multiple(x.dtype), x.element_size())
+    if bn_apply is not None and (fold is None or need_bias or weight is None):  # no folded kernel for it
+        dy, bn_apply = bn_apply_dx(dy, bn_apply), None
     if Cin_g == 1 and G > 1:  # depthwise: direct kernel, one program per (tap, channel tile, split)
         bp, bn, meta = dw_tiles(P, Cout)
         c_tiles = triton.cdiv(Cout, bn)
@@ -427,13 +430,10 @@ def conv2d_wgrad(x, dy, w_shape, *, stride, padding, dilation, groups, need_bias
                                  BLOCK_P=bp, BLOCK_N=bn, **meta)
         return finish(part, bpart)
 
-    xa, na = operand_align(x.shape[3], Cs, x.dtype), operand_align(Cout, Cout_g, x.dtype)
-    fold = None if pool or extent else fold_config(Cs, Cout, KH, KW, padding, G, code == 0 and grad_scale is None,
-                                         min(xa, na) == channel_multiple(x.dtype), x.element_size())
     if fold is not None:  # few channels, no padding (an RGB stem): every tap in one tile's rows
         return conv2d_wgrad_folded(x, dy, w_shape, fold, stride=stride, dilation=dilation, cin=Cin_g,
                                    splits=splits, need_bias=need_bias, allow_tf32=allow_tf32, out=out,
-                                   bias_out=bias_out, aligns=(xa, na))
+                                   bias_out=bias_out, aligns=(xa, na), bn_apply=bn_apply, w=weight)
     big = idx64(x, dy, *(t for t in (z, pool_idx) if t is not None))
 
     # GEMM view [K_g, P] x [P, Cout_g]: config block_m -> BLOCK_K (channels of one tap), block_n ->

@@ -45,6 +45,38 @@ FOLD_MAX_COLS = 128
 
 
 @triton.jit
+def _slab_diag(t, same, SLICES: tl.constexpr, R: tl.constexpr, CB: tl.constexpr):
+    """[R, CB]: the diagonal blocks of a [SLICES*R, SLICES*CB] tile (slab h's rows against slab h's
+    columns; `same` marks them), summed over the slabs."""
+    diag = tl.where(same, t, tl.zeros_like(t))
+    return tl.sum(tl.sum(tl.reshape(diag, (SLICES, R, SLICES, CB)), axis=2), axis=0)
+
+
+@triton.jit
+def _bn_dx_gemm(dwt, gram, psum, same, w_ptr, mean_ptr, rstd_ptr, bnw_ptr, sdz_ptr, sdzx_ptr, inv_m, tap, ci, row_ok,
+                co, co_ok, CIN_W, DYC, KK: tl.constexpr, HAS_W: tl.constexpr, SLICES: tl.constexpr,
+                R: tl.constexpr, CB: tl.constexpr):
+    """[R, CB] X^T dx of the batch norm after the conv (the kernel's BN_APPLY) from dwt = X^T dz (summed
+    over the slabs), gram = X^T X and psum = X^T 1 (column 0) of a split's pixels:
+    k*(X^T dz) - v*(X^T X) W - (k*mdz - v*mean)*(X^T 1) per output channel (W's rows of the same slab
+    only; rows (slab, tap, ci) of gram and psum, co ([SLICES*CB]) the columns'). X^T dz is taken summed,
+    so its accumulator is free before the product with W (no spills)."""
+    cn = tl.arange(0, CB)  # [CB] output channel
+    cn_ok = cn < DYC
+    mean = tl.load(mean_ptr + cn, mask=cn_ok, other=0.0)  # [CB] fp32
+    rstd = tl.load(rstd_ptr + cn, mask=cn_ok, other=0.0)
+    k = rstd * tl.load(bnw_ptr + cn, mask=cn_ok, other=0.0) if HAS_W else rstd
+    v = k * rstd * tl.load(sdzx_ptr + cn, mask=cn_ok, other=0.0) * inv_m
+    u = k * tl.load(sdz_ptr + cn, mask=cn_ok, other=0.0) * inv_m - v * mean
+    # W as [rows (slab, tap, ci), columns (slab, co)], zero off the slab diagonal and past the real taps
+    wf_m = same & (row_ok & (ci < CIN_W))[:, None] & co_ok[None, :]
+    wf = tl.load(w_ptr + (ci * KK + tap)[:, None] + (co * (CIN_W * KK))[None, :], mask=wf_m, other=0.0)
+    xw = tl.dot(gram, wf.to(tl.float32), input_precision="tf32x3")  # [SLICES*R, SLICES*CB] X^T X W
+    s1 = tl.sum(tl.reshape(tl.sum(psum, axis=1), (SLICES, R)), axis=0)  # [R] X^T 1 (other columns are 0)
+    return k[None, :] * dwt - v[None, :] * _slab_diag(xw, same, SLICES, R, CB) - u[None, :] * s1[:, None]
+
+
+@triton.jit
 def _conv_wgrad_folded_kernel(
     x_ptr,  # [NB, H, W, XC] activations
     dy_ptr,  # [NB, Ho, Wo, DYC] incoming gradient
@@ -53,13 +85,14 @@ def _conv_wgrad_folded_kernel(
     dw_ptr,  # [L] fp32 out (TAIL)
     db_ptr,  # [DYC] fp32 out (TAIL and NEED_BIAS)
     ctr_ptr,  # [1] int32 ticket counter, 0 between launches (TAIL)
-    PER_SPLIT, BOXES, NB, H, W, Ho, Wo, XC_A, DYC_A, CIN_W,
+    w_ptr, bn_mean_ptr, bn_rstd_ptr, bn_w_ptr, sdz_ptr, sdzx_ptr,  # BN_APPLY: the conv's weights, the bn after
+    PER_SPLIT, BOXES, NB, H, W, Ho, Wo, XC_A, DYC_A, CIN_W, bn_inv_m,
     stride_h, stride_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, ALIGN: tl.constexpr, NALIGN: tl.constexpr,
     SLICES: tl.constexpr, EVEN_R: tl.constexpr,
     TB: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, FULL_W: tl.constexpr, FULL_H: tl.constexpr,
     EVEN_B: tl.constexpr, NEED_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    IDX64: tl.constexpr, TAIL: tl.constexpr,
+    IDX64: tl.constexpr, TAIL: tl.constexpr, BN_APPLY: tl.constexpr, BN_HAS_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, TAIL_L: tl.constexpr,
 ):
     """dw partial of one split of the pixel boxes: part[split, co, ci, tap] = sum over the split's
@@ -71,7 +104,13 @@ def _conv_wgrad_folded_kernel(
     counts in units of ALIGN (x) and NALIGN (dy). EVEN_R: R == KH*KW*XC (no padding rows).
     FULL_W / FULL_H: a box spans the output's width / height (that check is loop-invariant).
     EVEN_B: the boxes' images divide NB. TAIL (S > 1): the last split to finish sums the S
-    partials in order into dw (and db)."""
+    partials in order into dw (and db). BN_APPLY (no bias): the conv's output u = X W (X: a pixel's
+    patch, W: w_ptr, PyTorch's layout) feeds a training batch norm alone, and dy_ptr holds that batch
+    norm's dz. Its dx = k*(dz - mdz) - v*(u - mean) (k = weight*rstd, v = k*rstd*mdzx, mdz = sdz/M,
+    mdzx = sdzx/M) is linear in dz and u, so X^T dx = k*(X^T dz) - v*(X^T X) W - (k*mdz - v*mean) X^T 1:
+    the loop adds the Gram matrix X^T X and the patch sums X^T 1 to its matrix instructions, and the
+    split's partial is combined from the three (batchnorm.backward.BnApplyLink: no apply launch, no
+    dx in HBM, and no arithmetic on the loaded tiles)."""
     XC = XC_A * ALIGN
     DYC = DYC_A * NALIGN
     KK: tl.constexpr = KH * KW
@@ -101,6 +140,11 @@ def _conv_wgrad_folded_kernel(
         cslab = cslab.to(tl.int64)
     col_off = cslab * (Ho * Wo * DYC) + co  # [BLOCK_N]
     co_ok = co < DYC
+    if BN_APPLY:
+        gram = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)  # [BLOCK_M, BLOCK_M] X^T X of every slab pair
+        psum = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # [BLOCK_M, 16] X^T 1 in column 0
+        ones = (tl.zeros((BLOCK_P, 16), dtype=tl.int32) + (tl.arange(0, 16) == 0)[None, :]).to(
+            x_ptr.dtype.element_ty)  # [BLOCK_P, 16] a column of ones
     # the box's pixels j = (dn, dh, dw): a GEMM K index, the same pixel in every slab
     j = tl.arange(0, BLOCK_P)  # [BLOCK_P]
     dn = j // (TH * TW)
@@ -145,11 +189,14 @@ def _conv_wgrad_folded_kernel(
         b_base = ((n0 * Ho + ho0) * Wo + wo0) * DYC
         a = tl.load(x_ptr + a_base + row_off[:, None] + a_rel[None, :], mask=a_m,
                     other=0.0)  # [BLOCK_M, BLOCK_P] x^T of every slab, tap and channel
-        b = tl.load(dy_ptr + b_base + b_rel[:, None] + col_off[None, :], mask=b_m,
-                    other=0.0)  # [BLOCK_P, BLOCK_N] dy of every slab
+        b_off = b_base + b_rel[:, None] + col_off[None, :]  # [BLOCK_P, BLOCK_N]
+        b = tl.load(dy_ptr + b_off, mask=b_m, other=0.0)  # [BLOCK_P, BLOCK_N] dy of every slab
         if NEED_BIAS:
             bacc += tl.sum(b.to(tl.float32), axis=0)
         acc = dot(a, b, acc, PRECISION, UPCAST)
+        if BN_APPLY:
+            gram = dot(a, tl.trans(a), gram, PRECISION, UPCAST)
+            psum = dot(a, ones, psum, PRECISION, UPCAST)
         # next box: (bn, bh, bw) step with carries (a full axis never moves)
         if FULL_W and FULL_H:
             bn += 1
@@ -168,8 +215,11 @@ def _conv_wgrad_folded_kernel(
             bn = tl.where(carry, bn + 1, bn)
     # the diagonal blocks (slab h's rows against slab h's columns), summed over the slabs
     same = (m // R)[:, None] == (c // CB)[None, :]  # [BLOCK_M, BLOCK_N]
-    diag = tl.where(same, acc, tl.zeros_like(acc))
-    dwt = tl.sum(tl.sum(tl.reshape(diag, (SLICES, R, SLICES, CB)), axis=2), axis=0)  # [R, CB] rows (tap, ci)
+    dwt = _slab_diag(acc, same, SLICES, R, CB)  # [R, CB] rows (tap, ci)
+    if BN_APPLY:
+        dwt = _bn_dx_gemm(dwt, gram, psum, same, w_ptr, bn_mean_ptr, bn_rstd_ptr, bn_w_ptr, sdz_ptr, sdzx_ptr,
+                          bn_inv_m, tap, ci0 + m % ALIGN, row_ok, co, co_ok, CIN_W, DYC, KK, BN_HAS_W, SLICES, R,
+                          CB)
     k = tl.arange(0, R)  # [R] row (tap, ci) of dwt
     ktap = k // XC
     kci = k - ktap * XC
@@ -258,11 +308,13 @@ def _splits(chunks: int, splits) -> tuple[int, int]:
 
 
 def conv2d_wgrad_folded(x, dy, w_shape, fold, *, stride, dilation, cin, need_bias, allow_tf32, splits, out,
-                        bias_out, aligns):
+                        bias_out, aligns, bn_apply=None, w=None):
     """(dw fp32 [Cout, cin, KH, KW], dbias fp32 [Cout] or None) of a conv that fold_config accepted
     (its (R, SLICES, CB) in `fold`): x [N, H, W, Cs] (Cs >= cin stored channels, zeros beyond),
     dy [N, Ho, Wo, Cout], both contiguous; out / bias_out as in conv2d_wgrad (flat or None); aligns:
-    the ALIGN constexprs of x's and dy's channels (16-byte rows: fold_config's `aligned`)."""
+    the ALIGN constexprs of x's and dy's channels (16-byte rows: fold_config's `aligned`). bn_apply:
+    BnApplyLink.apply of the batch norm reading the conv's output (no bias), whose dz dy then is, with
+    the conv's weights w (fp32 [Cout, cin, KH, KW]): dw of the batch norm's dx (BN_APPLY)."""
     R, slices, bn = fold
     align, nalign = aligns
     N, H, W, Cs = x.shape
@@ -270,6 +322,14 @@ def conv2d_wgrad_folded(x, dy, w_shape, fold, *, stride, dilation, cin, need_bia
     KH, KW = w_shape[2], w_shape[3]
     L = Cout * cin * KH * KW
     big = idx64(x, dy)
+    if bn_apply is not None:  # the conv's weights and the bn's statistics, weight and gradient sums
+        _, _, mean, rstd, weight, (sdz, sdzx) = bn_apply
+        if need_bias or w is None:
+            raise ValueError("conv2d_wgrad: a batch norm's dx from the folded wgrad needs the conv's weights "
+                             "and no conv bias")
+        bn_args = (w, mean, rstd, weight if weight is not None else rstd, sdz, sdzx)
+    else:
+        bn_args = (dy,) * 6
 
     def plan(cfg: Config):
         chunks = _chunks(N, Ho, Wo, cfg.block_k, slices)
@@ -287,13 +347,14 @@ def conv2d_wgrad_folded(x, dy, w_shape, fold, *, stride, dilation, cin, need_bia
             part = torch.empty((S, L), device=x.device, dtype=torch.float32)
             bpart = torch.empty((S, Cout), device=x.device, dtype=torch.float32) if need_bias else None
             ctr = ticket_counters(x.device, 1)
-        launch(_conv_wgrad_folded_kernel, (S,), x, dy, part, bpart, dw, db, ctr,
-               per, chunks, N, H, W, Ho, Wo, Cs // align, Cout // nalign, cin, stride[0], stride[1],
-               dilation[0], dilation[1],
+        launch(_conv_wgrad_folded_kernel, (S,), x, dy, part, bpart, dw, db, ctr, *bn_args,
+               per, chunks, N, H, W, Ho, Wo, Cs // align, Cout // nalign, cin, 1.0 / (N * Ho * Wo),
+               stride[0], stride[1], dilation[0], dilation[1],
                KH=KH, KW=KW, ALIGN=align, NALIGN=nalign, SLICES=slices, EVEN_R=R == KH * KW * Cs,
                TB=tb, TH=th, TW=tw, FULL_W=tw >= Wo, FULL_H=tw >= Wo and th >= Ho,
                EVEN_B=N % (slices * tb) == 0, NEED_BIAS=need_bias, PRECISION=precision(allow_tf32),
-               UPCAST=upcast(x.dtype), IDX64=big, TAIL=S > 1,
+               UPCAST=upcast(x.dtype), IDX64=big, TAIL=S > 1, BN_APPLY=bn_apply is not None,
+               BN_HAS_W=bn_apply is not None and bn_apply[4] is not None,
                BLOCK_M=FOLD_ROWS, BLOCK_N=slices * bn, BLOCK_P=cfg.block_k, TAIL_L=next_pow2(L), **cfg.meta())
         return dw.view(Cout, cin, KH, KW), db
 
@@ -313,7 +374,7 @@ def conv2d_wgrad_folded(x, dy, w_shape, fold, *, stride, dilation, cin, need_bia
         return out_ + [default.with_split(s) for s in sorted({max(1, S // 2), min(chunks, 2 * S)}) if s != S]
 
     shape = dict(M=KH * KW * Cs, N=Cout, K=N * Ho * Wo, **conv_key(KH, KW, stride, (0, 0), dilation, 1),
-                 need_bias=bool(need_bias), tf32=bool(allow_tf32))
+                 need_bias=bool(need_bias), tf32=bool(allow_tf32), **({"bn_apply": True} if bn_apply else {}))
     cfg = autotune.pick("conv2d_wgrad_folded", shape, dtype=x.dtype, device=x.device, default=default, run=run,
                         candidates=candidates, tunable=splits is None)
     return run(cfg)
