@@ -277,13 +277,14 @@ def _chunks(N: int, Ho: int, Wo: int, block_p: int, slices: int) -> int:
     return triton.cdiv(N, slices * tb) * triton.cdiv(Ho, th) * triton.cdiv(Wo, tw)
 
 
-def folded_tiles(N: int, Ho: int, Wo: int, slices: int, cols: int, elem_bytes: int) -> Config:
+def folded_tiles(N: int, Ho: int, Wo: int, slices: int, cols: int, elem_bytes: int, warps: int = 4) -> Config:
     """The untuned tile: block_m = the 64 rows, block_n = SLICES*CB, block_k = the pixels of a
     box (BLOCK_P): the longest of 256, 128, 64 whose 3 stages fit in 192 KB, shorter while the
     boxes are too few for a split per SM (at least WGRAD_MIN_TRIPS each; one program a split), 4
     stages where they fit in 160 KB. Read from the sm_90 SASS for airbench94's stem (64x64, 4
     warps): 256 pixels a trip read 353 instructions, 0.69 issue/tensor (128: 209, 0.82; 64: 127,
-    0.99)."""
+    0.99). `warps` 8 for BN_APPLY: its three accumulators (X^T dz, X^T X, X^T 1) at 4 warps spilled
+    16-24 B on sm_80; at 8, none, and 0.83 issue/tensor on sm_90 (4 warps: 0.49)."""
     if _device.INTERPRETED:
         bp = next_pow2(N * Ho * Wo // slices, 16, 4096)  # each trip is a round of numpy calls
         return Config(FOLD_ROWS, cols, bp)
@@ -295,7 +296,7 @@ def folded_tiles(N: int, Ho: int, Wo: int, slices: int, cols: int, elem_bytes: i
     while bp > 64 and _chunks(N, Ho, Wo, bp, slices) < GPU_SMS * WGRAD_MIN_TRIPS:
         bp //= 2
     stages = 4 if smem(bp, 4) <= 160 * 1024 else 3
-    return Config(FOLD_ROWS, cols, bp, num_warps=4, num_stages=stages)
+    return Config(FOLD_ROWS, cols, bp, num_warps=warps, num_stages=stages)
 
 
 def _splits(chunks: int, splits) -> tuple[int, int]:
@@ -358,14 +359,15 @@ def conv2d_wgrad_folded(x, dy, w_shape, fold, *, stride, dilation, cin, need_bia
                BLOCK_M=FOLD_ROWS, BLOCK_N=slices * bn, BLOCK_P=cfg.block_k, TAIL_L=next_pow2(L), **cfg.meta())
         return dw.view(Cout, cin, KH, KW), db
 
-    default = folded_tiles(N, Ho, Wo, slices, slices * bn, x.element_size())
+    warps = 8 if bn_apply is not None else 4
+    default = folded_tiles(N, Ho, Wo, slices, slices * bn, x.element_size(), warps)
 
     def candidates() -> list[Config]:
         limit = smem_limit(x.device)
         out_ = [default]
         for bp in (128, 256, 64):
             for stages in (4, 3, 2):
-                cfg = Config(FOLD_ROWS, slices * bn, bp, num_warps=4, num_stages=stages)
+                cfg = Config(FOLD_ROWS, slices * bn, bp, num_warps=warps, num_stages=stages)
                 if gemm_smem_bytes(FOLD_ROWS, slices * bn, bp, stages, x.element_size(), x.element_size()) <= limit:
                     if cfg not in out_:
                         out_.append(cfg)
