@@ -9,7 +9,7 @@ instructions than the tensor cores need, read from the sm_90 SASS). Padding it
 to 8 channels costs one pass over a small tensor; the padded channels meet
 zero weight rows (engine.kernels.conv.weights), so results are unchanged.
 
-Public API: channel_multiple, padded_channels, pad_channels.
+Public API: channel_multiple, operand_align, padded_channels, pad_channels.
 """
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ from engine.kernels.launch import launch
 def channel_multiple(dtype: torch.dtype) -> int:
     """Channels per 16 bytes: the multiple a channel count needs for 16-byte rows."""
     return max(1, 16 // torch.empty((), dtype=dtype).element_size())
+
+
+def operand_align(total: int, per_group: int, dtype) -> int:
+    """The ALIGN constexpr of a channel count: channels per 16 bytes when `total` and
+    `per_group` are multiples of it (the kernel can then prove 16-byte rows), else 1."""
+    m = channel_multiple(dtype)
+    return m if total % m == 0 and per_group % m == 0 else 1
 
 
 def padded_channels(C: int, dtype: torch.dtype) -> int:
@@ -58,4 +65,4 @@ def pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     return y
 
 
-__all__ = ["channel_multiple", "padded_channels", "pad_channels"]
+__all__ = ["channel_multiple", "operand_align", "padded_channels", "pad_channels"]

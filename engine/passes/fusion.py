@@ -235,7 +235,7 @@ def plan_backward_links(plan: Plan) -> Plan:
             # plan_bn_stats set `stats` only for the bn alone reading the output; plan_fusion fuses a
             # pool only into a groups-1 conv
             out[i] = replace(grp, epilogue=replace(e, pool_grad_by=e.stats))
-        elif (e.stats in sums and graph.node(graph.node(grp.anchor).inputs[0]).op == "input"
+        elif (e.stats in sums and family(graph.node(graph.node(grp.anchor).inputs[0])) is Family.INPUT
               and (e.bias, e.folded_bn, e.residual, e.act, e.dropout) == (False,) + (None,) * 4):
             out[i] = replace(grp, epilogue=replace(e, apply_by=e.stats))
     return replace(plan, groups=tuple(out))

@@ -16,11 +16,10 @@ two hand-offs that let its neighbours' kernels do part of it.
      directly, gathered through the pool's one-byte argmax (zeros off the argmax and on rows the
      pool dropped): the pool backward and the pooled dx round trip disappear. `PoolGradLink`
      hands that gradient to the conv's backward.
-
-Everything is deterministic (fixed-order sums; int32 tickets only pick who adds).
-
   3. `BnApplyLink`: when the batch norm's input is a stem conv's output (its dx's one reader is that
      conv's wgrad), the apply is left to the wgrad, which needs no dx (engine.kernels.conv.wgrad_folded).
+
+Everything is deterministic (fixed-order sums; int32 tickets only pick who adds).
 
 Public API: bn_train_backward, BnApplyLink, BnGradLink, PoolGradLink, bn_apply_dx, bn_grad_args; device:
 bn_channel_params, bn_dz, bn_grad_epilogue.

@@ -45,7 +45,7 @@ from engine import device as _device
 from engine.kernels.common import (FOLD_ROWS, act_code_checked, channel_block, check_activation, check_param,
                                    contiguous, finalize_plan, reduce_plan, reduce_rows, row_tile, rows_block, rows_of,
                                    store_partial_row, tile_2d)
-from engine.kernels.layout import channel_multiple
+from engine.kernels.layout import operand_align
 from engine.kernels.reduction import (TAIL_ELEMS, fold_plan, fold_rows, fold_tail, fold_tail_buffers,
                                       last_to_arrive, sum_row_range, ticket_counters)
 from engine.kernels.launch import launch
@@ -345,8 +345,7 @@ def _apply(x, mean, rstd, weight, bias, code: int, slope) -> torch.Tensor:
     M, C = rows_of(x)
     y = torch.empty_like(x)
     bm, bc, nw = tile_2d(M, C)
-    m = channel_multiple(x.dtype)
-    align = m if C % m == 0 else 1
+    align = operand_align(C, C, x.dtype)
     launch(_bn_apply_kernel, (triton.cdiv(M, bm), triton.cdiv(C, bc)),
            x, mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean, y,
            M, C // align, float(slope), HAS_W=weight is not None, HAS_B=bias is not None, ACT=code, ALIGN=align,

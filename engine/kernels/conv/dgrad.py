@@ -31,10 +31,11 @@ from engine.kernels import autotune
 from engine.kernels.batchnorm.backward import bn_grad_args, bn_grad_epilogue
 from engine.kernels.common import idx64, precision, upcast
 from engine.kernels.conv.geometry import (check_grad_inputs, check_pool_grad, conv_geometry, conv_key,
-                                          dgrad_phases, dw_tiles, dy_extent, operand_align)
+                                          dgrad_phases, dw_tiles, dy_extent)
 from engine.kernels.conv.mainloop import load_dz, tap_gemm
 from engine.kernels.conv.weights import depthwise_weight, dgrad_weight, use_tma, weight_descriptor
 from engine.kernels.launch import launch
+from engine.kernels.layout import operand_align
 from engine.kernels.tune_config import Config, conv_candidates, epilogue_key, smem_limit
 
 

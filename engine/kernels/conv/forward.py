@@ -30,14 +30,13 @@ from engine.kernels import autotune
 from engine.kernels.activations import act_code, apply_act
 from engine.kernels.batchnorm.training import BatchStats, StatsTail, bn_stats_tail
 from engine.kernels.common import FLOAT_DTYPES, check_activation, idx64, precision, upcast
-from engine.kernels.conv.geometry import (check_channels, check_vec, conv_geometry, conv_key, dw_tiles,
-                                          operand_align)
+from engine.kernels.conv.geometry import check_channels, check_vec, conv_geometry, conv_key, dw_tiles
 from engine.kernels.conv.mainloop import tap_gemm
 from engine.kernels.conv.pooling import check_pool, pool_epilogue, pool_row_order, window_rows
 from engine.kernels.conv.weights import depthwise_weight, forward_weight, use_tma, weight_descriptor
 from engine.kernels.dropout import dropout_mask_scale
 from engine.kernels.launch import launch
-from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
+from engine.kernels.layout import channel_multiple, operand_align, pad_channels, padded_channels
 from engine.kernels.tune_config import Config, conv_candidates, epilogue_key, smem_limit
 
 

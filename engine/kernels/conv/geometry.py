@@ -16,7 +16,6 @@ import triton
 from engine import device as _device
 from engine.kernels.activations import act_code
 from engine.kernels.common import check_activation, next_pow2, pair
-from engine.kernels.layout import channel_multiple
 from engine.kernels.tune_config import Config, conv_heuristic, wgrad_heuristic
 
 
@@ -119,13 +118,6 @@ def gemm_tiles(M: int, N: int, C: int, taps: int) -> Config:
             bm //= 2
         return Config(bm, bn, bk)
     return conv_heuristic(M, N, C, taps)
-
-
-def operand_align(total: int, per_group: int, dtype) -> int:
-    """The ALIGN constexpr of a channel count: channels per 16 bytes when `total` and
-    `per_group` are multiples of it (the kernel can then prove 16-byte rows), else 1."""
-    m = channel_multiple(dtype)
-    return m if total % m == 0 and per_group % m == 0 else 1
 
 
 def check_channels(x, channels, groups) -> int:

@@ -56,9 +56,10 @@ def pool_epilogue(acc, pid_m, offs_c, mask_c, y_ptr, idx_ptr, bias_ptr, scale_pt
                   HAS_SHIFT: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                   TAP_S1: tl.constexpr, TAP_S0: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """A fused POOL x POOL / stride POOL max pool of tile pid_m, whose rows are whole windows in
-    window_rows' order (tap = dy*POOL + dx). Stores the pooled y = max over the window of act((acc + bias) * scale + shift) into y [NWIN, Cout] (contiguous),
-    the winning tap into idx (one byte, engine.kernels.pool's code: the first maximum in tap
-    order) and, with STATS, the per-tile sums of the pooled y and y*y (psum/psumsq row pid_m)."""
+    window_rows' order (tap = dy*POOL + dx). Stores the pooled y = max over the window of
+    act((acc + bias) * scale + shift) into y [NWIN, Cout] (contiguous), the winning tap into idx
+    (one byte, engine.kernels.pool's code: the first maximum in tap order) and, with STATS, the
+    per-tile sums of the pooled y and y*y (psum/psumsq row pid_m)."""
     z = acc  # [BLOCK_M, BLOCK_N] fp32
     if HAS_BIAS:
         z += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]

@@ -20,7 +20,7 @@ loop 23 instructions on sm_90, the permuting sum after the loop none). S is size
 (geometry.wgrad_splits): a few waves of programs, each a long reduction, and at most
 WGRAD_MAX_SPLITS partial rows for the second pass. The bias gradient (column sums of dz) comes from
 the same pass. A conv with few channels and no padding (an RGB stem) takes wgrad_folded's kernel:
-every tap in one tile's rows (and a following batch norm's dx formed in its loads: bn_apply).
+every tap in one tile's rows (with bn_apply, a following batch norm's dx taken from dz: no dx).
 
 Public API: conv2d_wgrad.
 """
@@ -37,12 +37,12 @@ from engine.kernels.common import check_activation, dot, idx64, next_pow2, preci
 from engine.kernels.reduction import last_to_arrive, sum_partials, sum_slices, ticket_counters
 import engine.kernels.conv.geometry as geometry
 from engine.kernels.conv.geometry import (check_channels, check_grad_inputs, check_pool_grad, conv_geometry,
-                                          conv_key, dw_tiles, dy_extent, flat_grad_out, operand_align, split_plan)
+                                          conv_key, dw_tiles, dy_extent, flat_grad_out, split_plan)
 from engine.kernels.conv.depthwise_wgrad import depthwise_wgrad_partials
 from engine.kernels.conv.wgrad_folded import conv2d_wgrad_folded, fold_config
 from engine.kernels.conv.mainloop import load_dz
 from engine.kernels.launch import launch
-from engine.kernels.layout import channel_multiple, pad_channels, padded_channels
+from engine.kernels.layout import channel_multiple, operand_align, pad_channels, padded_channels
 from engine.kernels.tune_config import Config, epilogue_key, smem_limit, split_variants, wgrad_candidates
 
 
